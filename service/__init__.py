@@ -1,0 +1,1 @@
+"""lipcert service: FastAPI app, job runners, inference worker, storage and the CLI."""

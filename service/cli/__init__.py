@@ -1,0 +1,30 @@
+"""The ``lipcert`` command line (typer). Each subcommand lives in its own module.
+
+Contract (DESIGN §5): ``--json`` prints one JSON object on stdout; errors go to stderr
+with a non-zero exit status and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from service.cli import bound, serve, train, worker
+
+app = typer.Typer(
+    name="lipcert",
+    help="Certified l2 Lipschitz bounds and robustness radii for neural networks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command("serve")(serve.serve)
+app.command("worker")(worker.worker)
+app.command("bound")(bound.bound)
+app.command("certify")(bound.certify)
+app.command("verify")(bound.verify)
+app.command("train")(train.train)
+
+
+def main() -> None:
+    app()
