@@ -1,0 +1,109 @@
+"""Solver registry: every LipSDP solver behind the tiny :class:`~sdp.solvers.base.Solver` protocol.
+
+Solvers are imported lazily (cvxpy is heavy; the structured solver may not exist yet)::
+
+    SOLVERS            name -> Solver instance (filled on first use)
+    get_solver(name)   the solver, or SolverError (unknown / not installed)
+    available_solvers() names whose ``available()`` is True right now
+
+Built-in names: "scs", "clarabel", "sdpa" (CVXPY front-ends, :mod:`sdp.solvers.cvxpy_`) and
+"structured" (class ``StructuredSolver``, no-argument constructor, from
+:mod:`sdp.solvers.structured` when that module exists; it is imported on first use).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from sdp.errors import SolverError
+from sdp.solvers.base import LipSdpProblem, Solution, SolveOptions, Solver
+
+SOLVERS: dict[str, Solver] = {}
+"""Instantiated solvers by name (populated lazily by :func:`get_solver`)."""
+
+
+def _cvxpy(backend: str) -> Callable[[], Solver]:
+    def make() -> Solver:
+        from sdp.solvers.cvxpy_ import CvxpySolver
+
+        return CvxpySolver(backend)
+
+    return make
+
+
+def _structured() -> Solver:
+    module = importlib.import_module("sdp.solvers.structured")
+    factory = getattr(module, "StructuredSolver", None)
+    if factory is None:
+        raise SolverError(
+            "sdp.solvers.structured defines no StructuredSolver", code="solver-missing"
+        )
+    solver: Solver = factory()
+    return solver
+
+
+_FACTORIES: dict[str, Callable[[], Solver]] = {
+    "scs": _cvxpy("scs"),
+    "clarabel": _cvxpy("clarabel"),
+    "sdpa": _cvxpy("sdpa"),
+    "structured": _structured,
+}
+
+
+def register_solver(name: str, factory: Callable[[], Solver]) -> None:
+    """Register (or replace) a solver factory under ``name``; instantiated on first use."""
+    _FACTORIES[name] = factory
+    SOLVERS.pop(name, None)
+
+
+def solver_names() -> list[str]:
+    """Every registered name (available or not)."""
+    return sorted(_FACTORIES)
+
+
+def get_solver(name: str) -> Solver:
+    """The solver registered as ``name``.
+
+    Raises:
+        SolverError: unknown name (code ``solver-unknown``) or the module cannot be imported
+            (code ``solver-missing``).
+    """
+    if name in SOLVERS:
+        return SOLVERS[name]
+    factory = _FACTORIES.get(name)
+    if factory is None:
+        raise SolverError(
+            f"unknown solver {name!r} (known: {', '.join(solver_names())})", code="solver-unknown"
+        )
+    try:
+        solver = factory()
+    except ImportError as e:
+        raise SolverError(f"solver {name!r} is not installed: {e}", code="solver-missing") from e
+    SOLVERS[name] = solver
+    return solver
+
+
+def available_solvers() -> list[str]:
+    """Names of the registered solvers that can run here (imports succeed, backend present)."""
+    names = []
+    for name in solver_names():
+        try:
+            if get_solver(name).available():
+                names.append(name)
+        except SolverError:
+            continue
+    return names
+
+
+__all__ = [
+    "SOLVERS",
+    "LipSdpProblem",
+    "Solution",
+    "SolveOptions",
+    "Solver",
+    "available_solvers",
+    "get_solver",
+    "register_solver",
+    "solver_names",
+]
