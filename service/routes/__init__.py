@@ -1,0 +1,1 @@
+"""HTTP routers: models, certify, oip (v2 data plane), health; bounds and jobs (job runners)."""

@@ -1,0 +1,84 @@
+"""Service configuration from the environment (prefix ``LIPCERT_``), DESIGN §5.
+
+Every field can be set as ``LIPCERT_<NAME>`` (case-insensitive), e.g.
+``LIPCERT_DATA_DIR=/srv/lipcert LIPCERT_DEVICE=cuda lipcert serve``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    """The platform's per-user data directory plus ``lipcert``.
+
+    Linux/BSD: ``$XDG_DATA_HOME/lipcert`` or ``~/.local/share/lipcert``; macOS:
+    ``~/Library/Application Support/lipcert``; Windows: ``%LOCALAPPDATA%\\lipcert``.
+    """
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "lipcert"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "lipcert"
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return Path(xdg if xdg else Path.home() / ".local" / "share") / "lipcert"
+
+
+class Settings(BaseSettings):
+    """Runtime settings of the API server, the inference worker and the job runners."""
+
+    model_config = SettingsConfigDict(env_prefix="LIPCERT_", extra="ignore")
+
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Where model files, bound results and the job database live.",
+    )
+    api_key: str | None = Field(
+        default=None,
+        description="When set, every route except health checks and docs needs X-API-Key.",
+    )
+    max_upload_mb: float = Field(default=64.0, gt=0, description="Largest accepted request body.")
+    queue_url: str = Field(
+        default="",
+        description="Empty: embedded local job runner; redis://...: RQ workers.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Inference device; auto = cuda when available."
+    )
+    max_batch: int = Field(default=256, ge=1, description="Largest inference micro-batch (rows).")
+    max_wait_ms: float = Field(
+        default=2.0, ge=0, description="How long the batcher waits to fill a micro-batch."
+    )
+    queue_size: int = Field(
+        default=1024, ge=1, description="Pending inference requests before 503 + Retry-After."
+    )
+    model_cache_size: int = Field(default=4, ge=1, description="Models kept on the device (LRU).")
+    parse_timeout_s: float = Field(
+        default=60.0, gt=0, description="Time limit for parsing one uploaded model."
+    )
+    max_inputs: int = Field(default=65536, ge=1, description="Most inputs in one certify request.")
+    torch_threads: int = Field(default=1, ge=1, description="torch.set_num_threads for inference.")
+    cpu_dtype: Literal["float32", "float64"] = Field(
+        default="float64", description="Inference dtype on CPU (CUDA always uses float32)."
+    )
+    max_concurrent_jobs: int = Field(default=1, ge=1, description="Local bound-solving workers.")
+    job_timeout_s: float = Field(default=3600.0, gt=0, description="Default bound job time limit.")
+    log_level: str = Field(default="info", description="Python logging level name.")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "lipcert.sqlite3"
