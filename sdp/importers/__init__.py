@@ -1,0 +1,44 @@
+"""Importers: untrusted model bytes -> :class:`sdp.ir.Network`.
+
+The format is sniffed from the content (ONNX protobuf, safetensors header, MATLAB 5 header),
+never from the file name. Pickles are refused. Every failure raises
+:class:`~sdp.errors.ModelRejected` (``UnsupportedOp`` for ONNX ops off the allow-list) with a
+stable ``code``:
+
+=====================  ==============================================================
+code                   meaning
+=====================  ==============================================================
+empty                  zero bytes
+unknown-format         not ONNX, safetensors or MATLAB 5
+unsupported-format     a recognised container we do not read (HDF5 / MATLAB v7.3)
+pickle-refused         pickle bytes or a torch zip archive (.pth/.pt): never unpickled
+unreadable             the file could not be read from disk
+too-large              file bytes (or inflated MATLAB data) above ``Limits.max_bytes``
+too-many-parameters    parameters or a single tensor above the limits
+too-wide               a layer wider than ``Limits.max_width``
+too-deep               more ops than ``Limits.max_depth``
+too-many-nodes         more ONNX nodes / layers / cells than ``Limits.max_nodes``
+malformed              truncated or corrupt bytes, bad header/JSON, missing tensors
+non-finite             NaN or inf in a weight
+shape-mismatch         declared shapes disagree with the weights (dims that lie)
+unsupported-op         ONNX op not on the allow-list (``UnsupportedOp``: node, op)
+unsupported-graph      several inputs/outputs, dynamic weights, unsupported wiring
+unsupported-attribute  an allowed op with attribute values we do not handle
+external-data          ONNX tensor stored outside the file
+custom-domain          ONNX op from a non-standard domain
+subgraph               ONNX node with a graph attribute (If/Loop/Scan)
+unsupported-content    MATLAB objects, structs, sparse, char or function handles
+unsupported-dtype      safetensors dtype that is not a float/int type
+unsupported-kind       safetensors config ``kind`` we cannot build
+=====================  ==============================================================
+"""
+
+from sdp.importers.limits import Limits
+from sdp.importers.loader import detect_format, load_model, load_model_file
+
+__all__ = [
+    "Limits",
+    "detect_format",
+    "load_model",
+    "load_model_file",
+]
