@@ -88,14 +88,10 @@ class ModelRecord:
 
 
 def sniff_format(data: bytes) -> str:
-    """onnx | safetensors | mat by content (the importers do the real validation)."""
-    if data[:10] == b"MATLAB 5.0" or data[:8] == b"\x89HDF\r\n\x1a\n":
-        return "mat"
-    if len(data) >= 9 and data[8:9] == b"{":
-        n = int.from_bytes(data[:8], "little")
-        if 0 < n <= len(data) - 8:
-            return "safetensors"
-    return "onnx"
+    """onnx | safetensors | mat, from the content (``sdp.importers.detect_format``)."""
+    from sdp.importers import detect_format
+
+    return detect_format(data)
 
 
 def count_layers(net: Network) -> int:

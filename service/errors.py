@@ -1,0 +1,231 @@
+"""The one place that maps errors to HTTP: RFC 9457 ``application/problem+json``.
+
+Every error response has ``type`` (a stable URI, ``https://lipcert.dev/problems/<code>``),
+``title``, ``status``, ``detail`` and ``instance`` (the request path), plus ``code`` (the
+same stable code) and sometimes extensions (``errors`` for validation problems, ``hint``).
+
+Error tree of the service (``sdp``'s tree is mapped by :data:`SDP_STATUS`)::
+
+    ServiceError                      status, code, detail, headers, extensions
+    ├── NotFound               404    unknown model / bound / job id
+    ├── Unauthorized           401    missing or wrong X-API-Key
+    ├── NoVerifiedBound        409    certify before a verified bound exists
+    ├── PayloadTooLarge        413    body larger than LIPCERT_MAX_UPLOAD_MB
+    ├── UnsupportedMediaType   415    body content type not accepted
+    ├── InvalidInput           422    inputs of the wrong shape, non-finite, unreadable
+    └── ServiceBusy            503    inference queue full (Retry-After)
+
+Unexpected exceptions become a 500 with a generic detail; the traceback is logged only.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sdp.errors import (
+    CertificateError,
+    LipcertError,
+    ModelRejected,
+    NotApplicable,
+    SolverError,
+    UnsupportedMethod,
+)
+
+PROBLEM_BASE = "https://lipcert.dev/problems/"
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+log = logging.getLogger("lipcert.service")
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status and a stable code."""
+
+    status: int = 500
+    code: str = "internal-error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+        self.extensions = extensions
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not-found"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class NoVerifiedBound(ServiceError):
+    status, code = 409, "no-verified-bound"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code = 413, "payload-too-large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported-media-type"
+
+
+class InvalidInput(ServiceError):
+    status, code = 422, "invalid-input"
+
+
+class ServiceBusy(ServiceError):
+    status, code = 503, "service-busy"
+
+
+#: HTTP status for each ``sdp`` error class (first match in MRO order wins).
+SDP_STATUS: dict[type[LipcertError], int] = {
+    ModelRejected: 422,
+    UnsupportedMethod: 422,
+    NotApplicable: 422,
+    CertificateError: 422,
+    SolverError: 503,
+}
+
+
+def problem(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    instance: str | None = None,
+    title: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
+) -> JSONResponse:
+    """An RFC 9457 problem response."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_BASE + code,
+        "title": title or _title(status),
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if instance:
+        body["instance"] = instance
+    body.update(extensions)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def _title(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def sdp_status(exc: LipcertError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in SDP_STATUS:
+            return SDP_STATUS[cls]
+    return 422
+
+
+def _status_code(status: int) -> str:
+    return {
+        400: "bad-request",
+        401: "unauthorized",
+        403: "forbidden",
+        404: "not-found",
+        405: "method-not-allowed",
+        406: "not-acceptable",
+        413: "payload-too-large",
+        415: "unsupported-media-type",
+        422: "invalid-request",
+        429: "too-many-requests",
+        503: "service-unavailable",
+    }.get(status, "http-error" if status < 500 else "internal-error")
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """Location, message and type of each pydantic error (the offending input is left out)."""
+    out = []
+    for err in exc.errors():
+        out.append(
+            {
+                "loc": [str(p) for p in err.get("loc", ())],
+                "msg": str(err.get("msg", "")),
+                "type": str(err.get("type", "")),
+            }
+        )
+    return out
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that turn every error into problem+json."""
+
+    @app.exception_handler(ServiceError)
+    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        return problem(
+            exc.status,
+            exc.code,
+            exc.detail,
+            instance=request.url.path,
+            headers=exc.headers,
+            **exc.extensions,
+        )
+
+    @app.exception_handler(LipcertError)
+    async def _sdp(request: Request, exc: LipcertError) -> JSONResponse:
+        extra: dict[str, Any] = {}
+        for name in ("node", "op"):
+            if hasattr(exc, name):
+                extra[name] = str(getattr(exc, name))
+        return problem(sdp_status(exc), exc.code, exc.detail, instance=request.url.path, **extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _validation_errors(exc)
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(first["loc"])
+        detail = f"{where}: {first['msg']}" if where else first["msg"]
+        return problem(422, "validation-error", detail, instance=request.url.path, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else _title(exc.status_code)
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no route for {request.url.path}"
+        if exc.status_code == 405:
+            detail = f"method {request.method} is not allowed on {request.url.path}"
+        return problem(
+            exc.status_code,
+            _status_code(exc.status_code),
+            detail,
+            instance=request.url.path,
+            headers=dict(exc.headers or {}),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return problem(
+            500,
+            "internal-error",
+            "the server hit an unexpected error; it has been logged",
+            instance=request.url.path,
+        )
