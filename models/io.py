@@ -1,0 +1,210 @@
+"""LBDN files: ``.safetensors`` with raw parameters and the lipcert/1 config (metadata "lipcert").
+
+Loading never executes code: safetensors holds only arrays and a JSON header, and the config
+is validated by :func:`sdp.sandwich.params_from_safetensors` before anything is built.
+Also converts the RobustNeuralNetworks.jl MNIST LBDN fixture (``lbdn_mnist_params.npz``) into
+the same format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save as np_save
+from torch import nn
+
+from models.lbdn import LBDN
+from models.sandwich import SandwichLinear
+from sdp.errors import ModelRejected
+from sdp.ir import Network
+from sdp.sandwich import config_json, network_from_safetensors, params_from_safetensors
+
+METADATA_KEY = "lipcert"
+
+_TORCH_ACTIVATIONS: dict[str, Any] = {
+    "relu": lambda p: nn.ReLU(),
+    "tanh": lambda p: nn.Tanh(),
+    "sigmoid": lambda p: nn.Sigmoid(),
+    "identity": lambda p: nn.Identity(),
+    "leaky_relu": lambda p: nn.LeakyReLU(p),
+    "elu": lambda p: nn.ELU(p),
+    "softplus": lambda p: nn.Softplus(),
+}
+
+
+def lbdn_config(model: LBDN, claimed_gamma: float | None = None) -> dict[str, Any]:
+    """The lipcert/1 "sandwich" config of ``model``; tensor names are its state_dict keys."""
+    specs: list[dict[str, Any]] = []
+    for i, layer in enumerate(model.hidden):
+        assert isinstance(layer, SandwichLinear)
+        ts = {"XY": f"hidden.{i}.XY", "d": f"hidden.{i}.d"}
+        if layer.bias is not None:
+            ts["b"] = f"hidden.{i}.bias"
+        if layer.alpha is not None:
+            ts["alpha"] = f"hidden.{i}.alpha"
+        specs.append(
+            {
+                "type": "sandwich",
+                "in": layer.in_features,
+                "out": layer.out_features,
+                "activation": layer.act_spec.name,
+                "activation_param": layer.act_spec.param,
+                "tensors": ts,
+            }
+        )
+    o = model.output
+    ts = {"XY": "output.XY"}
+    if o.bias is not None:
+        ts["b"] = "output.bias"
+    if o.alpha is not None:
+        ts["alpha"] = "output.alpha"
+    specs.append(
+        {"type": "sandwich_output", "in": o.in_features, "out": o.out_features, "tensors": ts}
+    )
+    return {
+        "format": "lipcert/1",
+        "kind": "sandwich",
+        "gamma": model.gamma if claimed_gamma is None else claimed_gamma,
+        "input_shape": list(model.input_shape),
+        "tensors": {"log_gamma": "log_gamma"},
+        "layers": specs,
+    }
+
+
+def lbdn_to_bytes(model: LBDN, claimed_gamma: float | None = None) -> bytes:
+    """Serialise ``model`` (raw parameters as stored, e.g. float32) to safetensors bytes."""
+    tensors = {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
+    return np_save(tensors, metadata={METADATA_KEY: config_json(lbdn_config(model, claimed_gamma))})
+
+
+def save_lbdn(model: LBDN, path: str | Path, claimed_gamma: float | None = None) -> None:
+    Path(path).write_bytes(lbdn_to_bytes(model, claimed_gamma))
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(tensors, config) of a lipcert safetensors file (no code is executed)."""
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelRejected(f"not a readable safetensors file: {e}", code="invalid-file") from e
+    if METADATA_KEY not in meta:
+        raise ModelRejected("safetensors file has no 'lipcert' metadata", code="missing-config")
+    try:
+        config = json.loads(meta[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise ModelRejected(f"lipcert metadata is not JSON: {e}", code="invalid-config") from e
+    return tensors, config
+
+
+def load_network(path: str | Path) -> Network:
+    """The sdp IR network (with sandwich params) of an LBDN file."""
+    tensors, config = read_safetensors(path)
+    return network_from_safetensors(tensors, config)
+
+
+def lbdn_from_tensors(
+    tensors: Mapping[str, np.ndarray], config: Mapping[str, Any], dtype: torch.dtype | None = None
+) -> LBDN:
+    """Build an :class:`LBDN` from a validated config and load its tensors."""
+    params = params_from_safetensors(tensors, config)  # validates shapes and values
+    acts = {(la.activation.name, la.activation.param) for la in params.hidden if la.activation}
+    if len(acts) > 1:
+        raise ModelRejected("LBDN modules need one hidden activation", code="unsupported-kind")
+    name, param = acts.pop() if acts else ("relu", 0.0)
+    specs = config["layers"]
+    normalize = {"alpha" in s["tensors"] for s in specs}
+    if len(normalize) > 1:
+        raise ModelRejected(
+            "LBDN modules need alpha on every layer or none", code="unsupported-kind"
+        )
+    widths = [la.out_features for la in params.hidden]
+    model = LBDN(
+        params.layers[0].in_features,
+        widths,
+        params.output.out_features,
+        gamma=params.gamma,
+        activation=lambda: _TORCH_ACTIVATIONS[name](param),
+        normalize=normalize.pop(),
+        input_shape=params.input_shape,
+        dtype=dtype,
+    )
+    state: dict[str, torch.Tensor] = {}
+    targets = [f"hidden.{i}." for i in range(len(widths))] + ["output."]
+    for spec, pre in zip(specs, targets, strict=True):
+        for key, src in spec["tensors"].items():
+            dst = pre + ("bias" if key == "b" else key)
+            state[dst] = torch.as_tensor(
+                np.asarray(tensors[src]).reshape(-1) if key == "alpha" else np.asarray(tensors[src])
+            )
+    state["log_gamma"] = torch.tensor([math.log(params.gamma)])
+    missing = set(model.state_dict()) - set(state)
+    for k in missing:  # layers stored without a bias: zero bias
+        if k.endswith("bias"):
+            state[k] = torch.zeros_like(model.state_dict()[k])
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
+    return model
+
+
+def load_lbdn(path: str | Path, dtype: torch.dtype | None = None) -> LBDN:
+    """Load an LBDN module from a lipcert safetensors file."""
+    return lbdn_from_tensors(*read_safetensors(path), dtype=dtype)
+
+
+def lbdn_jl_tensors(npz_path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(tensors, config) of the RobustNeuralNetworks.jl LBDN fixture in lipcert/1 format.
+
+    The npz (see fixtures/README.md) holds ``XY_k`` = [X; Y] ((n_out + n_in), n_out), ``alpha_k``,
+    ``d_k``, ``b_k``, ``log_gamma``, ``layer_sizes``; its forward pass is exactly the sandwich
+    forward of DESIGN §3.4 with [X; Y] rescaled to norm alpha_k. Arrays are kept float32.
+    """
+    with np.load(npz_path, allow_pickle=False) as z:
+        arr = {k: z[k] for k in z.files}
+    sizes = [int(v) for v in arr["layer_sizes"]]
+    n_layers = len(sizes) - 1
+    tensors: dict[str, np.ndarray] = {"log_gamma": arr["log_gamma"].astype(np.float32)}
+    specs: list[dict[str, Any]] = []
+    for k in range(1, n_layers + 1):
+        last = k == n_layers
+        pre = "output." if last else f"hidden.{k - 1}."
+        ts = {"XY": pre + "XY", "alpha": pre + "alpha", "b": pre + "bias"}
+        tensors[pre + "XY"] = np.ascontiguousarray(arr[f"XY{k}"])
+        tensors[pre + "alpha"] = arr[f"alpha{k}"].reshape(1)
+        tensors[pre + "bias"] = arr[f"b{k}"]
+        spec: dict[str, Any] = {
+            "type": "sandwich_output" if last else "sandwich",
+            "in": sizes[k - 1],
+            "out": sizes[k],
+            "tensors": ts,
+        }
+        if not last:
+            ts["d"] = pre + "d"
+            tensors[pre + "d"] = arr[f"d{k}"]
+            spec["activation"] = "relu"
+        specs.append(spec)
+    config = {
+        "format": "lipcert/1",
+        "kind": "sandwich",
+        "gamma": float(math.exp(float(arr["log_gamma"][0]))),
+        "input_shape": [sizes[0]],
+        "tensors": {"log_gamma": "log_gamma"},
+        "layers": specs,
+        "source": "RobustNeuralNetworks.jl examples/results/lbdn-mnist",
+    }
+    return tensors, config
+
+
+def convert_lbdn_jl(npz_path: str | Path, out_path: str | Path) -> Path:
+    """Write the Julia LBDN fixture as a lipcert safetensors file; returns ``out_path``."""
+    tensors, config = lbdn_jl_tensors(npz_path)
+    out = Path(out_path)
+    out.write_bytes(np_save(tensors, metadata={METADATA_KEY: config_json(config)}))
+    return out

@@ -1,0 +1,167 @@
+"""LBDN: a Lipschitz-bounded deep network built from sandwich layers (DESIGN §3.4).
+
+    h_0 = sqrt(gamma) x,   h_k = SandwichLinear_k(h_{k-1}),   y = SandwichOutput(sqrt(gamma) h_L)
+
+so Lip(x -> y) <= gamma for every parameter value. In eval mode the network runs as its
+equivalent plain MLP (one matmul per layer, weights
+``W_k = 2 Psi_k^{-1} B_k A_{k-1}^T Psi_{k-1}``) cached like the layers' own weights.
+Export: :meth:`LBDN.sandwich_params` (float64 raw parameters) and :meth:`LBDN.to_network`
+(the plain sdp IR network carrying those parameters for the closed-form check).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from models.sandwich import SandwichLinear, SandwichOutput, _CachedWeights
+from sdp.ir import Network
+from sdp.sandwich import SandwichLayer, SandwichParams, plain_network
+
+
+class LBDN(_CachedWeights):
+    """Dense LBDN ``in_dim -> widths... -> out_dim`` with l2 Lipschitz bound ``gamma``.
+
+    Args:
+        in_dim: flat input size (inputs of any shape are flattened).
+        widths: hidden sizes.
+        out_dim: number of outputs (logits).
+        gamma: the Lipschitz bound (stored as the buffer ``log_gamma``; ``learn_gamma`` makes it
+            a parameter, the bound then being whatever it has become).
+        activation: factory of the hidden activation module (default ``nn.ReLU``).
+        input_shape: recorded for export (default ``(in_dim,)``).
+
+    Example:
+        >>> net = LBDN(784, [64, 64], 10, gamma=2.0)
+        >>> net.to_network().sandwich.gamma   # doctest: +SKIP
+        2.0
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        widths: Sequence[int],
+        out_dim: int,
+        gamma: float = 1.0,
+        *,
+        activation: type[nn.Module] | Any = nn.ReLU,
+        normalize: bool = True,
+        learn_gamma: bool = False,
+        input_shape: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if gamma <= 0:
+            raise ValueError("gamma must be > 0")
+        self.in_dim, self.out_dim, self.widths = in_dim, out_dim, list(widths)
+        self.input_shape = tuple(input_shape) if input_shape is not None else (in_dim,)
+        if math.prod(self.input_shape) != in_dim:
+            raise ValueError(f"input_shape {self.input_shape} does not have {in_dim} entries")
+        sizes = [in_dim, *self.widths]
+        self.hidden = nn.ModuleList(
+            SandwichLinear(p, q, activation=activation(), normalize=normalize, dtype=dtype)
+            for p, q in itertools.pairwise(sizes)
+        )
+        self.output = SandwichOutput(sizes[-1], out_dim, normalize=normalize, dtype=dtype)
+        log_gamma = torch.tensor([math.log(gamma)], dtype=dtype or torch.get_default_dtype())
+        if learn_gamma:
+            self.log_gamma = nn.Parameter(log_gamma)
+        else:
+            self.register_buffer("log_gamma", log_gamma)
+
+    @property
+    def gamma(self) -> float:
+        return float(torch.exp(self.log_gamma.detach()).item())
+
+    def _cache_key(self) -> tuple[Any, ...]:
+        return tuple(
+            (p._version, p.data_ptr(), p.dtype, p.device)
+            for p in [*self.parameters(), self.log_gamma]
+        )
+
+    def _compute(self) -> list[tuple[Tensor, Tensor | None]]:
+        """Plain weights (W_k^T, b_k), row-vector form: z_{k+1} = sigma(z_k W_k^T + b_k)."""
+        s = torch.exp(0.5 * self.log_gamma)
+        out: list[tuple[Tensor, Tensor | None]] = []
+        carry: Tensor | None = None  # sqrt(2) Psi_{k-1} A_{k-1} (q_prev, q_prev), row form
+        for layer in self.hidden:
+            assert isinstance(layer, SandwichLinear)
+            w_in, w_out = layer._compute()
+            out.append((s * w_in if carry is None else carry @ w_in, layer.bias))
+            carry = w_out
+        b_t = self.output._compute()
+        out.append((s * b_t if carry is None else s * (carry @ b_t), self.output.bias))
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.reshape(x.shape[0], -1)
+        if not self.training:
+            plain = self.weights()
+            for (w, b), layer in zip(plain[:-1], self.hidden, strict=True):
+                x = x @ w
+                x = layer.activation(x + b if b is not None else x)
+            w, b = plain[-1]
+            x = x @ w
+            return x + b if b is not None else x
+        s = torch.exp(0.5 * self.log_gamma)
+        h = s * x
+        for layer in self.hidden:
+            h = layer(h)
+        return self.output(s * h)
+
+    # ----------------------------------------------------------------------------- export
+
+    def sandwich_params(self, claimed_gamma: float | None = None) -> SandwichParams:
+        """Raw parameters as float64 numpy (the exact values; maths is redone in float64)."""
+
+        def np64(t: Tensor | None) -> np.ndarray | None:
+            return None if t is None else t.detach().cpu().to(torch.float64).numpy().copy()
+
+        def b_or_zero(t: Tensor | None, q: int) -> np.ndarray:
+            arr = np64(t)
+            return np.zeros(q) if arr is None else arr
+
+        layers: list[SandwichLayer] = []
+        for layer in self.hidden:
+            assert isinstance(layer, SandwichLinear)
+            alpha = None if layer.alpha is None else float(np64(layer.alpha)[0])  # type: ignore[index]
+            layers.append(
+                SandwichLayer(
+                    "sandwich",
+                    np64(layer.XY),
+                    b_or_zero(layer.bias, layer.out_features),
+                    np64(layer.d),
+                    alpha,
+                    layer.act_spec,
+                )  # type: ignore[arg-type]
+            )
+        o = self.output
+        alpha_o = None if o.alpha is None else float(np64(o.alpha)[0])  # type: ignore[index]
+        layers.append(
+            SandwichLayer(
+                "sandwich_output",
+                np64(o.XY),  # type: ignore[arg-type]
+                b_or_zero(o.bias, o.out_features),
+                None,
+                alpha_o,
+                None,
+            )
+        )
+        gamma = math.exp(float(self.log_gamma.detach().double().item()))
+        return SandwichParams(
+            gamma,
+            tuple(layers),
+            self.input_shape,
+            gamma if claimed_gamma is None else claimed_gamma,
+        )
+
+    def to_network(self, name: str = "") -> Network:
+        """The equivalent plain network in the sdp IR (float64), ``Network.sandwich`` set."""
+        net = plain_network(self.sandwich_params())
+        return Network(net.input_shape, net.ops, sandwich=net.sandwich, name=name)

@@ -1,0 +1,221 @@
+"""Sandwich layers in PyTorch (Wang & Manchester, ICML 2023; DESIGN §3.4).
+
+``SandwichLinear`` (hidden, 1-Lipschitz for any activation with slopes in [0, 1])::
+
+    Z = X - X^T + Y^T Y,   A^T = (I + Z)^{-1}(I - Z),   B^T = -2 Y (I + Z)^{-1}
+    h_out = sqrt(2) A^T Psi sigma( sqrt(2) Psi^{-1} B h_in + b ),   Psi = diag(exp(d))
+
+``SandwichOutput`` is the linear output layer ``y = B h + b`` (||B||_2 <= 1).
+``[X; Y]`` may be rescaled to Frobenius norm ``alpha`` (a learned scalar), as in
+RobustNeuralNetworks.jl; that reparameterisation leaves the guarantee unchanged.
+
+Weights are recomputed on every forward in training mode (gradients flow through the Cayley
+transform). In eval mode they are computed once without gradients and cached; the cache is
+keyed on the parameters' version counters, storage and dtype, so ``train()``, optimiser steps,
+``load_state_dict`` and ``.to(...)`` all invalidate it (plus explicit hooks for the first two).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sdp.ir import Activation
+
+_SQRT2 = math.sqrt(2.0)
+
+
+def activation_spec(module: nn.Module) -> Activation:
+    """The sdp :class:`~sdp.ir.Activation` of a torch activation module (slopes must lie in [0,1]).
+
+    Raises ValueError for activations the sandwich guarantee (or the IR) does not cover.
+    """
+    if isinstance(module, nn.ReLU):
+        act = Activation("relu")
+    elif isinstance(module, nn.Tanh):
+        act = Activation("tanh")
+    elif isinstance(module, nn.Sigmoid):
+        act = Activation("sigmoid")
+    elif isinstance(module, nn.Identity):
+        act = Activation("identity")
+    elif isinstance(module, nn.LeakyReLU):
+        act = Activation("leaky_relu", float(module.negative_slope))
+    elif isinstance(module, nn.ELU):
+        act = Activation("elu", float(module.alpha))
+    elif isinstance(module, nn.Softplus) and module.beta == 1 and module.threshold >= 20:
+        act = Activation("softplus")
+    else:
+        raise ValueError(f"unsupported sandwich activation {module!r}")
+    lo, hi = act.slope_bounds
+    if lo < 0 or hi > 1:
+        raise ValueError(f"{act.name} has slopes [{lo:g}, {hi:g}]; sandwich layers need [0, 1]")
+    return act
+
+
+def cayley(xy: Tensor, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(A^T (q, q), B^T (p, q)) of [X; Y] ((q+p), q), rescaled to norm ``alpha`` if given."""
+    q = xy.shape[1]
+    if alpha is not None:
+        xy = xy * (alpha / torch.linalg.matrix_norm(xy))
+    x, y = xy[:q], xy[q:]
+    z = x - x.T + y.T @ y
+    eye = torch.eye(q, dtype=xy.dtype, device=xy.device)
+    lu, piv = torch.linalg.lu_factor(eye + z)
+    a_t = torch.linalg.lu_solve(lu, piv, eye - z)
+    # B^T = -2 Y (I+Z)^{-1}: solve (I+Z)^T W = Y^T, B^T = -2 W^T
+    b_t = -2.0 * torch.linalg.lu_solve(lu, piv, y.T, adjoint=True).T
+    return a_t, b_t
+
+
+class _CachedWeights(nn.Module):
+    """Eval-mode cache of derived weights (see module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: tuple[Any, tuple[Any, ...]] | None = None
+        self.register_load_state_dict_pre_hook(self._drop_cache_hook)
+
+    def _drop_cache_hook(self, *args: Any, **kwargs: Any) -> None:
+        self._cache = None
+
+    def train(self, mode: bool = True) -> _CachedWeights:
+        self._cache = None
+        return super().train(mode)
+
+    def _cache_key(self) -> tuple[Any, ...]:
+        return tuple(
+            (p._version, p.data_ptr(), p.dtype, p.device) for p in self.parameters(recurse=False)
+        )
+
+    def _compute(self) -> Any:
+        raise NotImplementedError
+
+    def weights(self) -> Any:
+        """Derived weights: recomputed with autograd in training mode, cached in eval mode."""
+        if self.training:
+            self._cache = None
+            return self._compute()
+        key = self._cache_key()
+        if self._cache is None or self._cache[1] != key:
+            with torch.no_grad():
+                self._cache = (self._compute(), key)
+        return self._cache[0]
+
+    @property
+    def cache_valid(self) -> bool:
+        return self._cache is not None and self._cache[1] == self._cache_key()
+
+
+class SandwichLinear(_CachedWeights):
+    """Hidden sandwich layer ``in_features -> out_features``, 1-Lipschitz (l2).
+
+    Args:
+        in_features, out_features: p and q.
+        bias: learn b (else b = 0).
+        activation: a module with slopes in [0, 1] (ReLU, Tanh, Sigmoid, LeakyReLU(a>=0), ...).
+        normalize: rescale [X; Y] to a learned Frobenius norm ``alpha`` (RobustNeuralNetworks.jl).
+
+    Parameters: ``XY`` ((q+p), q), ``d`` (q), ``bias`` (q), ``alpha`` (1) when ``normalize``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation: nn.Module | None = None,
+        *,
+        normalize: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.activation = activation if activation is not None else nn.ReLU()
+        self.act_spec = activation_spec(self.activation)
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.XY = nn.Parameter(torch.empty(out_features + in_features, out_features, **kw))
+        self.d = nn.Parameter(torch.zeros(out_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.alpha = nn.Parameter(torch.empty(1, **kw)) if normalize else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_normal_(self.XY)
+        nn.init.zeros_(self.d)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        if self.alpha is not None:
+            with torch.no_grad():
+                self.alpha.copy_(torch.linalg.matrix_norm(self.XY))
+
+    def _compute(self) -> tuple[Tensor, Tensor]:
+        """(W_in (p, q), W_out (q, q)): u = h W_in + b, h_out = sigma(u) W_out (row vectors)."""
+        a_t, b_t = cayley(self.XY, self.alpha)
+        psi = torch.exp(self.d)
+        return _SQRT2 * b_t / psi, _SQRT2 * psi[:, None] * a_t.T
+
+    def forward(self, x: Tensor) -> Tensor:
+        w_in, w_out = self.weights()
+        u = x @ w_in
+        if self.bias is not None:
+            u = u + self.bias
+        return self.activation(u) @ w_out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, normalize={self.alpha is not None}"
+        )
+
+
+class SandwichOutput(_CachedWeights):
+    """Linear output layer ``y = B h + b`` with B from the Cayley transform (||B||_2 <= 1).
+
+    Parameters: ``XY`` ((q+p), q), ``bias`` (q), ``alpha`` (1) when ``normalize``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        normalize: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.XY = nn.Parameter(torch.empty(out_features + in_features, out_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.alpha = nn.Parameter(torch.empty(1, **kw)) if normalize else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_normal_(self.XY)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        if self.alpha is not None:
+            with torch.no_grad():
+                self.alpha.copy_(torch.linalg.matrix_norm(self.XY))
+
+    def _compute(self) -> Tensor:
+        """B^T (p, q): y = h B^T + b (row vectors)."""
+        return cayley(self.XY, self.alpha)[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x @ self.weights()
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, normalize={self.alpha is not None}"
+        )
