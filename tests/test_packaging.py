@@ -20,7 +20,7 @@ SCRIPTS = ["scripts/serve", "scripts/test", ".ci/run"]
 
 def _commands(path: Path) -> list[str]:
     """Non-comment, non-blank lines of a shell script, continuations joined."""
-    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    text = re.sub(r"\s*\\\n\s*", " ", path.read_text())
     return [
         line.strip()
         for line in text.splitlines()
