@@ -1,0 +1,247 @@
+"""ONNX -> :class:`~sdp.ir.Network`, for untrusted files.
+
+Steps: parse the protobuf (``onnx.load_model_from_string``); refuse external data, custom
+domains, model-local functions, subgraphs (If/Loop/Scan), sparse initializers and oversized
+tensors; run ``onnx.checker``; then walk the nodes in order, converting each with the registry
+in :mod:`sdp.importers._ops` (an op off the list raises ``UnsupportedOp`` naming the node).
+Declared shapes (graph output, value_info) are compared with the shapes the conversion
+computes, so a file whose dims lie is refused with ``shape-mismatch``.
+
+Batch dimension: a leading input dim of 1 (or symbolic) on an input of rank >= 2 is the
+batch; ``Network.input_shape`` is the rest, e.g. [1, 784, 1] -> (784, 1), [5] -> (5,).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from sdp.errors import ModelRejected, UnsupportedOp
+from sdp.importers import _ops_layers  # noqa: F401  (registers conv/activation converters)
+from sdp.importers._flow import Flow
+from sdp.importers._ops import CONVERTERS, GraphState, NodeContext, Value
+from sdp.importers.limits import Limits
+from sdp.ir import Dense, Network
+
+_STANDARD_DOMAINS = ("", "ai.onnx")
+_FLOAT_TYPES = {1: np.float32, 10: np.float16, 11: np.float64}
+_INT_TYPES = {
+    2: np.uint8,
+    3: np.int8,
+    4: np.uint16,
+    5: np.int16,
+    6: np.int32,
+    7: np.int64,
+    9: np.bool_,
+    12: np.uint32,
+    13: np.uint64,
+}
+
+
+def load_onnx(data: bytes, limits: Limits, name: str = "") -> Network:
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # google.protobuf.message.DecodeError and friends
+        raise ModelRejected(f"not a valid ONNX protobuf: {exc}", code="malformed") from exc
+    if not model.HasField("graph") or not model.ir_version:
+        raise ModelRejected("the ONNX model has no graph or no ir_version", code="malformed")
+    _check_untrusted(model, limits)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx.checker.ValidationError, or C++ errors
+        raise ModelRejected(f"onnx.checker rejected the model: {exc}", code="malformed") from exc
+    return _convert(model, limits, name or model.graph.name or "")
+
+
+def _check_untrusted(model: Any, limits: Limits) -> None:
+    g = model.graph
+    if len(model.functions):
+        raise ModelRejected("model-local functions are not supported", code="custom-domain")
+    if len(g.sparse_initializer):
+        raise ModelRejected("sparse initializers are not supported", code="unsupported-graph")
+    limits.check_nodes(len(g.node))
+    for t in g.initializer:
+        _check_tensor_proto(t, limits)
+    for i, node in enumerate(g.node):
+        label = node.name or f"#{i}"
+        if node.domain not in _STANDARD_DOMAINS:
+            raise ModelRejected(
+                f"node {label!r} uses op {node.op_type!r} from custom domain {node.domain!r}",
+                code="custom-domain",
+            )
+        for a in node.attribute:
+            if a.type in (5, 10) or a.HasField("g") or len(a.graphs):  # GRAPH, GRAPHS
+                err = UnsupportedOp(
+                    label,
+                    node.op_type,
+                    f"node {label!r}: op {node.op_type!r} "
+                    "has a subgraph; control flow is not supported",
+                )
+                err.code = "subgraph"
+                raise err
+            if a.HasField("t"):
+                _check_tensor_proto(a.t, limits)
+            for t in a.tensors:
+                _check_tensor_proto(t, limits)
+            if a.HasField("sparse_tensor") or len(a.sparse_tensors):
+                raise ModelRejected(
+                    f"node {label!r}: sparse tensors are not supported", code="unsupported-graph"
+                )
+
+
+def _check_tensor_proto(t: Any, limits: Limits) -> None:
+    if t.data_location == 1 or len(t.external_data):
+        raise ModelRejected(
+            f"tensor {t.name!r} is stored outside the file (external data); "
+            "re-export with all tensors embedded",
+            code="external-data",
+        )
+    limits.check_tensor(t.name, t.dims)
+
+
+def _to_array(t: Any) -> np.ndarray:
+    """TensorProto -> numpy, after checking that the stored bytes match the declared dims."""
+    from onnx import numpy_helper
+
+    dtype = _FLOAT_TYPES.get(t.data_type) or _INT_TYPES.get(t.data_type)
+    if dtype is None:
+        raise ModelRejected(
+            f"tensor {t.name!r} has unsupported data type {t.data_type}", code="unsupported-dtype"
+        )
+    n = int(np.prod([int(d) for d in t.dims], dtype=np.int64))
+    if t.raw_data:
+        stored = len(t.raw_data) // np.dtype(dtype).itemsize
+        ok = len(t.raw_data) == n * np.dtype(dtype).itemsize
+    else:
+        stored = len(t.float_data) + len(t.double_data) + len(t.int32_data) + len(t.int64_data)
+        stored += len(t.uint64_data)
+        ok = stored == n
+    if not ok:
+        raise ModelRejected(
+            f"tensor {t.name!r} declares {n} elements but stores {stored}", code="shape-mismatch"
+        )
+    try:
+        arr = numpy_helper.to_array(t)
+    except Exception as exc:
+        raise ModelRejected(f"tensor {t.name!r} is unreadable: {exc}", code="malformed") from exc
+    if t.data_type in _FLOAT_TYPES:
+        arr = arr.astype(np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise ModelRejected(f"tensor {t.name!r} has NaN or inf entries", code="non-finite")
+    else:
+        arr = arr.astype(np.int64)
+    return np.asarray(arr)
+
+
+def _declared_shape(vi: Any) -> list[int | None]:
+    """Declared dims of a ValueInfo; None for a symbolic or unknown dim."""
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return []
+    return [int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim]
+
+
+def _convert(model: Any, limits: Limits, name: str) -> Network:
+    import onnx
+
+    g = model.graph
+    values: dict[str, Value] = {t.name: _to_array(t) for t in g.initializer}
+    inputs = [i for i in g.input if i.name not in values]
+    if len(inputs) != 1 or len(g.output) != 1:
+        raise ModelRejected(
+            f"the graph has {len(inputs)} inputs and {len(g.output)} outputs; exactly one "
+            "of each is supported",
+            code="unsupported-graph",
+        )
+    dims = _declared_shape(inputs[0])
+    if not dims:
+        raise ModelRejected("the network input has no declared shape", code="unsupported-graph")
+    if dims[0] is None:
+        dims[0] = 1
+    if any(d is None or d <= 0 for d in dims):
+        raise ModelRejected(f"the input shape {dims} is not static", code="unsupported-graph")
+    full = tuple(int(d) for d in dims if d is not None)
+    limits.check_width(int(np.prod(full)), "the network input")
+    start = Flow.start(full)
+    uses = Counter(n for node in g.node for n in node.input)
+    state = GraphState(
+        start, uses[inputs[0].name], full[1:] if len(full) >= 2 and full[0] == 1 else full
+    )
+    values[inputs[0].name] = start
+    declared = {vi.name: _declared_shape(vi) for vi in g.value_info}
+    for i, node in enumerate(g.node):
+        label = node.name or f"#{i}"
+        fn = CONVERTERS.get(node.op_type)
+        if fn is None:
+            raise UnsupportedOp(label, node.op_type)
+        missing = [n for n in node.input if n and n not in values]
+        if missing:
+            raise ModelRejected(
+                f"node {label!r} reads undefined values {missing}", code="malformed"
+            )
+        attrs = {}
+        for a in node.attribute:
+            v = onnx.helper.get_attribute_value(a)
+            attrs[a.name] = _to_array(v) if a.type == 4 else v  # TENSOR
+        outs = [n for n in node.output if n]
+        ctx = NodeContext(
+            label,
+            node.op_type,
+            [values[n] if n else None for n in node.input],
+            attrs,
+            limits,
+            state,
+            num_outputs=len(outs),
+        )
+        try:
+            result = fn(ctx)
+        except ModelRejected:
+            raise
+        except ValueError as exc:
+            raise ModelRejected(
+                f"node {label!r} ({node.op_type}): {exc}", code="shape-mismatch"
+            ) from exc
+        except (IndexError, KeyError, TypeError, ZeroDivisionError) as exc:
+            raise ModelRejected(
+                f"node {label!r} ({node.op_type}): {exc}", code="malformed"
+            ) from exc
+        if len(outs) != 1:
+            raise ctx.reject(f"{len(outs)} outputs; exactly one is supported")
+        values[outs[0]] = result
+        _check_declared(outs[0], result, declared.get(outs[0]))
+    out = values.get(g.output[0].name)
+    if not isinstance(out, Flow):
+        raise ModelRejected(
+            "the graph output does not depend on its input", code="unsupported-graph"
+        )
+    _check_declared(g.output[0].name, out, _declared_shape(g.output[0]))
+    out = out.materialised(limits)
+    ops = out.ops
+    if not out.identity_layout:  # a trailing Transpose: permute the outputs explicitly
+        perm = np.zeros((out.size, out.size))
+        perm[np.arange(out.size), out.index.ravel()] = 1.0
+        ops = (*ops, Dense(perm, np.zeros(out.size)))
+    try:
+        net = Network(state.input_shape, ops, name=name)
+    except ValueError as exc:
+        raise ModelRejected(f"inconsistent network: {exc}", code="shape-mismatch") from exc
+    limits.check_network(net)
+    return net
+
+
+def _check_declared(name: str, value: Value, dims: list[int | None] | None) -> None:
+    """A declared static shape must equal the computed one (batch dims may be symbolic)."""
+    if not dims or value is None:
+        return
+    shape = value.shape
+    if len(dims) != len(shape) or any(
+        d is not None and d != s for d, s in zip(dims, shape, strict=False)
+    ):
+        raise ModelRejected(
+            f"value {name!r} is declared with shape {dims} but computes to {list(shape)}",
+            code="shape-mismatch",
+        )
