@@ -1,7 +1,10 @@
-"""The FastAPI application: ``create_app(settings)`` wires storage, the job runner and routers.
+"""The FastAPI application: ``create_app(settings)`` wires storage, workers and routers.
 
-Resources live for the app's lifespan: the :class:`~service.storage.Storage`, the bound-job
-runner from :func:`service.jobs.create_runner` (``app.state.runner``).
+Resources live for the app's lifespan: the :class:`~service.storage.Storage`
+(``app.state.storage``), the inference worker thread (``app.state.worker``) and the
+bound-job runner from :func:`service.jobs.create_runner` (``app.state.runner``).
+Middleware (outermost first): access log + metrics, streaming body-size cap.
+Every error is ``application/problem+json`` (:mod:`service.errors`).
 """
 
 from __future__ import annotations
@@ -15,14 +18,31 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from service.deps import ApiKey
+from service.errors import install_error_handlers
+from service.middleware import AccessLogMiddleware, BodyLimitMiddleware
+from service.routes import certify, health, models, oip
 from service.settings import Settings
 from service.storage import Storage
+from service.worker import InferenceWorker
 
 log = logging.getLogger("lipcert.service")
 
+DESCRIPTION = """
+Certified l2 Lipschitz bounds (LipSDP, sandwich closed form) and certified robustness radii.
+
+1. `POST /v1/models` a model file (ONNX, safetensors, LipSDP .mat); the id comes from its sha256.
+2. `POST /v1/models/{id}/bounds` starts a bound job (`GET /v1/jobs/{job_id}` for its state).
+3. `POST /v1/models/{id}/certify` returns predictions, margins and radii
+   `margin / (sqrt(2) L)` using the smallest verified bound.
+
+Errors are RFC 9457 `application/problem+json`. When `LIPCERT_API_KEY` is set, every route
+except health checks and docs needs the `X-API-Key` header.
+"""
+
 
 def _optional_router(module: str) -> Any:
-    """``module.router`` when that module imports (other areas may land later)."""
+    """``module.router`` when that module imports (bounds/jobs come from the job runners)."""
     try:
         return importlib.import_module(module).router
     except ImportError as exc:
@@ -48,11 +68,15 @@ def _create_runner(settings: Settings, storage: Storage) -> Any:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; ``settings`` defaults to the environment (``LIPCERT_*``)."""
     settings = settings or Settings()
+    logging.getLogger("lipcert").setLevel(settings.log_level.upper())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         storage = Storage(settings.data_dir, network_cache_size=settings.model_cache_size)
         app.state.storage = storage
+        worker = InferenceWorker(storage, settings)
+        worker.start()
+        app.state.worker = worker
         runner = _create_runner(settings, storage)
         app.state.runner = runner
         if runner is not None and hasattr(runner, "start"):
@@ -62,11 +86,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if runner is not None and hasattr(runner, "stop"):
                 await _maybe_await(runner.stop())
+            worker.stop()
 
-    app = FastAPI(title="lipcert", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="lipcert",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
     app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(AccessLogMiddleware)
+
+    app.include_router(health.router)
+    protected = [ApiKey]
+    app.include_router(health.metrics_router, dependencies=protected)
+    app.include_router(models.router, dependencies=protected)
     for module in ("service.routes.bounds", "service.routes.jobs"):
         router = _optional_router(module)
         if router is not None:
-            app.include_router(router)
+            app.include_router(router, dependencies=protected)
+    app.include_router(certify.router, dependencies=protected)
+    app.include_router(oip.router, dependencies=protected)
     return app

@@ -1,80 +1,94 @@
-"""Parse untrusted model uploads in a child process with a time limit.
+"""Check untrusted model uploads in a child process with a time limit, then parse them.
 
-A pathological file (deeply nested protobuf, a huge declared tensor, a slow conversion) must
-not stall or crash the API process. Each upload is parsed by ``sdp.importers.load_model`` in a
-fresh process from a ``forkserver`` (which has ``sdp.importers`` preloaded, so start-up is
-cheap); on timeout the child is killed. The child sends back either the parsed
-:class:`~sdp.ir.Network` (our own object, pickled by our own code) or the importer's error.
+A pathological file (deeply nested protobuf, a huge declared tensor, a slow conversion, a
+parser crash) must not stall or kill the API process. So an upload is first parsed by
+``sdp.importers.load_model`` in a separate ``python -m service.parsing`` process (bytes on
+stdin, one JSON line on stdout, address space capped, killed at the time limit). Only bytes
+the child accepted are then parsed in-process. Nothing is ever unpickled: the child reports
+JSON, not objects.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import multiprocessing.connection
-import threading
-from typing import Any
+import json
+import os
+import subprocess
+import sys
 
-from sdp.errors import LipcertError, ModelRejected
+from sdp.errors import ModelRejected
 from sdp.ir import Network
 
-_CTX: Any = None
-_CTX_LOCK = threading.Lock()
+#: Address-space cap of the checking process (bytes).
+CHILD_MEMORY_LIMIT = 4 << 30
 
 
-def _context() -> Any:
-    global _CTX
-    with _CTX_LOCK:
-        if _CTX is None:
-            method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-            ctx = mp.get_context(method)
-            if method == "forkserver":
-                ctx.set_forkserver_preload(["sdp.importers", "sdp.ir"])
-            _CTX = ctx
-        return _CTX
-
-
-def _child(conn: multiprocessing.connection.Connection, data: bytes) -> None:
-    """Runs in the child: parse and send ("ok", net) or ("error", (cls, code, detail))."""
+def check_model(data: bytes, timeout_s: float) -> None:
+    """Raise ``ModelRejected`` unless the importers accept ``data`` within ``timeout_s``."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
     try:
-        from sdp.importers import load_model
-
-        net = load_model(data)
-        conn.send(("ok", net))
-    except LipcertError as exc:
-        conn.send(("error", (type(exc).__name__, exc.code, exc.detail)))
-    except MemoryError:
-        conn.send(("error", ("ModelRejected", "too-large", "the model needs too much memory")))
-    except Exception as exc:  # an importer bug: still a refusal, never a crash of the API
-        detail = f"the model could not be parsed ({type(exc).__name__})"
-        conn.send(("error", ("ModelRejected", "unparseable-model", detail)))
-    finally:
-        conn.close()
+        proc = subprocess.run(
+            [sys.executable, "-m", "service.parsing"],
+            input=data,
+            capture_output=True,
+            timeout=timeout_s,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise ModelRejected(
+            f"parsing the model took longer than {timeout_s:g} s", code="parse-timeout"
+        ) from None
+    try:
+        report = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise ModelRejected(
+            f"the model parser died on this file (exit status {proc.returncode})",
+            code="parser-crashed",
+        ) from None
+    if not report.get("ok"):
+        raise ModelRejected(str(report.get("detail")), code=str(report.get("code")))
 
 
 def parse_model(data: bytes, timeout_s: float) -> Network:
-    """The parsed network, or ``ModelRejected`` (``parse-timeout`` when over the limit)."""
-    ctx = _context()
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, data), daemon=True)
-    proc.start()
-    send.close()
+    """The network of an upload the child process accepted (see module docstring)."""
+    check_model(data, timeout_s)
+    from sdp.importers import load_model
+
+    return load_model(data)
+
+
+def _child_main() -> None:
+    """Child side: read the bytes, parse, print one JSON line."""
     try:
-        if not recv.poll(timeout_s):
-            raise ModelRejected(
-                f"parsing the model took longer than {timeout_s:g} s", code="parse-timeout"
-            )
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_LIMIT, CHILD_MEMORY_LIMIT))
+    except (ImportError, ValueError, OSError):
+        pass
+    data = sys.stdin.buffer.read()
+    try:
+        from sdp.errors import LipcertError
+        from sdp.importers import load_model
+
         try:
-            status, payload = recv.recv()
-        except (EOFError, OSError) as exc:
-            raise ModelRejected(
-                "the model parser died on this file (out of memory?)", code="parser-crashed"
-            ) from exc
-    finally:
-        recv.close()
-        if proc.is_alive():
-            proc.kill()
-        proc.join(timeout=5)
-    if status == "ok":
-        return payload  # type: ignore[no-any-return]
-    _, code, detail = payload
-    raise ModelRejected(detail, code=code)
+            load_model(data)
+            report = {"ok": True}
+        except LipcertError as exc:
+            report = {"ok": False, "code": exc.code, "detail": exc.detail}
+    except MemoryError:
+        report = {"ok": False, "code": "too-large", "detail": "the model needs too much memory"}
+    except RecursionError:
+        report = {"ok": False, "code": "malformed", "detail": "the model is nested too deeply"}
+    except Exception as exc:  # an importer bug is still a refusal, never an API crash
+        report = {
+            "ok": False,
+            "code": "unparseable-model",
+            "detail": f"the model could not be parsed ({type(exc).__name__})",
+        }
+    sys.stdout.write(json.dumps(report) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    _child_main()

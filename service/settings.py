@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     )
     max_concurrent_jobs: int = Field(default=1, ge=1, description="Local bound-solving workers.")
     job_timeout_s: float = Field(default=3600.0, gt=0, description="Default bound job time limit.")
+    solver_threads: int = Field(default=1, ge=1, description="BLAS threads per solver process.")
+    worker_heartbeat_timeout_s: float = Field(
+        default=30.0, gt=0, description="RQ worker heartbeat after which a job counts as lost."
+    )
     log_level: str = Field(default="info", description="Python logging level name.")
 
     @property

@@ -1,4 +1,4 @@
-"""``lipcert serve``: run the HTTP API with uvicorn."""
+"""``lipcert serve``: run the HTTP API with uvicorn (configuration from ``LIPCERT_*``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,20 @@ from service.cli._common import fail
 
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
-    port: int = typer.Option(8000, help="TCP port."),
+    port: int = typer.Option(8000, help="TCP port.", min=0, max=65535),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Serve the HTTP API (docs at http://HOST:PORT/docs)."""
-    fail("serve is not implemented yet")
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        fail(f"invalid LIPCERT_* configuration: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"lipcert: API docs at http://{shown}:{port}/docs (data in {settings.data_dir})")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)

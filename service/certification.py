@@ -1,0 +1,181 @@
+"""Turn logits and a stored bound into certified radii (DESIGN §4), and parse inputs.
+
+For logits f(x), predicted class y and margin m = f_y - max_{j != y} f_j, every x' with
+||x' - x||_2 < m / (sqrt(2) L) keeps class y. With pairwise bounds L_yj >= Lip(f_y - f_j):
+r = min_{j != y} (f_y - f_j) / L_yj. The maths lives in :mod:`sdp.radius`; this module only
+adapts it to the HTTP results (a local copy of the two formulas is used until that module
+exists).
+
+Warning: the radius is only as exact as the logits; on CUDA they are float32.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from service.errors import InvalidInput
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads_json(body: bytes) -> Any:
+    """Strict JSON (NaN/Infinity tokens refused); InvalidInput on bad bytes."""
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidInput(
+            f"the body is not valid JSON: {exc}", code="malformed-json", status=400
+        ) from None
+
+
+def as_array(values: Any, what: str = "inputs") -> np.ndarray:
+    """A float64 array from nested JSON lists of numbers only (no strings, bools, ragged)."""
+    try:
+        arr = np.array(values)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"{what} must be a rectangular array of numbers ({exc})") from None
+    if arr.dtype.kind not in "iuf" or arr.size == 0:
+        raise InvalidInput(f"{what} must be a non-empty rectangular array of numbers")
+    return _finite(arr.astype(np.float64), what)
+
+
+def load_npy(body: bytes) -> np.ndarray:
+    """Inputs from an ``application/x-npy`` body (``allow_pickle=False``)."""
+    if not body.startswith(NPY_MAGIC):
+        raise InvalidInput("the body is not a .npy file (bad magic)", code="invalid-npy")
+    try:
+        arr = np.load(io.BytesIO(body), allow_pickle=False)
+    except Exception as exc:  # numpy raises ValueError/OSError/EOFError on bad files
+        raise InvalidInput(f"unreadable .npy body: {exc}", code="invalid-npy") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iuf" or arr.size == 0:
+        raise InvalidInput("the .npy array must be a non-empty integer or float array")
+    return _finite(arr.astype(np.float64, copy=False), "inputs")
+
+
+def _finite(arr: np.ndarray, what: str) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        bad = int(np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)))[0][0]) if arr.ndim else 0
+        raise InvalidInput(f"{what} contain NaN or infinity (first at row {bad})")
+    return arr
+
+
+def batch_inputs(arr: np.ndarray, input_shape: list[int], max_inputs: int) -> np.ndarray:
+    """(B, n0): accepts rows that are flat (n0) or shaped like the model's input."""
+    n0 = math.prod(input_shape)
+    shape = tuple(arr.shape[1:])
+    if arr.ndim < 2 or shape not in ((n0,), tuple(input_shape)):
+        raise InvalidInput(
+            f"inputs have shape {list(arr.shape)}; expected [batch, {n0}] or "
+            f"[batch, {', '.join(map(str, input_shape))}]",
+            code="wrong-input-shape",
+        )
+    if len(arr) > max_inputs:
+        raise InvalidInput(f"{len(arr)} inputs; at most {max_inputs} per request")
+    return np.ascontiguousarray(arr.reshape(len(arr), n0))
+
+
+def radii(
+    logits: np.ndarray, lipschitz: float, pairwise: Any = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(prediction, margin, radius, radius_pairwise) for logits (B, K)."""
+    try:
+        from sdp.radius import certified_radius
+    except ImportError:
+        certified_radius = None
+    pw = None if pairwise is None else np.asarray(pairwise, dtype=np.float64)
+    if certified_radius is not None:
+        out = certified_radius(logits, lipschitz, pairwise=pw)
+        return (
+            np.asarray(_field(out, "prediction"), dtype=np.int64),
+            np.asarray(_field(out, "margin"), dtype=np.float64),
+            np.asarray(_field(out, "radius"), dtype=np.float64),
+            None if pw is None else np.asarray(_field(out, "radius_pairwise"), dtype=np.float64),
+        )
+    return _radii_local(logits, lipschitz, pw)
+
+
+def _field(out: Any, name: str) -> Any:
+    return out[name] if isinstance(out, dict) else getattr(out, name)
+
+
+def _radii_local(
+    logits: np.ndarray, lipschitz: float, pw: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    b, k = logits.shape
+    pred = np.argmax(logits, axis=1)
+    top = logits[np.arange(b), pred]
+    others = logits.copy()
+    others[np.arange(b), pred] = -np.inf
+    margin = top - others.max(axis=1) if k > 1 else np.full(b, np.inf)
+    radius = np.maximum(margin, 0.0) / (math.sqrt(2.0) * lipschitz)
+    rpw = None
+    if pw is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gaps = (top[:, None] - logits) / pw[pred]
+        gaps[np.arange(b), pred] = np.inf
+        rpw = np.maximum(gaps.min(axis=1), 0.0)
+    return pred, margin, radius, rpw
+
+
+def results_payload(
+    logits: np.ndarray,
+    bound: dict[str, Any],
+    *,
+    labels: list[int] | None,
+    return_logits: bool,
+    epsilon: float,
+) -> dict[str, Any]:
+    """The per-input results and summary of a certify response."""
+    b, k = logits.shape
+    if labels is not None:
+        if len(labels) != b:
+            raise InvalidInput(f"{len(labels)} labels for {b} inputs")
+        if any(not 0 <= int(y) < k for y in labels):
+            raise InvalidInput(f"labels must be class indices in [0, {k})")
+    lip = float(bound["lipschitz_bound"])
+    pred, margin, radius, rpw = radii(logits, lip, bound.get("pairwise"))
+    results: list[dict[str, Any]] = []
+    certified = 0
+    correct = 0
+    for i in range(b):
+        item: dict[str, Any] = {
+            "prediction": int(pred[i]),
+            "margin": _num(margin[i]),
+            "radius": _num(radius[i]),
+        }
+        if rpw is not None:
+            item["radius_pairwise"] = _num(rpw[i])
+        if labels is not None:
+            ok = int(labels[i]) == int(pred[i])
+            best = max(radius[i], rpw[i]) if rpw is not None else radius[i]
+            cert = ok and bool(best > epsilon)
+            item["label"] = int(labels[i])
+            item["certified"] = cert
+            correct += ok
+            certified += cert
+        if return_logits:
+            item["logits"] = [float(v) for v in logits[i]]
+        results.append(item)
+    return {
+        "lipschitz_bound": lip,
+        "method": str(bound.get("method", "")),
+        "bound_job_id": bound.get("job_id"),
+        "results": results,
+        "certified_accuracy": None if labels is None else certified / b,
+        "accuracy": None if labels is None else correct / b,
+        "epsilon": epsilon,
+    }
+
+
+def _num(v: float) -> float | None:
+    f = float(v)
+    return f if math.isfinite(f) else None

@@ -1,0 +1,63 @@
+"""FastAPI dependencies as ``Annotated`` aliases: settings, storage, worker, API key."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
+
+from service.errors import NotFound, Unauthorized
+from service.settings import Settings
+from service.storage import ModelRecord, Storage
+from service.worker import InferenceWorker
+
+_api_key_header = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    description="Needed on every route except health checks and docs when LIPCERT_API_KEY is set.",
+)
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage  # type: ignore[no-any-return]
+
+
+def get_worker(request: Request) -> InferenceWorker:
+    return request.app.state.worker  # type: ignore[no-any-return]
+
+
+def get_runner(request: Request) -> Any:
+    return getattr(request.app.state, "runner", None)
+
+
+def require_api_key(
+    request: Request, key: Annotated[str | None, Security(_api_key_header)] = None
+) -> None:
+    """401 unless LIPCERT_API_KEY is unset or X-API-Key matches it (constant-time compare)."""
+    expected = request.app.state.settings.api_key
+    if not expected:
+        return
+    if key is None or not hmac.compare_digest(key.encode(), expected.encode()):
+        raise Unauthorized(
+            "missing or wrong X-API-Key header", headers={"WWW-Authenticate": "X-API-Key"}
+        )
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+WorkerDep = Annotated[InferenceWorker, Depends(get_worker)]
+RunnerDep = Annotated[Any, Depends(get_runner)]
+ApiKey = Depends(require_api_key)
+
+
+def model_or_404(storage: Storage, model_id: str) -> ModelRecord:
+    rec = storage.get_model(model_id)
+    if rec is None:
+        raise NotFound(f"no model with id {model_id!r}", code="model-not-found")
+    return rec

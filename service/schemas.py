@@ -1,0 +1,170 @@
+"""Request and response bodies (pydantic, at the HTTP edge only) with OpenAPI examples."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Number = float | int
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details (``application/problem+json``)."""
+
+    type: str = Field(examples=["https://lipcert.dev/problems/model-not-found"])
+    title: str = Field(examples=["Not Found"])
+    status: int = Field(examples=[404])
+    detail: str = Field(examples=["no model with id '0123456789abcdef'"])
+    code: str = Field(examples=["model-not-found"])
+    instance: str | None = Field(default=None, examples=["/v1/models/0123456789abcdef"])
+
+
+class ModelInfo(BaseModel):
+    """A stored model. ``id`` is derived from the sha256 of the uploaded bytes."""
+
+    id: str = Field(examples=["3f2a9c1b7d4e5f60"])
+    sha256: str
+    filename: str = Field(examples=["mnist-net_256x2.onnx"])
+    format: str = Field(examples=["onnx"], description="onnx | safetensors | mat")
+    kind: str = Field(examples=["feedforward"], description="feedforward|sandwich|conv|residual")
+    input_shape: list[int] = Field(examples=[[784]])
+    output_shape: list[int] = Field(examples=[[10]])
+    layers: int = Field(examples=[3], description="Affine (dense/conv) layers.")
+    parameters: int = Field(examples=[269322])
+    size_bytes: int
+    created_at: str = Field(examples=["2026-01-01T12:00:00Z"])
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class CertifyRequest(BaseModel):
+    """Inputs to classify and certify. Each input is flat (n0 numbers) or nested in the
+    model's input shape. ``bound`` picks the Lipschitz bound: ``best`` (smallest verified)
+    or the id of a bound job of this model."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"inputs": [[0.1, 0.2], [0.5, -0.3]], "labels": [0, 1], "bound": "best"}]
+        }
+    )
+
+    inputs: list[Any] = Field(min_length=1, description="Batch of inputs (numbers only).")
+    labels: list[int] | None = Field(default=None, description="True classes, one per input.")
+    bound: str = Field(default="best", max_length=128, description='"best" or a bound job id.')
+    return_logits: bool = Field(default=False)
+    epsilon: float = Field(
+        default=0.0,
+        ge=0,
+        description="Radius for certified_accuracy: certified iff "
+        "prediction == label and radius > epsilon.",
+    )
+
+
+class CertifiedInput(BaseModel):
+    prediction: int
+    margin: float | None = Field(description="f_y(x) - max_{j != y} f_j(x), y the prediction.")
+    radius: float | None = Field(description="margin / (sqrt(2) L): l2 radius keeping the class.")
+    radius_pairwise: float | None = Field(
+        default=None, description="min_j (f_y - f_j) / L_yj when pairwise bounds exist."
+    )
+    label: int | None = None
+    certified: bool | None = Field(default=None, description="label given: correct and robust.")
+    logits: list[float] | None = None
+
+
+class CertifyResponse(BaseModel):
+    model_id: str
+    lipschitz_bound: float
+    method: str
+    bound_job_id: str | None = None
+    results: list[CertifiedInput]
+    certified_accuracy: float | None = None
+    accuracy: float | None = None
+    epsilon: float = 0.0
+    precision: str = Field(description="Dtype of the forward pass that produced the logits.")
+
+
+class OipTensor(BaseModel):
+    """An Open Inference Protocol v2 tensor. ``data`` is flat (row-major) or nested."""
+
+    name: str
+    shape: list[int]
+    datatype: Literal["FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8"]
+    data: list[Any]
+    parameters: dict[str, Any] | None = None
+
+
+class OipRequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class OipInferRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "req-1",
+                    "inputs": [
+                        {"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [0.1, 0.2]}
+                    ],
+                }
+            ]
+        }
+    )
+
+    id: str | None = Field(default=None, max_length=256)
+    inputs: list[OipTensor] = Field(min_length=1, max_length=1)
+    outputs: list[OipRequestOutput] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class OipOutputTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class OipInferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    outputs: list[OipOutputTensor]
+    parameters: dict[str, Any] | None = None
+
+
+class OipTensorMeta(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class OipModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[OipTensorMeta]
+    outputs: list[OipTensorMeta]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "content": {"application/problem+json": {}}}
+    for code in (401, 404, 409, 413, 415, 422, 503)
+}

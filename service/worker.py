@@ -1,0 +1,221 @@
+"""The inference worker: one thread owns the device and micro-batches concurrent requests.
+
+Requests (``model_id``, inputs (rows, n0) float64) go into a bounded queue; a full queue is
+refused at once (:class:`~service.errors.ServiceBusy`, 503 + Retry-After) instead of piling
+up latency. The worker thread takes the first request, then everything already waiting,
+then waits at most ``max_wait_ms`` for more until ``max_batch`` rows; rows of the same model
+run as one forward pass (big requests in chunks). Models live on the device as
+:class:`models.runtime.TorchNetwork` built from the *same IR* that was bounded, in an LRU
+of ``model_cache_size`` entries.
+
+Device and precision: ``LIPCERT_DEVICE`` auto|cpu|cuda (auto = cuda when available). CUDA
+runs float32; CPU runs ``LIPCERT_CPU_DTYPE`` (float64 by default, so margins are the IR's
+own float64 logits). Logits are returned as float64 numpy arrays either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service import metrics
+from service.errors import NotFound, ServiceBusy
+from service.settings import Settings
+from service.storage import Storage
+
+log = logging.getLogger("lipcert.worker")
+
+#: Largest number of rows in one forward pass (bounds device memory for huge requests).
+CHUNK_ROWS = 16384
+_STOP = object()
+
+
+@dataclass
+class _Request:
+    model_id: str
+    x: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    loop: asyncio.AbstractEventLoop
+
+
+def resolve_device(name: str) -> str:
+    """auto -> cuda when torch sees a GPU, else cpu."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("LIPCERT_DEVICE=cuda but torch sees no CUDA device")
+    return name
+
+
+class InferenceWorker:
+    """Owns the device; :meth:`infer` is the only entry point (async, thread-safe)."""
+
+    def __init__(self, storage: Storage, settings: Settings) -> None:
+        self.storage = storage
+        self.settings = settings
+        self.max_batch = settings.max_batch
+        self.max_wait_s = settings.max_wait_ms / 1000.0
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_size)
+        self._models: OrderedDict[str, Any] = OrderedDict()
+        self._models_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.device = "cpu"
+        self.dtype_name = settings.cpu_dtype
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        import torch
+
+        self.device = resolve_device(self.settings.device)
+        self.dtype_name = "float32" if self.device == "cuda" else self.settings.cpu_dtype
+        torch.set_num_threads(self.settings.torch_threads)
+        self._thread = threading.Thread(target=self._run, name="lipcert-inference", daemon=True)
+        self._thread.start()
+        log.info("inference worker on %s (%s)", self.device, self.dtype_name)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def infer(self, model_id: str, x: np.ndarray) -> np.ndarray:
+        """Logits (rows, K) float64 for inputs x (rows, n0)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        try:
+            self._queue.put_nowait(_Request(model_id, x, future, loop))
+        except queue.Full:
+            raise ServiceBusy(
+                "the inference queue is full; retry shortly", headers={"Retry-After": "1"}
+            ) from None
+        metrics.QUEUE_DEPTH.set(self._queue.qsize())
+        return await future
+
+    def evict(self, model_id: str) -> None:
+        """Forget a model's device copy (called when the model is deleted)."""
+        with self._models_lock:
+            self._models.pop(model_id, None)
+
+    # -- the worker thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            rows = len(first.x)
+            deadline = time.monotonic() + self.max_wait_s
+            while rows < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        nxt = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                batch.append(nxt)
+                rows += len(nxt.x)
+            metrics.QUEUE_DEPTH.set(self._queue.qsize())
+            by_model: dict[str, list[_Request]] = {}
+            for req in batch:
+                by_model.setdefault(req.model_id, []).append(req)
+            for model_id, reqs in by_model.items():
+                self._serve(model_id, reqs)
+
+    def _serve(self, model_id: str, reqs: list[_Request]) -> None:
+        try:
+            module = self._module(model_id)
+            x = np.concatenate([r.x for r in reqs], axis=0) if len(reqs) > 1 else reqs[0].x
+            logits = self._forward(module, x)
+            metrics.BATCH_SIZE.observe(len(x))
+            metrics.BATCH_REQUESTS.observe(len(reqs))
+        except BaseException as exc:
+            if not isinstance(exc, NotFound):
+                log.exception("inference failed for model %s", model_id)
+            for r in reqs:
+                _deliver(r, error=exc)
+            return
+        start = 0
+        for r in reqs:
+            stop = start + len(r.x)
+            _deliver(r, result=logits[start:stop])
+            start = stop
+
+    def _module(self, model_id: str) -> Any:
+        with self._models_lock:
+            module = self._models.get(model_id)
+            if module is not None:
+                self._models.move_to_end(model_id)
+                return module
+        import torch
+
+        from models.runtime import TorchNetwork
+
+        try:
+            net = self.storage.load_network(model_id)
+        except KeyError:
+            raise NotFound(f"no model with id {model_id!r}", code="model-not-found") from None
+        dtype = torch.float32 if self.dtype_name == "float32" else torch.float64
+        module = TorchNetwork.from_network(net, dtype=dtype, device=self.device)
+        with self._models_lock:
+            self._models[model_id] = module
+            while len(self._models) > self.settings.model_cache_size:
+                self._models.popitem(last=False)
+        return module
+
+    def _forward(self, module: Any, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(x), CHUNK_ROWS):
+                t0 = time.perf_counter()
+                xt = torch.from_numpy(np.ascontiguousarray(x[i : i + CHUNK_ROWS]))
+                xt = xt.to(device=self.device, dtype=module.dtype)
+                y = module(xt).to(device="cpu", dtype=torch.float64).numpy()
+                metrics.INFERENCE_SECONDS.observe(time.perf_counter() - t0)
+                out.append(y)
+        return np.concatenate(out, axis=0) if len(out) > 1 else out[0]
+
+
+def _deliver(
+    req: _Request, *, result: np.ndarray | None = None, error: BaseException | None = None
+) -> None:
+    def settle() -> None:
+        if req.future.done():  # the client went away
+            return
+        if error is not None:
+            req.future.set_exception(error)
+        else:
+            req.future.set_result(result)  # type: ignore[arg-type]
+
+    with contextlib.suppress(RuntimeError):  # the event loop is closed
+        req.loop.call_soon_threadsafe(settle)
