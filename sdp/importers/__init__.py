@@ -30,15 +30,20 @@ subgraph               ONNX node with a graph attribute (If/Loop/Scan)
 unsupported-content    MATLAB objects, structs, sparse, char or function handles
 unsupported-dtype      safetensors dtype that is not a float/int type
 unsupported-kind       safetensors config ``kind`` we cannot build
+missing-config         safetensors file without the ``lipcert`` metadata config
+invalid-config         the lipcert config is not valid JSON / has bad fields
+missing-tensor         the config names a tensor the file does not hold
 =====================  ==============================================================
 """
 
 from sdp.importers.limits import Limits
 from sdp.importers.loader import detect_format, load_model, load_model_file
+from sdp.importers.safetensors import save_safetensors
 
 __all__ = [
     "Limits",
     "detect_format",
     "load_model",
     "load_model_file",
+    "save_safetensors",
 ]
