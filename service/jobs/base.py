@@ -1,0 +1,133 @@
+"""The bound-job contract shared by every runner: :class:`JobSpec`, :class:`JobRecord`,
+:class:`JobRunner`.
+
+A job asks for one certified bound of one stored model::
+
+    JobSpec(model_id, method, pairwise, solver, timeout_s)
+
+and moves through ``queued -> running -> succeeded | failed | cancelled``. Two requests
+with the same :meth:`JobSpec.dedupe_key` (model, method, pairwise, solver) share a job:
+the runner returns the in-flight or succeeded job instead of solving again. A failed or
+cancelled job is never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE: frozenset[str] = frozenset({"queued", "running"})
+
+METHODS: tuple[str, ...] = ("auto", "naive", "lipsdp-layer", "lipsdp-neuron", "sandwich")
+"""Bound methods a job may ask for (DESIGN §5). ``lipsdp-network`` is refused as unsound."""
+
+
+def now_iso() -> str:
+    """UTC time as ISO 8601 with milliseconds, e.g. ``2026-11-25T15:42:58.123Z``."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to compute: a bound of ``model_id`` by ``method`` (validated before queuing)."""
+
+    model_id: str
+    method: str = "auto"
+    pairwise: bool = False
+    solver: str | None = None
+    timeout_s: float | None = None
+
+    def dedupe_key(self) -> str:
+        """sha256 of (model, method, pairwise, solver): equal keys share one job."""
+        ident = json.dumps([self.model_id, self.method, self.pairwise, self.solver])
+        return hashlib.sha256(ident.encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobSpec:
+        timeout = d.get("timeout_s")
+        return cls(
+            model_id=str(d["model_id"]),
+            method=str(d.get("method", "auto")),
+            pairwise=bool(d.get("pairwise", False)),
+            solver=None if d.get("solver") is None else str(d["solver"]),
+            timeout_s=None if timeout is None else float(timeout),
+        )
+
+
+@dataclass
+class JobRecord:
+    """The state of one job, as ``GET /v1/jobs/{id}`` returns it.
+
+    ``progress`` holds the solver's last report (``phase``, ``iteration``, ``residual``, ...);
+    ``result`` the stored bound document when ``succeeded``; ``error`` ``{code, detail}`` when
+    ``failed`` (``code`` is ``timeout``, ``server-restarted``, ``worker-lost``, an
+    :mod:`sdp.errors` code, ...) or ``cancelled``.
+    """
+
+    id: str
+    spec: JobSpec
+    status: JobStatus = "queued"
+    progress: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    created_at: str = field(default_factory=now_iso)
+    started_at: str | None = None
+    finished_at: str | None = None
+    reused: bool = False
+    worker: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON body of the job resource."""
+        return {
+            "id": self.id,
+            "job_id": self.id,
+            "model_id": self.spec.model_id,
+            "method": self.spec.method,
+            "pairwise": self.spec.pairwise,
+            "solver": self.spec.solver,
+            "timeout_s": self.spec.timeout_s,
+            "status": self.status,
+            "progress": self.progress,
+            "result": self.result,
+            "error": self.error,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "reused": self.reused,
+            "worker": self.worker,
+        }
+
+
+@runtime_checkable
+class JobRunner(Protocol):
+    """Runs bound jobs somewhere (a local process pool, RQ workers) and tracks their state.
+
+    ``submit`` returns the job (new, or a reused one with ``reused=True``); ``cancel`` kills a
+    running solve for real and returns the job afterwards; both return ``None`` / raise
+    nothing for unknown ids except where noted.
+    """
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def submit(self, spec: JobSpec) -> JobRecord: ...
+
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    def cancel(self, job_id: str) -> JobRecord | None: ...

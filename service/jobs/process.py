@@ -1,0 +1,132 @@
+"""One solver process per job, and the loop that supervises it (used by both runners).
+
+:class:`SolveProcess` spawns :func:`service.jobs.tasks.child_main` (multiprocessing *spawn*
+context: a fresh interpreter, so thread limits apply and nothing is inherited by fork) and
+reads its messages from a pipe. :func:`supervise` waits for the outcome while enforcing the
+job's wall-clock limit and honouring cancellation; a killed process is really gone
+(``SIGKILL`` + ``join``), and the child dies with its parent (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from service.jobs.base import JobSpec
+from service.jobs.tasks import ModelSource, child_main
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a supervised solve ended: ``succeeded`` (result), ``failed`` (error), ``cancelled``."""
+
+    status: str
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+class SolveProcess:
+    """A spawned solver process for one job, with the read end of its message pipe."""
+
+    def __init__(self, source: ModelSource, spec: JobSpec, *, threads: int = 1) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(
+            target=child_main,
+            args=(child_conn, source, spec.to_dict(), max(1, int(threads))),
+            name=f"lipcert-solve-{spec.model_id}",
+            daemon=True,
+        )
+        self.process.start()
+        child_conn.close()
+        self._eof = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def messages(self, timeout: float) -> list[tuple[str, Any]]:
+        """Messages available within ``timeout`` seconds (empty list if none)."""
+        out: list[tuple[str, Any]] = []
+        if self._eof:
+            time.sleep(timeout)
+            return out
+        try:
+            ready = self._conn.poll(timeout)
+            while ready:
+                out.append(self._conn.recv())
+                ready = self._conn.poll(0)
+        except (EOFError, OSError):
+            self._eof = True
+        return out
+
+    def kill(self) -> None:
+        """SIGKILL the process and reap it (no-op when it already ended)."""
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=10)
+        self.close()
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def supervise(
+    proc: SolveProcess,
+    *,
+    timeout_s: float | None,
+    on_progress: Callable[[dict[str, Any]], None],
+    cancelled: Callable[[], bool],
+    on_tick: Callable[[], None] | None = None,
+    tick_s: float = 0.2,
+) -> Outcome:
+    """Wait for ``proc``'s outcome.
+
+    Kills the process and returns ``failed`` / ``timeout`` after ``timeout_s`` seconds of
+    wall-clock time, or ``cancelled`` as soon as ``cancelled()`` is true; a process that exits
+    without a result is ``failed`` / ``solver-crashed`` with its exit code.
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while True:
+            for kind, payload in proc.messages(tick_s):
+                if kind == "progress":
+                    on_progress(payload)
+                elif kind == "result":
+                    return Outcome("succeeded", result=payload)
+                elif kind == "error":
+                    return Outcome("failed", error=payload)
+            if on_tick is not None:
+                on_tick()
+            if cancelled():
+                proc.kill()
+                return Outcome("cancelled", error={"code": "cancelled", "detail": "cancelled"})
+            if deadline is not None and time.monotonic() > deadline:
+                proc.kill()
+                return Outcome(
+                    "failed",
+                    error={"code": "timeout", "detail": f"timeout: no result within {timeout_s} s"},
+                )
+            if not proc.alive():
+                for kind, payload in proc.messages(0.05):  # a result sent just before exit
+                    if kind == "result":
+                        return Outcome("succeeded", result=payload)
+                    if kind == "error":
+                        return Outcome("failed", error=payload)
+                proc.process.join(timeout=5)
+                code = proc.process.exitcode
+                return Outcome(
+                    "failed",
+                    error={
+                        "code": "solver-crashed",
+                        "detail": f"solver process exited without a result (exit code {code})",
+                    },
+                )
+    finally:
+        proc.kill()

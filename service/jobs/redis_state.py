@@ -1,0 +1,135 @@
+"""Job state of the RQ runner in Redis, shared by the API and the workers.
+
+Keys (prefix ``lipcert:``)::
+
+    lipcert:job:<id>         hash: spec, status, progress, result, error, timestamps, worker,
+                             heartbeat (unix time, written by the worker while it solves),
+                             persisted ("1" once the API saved the result into its storage)
+    lipcert:model:<sha256>   the model bytes, content-addressed: workers need no shared disk
+    lipcert:dedupe:<key>     id of the latest job for an identical request
+    lipcert:active           ids the API still has to watch (not yet ended and persisted)
+
+Status changes go through one Lua script that applies them only from allowed states, so a
+worker's "succeeded" cannot overwrite the API's "cancelled" and vice versa.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from service.jobs.base import JobRecord, JobSpec
+
+PREFIX = "lipcert:"
+QUEUE_NAME = "lipcert-bounds"
+ACTIVE_SET = PREFIX + "active"
+
+_TRANSITION = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if not s then return 0 end
+local ok = false
+for allowed in string.gmatch(ARGV[1], '[^,]+') do
+  if s == allowed then ok = true end
+end
+if not ok then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def model_key(sha256: str) -> str:
+    return f"{PREFIX}model:{sha256}"
+
+
+def dedupe_key(key: str) -> str:
+    return f"{PREFIX}dedupe:{key}"
+
+
+class RedisJobs:
+    """Reads and conditionally updates ``lipcert:job:<id>`` hashes."""
+
+    def __init__(self, connection: Any) -> None:
+        self.r = connection
+        self._transition = connection.register_script(_TRANSITION)
+
+    def create(self, rec: JobRecord, *, model_sha256: str, timeout_s: float | None) -> None:
+        fields = {
+            "id": rec.id,
+            "spec": json.dumps(rec.spec.to_dict()),
+            "model_sha256": model_sha256,
+            "timeout_s": "" if timeout_s is None else repr(float(timeout_s)),
+            "status": rec.status,
+            "progress": "{}",
+            "created_at": rec.created_at,
+        }
+        with self.r.pipeline() as p:
+            p.hset(job_key(rec.id), mapping=fields)
+            p.sadd(ACTIVE_SET, rec.id)
+            p.execute()
+
+    def raw(self, job_id: str) -> dict[str, str]:
+        data = self.r.hgetall(job_key(job_id))
+        return {_text(k): _text(v) for k, v in data.items()}
+
+    def status(self, job_id: str) -> str | None:
+        value = self.r.hget(job_key(job_id), "status")
+        return None if value is None else _text(value)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.raw(job_id)
+        return None if not raw else record_from_hash(raw)
+
+    def transition(self, job_id: str, allowed: tuple[str, ...], **fields: Any) -> bool:
+        """Set ``fields`` only while the status is one of ``allowed``; True when applied."""
+        args: list[str] = [",".join(allowed)]
+        for name, value in fields.items():
+            args += [name, value if isinstance(value, str) else json.dumps(value)]
+        return bool(self._transition(keys=[job_key(job_id)], args=args))
+
+    def finish(
+        self,
+        job_id: str,
+        status: str,
+        *,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+        finished_at: str,
+    ) -> bool:
+        """queued/running -> ``status`` (first terminal transition wins)."""
+        fields: dict[str, Any] = {"status": status, "finished_at": finished_at}
+        if result is not None:
+            fields["result"] = result
+        if error is not None:
+            fields["error"] = error
+        return self.transition(job_id, ("queued", "running"), **fields)
+
+    def heartbeat(self, job_id: str) -> None:
+        self.transition(job_id, ("running",), heartbeat=repr(time.time()))
+
+
+def record_from_hash(raw: dict[str, str]) -> JobRecord:
+    def load(name: str) -> Any:
+        value = raw.get(name)
+        return None if value in (None, "") else json.loads(value)
+
+    return JobRecord(
+        id=raw["id"],
+        spec=JobSpec.from_dict(json.loads(raw["spec"])),
+        status=raw["status"],  # type: ignore[arg-type]
+        progress=load("progress") or {},
+        result=load("result"),
+        error=load("error"),
+        created_at=raw.get("created_at", ""),
+        started_at=raw.get("started_at") or None,
+        finished_at=raw.get("finished_at") or None,
+        worker=load("worker") or {},
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,230 @@
+"""The distributed runner (``LIPCERT_QUEUE_URL=redis://...``): RQ on Redis.
+
+Submitting stores the model bytes in Redis under their sha256 (content-addressed, so any
+number of ``lipcert worker`` machines can solve without a shared disk), writes the job hash
+(:mod:`service.jobs.redis_state`) and enqueues :func:`service.jobs.rq_task.run_bound_job`
+with only the job id. Workers write progress, a heartbeat and the outcome into the hash.
+
+The API side keeps the truth honest:
+
+- a succeeded job's bound document is saved into this server's storage once
+  (``persisted`` flag, set with HSETNX so several API replicas save it once),
+- a job RQ reports failed/stopped (e.g. "work-horse terminated unexpectedly") is failed or
+  cancelled here with RQ's reason,
+- a running job whose heartbeat is older than ``heartbeat_timeout_s`` is failed with
+  ``worker-lost`` (the worker machine died; RQ itself notices only much later),
+
+both when a job is read and from a background thread every ``reconcile_s`` seconds.
+Cancel marks the hash ``cancelled`` (the horse polls it and kills its solver) and sends
+RQ's ``send_stop_job_command``, which SIGKILLs the horse's whole process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from service.jobs.base import ACTIVE, JobRecord, JobSpec, now_iso
+from service.jobs.redis_state import (
+    ACTIVE_SET,
+    QUEUE_NAME,
+    RedisJobs,
+    dedupe_key,
+    job_key,
+    model_key,
+)
+
+log = logging.getLogger("lipcert.jobs")
+
+TASK = "service.jobs.rq_task.run_bound_job"
+KEEP_S = 7 * 24 * 3600
+"""How long RQ keeps finished job records, and Redis keeps model bytes after the last use."""
+
+
+class RqRunner:
+    """Bound jobs on an RQ queue; see the module docstring."""
+
+    name = "rq"
+
+    def __init__(
+        self,
+        storage: Any,
+        queue_url: str,
+        *,
+        default_timeout_s: float | None = None,
+        heartbeat_timeout_s: float = 30.0,
+        reconcile_s: float = 1.0,
+    ) -> None:
+        from redis import Redis
+        from rq import Queue
+
+        self.storage = storage
+        self.redis = Redis.from_url(queue_url)
+        self.queue = Queue(QUEUE_NAME, connection=self.redis)
+        self.jobs = RedisJobs(self.redis)
+        self.default_timeout_s = default_timeout_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.reconcile_s = reconcile_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.redis.ping()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, name="lipcert-rq-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.reconcile_s):
+            try:
+                for raw_id in self.redis.smembers(ACTIVE_SET):
+                    self.get(raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id))
+            except Exception:  # Redis hiccups must not kill the watcher
+                log.exception("reconciling RQ jobs failed")
+
+    # -- API ------------------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> JobRecord:
+        """A new queued job, or the in-flight / succeeded job of an identical request."""
+        key = dedupe_key(spec.dedupe_key())
+        with self.redis.lock(key + ":lock", timeout=30, blocking_timeout=30):
+            previous = self.redis.get(key)
+            if previous is not None:
+                rec = self.get(previous.decode())
+                if rec is not None and (
+                    rec.status in ACTIVE or (rec.status == "succeeded" and self._stored(rec))
+                ):
+                    rec.reused = True
+                    return rec
+            data = self.storage.model_bytes(spec.model_id)
+            sha = hashlib.sha256(data).hexdigest()
+            self.redis.set(model_key(sha), data, ex=KEEP_S)
+            rec = JobRecord(id=uuid.uuid4().hex, spec=spec)
+            timeout = spec.timeout_s or self.default_timeout_s
+            self.jobs.create(rec, model_sha256=sha, timeout_s=timeout)
+            self.redis.set(key, rec.id, ex=KEEP_S)
+        self.queue.enqueue_call(
+            func=TASK,
+            args=(rec.id,),
+            job_id=rec.id,
+            timeout=-1 if timeout is None else int(timeout) + 120,
+            result_ttl=KEEP_S,
+            failure_ttl=KEEP_S,
+            description=f"lipcert bound {spec.model_id} {spec.method}",
+        )
+        return rec
+
+    def get(self, job_id: str) -> JobRecord | None:
+        rec = self.jobs.get(job_id)
+        if rec is None:
+            return None
+        if not rec.terminal:
+            self._reconcile(rec)
+            rec = self.jobs.get(job_id) or rec
+        if rec.terminal:
+            self._persist(rec)
+        return rec
+
+    def cancel(self, job_id: str) -> JobRecord | None:
+        """Mark cancelled, cancel the queued RQ job or stop (kill) the running one."""
+        from rq.command import send_stop_job_command
+        from rq.exceptions import InvalidJobOperation, NoSuchJobError
+        from rq.job import Job
+
+        rec = self.jobs.get(job_id)
+        if rec is None or rec.terminal:
+            return rec
+        error = {"code": "cancelled", "detail": "cancelled by request"}
+        self.jobs.finish(job_id, "cancelled", error=error, finished_at=now_iso())
+        try:
+            job = Job.fetch(job_id, connection=self.redis)
+        except NoSuchJobError:
+            return self.get(job_id)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            status = job.get_status(refresh=True)
+            if status in ("queued", "deferred", "scheduled", "created"):
+                job.cancel()
+                break
+            if status != "started":
+                break
+            # not yet picked up by a horse: it sees "cancelled" and exits by itself
+            with contextlib.suppress(InvalidJobOperation, NoSuchJobError):
+                send_stop_job_command(self.redis, job_id)
+            time.sleep(0.2)
+        return self.get(job_id)
+
+    # -- reconciliation ------------------------------------------------------------------------
+
+    def _stored(self, rec: JobRecord) -> bool:
+        finder = getattr(self.storage, "bound_for_job", None)
+        return True if finder is None else finder(rec.spec.model_id, rec.id) is not None
+
+    def _persist(self, rec: JobRecord) -> None:
+        """Save a succeeded job's result into storage once; drop ended jobs from the watch set."""
+        succeeded = rec.status == "succeeded" and rec.result is not None
+        if succeeded and self.redis.hsetnx(job_key(rec.id), "persisted", "1"):
+            try:
+                self.storage.save_bound(rec.spec.model_id, rec.result)
+            except Exception:
+                self.redis.hdel(job_key(rec.id), "persisted")
+                log.exception("saving the result of job %s failed", rec.id)
+                return
+        self.redis.srem(ACTIVE_SET, rec.id)
+
+    def _reconcile(self, rec: JobRecord) -> None:
+        """Fail/cancel an unfinished job whose RQ job ended or whose worker went silent."""
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+
+        try:
+            job = Job.fetch(rec.id, connection=self.redis)
+            status = str(job.get_status(refresh=True).value)
+        except NoSuchJobError:
+            job, status = None, "missing"
+        if status in ("failed", "stopped", "canceled", "finished", "missing"):
+            if self.jobs.status(rec.id) not in ACTIVE:
+                return
+            if status in ("stopped", "canceled"):
+                err = {"code": "cancelled", "detail": f"RQ job {status}"}
+                self.jobs.finish(rec.id, "cancelled", error=err, finished_at=now_iso())
+            else:
+                err = {"code": "worker-failed", "detail": _rq_reason(job, status)}
+                self.jobs.finish(rec.id, "failed", error=err, finished_at=now_iso())
+            return
+        if rec.status == "running":
+            beat = self.jobs.raw(rec.id).get("heartbeat")
+            age = time.time() - float(beat) if beat else float("inf")
+            if age > self.heartbeat_timeout_s:
+                err = {
+                    "code": "worker-lost",
+                    "detail": f"worker {rec.worker.get('worker') or '?'} on "
+                    f"{rec.worker.get('host') or '?'} stopped sending heartbeats "
+                    f"({age:.0f} s > {self.heartbeat_timeout_s:g} s): it died or lost Redis",
+                }
+                self.jobs.finish(rec.id, "failed", error=err, finished_at=now_iso())
+
+
+def _rq_reason(job: Any, status: str) -> str:
+    if job is None:
+        return "the RQ job disappeared from Redis"
+    try:
+        result = job.latest_result()
+        text = (getattr(result, "exc_string", None) or "").strip()
+    except Exception:
+        text = ""
+    last = text.splitlines()[-1] if text else ""
+    return f"RQ job {status}" + (f": {last}" if last else "")

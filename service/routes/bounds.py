@@ -1,0 +1,125 @@
+"""``POST /v1/models/{id}/bounds`` (start a bound job) and ``GET /v1/models/{id}/bounds``.
+
+A request is validated before anything is queued: unknown model -> 404, unknown or unsound
+method (``lipsdp-network``) or unknown solver -> 422 problem+json. Identical requests (same
+model, method, pairwise, solver) share one job: the answer is the in-flight or succeeded job
+(``reused: true``), still ``202`` with ``Location: /v1/jobs/{job_id}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdp.errors import UnsupportedMethod
+from service.deps import RunnerDep, StorageDep, model_or_404
+from service.errors import ServiceError
+from service.jobs.base import METHODS, JobSpec
+
+router = APIRouter(prefix="/v1", tags=["bounds"])
+"""Included by :func:`service.app.create_app` behind the API-key dependency."""
+
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+class BoundRequest(BaseModel):
+    """Body of ``POST /v1/models/{id}/bounds``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(
+        default="auto",
+        description="auto | naive | lipsdp-layer | lipsdp-neuron | sandwich",
+        examples=["lipsdp-neuron"],
+    )
+    pairwise: bool = Field(default=False, description="Also bound every class pair y, j.")
+    solver: str | None = Field(default=None, description="SDP solver name (default: automatic).")
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="Hard wall-clock limit; the solve is killed and the job fails with "
+        "code 'timeout' when it is reached (default LIPCERT_JOB_TIMEOUT_S).",
+    )
+
+
+def validate_method(method: str) -> None:
+    """Refuse unknown methods and the unsound LipSDP-Network variant before queuing."""
+    if method == "lipsdp-network":
+        raise UnsupportedMethod(
+            "lipsdp-network is not offered: coupled multipliers between neuron pairs are not "
+            "sound (Pauli et al., IEEE L-CSS 2021); use lipsdp-neuron"
+        )
+    if method not in METHODS:
+        raise UnsupportedMethod(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+
+
+def validate_solver(solver: str | None) -> None:
+    if solver is None:
+        return
+    from sdp.solvers import solver_names
+
+    if solver not in solver_names():
+        raise ServiceError(
+            f"unknown solver {solver!r} (known: {', '.join(solver_names())})",
+            status=422,
+            code="solver-unknown",
+        )
+
+
+def _runner_or_503(runner: Any) -> Any:
+    if runner is None:
+        raise ServiceError("the job runner is not available", status=503, code="no-runner")
+    return runner
+
+
+@router.post("/models/{model_id}/bounds", status_code=202, summary="Start a bound job")
+def request_bound(
+    model_id: str, body: BoundRequest, response: Response, storage: StorageDep, runner: RunnerDep
+) -> dict[str, Any]:
+    """Queue a certified bound computation (or reuse an identical in-flight/finished job)."""
+    model_or_404(storage, model_id)
+    validate_method(body.method)
+    validate_solver(body.solver)
+    spec = JobSpec(
+        model_id=model_id,
+        method=body.method,
+        pairwise=body.pairwise,
+        solver=body.solver,
+        timeout_s=body.timeout_s,
+    )
+    rec = _runner_or_503(runner).submit(spec)
+    response.headers["Location"] = f"/v1/jobs/{rec.id}"
+    return rec.to_dict()
+
+
+def certificate_summary(doc: dict[str, Any]) -> dict[str, Any]:
+    """A stored bound with its certificate shortened to rho, layer count and network hash."""
+    out = dict(doc)
+    cert = out.get("certificate")
+    if isinstance(cert, dict) and "multipliers" in cert:
+        out["certificate"] = {
+            "format": cert.get("format"),
+            "rho": cert.get("rho"),
+            "layers": len(cert.get("multipliers") or []),
+            "network_hash": cert.get("network_hash"),
+        }
+    if "pairwise_certificates" in out:
+        out["pairwise_certificates"] = len(out["pairwise_certificates"] or [])
+    return out
+
+
+@router.get("/models/{model_id}/bounds", summary="Verified bounds of a model")
+def list_bounds(model_id: str, storage: StorageDep, full: bool = False) -> dict[str, Any]:
+    """Every verified bound stored for the model, oldest first, and the best (smallest) one.
+
+    Certificates are summarised unless ``full=true`` (then rho and the multipliers T are
+    included, so the bound can be re-checked without a solver).
+    """
+    model_or_404(storage, model_id)
+    docs = [d for d in storage.list_bounds(model_id) if d.get("verified") is True]
+    shown = docs if full else [certificate_summary(d) for d in docs]
+    best = min(shown, key=lambda d: d["lipschitz_bound"], default=None)
+    return {"model_id": model_id, "bounds": shown, "best": best}

@@ -1,0 +1,110 @@
+"""``/v1/jobs/{id}``: job state, server-sent progress events, cancellation.
+
+``GET /v1/jobs/{id}/events`` is a ``text/event-stream``: an ``event: status`` whenever the
+status changes, ``event: progress`` whenever the solver reports (``phase``, ``iteration``,
+``residual``, ...), ``: keep-alive`` comments in quiet periods, and a final ``event: end``
+carrying the whole job once it is succeeded, failed or cancelled; then the stream closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import RunnerDep
+from service.errors import NotFound, ServiceError
+from service.jobs.base import JobRecord
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+"""Included by :func:`service.app.create_app` behind the API-key dependency."""
+
+POLL_S = 0.25
+KEEPALIVE_S = 15.0
+
+
+def _runner(runner: Any) -> Any:
+    if runner is None:
+        raise ServiceError("the job runner is not available", status=503, code="no-runner")
+    return runner
+
+
+def _job_or_404(rec: JobRecord | None, job_id: str) -> JobRecord:
+    if rec is None:
+        raise NotFound(f"no job with id {job_id!r}", code="job-not-found")
+    return rec
+
+
+@router.get("/jobs/{job_id}", summary="Job state")
+def get_job(job_id: str, runner: RunnerDep) -> dict[str, Any]:
+    """Status (queued|running|succeeded|failed|cancelled), progress, result or error."""
+    return _job_or_404(_runner(runner).get(job_id), job_id).to_dict()
+
+
+@router.delete("/jobs/{job_id}", summary="Cancel a job")
+def cancel_job(job_id: str, runner: RunnerDep) -> dict[str, Any]:
+    """Cancel: a queued job never runs, a running job's solver process is killed.
+
+    A job that already ended is returned unchanged.
+    """
+    return _job_or_404(_runner(runner).cancel(job_id), job_id).to_dict()
+
+
+def _sse(event: str, data: dict[str, Any], seq: int) -> str:
+    return f"id: {seq}\nevent: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def job_events(runner: Any, job_id: str) -> AsyncIterator[str]:
+    """The event stream of one job (see module docstring); polls the runner's job state."""
+    seq = 0
+    last_status: str | None = None
+    last_progress: dict[str, Any] | None = None
+    last_sent = time.monotonic()
+    yield "retry: 2000\n\n"
+    while True:
+        rec = await run_in_threadpool(runner.get, job_id)
+        if rec is None:
+            seq += 1
+            yield _sse("error", {"code": "job-not-found", "detail": "job disappeared"}, seq)
+            return
+        if rec.status != last_status:
+            last_status = rec.status
+            seq += 1
+            yield _sse("status", {"job_id": job_id, "status": rec.status}, seq)
+            last_sent = time.monotonic()
+        if rec.progress and rec.progress != last_progress:
+            last_progress = rec.progress
+            seq += 1
+            yield _sse("progress", {"job_id": job_id, **rec.progress}, seq)
+            last_sent = time.monotonic()
+        if rec.terminal:
+            seq += 1
+            yield _sse("end", rec.to_dict(), seq)
+            return
+        if time.monotonic() - last_sent >= KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        await asyncio.sleep(POLL_S)
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    summary="Job progress as server-sent events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+def stream_job_events(job_id: str, runner: RunnerDep) -> StreamingResponse:
+    """``text/event-stream`` of status and progress events; ends when the job ends."""
+    runner = _runner(runner)
+    _job_or_404(runner.get(job_id), job_id)
+    return StreamingResponse(
+        job_events(runner, job_id),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
