@@ -89,12 +89,16 @@ lipcert_venv() {
     fi
 
     # 2. lipcert itself (editable), with EXTRAS; skipped when the stamp says it is current.
-    local spec="." stamp
+    # A dev install also satisfies a plain one.
+    local spec="." digest stamp
     [ -n "$extras" ] && spec=".[$extras]"
-    stamp="$(pwd -P) $extras $("$VPY" -c 'import hashlib, sys; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')"
-    if [ "$(cat "$VENV/.lipcert-stamp-${extras:-base}" 2>/dev/null)" != "$stamp" ]; then
-        _say "installing lipcert ($spec, editable)"
-        "${pip[@]}" -e "$spec"
-        echo "$stamp" >"$VENV/.lipcert-stamp-${extras:-base}"
+    digest="$(pwd -P) $(sha256sum pyproject.toml | cut -d' ' -f1)"
+    stamp="$VENV/.lipcert-stamp-${extras:-base}"
+    if [ "$(cat "$stamp" 2>/dev/null)" = "$digest" ] ||
+        { [ -z "$extras" ] && [ "$(cat "$VENV/.lipcert-stamp-dev" 2>/dev/null)" = "$digest" ]; }; then
+        return 0
     fi
+    _say "installing lipcert ($spec, editable)"
+    "${pip[@]}" -e "$spec"
+    echo "$digest" >"$stamp"
 }
