@@ -101,12 +101,6 @@ def _check_tensor_proto(t: Any, limits: Limits) -> None:
             code="external-data",
         )
     limits.check_tensor(t.name, t.dims)
-
-
-def _to_array(t: Any) -> np.ndarray:
-    """TensorProto -> numpy, after checking that the stored bytes match the declared dims."""
-    from onnx import numpy_helper
-
     dtype = _FLOAT_TYPES.get(t.data_type) or _INT_TYPES.get(t.data_type)
     if dtype is None:
         raise ModelRejected(
@@ -124,6 +118,12 @@ def _to_array(t: Any) -> np.ndarray:
         raise ModelRejected(
             f"tensor {t.name!r} declares {n} elements but stores {stored}", code="shape-mismatch"
         )
+
+
+def _to_array(t: Any) -> np.ndarray:
+    """TensorProto -> numpy (dtype and stored size were checked by _check_tensor_proto)."""
+    from onnx import numpy_helper
+
     try:
         arr = numpy_helper.to_array(t)
     except Exception as exc:
@@ -211,7 +211,7 @@ def _convert(model: Any, limits: Limits, name: str) -> Network:
             ) from exc
         if len(outs) != 1:
             raise ctx.reject(f"{len(outs)} outputs; exactly one is supported")
-        values[outs[0]] = result
+        values[outs[0]] = result if isinstance(result, Flow) else np.asarray(result)
         _check_declared(outs[0], result, declared.get(outs[0]))
     out = values.get(g.output[0].name)
     if not isinstance(out, Flow):
