@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from service.deps import ApiKey
 from service.errors import install_error_handlers
 from service.middleware import AccessLogMiddleware, BodyLimitMiddleware
+from service.parsing import ModelChecker
 from service.routes import certify, health, models, oip
 from service.settings import Settings
 from service.storage import Storage
@@ -74,6 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         storage = Storage(settings.data_dir, network_cache_size=settings.model_cache_size)
         app.state.storage = storage
+        checker = ModelChecker(settings.parse_timeout_s)
+        checker.start()
+        app.state.model_checker = checker
         worker = InferenceWorker(storage, settings)
         worker.start()
         app.state.worker = worker

@@ -11,7 +11,6 @@ from fastapi import APIRouter, File, Request, Response, UploadFile, status
 
 from service.deps import SettingsDep, StorageDep, model_or_404
 from service.errors import NotFound
-from service.parsing import parse_model
 from service.schemas import PROBLEM_RESPONSES, ModelInfo, ModelList
 from service.storage import ID_LENGTH, ModelRecord, Storage
 
@@ -47,7 +46,7 @@ async def upload_model(
     if existing is not None and existing.sha256 == sha:
         response.status_code = status.HTTP_200_OK
         return existing
-    net = await asyncio.to_thread(parse_model, data, settings.parse_timeout_s)
+    net = await asyncio.to_thread(request.app.state.model_checker.parse, data)
     rec = await asyncio.to_thread(storage.save_model, data, file.filename or "", network=net)
     if net.kind == "sandwich":
         await asyncio.to_thread(_store_sandwich_bound, storage, rec.id, net)

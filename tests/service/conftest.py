@@ -1,0 +1,48 @@
+"""Service test fixtures: real ONNX files built with onnx.helper, an app on a temp data dir."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from tests.service.onnx_nets import lipsdp_weights, mlp_onnx
+
+
+@pytest.fixture
+def make_client(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
+    """Factory: a started TestClient on a fresh data dir; ``**overrides`` go to Settings."""
+    clients: list[TestClient] = []
+
+    def make(**overrides: Any) -> TestClient:
+        overrides.setdefault("data_dir", tmp_path / "data")
+        overrides.setdefault("device", "cpu")
+        client = TestClient(create_app(Settings(**overrides)), raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
+@pytest.fixture
+def rw_weights(fixtures_dir: Path) -> list[np.ndarray]:
+    return lipsdp_weights(fixtures_dir)
+
+
+@pytest.fixture
+def rw_onnx(rw_weights: list[np.ndarray]) -> bytes:
+    return mlp_onnx(rw_weights)
