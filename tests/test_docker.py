@@ -116,7 +116,8 @@ def test_compose_services(compose: dict) -> None:
     worker = services["worker"]
     assert worker["command"] == ["lipcert", "worker"]
     assert worker["environment"]["LIPCERT_QUEUE_URL"] == "redis://redis:6379/0"
-    assert "lipcert-data:/data" in worker["volumes"]  # workers load models by id from /data
+    assert "volumes" not in worker  # workers get model bytes through Redis, no shared disk
+    assert api["depends_on"]["redis"] == {"condition": "service_healthy", "required": False}
     assert worker["healthcheck"] == {"disable": True}  # the HTTP probe is for the API only
     assert worker["image"] == api["image"]
 
