@@ -40,12 +40,17 @@ def loads_json(body: bytes) -> Any:
 def as_array(values: Any, what: str = "inputs") -> np.ndarray:
     """A float64 array from nested JSON lists of numbers only (no strings, bools, ragged)."""
     try:
-        arr = np.array(values)
-    except (ValueError, TypeError, OverflowError) as exc:
+        objs = np.array(values, dtype=object)
+    except (ValueError, TypeError) as exc:
         raise InvalidInput(f"{what} must be a rectangular array of numbers ({exc})") from None
-    if arr.dtype.kind not in "iuf" or arr.size == 0:
+    flat = objs.ravel()
+    if flat.size == 0 or not all(type(v) is float or type(v) is int for v in flat):
         raise InvalidInput(f"{what} must be a non-empty rectangular array of numbers")
-    return _finite(arr.astype(np.float64), what)
+    try:
+        arr = objs.astype(np.float64)
+    except (OverflowError, ValueError, TypeError):
+        raise InvalidInput(f"{what} hold numbers outside the float64 range") from None
+    return _finite(arr, what)
 
 
 def load_npy(body: bytes) -> np.ndarray:
