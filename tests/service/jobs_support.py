@@ -1,0 +1,103 @@
+"""Helpers shared by the bound-job tests (local runner, RQ): nets, uploads, polling, pids."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LIPSDP_NEURON_RANDOM_WEIGHTS = 36.482
+"""LipSDP-Neuron bound of LipSDP's random_weights example (DESIGN §6)."""
+
+
+def mat_bytes(weights: list[np.ndarray]) -> bytes:
+    """A LipSDP-style .mat file: cell array ``weights`` of (out, in) float64 matrices."""
+    from scipy.io import savemat
+
+    cell = np.empty((1, len(weights)), dtype=object)
+    for i, w in enumerate(weights):
+        cell[0, i] = np.asarray(w, dtype=np.float64)
+    buf = io.BytesIO()
+    savemat(buf, {"weights": cell})
+    return buf.getvalue()
+
+
+def big_random_net(widths: tuple[int, ...] = (20, 300, 300, 10), seed: int = 7) -> bytes:
+    """A ReLU net wide enough that LipSDP-Neuron runs for a long time (for cancel/timeout)."""
+    rng = np.random.default_rng(seed)
+    ws = [
+        rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)
+        for n_in, n_out in itertools.pairwise(widths)
+    ]
+    return mat_bytes(ws)
+
+
+def upload(client: Any, data: bytes, filename: str) -> str:
+    """Store a model in the app's storage (the upload route is tested elsewhere); its id."""
+    return str(client.app.state.storage.save_model(data, filename).id)
+
+
+def random_weights(fixtures_dir: Path) -> bytes:
+    return (fixtures_dir / "lipsdp" / "random_weights.mat").read_bytes()
+
+
+def wait_for(
+    get_job: Callable[[], dict[str, Any]],
+    done: Callable[[dict[str, Any]], bool],
+    *,
+    timeout_s: float = 300.0,
+    poll_s: float = 0.1,
+) -> dict[str, Any]:
+    """Poll ``get_job()`` until ``done(job)``; fails with the last state after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    job = get_job()
+    while not done(job):
+        assert time.monotonic() < deadline, f"gave up waiting; last state: {job}"
+        time.sleep(poll_s)
+        job = get_job()
+    return job
+
+
+def ended(job: dict[str, Any]) -> bool:
+    return job["status"] in ("succeeded", "failed", "cancelled")
+
+
+def solving(job: dict[str, Any]) -> bool:
+    """Running with a solver pid, and the solver has reported a phase past loading."""
+    if ended(job):
+        return True
+    return (
+        job["status"] == "running"
+        and bool(job["worker"].get("pid"))
+        and job["progress"].get("phase") not in (None, "load")
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_pid_gone(pid: int, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
