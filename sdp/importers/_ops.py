@@ -87,6 +87,17 @@ def _all_const(ctx: NodeContext) -> bool:
     return all(not isinstance(v, Flow) for v in ctx.inputs)
 
 
+def _check_fold(ctx: NodeContext, shape: tuple[int, ...]) -> None:
+    """Constant folding must not allocate more than one stored tensor may hold."""
+    ctx.limits.check_tensor(f"{ctx.name} (folded)", shape)
+
+
+def _matmul_shape(ctx: NodeContext, a: np.ndarray, b: np.ndarray) -> tuple[int, ...]:
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ctx.reject(f"cannot fold a product of {a.shape} and {b.shape}", "unsupported-graph")
+    return int(a.shape[0]), int(b.shape[1])
+
+
 # ---- layout and plumbing ---------------------------------------------------------------
 @converter("Identity", "Dropout")
 def identity(ctx: NodeContext) -> Value:
@@ -185,7 +196,9 @@ def const_only(ctx: NodeContext) -> Value:
         )
     xs = [ctx.const(i) for i in range(len(ctx.inputs))]
     if ctx.op == "Gather":
-        return np.take(xs[0], xs[1].astype(np.int64), axis=int(ctx.attr("axis", 0)))
+        axis = int(ctx.attr("axis", 0))
+        _check_fold(ctx, (*xs[0].shape[:axis], *xs[1].shape, *xs[0].shape[axis + 1 :]))
+        return np.take(xs[0], xs[1].astype(np.int64), axis=axis)
     if ctx.op == "Concat":
         return np.concatenate(xs, axis=int(ctx.attr("axis")))
     return xs[0].astype(np.float64 if int(ctx.attr("to")) in (1, 10, 11) else np.int64)
@@ -204,6 +217,9 @@ def arithmetic(ctx: NodeContext) -> Value:
             return merge_residual(a, b, ctx.limits, sign=1.0 if op == "Add" else -1.0)
         raise ctx.reject(f"{op} of two activations is not a linear map", "unsupported-graph")
     if not isinstance(a, Flow) and not isinstance(b, Flow):
+        if not _broadcastable(ctx.const(0).shape, ctx.const(1).shape):
+            raise ctx.reject("constants do not broadcast", "shape-mismatch")
+        _check_fold(ctx, np.broadcast_shapes(ctx.const(0).shape, ctx.const(1).shape))
         with np.errstate(all="ignore"):
             return np.asarray(_NUMPY[op](ctx.const(0), ctx.const(1)))
     flow, c, flow_first = (
@@ -246,7 +262,9 @@ def gemm(ctx: NodeContext) -> Value:
     c = ctx.optional_const(2)
     if _all_const(ctx):
         ca, cb = ctx.const(0), ctx.const(1)
-        y = alpha * (ca.T if ta else ca) @ (cb.T if tb else cb)
+        ca, cb = (ca.T if ta else ca), (cb.T if tb else cb)
+        _check_fold(ctx, _matmul_shape(ctx, ca, cb))
+        y = alpha * ca @ cb
         return y + beta * c if c is not None else y
     a, b = ctx.inputs[0], ctx.inputs[1]
     if isinstance(a, Flow) and isinstance(b, np.ndarray):
@@ -278,6 +296,7 @@ def gemm(ctx: NodeContext) -> Value:
 @converter("MatMul")
 def matmul(ctx: NodeContext) -> Value:
     if _all_const(ctx):
+        _check_fold(ctx, _matmul_shape(ctx, ctx.const(0), ctx.const(1)))
         return np.matmul(ctx.const(0), ctx.const(1))
     a, b = ctx.inputs[0], ctx.inputs[1]
     if isinstance(a, Flow) and isinstance(b, Flow):

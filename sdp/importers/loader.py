@@ -55,8 +55,21 @@ def load_model(data: bytes, *, limits: Limits | None = None, name: str = "") -> 
 
     Raises :class:`~sdp.errors.ModelRejected` (or its subclass ``UnsupportedOp``) with a stable
     ``code`` for every kind of bad input; see :mod:`sdp.importers` for the table of codes.
+    An unexpected exception from a parser is reported as ``malformed`` (never passed through).
     """
-    limits = limits or Limits()
+    try:
+        return _load(data, limits or Limits(), name)
+    except ModelRejected:
+        raise
+    except MemoryError as exc:
+        raise ModelRejected("the model needs too much memory to import", code="too-large") from exc
+    except Exception as exc:  # a parser failing on hostile bytes in a way we did not foresee
+        raise ModelRejected(
+            f"the model could not be imported ({type(exc).__name__}: {exc})", code="malformed"
+        ) from exc
+
+
+def _load(data: bytes, limits: Limits, name: str) -> Network:
     data = bytes(data)
     limits.check_bytes(len(data))
     fmt = detect_format(data)
