@@ -1,0 +1,148 @@
+"""``compute_bound``: one entry point that dispatches to a bound method and adds the lower bound.
+
+Methods: ``naive`` (product of rigorous layer norms; compositional for residual nets),
+``lipsdp-neuron`` / ``lipsdp-layer`` (certified LipSDP), ``sandwich`` (closed-form check,
+:func:`sdp.sandwich.sandwich_bound`), ``auto`` (sandwich if the net is one; LipSDP-Neuron for a
+chain small enough; else naive/compositional). ``lipsdp-network`` is refused: coupling
+multipliers between neuron pairs is unsound (Pauli, Koch, Berberich, Kohler, Allgower,
+"Training robust neural networks using Lipschitz bounds", IEEE L-CSS 2021, counterexample).
+Every returned ``BoundResult`` is verified; otherwise an error is raised.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import replace
+from typing import Any
+
+from sdp.bounds.lipsdp import check_size, lipsdp_bound, pairwise_bounds
+from sdp.bounds.lower import empirical_lower_bound
+from sdp.bounds.naive import naive_bound
+from sdp.bounds.result import BoundResult
+from sdp.errors import LipcertError, NotApplicable, UnsupportedMethod
+from sdp.ir import Network
+from sdp.solvers.base import Progress, Variant
+
+METHODS = ("auto", "naive", "lipsdp-layer", "lipsdp-neuron", "sandwich")
+AUTO_HIDDEN_CAP = 1_500
+"""auto runs LipSDP-Neuron (CVXPY) only up to this many hidden neurons."""
+
+
+def _naive(net: Network) -> BoundResult:
+    t0 = time.perf_counter()
+    value, notes = naive_bound(net)
+    method = "naive" if net.is_chain else "naive-compositional"
+    return BoundResult(
+        value=value,
+        method=method,
+        verified=True,
+        timings={"total_s": time.perf_counter() - t0},
+        notes=("product of per-layer spectral norm upper bounds", *notes),
+    )
+
+
+def _sandwich(net: Network) -> BoundResult:
+    if net.sandwich is None:
+        raise NotApplicable("not a sandwich network (no sandwich parameters)")
+    module = importlib.import_module("sdp.sandwich")
+    result: BoundResult = module.sandwich_bound(net)
+    return result
+
+
+def _lipsdp(net: Network, variant: Variant, **kw: Any) -> BoundResult:
+    if not net.is_chain:
+        raise NotApplicable(
+            "LipSDP needs a chain; this residual network is bounded compositionally "
+            "(method naive or auto)"
+        )
+    return lipsdp_bound(net, variant, **kw)
+
+
+def _auto(net: Network, **kw: Any) -> BoundResult:
+    if net.sandwich is not None:
+        return _sandwich(net)
+    naive = _naive(net)
+    if not net.is_chain:
+        return replace(naive, notes=(*naive.notes, "auto: residual network -> compositional"))
+    try:
+        check_size(net, hidden_cap=AUTO_HIDDEN_CAP)
+    except NotApplicable as e:
+        return replace(naive, notes=(*naive.notes, f"auto: {e.detail}; naive bound used"))
+    res = lipsdp_bound(net, "neuron", **kw)
+    if res.verified and res.value <= naive.value:
+        return res
+    return replace(
+        naive, notes=(*naive.notes, f"auto: LipSDP gave {res.value:.6g} >= naive; naive used")
+    )
+
+
+def compute_bound(
+    net: Network,
+    method: str = "auto",
+    *,
+    pairwise: bool = False,
+    solver: str | None = None,
+    timeout_s: float | None = None,
+    progress: Progress | None = None,
+    lower_bound: bool = True,
+) -> BoundResult:
+    """A verified l2 Lipschitz upper bound of x -> logits of ``net``.
+
+    Args:
+        net: the network IR.
+        method: auto | naive | lipsdp-layer | lipsdp-neuron | sandwich.
+        pairwise: also bound Lip(f_y - f_j) for every class pair (LipSDP, chains only).
+        solver: solver registry name (``sdp.solvers``); None picks one.
+        timeout_s: solver time limit per LMI (the layer-wise certificate covers a timeout).
+        progress: callback receiving phase events {"phase": "reduce"|"solve"|"verify"|...}.
+        lower_bound: also compute an empirical lower bound (``lower_bound``, ``gap_ratio``).
+
+    Returns:
+        BoundResult with ``verified`` True and ``method`` naming what produced the number.
+
+    Raises:
+        UnsupportedMethod: unknown method or ``lipsdp-network``.
+        NotApplicable: method cannot run on this network (e.g. LipSDP on a residual net).
+    """
+    if method == "lipsdp-network":
+        raise UnsupportedMethod(
+            "lipsdp-network is not offered: coupling multipliers between neuron pairs is "
+            "unsound (counterexample: Pauli et al., IEEE L-CSS 2021); use lipsdp-neuron"
+        )
+    if method not in METHODS:
+        raise UnsupportedMethod(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    t0 = time.perf_counter()
+    kw: dict[str, Any] = {"solver": solver, "timeout_s": timeout_s, "progress": progress}
+    if method == "naive":
+        res = _naive(net)
+    elif method == "sandwich":
+        res = _sandwich(net)
+    elif method == "auto":
+        res = _auto(net, **kw)
+    else:
+        res = _lipsdp(net, "neuron" if method == "lipsdp-neuron" else "layer", **kw)
+    if not res.verified:
+        raise LipcertError(f"{res.method} produced no verified bound", code="bound-unverified")
+    extra: dict[str, Any] = {"requested_method": method}
+    if pairwise:
+        if not net.is_chain:
+            raise NotApplicable("pairwise bounds need a chain network (LipSDP)")
+        variant: Variant = "layer" if method == "lipsdp-layer" else "neuron"
+        if progress is not None:
+            progress({"phase": "pairwise", "done": 0})
+        mat, certs, notes = pairwise_bounds(
+            net, variant, solver=solver, timeout_s=timeout_s, progress=progress
+        )
+        extra.update(pairwise=mat, pairwise_certificates=certs)
+        extra["notes"] = (*res.notes, *(f"pairwise: {n}" for n in notes))
+    timings = dict(res.timings)
+    if lower_bound:
+        if progress is not None:
+            progress({"phase": "lower_bound"})
+        t1 = time.perf_counter()
+        extra["lower_bound"] = empirical_lower_bound(net)
+        timings["lower_bound_s"] = time.perf_counter() - t1
+    timings["total_s"] = time.perf_counter() - t0
+    extra["timings"] = timings
+    return replace(res, **extra)

@@ -1,0 +1,51 @@
+"""Reversible LipSDP problem reductions (cvxpy's ``Reduction`` shape: accepts/apply/invert).
+
+SVD input reduction (DESIGN §3.2). f depends on x only through W_0 x. With the thin SVD
+W_0 = U S V^T of rank r, replacing W_0 by U S (n_1 x r) gives a network g with f(x) = g(V^T x),
+V^T a co-isometry, so Lip(f) = Lip(g); in the LMI the input block becomes V Q V^T, whose largest
+eigenvalue equals that of Q (clipped at 0), so the SDP optimum is unchanged too. The multipliers
+T act on hidden neurons only and are the same for both problems: ``invert`` returns them as is,
+and verification always runs on the ORIGINAL, unreduced LMI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from scipy import linalg
+
+from sdp.certificate import Lmi
+from sdp.solvers.base import LipSdpProblem, Solution
+
+
+@dataclass(frozen=True)
+class SvdInputReduction:
+    """Replace W_0 (n_1 x n_0) by U S (n_1 x r) when r < n_0.
+
+    ``rel_tol`` drops singular values below rel_tol * s_max; dropping a nonzero s_i would
+    change the network, so it defaults to 0 (only exact zeros, i.e. r <= min(n_0, n_1)).
+    """
+
+    rel_tol: float = 0.0
+
+    def accepts(self, problem: LipSdpProblem) -> bool:
+        w0 = problem.lmi.weights[0]
+        return problem.lmi.depth > 0 and w0.shape[1] > w0.shape[0]
+
+    def apply(self, problem: LipSdpProblem) -> tuple[LipSdpProblem, dict[str, Any]]:
+        lmi = problem.lmi
+        w0 = lmi.weights[0]
+        u, s, _ = linalg.svd(w0, full_matrices=False)
+        keep = s > self.rel_tol * (s[0] if s.size else 0.0)
+        if self.rel_tol == 0.0:
+            keep = np.ones_like(s, dtype=bool)
+        reduced = Lmi((u[:, keep] * s[keep], *lmi.weights[1:]), lmi.alpha, lmi.beta)
+        inverse = {"input_size": w0.shape[1], "rank": int(keep.sum())}
+        return replace(problem, lmi=reduced), inverse
+
+    def invert(self, solution: Solution, inverse_data: dict[str, Any]) -> Solution:
+        """T is unchanged by the reduction; rho (diagnostic) is unchanged too."""
+        info = {**solution.info, "svd_reduction": dict(inverse_data)}
+        return replace(solution, info=info)
