@@ -1,35 +1,228 @@
-"""``lipcert bound``, ``lipcert certify`` and ``lipcert verify``."""
+"""``lipcert bound``, ``lipcert certify`` and ``lipcert verify``.
+
+Contract (DESIGN §5): ``--json`` prints one JSON object on stdout; progress goes to stderr;
+errors print one line on stderr and exit non-zero (:func:`service.cli._common.fail`).
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from service.cli._common import fail
+
+_METHOD_HELP = "auto|naive|lipsdp-layer|lipsdp-neuron|sandwich"
+
+
+def _load(model: Path) -> Any:
+    from sdp.importers import load_model_file
+
+    return load_model_file(model)
+
+
+def _progress(enabled: bool) -> Any:
+    if not enabled:
+        return None
+    err = Console(stderr=True, log_path=False)
+
+    def report(event: dict[str, Any]) -> None:
+        phase = event.get("phase", "")
+        if phase == "solve" and int(event.get("iteration", 0)) % 10:
+            return
+        detail = " ".join(f"{k}={v}" for k, v in event.items() if k != "phase")
+        err.log(f"[bold]{phase}[/bold] {detail}".rstrip())
+
+    return report
+
+
+def _compute(
+    net: Any,
+    method: str,
+    pairwise: bool,
+    solver: str | None,
+    timeout: float | None,
+    quiet: bool,
+    lower_bound: bool = True,
+) -> Any:
+    from sdp.bounds import compute_bound
+
+    return compute_bound(
+        net,
+        method,
+        pairwise=pairwise,
+        solver=solver,
+        timeout_s=timeout,
+        progress=_progress(not quiet),
+        lower_bound=lower_bound,
+    )
+
+
+def _finite(obj: Any) -> Any:
+    """JSON cannot carry inf/nan: map them to None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def bound(
     model: Path = typer.Argument(..., help="ONNX, safetensors or LipSDP .mat file."),
-    method: str = typer.Option("auto", help="auto|naive|lipsdp-layer|lipsdp-neuron|sandwich"),
+    method: str = typer.Option("auto", help=_METHOD_HELP),
     pairwise: bool = typer.Option(False, help="Also bound f_y - f_j for every class pair."),
+    solver: str | None = typer.Option(None, help="scs|clarabel|sdpa|structured (default: pick)."),
+    timeout: float | None = typer.Option(None, help="Solver time limit in seconds."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    save_cert: Path | None = typer.Option(None, help="Write the LipSDP certificate (JSON) here."),
+    lower: bool = typer.Option(True, "--lower-bound/--no-lower-bound", help="Empirical gap."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """Certified l2 Lipschitz upper bound of MODEL."""
-    fail("bound is not implemented yet")
+    from sdp.errors import LipcertError
+
+    try:
+        net = _load(model)
+        result = _compute(net, method, pairwise, solver, timeout, quiet, lower)
+    except LipcertError as e:
+        fail(f"{e.code}: {e.detail}")
+    except OSError as e:
+        fail(f"cannot read {model}: {e.strerror or e}")
+    if save_cert is not None:
+        if result.certificate is None:
+            fail(f"method {result.method} produced no LipSDP certificate to save")
+        save_cert.write_text(result.certificate.to_json())
+    summary = result.summary()
+    summary["model"] = str(model)
+    summary["network_hash"] = net.content_hash()
+    if json_out:
+        sys.stdout.write(json.dumps(_finite(summary)) + "\n")
+        return
+    table = Table(title=f"lipcert bound: {model.name}", show_header=False)
+    for key in ("lipschitz_bound", "method", "verified", "solver", "lower_bound", "gap_ratio"):
+        table.add_row(key, str(summary.get(key)))
+    table.add_row("solve_time_s", f"{summary['solve_time_s']:.3f}")
+    for note in summary["notes"]:
+        table.add_row("note", note)
+    if result.pairwise is not None:
+        table.add_row("pairwise", np.array2string(np.asarray(result.pairwise), precision=4))
+    Console().print(table)
 
 
 def certify(
     model: Path = typer.Argument(...),
     inputs: Path = typer.Option(..., help="Inputs as .npy (batch, *input_shape)."),
     labels: Path | None = typer.Option(None, help="Labels as .npy (batch,)."),
-    method: str = typer.Option("auto"),
+    method: str = typer.Option("auto", help=_METHOD_HELP),
+    pairwise: bool = typer.Option(False, help="Also use pairwise bounds L_yj (tighter radii)."),
+    solver: str | None = typer.Option(None, help="Solver registry name."),
     json_out: bool = typer.Option(False, "--json"),
+    tsv: Path | None = typer.Option(None, help="Write idx/label/predict/radius/correct TSV."),
+    plot: Path | None = typer.Option(None, help="Write a certified-accuracy-vs-radius PNG."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Certified robustness radii margin / (sqrt(2) L) for each input."""
-    fail("certify is not implemented yet")
+    from sdp.errors import LipcertError
+    from sdp.radius import certified_radius
+
+    try:
+        net = _load(model)
+        x = np.load(inputs, allow_pickle=False)
+        y = None if labels is None else np.load(labels, allow_pickle=False)
+    except LipcertError as e:
+        fail(f"{e.code}: {e.detail}")
+    except (OSError, ValueError) as e:
+        fail(f"cannot read inputs: {e}")
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0 or x.size % net.input_size:
+        fail(f"inputs of shape {x.shape} do not fit the network input {net.input_shape}")
+    x = x.reshape(-1, net.input_size)
+    if y is not None and np.asarray(y).reshape(-1).shape[0] != x.shape[0]:
+        fail(f"{np.asarray(y).size} labels for {x.shape[0]} inputs")
+    try:
+        result = _compute(net, method, pairwise, solver, None, quiet, lower_bound=False)
+        logits = net.forward(x)
+        radii = certified_radius(logits, result.value, labels=y, pairwise=result.pairwise)
+    except LipcertError as e:
+        fail(f"{e.code}: {e.detail}")
+    except ValueError as e:
+        fail(str(e))
+    if tsv is not None:
+        from sdp.report import write_tsv
+
+        write_tsv(tsv, radii, y)
+    if plot is not None:
+        from sdp.report import plot_certified_accuracy
+
+        plot_certified_accuracy(plot, radii, title=f"{model.name}: {result.method}")
+    rows = []
+    for i in range(x.shape[0]):
+        row: dict[str, Any] = {
+            "index": i,
+            "prediction": int(radii.prediction[i]),
+            "margin": float(radii.margin[i]),
+            "radius": float(radii.radius[i]),
+        }
+        if radii.radius_pairwise is not None:
+            row["radius_pairwise"] = float(radii.radius_pairwise[i])
+        if radii.correct is not None:
+            row["label"] = int(np.asarray(y).reshape(-1)[i])
+            row["correct"] = bool(radii.correct[i])
+        rows.append(row)
+    out: dict[str, Any] = {"bound": result.summary(), "results": rows}
+    if radii.correct is not None:
+        out["clean_accuracy"] = float(np.mean(radii.correct))
+    if json_out:
+        sys.stdout.write(json.dumps(_finite(out)) + "\n")
+        return
+    table = Table(title=f"L = {result.value:.6g} ({result.method})")
+    for col in ("idx", "label", "predict", "margin", "radius", "correct"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            str(r["index"]),
+            str(r.get("label", "")),
+            str(r["prediction"]),
+            f"{r['margin']:.4g}",
+            f"{max(r['radius'], r.get('radius_pairwise', 0.0)):.4g}",
+            str(r.get("correct", "")),
+        )
+    Console().print(table)
 
 
-def verify(cert: Path = typer.Argument(...), model: Path = typer.Argument(...)) -> None:
+def verify(
+    cert: Path = typer.Argument(..., help="Certificate JSON written by `bound --save-cert`."),
+    model: Path = typer.Argument(...),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
     """Re-check a stored certificate against MODEL without a solver."""
-    fail("verify is not implemented yet")
+    from sdp.certificate import Certificate, Lmi, verify_certificate
+    from sdp.errors import LipcertError
+
+    try:
+        c = Certificate.from_json(cert.read_text())
+        net = _load(model)
+        if c.network_hash and c.network_hash != net.content_hash():
+            fail("certificate was issued for a different network (content hash differs)")
+        lmi = Lmi.from_chain(net.chain(), output_map=c.output_map)
+        ok = verify_certificate(lmi, c)
+    except LipcertError as e:
+        fail(f"{e.code}: {e.detail}")
+    except (OSError, ValueError) as e:
+        fail(f"cannot check certificate: {e}")
+    if not ok:
+        fail("certificate does NOT verify: M(rho, T) is not negative semidefinite")
+    if json_out:
+        out = {"verified": True, "lipschitz_bound": c.lipschitz_bound, "rho": c.rho}
+        sys.stdout.write(json.dumps(out) + "\n")
+    else:
+        Console().print(f"verified: Lip <= {c.lipschitz_bound:.10g} (rho = {c.rho:.10g})")
