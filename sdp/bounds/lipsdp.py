@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from sdp.bounds.linear_fold import LinearFold
 from sdp.bounds.reduction import SvdInputReduction
 from sdp.bounds.result import BoundResult
 from sdp.certificate import (
@@ -94,7 +95,7 @@ def _emit(progress: Progress | None, event: dict[str, Any]) -> None:
         progress(event)
 
 
-def certify_lmi(
+def _solve_and_certify(
     lmi: Lmi,
     variant: Variant,
     *,
@@ -170,6 +171,52 @@ def certify_lmi(
     )
     verified = verify_certificate(lmi, cert)
     return LmiOutcome(cert, verified, tuple(notes), timings, used, solution)
+
+
+def certify_lmi(
+    lmi: Lmi,
+    variant: Variant,
+    *,
+    solver: str | None = None,
+    timeout_s: float | None = None,
+    progress: Progress | None = None,
+    output_map: Array | None = None,
+    network_hash: str = "",
+) -> LmiOutcome:
+    """Solve LipSDP for ``lmi`` and certify the multipliers on the original LMI.
+
+    Linear hidden layers (alpha = beta) are folded first (:mod:`sdp.bounds.linear_fold`); the
+    folded solution is lifted back and certified on the original, unfolded LMI.
+    """
+    kw: dict[str, Any] = {
+        "solver": solver,
+        "timeout_s": timeout_s,
+        "progress": progress,
+        "output_map": output_map,
+        "network_hash": network_hash,
+    }
+    fold = LinearFold()
+    if not fold.accepts(lmi):
+        return _solve_and_certify(lmi, variant, **kw)
+    folded, kept = fold.apply(lmi)
+    inner = _solve_and_certify(folded, variant, **kw)
+    t0 = time.perf_counter()
+    lifted = fold.lift(lmi, inner.certificate.multipliers, kept)
+    notes = [*inner.notes, f"{lmi.depth - folded.depth} linear hidden layer(s) folded"]
+    if lifted is None:
+        notes.append("lifting failed; layer-wise certificate used")
+        mults = layerwise_multipliers(lmi)
+        lifted = (certify_rho(lmi, mults), mults)
+    cert = Certificate(
+        rho=lifted[0],
+        multipliers=lifted[1],
+        output_map=inner.certificate.output_map,
+        network_hash=network_hash,
+        meta={**inner.certificate.meta, "folded_linear_layers": lmi.depth - folded.depth},
+    )
+    timings = {**inner.timings, "lift_s": time.perf_counter() - t0}
+    verified = verify_certificate(lmi, cert)
+    return LmiOutcome(cert, verified, tuple(notes), timings, inner.solver, inner.solution)
 
 
 def lipsdp_bound(

@@ -21,6 +21,7 @@ library on the process's stdout and is not parsed (no per-iteration events).
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -143,7 +144,9 @@ class CvxpySolver:
             options.progress({"phase": "solve", "solver": self.name, "build_s": build_s})
         t1 = time.perf_counter()
         try:
-            prob.solve(solver=_BACKENDS[self.backend], **self._solver_kwargs(options))
+            with warnings.catch_warnings():  # "may be inaccurate": the status says it already
+                warnings.simplefilter("ignore", UserWarning)
+                prob.solve(solver=_BACKENDS[self.backend], **self._solver_kwargs(options))
         except cp.error.SolverError as e:
             return Solution(
                 status="error",
