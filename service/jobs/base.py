@@ -23,9 +23,6 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
 
-METHODS: tuple[str, ...] = ("auto", "naive", "lipsdp-layer", "lipsdp-neuron", "sandwich")
-"""Bound methods a job may ask for (DESIGN §5). ``lipsdp-network`` is refused as unsound."""
-
 
 def now_iso() -> str:
     """UTC time as ISO 8601 with milliseconds, e.g. ``2026-11-25T15:42:58.123Z``."""

@@ -13,10 +13,11 @@ from typing import Any
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from sdp.bounds import METHODS
 from sdp.errors import UnsupportedMethod
 from service.deps import RunnerDep, StorageDep, model_or_404
 from service.errors import ServiceError
-from service.jobs.base import METHODS, JobSpec
+from service.jobs.base import JobSpec
 
 router = APIRouter(prefix="/v1", tags=["bounds"])
 """Included by :func:`service.app.create_app` behind the API-key dependency."""

@@ -26,6 +26,7 @@ from service.settings import Settings
 from tests.redis_server import redis_server
 from tests.service.jobs_support import (
     LIPSDP_NEURON_RANDOM_WEIGHTS,
+    LONG_SOLVE,
     big_random_net,
     ended,
     pid_alive,
@@ -137,7 +138,7 @@ def test_rq_worker_certifies_cancels_and_survives_worker_loss(
         assert [b["lipschitz_bound"] for b in listed if b.get("job_id") == job["job_id"]] == [value]
 
         # 2. cancel a long solve: the solver process and the work horse are killed
-        long = post_bound(client, big_id, method="lipsdp-neuron")
+        long = post_bound(client, big_id, **LONG_SOLVE)
         long = wait_for(job_getter(client, long["job_id"]), solving, timeout_s=120)
         assert long["status"] == "running", long
         solver_pid, horse_pid = long["worker"]["pid"], long["worker"]["horse_pid"]
@@ -155,7 +156,7 @@ def test_rq_worker_certifies_cancels_and_survives_worker_loss(
         assert quick["status"] == "succeeded", quick
 
         # 3. the worker machine dies mid-solve (all its processes SIGKILLed at once)
-        doomed = post_bound(client, big_id, method="lipsdp-neuron")
+        doomed = post_bound(client, big_id, **LONG_SOLVE)
         doomed = wait_for(job_getter(client, doomed["job_id"]), solving, timeout_s=120)
         assert doomed["status"] == "running", doomed
         client.app.state.runner.heartbeat_timeout_s = 3.0  # type: ignore[attr-defined]
@@ -185,13 +186,13 @@ def test_rq_worker_certifies_cancels_and_survives_worker_loss(
 def test_rq_timeout_and_orphaned_horse(client: TestClient, redis_url: str, tmp_path: Path) -> None:
     big_id = upload(client, big_random_net(), "big.mat")
     with worker_process(redis_url, tmp_path, "solver-c") as worker:
-        job = post_bound(client, big_id, method="lipsdp-neuron", timeout_s=1.0)
+        job = post_bound(client, big_id, **LONG_SOLVE, timeout_s=1.0)
         job = wait_for(job_getter(client, job["job_id"]), ended, timeout_s=120)
         assert job["status"] == "failed" and job["error"]["code"] == "timeout"
         assert wait_pid_gone(job["worker"]["pid"])
 
         # only the worker process is killed: its horse notices, kills the solver, fails the job
-        job = post_bound(client, big_id, method="lipsdp-neuron")
+        job = post_bound(client, big_id, **LONG_SOLVE)
         job = wait_for(job_getter(client, job["job_id"]), solving, timeout_s=120)
         assert job["status"] == "running", job
         os.kill(worker.pid, signal.SIGKILL)

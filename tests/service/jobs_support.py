@@ -16,6 +16,11 @@ LIPSDP_NEURON_RANDOM_WEIGHTS = 36.482
 """LipSDP-Neuron bound of LipSDP's random_weights example (DESIGN §6)."""
 
 
+LONG_SOLVE: dict[str, str] = {"method": "lipsdp-neuron", "solver": "scs"}
+"""A request that keeps a solver busy for minutes on :func:`big_random_net` (SCS through
+CVXPY on a 620 x 620 LMI), so cancel / timeout / kill land mid-solve on any machine."""
+
+
 def mat_bytes(weights: list[np.ndarray]) -> bytes:
     """A LipSDP-style .mat file: cell array ``weights`` of (out, in) float64 matrices."""
     from scipy.io import savemat

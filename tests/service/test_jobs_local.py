@@ -17,6 +17,7 @@ from service.jobs.base import JobSpec
 from service.settings import Settings
 from tests.service.jobs_support import (
     LIPSDP_NEURON_RANDOM_WEIGHTS,
+    LONG_SOLVE,
     big_random_net,
     ended,
     pid_alive,
@@ -110,10 +111,10 @@ def test_lipsdp_neuron_random_weights_certified_stored_and_reused(
 
 def test_identical_in_flight_request_shares_the_job(client: TestClient) -> None:
     model_id = upload(client, big_random_net(), "big.mat")
-    first = post_bound(client, model_id, method="lipsdp-neuron")
-    second = post_bound(client, model_id, method="lipsdp-neuron")
+    first = post_bound(client, model_id, **LONG_SOLVE)
+    second = post_bound(client, model_id, **LONG_SOLVE)
     assert second["job_id"] == first["job_id"] and second["reused"] is True
-    different = post_bound(client, model_id, method="lipsdp-neuron", pairwise=True)
+    different = post_bound(client, model_id, **LONG_SOLVE, pairwise=True)
     assert different["job_id"] != first["job_id"]
     for job_id in (first["job_id"], different["job_id"]):
         assert client.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
@@ -121,7 +122,7 @@ def test_identical_in_flight_request_shares_the_job(client: TestClient) -> None:
 
 def test_cancel_kills_the_solver_process(client: TestClient) -> None:
     model_id = upload(client, big_random_net(), "big.mat")
-    job = post_bound(client, model_id, method="lipsdp-neuron")
+    job = post_bound(client, model_id, **LONG_SOLVE)
     job = wait_for(job_getter(client, job["job_id"]), solving, timeout_s=120)
     assert job["status"] == "running", job
     pid = job["worker"]["pid"]
@@ -133,14 +134,14 @@ def test_cancel_kills_the_solver_process(client: TestClient) -> None:
     assert wait_for(job_getter(client, job["job_id"]), ended)["status"] == "cancelled"
     # cancelling again is harmless; a cancelled job is not reused
     assert client.delete(f"/v1/jobs/{job['job_id']}").json()["status"] == "cancelled"
-    fresh = post_bound(client, model_id, method="lipsdp-neuron")
+    fresh = post_bound(client, model_id, **LONG_SOLVE)
     assert fresh["job_id"] != job["job_id"]
     client.delete(f"/v1/jobs/{fresh['job_id']}")
 
 
 def test_timeout_fails_the_job_and_kills_the_solver(client: TestClient) -> None:
     model_id = upload(client, big_random_net(), "big.mat")
-    job = post_bound(client, model_id, method="lipsdp-neuron", timeout_s=1.0)
+    job = post_bound(client, model_id, **LONG_SOLVE, timeout_s=1.0)
     job = wait_for(job_getter(client, job["job_id"]), ended, timeout_s=120)
     assert job["status"] == "failed"
     assert job["error"]["code"] == "timeout"
@@ -212,7 +213,9 @@ def test_unknown_model_and_job_are_404(client: TestClient) -> None:
 
 
 @pytest.mark.slow
-def test_graceful_restart_keeps_bounds_and_reuses_results(tmp_path: Path, fixtures_dir: Path) -> None:
+def test_graceful_restart_keeps_bounds_and_reuses_results(
+    tmp_path: Path, fixtures_dir: Path
+) -> None:
     data_dir = tmp_path / "data"
     with make_client(data_dir) as c1:
         model_id = upload(c1, random_weights(fixtures_dir), "random_weights.mat")

@@ -22,6 +22,7 @@ from service.settings import Settings
 from service.storage import Storage
 from tests.redis_server import free_port
 from tests.service.jobs_support import (
+    LONG_SOLVE,
     big_random_net,
     ended,
     random_weights,
@@ -79,7 +80,7 @@ def test_killed_server_fails_unfinished_jobs_on_restart(tmp_path: Path, fixtures
             done = wait_for(getter(done["job_id"]), ended)
             assert done["status"] == "succeeded", done
 
-            r = http.post(f"/v1/models/{big_id}/bounds", json={"method": "lipsdp-neuron"})
+            r = http.post(f"/v1/models/{big_id}/bounds", json=LONG_SOLVE)
             assert r.status_code == 202
             running = wait_for(getter(r.json()["job_id"]), solving, timeout_s=120)
             assert running["status"] == "running", running
@@ -101,6 +102,6 @@ def test_killed_server_fails_unfinished_jobs_on_restart(tmp_path: Path, fixtures
         kept = client.get(f"/v1/models/{rw_id}/bounds").json()["bounds"]
         assert done["job_id"] in [b.get("job_id") for b in kept]
         # the failed job is not reused: the same request starts a new job
-        r = client.post(f"/v1/models/{big_id}/bounds", json={"method": "lipsdp-neuron"})
+        r = client.post(f"/v1/models/{big_id}/bounds", json=LONG_SOLVE)
         assert r.json()["job_id"] != running["job_id"]
         client.delete(f"/v1/jobs/{r.json()['job_id']}")

@@ -1,0 +1,128 @@
+"""Job runner parts: request identity, SQLite state transitions, the solver process's error
+path, bounded concurrency, and the Redis state script (real redis-server)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.jobs.base import JobRecord, JobSpec
+from service.jobs.local import LocalRunner
+from service.jobs.process import SolveProcess, supervise
+from service.jobs.store import JobStore
+from service.jobs.tasks import json_safe
+from service.storage import Storage
+from tests.redis_server import redis_server
+from tests.service.jobs_support import LONG_SOLVE, big_random_net, wait_for, wait_pid_gone
+
+
+def test_dedupe_key_is_model_method_pairwise_solver_only() -> None:
+    base = JobSpec("m1", "lipsdp-neuron", False, None, timeout_s=10)
+    assert base.dedupe_key() == JobSpec("m1", "lipsdp-neuron", False, None, 99).dedupe_key()
+    for other in (
+        JobSpec("m2", "lipsdp-neuron"),
+        JobSpec("m1", "lipsdp-layer"),
+        JobSpec("m1", "lipsdp-neuron", True),
+        JobSpec("m1", "lipsdp-neuron", False, "scs"),
+    ):
+        assert other.dedupe_key() != base.dedupe_key()
+    assert JobSpec.from_dict(base.to_dict()) == base
+
+
+def test_store_transitions_first_terminal_wins(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite")
+    a, b, c = (JobRecord(id=i, spec=JobSpec("m", "naive")) for i in "abc")
+    for rec in (a, b, c):
+        store.insert(rec)
+    assert store.mark_running("a", {"pid": 1})
+    assert not store.mark_running("a", {"pid": 2})  # only from queued
+    assert store.finish("a", "cancelled", error={"code": "cancelled"})
+    assert not store.finish("a", "succeeded", result={"lipschitz_bound": 1.0})
+    got = store.get("a")
+    assert got is not None and got.status == "cancelled" and got.result is None
+    store.set_progress("a", {"phase": "late"})  # ignored once ended
+    assert store.get("a").progress == {}  # type: ignore[union-attr]
+    assert store.finish("b", "succeeded", result={"lipschitz_bound": 2.0})
+    # restart: queued/running jobs fail, ended ones are untouched
+    assert store.fail_active("server-restarted", "server restarted") == 1
+    assert store.get("c").error == {"code": "server-restarted", "detail": "server restarted"}  # type: ignore[union-attr]
+    assert [r.id for r in store.find_reusable(a.spec.dedupe_key())] == ["b"]
+
+
+def test_json_safe_makes_plain_json() -> None:
+    out = json_safe({"a": np.float64(1.5), "b": np.arange(3), "c": math.nan, "d": (np.int64(2),)})
+    assert out == {"a": 1.5, "b": [0, 1, 2], "c": None, "d": [2]}
+    assert type(out["b"][0]) is int
+
+
+@pytest.mark.parametrize(
+    ("model", "method", "code"),
+    [
+        ("0000000000000000", "naive", "model-not-found"),
+        (None, "lipsdp-network", "unsupported-method"),
+    ],
+)
+def test_solver_process_reports_errors_with_their_codes(
+    tmp_path: Path, model: str | None, method: str, code: str
+) -> None:
+    storage = Storage(tmp_path)
+    model_id = model or storage.save_model(big_random_net((3, 4, 2)), "tiny.mat").id
+    proc = SolveProcess(("storage", str(tmp_path), model_id), JobSpec(model_id, method))
+    outcome = supervise(proc, timeout_s=120, on_progress=lambda _: None, cancelled=lambda: False)
+    assert outcome.status == "failed"
+    assert outcome.error is not None and outcome.error["code"] == code
+    assert wait_pid_gone(proc.pid or 0)
+
+
+def test_local_runner_bounds_concurrency_and_cancels_queued_jobs(tmp_path: Path) -> None:
+    storage = Storage(tmp_path)
+    model_id = storage.save_model(big_random_net(), "big.mat").id
+    runner = LocalRunner(storage, tmp_path, max_concurrent=1)
+    runner.start()
+    try:
+        first = runner.submit(JobSpec(model_id, **LONG_SOLVE))
+        second = runner.submit(JobSpec(model_id, "lipsdp-layer", solver="scs"))
+        wait_for(lambda: runner.get(first.id).to_dict(), lambda j: j["status"] == "running")  # type: ignore[union-attr]
+        time.sleep(0.5)  # a second worker slot would have started the second job by now
+        assert runner.get(second.id).status == "queued"  # type: ignore[union-attr]
+        cancelled = runner.cancel(second.id)
+        assert cancelled is not None and cancelled.status == "cancelled"
+        assert cancelled.started_at is None  # it never ran
+        assert runner.cancel(first.id).status == "cancelled"  # type: ignore[union-attr]
+    finally:
+        runner.stop()
+    assert runner.get(second.id).started_at is None  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def redis_conn(tmp_path: Path) -> Iterator[object]:
+    from redis import Redis
+
+    with redis_server(tmp_path) as url:
+        yield Redis.from_url(url)
+
+
+@pytest.mark.redis
+def test_redis_state_transitions_are_conditional(redis_conn: object) -> None:
+    from service.jobs.redis_state import RedisJobs
+
+    jobs = RedisJobs(redis_conn)
+    rec = JobRecord(id="j1", spec=JobSpec("m", "naive"))
+    jobs.create(rec, model_sha256="0" * 64, timeout_s=5.0)
+    jobs.heartbeat("j1")  # not running yet: no heartbeat written
+    assert "heartbeat" not in jobs.raw("j1")
+    assert jobs.transition("j1", ("queued",), status="running", worker={"pid": 3})
+    jobs.heartbeat("j1")
+    assert float(jobs.raw("j1")["heartbeat"]) == pytest.approx(time.time(), abs=5)
+    assert jobs.finish("j1", "cancelled", error={"code": "cancelled"}, finished_at="t")
+    assert not jobs.finish("j1", "succeeded", result={"lipschitz_bound": 1.0}, finished_at="t")
+    got = jobs.get("j1")
+    assert got is not None and got.status == "cancelled" and got.result is None
+    assert got.worker == {"pid": 3} and got.spec == rec.spec
+    assert jobs.get("missing") is None
+    assert not jobs.transition("missing", ("queued",), status="running")
