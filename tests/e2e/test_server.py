@@ -218,7 +218,8 @@ def test_hostile_requests_get_4xx_and_server_survives(server: Server, fixtures_d
         assert r.headers["content-type"].startswith("application/problem+json")
         assert server.alive(), name
     # over LIPCERT_MAX_UPLOAD_MB=0.5, streamed without Content-Length
-    big = (b"\x00" * 65536 for _ in range(16))
+    head = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+    big = (head if i == 0 else b"\x00" * 65536 for i in range(17))
     ctype = {"content-type": "multipart/form-data; boundary=xyz"}
     r = c.post("/v1/models", content=big, headers=ctype)
     assert_problem(r, 413, "payload-too-large")

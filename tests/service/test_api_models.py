@@ -161,6 +161,7 @@ def test_oversize_upload_is_413_while_streaming(make_client, rw_onnx) -> None:
     client = make_client(max_upload_mb=0.01)  # ~10 KB
 
     def chunks():
+        yield b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
         for _ in range(100):
             yield b"\x00" * 4096
 
