@@ -3,7 +3,8 @@
     python3 scripts/example_model.py DIR
 
 writes DIR/mlp.onnx (4 -> 16 -> 16 -> 3, ReLU, seeded random weights, built with the onnx
-helper API), DIR/x.npy (8 inputs, shape (8, 4)) and DIR/y.npy (their predicted labels).
+helper API), DIR/x.npy (8 inputs, shape (8, 4)), DIR/y.npy (their predicted labels) and
+DIR/train.npz (arrays x (512, 4) and y: inputs labelled by the network, to train an LBDN on).
 Needs numpy and onnx (both installed with lipcert).
 """
 
@@ -19,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 SIZES = (4, 16, 16, 3)
 SEED = 2
+TRAIN_SIZE = 512
 
 
 def build_mlp(rng: np.random.Generator) -> tuple[onnx.ModelProto, list[np.ndarray]]:
@@ -60,6 +62,11 @@ def forward(weights: list[np.ndarray], x: np.ndarray) -> np.ndarray:
     return h
 
 
+def example_inputs(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` standard normal inputs (float32), drawn after the weights from the same stream."""
+    return rng.normal(size=(n, SIZES[0])).astype(np.float32)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         sys.stderr.write("usage: python3 scripts/example_model.py DIR\n")
@@ -69,10 +76,13 @@ def main(argv: list[str]) -> int:
     rng = np.random.default_rng(SEED)
     model, weights = build_mlp(rng)
     onnx.save(model, out / "mlp.onnx")
-    x = rng.normal(size=(8, SIZES[0])).astype(np.float32)
+    x = example_inputs(rng, 8)
     np.save(out / "x.npy", x)
     np.save(out / "y.npy", forward(weights, x.astype(np.float64)).argmax(axis=1))
-    print(f"wrote {out / 'mlp.onnx'}, {out / 'x.npy'}, {out / 'y.npy'}")
+    x_train = example_inputs(rng, TRAIN_SIZE)
+    y_train = forward(weights, x_train.astype(np.float64)).argmax(axis=1)
+    np.savez(out / "train.npz", x=x_train, y=y_train.astype(np.int64))
+    print(f"wrote {out / 'mlp.onnx'}, x.npy, y.npy and train.npz in {out}")
     return 0
 
 

@@ -20,6 +20,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -146,14 +147,20 @@ def test_compose_commands_match_compose_files() -> None:
 # --- the tour and the CLI, run for real -----------------------------------------------------
 
 
-def _example_network() -> list[np.ndarray]:
-    """Weights of the README's example network, as stored in the ONNX file (float32)."""
+def _example_module() -> Any:
+    """scripts/example_model.py, the README's example network."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import example_model
     finally:
         sys.path.remove(str(ROOT / "scripts"))
-    _, weights = example_model.build_mlp(np.random.default_rng(example_model.SEED))
+    return example_model
+
+
+def _example_network() -> list[np.ndarray]:
+    """Weights of the README's example network, as stored in the ONNX file (float32)."""
+    example = _example_module()
+    _, weights = example.build_mlp(np.random.default_rng(example.SEED))
     return [w.astype(np.float32).astype(np.float64) for w in weights]
 
 
@@ -269,21 +276,27 @@ def test_http_tour(readme_server: int) -> None:
 @pytest.mark.e2e
 def test_cli_commands() -> None:
     (cli,) = blocks("cli")
-    out = _run_block(cli)
-    bound_doc, certify_doc = _json_lines(out)
+    bound_doc, verify_doc, certify_doc, train_doc, sandwich_doc = _json_lines(_run_block(cli))
     assert bound_doc["verified"] is True and bound_doc["method"] == "lipsdp-neuron"
-    bound = bound_doc["lipschitz_bound"]
     assert bound_doc["solve_time_s"] >= 0
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import example_model
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    rng = np.random.default_rng(example_model.SEED)
-    example_model.build_mlp(rng)
-    inputs = rng.normal(size=(8, example_model.SIZES[0])).astype(np.float32).astype(np.float64)
+    bound = bound_doc["lipschitz_bound"]
+    example = _example_module()
+    rng = np.random.default_rng(example.SEED)
+    example.build_mlp(rng)
+    inputs = example.example_inputs(rng, 8).astype(np.float64)
     _, lower = _logits_and_lower_bound(inputs)
     assert lower <= bound <= _naive_bound() * (1 + 1e-6)
-    certify_bound = certify_doc.get("lipschitz_bound")
-    assert certify_bound is not None and certify_bound <= _naive_bound() * (1 + 1e-6)
-    _check_radii(certify_doc["results"], inputs, certify_bound)
+    # verify re-checks the saved certificate and finds the same bound
+    assert verify_doc["verified"] is True
+    assert verify_doc["lipschitz_bound"] == pytest.approx(bound, rel=1e-12)
+    # certify: radius = margin / (sqrt(2) L) with a verified L
+    used = certify_doc["bound"]
+    assert used["verified"] is True
+    assert lower <= used["lipschitz_bound"] <= _naive_bound() * (1 + 1e-6)
+    _check_radii(certify_doc["results"], inputs, used["lipschitz_bound"])
+    # train: an LBDN with gamma = 2, whose closed form the sandwich check confirms
+    assert train_doc["gamma"] == 2.0 and train_doc["closed_form_confirmed"] is True
+    assert sandwich_doc["method"] == "sandwich" and sandwich_doc["verified"] is True
+    assert sandwich_doc["lipschitz_bound"] <= 2.0 * (1 + 1e-9)
+    assert sandwich_doc["lipschitz_bound"] == pytest.approx(train_doc["lipschitz_bound"])
+    assert sandwich_doc["lower_bound"] <= sandwich_doc["lipschitz_bound"]
