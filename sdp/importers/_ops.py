@@ -119,6 +119,8 @@ def flatten(ctx: NodeContext) -> Value:
     x = ctx.inputs[0]
     shape = _shape_of(ctx, x)
     axis = int(ctx.attr("axis", 1))
+    if not -len(shape) <= axis <= len(shape):
+        raise ctx.reject(f"axis {axis} is out of range for rank {len(shape)}", "malformed")
     axis = axis + len(shape) if axis < 0 else axis
     new = (math.prod(shape[:axis]), math.prod(shape[axis:]))
     return _reshape(ctx, x, new)

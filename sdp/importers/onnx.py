@@ -54,6 +54,13 @@ def load_onnx(data: bytes, limits: Limits, name: str = "") -> Network:
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx.checker.ValidationError, or C++ errors
         raise ModelRejected(f"onnx.checker rejected the model: {exc}", code="malformed") from exc
+    try:  # strict shape inference: declared shapes that contradict the weights are refused
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:  # onnx.shape_inference.InferenceError
+        raise ModelRejected(
+            f"ONNX shape inference failed (declared shapes contradict the graph): {exc}",
+            code="shape-mismatch",
+        ) from exc
     return _convert(model, limits, name or model.graph.name or "")
 
 
@@ -151,6 +158,9 @@ def _convert(model: Any, limits: Limits, name: str) -> Network:
     g = model.graph
     values: dict[str, Value] = {t.name: _to_array(t) for t in g.initializer}
     inputs = [i for i in g.input if i.name not in values]
+    for vi in g.input:  # old IR versions also list the initializers as inputs
+        if vi.name in values:
+            _check_declared(vi.name, values[vi.name], _declared_shape(vi))
     if len(inputs) != 1 or len(g.output) != 1:
         raise ModelRejected(
             f"the graph has {len(inputs)} inputs and {len(g.output)} outputs; exactly one "
