@@ -31,7 +31,11 @@ PROGRESS_WRITE_S = 0.3
 
 
 def solver_threads() -> int:
-    """BLAS/OpenMP threads per solve on this worker (``LIPCERT_SOLVER_THREADS``, default 1)."""
+    """BLAS/OpenMP threads per solve on this worker (``LIPCERT_SOLVER_THREADS``, default 1).
+
+    The same variable as ``Settings.solver_threads``; read directly so that a worker needs no
+    other API settings.
+    """
     try:
         return max(1, int(os.environ.get("LIPCERT_SOLVER_THREADS", "1")))
     except ValueError:

@@ -18,6 +18,7 @@ from sdp.errors import UnsupportedMethod
 from service.deps import RunnerDep, StorageDep, model_or_404
 from service.errors import ServiceError
 from service.jobs.base import JobSpec
+from service.routes.jobs import JobOut
 
 router = APIRouter(prefix="/v1", tags=["bounds"])
 """Included by :func:`service.app.create_app` behind the API-key dependency."""
@@ -41,8 +42,10 @@ class BoundRequest(BaseModel):
         default=None,
         gt=0,
         le=MAX_TIMEOUT_S,
-        description="Hard wall-clock limit; the solve is killed and the job fails with "
-        "code 'timeout' when it is reached (default LIPCERT_JOB_TIMEOUT_S).",
+        description="Hard wall-clock limit of the job (default LIPCERT_JOB_TIMEOUT_S). The "
+        "solver gets 80% of it (a solver stopped early still yields a verified, looser "
+        "bound); when the limit is reached the solver process is killed and the job fails "
+        "with code 'timeout'.",
     )
 
 
@@ -76,7 +79,12 @@ def _runner_or_503(runner: Any) -> Any:
     return runner
 
 
-@router.post("/models/{model_id}/bounds", status_code=202, summary="Start a bound job")
+@router.post(
+    "/models/{model_id}/bounds",
+    status_code=202,
+    summary="Start a bound job",
+    response_model=JobOut,
+)
 def request_bound(
     model_id: str, body: BoundRequest, response: Response, storage: StorageDep, runner: RunnerDep
 ) -> dict[str, Any]:
@@ -112,7 +120,15 @@ def certificate_summary(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@router.get("/models/{model_id}/bounds", summary="Verified bounds of a model")
+class BoundList(BaseModel):
+    model_id: str
+    bounds: list[dict[str, Any]]
+    best: dict[str, Any] | None
+
+
+@router.get(
+    "/models/{model_id}/bounds", summary="Verified bounds of a model", response_model=BoundList
+)
 def list_bounds(model_id: str, storage: StorageDep, full: bool = False) -> dict[str, Any]:
     """Every verified bound stored for the model, oldest first, and the best (smallest) one.
 

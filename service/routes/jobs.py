@@ -12,10 +12,11 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import RunnerDep
@@ -27,6 +28,36 @@ router = APIRouter(prefix="/v1", tags=["jobs"])
 
 POLL_S = 0.25
 KEEPALIVE_S = 15.0
+
+
+class JobOut(BaseModel):
+    """A bound job (``GET /v1/jobs/{id}``); ``job_id`` repeats ``id`` for clients."""
+
+    id: str
+    job_id: str
+    model_id: str
+    method: str
+    pairwise: bool
+    solver: str | None
+    timeout_s: float | None
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: dict[str, Any] = Field(
+        description="Last solver report: phase (load, reduce, build, solve, verify, ...), "
+        "iteration, residual/gap, ..."
+    )
+    result: dict[str, Any] | None = Field(
+        description="When succeeded: the stored bound (lipschitz_bound, method, verified, "
+        "certificate with rho and multipliers T, timings, lower_bound, notes)."
+    )
+    error: dict[str, Any] | None = Field(
+        description="When failed/cancelled: {code, detail}; codes include timeout, "
+        "server-restarted, worker-lost, worker-died, solver-crashed and sdp error codes."
+    )
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    reused: bool = Field(description="True when an identical earlier request's job answered.")
+    worker: dict[str, Any] = Field(description="Where it runs: runner, host, worker, pid.")
 
 
 def _runner(runner: Any) -> Any:
@@ -41,13 +72,13 @@ def _job_or_404(rec: JobRecord | None, job_id: str) -> JobRecord:
     return rec
 
 
-@router.get("/jobs/{job_id}", summary="Job state")
+@router.get("/jobs/{job_id}", summary="Job state", response_model=JobOut)
 def get_job(job_id: str, runner: RunnerDep) -> dict[str, Any]:
     """Status (queued|running|succeeded|failed|cancelled), progress, result or error."""
     return _job_or_404(_runner(runner).get(job_id), job_id).to_dict()
 
 
-@router.delete("/jobs/{job_id}", summary="Cancel a job")
+@router.delete("/jobs/{job_id}", summary="Cancel a job", response_model=JobOut)
 def cancel_job(job_id: str, runner: RunnerDep) -> dict[str, Any]:
     """Cancel: a queued job never runs, a running job's solver process is killed.
 

@@ -126,3 +126,28 @@ def test_redis_state_transitions_are_conditional(redis_conn: object) -> None:
     assert got.worker == {"pid": 3} and got.spec == rec.spec
     assert jobs.get("missing") is None
     assert not jobs.transition("missing", ("queued",), status="running")
+
+
+def test_worker_cli_refuses_a_missing_queue_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    monkeypatch.delenv("LIPCERT_QUEUE_URL", raising=False)
+    result = CliRunner().invoke(app, ["worker"])
+    assert result.exit_code == 2
+    assert "LIPCERT_QUEUE_URL" in result.output
+    result = CliRunner().invoke(app, ["worker", "--queue-url", "redis://127.0.0.1:1/0"])
+    assert result.exit_code == 2
+    assert "cannot reach Redis" in result.output
+
+
+def test_settings_choose_the_runner(tmp_path: Path) -> None:
+    from service.jobs import create_runner
+    from service.settings import Settings
+
+    settings = Settings(data_dir=tmp_path, queue_url="", solver_threads=2, max_concurrent_jobs=3)
+    runner = create_runner(settings, Storage(tmp_path))
+    assert isinstance(runner, LocalRunner)
+    assert (runner.threads, runner.max_concurrent) == (2, 3)
+    assert (tmp_path / "jobs.sqlite").exists()
