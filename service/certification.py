@@ -168,7 +168,7 @@ def results_payload(
             correct += ok
             certified += cert
         if return_logits:
-            item["logits"] = [float(v) for v in logits[i]]
+            item["logits"] = [_num(v) for v in logits[i]]
         results.append(item)
     return {
         "lipschitz_bound": lip,

@@ -11,7 +11,7 @@ with ``created=False``). Bound results are JSON documents (``BoundResult.summary
 ``job_id``/``certificate`` as the job runner chooses) indexed by model, method and value.
 Only results with ``verified`` true are ever returned by :meth:`Storage.best_bound`.
 
-One SQLite connection per call keeps this safe to use from threads and processes.
+One SQLite connection per thread (reused) keeps this safe to use from threads and processes.
 """
 
 from __future__ import annotations
@@ -136,19 +136,21 @@ class Storage:
         self._cache: OrderedDict[str, Network] = OrderedDict()
         self._cache_size = network_cache_size
         self._lock = threading.Lock()
+        self._local = threading.local()
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.db_path, timeout=30.0)
-        db.row_factory = sqlite3.Row
-        try:
-            with db:
-                yield db
-        finally:
-            db.close()
+        """This thread's connection (opened once, reused), inside a transaction."""
+        db = getattr(self._local, "db", None)
+        if db is None or self._local.pid != os.getpid():  # never reuse one across fork()
+            db = sqlite3.connect(self.db_path, timeout=30.0)
+            db.row_factory = sqlite3.Row
+            self._local.db, self._local.pid = db, os.getpid()
+        with db:
+            yield db
 
     def _path(self, sha256: str) -> Path:
         return self.models_dir / f"{sha256}.bin"
