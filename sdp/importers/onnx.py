@@ -40,6 +40,11 @@ _INT_TYPES = {
 }
 
 
+def supported_onnx_ops() -> list[str]:
+    """The ONNX op types the converter registry handles (domain ai.onnx)."""
+    return sorted(CONVERTERS)
+
+
 def load_onnx(data: bytes, limits: Limits, name: str = "") -> Network:
     import onnx
 
