@@ -1,0 +1,89 @@
+"""The pieces behind compute_bound: registry, reductions, lower bound, dense/conv norms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdp.bounds.linear_fold import LinearFold
+from sdp.bounds.lower import activation_derivative, jacobian_vector, vector_jacobian
+from sdp.bounds.reduction import SvdInputReduction
+from sdp.certificate import Lmi, certify_rho, layerwise_multipliers
+from sdp.errors import SolverError
+from sdp.ir import Activation, Conv2d, Dense, Network
+from sdp.solvers import available_solvers, get_solver, solver_names
+from sdp.solvers.base import LipSdpProblem, Solver
+from tests.sdp._nets import random_network
+
+
+def test_registry():
+    assert {"scs", "clarabel", "structured"} <= set(solver_names())
+    assert "scs" in available_solvers()
+    assert isinstance(get_solver("scs"), Solver)
+    with pytest.raises(SolverError) as e:
+        get_solver("nope")
+    assert e.value.code == "solver-unknown"
+
+
+def test_svd_reduction_keeps_rho_of_any_multipliers():
+    rng = np.random.default_rng(0)
+    net = random_network(rng, [20, 5, 6, 3])
+    lmi = Lmi.from_chain(net.chain())
+    red = SvdInputReduction()
+    prob = LipSdpProblem(lmi, "neuron")
+    assert red.accepts(prob)
+    small, inverse = red.apply(prob)
+    assert small.lmi.input_size == 5 and inverse == {"input_size": 20, "rank": 5}
+    t = layerwise_multipliers(lmi)
+    assert certify_rho(small.lmi, t) == pytest.approx(certify_rho(lmi, t), rel=1e-9)
+
+
+def test_linear_fold_merges_and_lifts():
+    rng = np.random.default_rng(1)
+    ws = [rng.standard_normal((4, 3)), rng.standard_normal((5, 4)), rng.standard_normal((2, 5))]
+    ops = (
+        Dense(ws[0], np.zeros(4)), Activation("relu"), Dense(ws[1], np.zeros(5)),
+        Activation("leaky_relu", 2.0), Dense(ws[2], np.zeros(2)),
+    )  # fmt: skip
+    lmi = Lmi.from_chain(Network((3,), ops).chain())
+    lmi = Lmi(lmi.weights, (lmi.alpha[0], np.full(5, 2.0)), (lmi.beta[0], np.full(5, 2.0)))
+    fold = LinearFold()
+    folded, kept = fold.apply(lmi)
+    assert kept == [0] and folded.depth == 1
+    assert np.allclose(folded.weights[-1], 2.0 * ws[2] @ ws[1])
+    t = layerwise_multipliers(folded)
+    lifted = fold.lift(lmi, t, kept)
+    assert lifted is not None
+    assert lifted[0] >= certify_rho(folded, t) * (1 - 1e-6)
+
+
+@pytest.mark.parametrize(
+    "phi",
+    [Activation(n, p) for n, p in [("relu", 0), ("leaky_relu", 0.1), ("tanh", 0), ("sigmoid", 0),
+     ("elu", 1.0), ("softplus", 0), ("identity", 0), ("gelu", 0), ("silu", 0)]],
+)  # fmt: skip
+def test_activation_derivative_finite_difference_and_slopes(phi):
+    x = np.linspace(-4, 4, 801) + 1e-3
+    h = 1e-6
+    fd = (phi(x + h) - phi(x - h)) / (2 * h)
+    d = activation_derivative(phi, x)
+    assert np.allclose(d, fd, atol=1e-5)
+    a, b = phi.slope_bounds
+    assert np.all(d >= a - 1e-12) and np.all(d <= b + 1e-12)
+
+
+def test_jvp_vjp_are_adjoint_and_match_finite_differences():
+    rng = np.random.default_rng(2)
+    conv = Conv2d(rng.standard_normal((2, 1, 3, 3)), rng.standard_normal(2), (1, 5, 5))
+    ops = (conv, Activation("tanh"), Dense(rng.standard_normal((3, 18)), rng.standard_normal(3)))
+    net = Network((1, 5, 5), ops)
+    x, v, u = (
+        rng.standard_normal((2, 25)),
+        rng.standard_normal((2, 25)),
+        rng.standard_normal((2, 3)),
+    )
+    jv = jacobian_vector(net, x, v)
+    jtu = vector_jacobian(net, x, u)
+    assert np.allclose(np.sum(jv * u, 1), np.sum(v * jtu, 1))
+    fd = (net.forward(x + 1e-6 * v) - net.forward(x - 1e-6 * v)) / 2e-6
+    assert np.allclose(jv, fd, atol=1e-6)

@@ -1,0 +1,68 @@
+"""Certificates: JSON round trip, layer-wise T always verifies, repairs never report less."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdp.certificate import (
+    Certificate,
+    Lmi,
+    certify_multipliers,
+    certify_rho,
+    layerwise_multipliers,
+    verify_certificate,
+)
+from sdp.errors import CertificateError
+from tests.sdp._nets import random_network
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh", "sigmoid", "gelu", "leaky_relu"])
+def test_layerwise_certificate_is_valid_and_above_lower_bound(act):
+    from sdp.bounds import empirical_lower_bound
+
+    net = random_network(np.random.default_rng(0), [3, 7, 5, 4, 2], act, 0.1)
+    lmi = Lmi.from_chain(net.chain())
+    t0 = layerwise_multipliers(lmi)
+    rho = certify_rho(lmi, t0)
+    assert verify_certificate(lmi, Certificate(rho, t0))
+    assert np.sqrt(rho) >= empirical_lower_bound(net, starts=16, iters=8, refine_steps=2)
+
+
+def test_json_round_trip_and_garbage():
+    net = random_network(np.random.default_rng(1), [3, 4, 2])
+    lmi = Lmi.from_chain(net.chain())
+    rep = certify_multipliers(lmi, layerwise_multipliers(lmi))
+    cert = Certificate(rep.rho, rep.multipliers, None, net.content_hash(), {"method": "x"})
+    back = Certificate.from_json(cert.to_json())
+    assert back.rho == cert.rho and back.network_hash == cert.network_hash
+    assert all(
+        np.array_equal(a, b) for a, b in zip(back.multipliers, cert.multipliers, strict=True)
+    )
+    assert verify_certificate(lmi, back)
+    with pytest.raises(CertificateError):
+        Certificate.from_json('{"format": "other"}')
+
+
+def test_wrong_shapes_and_negative_multipliers_do_not_verify():
+    net = random_network(np.random.default_rng(2), [3, 4, 4, 2])
+    lmi = Lmi.from_chain(net.chain())
+    t = layerwise_multipliers(lmi)
+    rho = certify_rho(lmi, t)
+    assert not verify_certificate(lmi, Certificate(rho, t[:1]))
+    neg = (-t[0], t[1])
+    assert not verify_certificate(lmi, Certificate(rho, neg))
+    assert not verify_certificate(lmi, Certificate(float("nan"), t))
+
+
+def test_pairwise_output_map_certificate_bounds_the_difference():
+    net = random_network(np.random.default_rng(3), [3, 6, 3])
+    row = np.array([[1.0, -1.0, 0.0]])
+    lmi_p = Lmi.from_chain(net.chain(), output_map=row)
+    t = layerwise_multipliers(lmi_p)
+    cert = Certificate(certify_rho(lmi_p, t), t, row)
+    assert verify_certificate(lmi_p, cert)
+    rng = np.random.default_rng(4)
+    x, d = rng.standard_normal((500, 3)), 1e-3 * rng.standard_normal((500, 3))
+    g = (net.forward(x + d) - net.forward(x)) @ row.T
+    assert np.max(np.abs(g[:, 0]) / np.linalg.norm(d, axis=1)) <= np.sqrt(cert.rho)
