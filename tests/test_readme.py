@@ -260,7 +260,7 @@ def readme_server(tmp_path: Path) -> Iterator[int]:
 def test_http_tour(readme_server: int) -> None:
     (tour,) = blocks("tour")
     out = _run_block(tour, port=readme_server)
-    job, certify = _json_lines(out)
+    job, certify, infer = _json_lines(out)
     assert job["status"] == "succeeded", json.dumps(job)
     result = job["result"]
     assert result["verified"] is True and result["method"] == "lipsdp-neuron"
@@ -271,6 +271,11 @@ def test_http_tour(readme_server: int) -> None:
     assert certify["lipschitz_bound"] == pytest.approx(bound)
     _check_radii(certify["results"], inputs, bound)
     assert [r["label"] for r in certify["results"]] == [2, 1]
+    outputs = {o["name"]: o for o in infer["outputs"]}
+    assert outputs["prediction"]["data"] == [certify["results"][0]["prediction"]]
+    radius = outputs["certified_radius"]["data"][0]
+    assert radius == pytest.approx(certify["results"][0]["radius"], rel=1e-5)
+    assert infer["parameters"]["lipschitz_bound"] == pytest.approx(bound)
 
 
 @pytest.mark.e2e
