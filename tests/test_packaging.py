@@ -58,7 +58,7 @@ def test_scripts_test_runs_every_check() -> None:
     steps = {c.split()[1]: c for c in commands if c.startswith("step ")}
     assert steps["lint"].endswith("-m ruff check .")
     assert steps["types"].endswith("-m mypy")
-    assert steps["dockerfile"].endswith("hadolint\" --failure-threshold warning Dockerfile")
+    assert steps["dockerfile"].endswith('hadolint" --failure-threshold warning Dockerfile')
     assert "--builtin-schema vendor.compose-spec docker-compose.yml" in steps["compose"]
     assert steps["pytest"].endswith('-m pytest "$@"')
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
