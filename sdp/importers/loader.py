@@ -45,9 +45,11 @@ def detect_format(data: bytes) -> str:
         return "hdf5"
     if _looks_like_safetensors(data):
         return "safetensors"
-    if data[0] == 0x08:  # protobuf field 1 (ir_version), varint
+    if data[0] == 0x08:  # protobuf field 1 (ir_version), varint: how every exporter starts
         return "onnx"
-    return "unknown"
+    from sdp.importers.onnx import looks_like_onnx
+
+    return "onnx" if looks_like_onnx(data) else "unknown"
 
 
 def load_model(data: bytes, *, limits: Limits | None = None, name: str = "") -> Network:

@@ -40,9 +40,28 @@ _INT_TYPES = {
 }
 
 
+_HINTS = {
+    "Softmax": "bounds are computed for logits: export the model without its final Softmax",
+    "LogSoftmax": "bounds are computed for logits: export the model without LogSoftmax",
+    "MaxPool": "max pooling is not in the IR; use AveragePool or strided convolutions",
+    "Clip": "clipping (ReLU6, hardtanh) is not in the IR",
+}
+
+
 def supported_onnx_ops() -> list[str]:
     """The ONNX op types the converter registry handles (domain ai.onnx)."""
     return sorted(CONVERTERS)
+
+
+def looks_like_onnx(data: bytes) -> bool:
+    """True when the bytes parse as a ModelProto with a graph (field order aside)."""
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception:
+        return False
+    return bool(model.ir_version) and model.HasField("graph") and len(model.graph.node) > 0
 
 
 def load_onnx(data: bytes, limits: Limits, name: str = "") -> Network:
@@ -192,7 +211,13 @@ def _convert(model: Any, limits: Limits, name: str) -> Network:
         label = node.name or f"#{i}"
         fn = CONVERTERS.get(node.op_type)
         if fn is None:
-            raise UnsupportedOp(label, node.op_type)
+            hint = _HINTS.get(node.op_type)
+            raise UnsupportedOp(
+                label,
+                node.op_type,
+                f"node {label!r}: op {node.op_type!r} is not supported"
+                + (f"; {hint}" if hint else ""),
+            )
         missing = [n for n in node.input if n and n not in values]
         if missing:
             raise ModelRejected(

@@ -14,7 +14,7 @@ import pytest
 import scipy.io as sio
 from onnx import helper, numpy_helper
 
-from sdp.importers import Limits, load_model, load_model_file, save_safetensors
+from sdp.importers import Limits, detect_format, load_model, load_model_file, save_safetensors
 from sdp.ir import Activation, Conv2d, Dense, Network, Residual
 from tests.sdp.importer_cases import (
     BENCH,
@@ -347,3 +347,25 @@ def test_safetensors_hand_written_config() -> None:
     x = np.random.default_rng(0).standard_normal((2, 12))
     want = Activation("leaky_relu", 0.1)(conv.apply(x)) @ d.T.astype(np.float64) + 1
     np.testing.assert_allclose(net.forward(x), want, rtol=1e-12)
+
+
+def test_onnx_sniffed_by_content_even_with_fields_out_of_order(fixtures_dir: Path) -> None:
+    """Exporters write ir_version first (byte 0x08), but protobuf allows any field order."""
+    model = onnx.load(str(fixtures_dir / BENCH / "test/test_small.onnx"))
+    graph = model.graph.SerializeToString()
+    rest = onnx.ModelProto()
+    rest.CopyFrom(model)
+    rest.ClearField("graph")
+    n, varint = len(graph), b""
+    while True:
+        varint += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            break
+    data = b"\x3a" + varint + graph + rest.SerializeToString()  # field 7 (graph) first
+    assert data[0] != 0x08 and detect_format(data) == "onnx"
+    net = load_model(data)
+    assert (
+        net.content_hash()
+        == load_model_file(fixtures_dir / BENCH / "test/test_small.onnx").content_hash()
+    )

@@ -198,6 +198,18 @@ def test_subgraph_and_unsupported_op_name_the_node() -> None:
     assert exc2.value.code == "unsupported-op"
     assert (exc2.value.node, exc2.value.op) == ("pool1", "MaxPool")
     assert "pool1" in str(exc2.value) and "MaxPool" in str(exc2.value)
+    softmax = make_model(
+        [
+            helper.make_node("Gemm", ["x", "w"], ["h"], transB=1),
+            helper.make_node("Softmax", ["h"], ["y"], name="probs"),
+        ],
+        [init("w", np.ones((3, 2)))],
+        [1, 2],
+        [1, 3],
+    )
+    with pytest.raises(UnsupportedOp) as exc3:
+        load_model(softmax)
+    assert exc3.value.node == "probs" and "logits" in str(exc3.value)
 
 
 @pytest.mark.parametrize("cut", [0.5, 0.9, 0.02])
