@@ -108,6 +108,19 @@ class JobRecord:
         }
 
 
+def observe_solve_time(result: dict[str, Any]) -> None:
+    """Record a succeeded job's wall time in the ``lipcert_bound_solve_seconds`` histogram."""
+    try:
+        from service.metrics import SOLVE_SECONDS
+
+        timings = result.get("timings") or {}
+        seconds = timings.get("total_s", result.get("solve_time_s"))
+        if isinstance(seconds, int | float):
+            SOLVE_SECONDS.labels(str(result.get("method", "?"))).observe(float(seconds))
+    except Exception:  # metrics never break a job
+        pass
+
+
 @runtime_checkable
 class JobRunner(Protocol):
     """Runs bound jobs somewhere (a local process pool, RQ workers) and tracks their state.
@@ -128,3 +141,5 @@ class JobRunner(Protocol):
     def get(self, job_id: str) -> JobRecord | None: ...
 
     def cancel(self, job_id: str) -> JobRecord | None: ...
+
+    def status_counts(self) -> dict[str, int]: ...

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from service.jobs.base import JobRecord, JobSpec
+from service.jobs.base import JobRecord, JobSpec, observe_solve_time
 from service.jobs.process import SolveProcess, supervise
 from service.jobs.store import JobStore
 
@@ -121,6 +121,9 @@ class LocalRunner:
         )
         return self.store.get(job_id)
 
+    def status_counts(self) -> dict[str, int]:
+        return self.store.status_counts()
+
     # -- supervising threads ---------------------------------------------------------------------
 
     def _bound_still_stored(self, rec: JobRecord) -> bool:
@@ -179,6 +182,7 @@ class LocalRunner:
                     )
                     return
                 self.store.finish(job_id, "succeeded", result=doc)
+            observe_solve_time(doc)
         elif outcome.status == "failed":
             self.store.finish(job_id, "failed", error=outcome.error)
         # "cancelled" was recorded by cancel()/stop()

@@ -29,7 +29,7 @@ import time
 import uuid
 from typing import Any
 
-from service.jobs.base import ACTIVE, JobRecord, JobSpec, now_iso
+from service.jobs.base import ACTIVE, JobRecord, JobSpec, now_iso, observe_solve_time
 from service.jobs.redis_state import (
     ACTIVE_SET,
     QUEUE_NAME,
@@ -167,6 +167,19 @@ class RqRunner:
             time.sleep(0.2)
         return self.get(job_id)
 
+    def status_counts(self) -> dict[str, int]:
+        """Jobs per status, from the job hashes (one SCAN; fine for a metrics scrape)."""
+        counts = dict.fromkeys(("queued", "running", "succeeded", "failed", "cancelled"), 0)
+        keys = list(self.redis.scan_iter(match=job_key("*"), count=1000))
+        with self.redis.pipeline() as p:
+            for key in keys:
+                p.hget(key, "status")
+            for status in p.execute():
+                if status is not None:
+                    name = status.decode() if isinstance(status, bytes) else str(status)
+                    counts[name] = counts.get(name, 0) + 1
+        return counts
+
     # -- reconciliation ------------------------------------------------------------------------
 
     def _stored(self, rec: JobRecord) -> bool:
@@ -183,6 +196,7 @@ class RqRunner:
                 self.redis.hdel(job_key(rec.id), "persisted")
                 log.exception("saving the result of job %s failed", rec.id)
                 return
+            observe_solve_time(rec.result)
         self.redis.srem(ACTIVE_SET, rec.id)
 
     def _reconcile(self, rec: JobRecord) -> None:

@@ -129,6 +129,14 @@ class JobStore:
             )
         return cur.rowcount == 1
 
+    def status_counts(self) -> dict[str, int]:
+        """Number of jobs per status (every status present, zeros included)."""
+        counts = dict.fromkeys(("queued", "running", "succeeded", "failed", "cancelled"), 0)
+        with self._connect() as db:
+            for row in db.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status"):
+                counts[row["status"]] = int(row["n"])
+        return counts
+
     def fail_active(self, code: str, detail: str) -> int:
         """Mark every queued/running job failed (after a restart); returns how many."""
         with self._connect() as db:

@@ -132,6 +132,7 @@ def test_rq_worker_certifies_cancels_and_survives_worker_loss(
         assert job["result"]["verified"] is True
         assert job["worker"]["worker"] == "solver-a"
         assert job["result"]["certificate"]["multipliers"]
+        assert 'lipcert_jobs{status="succeeded"} 1.0' in client.get("/metrics").text
         again = post_bound(client, rw_id, method="lipsdp-neuron")
         assert again["job_id"] == job["job_id"] and again["reused"] is True
         listed = client.get(f"/v1/models/{rw_id}/bounds").json()["bounds"]

@@ -171,6 +171,9 @@ def test_event_stream_delivers_progress_and_ends(client: TestClient, fixtures_di
     statuses = [d["status"] for n, d in events if n == "status"]
     assert statuses[-1] == "succeeded"
     assert len(statuses) == len(set(statuses))  # one event per change
+    metrics = client.get("/metrics").text
+    assert 'lipcert_jobs{status="succeeded"} 1.0' in metrics
+    assert 'lipcert_bound_solve_seconds_count{method="naive"}' in metrics
 
 
 @pytest.mark.parametrize(
