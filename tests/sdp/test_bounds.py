@@ -225,3 +225,16 @@ def test_progress_events(random_net):
     phases = [e["phase"] for e in events]
     for phase in ("reduce", "solve", "verify"):
         assert phase in phases
+
+
+def test_sandwich_network_auto_uses_closed_form_check():
+    from sdp.sandwich import plain_network, random_params
+
+    params = random_params(np.random.default_rng(9), [5, 8, 6, 3], 3.0)
+    net = plain_network(params)
+    assert net.sandwich is not None
+    res = compute_bound(net, "auto")
+    assert res.method == "sandwich" and res.verified
+    assert res.lower_bound <= res.value <= 3.0 * (1 + 1e-6)
+    sdp_res = compute_bound(net, "lipsdp-neuron", lower_bound=False)
+    assert sdp_res.value <= 3.0 * (1 + 1e-4)  # DESIGN §3.4: LipSDP on the plain net <= gamma
