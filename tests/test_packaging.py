@@ -63,7 +63,9 @@ def test_scripts_test_runs_every_check() -> None:
     assert steps["pytest"].endswith('-m pytest "$@"')
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         assert any(c.startswith(f"export {var}=") for c in commands), var
-    assert any("lipcert_apt_install redis-server" in c for c in commands)
+    assert "command -v redis-server >/dev/null || missing+=(redis-server)" in commands
+    assert "command -v curl >/dev/null || missing+=(curl)" in commands
+    assert 'lipcert_apt_install "${missing[@]}"' in commands
 
 
 def test_venv_helper_accepts_this_venv_and_rejects_a_foreign_one(tmp_path: Path) -> None:
