@@ -96,7 +96,7 @@ class LBDN(_CachedWeights):
             out.append((s * w_in if carry is None else carry @ w_in, layer.bias))
             carry = w_out
         b_t = self.output._compute()
-        out.append((s * b_t if carry is None else s * (carry @ b_t), self.output.bias))
+        out.append((s * s * b_t if carry is None else s * (carry @ b_t), self.output.bias))
         return out
 
     def forward(self, x: Tensor) -> Tensor:

@@ -152,8 +152,8 @@ def plain_weights(params: SandwichParams) -> list[tuple[Array, Array]]:
         out.append(((2.0 / layer.psi)[:, None] * right, layer.b))
         a_prev_t = a.T * layer.psi[None, :]
     _, b_out = params.output.cayley()
-    if a_prev_t is None:  # no hidden layer: y = sqrt(gamma) B_L x + b_L
-        w_out = math.sqrt(params.gamma) * b_out
+    if a_prev_t is None:  # no hidden layer: y = sqrt(gamma) B_L sqrt(gamma) x + b_L
+        w_out = params.gamma * b_out
     else:
         w_out = math.sqrt(2 * params.gamma) * (b_out @ a_prev_t)
     out.append((w_out, params.output.b))
