@@ -1,9 +1,11 @@
 """``POST /v1/models/{id}/bounds`` (start a bound job) and ``GET /v1/models/{id}/bounds``.
 
 A request is validated before anything is queued: unknown model -> 404, unknown or unsound
-method (``lipsdp-network``) or unknown solver -> 422 problem+json. Identical requests (same
-model, method, pairwise, solver) share one job: the answer is the in-flight or succeeded job
-(``reused: true``), still ``202`` with ``Location: /v1/jobs/{job_id}``.
+method (``lipsdp-network``), unknown solver, or a method that cannot run on this network
+(sandwich on a plain net, LipSDP on a residual or too large net) -> 422 problem+json.
+Identical requests (same model, method, pairwise, solver) share one job: the answer is the
+in-flight or succeeded job (``reused: true``), still ``202`` with
+``Location: /v1/jobs/{job_id}``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdp.bounds import METHODS
-from sdp.errors import UnsupportedMethod
+from sdp.errors import NotApplicable, UnsupportedMethod
 from service.deps import RunnerDep, StorageDep, model_or_404
 from service.errors import ServiceError
 from service.jobs.base import JobSpec
@@ -73,6 +75,26 @@ def validate_solver(solver: str | None) -> None:
         )
 
 
+def check_applicable(net: Any, method: str, pairwise: bool) -> None:
+    """Refuse early what :func:`sdp.bounds.compute_bound` would refuse for this network.
+
+    The same checks run again inside the job (they are authoritative there); doing them here
+    answers 422 at once instead of a job that fails a few seconds later.
+    """
+    from sdp.bounds.lipsdp import check_size
+
+    if method == "sandwich" and net.sandwich is None:
+        raise NotApplicable("not a sandwich network (no sandwich parameters)")
+    lipsdp = method in ("lipsdp-neuron", "lipsdp-layer")
+    if (lipsdp or pairwise) and not net.is_chain:
+        raise NotApplicable(
+            "LipSDP and pairwise bounds need a chain; this residual network is bounded "
+            "compositionally (method naive or auto)"
+        )
+    if lipsdp or pairwise:
+        check_size(net)
+
+
 def _runner_or_503(runner: Any) -> Any:
     if runner is None:
         raise ServiceError("the job runner is not available", status=503, code="no-runner")
@@ -92,6 +114,7 @@ def request_bound(
     model_or_404(storage, model_id)
     validate_method(body.method)
     validate_solver(body.solver)
+    check_applicable(storage.load_network(model_id), body.method, body.pairwise)
     spec = JobSpec(
         model_id=model_id,
         method=body.method,

@@ -106,3 +106,40 @@ def wait_pid_gone(pid: int, timeout_s: float = 20.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def tiny_residual_onnx(seed: int = 3) -> bytes:
+    """ONNX ``y = W3 (x + W2 relu(W1 x + b1) + b2) + b3`` (4 -> 8 -> 4, skip, -> 3): not a chain."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def init(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], transB=1),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "W2", "b2"], ["g"], transB=1),
+        helper.make_node("Add", ["x", "g"], ["s"]),
+        helper.make_node("Gemm", ["s", "W3", "b3"], ["y"], transB=1),
+    ]
+    inits = [
+        init("W1", (8, 4)),
+        init("b1", (8,)),
+        init("W2", (4, 8)),
+        init("b2", (4,)),
+        init("W3", (3, 4)),
+        init("b3", (3,)),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_residual",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())

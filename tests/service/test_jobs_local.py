@@ -23,6 +23,7 @@ from tests.service.jobs_support import (
     pid_alive,
     random_weights,
     solving,
+    tiny_residual_onnx,
     upload,
     wait_for,
     wait_pid_gone,
@@ -198,6 +199,27 @@ def test_bad_requests_are_refused_before_queuing(
         assert "sound" in r.json()["detail"]
     store = client.app.state.runner.store  # type: ignore[attr-defined]
     assert store.find_reusable(JobSpec(model_id, str(body["method"])).dedupe_key()) == []
+
+
+def test_methods_the_network_cannot_take_are_refused_at_once(
+    client: TestClient, fixtures_dir: Path
+) -> None:
+    plain_id = upload(client, random_weights(fixtures_dir), "random_weights.mat")
+    res_id = upload(client, tiny_residual_onnx(), "tiny_residual.onnx")
+    for model_id, body in [
+        (plain_id, {"method": "sandwich"}),
+        (res_id, {"method": "lipsdp-neuron"}),
+        (res_id, {"method": "naive", "pairwise": True}),
+    ]:
+        r = client.post(f"/v1/models/{model_id}/bounds", json=body)
+        assert r.status_code == 422, (body, r.text)
+        assert r.json()["code"] == "method-not-applicable"
+    # the residual net still gets its compositional bound
+    job = post_bound(client, res_id, method="naive")
+    job = wait_for(job_getter(client, job["job_id"]), ended)
+    assert job["status"] == "succeeded", job
+    assert job["result"]["method"] == "naive-compositional"
+    assert job["result"]["lipschitz_bound"] >= job["result"]["lower_bound"] > 0
 
 
 def test_unknown_model_and_job_are_404(client: TestClient) -> None:
