@@ -66,6 +66,7 @@ class RedisJobs:
             "status": rec.status,
             "progress": "{}",
             "created_at": rec.created_at,
+            "created_ts": repr(time.time()),
         }
         with self.r.pipeline() as p:
             p.hset(job_key(rec.id), mapping=fields)

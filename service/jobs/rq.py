@@ -46,6 +46,10 @@ KEEP_S = 7 * 24 * 3600
 """How long RQ keeps finished job records, and Redis keeps model bytes after the last use."""
 
 
+MISSING_GRACE_S = 30.0
+"""A job hash younger than this may not have its RQ job yet (it is enqueued right after)."""
+
+
 class RqRunner:
     """Bound jobs on an RQ queue; see the module docstring."""
 
@@ -153,11 +157,12 @@ class RqRunner:
             job = Job.fetch(job_id, connection=self.redis)
         except NoSuchJobError:
             return self.get(job_id)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 10  # a dead worker never answers
         while time.monotonic() < deadline:
             status = job.get_status(refresh=True)
             if status in ("queued", "deferred", "scheduled", "created"):
-                job.cancel()
+                with contextlib.suppress(InvalidJobOperation):
+                    job.cancel()
                 break
             if status != "started":
                 break
@@ -209,6 +214,9 @@ class RqRunner:
             status = str(job.get_status(refresh=True).value)
         except NoSuchJobError:
             job, status = None, "missing"
+            created = self.jobs.raw(rec.id).get("created_ts")
+            if created and time.time() - float(created) < MISSING_GRACE_S:
+                return  # submit() writes the hash just before it enqueues the RQ job
         if status in ("failed", "stopped", "canceled", "finished", "missing"):
             if self.jobs.status(rec.id) not in ACTIVE:
                 return

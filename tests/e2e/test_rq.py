@@ -160,7 +160,7 @@ def test_rq_worker_certifies_cancels_and_survives_worker_loss(
         doomed = post_bound(client, big_id, **LONG_SOLVE)
         doomed = wait_for(job_getter(client, doomed["job_id"]), solving, timeout_s=120)
         assert doomed["status"] == "running", doomed
-        client.app.state.runner.heartbeat_timeout_s = 3.0  # type: ignore[attr-defined]
+        client.app.state.runner.heartbeat_timeout_s = 5.0  # type: ignore[attr-defined]
         pids = [worker.pid, doomed["worker"]["horse_pid"], doomed["worker"]["pid"]]
         for pid in pids:  # freeze first so no process can react to the others' death
             with suppress(ProcessLookupError):
