@@ -37,8 +37,21 @@ def loads_json(body: bytes) -> Any:
         ) from None
 
 
+_NUMBER_TYPES = frozenset((int, float))
+
+
 def as_array(values: Any, what: str = "inputs") -> np.ndarray:
     """A float64 array from nested JSON lists of numbers only (no strings, bools, ragged)."""
+    if (
+        isinstance(values, list)
+        and values
+        and all(type(row) is list for row in values)
+        and all(type(v) in _NUMBER_TYPES for row in values for v in row)
+    ):  # fast path: a list of rows of numbers
+        try:
+            return _finite(np.array(values, dtype=np.float64), what)
+        except (ValueError, OverflowError):
+            pass  # ragged or out of range: the general path below says which
     try:
         objs = np.array(values, dtype=object)
     except (ValueError, TypeError) as exc:
@@ -148,28 +161,29 @@ def results_payload(
             raise InvalidInput(f"labels must be class indices in [0, {k})")
     lip = float(bound["lipschitz_bound"])
     pred, margin, radius, rpw = radii(logits, lip, bound.get("pairwise"))
-    results: list[dict[str, Any]] = []
-    certified = 0
-    correct = 0
-    for i in range(b):
-        item: dict[str, Any] = {
-            "prediction": int(pred[i]),
-            "margin": _num(margin[i]),
-            "radius": _num(radius[i]),
-        }
-        if rpw is not None:
-            item["radius_pairwise"] = _num(rpw[i])
-        if labels is not None:
-            ok = int(labels[i]) == int(pred[i])
-            best = max(radius[i], rpw[i]) if rpw is not None else radius[i]
-            cert = ok and bool(best > epsilon)
-            item["label"] = int(labels[i])
-            item["certified"] = cert
-            correct += ok
-            certified += cert
-        if return_logits:
-            item["logits"] = [_num(v) for v in logits[i]]
-        results.append(item)
+    # Columns as Python lists first (vectorised), then one dict per input.
+    columns: dict[str, list[Any]] = {
+        "prediction": pred.astype(np.int64).tolist(),
+        "margin": _column(margin),
+        "radius": _column(radius),
+    }
+    if rpw is not None:
+        columns["radius_pairwise"] = _column(rpw)
+    certified = correct = 0
+    if labels is not None:
+        y = np.asarray(labels, dtype=np.int64)
+        ok = y == pred
+        best = np.maximum(radius, rpw) if rpw is not None else radius
+        cert = ok & (best > epsilon)
+        columns["label"] = y.tolist()
+        columns["certified"] = cert.tolist()
+        correct, certified = int(ok.sum()), int(cert.sum())
+    if return_logits:
+        columns["logits"] = [_column(row) for row in logits]
+    names = list(columns)
+    results = [
+        dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)
+    ]
     return {
         "lipschitz_bound": lip,
         "method": str(bound.get("method", "")),
@@ -179,6 +193,13 @@ def results_payload(
         "accuracy": None if labels is None else correct / b,
         "epsilon": epsilon,
     }
+
+
+def _column(a: np.ndarray) -> list[float | None]:
+    """Floats as a list; non-finite values (not JSON) as None."""
+    if np.isfinite(a).all():
+        return list(np.asarray(a, dtype=np.float64).tolist())
+    return [_num(v) for v in a]
 
 
 def _num(v: float) -> float | None:

@@ -53,7 +53,10 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(default=256, ge=1, description="Largest inference micro-batch (rows).")
     max_wait_ms: float = Field(
-        default=2.0, ge=0, description="How long the batcher waits to fill a micro-batch."
+        default=0.0,
+        ge=0,
+        description="Extra wait for more requests before a forward pass (0: batch only what "
+        "queued up while the previous pass ran).",
     )
     queue_size: int = Field(
         default=1024, ge=1, description="Pending inference requests before 503 + Retry-After."

@@ -1,0 +1,203 @@
+"""Certify throughput and latency through a real ``lipcert serve`` vs raw torch, same run.
+
+Model: vnncomp2021 mnistfc ``mnist-net_256x2.onnx`` (784-256-256-10), naive bound.
+1. raw: ``TorchNetwork`` from the same IR, in this process, ``--threads`` torch threads,
+   the server's dtype: rows/s of a forward pass on a batch of ``--batch`` rows.
+2. HTTP batch: POST /v1/models/{id}/certify with the same batch as .npy (float32) and as
+   JSON (body pre-encoded, so client-side encoding is not timed): rows/s end to end.
+3. latency: ``--requests`` single-input JSON certify calls from an asyncio httpx client with
+   at most ``--concurrency`` in flight, loopback: p50/p99 and requests/s.
+
+Usage::
+
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \\
+        .venv/bin/python bench/bench_certify.py [--threads 1] [--dtype float64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(os.environ.get("LIPCERT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+MODEL = FIXTURES / "vnncomp2021" / "benchmarks" / "mnistfc" / "mnist-net_256x2.onnx"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(data_dir: str, threads: int, dtype: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = dict(os.environ)
+    env.update(
+        LIPCERT_DATA_DIR=data_dir,
+        LIPCERT_DEVICE="cpu",
+        LIPCERT_TORCH_THREADS=str(threads),
+        LIPCERT_CPU_DTYPE=dtype,
+        LIPCERT_LOG_LEVEL="warning",
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        OPENBLAS_NUM_THREADS=str(threads),
+    )
+    cmd = [sys.executable, "-c", "from service.cli import main; main()", "serve"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port), "--log-level", "warning"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def raw_forward_rate(x: np.ndarray, threads: int, dtype: str, repeats: int) -> float:
+    import torch
+
+    from models.runtime import TorchNetwork
+    from sdp.importers import load_model_file
+
+    torch.set_num_threads(threads)
+    tdtype = torch.float64 if dtype == "float64" else torch.float32
+    net = TorchNetwork.from_network(load_model_file(MODEL), dtype=tdtype)
+
+    def run() -> None:
+        with torch.inference_mode():
+            net(torch.from_numpy(x).to(tdtype)).numpy()
+
+    run()
+    return len(x) / median_time(run, repeats)
+
+
+async def latency(url: str, mid: str, x: np.ndarray, n: int, concurrency: int) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+    lat: list[float] = []
+    bodies = [json.dumps({"inputs": [x[i % len(x)].tolist()]}).encode() for i in range(n)]
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as c:
+
+        async def one(body: bytes) -> None:
+            async with sem:
+                t0 = time.perf_counter()
+                r = await c.post(
+                    f"/v1/models/{mid}/certify",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                )
+                lat.append(time.perf_counter() - t0)
+                assert r.status_code == 200, r.text
+
+        await asyncio.gather(*[one(bodies[i]) for i in range(50)])  # warm-up
+        lat.clear()
+        t0 = time.perf_counter()
+        await asyncio.gather(*[one(b) for b in bodies])
+        wall = time.perf_counter() - t0
+    q = np.percentile(np.array(lat) * 1e3, [50, 90, 99])
+    return {"p50_ms": q[0], "p90_ms": q[1], "p99_ms": q[2], "req_per_s": n / wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=16)
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, size=(args.batch, 784)).astype(np.float32)
+    raw = raw_forward_rate(x, args.threads, args.dtype, args.repeats)
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        proc, url = start_server(data_dir, args.threads, args.dtype)
+        try:
+            c = httpx.Client(base_url=url, timeout=600)
+            up = c.post("/v1/models", files={"file": (MODEL.name, MODEL.read_bytes())})
+            mid = up.json()["id"]
+            job = c.post(f"/v1/models/{mid}/bounds", json={"method": "naive"}).json()
+            job_id = job.get("job_id") or job.get("id")
+            for _ in range(1200):
+                status = c.get(f"/v1/jobs/{job_id}").json()["status"]
+                if status in ("succeeded", "failed"):
+                    break
+                time.sleep(0.1)
+            assert status == "succeeded", status
+            buf = io.BytesIO()
+            np.save(buf, x)
+            npy = buf.getvalue()
+            js = json.dumps({"inputs": x.astype(np.float64).tolist()}).encode()
+            path = f"/v1/models/{mid}/certify"
+
+            def post_npy() -> None:
+                r = c.post(path, content=npy, headers={"content-type": "application/x-npy"})
+                assert r.status_code == 200, r.text
+
+            def post_json() -> None:
+                r = c.post(path, content=js, headers={"content-type": "application/json"})
+                assert r.status_code == 200, r.text
+
+            post_npy()
+            npy_rate = args.batch / median_time(post_npy, args.repeats)
+            json_rate = args.batch / median_time(post_json, max(3, args.repeats // 2))
+            lat = asyncio.run(latency(url, mid, x, args.requests, args.concurrency))
+            batch_text = c.get("/metrics").text
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+
+    batches = [ln for ln in batch_text.splitlines() if ln.startswith("lipcert_inference_batch_")]
+    print(f"model {MODEL.name}, batch {args.batch}, dtype {args.dtype}, threads {args.threads}")
+    print(f"raw torch forward (in-process)      {raw:12.0f} rows/s")
+    print(
+        f"HTTP certify .npy batch             {npy_rate:12.0f} rows/s  ({npy_rate / raw:.2f}x raw)"
+    )
+    print(
+        f"HTTP certify JSON batch             {json_rate:12.0f} rows/s  ({json_rate / raw:.2f}x raw)"
+    )
+    print(
+        f"single-input JSON, {args.concurrency} in flight, {args.requests} requests: "
+        f"p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, "
+        f"{lat['req_per_s']:.0f} req/s"
+    )
+    for ln in batches:
+        if "_sum" in ln or "_count" in ln:
+            print("  " + ln)
+
+
+if __name__ == "__main__":
+    main()
