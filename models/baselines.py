@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -24,7 +25,7 @@ def plain_mlp(in_dim: int, widths: Sequence[int], out_dim: int) -> nn.Sequential
     """Flatten, then Linear+ReLU per hidden width, then Linear."""
     sizes = [in_dim, *widths]
     layers: list[nn.Module] = [nn.Flatten()]
-    for p, q in zip(sizes[:-1], sizes[1:], strict=True):
+    for p, q in itertools.pairwise(sizes):
         layers += [nn.Linear(p, q), nn.ReLU()]
     layers.append(nn.Linear(sizes[-1], out_dim))
     return nn.Sequential(*layers)
@@ -65,7 +66,7 @@ def orthogonal_mlp(in_dim: int, widths: Sequence[int], out_dim: int) -> nn.Seque
     """Flatten, OrthogonalLinear+ReLU per hidden width, then OrthogonalLinear (1-Lipschitz)."""
     sizes = [in_dim, *widths]
     layers: list[nn.Module] = [nn.Flatten()]
-    for p, q in zip(sizes[:-1], sizes[1:], strict=True):
+    for p, q in itertools.pairwise(sizes):
         layers += [OrthogonalLinear(p, q), nn.ReLU()]
     layers.append(OrthogonalLinear(sizes[-1], out_dim))
     return nn.Sequential(*layers)

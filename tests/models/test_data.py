@@ -14,7 +14,7 @@ from models.data import load_dataset, load_mnist_idx, load_npz, read_idx
 def test_mnist_t10k(fixtures_dir):
     x, y = load_mnist_idx(fixtures_dir / "mnist", "t10k")
     assert x.shape == (10000, 1, 28, 28) and x.dtype == np.float32
-    assert 0.0 <= x.min() and x.max() == 1.0
+    assert x.min() >= 0.0 and x.max() == 1.0
     assert sorted(set(y.tolist())) == list(range(10))
     assert y[:5].tolist() == [7, 2, 1, 0, 4]  # the well-known first test labels
     x2, _ = load_dataset(fixtures_dir / "mnist")  # no train images there: falls back to t10k

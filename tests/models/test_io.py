@@ -88,7 +88,7 @@ def test_julia_lbdn_reproduces_its_accuracy(julia_model, mnist_test):
 
 
 def test_julia_lbdn_closed_form_gives_gamma_five(julia_model):
-    tensors, config = read_safetensors(julia_model)
+    _tensors, config = read_safetensors(julia_model)
     assert config["gamma"] == pytest.approx(5.0, rel=1e-6)
     net = load_network(julia_model)
     res = sandwich_bound(net)
@@ -109,7 +109,7 @@ def test_lipsdp_on_the_julia_export_is_at_most_five(julia_model):
     # exact input reduction W_0 = U S V^T -> U S (DESIGN §3.2); T carries over unchanged
     u, s, _ = np.linalg.svd(lmi.weights[0], full_matrices=False)
     reduced = Lmi((u * s, *lmi.weights[1:]), lmi.alpha, lmi.beta)
-    sol = get_solver("clarabel").solve(LipSdpProblem(reduced, "neuron"), SolveOptions())
+    sol = get_solver("structured").solve(LipSdpProblem(reduced, "neuron"), SolveOptions())
     assert sol.multipliers is not None
     rep = certify_multipliers(lmi, sol.multipliers)
     assert math.sqrt(rep.rho) <= 5.0
