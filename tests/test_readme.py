@@ -244,6 +244,8 @@ def readme_server(tmp_path: Path) -> Iterator[int]:
                 assert proc.poll() is None, f"./scripts/serve exited:\n{text}"
                 assert time.monotonic() < deadline, f"never live:\n{text}"
                 time.sleep(0.5)
+        # The first command tells the newcomer where the interactive docs are.
+        assert f"http://127.0.0.1:{port}/docs" in (tmp_path / "serve.log").read_text()
         yield port
     finally:
         if proc.poll() is None:
