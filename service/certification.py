@@ -3,8 +3,7 @@
 For logits f(x), predicted class y and margin m = f_y - max_{j != y} f_j, every x' with
 ||x' - x||_2 < m / (sqrt(2) L) keeps class y. With pairwise bounds L_yj >= Lip(f_y - f_j):
 r = min_{j != y} (f_y - f_j) / L_yj. The maths lives in :mod:`sdp.radius`; this module only
-adapts it to the HTTP results (a local copy of the two formulas is used until that module
-exists).
+adapts it to the HTTP results.
 
 Warning: the radius is only as exact as the logits; on CUDA they are float32.
 """
@@ -104,44 +103,27 @@ def batch_inputs(arr: np.ndarray, input_shape: list[int], max_inputs: int) -> np
 def radii(
     logits: np.ndarray, lipschitz: float, pairwise: Any = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """(prediction, margin, radius, radius_pairwise) for logits (B, K)."""
-    try:
-        from sdp.radius import certified_radius
-    except ImportError:
-        certified_radius = None
-    pw = None if pairwise is None else np.asarray(pairwise, dtype=np.float64)
-    if certified_radius is not None:
-        out = certified_radius(logits, lipschitz, pairwise=pw)
-        return (
-            np.asarray(_field(out, "prediction"), dtype=np.int64),
-            np.asarray(_field(out, "margin"), dtype=np.float64),
-            np.asarray(_field(out, "radius"), dtype=np.float64),
-            None if pw is None else np.asarray(_field(out, "radius_pairwise"), dtype=np.float64),
+    """(prediction, margin, radius, radius_pairwise) for logits (B, K), via sdp.radius."""
+    from sdp.radius import certified_radius
+
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise InvalidInput(
+            "the model has a single output; certified radii need at least two classes",
+            code="not-a-classifier",
         )
-    return _radii_local(logits, lipschitz, pw)
-
-
-def _field(out: Any, name: str) -> Any:
-    return out[name] if isinstance(out, dict) else getattr(out, name)
-
-
-def _radii_local(
-    logits: np.ndarray, lipschitz: float, pw: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    b, k = logits.shape
-    pred = np.argmax(logits, axis=1)
-    top = logits[np.arange(b), pred]
-    others = logits.copy()
-    others[np.arange(b), pred] = -np.inf
-    margin = top - others.max(axis=1) if k > 1 else np.full(b, np.inf)
-    radius = np.maximum(margin, 0.0) / (math.sqrt(2.0) * lipschitz)
-    rpw = None
-    if pw is not None:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            gaps = (top[:, None] - logits) / pw[pred]
-        gaps[np.arange(b), pred] = np.inf
-        rpw = np.maximum(gaps.min(axis=1), 0.0)
-    return pred, margin, radius, rpw
+    if not (math.isfinite(lipschitz) and lipschitz > 0):
+        raise InvalidInput(f"the stored bound {lipschitz!r} cannot give radii", code="bad-bound")
+    pw = None if pairwise is None else np.asarray(pairwise, dtype=np.float64)
+    if pw is not None and pw.shape != (logits.shape[1],) * 2:
+        pw = None  # a malformed pairwise matrix is ignored, the scalar bound still holds
+    out = certified_radius(logits, lipschitz, pairwise=pw)
+    rpw = None if pw is None else np.asarray(out.radius_pairwise, dtype=np.float64)
+    return (
+        np.asarray(out.prediction, dtype=np.int64),
+        np.asarray(out.margin, dtype=np.float64),
+        np.asarray(out.radius, dtype=np.float64),
+        rpw,
+    )
 
 
 def results_payload(

@@ -339,3 +339,14 @@ def test_full_queue_is_503_with_retry_after(make_client, rw_onnx) -> None:
     r = client.post(f"/v1/models/{mid}/certify", json={"inputs": [[0, 0]]})
     assert_problem(r, 503, "service-busy")
     assert r.headers["retry-after"] == "1"
+
+
+def test_single_output_model_is_422_not_500(client) -> None:
+    rng = np.random.default_rng(6)
+    data = mlp_onnx([rng.normal(size=(3, 2)), rng.normal(size=(1, 3))])
+    mid = client.post("/v1/models", files={"file": ("one.onnx", data)}).json()["id"]
+    client.app.state.storage.save_bound(
+        mid, {"lipschitz_bound": 10.0, "method": "naive", "verified": True}
+    )
+    r = client.post(f"/v1/models/{mid}/certify", json={"inputs": [[0.1, 0.2]]})
+    assert_problem(r, 422, "not-a-classifier")
