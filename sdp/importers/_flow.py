@@ -207,6 +207,51 @@ def merge_residual(a: Flow, b: Flow, limits: Limits, sign: float = 1.0) -> Flow:
     return Flow((*a.ops[:k], res), a.index)
 
 
+def same_value(a: Flow, b: Flow, limits: Limits) -> bool:
+    """True when two flows provably hold the same tensor (same ops up to equal copies)."""
+    if a is b:
+        return True
+    if a.shape != b.shape or not np.array_equal(a.index, b.index):
+        return False
+    ma, mb = a.materialised(limits), b.materialised(limits)
+    return len(ma.ops) == len(mb.ops) and all(
+        _same_op(x, y) for x, y in zip(ma.ops, mb.ops, strict=True)
+    )
+
+
+def _same_op(x: Op, y: Op) -> bool:
+    if x is y:
+        return True
+    if isinstance(x, Dense) and isinstance(y, Dense):
+        return np.array_equal(x.weight, y.weight) and np.array_equal(x.bias, y.bias)
+    if isinstance(x, Conv2d) and isinstance(y, Conv2d):
+        meta = ("in_shape", "stride", "padding", "dilation", "groups")
+        return all(getattr(x, k) == getattr(y, k) for k in meta) and _same_op(
+            Dense(x.weight.reshape(x.weight.shape[0], -1), x.bias),
+            Dense(y.weight.reshape(y.weight.shape[0], -1), y.bias),
+        )
+    if isinstance(x, Activation) and isinstance(y, Activation):
+        return x == y
+    return False
+
+
+def activation_input(flow: Flow, name: str) -> Flow | None:
+    """If ``flow`` is ``name(g)`` with nothing pending, the flow ``g`` (materialised)."""
+    last = flow.ops[-1] if flow.ops else None
+    if flow.has_pending or not isinstance(last, Activation) or last.name != name:
+        return None
+    return Flow(flow.ops[:-1], flow.index)
+
+
+def fuse_silu(a: Flow, b: Flow, limits: Limits) -> Flow | None:
+    """``x * sigmoid(x)`` (how exporters write SiLU) as one SiLU activation, else None."""
+    for x, gate in ((a, b), (b, a)):
+        inner = activation_input(gate, "sigmoid")
+        if inner is not None and same_value(x, inner, limits):
+            return Flow((*inner.ops, Activation("silu")), inner.index)
+    return None
+
+
 def check_matrix(limits: Limits, rows: int, cols: int) -> None:
     if rows * cols > limits.max_parameters:
         raise ModelRejected(

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from sdp.errors import ModelRejected, UnsupportedOp
-from sdp.importers._flow import Flow, check_matrix, merge_residual
+from sdp.importers._flow import Flow, check_matrix, fuse_silu, merge_residual
 from sdp.importers.limits import Limits
 
 Value = Flow | np.ndarray | None
@@ -217,6 +217,9 @@ def arithmetic(ctx: NodeContext) -> Value:
     if isinstance(a, Flow) and isinstance(b, Flow):
         if op in ("Add", "Sub"):
             return merge_residual(a, b, ctx.limits, sign=1.0 if op == "Add" else -1.0)
+        fused = fuse_silu(a, b, ctx.limits) if op == "Mul" else None
+        if fused is not None:
+            return fused
         raise ctx.reject(f"{op} of two activations is not a linear map", "unsupported-graph")
     if not isinstance(a, Flow) and not isinstance(b, Flow):
         if not _broadcastable(ctx.const(0).shape, ctx.const(1).shape):

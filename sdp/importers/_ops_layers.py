@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from sdp.importers._flow import Flow
+from sdp.errors import UnsupportedOp
+from sdp.importers._flow import Flow, activation_input, same_value
 from sdp.importers._ops import NodeContext, Value, converter
 from sdp.ir import Activation, Conv2d
 
@@ -124,6 +126,7 @@ def batch_norm(ctx: NodeContext) -> Value:
 
 
 _ACTS = {
+    "Gelu": "gelu",
     "Relu": "relu",
     "LeakyRelu": "leaky_relu",
     "Sigmoid": "sigmoid",
@@ -141,6 +144,8 @@ def activation(ctx: NodeContext) -> Value:
         if slope.size == 0 or not np.all(slope == slope.ravel()[0]):
             raise ctx.reject("PRelu with per-channel slopes is not supported")
         act = Activation("leaky_relu", float(slope.ravel()[0]))
+    elif ctx.op == "Gelu" and _text(ctx.attr("approximate", "none")) != "none":
+        raise ctx.reject("the tanh approximation of GELU differs from the exact (erf) GELU")
     else:
         param = float(ctx.attr("alpha", _DEFAULT_PARAM.get(ctx.op, 0.0)))
         try:
@@ -151,3 +156,60 @@ def activation(ctx: NodeContext) -> Value:
     if isinstance(x, np.ndarray):
         return act(x)
     return ctx.flow(0).then_activation(act, ctx.limits)
+
+
+def _text(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+@dataclass(frozen=True, eq=False)
+class Comparison:
+    """``flow > threshold`` (ONNX Greater with a scalar constant); only Where may consume it."""
+
+    flow: Flow
+    threshold: float
+
+
+@converter("Greater")
+def greater(ctx: NodeContext) -> Value:
+    c = ctx.const(1)
+    if c.size != 1:
+        raise ctx.reject("only comparisons with a scalar are supported", "unsupported-graph")
+    return Comparison(ctx.flow(0), float(c.ravel()[0]))  # type: ignore[return-value]
+
+
+# above the threshold torch returns x where softplus gives x + log1p(e^-beta x)/beta:
+# the two differ by less than e^-threshold / beta, accepted when below 1e-6 (t = 20: 2e-9)
+_MAX_SOFTPLUS_DEVIATION = 1e-6
+
+
+@converter("Where")
+def where(ctx: NodeContext) -> Value:
+    """torch's Softplus(beta, threshold=t) as exported:
+    ``Where(beta x > t, x, Softplus(beta x) / beta)``.
+
+    That is the IR map ``softplus(beta x) / beta`` up to ``e^-t / beta`` (accepted below 1e-6;
+    torch's default t = 20 gives 2e-9); any other Where is refused.
+    """
+    cond = ctx.inputs[0]
+    a, b = ctx.flow(1), ctx.flow(2)
+    beta, plain = 1.0, b
+    if b.has_pending:  # the 1/beta of Softplus(beta x) / beta
+        s = np.ravel(b.scale) if b.scale is not None else np.ones(1)
+        shift_free = b.shift is None or not np.any(b.shift)
+        if shift_free and s.size and np.all(s == s[0]) and s[0] > 0:
+            beta, plain = 1.0 / float(s[0]), Flow(b.ops, b.index)
+    inner = activation_input(plain, "softplus")
+    if (
+        isinstance(cond, Comparison)
+        and inner is not None
+        and math.exp(-cond.threshold) / beta <= _MAX_SOFTPLUS_DEVIATION
+        and same_value(cond.flow, inner, ctx.limits)
+        and same_value(cond.flow, a if beta == 1.0 else a.affine(mul=beta), ctx.limits)
+    ):
+        return b
+    raise UnsupportedOp(
+        ctx.name,
+        ctx.op,
+        f"node {ctx.name!r}: Where is only supported as torch's thresholded Softplus",
+    )

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from sdp.errors import ModelRejected, UnsupportedOp
-from sdp.importers import _ops_layers  # noqa: F401  (registers conv/activation converters)
 from sdp.importers._flow import Flow
 from sdp.importers._ops import CONVERTERS, GraphState, NodeContext, Value
+from sdp.importers._ops_layers import Comparison  # also registers conv/activation converters
 from sdp.importers.limits import Limits
 from sdp.ir import Dense, Network
 
@@ -251,8 +251,11 @@ def _convert(model: Any, limits: Limits, name: str) -> Network:
             ) from exc
         if len(outs) != 1:
             raise ctx.reject(f"{len(outs)} outputs; exactly one is supported")
+        if isinstance(result, Comparison):
+            values[outs[0]] = result
+            continue
         values[outs[0]] = result if isinstance(result, Flow) else np.asarray(result)
-        _check_declared(outs[0], result, declared.get(outs[0]))
+        _check_declared(outs[0], values[outs[0]], declared.get(outs[0]))
     out = values.get(g.output[0].name)
     if not isinstance(out, Flow):
         raise ModelRejected(
