@@ -15,7 +15,7 @@ import pytest
 from service import metrics
 from service.app import create_app
 from service.settings import Settings
-from tests.service.onnx_nets import assert_problem, norm_product
+from tests.service.onnx_nets import assert_problem, mlp_onnx, norm_product
 
 
 def _ort_logits(onnx_bytes: bytes, x: np.ndarray) -> np.ndarray:
