@@ -26,7 +26,9 @@ from sdp.solvers.base import Progress, Variant
 
 METHODS = ("auto", "naive", "lipsdp-layer", "lipsdp-neuron", "sandwich")
 AUTO_HIDDEN_CAP = 1_500
-"""auto runs LipSDP-Neuron (CVXPY) only up to this many hidden neurons."""
+"""auto runs LipSDP-Neuron only up to this many hidden neurons."""
+AUTO_TIMEOUT_S = 120.0
+"""auto's solver time limit when the caller gives none (the certificate covers a timeout)."""
 
 
 def _naive(net: Network) -> BoundResult:
@@ -69,6 +71,8 @@ def _auto(net: Network, **kw: Any) -> BoundResult:
         check_size(net, hidden_cap=AUTO_HIDDEN_CAP)
     except NotApplicable as e:
         return replace(naive, notes=(*naive.notes, f"auto: {e.detail}; naive bound used"))
+    if kw.get("timeout_s") is None:
+        kw = {**kw, "timeout_s": AUTO_TIMEOUT_S}
     res = lipsdp_bound(net, "neuron", **kw)
     if res.verified and res.value <= naive.value:
         return res

@@ -269,6 +269,7 @@ def pairwise_bounds(
     """Symmetric K x K matrix of verified bounds on Lip(f_y - f_j) (output row e_y - e_j).
 
     Each pair is its own LipSDP with output map P = (e_y - e_j)^T; the certificate stores P.
+    ``timeout_s`` is the budget for all pairs together (split evenly over the remaining ones).
     """
     check_size(net)
     chain_lmi = Lmi.from_chain(net.chain())
@@ -277,7 +278,10 @@ def pairwise_bounds(
     certs: list[Certificate] = []
     notes: list[str] = []
     pairs = [(y, j) for y in range(k) for j in range(y + 1, k)]
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     for n_done, (y, j) in enumerate(pairs):
+        if deadline is not None:  # share the time budget over the remaining pairs
+            timeout_s = max(deadline - time.monotonic(), 0.0) / (len(pairs) - n_done)
         row = np.zeros((1, k))
         row[0, y], row[0, j] = 1.0, -1.0
         lmi = Lmi(
