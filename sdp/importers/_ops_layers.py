@@ -213,3 +213,30 @@ def where(ctx: NodeContext) -> Value:
         ctx.op,
         f"node {ctx.name!r}: Where is only supported as torch's thresholded Softplus",
     )
+
+
+@converter("ReduceMean", "ReduceSum")
+def reduce_linear(ctx: NodeContext) -> Value:
+    """Mean/sum over axes: linear, y = R x with R[j, k] = 1/n (mean) or 1 (sum) when input
+    element k lands in output element j."""
+    x = ctx.flow(0)
+    shape = x.shape
+    axes_in = ctx.optional_const(1)
+    raw = axes_in.ravel().tolist() if axes_in is not None else ctx.attr("axes", None)
+    if not raw:
+        if int(ctx.attr("noop_with_empty_axes", 0)):
+            return x
+        raw = list(range(len(shape)))
+    axes = sorted({int(a) + len(shape) if int(a) < 0 else int(a) for a in raw})
+    if not all(0 <= a < len(shape) for a in axes):
+        raise ctx.reject(f"axes {raw} are out of range for rank {len(shape)}", "malformed")
+    keep = int(ctx.attr("keepdims", 1))
+    out_keep = tuple(1 if i in axes else d for i, d in enumerate(shape))
+    out_shape = out_keep if keep else tuple(d for i, d in enumerate(shape) if i not in axes)
+    n_out = math.prod(out_keep)
+    target = np.arange(n_out).reshape(out_keep)
+    rows = np.broadcast_to(target, shape).ravel()  # output element of each input element
+    count = math.prod(shape[a] for a in axes)
+    weight = np.zeros((n_out, x.size))
+    weight[rows, np.arange(x.size)] = 1.0 / count if ctx.op == "ReduceMean" else 1.0
+    return x.then_dense(weight, np.zeros(n_out), out_shape, ctx.limits)

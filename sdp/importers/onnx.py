@@ -9,6 +9,12 @@ computes, so a file whose dims lie is refused with ``shape-mismatch``.
 
 Batch dimension: a leading input dim of 1 (or symbolic) on an input of rank >= 2 is the
 batch; ``Network.input_shape`` is the rest, e.g. [1, 784, 1] -> (784, 1), [5] -> (5,).
+
+Layout: a Transpose applied directly to the raw input (e.g. NHWC -> NCHW before a Conv) is
+absorbed into the input: ``input_shape`` is then the *transposed* layout (C, H, W), and callers
+must feed inputs in that layout. Other Transposes/Reshapes only permute indices (free).
+Exporter patterns recognised: ``x * sigmoid(x)`` -> SiLU, ``Where(x > t, x, Softplus(x))``
+-> softplus (torch's thresholded Softplus, within e^-t).
 """
 
 from __future__ import annotations

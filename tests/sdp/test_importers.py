@@ -276,7 +276,27 @@ def _residual_sub_and_weight_left() -> bytes:
     )
 
 
+def _reduce_mean() -> bytes:
+    return make_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("ReduceMean", ["r"], ["m"], axes=[2, 3], keepdims=0),
+            helper.make_node("Gemm", ["m", "w2"], ["g"], transB=1),
+            helper.make_node("ReduceSum", ["g", "ax"], ["y"], keepdims=1),
+        ],
+        [
+            init("w", rng_w(4, 2, 3, 3)),
+            init("w2", rng_w(3, 4)),
+            numpy_helper.from_array(np.array([1]), "ax"),
+        ],
+        [1, 2, 5, 5],
+        [1, 1],
+    )
+
+
 BUILT = {
+    "reduce-mean-sum": _reduce_mean,
     "normalise-conv-pad": lambda: _normalised_conv(1),
     "normalise-conv-nopad": lambda: _normalised_conv(0),
     "bn-pool-dilated-depthwise": _bn_pool,
