@@ -379,8 +379,8 @@ class Network:
         """Normal form for LipSDP: merge consecutive dense layers, add identity layers at the ends.
 
         A trailing activation (e.g. ERAN nets end in Relu) becomes phi followed by y = I z;
-        a leading activation gets an identity layer before it. Raises NotApplicable for
-        residual networks or two activations in a row.
+        an activation not preceded by an affine layer (at the start, or a second activation
+        in a row) gets an identity layer before it. Raises NotApplicable for residual networks.
         """
         if not self.is_chain:
             raise NotApplicable("residual network: not a chain; use the compositional bound")
@@ -391,10 +391,7 @@ class Network:
         for op in self.ops:
             if isinstance(op, Activation):
                 if pending is None:
-                    if acts or not affines:
-                        pending = Dense(np.eye(n), np.zeros(n))
-                    else:
-                        raise NotApplicable("two activations in a row are not a LipSDP chain")
+                    pending = Dense(np.eye(n), np.zeros(n))
                 affines.append(pending)
                 acts.append(op)
                 pending = None
