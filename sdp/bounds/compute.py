@@ -126,6 +126,9 @@ def compute_bound(
         res = _auto(net, **kw)
     else:
         res = _lipsdp(net, "neuron" if method == "lipsdp-neuron" else "layer", **kw)
+        naive = _naive(net).value
+        if res.value > naive:
+            res = replace(res, notes=(*res.notes, f"looser than the naive bound {naive:.6g}"))
     if not res.verified:
         raise LipcertError(f"{res.method} produced no verified bound", code="bound-unverified")
     extra: dict[str, Any] = {"requested_method": method}
