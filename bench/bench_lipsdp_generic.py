@@ -5,6 +5,7 @@
   (n0 + N) stack, solved with ``prob.solve()`` (CVXPY's default solver and settings);
 * block: :func:`sdp.bounds.compute_bound` with ``solver="scs"`` (block form via ``cp.bmat``,
   exact SVD input reduction, SCS eps 1e-6);
+* block-clarabel (optional mode): the same block form with Clarabel (interior point);
 * auto: :func:`sdp.bounds.compute_bound` with the solver it picks by itself (the structured
   solver when registered).
 
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("LIPCERT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 NETS = ("random_weights", "mnist_weights", "random_784_128_128_10")
 MODES = ("generic", "block", "auto")
+SOLVER_OF_MODE = {"block": "scs", "block-clarabel": "clarabel", "auto": None}
 
 
 def load_net(name: str):  # type: ignore[no-untyped-def]
@@ -119,7 +121,7 @@ def ours(net, solver: str | None) -> dict:  # type: ignore[no-untyped-def]
 def run_case(net_name: str, mode: str) -> dict:
     net = load_net(net_name)
     t0 = time.perf_counter()
-    out = generic(net) if mode == "generic" else ours(net, "scs" if mode == "block" else None)
+    out = generic(net) if mode == "generic" else ours(net, SOLVER_OF_MODE[mode])
     out["wall_s"] = time.perf_counter() - t0
     return out
 
