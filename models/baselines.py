@@ -54,12 +54,12 @@ class OrthogonalLinear(_CachedWeights):
         """W^T (in, out): Q = (I + S)^{-1}(I - S), S = A - A^T."""
         s = self.skew - self.skew.T
         eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
-        q = torch.linalg.solve(eye + s, eye - s)
+        q = 2.0 * torch.linalg.inv(eye + s) - eye  # (I+S)^{-1}(I-S) = 2(I+S)^{-1} - I
         return q[: self.out_features, : self.in_features].T
 
     def forward(self, x: Tensor) -> Tensor:
-        y = x @ self.weights()
-        return y + self.bias if self.bias is not None else y
+        w = self.weights()
+        return x @ w if self.bias is None else torch.addmm(self.bias, x, w)
 
 
 def orthogonal_mlp(in_dim: int, widths: Sequence[int], out_dim: int) -> nn.Sequential:

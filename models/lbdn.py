@@ -104,11 +104,9 @@ class LBDN(_CachedWeights):
         if not self.training:
             plain = self.weights()
             for (w, b), layer in zip(plain[:-1], self.hidden, strict=True):
-                x = x @ w
-                x = layer.activation(x + b if b is not None else x)
+                x = layer.activation(x @ w if b is None else torch.addmm(b, x, w))
             w, b = plain[-1]
-            x = x @ w
-            return x + b if b is not None else x
+            return x @ w if b is None else torch.addmm(b, x, w)
         s = torch.exp(0.5 * self.log_gamma)
         h = s * x
         for layer in self.hidden:

@@ -55,19 +55,24 @@ def activation_spec(module: nn.Module) -> Activation:
     return act
 
 
-def cayley(xy: Tensor, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(A^T (q, q), B^T (p, q)) of [X; Y] ((q+p), q), rescaled to norm ``alpha`` if given."""
+def cayley_factors(xy: Tensor, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(Y (p, q), M = (I + Z)^{-1} (q, q)) of [X; Y], rescaled to norm ``alpha`` if given.
+
+    The inverse is well conditioned: the symmetric part of I + Z is I + Y^T Y >= I, so
+    ||M||_2 <= 1.
+    """
     q = xy.shape[1]
     if alpha is not None:
         xy = xy * (alpha / torch.linalg.matrix_norm(xy))
     x, y = xy[:q], xy[q:]
-    z = x - x.T + y.T @ y
     eye = torch.eye(q, dtype=xy.dtype, device=xy.device)
-    lu, piv = torch.linalg.lu_factor(eye + z)
-    a_t = torch.linalg.lu_solve(lu, piv, eye - z)
-    # B^T = -2 Y (I+Z)^{-1}: solve (I+Z)^T W = Y^T, B^T = -2 W^T
-    b_t = -2.0 * torch.linalg.lu_solve(lu, piv, y.T, adjoint=True).T
-    return a_t, b_t
+    return y, torch.linalg.inv(eye + x - x.T + y.T @ y)
+
+
+def cayley(xy: Tensor, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(A^T (q, q), B^T (p, q)): A^T = M (I - Z) = 2M - I and B^T = -2 Y M."""
+    y, m = cayley_factors(xy, alpha)
+    return 2.0 * m - torch.eye(m.shape[0], dtype=m.dtype, device=m.device), -2.0 * (y @ m)
 
 
 class _CachedWeights(nn.Module):
@@ -160,10 +165,17 @@ class SandwichLinear(_CachedWeights):
         return _SQRT2 * b_t / psi, _SQRT2 * psi[:, None] * a_t.T
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.shape[0] < self.in_features:
+            # small batch: u = -2 sqrt2 (x Y) M Psi^{-1} never forms B^T (saves p q^2 flops)
+            y, m = cayley_factors(self.XY, self.alpha)
+            psi = torch.exp(self.d)
+            u = (x @ y) @ (m * (-2.0 * _SQRT2 / psi))
+            if self.bias is not None:
+                u = u + self.bias
+            eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+            return self.activation(u) @ (_SQRT2 * psi[:, None] * (2.0 * m - eye).T)
         w_in, w_out = self.weights()
-        u = x @ w_in
-        if self.bias is not None:
-            u = u + self.bias
+        u = x @ w_in if self.bias is None else torch.addmm(self.bias, x, w_in)
         return self.activation(u) @ w_out
 
     def extra_repr(self) -> str:
@@ -211,8 +223,8 @@ class SandwichOutput(_CachedWeights):
         return cayley(self.XY, self.alpha)[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        y = x @ self.weights()
-        return y + self.bias if self.bias is not None else y
+        w = self.weights()
+        return x @ w if self.bias is None else torch.addmm(self.bias, x, w)
 
     def extra_repr(self) -> str:
         return (

@@ -145,3 +145,14 @@ def test_training_mode_gradients_reach_every_parameter():
     net(torch.randn(8, 4)).square().sum().backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_runtime_runs_the_exported_network_like_the_lbdn():
+    from models.runtime import TorchNetwork
+
+    torch.manual_seed(7)
+    net = LBDN(8, [6, 6], 3, gamma=2.0, dtype=F64).eval()
+    runner = TorchNetwork.from_network(net.to_network(), dtype=F64, device="cpu")
+    x = torch.randn(5, 8, dtype=F64)
+    with torch.no_grad():
+        torch.testing.assert_close(runner(x), net(x), rtol=0, atol=1e-10)

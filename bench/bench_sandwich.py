@@ -1,0 +1,147 @@
+"""Sandwich (LBDN) layers: training-step and eval cost vs nn.Linear, and tightness on a toy fit.
+
+Questions answered:
+1. Per-step training time (forward + backward + Adam step) of an LBDN MLP vs an nn.Linear MLP of
+   the same widths, vs the orthogonal (Cayley) and spectral-norm baselines.
+   Goal: LBDN <= 1.5x nn.Linear.
+2. Eval time with cached weights (LBDN runs as its plain MLP in eval mode). Goal: <= 1.1x.
+3. Tightness: fit a steep 1-D function with gamma = 1 and report the empirical lower bound on
+   the Lipschitz constant (max slope on a fine grid, plus gradient ascent) divided by gamma.
+
+Run:
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
+        .venv/bin/python bench/bench_sandwich.py --threads 1
+Times are medians over ``--repeats`` timed blocks of ``--steps`` steps, after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from models.baselines import orthogonal_mlp, plain_mlp, spectral_mlp
+from models.empirical import empirical_lipschitz
+from models.lbdn import LBDN
+
+
+def _median_ms(fn: Callable[[], object], steps: int, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        times.append((time.perf_counter() - t0) / steps * 1e3)
+    return statistics.median(times)
+
+
+def speed(width: int, depth: int, batch: int, eval_batch: int, steps: int, repeats: int) -> None:
+    in_dim, out_dim = 784, 10
+    widths = [width] * depth
+    torch.manual_seed(0)
+    models: dict[str, nn.Module] = {
+        "nn.Linear MLP": plain_mlp(in_dim, widths, out_dim),
+        "LBDN (sandwich)": LBDN(in_dim, widths, out_dim, gamma=2.0),
+        "orthogonal (Cayley)": orthogonal_mlp(in_dim, widths, out_dim),
+        "spectral norm": spectral_mlp(in_dim, widths, out_dim),
+    }
+    x = torch.randn(batch, in_dim)
+    y = torch.randint(0, out_dim, (batch,))
+    xe = torch.randn(eval_batch, in_dim)
+    rows = []
+    for name, model in models.items():
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        model.train()
+        t_train = _median_ms(step, steps, repeats)
+        model.eval()
+
+        @torch.no_grad()
+        def infer(model: nn.Module = model) -> None:
+            model(xe)
+
+        t_eval = _median_ms(infer, steps, repeats)
+        rows.append((name, t_train, t_eval))
+    base_train, base_eval = rows[0][1], rows[0][2]
+    print(f"\nwidths {widths}, input 784, 10 classes; train batch {batch}, eval batch {eval_batch}")
+    print("| model | train step (ms) | x nn.Linear | eval (ms) | x nn.Linear |")
+    print("|---|---|---|---|---|")
+    for name, tt, te in rows:
+        print(f"| {name} | {tt:.3f} | {tt / base_train:.2f} | {te:.3f} | {te / base_eval:.2f} |")
+
+
+def _steep(x: torch.Tensor) -> torch.Tensor:
+    """A steep 1-D target: a unit step smoothed over width 0.02 (slope 50 at 0)."""
+    return torch.tanh(x / 0.02)
+
+
+def tightness(steps: int, seed: int) -> None:
+    print("\ntightness: fit y = tanh(x / 0.02) on [-1, 1] (slope 50) with gamma = 1, MSE, Adam")
+    print("| model | final MSE | empirical Lip (grid) | empirical Lip (ascent) | lower / gamma |")
+    print("|---|---|---|---|---|")
+    xs = torch.linspace(-1, 1, 2001, dtype=torch.float64)[:, None]
+    for name, make in {
+        "LBDN [64, 64], gamma = 1": lambda: LBDN(1, [64, 64], 1, gamma=1.0, dtype=torch.float64),
+        "orthogonal MLP [64, 64]": lambda: orthogonal_mlp(1, [64, 64], 1).double(),
+    }.items():
+        torch.manual_seed(seed)
+        model = make()
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            xb = 2 * torch.rand(256, 1, generator=gen, dtype=torch.float64) - 1
+            loss = nn.functional.mse_loss(model(xb), _steep(xb))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            f = model(xs)
+            mse = float(nn.functional.mse_loss(f, _steep(xs)))
+            grid = float(((f[1:] - f[:-1]).abs() / (xs[1:] - xs[:-1])).max())
+        ascent = empirical_lipschitz(model, 1, starts=64, steps=300, scale=0.3, seed=seed)
+        low = max(grid, ascent)
+        print(f"| {name} | {mse:.4f} | {grid:.4f} | {ascent:.4f} | {low:.2%} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--batch", type=int, nargs="+", default=[128, 1024])
+    ap.add_argument("--eval-batch", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--fit-steps", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(
+        f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; uptime: {load}"
+    )
+    for batch in args.batch:
+        speed(args.width, args.depth, batch, args.eval_batch, args.steps, args.repeats)
+    tightness(args.fit_steps, args.seed)
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"\nuptime after: {load}")
+
+
+if __name__ == "__main__":
+    main()
