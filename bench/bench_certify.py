@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
@@ -174,7 +174,10 @@ def main() -> None:
             post_npy()
             npy_rate = args.batch / median_time(post_npy, args.repeats)
             json_rate = args.batch / median_time(post_json, max(3, args.repeats // 2))
-            lat = asyncio.run(latency(url, mid, x, args.requests, args.concurrency))
+            lats = {
+                conc: asyncio.run(latency(url, mid, x, args.requests, conc))
+                for conc in args.concurrency
+            }
             batch_text = c.get("/metrics").text
         finally:
             proc.send_signal(signal.SIGINT)
@@ -187,13 +190,15 @@ def main() -> None:
         f"HTTP certify .npy batch             {npy_rate:12.0f} rows/s  ({npy_rate / raw:.2f}x raw)"
     )
     print(
-        f"HTTP certify JSON batch             {json_rate:12.0f} rows/s  ({json_rate / raw:.2f}x raw)"
+        f"HTTP certify JSON batch             {json_rate:12.0f} rows/s  "
+        f"({json_rate / raw:.2f}x raw)"
     )
-    print(
-        f"single-input JSON, {args.concurrency} in flight, {args.requests} requests: "
-        f"p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, "
-        f"{lat['req_per_s']:.0f} req/s"
-    )
+    for conc, lat in lats.items():
+        print(
+            f"single-input JSON, {conc:3d} in flight, {args.requests} requests: "
+            f"p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms, "
+            f"p99 {lat['p99_ms']:.2f} ms, {lat['req_per_s']:.0f} req/s"
+        )
     for ln in batches:
         if "_sum" in ln or "_count" in ln:
             print("  " + ln)

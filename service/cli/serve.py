@@ -25,4 +25,10 @@ def serve(
         fail(f"invalid LIPCERT_* configuration: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
     shown = f"[{host}]" if ":" in host else host
     typer.echo(f"lipcert: API docs at http://{shown}:{port}/docs (data in {settings.data_dir})")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+    import logging
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # lipcert's own access log (service.middleware) replaces uvicorn's
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
