@@ -9,14 +9,40 @@ job's wall-clock limit and honouring cancellation; a killed process is really go
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from service.jobs.base import JobSpec
-from service.jobs.tasks import ModelSource, child_main
+from service.jobs.tasks import THREAD_ENV, ModelSource, child_main
+
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _thread_env(threads: int) -> Iterator[None]:
+    """Set the BLAS/OpenMP thread variables while a child is being spawned, then restore.
+
+    A spawned child re-imports the parent's main module (e.g. the ``lipcert`` script, which
+    loads numpy) before its target runs, so the limits must already be in the environment it
+    is started with; setting them inside the child would be too late.
+    """
+    with _ENV_LOCK:
+        saved = {name: os.environ.get(name) for name in THREAD_ENV}
+        os.environ.update({name: str(threads) for name in THREAD_ENV})
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 @dataclass(frozen=True)
@@ -40,7 +66,8 @@ class SolveProcess:
             name=f"lipcert-solve-{spec.model_id}",
             daemon=True,
         )
-        self.process.start()
+        with _thread_env(max(1, int(threads))):
+            self.process.start()
         child_conn.close()
         self._eof = False
 

@@ -30,14 +30,14 @@ from tests.service.jobs_support import (
 )
 
 
-def make_client(data_dir: Path) -> TestClient:
+def app_client(data_dir: Path) -> TestClient:
     settings = Settings(data_dir=data_dir, queue_url="", max_concurrent_jobs=1, job_timeout_s=600)
     return TestClient(create_app(settings))
 
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    with make_client(tmp_path / "data") as c:
+    with app_client(tmp_path / "data") as c:
         yield c
 
 
@@ -242,12 +242,12 @@ def test_graceful_restart_keeps_bounds_and_reuses_results(
     tmp_path: Path, fixtures_dir: Path
 ) -> None:
     data_dir = tmp_path / "data"
-    with make_client(data_dir) as c1:
+    with app_client(data_dir) as c1:
         model_id = upload(c1, random_weights(fixtures_dir), "random_weights.mat")
         done = post_bound(c1, model_id, method="naive")
         done = wait_for(job_getter(c1, done["job_id"]), ended)
         assert done["status"] == "succeeded"
-    with make_client(data_dir) as c2:
+    with app_client(data_dir) as c2:
         listed = c2.get(f"/v1/models/{model_id}/bounds").json()["bounds"]
         assert [b["job_id"] for b in listed if b.get("job_id")] == [done["job_id"]]
         assert job_getter(c2, done["job_id"])()["status"] == "succeeded"

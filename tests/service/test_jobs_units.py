@@ -4,6 +4,7 @@ path, bounded concurrency, and the Redis state script (real redis-server)."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,3 +152,21 @@ def test_settings_choose_the_runner(tmp_path: Path) -> None:
     assert isinstance(runner, LocalRunner)
     assert (runner.threads, runner.max_concurrent) == (2, 3)
     assert (tmp_path / "jobs.sqlite").exists()
+
+
+def test_solver_process_starts_with_its_thread_limits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "7")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    model_id = Storage(tmp_path).save_model(big_random_net(), "big.mat").id
+    spec = JobSpec(model_id, **LONG_SOLVE)  # keeps the child alive while we look at it
+    proc = SolveProcess(("storage", str(tmp_path), model_id), spec, threads=2)
+    try:
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+    finally:
+        proc.kill()
+    for name in (b"OMP_NUM_THREADS", b"OPENBLAS_NUM_THREADS", b"MKL_NUM_THREADS"):
+        assert name + b"=2" in environ
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "7"  # the parent's own settings are restored
+    assert "OMP_NUM_THREADS" not in os.environ
