@@ -11,7 +11,8 @@ Questions answered:
 Run:
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
         .venv/bin/python bench/bench_sandwich.py --threads 1
-Times are medians over ``--repeats`` timed blocks of ``--steps`` steps, after a warm-up.
+Times are medians over ``--repeats`` timed blocks of ``--steps`` steps, after a warm-up; the
+models take turns within each repeat so that machine load affects them alike.
 """
 
 from __future__ import annotations
@@ -31,16 +32,19 @@ from models.empirical import empirical_lipschitz
 from models.lbdn import LBDN
 
 
-def _median_ms(fn: Callable[[], object], steps: int, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
+def _interleaved_ms(fns: list[Callable[[], object]], steps: int, repeats: int) -> list[float]:
+    """Median ms per call of each fn; the fns take turns in every repeat (fair under load)."""
+    for fn in fns:
+        for _ in range(3):
             fn()
-        times.append((time.perf_counter() - t0) / steps * 1e3)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[i].append((time.perf_counter() - t0) / steps * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def speed(width: int, depth: int, batch: int, eval_batch: int, steps: int, repeats: int) -> None:
@@ -56,32 +60,32 @@ def speed(width: int, depth: int, batch: int, eval_batch: int, steps: int, repea
     x = torch.randn(batch, in_dim)
     y = torch.randint(0, out_dim, (batch,))
     xe = torch.randn(eval_batch, in_dim)
-    rows = []
-    for name, model in models.items():
+    trains, infers = [], []
+    for model in models.values():
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
         def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+            model.train()
             loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
-        model.train()
-        t_train = _median_ms(step, steps, repeats)
-        model.eval()
-
         @torch.no_grad()
         def infer(model: nn.Module = model) -> None:
             model(xe)
 
-        t_eval = _median_ms(infer, steps, repeats)
-        rows.append((name, t_train, t_eval))
-    base_train, base_eval = rows[0][1], rows[0][2]
+        trains.append(step)
+        infers.append(infer)
+    t_train = _interleaved_ms(trains, steps, repeats)
+    for model in models.values():
+        model.eval()
+    t_eval = _interleaved_ms(infers, steps, repeats)
     print(f"\nwidths {widths}, input 784, 10 classes; train batch {batch}, eval batch {eval_batch}")
     print("| model | train step (ms) | x nn.Linear | eval (ms) | x nn.Linear |")
     print("|---|---|---|---|---|")
-    for name, tt, te in rows:
-        print(f"| {name} | {tt:.3f} | {tt / base_train:.2f} | {te:.3f} | {te / base_eval:.2f} |")
+    for name, tt, te in zip(models, t_train, t_eval, strict=True):
+        print(f"| {name} | {tt:.3f} | {tt / t_train[0]:.2f} | {te:.3f} | {te / t_eval[0]:.2f} |")
 
 
 def _steep(x: torch.Tensor) -> torch.Tensor:

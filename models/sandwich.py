@@ -87,7 +87,8 @@ class _CachedWeights(nn.Module):
         self._cache = None
 
     def train(self, mode: bool = True) -> _CachedWeights:
-        self._cache = None
+        if mode or mode != self.training:  # eval() on an eval-mode module keeps the cache
+            self._cache = None
         return super().train(mode)
 
     def _cache_key(self) -> tuple[Any, ...]:

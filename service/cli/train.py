@@ -73,6 +73,8 @@ def train(
         x_all, y_all = x_all[:limit], y_all[:limit]
     if len(x_all) < 2:
         fail("need at least 2 examples")
+    if y_all.min() < 0:
+        fail("labels must be non-negative class indices")
     n_classes = int(y_all.max()) + 1
     x_tr, y_tr, x_va, y_va = split_holdout(x_all, y_all, val_fraction, seed)
     in_shape = tuple(int(v) for v in x_all.shape[1:])

@@ -156,3 +156,11 @@ def test_runtime_runs_the_exported_network_like_the_lbdn():
     x = torch.randn(5, 8, dtype=F64)
     with torch.no_grad():
         torch.testing.assert_close(runner(x), net(x), rtol=0, atol=1e-10)
+
+
+def test_repeated_eval_keeps_the_cache():
+    net = LBDN(4, [5], 2).eval()
+    net(torch.randn(2, 4))
+    first = net.weights()
+    net.eval()
+    assert net.cache_valid and net.weights() is first
