@@ -72,12 +72,6 @@ class Settings(BaseSettings):
     )
     max_concurrent_jobs: int = Field(default=1, ge=1, description="Local bound-solving workers.")
     job_timeout_s: float = Field(default=3600.0, gt=0, description="Default bound job time limit.")
-    solver_threads: int = Field(
-        default=1, ge=1, description="BLAS/OpenMP threads of each solver process (jobs)."
-    )
-    worker_heartbeat_timeout_s: float = Field(
-        default=30.0, gt=0, description="RQ: fail a running job whose worker is silent this long."
-    )
     solver_threads: int = Field(default=1, ge=1, description="BLAS threads per solver process.")
     worker_heartbeat_timeout_s: float = Field(
         default=30.0, gt=0, description="RQ worker heartbeat after which a job counts as lost."
