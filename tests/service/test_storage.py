@@ -1,0 +1,79 @@
+"""Storage: content addressing, bounds (best = smallest verified), persistence, deletion."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import pytest
+
+from service.storage import Storage
+from tests.service.onnx_nets import mlp_onnx
+
+
+@pytest.fixture
+def onnx_bytes(rw_weights) -> bytes:
+    return mlp_onnx(rw_weights)
+
+
+def test_same_bytes_same_record(tmp_path, onnx_bytes) -> None:
+    s = Storage(tmp_path)
+    a = s.save_model(onnx_bytes, "a.onnx")
+    b = s.save_model(onnx_bytes, "b.onnx")
+    assert a.created and not b.created
+    assert a.id == b.id == hashlib.sha256(onnx_bytes).hexdigest()[:16]
+    assert b.filename == "a.onnx"  # the first upload's record is kept
+    assert s.model_bytes(a.id) == onnx_bytes
+    assert [m.id for m in s.list_models()] == [a.id]
+    assert (tmp_path / "models" / f"{a.sha256}.bin").read_bytes() == onnx_bytes
+
+
+def test_best_bound_ignores_unverified_and_survives_reopen(tmp_path, onnx_bytes) -> None:
+    s = Storage(tmp_path)
+    mid = s.save_model(onnx_bytes).id
+    assert s.best_bound(mid) is None
+    s.save_bound(mid, {"lipschitz_bound": 40.0, "method": "lipsdp-layer", "verified": True})
+    s.save_bound(mid, {"lipschitz_bound": 1.0, "method": "x", "verified": False})
+    s.save_bound(
+        mid, {"lipschitz_bound": 36.5, "method": "lipsdp-neuron", "verified": True, "job_id": "j"}
+    )
+    with pytest.raises(ValueError):
+        s.save_bound(mid, {"lipschitz_bound": float("nan"), "method": "x", "verified": True})
+    reopened = Storage(tmp_path)
+    assert reopened.best_bound(mid)["lipschitz_bound"] == 36.5
+    assert reopened.bound_for_job(mid, "j")["method"] == "lipsdp-neuron"
+    assert reopened.bound_for_job(mid, "other") is None
+    assert [b["lipschitz_bound"] for b in reopened.list_bounds(mid)] == [40.0, 1.0, 36.5]
+    net = reopened.load_network(mid)
+    assert net.input_size == 2 and net.output_size == 2
+    assert reopened.delete_model(mid)
+    assert reopened.get_model(mid) is None and reopened.list_bounds(mid) == []
+    assert list((tmp_path / "models").glob("*.bin")) == []
+    assert not reopened.delete_model(mid)
+    with pytest.raises(KeyError):
+        reopened.load_network(mid)
+
+
+def test_concurrent_writers(tmp_path, onnx_bytes) -> None:
+    s = Storage(tmp_path)
+    mid = s.save_model(onnx_bytes).id
+    errors: list[BaseException] = []
+
+    def write(k: int) -> None:
+        try:
+            for i in range(20):
+                s.save_bound(
+                    mid,
+                    {"lipschitz_bound": 100.0 + k * 20 + i, "method": "naive", "verified": True},
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(s.list_bounds(mid)) == 80
+    assert s.best_bound(mid)["lipschitz_bound"] == 100.0
