@@ -107,7 +107,7 @@ class RqRunner:
         with self.redis.lock(key + ":lock", timeout=30, blocking_timeout=30):
             previous = self.redis.get(key)
             if previous is not None:
-                rec = self.get(previous.decode())
+                rec = self.get(previous.decode() if isinstance(previous, bytes) else previous)
                 if rec is not None and (
                     rec.status in ACTIVE or (rec.status == "succeeded" and self._stored(rec))
                 ):
@@ -193,15 +193,15 @@ class RqRunner:
 
     def _persist(self, rec: JobRecord) -> None:
         """Save a succeeded job's result into storage once; drop ended jobs from the watch set."""
-        succeeded = rec.status == "succeeded" and rec.result is not None
-        if succeeded and self.redis.hsetnx(job_key(rec.id), "persisted", "1"):
+        result = rec.result if rec.status == "succeeded" else None
+        if result is not None and self.redis.hsetnx(job_key(rec.id), "persisted", "1"):
             try:
-                self.storage.save_bound(rec.spec.model_id, rec.result)
+                self.storage.save_bound(rec.spec.model_id, result)
             except Exception:
                 self.redis.hdel(job_key(rec.id), "persisted")
                 log.exception("saving the result of job %s failed", rec.id)
                 return
-            observe_solve_time(rec.result)
+            observe_solve_time(result)
         self.redis.srem(ACTIVE_SET, rec.id)
 
     def _reconcile(self, rec: JobRecord) -> None:
