@@ -60,7 +60,7 @@ def test_scripts_test_runs_every_check() -> None:
     assert steps["types"].endswith("-m mypy")
     assert steps["dockerfile"].endswith('hadolint" --failure-threshold warning Dockerfile')
     assert "--builtin-schema vendor.compose-spec docker-compose.yml" in steps["compose"]
-    assert steps["pytest"].endswith('-m pytest "$@"')
+    assert steps["pytest"].endswith('-m pytest --durations=15 "$@"')
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         assert any(c.startswith(f"export {var}=") for c in commands), var
     assert "command -v redis-server >/dev/null || missing+=(redis-server)" in commands
