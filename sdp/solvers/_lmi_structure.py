@@ -1,0 +1,218 @@
+"""The LipSDP LMI as a sum of rank-2 terms: dense assembly and the interior-point Schur matrix.
+
+With S(rho, t) = -M(rho, T) (blocks as in :mod:`sdp.certificate`, unknowns (x, z_1..z_L)),
+
+    S(rho, t) = S_c + rho E_0 + sum_i t_i A_i,
+    S_c = -blkdiag(0, ..., 0, W_L^T W_L),   E_0 = blkdiag(I_r, 0, ..., 0),
+    A_i = u_i v_i^T + v_i u_i^T,   u_i = e_i - a_i w_i,   v_i = e_i - b_i w_i,
+
+where neuron i sits in hidden layer j, e_i is its coordinate in block z_{j+1} and w_i is row i
+of W_j placed in block j. (Check: 2 (w - a v)(w - b v) = 2abv^2 - 2(a+b)vw + 2w^2 is the
+quadratic form of the (v, w) block [[2ab, -(a+b)], [-(a+b), 2]] of -M.)
+
+For symmetric Z and X the interior-point Schur matrix M_kl = tr(F_k Z F_l X) of the
+unknowns (rho, t) only needs rank-2 projections (o = elementwise product):
+
+    M_{t_i t_j} = (Z_vv o X_uu + Z_uu o X_vv + Z_uv^T o X_uv + Z_uv o X_uv^T)_ij
+    M_{rho t_i} = (U^T Z E_0)_i . (V^T X E_0)_i + (V^T Z E_0)_i . (U^T X E_0)_i
+    M_{rho rho} = <Z_00, X_00>,      <X, A_i> = 2 u_i^T X v_i,
+
+with Y_uv = U^T Y V (N x N). Those come from three N x N blocks of Y: Y_hh (hidden rows and
+columns), Y W~ restricted to hidden rows, and W~^T Y W~ (W~ = [w_1..w_N] is block sparse), so
+a Schur matrix costs O(n sum_j n_j n_{j+1} + N^2) on top of the dense inverse, n = r + N.
+With Z = X it is the Hessian of -log det S (checked against finite differences in the tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import linalg
+from scipy.linalg import lapack
+
+from sdp.certificate import Lmi
+from sdp.ir import Array
+
+
+def reduce_input(lmi: Lmi, *, rtol: float = 1e-13) -> Lmi:
+    """Exact input reduction (DESIGN §3.2): W_0 = U S V^T -> U_r S_r (n_1 x r).
+
+    Multipliers and the SDP optimum are unchanged: M's input block only sees W_0 through
+    W_0^T (.) W_0 = V S U^T (.) U S V^T, whose nonzero spectrum equals that of S U^T (.) U S.
+    Returns ``lmi`` itself when W_0 has no more columns than its rank would give.
+    """
+    w0 = lmi.weights[0]
+    if w0.shape[1] <= 1:
+        return lmi
+    u, s, _ = linalg.svd(w0, full_matrices=False, lapack_driver="gesdd")
+    keep = s > rtol * (s[0] if s.size else 0.0)
+    r = max(int(keep.sum()), 1)
+    if r >= w0.shape[1]:
+        return lmi
+    return Lmi((u[:, :r] * s[:r], *lmi.weights[1:]), lmi.alpha, lmi.beta)
+
+
+@dataclass(frozen=True, eq=False)
+class StructuredLmi:
+    """Reduced LMI data laid out for the barrier method.
+
+    ``offsets[k]`` is where block k (0 = input, k = z_k) starts in S; ``offsets[-1] = n``.
+    Neuron i (global index over hidden layers) has coordinate ``r + i`` in S.
+    """
+
+    weights: tuple[Array, ...]
+    a: Array
+    b: Array
+    offsets: tuple[int, ...]
+    wl_gram: Array
+
+    @classmethod
+    def from_lmi(cls, lmi: Lmi) -> StructuredLmi:
+        sizes = [lmi.input_size, *lmi.hidden_sizes]
+        offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(sizes)]))
+        wl = lmi.weights[-1]
+        return cls(
+            weights=lmi.weights,
+            a=np.concatenate(lmi.alpha) if lmi.depth else np.zeros(0),
+            b=np.concatenate(lmi.beta) if lmi.depth else np.zeros(0),
+            offsets=offsets,
+            wl_gram=wl.T @ wl,
+        )
+
+    @property
+    def depth(self) -> int:
+        return len(self.weights) - 1
+
+    @property
+    def n(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def r(self) -> int:
+        return self.offsets[1]
+
+    @property
+    def num_neurons(self) -> int:
+        return self.n - self.r
+
+    def block(self, k: int) -> slice:
+        return slice(self.offsets[k], self.offsets[k + 1])
+
+    def layer(self, j: int) -> slice:
+        """Global neuron indices of hidden layer j (= block j+1 shifted by r)."""
+        return slice(self.offsets[j + 1] - self.r, self.offsets[j + 2] - self.r)
+
+    def assemble(self, rho: float, t: Array, *, constant: bool = True) -> Array:
+        """Dense S(rho, t) = -M(rho, T) (block tridiagonal, see sdp.certificate).
+
+        ``constant=False`` leaves out S_c, giving the linear part rho E_0 + sum_i t_i A_i.
+        """
+        n, L = self.n, self.depth
+        s = np.zeros((n, n))
+        idx = np.arange(self.r)
+        s[idx, idx] = rho
+        for j in range(L):
+            w, tj = self.weights[j], t[self.layer(j)]
+            lo, hi = self.block(j), self.block(j + 1)
+            ab = self.a[self.layer(j)] * self.b[self.layer(j)] * tj
+            if np.any(ab != 0):
+                s[lo, lo] += 2 * (w.T * ab) @ w
+            c = -((self.a[self.layer(j)] + self.b[self.layer(j)]) * tj)[:, None] * w
+            s[hi, lo] = c
+            s[lo, hi] = c.T
+            d = np.arange(hi.start, hi.stop)
+            s[d, d] += 2 * tj
+        if L and constant:
+            s[self.block(L), self.block(L)] -= self.wl_gram
+        return s
+
+
+def times_linear_part(lmi: StructuredLmi, y: Array, rho: float, t: Array) -> Array:
+    """Y @ (rho E_0 + sum_i t_i A_i) using the block-tridiagonal sparsity: O(n sum n_j n_{j+1})."""
+    out = np.zeros_like(y)
+    out[:, : lmi.r] = rho * y[:, : lmi.r]
+    for j in range(lmi.depth):
+        w, lay = lmi.weights[j], lmi.layer(j)
+        lo, hi = lmi.block(j), lmi.block(j + 1)
+        tj = t[lay]
+        ab = lmi.a[lay] * lmi.b[lay] * tj
+        if np.any(ab != 0):
+            out[:, lo] += 2 * ((y[:, lo] @ w.T) * ab) @ w
+        c = -((lmi.a[lay] + lmi.b[lay]) * tj)[:, None] * w  # block (hi, lo) of the sum
+        out[:, lo] += y[:, hi] @ c
+        out[:, hi] += y[:, lo] @ c.T
+        out[:, hi] += y[:, hi] * (2 * tj)
+    return out
+
+
+def cholesky_upper(s: Array) -> Array | None:
+    """Upper Cholesky factor R (S = R^T R) via LAPACK, or None if S is not positive definite."""
+    r, info = lapack.dpotrf(s, lower=0, clean=1, overwrite_a=0)
+    return r if info == 0 else None
+
+
+def inverse_from_cholesky(r: Array) -> Array:
+    """Full symmetric S^{-1} from the upper Cholesky factor (LAPACK potri, mirrored)."""
+    x, info = lapack.dpotri(r, lower=0, overwrite_c=0)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dpotri failed ({info})")
+    iu = np.triu_indices_from(x, 1)
+    x[(iu[1], iu[0])] = x[iu]
+    return x
+
+
+@dataclass
+class Rank2Blocks:
+    """Y projected on the rank-2 factors: Y_uu = U^T Y U, Y_vv, Y_uv (N x N), Y_u0 = U^T Y E_0,
+    Y_v0 (N x r) and Y_00 (r x r), for a symmetric n x n matrix Y."""
+
+    uu: Array
+    vv: Array
+    uv: Array
+    u0: Array
+    v0: Array
+    y00: Array
+
+
+def rank2_blocks(lmi: StructuredLmi, y: Array) -> Rank2Blocks:
+    """Projections of Y on u_i = e_i - a_i w_i and v_i = e_i - b_i w_i (module doc)."""
+    r, n, N, L = lmi.r, lmi.n, lmi.num_neurons, lmi.depth
+    hid = slice(r, n)
+    yw = np.empty((n, N))  # Y W~
+    for j in range(L):
+        yw[:, lmi.layer(j)] = y[:, lmi.block(j)] @ lmi.weights[j].T
+    p_ww = np.empty((N, N))  # W~^T Y W~
+    for j in range(L):
+        p_ww[lmi.layer(j), :] = lmi.weights[j] @ yw[lmi.block(j), :]
+    p_ew = yw[hid, :]  # e_i^T Y w_j
+    p_ee = y[hid, hid]
+    a, b = lmi.a, lmi.b
+    uv = p_ee - p_ew * b[None, :] - p_ew.T * a[:, None] + np.outer(a, b) * p_ww
+    if np.any(a != 0):
+        uu = p_ee - p_ew * a[None, :] - p_ew.T * a[:, None] + np.outer(a, a) * p_ww
+    else:
+        uu = p_ee.copy()
+    vv = p_ee - p_ew * b[None, :] - p_ew.T * b[:, None] + np.outer(b, b) * p_ww
+    y_e = y[hid, :r]
+    y_w = yw[:r, :].T
+    return Rank2Blocks(uu, vv, uv, y_e - a[:, None] * y_w, y_e - b[:, None] * y_w, y[:r, :r])
+
+
+def schur_matrix(zb: Rank2Blocks, xb: Rank2Blocks) -> tuple[float, Array, Array]:
+    """M_kl = tr(F_k Z F_l X) for F = (E_0, A_1..A_N): returns (M_rr, M_rt, M_tt).
+
+    M_tt = Z_vv o X_uu + Z_uu o X_vv + Z_uv^T o X_uv + Z_uv o X_uv^T (o = elementwise);
+    with Z = X this is the Hessian of -log det S.
+    """
+    m = zb.vv * xb.uu
+    m += zb.uu * xb.vv
+    m += zb.uv.T * xb.uv
+    m += zb.uv * xb.uv.T
+    m_rt = np.einsum("ik,ik->i", zb.u0, xb.v0) + np.einsum("ik,ik->i", zb.v0, xb.u0)
+    return float(np.sum(zb.y00 * xb.y00)), m_rt, m
+
+
+def constraint_values(yb: Rank2Blocks) -> tuple[float, Array]:
+    """(<Y, E_0>, <Y, A_i>) = (tr Y_00, 2 u_i^T Y v_i)."""
+    return float(np.trace(yb.y00)), 2.0 * np.diagonal(yb.uv).copy()
