@@ -66,16 +66,36 @@ def as_array(values: Any, what: str = "inputs") -> np.ndarray:
 
 
 def load_npy(body: bytes) -> np.ndarray:
-    """Inputs from an ``application/x-npy`` body (``allow_pickle=False``)."""
+    """Inputs from an ``application/x-npy`` body: header parsed by numpy, data viewed in place.
+
+    Only plain integer/float arrays are read (object arrays would need pickle: refused).
+    """
     if not body.startswith(NPY_MAGIC):
         raise InvalidInput("the body is not a .npy file (bad magic)", code="invalid-npy")
+    fmt = np.lib.format
     try:
-        arr = np.load(io.BytesIO(body), allow_pickle=False)
-    except Exception as exc:  # numpy raises ValueError/OSError/EOFError on bad files
-        raise InvalidInput(f"unreadable .npy body: {exc}", code="invalid-npy") from None
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iuf" or arr.size == 0:
-        raise InvalidInput("the .npy array must be a non-empty integer or float array")
-    return _finite(arr.astype(np.float64, copy=False), "inputs")
+        stream = io.BytesIO(body)
+        version = fmt.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(stream)
+        else:
+            shape, fortran, dtype = fmt.read_array_header_2_0(stream)
+    except Exception as exc:  # numpy raises ValueError/OSError/EOFError on bad headers
+        raise InvalidInput(f"unreadable .npy header: {exc}", code="invalid-npy") from None
+    if dtype.kind not in "iuf" or dtype.hasobject:
+        raise InvalidInput(f".npy dtype {dtype} is not an integer or float type")
+    count = math.prod(shape)
+    data = memoryview(body)[stream.tell() :]
+    if count == 0 or len(data) != count * dtype.itemsize:
+        raise InvalidInput(
+            f".npy header declares {count} values of {dtype.itemsize} bytes but the body "
+            f"carries {len(data)} bytes",
+            code="invalid-npy",
+        )
+    arr = np.frombuffer(data, dtype=dtype, count=count)
+    arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+    # a copy unless the cast makes one anyway: torch wants writable arrays
+    return _finite(arr, "inputs").astype(np.float64, copy=True)
 
 
 def _finite(arr: np.ndarray, what: str) -> np.ndarray:
