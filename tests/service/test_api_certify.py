@@ -102,6 +102,13 @@ def test_npy_body_matches_json(client, model) -> None:
         headers={"content-type": "application/x-npy"},
     ).json()
     assert npy["results"] == js["results"]
+    for variant in (np.asfortranarray(x), x.astype(">f8")):  # column-major, big-endian
+        again = client.post(
+            f"/v1/models/{mid}/certify",
+            content=_npy(variant),
+            headers={"content-type": "application/x-npy"},
+        ).json()
+        assert again["results"] == js["results"]
     # shaped like the model input (here (2,)) or float32: both accepted
     f32 = client.post(
         f"/v1/models/{mid}/certify?return_logits=true",
