@@ -163,7 +163,11 @@ def test_solver_process_starts_with_its_thread_limits(
     spec = JobSpec(model_id, **LONG_SOLVE)  # keeps the child alive while we look at it
     proc = SolveProcess(("storage", str(tmp_path), model_id), spec, threads=2)
     try:
-        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        environ: list[bytes] = []
+        deadline = time.monotonic() + 20
+        while environ in ([], [b""]) and time.monotonic() < deadline:
+            time.sleep(0.05)  # right after exec the kernel may still show it empty
+            environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
     finally:
         proc.kill()
     for name in (b"OMP_NUM_THREADS", b"OPENBLAS_NUM_THREADS", b"MKL_NUM_THREADS"):
