@@ -151,9 +151,15 @@ def test_rq_worker_certifies_cancels_and_survives_worker_loss(
         time.sleep(0.5)
         assert job_getter(client, long["job_id"])()["status"] == "cancelled"
 
-        # the same worker still takes jobs
+        # the same worker still takes jobs; its progress streams as server-sent events
         quick = post_bound(client, rw_id, method="naive")
-        quick = wait_for(job_getter(client, quick["job_id"]), ended)
+        names = []
+        with client.stream("GET", f"/v1/jobs/{quick['job_id']}/events") as r:
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    names.append(line[len("event: ") :])
+        assert names[-1] == "end" and "status" in names, names
+        quick = job_getter(client, quick["job_id"])()
         assert quick["status"] == "succeeded", quick
 
         # 3. the worker machine dies mid-solve (all its processes SIGKILLed at once)
