@@ -55,24 +55,26 @@ def activation_spec(module: nn.Module) -> Activation:
     return act
 
 
-def cayley_factors(xy: Tensor, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(Y (p, q), M = (I + Z)^{-1} (q, q)) of [X; Y], rescaled to norm ``alpha`` if given.
+def cayley_factors(xy: Tensor, alpha: Tensor | None) -> tuple[Tensor, Tensor, Tensor | float]:
+    """(Y (p, q), M = (I + Z)^{-1} (q, q), c) for [X; Y] rescaled by c = alpha / ||[X; Y]||_F.
 
-    The inverse is well conditioned: the symmetric part of I + Z is I + Y^T Y >= I, so
+    The rescaled Y is c Y; c is applied to q x q matrices only
+    (Z = c (X - X^T) + c^2 Y^T Y), never to the (p + q) x q parameter.
+    The inverse is well conditioned: the symmetric part of I + Z is I + c^2 Y^T Y >= I, so
     ||M||_2 <= 1.
     """
     q = xy.shape[1]
-    if alpha is not None:
-        xy = xy * (alpha / torch.linalg.matrix_norm(xy))
     x, y = xy[:q], xy[q:]
+    c: Tensor | float = 1.0 if alpha is None else alpha[0] / torch.linalg.matrix_norm(xy)
     eye = torch.eye(q, dtype=xy.dtype, device=xy.device)
-    return y, torch.linalg.inv(eye + x - x.T + y.T @ y)
+    return y, torch.linalg.inv(eye + c * (x - x.T) + (c * c) * (y.T @ y)), c
 
 
 def cayley(xy: Tensor, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(A^T (q, q), B^T (p, q)): A^T = M (I - Z) = 2M - I and B^T = -2 Y M."""
-    y, m = cayley_factors(xy, alpha)
-    return 2.0 * m - torch.eye(m.shape[0], dtype=m.dtype, device=m.device), -2.0 * (y @ m)
+    """(A^T (q, q), B^T (p, q)): A^T = M (I - Z) = 2M - I and B^T = -2 c Y M."""
+    y, m, c = cayley_factors(xy, alpha)
+    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    return 2.0 * m - eye, y @ (m * (-2.0 * c))
 
 
 class _CachedWeights(nn.Module):
@@ -168,9 +170,9 @@ class SandwichLinear(_CachedWeights):
     def forward(self, x: Tensor) -> Tensor:
         if self.training and x.shape[0] < self.in_features:
             # small batch: u = -2 sqrt2 (x Y) M Psi^{-1} never forms B^T (saves p q^2 flops)
-            y, m = cayley_factors(self.XY, self.alpha)
+            y, m, c = cayley_factors(self.XY, self.alpha)
             psi = torch.exp(self.d)
-            u = (x @ y) @ (m * (-2.0 * _SQRT2 / psi))
+            u = (x @ y) @ (m * ((-2.0 * _SQRT2) * c / psi))
             if self.bias is not None:
                 u = u + self.bias
             eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)

@@ -5,8 +5,8 @@
 - ``rq`` (``LIPCERT_QUEUE_URL=redis://...``): :class:`~service.jobs.rq.RqRunner`, jobs on an
   RQ queue served by ``lipcert worker`` processes on any number of machines.
 
-Imports are lazy: a spawned solver process imports this package and must not load numpy
-before it has set its thread limits.
+Runner imports are lazy: every spawned solver process imports this package, and should
+pay only for what the solve itself needs.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The bound task itself: load a network by id, certify a bound, return a JSON document.
 
 Runs inside a dedicated solver process (see :mod:`service.jobs.process`), started with the
-*spawn* method so that the BLAS thread limits set here take effect before numpy loads.
+*spawn* method (a fresh interpreter whose BLAS/OpenMP thread limits are in its environment
+from the start; :func:`child_main` sets them again for entry points that do not).
 Messages go back to the supervising process over a pipe::
 
     ("progress", {"phase": ..., "iteration": ..., "residual": ...})   any number of times

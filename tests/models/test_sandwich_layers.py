@@ -164,3 +164,23 @@ def test_repeated_eval_keeps_the_cache():
     first = net.weights()
     net.eval()
     assert net.cache_valid and net.weights() is first
+
+
+def test_a_trained_steep_fit_gets_close_to_gamma_but_not_above():
+    """Fitting a slope-50 step with gamma = 1.5 drives the true constant towards gamma."""
+    torch.manual_seed(8)
+    net = LBDN(1, [16, 16], 1, gamma=1.5, dtype=F64)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(200):
+        xb = 2 * torch.rand(128, 1, dtype=F64) - 1
+        loss = torch.nn.functional.mse_loss(net(xb), torch.tanh(xb / 0.02))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    xs = torch.linspace(-1, 1, 4001, dtype=F64)[:, None]
+    with torch.no_grad():
+        f = net(xs)
+    slope = float(((f[1:] - f[:-1]).abs() / (xs[1:] - xs[:-1])).max())
+    assert 0.9 * 1.5 < slope <= 1.5 * (1 + 1e-9)
+    assert empirical_lipschitz(net, 1, starts=16, steps=100, scale=0.3) <= 1.5 * (1 + 1e-9)
