@@ -176,6 +176,13 @@ def solve_ipm(
             break
     if rs is None:
         raise ValueError("starting multipliers are not strictly feasible")
+    # tighten: rho(t0) = rho - 1 / lambda_max(X_00); start 10% above it
+    x00 = inverse_from_cholesky(rs)[: lmi.r, : lmi.r]
+    rho_t0 = rho - 1.0 / float(linalg.eigvalsh(x00, subset_by_index=[lmi.r - 1, lmi.r - 1])[0])
+    if 0 < rho_t0 < rho:
+        r_new = cholesky_upper(lmi.assemble(1.1 * rho_t0, grp.expand(x)))
+        if r_new is not None:
+            rho, rs = 1.1 * rho_t0, r_new
     s_mat = lmi.assemble(rho, grp.expand(x))
     xinv = inverse_from_cholesky(rs)
     mu0 = 1.0 / float(np.trace(xinv[: lmi.r, : lmi.r]))

@@ -37,7 +37,22 @@ from sdp.solvers.base import LipSdpProblem, Solution, SolveOptions
 def _start(lmi: Lmi, warm: tuple[Array, ...] | None, per_layer: bool) -> tuple[Array, float]:
     """Strictly feasible starting multipliers (flat) and their certified rho."""
     t0 = layerwise_multipliers(lmi)
-    best = (np.concatenate(t0), certify_rho(lmi, t0))
+    try:
+        best = (np.concatenate(t0), certify_rho(lmi, t0))
+    except CertificateError:
+        # deep nets: T0 spans many decades and the float shift of the check can exceed the
+        # last layer's margin; T0 is still strictly feasible in exact arithmetic, and the
+        # solver finds a feasible rho itself (starting from the product of the norms).
+        naive = float(np.prod([np.linalg.norm(w, 2) ** 2 for w in lmi.weights]))
+        slope = float(
+            np.prod(
+                [
+                    max(np.abs(a).max(), np.abs(b).max()) ** 2
+                    for a, b in zip(lmi.alpha, lmi.beta, strict=True)
+                ]
+            )
+        )
+        best = (np.concatenate(t0), naive * max(slope, 1.0))
     if warm is not None and len(warm) == lmi.depth:
         try:
             wt = tuple(np.asarray(w, np.float64) for w in warm)
@@ -50,6 +65,27 @@ def _start(lmi: Lmi, warm: tuple[Array, ...] | None, per_layer: bool) -> tuple[A
         except (CertificateError, ValueError):
             pass
     return best
+
+
+def balance(lmi: Lmi) -> tuple[Lmi, Array]:
+    """Equivalent LMI of the layer-rescaled network, and the scales d_0..d_L.
+
+    With D = blkdiag(d_0 I, ..., d_L I), D S(rho, T) D = S'(rho d_0^2, T') for the network
+    W'_j = (d_j / d_{j+1}) W_j, W'_L = d_L W_L and t'_j = d_{j+1}^2 t_j (the blocks of
+    sdp.certificate scale exactly so), hence the same optimum up to rho' = d_0^2 rho.
+    d is chosen so that every ||W'_j||_2 = 1: multipliers of a deep net then stay within a few
+    decades instead of compounding by ||W_j||^2 per layer, which keeps S well conditioned.
+    """
+    norms = [float(np.linalg.norm(w, 2)) if w.size else 1.0 for w in lmi.weights]
+    norms = [v if v > 0 and np.isfinite(v) else 1.0 for v in norms]
+    L = lmi.depth
+    d = np.empty(L + 1)
+    d[L] = 1.0 / norms[L]
+    for j in reversed(range(L)):
+        d[j] = d[j + 1] / norms[j]
+    ws = [w * (d[j] / d[j + 1]) for j, w in enumerate(lmi.weights[:-1])]
+    ws.append(lmi.weights[-1] * d[L])
+    return Lmi(tuple(ws), lmi.alpha, lmi.beta), d
 
 
 class StructuredSolver:
@@ -75,8 +111,17 @@ class StructuredSolver:
             rho = float(np.linalg.norm(w, 2) ** 2) if w.size else 0.0
             return Solution("optimal", (), rho, 0, time.perf_counter() - start)
         per_layer = problem.variant == "layer"
-        reduced = reduce_input(lmi)
-        t0, rho0 = _start(reduced, options.warm_start, per_layer)
+        reduced, scales = balance(reduce_input(lmi))
+        t_scale = np.concatenate(
+            [np.full(n, scales[j + 1] ** 2) for j, n in enumerate(lmi.hidden_sizes)]
+        )
+        warm = options.warm_start
+        if warm is not None and len(warm) == lmi.depth:
+            warm = tuple(np.asarray(w, np.float64) * scales[j + 1] ** 2 for j, w in enumerate(warm))
+        t0, rho0 = _start(reduced, warm, per_layer)
+        rho_scale = float(scales[0] ** 2)
+        report = options.progress
+        progress = None if report is None else lambda e: report({**e, "rho": e["rho"] / rho_scale})
         structure = StructuredLmi.from_lmi(reduced)
         deadline = None if options.timeout_s is None else start + float(options.timeout_s)
         settings = IpmSettings(
@@ -88,7 +133,7 @@ class StructuredSolver:
             step_frac=float(options.extra.get("step_frac", 0.95)),
             max_iters=min(int(options.max_iters), 200),
             deadline=deadline,
-            progress=options.progress,
+            progress=progress,
             cancelled=options.extra.get("cancelled"),
         )
         try:
@@ -96,17 +141,17 @@ class StructuredSolver:
         except (np.linalg.LinAlgError, ValueError, FloatingPointError) as e:
             raise SolverError(f"structured solver failed: {e}", code="solver-failed") from e
         splits = np.cumsum(lmi.hidden_sizes)[:-1]
-        mult = tuple(np.array(p) for p in np.split(out.t, splits))
+        mult = tuple(np.array(p) for p in np.split(out.t / t_scale, splits))
         return Solution(
             status=out.status,  # type: ignore[arg-type]
             multipliers=mult,
-            rho=out.rho,
+            rho=out.rho / rho_scale,
             iterations=out.iterations,
             solve_s=time.perf_counter() - start,
             info={
                 "rel_gap": out.rel_gap,
-                "lower_bound": out.lower_bound,
-                "start_rho": rho0,
+                "lower_bound": None if out.lower_bound is None else out.lower_bound / rho_scale,
+                "start_rho": rho0 / rho_scale,
                 "reduced_input": structure.r,
                 "lmi_size": structure.n,
             },
