@@ -74,7 +74,10 @@ def _tensor_array(tensor: Any, input_shape: list[int]) -> np.ndarray:
             f"tensor data has {arr.size} values but shape {shape} needs {math.prod(shape)}"
         )
     if tensor.datatype == "FP32":
-        arr = arr.astype(np.float32).astype(np.float64)
+        with np.errstate(over="ignore"):
+            arr = arr.astype(np.float32).astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise InvalidInput("input data overflow FP32")
     arr = arr.reshape(shape)
     n0 = math.prod(input_shape)
     if shape in ([n0], list(input_shape)):

@@ -279,6 +279,8 @@ def test_oip_v2(client, model, rw_onnx) -> None:
         client.post(f"/v2/models/{mid}/infer", json=dict(req, outputs=[{"name": "nope"}])), 422
     )
     assert_problem(client.post(f"/v2/models/{mid}/infer", json={"inputs": []}), 422)
+    huge = dict(req, inputs=[dict(req["inputs"][0], data=[1e39] * 6)])
+    assert_problem(client.post(f"/v2/models/{mid}/infer", json=huge), 422)
 
 
 def _batched_count() -> tuple[float, float]:
