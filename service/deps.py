@@ -21,15 +21,15 @@ _api_key_header = APIKeyHeader(
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 def get_storage(request: Request) -> Storage:
-    return request.app.state.storage  # type: ignore[no-any-return]
+    return request.app.state.storage
 
 
 def get_worker(request: Request) -> InferenceWorker:
-    return request.app.state.worker  # type: ignore[no-any-return]
+    return request.app.state.worker
 
 
 def get_runner(request: Request) -> Any:

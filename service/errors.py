@@ -200,9 +200,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _validation_errors(exc)
-        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-        where = ".".join(first["loc"])
-        detail = f"{where}: {first['msg']}" if where else first["msg"]
+        where = ".".join(errors[0]["loc"]) if errors else ""
+        msg = str(errors[0]["msg"]) if errors else "invalid request"
+        detail = f"{where}: {msg}" if where else msg
         return problem(422, "validation-error", detail, instance=request.url.path, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)

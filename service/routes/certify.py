@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -100,11 +101,16 @@ async def certify(
     x = batch_inputs(arr, rec.input_shape, settings.max_inputs)
     chosen = pick_bound(storage, model_id, bound)
     logits = await worker.infer(model_id, x)
-    options = {"labels": labels, "return_logits": return_logits, "epsilon": epsilon}
-    if len(x) <= 256:  # cheap: skip the thread hop (single-input latency)
-        payload = results_payload(logits, chosen, **options)
-    else:
-        payload = await asyncio.to_thread(results_payload, logits, chosen, **options)
+    run = functools.partial(
+        results_payload,
+        logits,
+        chosen,
+        labels=labels,
+        return_logits=return_logits,
+        epsilon=epsilon,
+    )
+    # small batches inline (skip the thread hop: single-input latency), big ones off the loop
+    payload = run() if len(x) <= 256 else await asyncio.to_thread(run)
     payload["model_id"] = model_id
     payload["precision"] = worker.dtype_name
     return JSONResponse(payload)
