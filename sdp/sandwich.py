@@ -408,7 +408,7 @@ def params_from_safetensors(
                     spec.get("activation", "relu"),
                     _float(spec.get("activation_param", 0.0), f"{what} param"),
                 )
-            except ValueError as e:
+            except (ValueError, TypeError) as e:
                 raise _reject(f"{what}: {e}", "unsupported-activation") from e
         layers.append(SandwichLayer(kind, xy, b, d, alpha, act))
         n = q

@@ -174,6 +174,7 @@ def _mutations():
     yield "format", lambda t, c: c.__setitem__("format", "other/9")
     yield "gamma", lambda t, c: c.__setitem__("gamma", -1.0)
     yield "activation", lambda t, c: c["layers"][0].__setitem__("activation", "os.system")
+    yield "activation list", lambda t, c: c["layers"][0].__setitem__("activation", ["relu"])
     yield "layer type", lambda t, c: c["layers"][0].__setitem__("type", "sandwich_output")
     yield "huge d", lambda t, c: t.__setitem__("layers.0.d", np.full(7, 1e4))
     yield "string dtype", lambda t, c: t.__setitem__("layers.0.b", np.array(["a"] * 7))
