@@ -54,6 +54,7 @@ class IpmSettings:
     sigma_min: float = 0.1
     sigma_fixed: float | None = None
     step_frac: float = 0.95  # fraction of the step to the boundary
+    z0_scale: float = 1.0  # Z_0 = z0_scale X_0 / tr(X_0,00)
     deadline: float | None = None  # time.perf_counter() value
     progress: Progress | None = None
     cancelled: Any = None  # optional zero-argument callable; True stops the solve
@@ -185,7 +186,7 @@ def solve_ipm(
             rho, rs = 1.1 * rho_t0, r_new
     s_mat = lmi.assemble(rho, grp.expand(x))
     xinv = inverse_from_cholesky(rs)
-    mu0 = 1.0 / float(np.trace(xinv[: lmi.r, : lmi.r]))
+    mu0 = settings.z0_scale / float(np.trace(xinv[: lmi.r, : lmi.r]))
     zmat = mu0 * xinv
     rz = cholesky_upper(zmat)
     w = grp.sign_needed(lmi)

@@ -131,6 +131,7 @@ class StructuredSolver:
             if "sigma_fixed" not in options.extra
             else float(options.extra["sigma_fixed"]),
             step_frac=float(options.extra.get("step_frac", 0.95)),
+            z0_scale=float(options.extra.get("z0_scale", 1.0)),
             max_iters=min(int(options.max_iters), 200),
             deadline=deadline,
             progress=progress,
