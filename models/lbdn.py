@@ -11,6 +11,7 @@ Export: :meth:`LBDN.sandwich_params` (float64 raw parameters) and :meth:`LBDN.to
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Sequence
@@ -34,7 +35,8 @@ class LBDN(_CachedWeights):
         out_dim: number of outputs (logits).
         gamma: the Lipschitz bound (stored as the buffer ``log_gamma``; ``learn_gamma`` makes it
             a parameter, the bound then being whatever it has become).
-        activation: factory of the hidden activation module (default ``nn.ReLU``).
+        activation: the hidden activation: a module class/factory (default ``nn.ReLU``) or a
+            module instance (copied per layer); slopes must lie in [0, 1].
         input_shape: recorded for export (default ``(in_dim,)``).
 
     Example:
@@ -64,6 +66,9 @@ class LBDN(_CachedWeights):
         if math.prod(self.input_shape) != in_dim:
             raise ValueError(f"input_shape {self.input_shape} does not have {in_dim} entries")
         sizes = [in_dim, *self.widths]
+        if isinstance(activation, nn.Module):  # an instance: one copy per layer
+            template = activation
+            activation = lambda: copy.deepcopy(template)  # noqa: E731
         self.hidden = nn.ModuleList(
             SandwichLinear(p, q, activation=activation(), normalize=normalize, dtype=dtype)
             for p, q in itertools.pairwise(sizes)

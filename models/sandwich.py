@@ -13,6 +13,8 @@ Weights are recomputed on every forward in training mode (gradients flow through
 transform). In eval mode they are computed once without gradients and cached; the cache is
 keyed on the parameters' version counters, storage and dtype, so ``train()``, optimiser steps,
 ``load_state_dict`` and ``.to(...)`` all invalidate it (plus explicit hooks for the first two).
+Warning: cached weights are detached, so in eval mode gradients reach the inputs but not the
+parameters; train in training mode.
 """
 
 from __future__ import annotations

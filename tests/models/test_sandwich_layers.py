@@ -184,3 +184,10 @@ def test_a_trained_steep_fit_gets_close_to_gamma_but_not_above():
     slope = float(((f[1:] - f[:-1]).abs() / (xs[1:] - xs[:-1])).max())
     assert 0.9 * 1.5 < slope <= 1.5 * (1 + 1e-9)
     assert empirical_lipschitz(net, 1, starts=16, steps=100, scale=0.3) <= 1.5 * (1 + 1e-9)
+
+
+def test_lbdn_accepts_an_activation_instance():
+    net = LBDN(3, [4, 4], 2, activation=nn.LeakyReLU(0.1))
+    acts = [layer.activation for layer in net.hidden]
+    assert acts[0] is not acts[1] and all(a.negative_slope == 0.1 for a in acts)
+    assert net.to_network().sandwich.hidden[0].activation.name == "leaky_relu"
