@@ -25,6 +25,7 @@ import onnxruntime as ort
 import pytest
 
 from tests.service.onnx_nets import assert_problem, lipsdp_weights, mlp_onnx
+from tests.service.test_api_models import BAD_UPLOADS
 
 pytestmark = pytest.mark.e2e
 
@@ -197,23 +198,11 @@ def test_upload_bound_certify_restart(server: Server, fixtures_dir: Path) -> Non
     assert again["results"] == body["results"]
 
 
-def _loop_free_bad_uploads(fixtures_dir: Path, good: bytes) -> dict[str, bytes]:
-    w = np.ones((2, 2), np.float32)
-    w[0, 0] = np.nan
-    return {
-        "empty": b"",
-        "garbage": os.urandom(3000),
-        "truncated": good[: len(good) // 3],
-        "nan-weights": mlp_onnx([w, np.eye(2)]),
-        "pickle": (fixtures_dir / "auto_lirpa" / "spectral_NOR_MLP_B.pth").read_bytes(),
-    }
-
-
 def test_hostile_requests_get_4xx_and_server_survives(server: Server, fixtures_dir: Path) -> None:
     good = mlp_onnx(lipsdp_weights(fixtures_dir))
     c = httpx.Client(base_url=server.url, timeout=120)
-    for name, data in _loop_free_bad_uploads(fixtures_dir, good).items():
-        r = c.post("/v1/models", files={"file": (name, data)})
+    for name, make in BAD_UPLOADS.items():  # empty, garbage, truncated, external data, ...
+        r = c.post("/v1/models", files={"file": (name, make(fixtures_dir, good))})
         assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
         assert r.headers["content-type"].startswith("application/problem+json")
         assert server.alive(), name
