@@ -234,6 +234,10 @@ def sandwich_bound(net: Network) -> BoundResult:
     (numerical trouble), the explicit T is repaired by :func:`certify_multipliers`.
     """
     params = net.sandwich
+    if type(params).__name__ == "ConvSandwichParams":  # per-frequency check (sdp.sandwich_conv)
+        from sdp.sandwich_conv import conv_sandwich_bound
+
+        return conv_sandwich_bound(net)
     if not isinstance(params, SandwichParams):
         raise NotApplicable("not a sandwich network: the closed-form check needs its raw params")
     t0 = time.perf_counter()
@@ -417,6 +421,10 @@ def params_from_safetensors(
 
 def network_from_safetensors(tensors: Mapping[str, Any], config: Mapping[str, Any]) -> Network:
     """The plain IR network of a sandwich safetensors file, with ``Network.sandwich`` set."""
+    from sdp import sandwich_conv
+
+    if sandwich_conv.is_conv_config(config):
+        return sandwich_conv.network_from_safetensors(tensors, config)
     params = params_from_safetensors(tensors, config)
     try:
         return plain_network(params)

@@ -1,0 +1,179 @@
+"""Convolutional LBDN for small images (28 x 28, 32 x 32) with l2 Lipschitz bound gamma.
+
+    h_0 = sqrt(gamma) x,  h_j = SandwichConv2d_j(h_{j-1}),  y = SandwichOutput(sqrt(gamma) flat(h))
+
+Each conv sandwich layer is 1-Lipschitz and ||B_L|| <= 1, so Lip(x -> y) <= gamma.
+Export: :meth:`ConvLBDN.sandwich_params` (float64 raw parameters), :meth:`ConvLBDN.to_network`
+(the plain IR: exact Conv2d ops for the circular convolutions, see :mod:`sdp.sandwich_conv`),
+:func:`conv_lbdn_to_bytes` (safetensors with the lipcert/1 "sandwich" config whose hidden
+layers have type "sandwich_conv").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import save as np_save
+from torch import Tensor, nn
+
+from models.conv import SandwichConv2d
+from models.sandwich import SandwichOutput
+from sdp.ir import Network
+from sdp.sandwich import SandwichLayer, config_json
+from sdp.sandwich_conv import ConvSandwichLayer, ConvSandwichParams, plain_network
+
+METADATA_KEY = "lipcert"
+
+
+class ConvLBDN(nn.Module):
+    """Conv sandwich layers then a dense sandwich output layer; Lipschitz bound ``gamma``.
+
+    Args:
+        input_shape: (channels, n, n); flat inputs are reshaped to it.
+        channels: output channels of each conv layer.
+        strides: 1 or 2 per conv layer (default all 1).
+        out_dim: number of logits.
+        activation: factory of the hidden activation (slopes in [0, 1]).
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        channels: Sequence[int],
+        out_dim: int,
+        gamma: float = 1.0,
+        *,
+        strides: Sequence[int] | None = None,
+        kernel_size: int = 3,
+        activation: Callable[[], nn.Module] = nn.ReLU,
+        normalize: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if gamma <= 0:
+            raise ValueError("gamma must be > 0")
+        if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
+            raise ValueError("input_shape must be (channels, n, n)")
+        strides = list(strides) if strides is not None else [1] * len(channels)
+        if len(strides) != len(channels):
+            raise ValueError("one stride per conv layer")
+        self.input_shape = tuple(int(v) for v in input_shape)
+        layers = []
+        c, n, _ = self.input_shape
+        for q, s in zip(channels, strides, strict=True):
+            layers.append(
+                SandwichConv2d(
+                    c, q, n, kernel_size, s, activation(), normalize=normalize, dtype=dtype
+                )
+            )
+            c, n = q, n // s
+        self.convs = nn.ModuleList(layers)
+        self.output = SandwichOutput(c * n * n, out_dim, normalize=normalize, dtype=dtype)
+        dt = dtype or torch.get_default_dtype()
+        self.register_buffer("log_gamma", torch.tensor([math.log(gamma)], dtype=dt))
+
+    @property
+    def gamma(self) -> float:
+        return float(torch.exp(self.log_gamma.detach()).item())
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = torch.exp(0.5 * self.log_gamma)
+        h = s * x.reshape(x.shape[0], *self.input_shape)
+        for layer in self.convs:
+            h = layer(h)
+        return self.output(s * h.reshape(h.shape[0], -1))
+
+    # ----------------------------------------------------------------------------- export
+
+    def sandwich_params(self, claimed_gamma: float | None = None) -> ConvSandwichParams:
+        """Raw parameters as float64 numpy."""
+
+        def np64(t: Tensor) -> np.ndarray:
+            return t.detach().cpu().to(torch.float64).numpy().copy()
+
+        def alpha_of(t: Tensor | None) -> float | None:
+            return None if t is None else float(np64(t)[0])
+
+        convs = []
+        for layer in self.convs:
+            assert isinstance(layer, SandwichConv2d)
+            b = np.zeros(layer.out_channels) if layer.bias is None else np64(layer.bias)
+            convs.append(
+                ConvSandwichLayer(
+                    np64(layer.XY),
+                    b,
+                    np64(layer.d),
+                    layer.in_shape,
+                    layer.stride,
+                    alpha_of(layer.alpha),
+                    layer.act_spec,
+                )
+            )
+        o = self.output
+        bo = np.zeros(o.out_features) if o.bias is None else np64(o.bias)
+        head = SandwichLayer("sandwich_output", np64(o.XY), bo, None, alpha_of(o.alpha), None)
+        gamma = math.exp(float(self.log_gamma.detach().double().item()))
+        claim = gamma if claimed_gamma is None else claimed_gamma
+        return ConvSandwichParams(gamma, tuple(convs), head, self.input_shape, claim)  # type: ignore[arg-type]
+
+    def to_network(self, name: str = "") -> Network:
+        """The equivalent plain network in the sdp IR (float64), ``Network.sandwich`` set."""
+        net = plain_network(self.sandwich_params())
+        return Network(net.input_shape, net.ops, sandwich=net.sandwich, name=name)
+
+
+def conv_lbdn_config(model: ConvLBDN, claimed_gamma: float | None = None) -> dict[str, Any]:
+    """The lipcert/1 "sandwich" config of ``model``; tensor names are its state_dict keys."""
+    specs: list[dict[str, Any]] = []
+    for i, layer in enumerate(model.convs):
+        assert isinstance(layer, SandwichConv2d)
+        ts = {"XY": f"convs.{i}.XY", "d": f"convs.{i}.d"}
+        if layer.bias is not None:
+            ts["b"] = f"convs.{i}.bias"
+        if layer.alpha is not None:
+            ts["alpha"] = f"convs.{i}.alpha"
+        specs.append(
+            {
+                "type": "sandwich_conv",
+                "in_shape": list(layer.in_shape),
+                "out_channels": layer.out_channels,
+                "kernel_size": layer.kernel_size,
+                "stride": layer.stride,
+                "activation": layer.act_spec.name,
+                "activation_param": layer.act_spec.param,
+                "tensors": ts,
+            }
+        )
+    o = model.output
+    ts = {"XY": "output.XY"}
+    if o.bias is not None:
+        ts["b"] = "output.bias"
+    if o.alpha is not None:
+        ts["alpha"] = "output.alpha"
+    specs.append(
+        {"type": "sandwich_output", "in": o.in_features, "out": o.out_features, "tensors": ts}
+    )
+    return {
+        "format": "lipcert/1",
+        "kind": "sandwich",
+        "gamma": model.gamma if claimed_gamma is None else claimed_gamma,
+        "input_shape": list(model.input_shape),
+        "tensors": {"log_gamma": "log_gamma"},
+        "layers": specs,
+    }
+
+
+def conv_lbdn_to_bytes(model: ConvLBDN, claimed_gamma: float | None = None) -> bytes:
+    """Serialise ``model`` (raw parameters as stored) to safetensors bytes."""
+    tensors = {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
+    meta = {METADATA_KEY: config_json(conv_lbdn_config(model, claimed_gamma))}
+    return np_save(tensors, metadata=meta)
+
+
+def save_conv_lbdn(model: ConvLBDN, path: str | Path, claimed_gamma: float | None = None) -> None:
+    Path(path).write_bytes(conv_lbdn_to_bytes(model, claimed_gamma))
