@@ -5,6 +5,12 @@ m = f_y(x) - max_{j != y} f_j(x): for every j, f_y - f_j is sqrt(2) L-Lipschitz 
 e_y - e_j has norm sqrt(2)), so no class overtakes y while ||x' - x||_2 < m / (sqrt(2) L).
 With pairwise bounds L_yj >= Lip(f_y - f_j) the radius is min_{j != y} (f_y - f_j) / L_yj.
 
+Rounding: the guarantee holds for the EXACT logits. ``logit_error`` E (per input, a bound on
+||f^(x) - f(x)||_2 for the computed logits f^, see :mod:`sdp.rounding`) shrinks every
+difference f_y - f_j by sqrt(2) E before dividing (each |(f^_y - f^_j) - (f_y - f_j)| <=
+sqrt(2) E), and the quotient is rounded down by a few ulps. If the computed top class is not
+the exact one, the shrunk margin is <= 0 and the radius is 0.
+
 Warning: radii live in the network's input space (after any preprocessing folded into the
 network); a margin <= 0 (misclassified-or-tie at x itself) gives radius 0.
 """
@@ -17,6 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdp.ir import Array
+
+_ROUND_DOWN = 1.0 - 8 * np.finfo(np.float64).eps
+"""Factor that covers the rounding of sqrt(2), the product and the quotient of a radius."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,14 +53,17 @@ def certified_radius(
     *,
     labels: np.ndarray | None = None,
     pairwise: Array | None = None,
+    logit_error: Array | float | None = None,
 ) -> RadiusResult:
-    """Radii r = max(m, 0) / (sqrt(2) L) per input; optional pairwise radii and correctness.
+    """Radii r = max(m - sqrt(2) E, 0) / (sqrt(2) L) per input; optional pairwise radii.
 
     Args:
         logits: (B, K) network outputs.
         lipschitz: certified l2 bound L of x -> logits (> 0).
         labels: optional (B,) integer labels; ``correct`` = (prediction == label).
-        pairwise: optional (K, K) symmetric L_yj bounds on Lip(f_y - f_j).
+        pairwise: optional (K, K) symmetric L_yj bounds on Lip(f_y - f_j); entries that are
+            not finite and > 0 certify nothing for their pair (radius 0 from it).
+        logit_error: optional bound E (scalar or (B,)) on ||computed - exact logits||_2.
 
     Example:
         >>> certified_radius(np.array([[3.0, 1.0]]), 1.0).radius.round(4)
@@ -68,19 +80,25 @@ def certified_radius(
     others = f.copy()
     others[np.arange(b), pred] = -np.inf
     margin = top - others.max(axis=1)
-    radius = np.maximum(margin, 0.0) / (math.sqrt(2.0) * lipschitz)
+    slack = 0.0 if logit_error is None else np.asarray(logit_error, dtype=np.float64)
+    if np.any(~np.isfinite(slack)) or np.any(slack < 0):
+        raise ValueError("logit_error must be finite and >= 0")
+    slack = math.sqrt(2.0) * slack * (1 + 1e-12)
+    safe = np.maximum(margin - slack, 0.0)
+    radius = safe / (math.sqrt(2.0) * lipschitz) * _ROUND_DOWN
     rp: Array | None = None
     if pairwise is not None:
         p = np.asarray(pairwise, dtype=np.float64)
         if p.shape != (k, k):
             raise ValueError(f"pairwise must be ({k}, {k}), got {p.shape}")
-        diff = top[:, None] - f  # f_y - f_j
+        diff = np.maximum(top[:, None] - f - np.reshape(slack, (-1, 1)), 0.0)  # f_y - f_j
         lyj = p[pred]  # (B, K)
+        usable = np.isfinite(lyj) & (lyj > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(lyj > 0, diff / lyj, np.where(diff > 0, np.inf, 0.0))
+            ratio = np.where(usable, diff / np.where(usable, lyj, 1.0), 0.0) * _ROUND_DOWN
         ratio[np.arange(b), pred] = np.inf
         rp = np.maximum(ratio.min(axis=1), 0.0)
-        rp = np.where(margin > 0, rp, 0.0)
+        rp = np.where(safe > 0, rp, 0.0)
     correct = None
     if labels is not None:
         lab = np.asarray(labels).reshape(-1)
