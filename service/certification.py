@@ -5,7 +5,9 @@ For logits f(x), predicted class y and margin m = f_y - max_{j != y} f_j, every 
 r = min_{j != y} (f_y - f_j) / L_yj. The maths lives in :mod:`sdp.radius`; this module only
 adapts it to the HTTP results.
 
-Warning: the radius is only as exact as the logits; on CUDA they are float32.
+Rounding: radii hold for the EXACT margin, so callers pass ``logit_error`` (a per-input bound
+on ||computed - exact logits||_2, :meth:`service.worker.InferenceWorker.logit_error`) and every
+margin is shrunk by sqrt(2) times it before dividing (:func:`sdp.radius.certified_radius`).
 """
 
 from __future__ import annotations
@@ -121,9 +123,15 @@ def batch_inputs(arr: np.ndarray, input_shape: list[int], max_inputs: int) -> np
 
 
 def radii(
-    logits: np.ndarray, lipschitz: float, pairwise: Any = None
+    logits: np.ndarray,
+    lipschitz: float,
+    pairwise: Any = None,
+    logit_error: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """(prediction, margin, radius, radius_pairwise) for logits (B, K), via sdp.radius."""
+    """(prediction, margin, radius, radius_pairwise) for logits (B, K), via sdp.radius.
+
+    ``logit_error`` bounds ||logits - exact logits||_2 per row (shrinks the margins).
+    """
     from sdp.radius import certified_radius
 
     if logits.ndim != 2 or logits.shape[1] < 2:
@@ -136,7 +144,7 @@ def radii(
     pw = None if pairwise is None else np.asarray(pairwise, dtype=np.float64)
     if pw is not None and pw.shape != (logits.shape[1],) * 2:
         pw = None  # a malformed pairwise matrix is ignored, the scalar bound still holds
-    out = certified_radius(logits, lipschitz, pairwise=pw)
+    out = certified_radius(logits, lipschitz, pairwise=pw, logit_error=logit_error)
     rpw = None if pw is None else np.asarray(out.radius_pairwise, dtype=np.float64)
     return (
         np.asarray(out.prediction, dtype=np.int64),
@@ -153,6 +161,7 @@ def results_payload(
     labels: list[int] | None,
     return_logits: bool,
     epsilon: float,
+    logit_error: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The per-input results and summary of a certify response."""
     b, k = logits.shape
@@ -162,7 +171,7 @@ def results_payload(
         if any(not 0 <= int(y) < k for y in labels):
             raise InvalidInput(f"labels must be class indices in [0, {k})")
     lip = float(bound["lipschitz_bound"])
-    pred, margin, radius, rpw = radii(logits, lip, bound.get("pairwise"))
+    pred, margin, radius, rpw = radii(logits, lip, bound.get("pairwise"), logit_error)
     # Columns as Python lists first (vectorised), then one dict per input.
     columns: dict[str, list[Any]] = {
         "prediction": pred.astype(np.int64).tolist(),

@@ -9,8 +9,15 @@ run as one forward pass (big requests in chunks). Models live on the device as
 of ``model_cache_size`` entries.
 
 Device and precision: ``LIPCERT_DEVICE`` auto|cpu|cuda (auto = cuda when available). CUDA
-runs float32; CPU runs ``LIPCERT_CPU_DTYPE`` (float64 by default, so margins are the IR's
-own float64 logits). Logits are returned as float64 numpy arrays either way.
+runs float64 (TF32 disabled); CPU runs ``LIPCERT_CPU_DTYPE`` (float64 by default). Logits are
+returned as float64 numpy arrays either way.
+
+Sound radii: a radius is only valid for the EXACT margin. :meth:`InferenceWorker.logit_error`
+gives, per input, a rigorous a priori bound E(x) = e0 + e1 ||x|| on ||computed - exact logits||
+for the working precision (:mod:`sdp.rounding`, with a safety factor of 4 for library/cuDNN
+algorithm constants); the certify routes shrink every margin by sqrt(2) E(x). In float64 the
+loss is negligible; in float32 the a priori bound is loose (often larger than typical margins
+of deep nets), which is why float64 is the default on every device.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ log = logging.getLogger("lipcert.worker")
 #: Largest number of rows in one forward pass (bounds device memory for huge requests).
 CHUNK_ROWS = 16384
 _STOP = object()
+#: Safety factor on every rounding term of the logit error bound (see module doc).
+ROUNDING_SAFETY = 4.0
 
 
 @dataclass
@@ -72,6 +81,7 @@ class InferenceWorker:
         self._thread: threading.Thread | None = None
         self.device = "cpu"
         self.dtype_name = settings.cpu_dtype
+        self._error_bounds: dict[str, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -79,7 +89,10 @@ class InferenceWorker:
         import torch
 
         self.device = resolve_device(self.settings.device)
-        self.dtype_name = "float32" if self.device == "cuda" else self.settings.cpu_dtype
+        self.dtype_name = "float64" if self.device == "cuda" else self.settings.cpu_dtype
+        if self.device == "cuda":  # TF32 would void the float32 rounding model anyway
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         torch.set_num_threads(self.settings.torch_threads)
         self._thread = threading.Thread(target=self._run, name="lipcert-inference", daemon=True)
         self._thread.start()
@@ -115,6 +128,27 @@ class InferenceWorker:
         """Forget a model's device copy (called when the model is deleted)."""
         with self._models_lock:
             self._models.pop(model_id, None)
+            self._error_bounds.pop(model_id, None)
+
+    def logit_error(self, model_id: str, x: np.ndarray) -> np.ndarray:
+        """Per-row bound on ||logits computed here - exact logits||_2 for inputs x (rows, n0)."""
+        with self._models_lock:
+            bound = self._error_bounds.get(model_id)
+        if bound is None:
+            bound = self._error_bound(model_id)
+        return np.asarray(bound(x), dtype=np.float64)
+
+    def _error_bound(self, model_id: str) -> Any:
+        from sdp.rounding import logit_error_bound, unit_roundoff
+
+        try:
+            net = self.storage.load_network(model_id)
+        except KeyError:
+            raise NotFound(f"no model with id {model_id!r}", code="model-not-found") from None
+        bound = logit_error_bound(net, unit_roundoff(self.dtype_name), safety=ROUNDING_SAFETY)
+        with self._models_lock:
+            self._error_bounds[model_id] = bound
+        return bound
 
     # -- the worker thread -------------------------------------------------------------------
 
@@ -185,6 +219,7 @@ class InferenceWorker:
             raise NotFound(f"no model with id {model_id!r}", code="model-not-found") from None
         dtype = torch.float32 if self.dtype_name == "float32" else torch.float64
         module = TorchNetwork.from_network(net, dtype=dtype, device=self.device)
+        self._error_bound(model_id)  # computed once per model, off the event loop
         with self._models_lock:
             self._models[model_id] = module
             while len(self._models) > self.settings.model_cache_size:

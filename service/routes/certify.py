@@ -74,8 +74,9 @@ async def certify(
     return_logits: bool = Query(False, description="For .npy bodies."),
     epsilon: float = Query(0.0, ge=0, description="For .npy bodies."),
 ) -> JSONResponse:
-    """radius = margin / (sqrt(2) L) with L the chosen verified bound (DESIGN §4);
-    radius_pairwise = min_j (f_y - f_j) / L_yj when the bound has pairwise constants.
+    """radius = (margin - sqrt(2) E) / (sqrt(2) L) with L the chosen verified bound (DESIGN §4)
+    and E a rigorous bound on the rounding error of the logits (tiny in float64);
+    radius_pairwise = min_j (f_y - f_j - sqrt(2) E) / L_yj when the bound has pairwise constants.
     Without a verified bound: 409 with a hint. JSON bodies follow ``CertifyRequest``;
     ``application/x-npy`` bodies carry the inputs and take the options as query parameters."""
     rec = model_or_404(storage, model_id)
@@ -108,6 +109,7 @@ async def certify(
         labels=labels,
         return_logits=return_logits,
         epsilon=epsilon,
+        logit_error=worker.logit_error(model_id, x),
     )
     # small batches inline (skip the thread hop: single-input latency), big ones off the loop
     payload = run() if len(x) <= 256 else await asyncio.to_thread(run)

@@ -2,8 +2,9 @@
 
 ``POST /v2/models/{id}/infer`` takes one tensor (any name, FP32/FP64/INT, shape
 [batch, n0], [batch, *input_shape] or [n0]) and returns ``logits`` (FP32, [batch, K]),
-``prediction`` (INT64, [batch]) and ``certified_radius`` (FP64, [batch]: margin/(sqrt(2) L)
-with the model's best verified bound, kept in float64 so rounding never enlarges it).
+``prediction`` (INT64, [batch]) and ``certified_radius`` (FP64, [batch]: (margin - sqrt(2) E) /
+(sqrt(2) L) with the model's best verified bound and E a rigorous bound on the logits' rounding
+error, so rounding never enlarges it).
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ async def infer(
     )
     bound = pick_bound(storage, model_id, "best")
     logits = await worker.infer(model_id, x)
-    pred, _, radius, _ = radii(logits, float(bound["lipschitz_bound"]))
+    err = worker.logit_error(model_id, x)
+    pred, _, radius, _ = radii(logits, float(bound["lipschitz_bound"]), logit_error=err)
     b, k = logits.shape
     tensors = {
         "logits": {
