@@ -133,6 +133,7 @@ def certify(
     """Certified robustness radii margin / (sqrt(2) L) for each input."""
     from sdp.errors import LipcertError
     from sdp.radius import certified_radius
+    from sdp.rounding import logit_error_bound, unit_roundoff
 
     try:
         net = _load(model)
@@ -151,7 +152,10 @@ def certify(
     try:
         result = _compute(net, method, pairwise, solver, None, quiet, lower_bound=False)
         logits = net.forward(x)
-        radii = certified_radius(logits, result.value, labels=y, pairwise=result.pairwise)
+        err = logit_error_bound(net, unit_roundoff("float64"), safety=4.0)(x)
+        radii = certified_radius(
+            logits, result.value, labels=y, pairwise=result.pairwise, logit_error=err
+        )
     except LipcertError as e:
         fail(f"{e.code}: {e.detail}")
     except ValueError as e:
