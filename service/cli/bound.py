@@ -225,6 +225,18 @@ def verify(
         fail(f"cannot check certificate: {e}")
     if not ok:
         fail("certificate does NOT verify: M(rho, T) is not negative semidefinite")
+    if c.output_map is not None:  # it bounds Lip(P f) (e.g. a pair e_y - e_j), NOT Lip(f)
+        pm = np.asarray(c.output_map).tolist()
+        if json_out:
+            out = {
+                "verified": True,
+                "output_map": pm,
+                "output_map_lipschitz_bound": c.lipschitz_bound,
+            }
+            sys.stdout.write(json.dumps({**out, "rho": c.rho}) + "\n")
+        else:
+            Console().print(f"verified: Lip(P f) <= {c.lipschitz_bound:.10g} for P = {pm}")
+        return
     if json_out:
         out = {"verified": True, "lipschitz_bound": c.lipschitz_bound, "rho": c.rho}
         sys.stdout.write(json.dumps(out) + "\n")

@@ -132,3 +132,31 @@ def test_pairwise_radius_ignores_unusable_constants() -> None:
     assert certified_radius(logits, 1.0, pairwise=zero).radius_pairwise[0] == 0.0
     with_err = certified_radius(logits, 1.0, logit_error=0.1)
     assert with_err.radius[0] == pytest.approx((1.0 - math.sqrt(2) * 0.1) / math.sqrt(2))
+
+
+def test_cli_verify_never_reports_a_mapped_certificate_as_the_network_bound(
+    fixtures_dir, tmp_path
+) -> None:
+    """A valid certificate for P f (P = 1e-6 e_0^T) must not read as 'Lip(f) <= 3e-5'."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sdp.certificate import Certificate, Lmi, certify_rho, layerwise_multipliers
+    from sdp.importers import load_model_file
+    from service.cli import app
+
+    mat = fixtures_dir / "lipsdp" / "random_weights.mat"
+    net = load_model_file(mat)
+    p = np.zeros((1, net.output_size))
+    p[0, 0] = 1e-6
+    lmi = Lmi.from_chain(net.chain(), output_map=p)
+    t = layerwise_multipliers(lmi)
+    cert = Certificate(certify_rho(lmi, t), t, output_map=p, network_hash=net.content_hash())
+    path = tmp_path / "mapped.json"
+    path.write_text(cert.to_json())
+    res = CliRunner().invoke(app, ["verify", str(path), str(mat), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "lipschitz_bound" not in out
+    assert out["output_map"] == p.tolist()
