@@ -91,8 +91,11 @@ def balance(lmi: Lmi) -> tuple[Lmi, Array]:
 class StructuredSolver:
     """LipSDP by a structure-exploiting barrier method (CPU, numpy/LAPACK).
 
-    ``options.eps`` is the relative duality-gap target (mu nu <= eps rho); ``options.extra``
-    may hold ``"sigma"`` (mu reduction factor) and ``"cancelled"`` (a callable).
+    ``options.eps`` is the relative gap target (rho(t) - dual bound <= eps rho(t));
+    ``options.timeout_s`` returns the best (strictly feasible) iterate when time runs out.
+    ``options.extra`` may hold ``"cancelled"`` (a zero-argument callable polled every
+    iteration) and tuning knobs of :class:`sdp.solvers._interior_point.IpmSettings`
+    (``"sigma_min"``, ``"sigma_fixed"``, ``"step_frac"``, ``"z0_scale"``).
     """
 
     name = "structured"
