@@ -41,6 +41,8 @@ class ConvLBDN(nn.Module):
         activation: factory of the hidden activation (slopes in [0, 1]).
     """
 
+    log_gamma: Tensor
+
     def __init__(
         self,
         input_shape: Sequence[int],

@@ -42,9 +42,11 @@ over pixels, c_last = gamma rho_out, c_j = c_{j+1} rho_{j+1} (= gamma Psi^2 when
 
 Export. The plain network has W_j = (sqrt2 Psi_j^{-1} B_j S_j)(sqrt2 A_{j-1}^H Psi_{j-1}),
 a circular stride-s correlation y[o, i] = sum_x G[o, c, (x - s i) mod n] h[c, x] whose kernel G
-is read off the adjoint applied to unit impulses. It is written as an IR ``Conv2d`` (zero-padded
-cross-correlation) with kernel size 2n - s, padding n - s and stride s, with
-K[t] = G[(t - n + s) mod n]: exact, no dense unrolling. The output layer is a ``Dense``.
+is read off the adjoint applied to unit impulses. Small layers (<= DENSE_EXPORT_MAX matrix
+entries) are exported unrolled as ``Dense`` (rows = shifted copies of G). Larger ones are an IR
+``Conv2d`` (zero-padded cross-correlation) with kernel size 2n - s, padding n - s and stride s,
+K[t] = G[(t - n + s) mod n]: exact and compact, but slow to run with the tap-loop Conv2d.
+The output layer is a ``Dense``.
 
 Reference: R. Wang, I. R. Manchester, "Direct Parameterization of Lipschitz-Bounded Deep
 Networks", ICML 2023 (sandwich layers and their convolutional, FFT-based version).
@@ -72,6 +74,9 @@ CLOSED_FORM_RTOL = 1e-6
 SLACKS = (0.0, 1e-9, 1e-8, 1e-7, 1e-6)
 """Per-layer slacks r tried in turn (T = (1 + r) Psi^2; needed when a layer widens)."""
 MAX_GRID = 256
+DENSE_EXPORT_MAX = 1 << 22
+"""Layers whose unrolled matrix has at most this many entries are exported as ``Dense``
+(fast to run); larger ones as the exact big-kernel ``Conv2d`` (compact)."""
 MAX_CHANNELS = 512
 
 
@@ -232,9 +237,15 @@ def plain_ops(params: ConvSandwichParams) -> tuple[Any, ...]:
         impulses[np.arange(q), np.arange(q), 0, 0] = 1.0
         g = _post_adjoint(prev, params.gamma, _pre_adjoint(layer, impulses))  # (q, c, n, n)
         n, s = layer.in_shape[1], layer.stride
-        idx = (np.arange(2 * n - s) - (n - s)) % n
-        kernel = g[:, :, idx][:, :, :, idx]
-        ops.append(Conv2d(kernel, layer.b, layer.in_shape, (s, s), (n - s,) * 4))
+        if q * m * m * math.prod(layer.in_shape) <= DENSE_EXPORT_MAX:
+            # row (o, i, j) of W is G shifted by (s i, s j): R[..., x, y] = G[..., x - s i, y - s j]
+            rows = [np.roll(g, (s * i, s * j), axis=(2, 3)) for i in range(m) for j in range(m)]
+            w = np.stack(rows, axis=1).reshape(q * m * m, -1)
+            ops.append(Dense(w, np.repeat(layer.b, m * m)))
+        else:
+            idx = (np.arange(2 * n - s) - (n - s)) % n
+            kernel = g[:, :, idx][:, :, :, idx]
+            ops.append(Conv2d(kernel, layer.b, layer.in_shape, (s, s), (n - s,) * 4))
         ops.append(layer.activation)
         prev = layer
     _, b_out = params.output.cayley()

@@ -23,8 +23,16 @@ def train(
         ..., help="Training data: .npz (arrays x, y) or an MNIST IDX folder."
     ),
     out: Path = typer.Option(..., help="Output .safetensors file."),
-    arch: str = typer.Option("lbdn", help="lbdn (dense) | lbdn-conv (not implemented yet)."),
-    widths: str = typer.Option("64,64", help="Hidden widths, comma separated."),
+    arch: str = typer.Option(
+        "lbdn", help="lbdn (dense) | lbdn-conv (circular-conv sandwich layers, then dense)."
+    ),
+    widths: str = typer.Option(
+        "64,64", help="Hidden widths (lbdn) or conv channels (lbdn-conv), comma separated."
+    ),
+    strides: str | None = typer.Option(
+        None, help="lbdn-conv: stride 1|2 per conv layer, comma separated (default all 1)."
+    ),
+    kernel_size: int = typer.Option(3, min=1, help="lbdn-conv: taps of the free kernels."),
     gamma: float = typer.Option(2.0, help="Lipschitz bound of the network (l2)."),
     epochs: int = typer.Option(10, min=1),
     batch_size: int = typer.Option(128, min=1),
@@ -38,11 +46,9 @@ def train(
     ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> None:
-    """Train an LBDN with certified Lipschitz bound GAMMA and save it as .safetensors."""
-    if arch == "lbdn-conv":
-        fail("arch lbdn-conv is not implemented yet (convolutional sandwich layers); use lbdn")
-    if arch != "lbdn":
-        fail(f"unknown arch {arch!r}; expected lbdn")
+    """Train an LBDN (dense or convolutional) with Lipschitz bound GAMMA; save .safetensors."""
+    if arch not in ("lbdn", "lbdn-conv"):
+        fail(f"unknown arch {arch!r}; expected lbdn or lbdn-conv")
     if gamma <= 0:
         fail("gamma must be > 0")
     try:
@@ -51,6 +57,16 @@ def train(
         fail(f"widths must be comma-separated integers, got {widths!r}")
     if not hidden or min(hidden) <= 0:
         fail("widths must be positive")
+    try:
+        conv_strides = [int(v) for v in (strides or "").split(",") if v.strip()] or [1] * len(
+            hidden
+        )
+    except ValueError:
+        fail(f"strides must be comma-separated integers, got {strides!r}")
+    if arch == "lbdn-conv" and (
+        len(conv_strides) != len(hidden) or not set(conv_strides) <= {1, 2}
+    ):
+        fail("strides: one stride (1 or 2) per conv layer")
 
     import numpy as np
     import torch
@@ -79,7 +95,21 @@ def train(
     x_tr, y_tr, x_va, y_va = split_holdout(x_all, y_all, val_fraction, seed)
     in_shape = tuple(int(v) for v in x_all.shape[1:])
     in_dim = int(np.prod(in_shape))
-    model = LBDN(in_dim, hidden, n_classes, gamma=gamma, input_shape=in_shape)
+    model: torch.nn.Module
+    if arch == "lbdn-conv":
+        from models.conv_lbdn import ConvLBDN
+
+        img_shape = (1, *in_shape) if len(in_shape) == 2 else in_shape
+        if len(img_shape) != 3 or img_shape[1] != img_shape[2]:
+            fail(f"lbdn-conv needs square images (n x n or c x n x n), got shape {in_shape}")
+        try:
+            model = ConvLBDN(
+                img_shape, hidden, n_classes, gamma, strides=conv_strides, kernel_size=kernel_size
+            )
+        except ValueError as e:
+            fail(f"invalid conv architecture: {e}")
+    else:
+        model = LBDN(in_dim, hidden, n_classes, gamma=gamma, input_shape=in_shape)
     xt, yt = torch.from_numpy(x_tr.reshape(len(x_tr), -1)), torch.from_numpy(y_tr)
     xv, yv = torch.from_numpy(x_va.reshape(len(x_va), -1)), torch.from_numpy(y_va)
     val = (xv, yv) if len(xv) else None
@@ -112,7 +142,12 @@ def train(
             progress.reset(task, total=n_batches)
 
         train_classifier(model, xt, yt, gamma, cfg, val=val, on_batch=on_batch, on_epoch=on_epoch)
-    save_lbdn(model, out, claimed_gamma=gamma)
+    if arch == "lbdn-conv":
+        from models.conv_lbdn import save_conv_lbdn
+
+        save_conv_lbdn(model, out, claimed_gamma=gamma)  # type: ignore[arg-type]
+    else:
+        save_lbdn(model, out, claimed_gamma=gamma)  # type: ignore[arg-type]
     result = sandwich_bound(load_network(out))
     final = evaluate(model, xv, yv, gamma, eps) if val is not None else None
     summary = {

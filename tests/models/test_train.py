@@ -90,7 +90,7 @@ def test_cli_trains_from_npz_and_refuses_bad_options(tmp_path):
     assert res.exit_code == 0, res.output
     assert load_network(out).input_size == 6
     bad = CliRunner().invoke(app, [*args, "--arch", "lbdn-conv"])
-    assert bad.exit_code != 0 and "not implemented" in bad.output
+    assert bad.exit_code != 0 and "square images" in bad.output  # flat data: no conv
     bad = CliRunner().invoke(app, [*args[:-4], "--widths", "a,b"])
     assert bad.exit_code != 0
     np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object), y=np.zeros(1))

@@ -8,9 +8,10 @@ import math
 import numpy as np
 import pytest
 
+from sdp import sandwich_conv
 from sdp.certificate import Lmi, certify_rho, verify_certificate
 from sdp.errors import CertificateError, ModelRejected, NotApplicable
-from sdp.ir import Network
+from sdp.ir import Conv2d, Dense, Network
 from sdp.sandwich import SandwichLayer, network_from_safetensors, params_to_safetensors
 from sdp.sandwich import sandwich_bound as dense_entry_point
 from sdp.sandwich_conv import (
@@ -70,19 +71,28 @@ def test_space_to_depth_is_an_inverse_permutation():
     np.testing.assert_array_equal(depth_to_space(s, 2), x)
 
 
+@pytest.mark.parametrize("as_conv", [False, True])
 @pytest.mark.parametrize(("shape", "layers"), ARCHS)
-def test_exported_plain_network_equals_sandwich_forward(shape, layers):
+def test_exported_plain_network_equals_sandwich_forward(shape, layers, as_conv, monkeypatch):
+    if as_conv:  # force the big-kernel Conv2d export instead of the unrolled Dense one
+        monkeypatch.setattr(sandwich_conv, "DENSE_EXPORT_MAX", 0)
     p = _params(2, shape, layers)
     net = plain_network(p)
+    kinds = {type(op).__name__ for op in net.ops[:-1:2]}
+    assert kinds == ({"Conv2d"} if as_conv else {"Dense"})
     x = np.random.default_rng(3).standard_normal((7, math.prod(shape)))
     np.testing.assert_allclose(net.forward(x), conv_forward(p, x), atol=1e-12, rtol=0)
 
 
-def test_conv2d_export_is_the_circular_linear_map():
-    """The exported first Conv2d equals the layer's linear part applied to unit impulses."""
+@pytest.mark.parametrize("as_conv", [False, True])
+def test_export_is_the_circular_linear_map(as_conv, monkeypatch):
+    """The exported first op equals the layer's linear part applied to unit impulses."""
+    if as_conv:
+        monkeypatch.setattr(sandwich_conv, "DENSE_EXPORT_MAX", 0)
     p = _params(4, (2, 6, 6), [(3, 2)])
     layer = p.convs[0]
     conv = plain_network(p).ops[0]
+    assert isinstance(conv, Conv2d if as_conv else Dense)
     basis = np.eye(72).reshape(72, 2, 6, 6)
     _, b_h = layer.factors()
 
@@ -111,6 +121,15 @@ def test_closed_form_check_verifies_gamma_and_matches_dense_lipsdp(shape, layers
     dense_rho = certify_rho(lmi, res.certificate.multipliers)
     assert dense_rho <= res.certificate.rho * (1 + 1e-6)
     assert math.sqrt(dense_rho) >= res.value * (1 - 1e-6)
+
+
+def test_check_on_conv2d_export(monkeypatch):
+    monkeypatch.setattr(sandwich_conv, "DENSE_EXPORT_MAX", 0)
+    p = _params(11, (1, 6, 6), [(2, 1), (2, 2)])
+    net = plain_network(p)
+    res = conv_sandwich_bound(net)
+    assert res.certificate.meta["closed_form_confirmed"]
+    assert verify_certificate(Lmi.from_chain(net.chain()), res.certificate)
 
 
 def test_each_layer_rho_is_one_up_to_rounding():
