@@ -125,6 +125,18 @@ def test_safetensors_round_trip_and_lowered_claim(tmp_path):
     assert res_low.value == pytest.approx(res.value, rel=1e-12)
 
 
+def test_32x32_rgb_model_exports_and_certifies():
+    torch.manual_seed(8)
+    model = ConvLBDN((3, 32, 32), [4, 4], 10, 1.0, strides=[2, 2], dtype=F64)
+    _randomise(model, 8)
+    net = model.to_network()
+    x = torch.rand(3, 3 * 32 * 32, dtype=F64)
+    with torch.no_grad():
+        np.testing.assert_allclose(net.forward(x.numpy()), model(x).numpy(), atol=1e-10, rtol=0)
+    res = sandwich_bound(net)
+    assert res.certificate.meta["closed_form_confirmed"] and res.value <= 1 + 1e-6
+
+
 def test_float32_model_trains_and_stays_certified():
     torch.manual_seed(7)
     model = ConvLBDN((1, 8, 8), [2], 3, 1.5)
