@@ -109,6 +109,7 @@ def test_closed_form_check_verifies_gamma_and_matches_dense_lipsdp(shape, layers
     assert res.method == "sandwich" and res.verified
     assert res.certificate.meta["per_frequency"] and res.certificate.meta["closed_form_confirmed"]
     assert res.value <= 3.0 * (1 + 1e-6)
+    assert res.certificate.meta["dense_verified"] is True  # small: re-verified on the ops
     # sound: never below the spectral norm of any linearisation (here: all ReLUs active)
     ws = [np.asarray(w) for w in net.chain().weights()]
     lin = ws[0]
@@ -130,6 +131,10 @@ def test_check_on_conv2d_export(monkeypatch):
     res = conv_sandwich_bound(net)
     assert res.certificate.meta["closed_form_confirmed"]
     assert verify_certificate(Lmi.from_chain(net.chain()), res.certificate)
+    monkeypatch.setattr(sandwich_conv, "DENSE_VERIFY_MAX", 10)
+    skipped = conv_sandwich_bound(net)
+    assert skipped.certificate.meta["dense_verified"] is None
+    assert skipped.value == res.value
 
 
 def test_each_layer_rho_is_one_up_to_rounding():
