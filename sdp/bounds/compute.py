@@ -148,8 +148,14 @@ def compute_bound(
         if progress is not None:
             progress({"phase": "lower_bound"})
         t1 = time.perf_counter()
-        extra["lower_bound"] = empirical_lower_bound(net)
+        low = empirical_lower_bound(net)
         timings["lower_bound_s"] = time.perf_counter() - t1
+        if low > res.value * (1 + 1e-9):  # a measured ratio above the bound: never report it
+            raise LipcertError(
+                f"{res.method} bound {res.value:.9g} is below the measured ratio {low:.9g}",
+                code="bound-below-lower-bound",
+            )
+        extra["lower_bound"] = low
     timings["total_s"] = time.perf_counter() - t0
     extra["timings"] = timings
     return replace(res, **extra)

@@ -417,3 +417,23 @@ def test_pgd_inside_certified_radii_never_flips_mnist(fixtures_dir) -> None:
         # and the attack is real: at 3x the radius (global bound) it gets much closer
         if not pairwise:
             assert (_pgd_min_margin(net, x, out.prediction, 3 * r) < out.margin).all()
+
+
+def test_compute_bound_refuses_a_bound_below_the_measured_ratio(monkeypatch) -> None:
+    """Safety net: a (buggy) method value under an observed two-point ratio is never reported."""
+    from dataclasses import replace
+
+    import sdp.bounds.compute as compute
+    from sdp.errors import LipcertError
+
+    real = compute._naive
+
+    def too_small(net: Network):  # a deliberately wrong method
+        res = real(net)
+        return replace(res, value=0.5 * res.value)
+
+    monkeypatch.setattr(compute, "_naive", too_small)
+    lin = build(np.random.default_rng(1), [3, 2], [])  # linear: the measured ratio is ~exact
+    with pytest.raises(LipcertError) as exc:
+        compute.compute_bound(lin, "naive")
+    assert exc.value.code == "bound-below-lower-bound"
