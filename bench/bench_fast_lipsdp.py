@@ -128,7 +128,6 @@ def networks() -> dict[str, tuple[Any, bool]]:
         "mnistfc-256x2": (onnx_lmi("mnistfc/mnist-net_256x2.onnx"), False),
         "mnistfc-256x4": (onnx_lmi("mnistfc/mnist-net_256x4.onnx"), False),
         "mnistfc-256x6": (onnx_lmi("mnistfc/mnist-net_256x6.onnx"), False),
-        "mnistfc-256x4": (onnx_lmi("mnistfc/mnist-net_256x4.onnx"), False),
         "eran-mnist_relu_9_200": (onnx_lmi("eran/nets/mnist_relu_9_200.onnx"), False),
     }
 
