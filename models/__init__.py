@@ -4,7 +4,7 @@ Public surface (one name per line)::
 
     SandwichLinear, SandwichOutput   sandwich layers (models.sandwich)
     SandwichConv2d                   circular-conv sandwich layer, per frequency (models.conv)
-    ConvLBDN, save_conv_lbdn, conv_lbdn_to_bytes   conv LBDN and its files (models.conv_lbdn)
+    ConvLBDN, save_conv_lbdn, load_conv_lbdn, conv_lbdn_to_bytes   conv LBDN (models.conv_lbdn)
     LBDN                             Lipschitz-bounded MLP with bound gamma (models.lbdn)
     save_lbdn, load_lbdn, load_network, lbdn_to_bytes, convert_lbdn_jl   files (models.io)
     plain_mlp, spectral_mlp, orthogonal_mlp, OrthogonalLinear           baselines
@@ -14,7 +14,7 @@ Public surface (one name per line)::
 
 from models.baselines import OrthogonalLinear, orthogonal_mlp, plain_mlp, spectral_mlp
 from models.conv import SandwichConv2d
-from models.conv_lbdn import ConvLBDN, conv_lbdn_to_bytes, save_conv_lbdn
+from models.conv_lbdn import ConvLBDN, conv_lbdn_to_bytes, load_conv_lbdn, save_conv_lbdn
 from models.empirical import empirical_lipschitz
 from models.io import convert_lbdn_jl, lbdn_to_bytes, load_lbdn, load_network, save_lbdn
 from models.lbdn import LBDN
@@ -33,6 +33,7 @@ __all__ = [
     "convert_lbdn_jl",
     "empirical_lipschitz",
     "lbdn_to_bytes",
+    "load_conv_lbdn",
     "load_lbdn",
     "load_network",
     "orthogonal_mlp",

@@ -179,3 +179,60 @@ def conv_lbdn_to_bytes(model: ConvLBDN, claimed_gamma: float | None = None) -> b
 
 def save_conv_lbdn(model: ConvLBDN, path: str | Path, claimed_gamma: float | None = None) -> None:
     Path(path).write_bytes(conv_lbdn_to_bytes(model, claimed_gamma))
+
+
+def conv_lbdn_from_tensors(
+    tensors: dict[str, np.ndarray], config: dict[str, Any], dtype: torch.dtype | None = None
+) -> ConvLBDN:
+    """Build a :class:`ConvLBDN` from a conv "sandwich" config (validated first) and its tensors."""
+    from models.io import _TORCH_ACTIVATIONS
+    from sdp.errors import ModelRejected
+    from sdp.sandwich_conv import params_from_safetensors
+
+    params = params_from_safetensors(tensors, config)
+    acts = {(la.activation.name, la.activation.param) for la in params.convs}
+    ks = {la.xy.shape[-1] for la in params.convs}
+    specs = config["layers"]
+    normalize = {"alpha" in s["tensors"] for s in specs}
+    if len(acts) > 1 or len(ks) > 1 or len(normalize) > 1 or not params.convs:
+        raise ModelRejected(
+            "ConvLBDN modules need >= 1 conv layer, one activation, one kernel size and alpha "
+            "on every layer or none",
+            code="unsupported-kind",
+        )
+    name, param = acts.pop()
+    model = ConvLBDN(
+        params.input_shape,
+        [la.out_channels for la in params.convs],
+        params.output.out_features,
+        params.gamma,
+        strides=[la.stride for la in params.convs],
+        kernel_size=ks.pop(),
+        activation=lambda: _TORCH_ACTIVATIONS[name](param),
+        normalize=normalize.pop(),
+        dtype=dtype,
+    )
+    state = model.state_dict()
+    targets = [f"convs.{i}." for i in range(len(params.convs))] + ["output."]
+    new: dict[str, Tensor] = {"log_gamma": torch.tensor([math.log(params.gamma)])}
+    top = config.get("tensors") or {}
+    if "log_gamma" in top:  # bit-exact copy of the stored scale
+        new["log_gamma"] = torch.as_tensor(np.asarray(tensors[top["log_gamma"]]).reshape(1))
+    for spec, pre in zip(specs, targets, strict=True):
+        for key, src in spec["tensors"].items():
+            arr = np.asarray(tensors[src])
+            new[pre + ("bias" if key == "b" else key)] = torch.as_tensor(
+                arr.reshape(-1) if key == "alpha" else arr
+            )
+    for k in set(state) - set(new):  # layers stored without a bias: zero bias
+        new[k] = torch.zeros_like(state[k])
+    model.load_state_dict({k: v.to(state[k].dtype) for k, v in new.items()})
+    return model
+
+
+def load_conv_lbdn(path: str | Path, dtype: torch.dtype | None = None) -> ConvLBDN:
+    """Load a :class:`ConvLBDN` from a lipcert safetensors file (no code is executed)."""
+    from models.io import read_safetensors
+
+    tensors, config = read_safetensors(path)
+    return conv_lbdn_from_tensors(tensors, config, dtype=dtype)

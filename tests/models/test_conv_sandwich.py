@@ -11,7 +11,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from models.conv import SandwichConv2d
-from models.conv_lbdn import ConvLBDN, conv_lbdn_to_bytes
+from models.conv_lbdn import ConvLBDN, conv_lbdn_to_bytes, load_conv_lbdn
 from models.empirical import empirical_lipschitz
 from models.io import load_network
 from models.train import TrainConfig, train_classifier
@@ -118,6 +118,11 @@ def test_safetensors_round_trip_and_lowered_claim(tmp_path):
     assert res.certificate.meta["closed_form_confirmed"] and res.value <= 2 * (1 + 1e-6)
     (tmp_path / "m.safetensors").write_bytes(data)
     assert load_network(tmp_path / "m.safetensors").content_hash() == net.content_hash()
+    back = load_conv_lbdn(tmp_path / "m.safetensors", dtype=F64).eval()
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    with torch.no_grad():
+        np.testing.assert_allclose(back(torch.from_numpy(x)).numpy(), y, atol=1e-12, rtol=0)
     # a file that claims less than its parameters give is not confirmed
     low = load_model(conv_lbdn_to_bytes(model, claimed_gamma=0.5 * res.value))
     res_low = sandwich_bound(low)
