@@ -214,7 +214,10 @@ def _factorise_hidden(lmi: Lmi, t: Sequence[Array]) -> _Factorisation:
         max(
             float(
                 np.max(
-                    _absrow(W[j + 1], ab[j + 1] * t[j + 1] if j + 1 < L else np.ones(W[L].shape[0]))
+                    _absrow(
+                        W[j + 1], ab[j + 1] * t[j + 1] if j + 1 < L else np.ones(W[L].shape[0])
+                    ),
+                    initial=0.0,
                 )
             )
             * _gamma(W[j + 1].shape[0] + 2)
@@ -247,11 +250,11 @@ def _factorise_hidden(lmi: Lmi, t: Sequence[Array]) -> _Factorisation:
     if L == 0:
         w = W[0]
         q = w.T @ w  # no hidden layer: M = -rho I + W^T W
-        q_err = _gamma(w.shape[0] + 2) * float(np.max(_absrow(w, np.ones(w.shape[0]))))
+        q_err = _gamma(w.shape[0] + 2) * float(np.max(_absrow(w, np.ones(w.shape[0])), initial=0.0))
         return _Factorisation(shift=0.0, q=q, q_err=2 * q_err)
     assert s_inv_coupling is not None
     q = s_inv_coupling.T @ s_inv_coupling - 2 * (W[0].T * (ab[0] * t[0])) @ W[0]
-    q_err = _gamma(W[0].shape[0] + 2) * float(np.max(_absrow(W[0], ab[0] * t[0]))) * 2
+    q_err = _gamma(W[0].shape[0] + 2) * float(np.max(_absrow(W[0], ab[0] * t[0]), initial=0.0)) * 2
     return _Factorisation(shift=float(shift), q=q, q_err=q_err)
 
 
@@ -326,7 +329,8 @@ def layerwise_multipliers(lmi: Lmi, *, slack: float = 2.0) -> tuple[Array, ...]:
         )
         if s_inv_coupling is not None:
             blk = blk - s_inv_coupling.T @ s_inv_coupling
-        need = float(linalg.eigvalsh(-blk, subset_by_index=[blk.shape[0] - 1, blk.shape[0] - 1])[0])
+        n = blk.shape[0]
+        need = float(linalg.eigvalsh(-blk, subset_by_index=[n - 1, n - 1])[0]) if n else 0.0
         scale = max(need, 0.0) * slack / 2
         scale = max(scale, 1e-12 * max(1.0, float(np.abs(blk).max(initial=0.0))))
         t[j] = np.full(W[j].shape[0], scale)

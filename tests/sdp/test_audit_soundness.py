@@ -437,3 +437,20 @@ def test_compute_bound_refuses_a_bound_below_the_measured_ratio(monkeypatch) -> 
     with pytest.raises(LipcertError) as exc:
         compute.compute_bound(lin, "naive")
     assert exc.value.code == "bound-below-lower-bound"
+
+
+def test_zero_width_hidden_layers_certify_instead_of_crashing() -> None:
+    rng = np.random.default_rng(0)
+    cases = [
+        Lmi((np.zeros((0, 3)), np.zeros((2, 0))), (np.zeros(0),), (np.ones(0),)),
+        Lmi(
+            (rng.standard_normal((3, 3)), np.zeros((0, 3)), np.zeros((2, 0))),
+            (np.zeros(3), np.zeros(0)),
+            (np.ones(3), np.ones(0)),
+        ),
+    ]
+    for lmi in cases:  # the network is constant: any rho >= 0 is valid
+        t = layerwise_multipliers(lmi)
+        rho = certify_rho(lmi, t)
+        assert 0 <= rho < 1e-6
+        assert verify_certificate(lmi, Certificate(rho, t))
