@@ -454,3 +454,71 @@ def test_zero_width_hidden_layers_certify_instead_of_crashing() -> None:
         rho = certify_rho(lmi, t)
         assert 0 <= rho < 1e-6
         assert verify_certificate(lmi, Certificate(rho, t))
+
+
+@pytest.mark.parametrize(
+    "act",
+    [("elu", 2.5), ("leaky_relu", 3.0), ("leaky_relu", -2.0), ("gelu", 0.0), ("sigmoid", 0.0)],
+)
+def test_leading_and_trailing_activations_are_bounded(act: tuple[str, float]) -> None:
+    """phi first (identity layer inserted before it) and phi last (identity output layer)."""
+    rng = np.random.default_rng(13)
+    phi = Activation(*act)  # type: ignore[arg-type]
+    net = Network(
+        (2,),
+        (
+            phi,
+            Dense(rng.standard_normal((4, 2)), rng.standard_normal(4)),
+            phi,
+            Dense(rng.standard_normal((3, 4)), rng.standard_normal(3)),
+            phi,
+        ),
+    )
+    low = strong_lower_bound(net)
+    for m in ("naive", "lipsdp-neuron", "lipsdp-layer", "auto"):
+        assert compute_bound(net, m, lower_bound=False).value >= low * (1 - 1e-9), m
+
+
+def test_onnx_input_normalisation_is_folded_into_the_bound(tmp_path) -> None:
+    """Sub mean / Div std before Gemm: the bound covers the 1/std amplification (x in raw units)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdp.importers import load_model
+
+    rng = np.random.default_rng(3)
+    std = np.array([0.05, 1.0, 2.0, 0.5], np.float32)
+    w1 = rng.standard_normal((5, 4)).astype(np.float32)
+    w2 = rng.standard_normal((3, 5)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(np.array([0.1, 0.2, 0.3, 0.4], np.float32), "mean"),
+        numpy_helper.from_array(std, "std"),
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(np.zeros(5, np.float32), "b1"),
+        numpy_helper.from_array(w2, "w2"),
+        numpy_helper.from_array(np.zeros(3, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Sub", ["x", "mean"], ["c"]),
+        helper.make_node("Div", ["c", "std"], ["n"]),
+        helper.make_node("Gemm", ["n", "w1", "b1"], ["h"], transB=1),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    net = load_model(model.SerializeToString())
+    x = rng.standard_normal((1, 4))
+    ref = w2.astype(float) @ np.maximum(w1.astype(float) @ ((x[0] - [0.1, 0.2, 0.3, 0.4]) / std), 0)
+    np.testing.assert_allclose(net.forward(x)[0], ref, rtol=1e-5, atol=1e-5)
+    low = strong_lower_bound(net)
+    assert low > 10  # the 1/0.05 scaling is really there
+    for m in ("naive", "lipsdp-neuron", "auto"):
+        assert compute_bound(net, m, lower_bound=False).value >= low * (1 - 1e-9), m
+    assert onnx is not None
