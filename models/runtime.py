@@ -13,8 +13,9 @@ op by op from the same IR. Semantics match :meth:`sdp.ir.Network.forward` exactl
 
 Inputs and outputs are flat (batch, n) tensors in C order, like the IR.
 
-Warning: in float32 (the CUDA default) logits differ from the float64 IR by rounding
-(~1e-7 relative); a margin computed from them carries that error.
+Warning: in float32 logits differ from the float64 IR by rounding (~1e-7 relative); a margin
+computed from them carries that error, so radii must shrink it by a rigorous rounding bound
+(:mod:`sdp.rounding`; the service does, and runs float64 on every device by default).
 """
 
 from __future__ import annotations

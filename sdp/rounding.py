@@ -1,7 +1,7 @@
 """A priori bound on the rounding error of a forward pass in floating point (for sound radii).
 
 A certified radius m / (sqrt(2) L) is only sound for the EXACT margin m. Logits computed in
-float32 (CUDA) differ from the exact ones by up to ~1e-7 relative, enough to enlarge a radius
+float32 differ from the exact ones by up to ~1e-7 relative, enough to enlarge a radius
 beyond the true distance to the decision boundary. This module bounds ||f^(x) - f(x)||_2, the
 error of the computed logits, by E(x) = e0 + e1 ||x||_2 (two constants per network and
 precision), so a radius from computed logits can use the margin m^ - sqrt(2) E(x) <= m.

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     max_inputs: int = Field(default=65536, ge=1, description="Most inputs in one certify request.")
     torch_threads: int = Field(default=1, ge=1, description="torch.set_num_threads for inference.")
     cpu_dtype: Literal["float32", "float64"] = Field(
-        default="float64", description="Inference dtype on CPU (CUDA always uses float32)."
+        default="float64", description="Inference dtype on CPU (CUDA always uses float64)."
     )
     max_concurrent_jobs: int = Field(default=1, ge=1, description="Local bound-solving workers.")
     job_timeout_s: float = Field(default=3600.0, gt=0, description="Default bound job time limit.")

@@ -90,7 +90,7 @@ class InferenceWorker:
 
         self.device = resolve_device(self.settings.device)
         self.dtype_name = "float64" if self.device == "cuda" else self.settings.cpu_dtype
-        if self.device == "cuda":  # TF32 would void the float32 rounding model anyway
+        if self.device == "cuda":  # TF32 would void the rounding model of sdp.rounding
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
         torch.set_num_threads(self.settings.torch_threads)
