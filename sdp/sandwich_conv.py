@@ -76,6 +76,10 @@ SLACKS = (0.0, 1e-9, 1e-8, 1e-7, 1e-6)
 MAX_GRID = 256
 DENSE_EXPORT_MAX = 1 << 22
 DENSE_VERIFY_MAX = 1500
+MAX_EXPORT_ENTRIES = 1 << 25
+"""Untrusted files: at most this many float64 entries in the exported plain ops (256 MiB)."""
+MAX_FREQUENCY_WORK = 1 << 32
+"""Untrusted files: at most this many flops (sum over layers of F (q + p) q^2) in the Cayley."""
 """Networks with at most this many neurons (input included) are also re-verified densely."""
 """Layers whose unrolled matrix has at most this many entries are exported as ``Dense``
 (fast to run); larger ones as the exact big-kernel ``Conv2d`` (compact)."""
@@ -471,6 +475,7 @@ def params_from_safetensors(
     assert isinstance(specs, list)
     cur = input_shape
     convs: list[ConvSandwichLayer] = []
+    cost = (0, 0)
     for i, spec in enumerate(specs[:-1]):
         what = f"layer {i}"
         if not isinstance(spec, Mapping) or spec.get("type") != "sandwich_conv":
@@ -486,6 +491,14 @@ def params_from_safetensors(
         k = dense._int(spec.get("kernel_size"), f"{what} kernel_size")
         if q > MAX_CHANNELS or c * s * s > MAX_CHANNELS or k > n // s:
             raise _reject(f"{what}: too many channels or kernel larger than the grid")
+        entries, work = (a + b for a, b in zip(cost, _layer_cost(c, n, q, s), strict=True))
+        cost = (entries, work)
+        if entries > MAX_EXPORT_ENTRIES or work > MAX_FREQUENCY_WORK:
+            raise _reject(
+                f"conv sandwich too large: {entries} exported weights (max "
+                f"{MAX_EXPORT_ENTRIES}), {work} Cayley flops (max {MAX_FREQUENCY_WORK})",
+                "too-many-parameters",
+            )
         ts = spec.get("tensors")
         if not isinstance(ts, Mapping):
             raise _reject(f"{what}: tensors must be an object")
@@ -513,6 +526,14 @@ def params_from_safetensors(
     out_cfg["layers"] = [specs[-1]]
     head = dense.params_from_safetensors(tensors, out_cfg)
     return ConvSandwichParams(gamma, tuple(convs), head.output, input_shape, claimed)
+
+
+def _layer_cost(c: int, n: int, q: int, s: int) -> tuple[int, int]:
+    """(exported float64 entries, Cayley flops) of one conv sandwich layer."""
+    m = n // s
+    dense = q * m * m * c * n * n
+    entries = dense if dense <= DENSE_EXPORT_MAX else q * c * (2 * n - s) ** 2
+    return entries, m * (m // 2 + 1) * (q + c * s * s) * q * q
 
 
 def network_from_safetensors(tensors: Mapping[str, Any], config: Mapping[str, Any]) -> Network:

@@ -235,6 +235,14 @@ def test_config_round_trip_and_rejections():
     }
     with pytest.raises(NotApplicable):  # slopes outside [0, 1]: no closed form
         dense_entry_point(network_from_safetensors(tensors, gelu))
+    big = {**config, "input_shape": [64, 256, 256]}
+    big["layers"] = [dict(config["layers"][0], in_shape=[64, 256, 256], out_channels=512)]
+    with pytest.raises(ModelRejected) as e:  # refused before any tensor is read or FFT done
+        network_from_safetensors(
+            {"log_gamma": tensors["log_gamma"]},
+            {**big, "layers": [*big["layers"], config["layers"][-1]]},
+        )
+    assert e.value.code == "too-many-parameters"
     bad = dict(tensors)
     bad["c0.d"] = np.full(2, 400.0)
     with pytest.raises(ModelRejected):
