@@ -160,3 +160,32 @@ def test_cli_verify_never_reports_a_mapped_certificate_as_the_network_bound(
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert "lipschitz_bound" not in out
     assert out["output_map"] == p.tolist()
+
+
+def test_rounding_bound_covers_conv_and_residual_forward_passes() -> None:
+    torch = pytest.importorskip("torch")
+    from models.runtime import TorchNetwork
+    from sdp.ir import Conv2d, Residual
+
+    rng = np.random.default_rng(0)
+    c1 = Conv2d(
+        rng.normal(size=(4, 2, 3, 3)) / 3, rng.normal(size=4), (2, 8, 8), (2, 2), (1, 1, 1, 1)
+    )
+    c2 = Conv2d(rng.normal(size=(4, 4, 3, 3)) / 6, np.zeros(4), c1.out_shape, (1, 1), (1, 0, 1, 2))
+    n = c2.out_features
+    net = Network(
+        (2, 8, 8),
+        (
+            c1,
+            Activation("tanh"),
+            Residual((c2, Activation("relu"))),
+            Dense(rng.normal(size=(5, n)) / np.sqrt(n), np.zeros(5)),
+        ),
+    )
+    x = 3 * rng.normal(size=(300, 128))
+    exact = net.forward(x)
+    for name, tdt in (("float32", torch.float32), ("float64", torch.float64)):
+        bound = logit_error_bound(net, unit_roundoff(name), safety=4.0)
+        got = TorchNetwork.from_network(net, dtype=tdt)(torch.as_tensor(x, dtype=tdt))
+        err = np.linalg.norm(got.double().numpy() - exact, axis=1)
+        assert (err <= bound(x)).all(), name
