@@ -26,11 +26,15 @@ def train(
     arch: str = typer.Option(
         "lbdn", help="lbdn (dense) | lbdn-conv (circular-conv sandwich layers, then dense)."
     ),
-    widths: str = typer.Option(
-        "64,64", help="Hidden widths (lbdn) or conv channels (lbdn-conv), comma separated."
+    widths: str | None = typer.Option(
+        None,
+        help="Hidden widths (lbdn, default 64,64) or conv channels (lbdn-conv, default 8,16), "
+        "comma separated.",
     ),
     strides: str | None = typer.Option(
-        None, help="lbdn-conv: stride 1|2 per conv layer, comma separated (default all 1)."
+        None,
+        help="lbdn-conv: stride 1|2 per conv layer, comma separated (default 2,2 with the "
+        "default channels, else all 1).",
     ),
     kernel_size: int = typer.Option(3, min=1, help="lbdn-conv: taps of the free kernels."),
     gamma: float = typer.Option(2.0, help="Lipschitz bound of the network (l2)."),
@@ -51,6 +55,10 @@ def train(
         fail(f"unknown arch {arch!r}; expected lbdn or lbdn-conv")
     if gamma <= 0:
         fail("gamma must be > 0")
+    if widths is None:
+        widths = "8,16" if arch == "lbdn-conv" else "64,64"
+        if arch == "lbdn-conv" and strides is None:
+            strides = "2,2"
     try:
         hidden = [int(w) for w in widths.split(",") if w.strip()]
     except ValueError:
