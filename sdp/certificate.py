@@ -30,9 +30,12 @@ relative safety margin, and the final Schur complement (rho - c) I - Q is Choles
 explicitly, so the whole of -M(rho, T) - cI has been factorised in float64.
 
 The shift c follows Rump's criterion for floating-point Cholesky ("Verification of positive
-definiteness", BIT 2006): c >= gamma_{n+1} / (1 - gamma_{n+1}) * trace|A|, doubled, plus the
-worst-case rounding of forming W^T D W (gamma_m * max row sum of |W|^T |D| |W|). It is a
-careful float64 margin, not an interval-arithmetic proof; it is many orders of magnitude
+definiteness", BIT 2006): c >= gamma_{n+1} / (1 - gamma_{n+1}) * trace|A|, doubled. On the
+hidden blocks it is applied in Jacobi scaling (D G D with D = diag|G_ii|^{-1/2}), i.e. as a
+per-neuron shift 2 gamma_{n+1} (n+1) |G_ii|, so deep nets whose multipliers span many orders of
+magnitude are not drowned by the largest one; the input block gets the plain trace form. Both
+add the worst-case rounding of forming W^T D W (gamma_m times scaled row sums of |W|^T |D| |W|).
+It is a careful float64 margin, not an interval-arithmetic proof; it is many orders of magnitude
 larger than observed rounding and many orders smaller than any reported digit.
 """
 
@@ -179,7 +182,7 @@ def _absrow(w: Array, d: Array) -> Array:
 
 @dataclass
 class _Factorisation:
-    shift: float
+    shift: float  # extra uniform shift for the input block (0: hidden shifts are per neuron)
     q: Array  # Q_c = -2 W_0^T D W_0 + C^T S_1^{-1} C (input-space matrix)
     q_err: float  # shift to apply to the final (input) block
 
@@ -199,34 +202,26 @@ def _factorise_hidden(lmi: Lmi, t: Sequence[Array]) -> _Factorisation:
     ab = [a * b for a, b in zip(al, be, strict=True)]
     apb = [a + b for a, b in zip(al, be, strict=True)]
 
-    # Float shift: Rump-style trace term + rounding of the W^T D W products.
-    diag_g = [
-        2 * t[j]
-        + (
-            2 * np.einsum("ij,i,ij->j", W[j + 1], ab[j + 1] * t[j + 1], W[j + 1])
-            if j + 1 < L
-            else -np.einsum("ij,ij->j", W[L], W[L])
+    # Float shift, per neuron (Jacobi-scaled Rump criterion): checking D G D - cI > 0 with
+    # D = diag(|G_ii|)^{-1/2} is checking G - c diag(|G_ii|) > 0, so the shift scales with
+    # each neuron's own diagonal entry and stays tiny when multipliers span many orders of
+    # magnitude (deep trained nets). Plus the rounding of forming W^T D W, bounded per row
+    # in the same scaling: s_i >= gamma_m (F d)_i / d_i with F = |W|^T |D| |W|, d = sqrt|G_ii|.
+    n_total = n_hidden + lmi.input_size
+    rel = 2 * _gamma(n_total + 1) * (n_total + 1)
+    shifts: list[Array] = []
+    for j in range(L):
+        w_next = W[j + 1]
+        d_next = ab[j + 1] * t[j + 1] if j + 1 < L else np.ones(w_next.shape[0])
+        sign = 1.0 if j + 1 < L else -1.0
+        diag_g = 2 * t[j] + sign * (1.0 if j + 1 == L else 2.0) * np.einsum(
+            "ij,i,ij->j", w_next, d_next, w_next
         )
-        for j in range(L)
-    ]
-    trace = float(sum(np.abs(dg).sum() for dg in diag_g))
-    form = (
-        max(
-            float(
-                np.max(
-                    _absrow(
-                        W[j + 1], ab[j + 1] * t[j + 1] if j + 1 < L else np.ones(W[L].shape[0])
-                    ),
-                    initial=0.0,
-                )
-            )
-            * _gamma(W[j + 1].shape[0] + 2)
-            for j in range(L)
-        )
-        if L
-        else 0.0
-    )
-    shift = 2 * _gamma(n_hidden + 1) * trace + 2 * form + np.finfo(np.float64).tiny
+        scale = np.sqrt(np.abs(diag_g)) + np.finfo(np.float64).tiny
+        aw = np.abs(w_next)
+        form = (aw.T @ (np.abs(d_next) * (aw @ scale))) / scale
+        form *= 2 * _gamma(w_next.shape[0] + 2) * (1.0 if j + 1 == L else 2.0)
+        shifts.append(rel * np.abs(diag_g) + form + np.finfo(np.float64).tiny)
 
     s_inv_coupling: Array | None = None  # R_{j+1}^{-T} G_{j+1,j}, from the block below
     for j in reversed(range(L)):
@@ -234,7 +229,7 @@ def _factorise_hidden(lmi: Lmi, t: Sequence[Array]) -> _Factorisation:
             blk = -(W[L].T @ W[L])
         else:
             blk = 2 * (W[j + 1].T * (ab[j + 1] * t[j + 1])) @ W[j + 1]
-        blk[np.diag_indices_from(blk)] += 2 * t[j] - shift
+        blk[np.diag_indices_from(blk)] += 2 * t[j] - shifts[j]
         if s_inv_coupling is not None:
             blk -= s_inv_coupling.T @ s_inv_coupling
         try:
@@ -255,7 +250,7 @@ def _factorise_hidden(lmi: Lmi, t: Sequence[Array]) -> _Factorisation:
     assert s_inv_coupling is not None
     q = s_inv_coupling.T @ s_inv_coupling - 2 * (W[0].T * (ab[0] * t[0])) @ W[0]
     q_err = _gamma(W[0].shape[0] + 2) * float(np.max(_absrow(W[0], ab[0] * t[0]), initial=0.0)) * 2
-    return _Factorisation(shift=float(shift), q=q, q_err=q_err)
+    return _Factorisation(shift=0.0, q=q, q_err=q_err)
 
 
 def _input_shift(f: _Factorisation, rho: float) -> float:
