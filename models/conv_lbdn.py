@@ -187,7 +187,7 @@ def conv_lbdn_from_tensors(
     """Build a :class:`ConvLBDN` from a conv "sandwich" config (validated first) and its tensors."""
     from models.io import _TORCH_ACTIVATIONS
     from sdp.errors import ModelRejected
-    from sdp.sandwich_conv import params_from_safetensors
+    from sdp.sandwich_conv_io import params_from_safetensors
 
     params = params_from_safetensors(tensors, config)
     acts = {(la.activation.name, la.activation.param) for la in params.convs}

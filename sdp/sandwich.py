@@ -421,10 +421,10 @@ def params_from_safetensors(
 
 def network_from_safetensors(tensors: Mapping[str, Any], config: Mapping[str, Any]) -> Network:
     """The plain IR network of a sandwich safetensors file, with ``Network.sandwich`` set."""
-    from sdp import sandwich_conv
+    from sdp import sandwich_conv_io
 
-    if sandwich_conv.is_conv_config(config):
-        return sandwich_conv.network_from_safetensors(tensors, config)
+    if sandwich_conv_io.is_conv_config(config):
+        return sandwich_conv_io.network_from_safetensors(tensors, config)
     params = params_from_safetensors(tensors, config)
     try:
         return plain_network(params)

@@ -24,9 +24,9 @@ from sdp.sandwich_conv import (
     frequency_lmis,
     layer_rho,
     plain_network,
-    random_conv_params,
     space_to_depth,
 )
+from sdp.sandwich_conv_io import random_conv_params
 
 ARCHS = [
     ((1, 8, 8), [(2, 1), (3, 2)]),  # widening layers, stride 2
