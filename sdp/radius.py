@@ -80,11 +80,15 @@ def certified_radius(
     others = f.copy()
     others[np.arange(b), pred] = -np.inf
     margin = top - others.max(axis=1)
-    slack = 0.0 if logit_error is None else np.asarray(logit_error, dtype=np.float64)
-    if np.any(~np.isfinite(slack)) or np.any(slack < 0):
-        raise ValueError("logit_error must be finite and >= 0")
-    slack = math.sqrt(2.0) * slack * (1 + 1e-12)
-    safe = np.maximum(margin - slack, 0.0)
+    err = np.broadcast_to(
+        np.asarray(0.0 if logit_error is None else logit_error, dtype=np.float64), (b,)
+    )
+    if np.any(err < 0):
+        raise ValueError("logit_error must be >= 0")
+    # overflowed logits or an infinite error bound certify nothing (radius 0, never inf)
+    usable_row = np.isfinite(f).all(axis=1) & np.isfinite(err)
+    slack = math.sqrt(2.0) * np.where(usable_row, err, 0.0) * (1 + 1e-12)
+    safe = np.where(usable_row, np.maximum(margin - slack, 0.0), 0.0)
     radius = safe / (math.sqrt(2.0) * lipschitz) * _ROUND_DOWN
     rp: Array | None = None
     if pairwise is not None:

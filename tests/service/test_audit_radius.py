@@ -189,3 +189,22 @@ def test_rounding_bound_covers_conv_and_residual_forward_passes() -> None:
         got = TorchNetwork.from_network(net, dtype=tdt)(torch.as_tensor(x, dtype=tdt))
         err = np.linalg.norm(got.double().numpy() - exact, axis=1)
         assert (err <= bound(x)).all(), name
+
+
+def test_overflowing_logits_certify_nothing(make_client) -> None:
+    """Inputs that overflow the logits to inf used to get radius inf and certified=true."""
+    out = certified_radius(np.array([[np.inf, 0.0], [3.0, 1.0]]), 1.0)
+    assert out.radius[0] == 0.0 and out.radius[1] > 0
+    w = np.array([[1.0, 2.0], [-1.0, 0.5]])
+    client = make_client()
+    mid = client.post("/v1/models", files={"file": ("lin.onnx", mlp_onnx([w]))}).json()["id"]
+    client.app.state.storage.save_bound(
+        mid, {"lipschitz_bound": 3.0, "method": "naive", "verified": True, "job_id": "j"}
+    )
+    for x in ([[1e308, 1e308]], [[1e200, -1e200]]):
+        r = client.post(
+            f"/v1/models/{mid}/certify", json={"inputs": x, "labels": [0], "epsilon": 1.0}
+        )
+        assert r.status_code == 200, r.text
+        item = r.json()["results"][0]
+        assert item["radius"] == 0.0 and item["certified"] is False
