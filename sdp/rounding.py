@@ -65,7 +65,9 @@ class LogitErrorBound:
 
     def __call__(self, x: Array) -> Array:
         """Per-row bound for inputs x of shape (B, n0)."""
-        norms = np.linalg.norm(np.asarray(x, dtype=np.float64).reshape(len(x), -1), axis=1)
+        a = np.abs(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
+        top = a.max(axis=1, initial=0.0)  # scaled norm: no overflow for |x| ~ 1e200
+        norms = top * np.linalg.norm(a / np.where(top > 0, top, 1.0)[:, None], axis=1)
         return np.asarray((self.e0 + self.e1 * norms) * (1 + 1e-12), dtype=np.float64)
 
 
