@@ -29,7 +29,9 @@ import time
 import uuid
 from typing import Any
 
+from sdp.errors import LipcertError
 from service.jobs.base import ACTIVE, JobRecord, JobSpec, now_iso, observe_solve_time
+from service.jobs.recheck import recheck_document
 from service.jobs.redis_state import (
     ACTIVE_SET,
     QUEUE_NAME,
@@ -140,6 +142,7 @@ class RqRunner:
             rec = self.jobs.get(job_id) or rec
         if rec.terminal:
             self._persist(rec)
+            rec = self.jobs.get(job_id) or rec
         return rec
 
     def cancel(self, job_id: str) -> JobRecord | None:
@@ -195,6 +198,16 @@ class RqRunner:
         """Save a succeeded job's result into storage once; drop ended jobs from the watch set."""
         result = rec.result if rec.status == "succeeded" else None
         if result is not None and self.redis.hsetnx(job_key(rec.id), "persisted", "1"):
+            try:
+                recheck_document(self.storage.load_network(rec.spec.model_id), result)
+            except LipcertError as exc:  # a worker's word is not a certificate
+                log.warning("job %s: worker result rejected: %s", rec.id, exc)
+                error = {"code": "unverified-result", "detail": f"worker result rejected: {exc}"}
+                self.jobs.transition(
+                    rec.id, ("succeeded",), status="failed", error=error, result="null"
+                )
+                self.redis.srem(ACTIVE_SET, rec.id)
+                return
             try:
                 self.storage.save_bound(rec.spec.model_id, result)
             except Exception:

@@ -1,0 +1,78 @@
+"""Re-check a bound document that came back from a worker before it is stored.
+
+A Redis worker may run on another machine; the API does not take its word for a bound.
+Every number that will be served is re-derived here from the network the API itself holds:
+
+* LipSDP results: the certificate (rho, T) must pass :func:`sdp.certificate.verify_certificate`
+  on the API's own network, and the reported bound must be >= sqrt(rho);
+* pairwise bounds: every pair (y, j) needs its own verified certificate with output map
+  e_y - e_j, and the matrix entry must be >= its sqrt(rho);
+* sandwich and naive/compositional results are recomputed (closed form / norm products; no
+  solver) and the reported value must be >= the recomputed one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from sdp.certificate import Certificate, Lmi, verify_certificate
+from sdp.errors import CertificateError
+from sdp.ir import Network
+
+REL_TOL = 1e-9
+"""A reported value may sit this much (relative) below a recomputed deterministic bound."""
+
+
+def _proven(net: Network, cert_doc: Any, output_map: np.ndarray | None = None) -> float:
+    """sqrt(rho) of a certificate document, after verifying it on ``net``."""
+    cert = Certificate.from_json(json.dumps(cert_doc))
+    if output_map is not None and (
+        cert.output_map is None or not np.array_equal(cert.output_map, output_map)
+    ):
+        raise CertificateError("pairwise certificate has the wrong output map")
+    lmi = Lmi.from_chain(net.chain(), output_map=cert.output_map)
+    if not verify_certificate(lmi, cert):
+        raise CertificateError("certificate does not verify on the stored network")
+    return cert.lipschitz_bound
+
+
+def recheck_document(net: Network, doc: dict[str, Any]) -> None:
+    """Raise :class:`CertificateError` unless every bound in ``doc`` is re-proven for ``net``."""
+    from sdp.bounds import compute_bound
+
+    value = doc.get("lipschitz_bound")
+    if not (doc.get("verified") and isinstance(value, float | int) and math.isfinite(value)):
+        raise CertificateError("worker result is not a verified finite bound")
+    method = str(doc.get("method", ""))
+    if method.startswith("lipsdp"):
+        if doc.get("certificate") is None:
+            raise CertificateError("LipSDP result without its certificate")
+        proven = _proven(net, doc["certificate"])
+    else:
+        recompute = "sandwich" if method == "sandwich" else "naive"
+        proven = compute_bound(net, recompute, lower_bound=False).value * (1 - REL_TOL)
+    if value < proven:
+        raise CertificateError(f"reported bound {value} is below the proven {proven}")
+    pairwise = doc.get("pairwise")
+    if pairwise is None:
+        return
+    mat = np.asarray(pairwise, dtype=np.float64)
+    k = net.output_size
+    certs = doc.get("pairwise_certificates") or []
+    covered = set()
+    for cert_doc in certs:
+        y, j = (int(v) for v in cert_doc.get("meta", {}).get("pair", (-1, -1)))
+        if not (0 <= y < j < k):
+            raise CertificateError("pairwise certificate without a valid pair")
+        row = np.zeros((1, k))
+        row[0, y], row[0, j] = 1.0, -1.0
+        proven_pair = _proven(net, cert_doc, output_map=row)
+        if not (mat[y, j] >= proven_pair and mat[j, y] >= proven_pair):
+            raise CertificateError(f"pairwise bound ({y},{j}) is below its certificate")
+        covered.add((y, j))
+    if mat.shape != (k, k) or len(covered) != k * (k - 1) // 2:
+        raise CertificateError("pairwise bounds are not all certified")
