@@ -18,16 +18,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import save as np_save
 from torch import Tensor, nn
 
 from models.conv import SandwichConv2d
+from models.io import (
+    _TORCH_ACTIVATIONS,
+    layer_tensor_names,
+    module_to_safetensors,
+    read_safetensors,
+    sandwich_file_config,
+    state_from_layer_specs,
+)
 from models.sandwich import SandwichOutput
 from sdp.ir import Network
-from sdp.sandwich import SandwichLayer, config_json
+from sdp.sandwich import SandwichLayer
 from sdp.sandwich_conv import ConvSandwichLayer, ConvSandwichParams, plain_network
-
-METADATA_KEY = "lipcert"
 
 
 class ConvLBDN(nn.Module):
@@ -134,11 +139,6 @@ def conv_lbdn_config(model: ConvLBDN, claimed_gamma: float | None = None) -> dic
     specs: list[dict[str, Any]] = []
     for i, layer in enumerate(model.convs):
         assert isinstance(layer, SandwichConv2d)
-        ts = {"XY": f"convs.{i}.XY", "d": f"convs.{i}.d"}
-        if layer.bias is not None:
-            ts["b"] = f"convs.{i}.bias"
-        if layer.alpha is not None:
-            ts["alpha"] = f"convs.{i}.alpha"
         specs.append(
             {
                 "type": "sandwich_conv",
@@ -148,33 +148,15 @@ def conv_lbdn_config(model: ConvLBDN, claimed_gamma: float | None = None) -> dic
                 "stride": layer.stride,
                 "activation": layer.act_spec.name,
                 "activation_param": layer.act_spec.param,
-                "tensors": ts,
+                "tensors": layer_tensor_names(f"convs.{i}.", layer, hidden=True),
             }
         )
-    o = model.output
-    ts = {"XY": "output.XY"}
-    if o.bias is not None:
-        ts["b"] = "output.bias"
-    if o.alpha is not None:
-        ts["alpha"] = "output.alpha"
-    specs.append(
-        {"type": "sandwich_output", "in": o.in_features, "out": o.out_features, "tensors": ts}
-    )
-    return {
-        "format": "lipcert/1",
-        "kind": "sandwich",
-        "gamma": model.gamma if claimed_gamma is None else claimed_gamma,
-        "input_shape": list(model.input_shape),
-        "tensors": {"log_gamma": "log_gamma"},
-        "layers": specs,
-    }
+    return sandwich_file_config(model, specs, claimed_gamma)
 
 
 def conv_lbdn_to_bytes(model: ConvLBDN, claimed_gamma: float | None = None) -> bytes:
     """Serialise ``model`` (raw parameters as stored) to safetensors bytes."""
-    tensors = {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
-    meta = {METADATA_KEY: config_json(conv_lbdn_config(model, claimed_gamma))}
-    return np_save(tensors, metadata=meta)
+    return module_to_safetensors(model, conv_lbdn_config(model, claimed_gamma))
 
 
 def save_conv_lbdn(model: ConvLBDN, path: str | Path, claimed_gamma: float | None = None) -> None:
@@ -185,7 +167,6 @@ def conv_lbdn_from_tensors(
     tensors: dict[str, np.ndarray], config: dict[str, Any], dtype: torch.dtype | None = None
 ) -> ConvLBDN:
     """Build a :class:`ConvLBDN` from a conv "sandwich" config (validated first) and its tensors."""
-    from models.io import _TORCH_ACTIVATIONS
     from sdp.errors import ModelRejected
     from sdp.sandwich_conv_io import params_from_safetensors
 
@@ -218,12 +199,7 @@ def conv_lbdn_from_tensors(
     top = config.get("tensors") or {}
     if "log_gamma" in top:  # bit-exact copy of the stored scale
         new["log_gamma"] = torch.as_tensor(np.asarray(tensors[top["log_gamma"]]).reshape(1))
-    for spec, pre in zip(specs, targets, strict=True):
-        for key, src in spec["tensors"].items():
-            arr = np.asarray(tensors[src])
-            new[pre + ("bias" if key == "b" else key)] = torch.as_tensor(
-                arr.reshape(-1) if key == "alpha" else arr
-            )
+    new.update(state_from_layer_specs(tensors, specs, targets))
     for k in set(state) - set(new):  # layers stored without a bias: zero bias
         new[k] = torch.zeros_like(state[k])
     model.load_state_dict({k: v.to(state[k].dtype) for k, v in new.items()})
@@ -232,7 +208,5 @@ def conv_lbdn_from_tensors(
 
 def load_conv_lbdn(path: str | Path, dtype: torch.dtype | None = None) -> ConvLBDN:
     """Load a :class:`ConvLBDN` from a lipcert safetensors file (no code is executed)."""
-    from models.io import read_safetensors
-
     tensors, config = read_safetensors(path)
     return conv_lbdn_from_tensors(tensors, config, dtype=dtype)

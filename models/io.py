@@ -39,16 +39,64 @@ _TORCH_ACTIVATIONS: dict[str, Any] = {
 }
 
 
+def layer_tensor_names(prefix: str, layer: nn.Module, *, hidden: bool) -> dict[str, str]:
+    """Config "tensors" entry of a sandwich layer: state_dict keys of XY, d (hidden), b, alpha."""
+    ts = {"XY": prefix + "XY"}
+    if hidden:
+        ts["d"] = prefix + "d"
+    if layer.bias is not None:
+        ts["b"] = prefix + "bias"
+    if layer.alpha is not None:
+        ts["alpha"] = prefix + "alpha"
+    return ts
+
+
+def sandwich_file_config(
+    model: nn.Module, hidden_specs: list[dict[str, Any]], claimed_gamma: float | None
+) -> dict[str, Any]:
+    """The lipcert/1 "sandwich" config: ``hidden_specs``, then the spec of ``model.output``."""
+    o = model.output
+    output_spec = {
+        "type": "sandwich_output",
+        "in": o.in_features,
+        "out": o.out_features,
+        "tensors": layer_tensor_names("output.", o, hidden=False),
+    }
+    return {
+        "format": "lipcert/1",
+        "kind": "sandwich",
+        "gamma": model.gamma if claimed_gamma is None else claimed_gamma,
+        "input_shape": list(model.input_shape),
+        "tensors": {"log_gamma": "log_gamma"},
+        "layers": [*hidden_specs, output_spec],
+    }
+
+
+def module_to_safetensors(model: nn.Module, config: Mapping[str, Any]) -> bytes:
+    """safetensors bytes of ``model.state_dict()`` (as stored) with ``config`` as metadata."""
+    tensors = {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
+    return np_save(tensors, metadata={METADATA_KEY: config_json(config)})
+
+
+def state_from_layer_specs(
+    tensors: Mapping[str, np.ndarray], specs: list[dict[str, Any]], prefixes: list[str]
+) -> dict[str, torch.Tensor]:
+    """State dict entries named ``prefix + key`` ("b" -> "bias", alpha flattened) per layer spec."""
+    state: dict[str, torch.Tensor] = {}
+    for spec, pre in zip(specs, prefixes, strict=True):
+        for key, src in spec["tensors"].items():
+            arr = np.asarray(tensors[src])
+            state[pre + ("bias" if key == "b" else key)] = torch.as_tensor(
+                arr.reshape(-1) if key == "alpha" else arr
+            )
+    return state
+
+
 def lbdn_config(model: LBDN, claimed_gamma: float | None = None) -> dict[str, Any]:
     """The lipcert/1 "sandwich" config of ``model``; tensor names are its state_dict keys."""
     specs: list[dict[str, Any]] = []
     for i, layer in enumerate(model.hidden):
         assert isinstance(layer, SandwichLinear)
-        ts = {"XY": f"hidden.{i}.XY", "d": f"hidden.{i}.d"}
-        if layer.bias is not None:
-            ts["b"] = f"hidden.{i}.bias"
-        if layer.alpha is not None:
-            ts["alpha"] = f"hidden.{i}.alpha"
         specs.append(
             {
                 "type": "sandwich",
@@ -56,32 +104,15 @@ def lbdn_config(model: LBDN, claimed_gamma: float | None = None) -> dict[str, An
                 "out": layer.out_features,
                 "activation": layer.act_spec.name,
                 "activation_param": layer.act_spec.param,
-                "tensors": ts,
+                "tensors": layer_tensor_names(f"hidden.{i}.", layer, hidden=True),
             }
         )
-    o = model.output
-    ts = {"XY": "output.XY"}
-    if o.bias is not None:
-        ts["b"] = "output.bias"
-    if o.alpha is not None:
-        ts["alpha"] = "output.alpha"
-    specs.append(
-        {"type": "sandwich_output", "in": o.in_features, "out": o.out_features, "tensors": ts}
-    )
-    return {
-        "format": "lipcert/1",
-        "kind": "sandwich",
-        "gamma": model.gamma if claimed_gamma is None else claimed_gamma,
-        "input_shape": list(model.input_shape),
-        "tensors": {"log_gamma": "log_gamma"},
-        "layers": specs,
-    }
+    return sandwich_file_config(model, specs, claimed_gamma)
 
 
 def lbdn_to_bytes(model: LBDN, claimed_gamma: float | None = None) -> bytes:
     """Serialise ``model`` (raw parameters as stored, e.g. float32) to safetensors bytes."""
-    tensors = {k: v.detach().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
-    return np_save(tensors, metadata={METADATA_KEY: config_json(lbdn_config(model, claimed_gamma))})
+    return module_to_safetensors(model, lbdn_config(model, claimed_gamma))
 
 
 def save_lbdn(model: LBDN, path: str | Path, claimed_gamma: float | None = None) -> None:
@@ -137,14 +168,8 @@ def lbdn_from_tensors(
         input_shape=params.input_shape,
         dtype=dtype,
     )
-    state: dict[str, torch.Tensor] = {}
     targets = [f"hidden.{i}." for i in range(len(widths))] + ["output."]
-    for spec, pre in zip(specs, targets, strict=True):
-        for key, src in spec["tensors"].items():
-            dst = pre + ("bias" if key == "b" else key)
-            state[dst] = torch.as_tensor(
-                np.asarray(tensors[src]).reshape(-1) if key == "alpha" else np.asarray(tensors[src])
-            )
+    state = state_from_layer_specs(tensors, specs, targets)
     state["log_gamma"] = torch.tensor([math.log(params.gamma)])
     missing = set(model.state_dict()) - set(state)
     for k in missing:  # layers stored without a bias: zero bias
