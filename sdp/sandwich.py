@@ -278,21 +278,49 @@ def sandwich_bound(net: Network) -> BoundResult:
         )
     naive = math.prod(float(np.linalg.norm(w, 2)) for w in lmi.weights)
     notes.append(f"naive product of spectral norms of the plain network: {naive:.6g}")
+    return sandwich_result(
+        net,
+        rho,
+        mult,
+        claim=claim,
+        confirmed=confirmed,
+        meta={"slack": used_slack},
+        notes=notes,
+        t0=t0,
+    )
+
+
+def sandwich_result(
+    net: Network,
+    rho: float,
+    multipliers: tuple[Array, ...],
+    *,
+    claim: float,
+    confirmed: bool,
+    meta: Mapping[str, Any],
+    notes: Sequence[str],
+    t0: float,
+) -> BoundResult:
+    """The verified "sandwich" result sqrt(rho) with its certificate (rho, T) on ``net``.
+
+    ``meta`` (check details) goes into the certificate's meta between the claim and the slope
+    sector [0, 1]; ``t0`` is the perf_counter at the start of the check.
+    """
     cert = Certificate(
         rho=rho,
-        multipliers=mult,
+        multipliers=multipliers,
         network_hash=net.content_hash(),
         meta={
             "method": "sandwich",
             "claimed_gamma": claim,
             "closed_form_confirmed": confirmed,
-            "slack": used_slack,
+            **meta,
             "slope_sector": [0.0, 1.0],
         },
     )
     total = time.perf_counter() - t0
     return BoundResult(
-        value=value,
+        value=math.sqrt(rho),
         method="sandwich",
         verified=True,
         certificate=cert,

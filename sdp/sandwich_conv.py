@@ -66,6 +66,7 @@ from sdp.bounds.result import BoundResult
 from sdp.certificate import Certificate, Lmi, certify_rho, verify_certificate
 from sdp.errors import CertificateError, NotApplicable
 from sdp.ir import Activation, Array, Conv2d, Dense, Network
+from sdp.sandwich import sandwich_result
 
 CArray = npt.NDArray[np.complex128]
 SQRT2 = math.sqrt(2.0)
@@ -394,29 +395,13 @@ def conv_sandwich_bound(net: Network) -> BoundResult:
         else f"claimed gamma = {claim:.9g} NOT confirmed; the verified bound is {value:.9g}",
         dense_note,
     ]
-    cert = Certificate(
-        rho=rho,
-        multipliers=multipliers,
-        network_hash=net.content_hash(),
-        meta={
-            "method": "sandwich",
-            "claimed_gamma": claim,
-            "closed_form_confirmed": confirmed,
-            "per_frequency": True,
-            "layer_rhos": rhos,
-            "layer_slacks": [s for _, s in layer_certs],
-            "output_rho": rho_out,
-            "dense_verified": dense_ok,
-            "slope_sector": [0.0, 1.0],
-        },
-    )
-    total = time.perf_counter() - t0
-    return BoundResult(
-        value=value,
-        method="sandwich",
-        verified=True,
-        certificate=cert,
-        timings={"solve_s": total, "total_s": total},
-        notes=tuple(notes),
-        requested_method="sandwich",
+    meta = {
+        "per_frequency": True,
+        "layer_rhos": rhos,
+        "layer_slacks": [s for _, s in layer_certs],
+        "output_rho": rho_out,
+        "dense_verified": dense_ok,
+    }
+    return sandwich_result(
+        net, rho, multipliers, claim=claim, confirmed=confirmed, meta=meta, notes=notes, t0=t0
     )
