@@ -119,7 +119,48 @@ class _CachedWeights(nn.Module):
         return self._cache is not None and self._cache[1] == self._cache_key()
 
 
-class SandwichLinear(_CachedWeights):
+class _SandwichParameters(_CachedWeights):
+    """Raw parameters of a sandwich layer p -> q: ``XY`` ((q+p), q), ``d`` (q) for hidden
+    layers, ``bias`` (q) when ``bias``, ``alpha`` (1) when ``normalize``; in that order."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        normalize: bool,
+        dtype: torch.dtype | None,
+        device: torch.device | str | None,
+        *,
+        hidden: bool,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.XY = nn.Parameter(torch.empty(out_features + in_features, out_features, **kw))
+        if hidden:
+            self.d = nn.Parameter(torch.zeros(out_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.alpha = nn.Parameter(torch.empty(1, **kw)) if normalize else None
+
+    def reset_parameters(self) -> None:
+        """XY Xavier-normal, bias uniform in +-1/sqrt(p), alpha = ||XY||_F."""
+        nn.init.xavier_normal_(self.XY)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        if self.alpha is not None:
+            with torch.no_grad():
+                self.alpha.copy_(torch.linalg.matrix_norm(self.XY))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, normalize={self.alpha is not None}"
+        )
+
+
+class SandwichLinear(_SandwichParameters):
     """Hidden sandwich layer ``in_features -> out_features``, 1-Lipschitz (l2).
 
     Args:
@@ -142,26 +183,14 @@ class SandwichLinear(_CachedWeights):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, normalize, dtype, device, hidden=True)
         self.activation = activation if activation is not None else nn.ReLU()
         self.act_spec = activation_spec(self.activation)
-        kw: dict[str, Any] = {"dtype": dtype, "device": device}
-        self.XY = nn.Parameter(torch.empty(out_features + in_features, out_features, **kw))
-        self.d = nn.Parameter(torch.zeros(out_features, **kw))
-        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
-        self.alpha = nn.Parameter(torch.empty(1, **kw)) if normalize else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.xavier_normal_(self.XY)
+        super().reset_parameters()
         nn.init.zeros_(self.d)
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
-        if self.alpha is not None:
-            with torch.no_grad():
-                self.alpha.copy_(torch.linalg.matrix_norm(self.XY))
 
     def _compute(self) -> tuple[Tensor, Tensor]:
         """(W_in (p, q), W_out (q, q)): u = h W_in + b, h_out = sigma(u) W_out (row vectors)."""
@@ -183,14 +212,8 @@ class SandwichLinear(_CachedWeights):
         u = x @ w_in if self.bias is None else torch.addmm(self.bias, x, w_in)
         return self.activation(u) @ w_out
 
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, normalize={self.alpha is not None}"
-        )
 
-
-class SandwichOutput(_CachedWeights):
+class SandwichOutput(_SandwichParameters):
     """Linear output layer ``y = B h + b`` with B from the Cayley transform (||B||_2 <= 1).
 
     Parameters: ``XY`` ((q+p), q), ``bias`` (q), ``alpha`` (1) when ``normalize``.
@@ -206,22 +229,8 @@ class SandwichOutput(_CachedWeights):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        kw: dict[str, Any] = {"dtype": dtype, "device": device}
-        self.XY = nn.Parameter(torch.empty(out_features + in_features, out_features, **kw))
-        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
-        self.alpha = nn.Parameter(torch.empty(1, **kw)) if normalize else None
+        super().__init__(in_features, out_features, bias, normalize, dtype, device, hidden=False)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.xavier_normal_(self.XY)
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
-        if self.alpha is not None:
-            with torch.no_grad():
-                self.alpha.copy_(torch.linalg.matrix_norm(self.XY))
 
     def _compute(self) -> Tensor:
         """B^T (p, q): y = h B^T + b (row vectors)."""
@@ -230,9 +239,3 @@ class SandwichOutput(_CachedWeights):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weights()
         return x @ w if self.bias is None else torch.addmm(self.bias, x, w)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, normalize={self.alpha is not None}"
-        )
