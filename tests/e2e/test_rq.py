@@ -8,15 +8,12 @@ the result back, and the API stores the result in its own data dir.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -29,7 +26,10 @@ from tests.service.jobs_support import (
     LONG_SOLVE,
     big_random_net,
     ended,
+    job_getter,
+    lipcert_exe,
     pid_alive,
+    post_bound,
     random_weights,
     solving,
     upload,
@@ -44,14 +44,6 @@ pytestmark = [pytest.mark.redis, pytest.mark.e2e]
 def redis_url(tmp_path: Path) -> Iterator[str]:
     with redis_server(tmp_path) as url:
         yield url
-
-
-def lipcert_exe() -> str:
-    exe = Path(sys.executable).with_name("lipcert")
-    found = str(exe) if exe.exists() else shutil.which("lipcert")
-    if found is None:
-        pytest.skip("the lipcert console script is not installed (pip install -e .)")
-    return found
 
 
 @contextmanager
@@ -96,22 +88,6 @@ def client(tmp_path: Path, redis_url: str) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as c:
         assert c.app.state.runner.name == "rq"  # type: ignore[attr-defined]
         yield c
-
-
-def job_getter(client: TestClient, job_id: str) -> Any:
-    def get() -> dict[str, Any]:
-        r = client.get(f"/v1/jobs/{job_id}")
-        assert r.status_code == 200, r.text
-        return dict(r.json())
-
-    return get
-
-
-def post_bound(client: TestClient, model_id: str, **body: Any) -> dict[str, Any]:
-    r = client.post(f"/v1/models/{model_id}/bounds", json=body)
-    assert r.status_code == 202, r.text
-    assert r.headers["location"] == f"/v1/jobs/{r.json()['job_id']}"
-    return dict(r.json())
 
 
 @pytest.mark.slow

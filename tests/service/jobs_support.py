@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 LIPSDP_NEURON_RANDOM_WEIGHTS = 36.482
 """LipSDP-Neuron bound of LipSDP's random_weights example (DESIGN §6)."""
@@ -50,6 +53,35 @@ def upload(client: Any, data: bytes, filename: str) -> str:
 
 def random_weights(fixtures_dir: Path) -> bytes:
     return (fixtures_dir / "lipsdp" / "random_weights.mat").read_bytes()
+
+
+def job_getter(client: Any, job_id: str) -> Callable[[], dict[str, Any]]:
+    """A ``get_job()`` for :func:`wait_for`: GET /v1/jobs/{job_id}, asserting 200."""
+
+    def get() -> dict[str, Any]:
+        r = client.get(f"/v1/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    return get
+
+
+def post_bound(client: Any, model_id: str, **body: Any) -> dict[str, Any]:
+    """POST /v1/models/{model_id}/bounds; asserts 202 and the job's Location header."""
+    r = client.post(f"/v1/models/{model_id}/bounds", json=body)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/v1/jobs/{job['job_id']}"
+    return dict(job)
+
+
+def lipcert_exe() -> str:
+    """Path of the ``lipcert`` console script (skips the test when it is not installed)."""
+    exe = Path(sys.executable).with_name("lipcert")
+    found = str(exe) if exe.exists() else shutil.which("lipcert")
+    if found is None:
+        pytest.skip("the lipcert console script is not installed (pip install -e .)")
+    return found
 
 
 def wait_for(

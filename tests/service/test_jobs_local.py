@@ -20,7 +20,9 @@ from tests.service.jobs_support import (
     LONG_SOLVE,
     big_random_net,
     ended,
+    job_getter,
     pid_alive,
+    post_bound,
     random_weights,
     solving,
     tiny_residual_onnx,
@@ -39,23 +41,6 @@ def app_client(data_dir: Path) -> TestClient:
 def client(tmp_path: Path) -> Iterator[TestClient]:
     with app_client(tmp_path / "data") as c:
         yield c
-
-
-def job_getter(client: TestClient, job_id: str) -> Any:
-    def get() -> dict[str, Any]:
-        r = client.get(f"/v1/jobs/{job_id}")
-        assert r.status_code == 200, r.text
-        return dict(r.json())
-
-    return get
-
-
-def post_bound(client: TestClient, model_id: str, **body: Any) -> dict[str, Any]:
-    r = client.post(f"/v1/models/{model_id}/bounds", json=body)
-    assert r.status_code == 202, r.text
-    job = r.json()
-    assert r.headers["location"] == f"/v1/jobs/{job['job_id']}"
-    return dict(job)
 
 
 def test_runner_is_local(client: TestClient) -> None:

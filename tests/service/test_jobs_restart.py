@@ -5,10 +5,8 @@ server on the same data dir reports the job failed ("server restarted") and keep
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from tests.service.jobs_support import (
     LONG_SOLVE,
     big_random_net,
     ended,
+    lipcert_exe,
     random_weights,
     solving,
     wait_for,
@@ -32,14 +31,6 @@ from tests.service.jobs_support import (
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def lipcert_exe() -> str:
-    exe = Path(sys.executable).with_name("lipcert")
-    found = str(exe) if exe.exists() else shutil.which("lipcert")
-    if found is None:
-        pytest.skip("the lipcert console script is not installed (pip install -e .)")
-    return found
 
 
 def test_killed_server_fails_unfinished_jobs_on_restart(tmp_path: Path, fixtures_dir: Path) -> None:
