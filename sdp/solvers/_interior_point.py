@@ -55,6 +55,7 @@ class IpmSettings:
     sigma_fixed: float | None = None
     step_frac: float = 0.95  # fraction of the step to the boundary
     z0_scale: float = 1.0  # Z_0 = z0_scale X_0 / tr(X_0,00)
+    rho_factor: float = 1.1  # start at rho = rho_factor * rho(t0)
     deadline: float | None = None  # time.perf_counter() value
     progress: Progress | None = None
     cancelled: Any = None  # optional zero-argument callable; True stops the solve
@@ -181,9 +182,10 @@ def solve_ipm(
     x00 = inverse_from_cholesky(rs)[: lmi.r, : lmi.r]
     rho_t0 = rho - 1.0 / float(linalg.eigvalsh(x00, subset_by_index=[lmi.r - 1, lmi.r - 1])[0])
     if 0 < rho_t0 < rho:
-        r_new = cholesky_upper(lmi.assemble(1.1 * rho_t0, grp.expand(x)))
+        r_new = cholesky_upper(lmi.assemble(settings.rho_factor * rho_t0, grp.expand(x)))
         if r_new is not None:
-            rho, rs = 1.1 * rho_t0, r_new
+            rho, rs = settings.rho_factor * rho_t0, r_new
+    start_t, start_rho = grp.expand(x).copy(), (rho_t0 if 0 < rho_t0 < rho else math.inf)
     s_mat = lmi.assemble(rho, grp.expand(x))
     xinv = inverse_from_cholesky(rs)
     mu0 = settings.z0_scale / float(np.trace(xinv[: lmi.r, : lmi.r]))
@@ -196,11 +198,12 @@ def solve_ipm(
     c = np.zeros(m + 1)
     c[0] = 1.0
     bl = lmi.block(lmi.depth)
-    best_t, best_rho = grp.expand(x).copy(), math.inf
+    best_t, best_rho = start_t, start_rho
     lower: float | None = None
     status, it, rel_gap = "inaccurate", 0, math.inf
     history: list[dict[str, float]] = []
     t_iter, a_d_prev = 0.0, 1.0
+    diag = {"a_p": 0.0, "a_d": 0.0, "sigma": 0.0}
     while True:
         now = time.perf_counter()
         xb, zb = rank2_blocks(lmi, xinv), rank2_blocks(lmi, zmat)
@@ -217,7 +220,7 @@ def solve_ipm(
             lower = lb if lower is None else max(lower, lb)
         gap = float(np.sum(s_mat * zmat)) + float(x @ z)
         rel_gap = (best_rho - lower) / abs(best_rho) if lower is not None else math.inf
-        entry = {"iteration": it, "rho": best_rho, "gap": rel_gap, "mu": gap / nu}
+        entry = {"iteration": it, "rho": best_rho, "gap": rel_gap, "mu": gap / nu, **diag}
         history.append(entry)
         if settings.progress is not None:
             settings.progress({"phase": "solve", **entry})
@@ -272,6 +275,9 @@ def solve_ipm(
         a_d, rz_new = _chol_step(zmat, dzm, a_d)
         it += 1
         a_d_prev = a_d
+        diag = {"a_p": a_p, "a_d": a_d, "sigma": sigma}
+        if lower is not None:
+            diag["lower"] = lower
         if rs_new is None or a_p == 0.0:
             break  # no feasible progress in float64: keep the best iterate
         rho += a_p * dy[0]

@@ -95,7 +95,8 @@ class StructuredSolver:
     ``options.timeout_s`` returns the best (strictly feasible) iterate when time runs out.
     ``options.extra`` may hold ``"cancelled"`` (a zero-argument callable polled every
     iteration) and tuning knobs of :class:`sdp.solvers._interior_point.IpmSettings`
-    (``"sigma_min"``, ``"sigma_fixed"``, ``"step_frac"``, ``"z0_scale"``).
+    (``"sigma_min"``, ``"sigma_fixed"``, ``"step_frac"``, ``"z0_scale"``, ``"rho_factor"``).
+    Progress events carry the last step's diagnostics (``a_p``, ``a_d``, ``sigma``, ``lower``).
     """
 
     name = "structured"
@@ -124,7 +125,13 @@ class StructuredSolver:
         t0, rho0 = _start(reduced, warm, per_layer)
         rho_scale = float(scales[0] ** 2)
         report = options.progress
-        progress = None if report is None else lambda e: report({**e, "rho": e["rho"] / rho_scale})
+        progress = (
+            None
+            if report is None
+            else lambda e: report(
+                {k: v / rho_scale if k in ("rho", "lower") else v for k, v in e.items()}
+            )
+        )
         structure = StructuredLmi.from_lmi(reduced)
         deadline = None if options.timeout_s is None else start + float(options.timeout_s)
         settings = IpmSettings(
@@ -135,6 +142,7 @@ class StructuredSolver:
             else float(options.extra["sigma_fixed"]),
             step_frac=float(options.extra.get("step_frac", 0.95)),
             z0_scale=float(options.extra.get("z0_scale", 1.0)),
+            rho_factor=float(options.extra.get("rho_factor", 1.1)),
             max_iters=min(int(options.max_iters), 200),
             deadline=deadline,
             progress=progress,
