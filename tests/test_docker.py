@@ -18,6 +18,8 @@ import pytest
 import yaml
 from dockerfile_reader import Dockerfile, exec_form, healthcheck, parse
 
+from tests.processes import stop_process_group
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 COMPOSE = ["docker-compose.yml", "docker-compose.gpu.yml"]
@@ -204,13 +206,7 @@ def image_server(
     try:
         yield probe_env, proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc)
         log.close()
 
 

@@ -12,7 +12,6 @@ import math
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import numpy as np
 import pytest
 import yaml
 from dockerfile_reader import exec_form, parse
+
+from tests.processes import stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -248,13 +249,7 @@ def readme_server(tmp_path: Path) -> Iterator[int]:
         assert f"http://127.0.0.1:{port}/docs" in (tmp_path / "serve.log").read_text()
         yield port
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc)
         log.close()
 
 
