@@ -21,9 +21,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.sandwich import SandwichLinear, SandwichOutput, _CachedWeights
+from models.cayley_inverse import chain_product
+from models.sandwich import (
+    SandwichLinear,
+    SandwichOutput,
+    _CachedWeights,
+    cayley_factors,
+    output_factor,
+)
 from sdp.ir import Network
 from sdp.sandwich import SandwichLayer, SandwichParams, plain_network
+
+_SQRT2 = math.sqrt(2.0)
 
 
 class LBDN(_CachedWeights):
@@ -112,11 +121,41 @@ class LBDN(_CachedWeights):
                 x = layer.activation(x @ w if b is None else torch.addmm(b, x, w))
             w, b = plain[-1]
             return x @ w if b is None else torch.addmm(b, x, w)
+        return self._train_forward(x)
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        """Training forward with the Cayley transforms recomputed (autograd through them).
+
+        Between two activations the map is one matrix chain, e.g. for hidden layers k, k+1
+        (row vectors, M = (I + Z)^{-1}, c the Frobenius rescaling of layer k+1)::
+
+            u_{k+1} = z_k [sqrt2 Psi_k (2 M_k^T - I)] Y_{k+1} [-2 sqrt2 c M_{k+1} Psi_{k+1}^-1] + b
+
+        (the input's sqrt(gamma) goes into the first chain, the output's into the last); each
+        chain is multiplied in its cheapest order for this batch size
+        (:func:`models.cayley_inverse.chain_product`): small batches never form B^T, large
+        ones fold A_k into the next layer's weights, the output layer is always folded.
+        """
         s = torch.exp(0.5 * self.log_gamma)
-        h = s * x
+        z, carry = x, None  # carry: the previous hidden layer's W_out (q, q)
         for layer in self.hidden:
-            h = layer(h)
-        return self.output(s * h)
+            assert isinstance(layer, SandwichLinear)
+            y, m, c = cayley_factors(layer.XY, layer.alpha)
+            psi = torch.exp(layer.d)
+            scale = (-2.0 * _SQRT2) * c / psi
+            if carry is None:
+                u = chain_product([z, y, m * (s * scale)])
+            else:
+                u = chain_product([z, carry, y, m * scale])
+            z = layer.activation(u if layer.bias is None else u + layer.bias)
+            carry = output_factor(m, psi)
+        o = self.output
+        y, m, c = cayley_factors(o.XY, o.alpha)
+        if carry is None:  # y = sqrt(gamma) B_L sqrt(gamma) x + b
+            out = chain_product([z, y, m * (-2.0 * c * s * s)])
+        else:
+            out = chain_product([z, carry, y, m * (-2.0 * c * s)])
+        return out if o.bias is None else out + o.bias
 
     # ----------------------------------------------------------------------------- export
 

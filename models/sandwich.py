@@ -10,7 +10,9 @@
 RobustNeuralNetworks.jl; that reparameterisation leaves the guarantee unchanged.
 
 Weights are recomputed on every forward in training mode (gradients flow through the Cayley
-transform). In eval mode they are computed once without gradients and cached; the cache is
+transform; products are taken in the cheapest order for the batch size, see
+:mod:`models.cayley_inverse`, so B^T is not formed when that is cheaper). In eval mode they are
+computed once without gradients and cached; the cache is
 keyed on the parameters' version counters, storage and dtype, so ``train()``, optimiser steps,
 ``load_state_dict`` and ``.to(...)`` all invalidate it (plus explicit hooks for the first two).
 Warning: cached weights are detached, so in eval mode gradients reach the inputs but not the
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models.cayley_inverse import cayley_inverse, chain_product, gram
 from sdp.ir import Activation
 
 _SQRT2 = math.sqrt(2.0)
@@ -63,13 +66,19 @@ def cayley_factors(xy: Tensor, alpha: Tensor | None) -> tuple[Tensor, Tensor, Te
     The rescaled Y is c Y; c is applied to q x q matrices only
     (Z = c (X - X^T) + c^2 Y^T Y), never to the (p + q) x q parameter.
     The inverse is well conditioned: the symmetric part of I + Z is I + c^2 Y^T Y >= I, so
-    ||M||_2 <= 1.
+    ||M||_2 <= 1, and it is computed by :func:`models.cayley_inverse.cayley_inverse`.
     """
     q = xy.shape[1]
-    x, y = xy[:q], xy[q:]
-    c: Tensor | float = 1.0 if alpha is None else alpha[0] / torch.linalg.matrix_norm(xy)
-    eye = torch.eye(q, dtype=xy.dtype, device=xy.device)
-    return y, torch.linalg.inv(eye + c * (x - x.T) + (c * c) * (y.T @ y)), c
+    x, y = torch.split(xy, [q, xy.shape[0] - q])  # backward: one cat, no zero-filled slices
+    yty = gram(y)
+    if alpha is None:
+        c: Tensor | float = 1.0
+        z = yty + (x - x.T)
+    else:  # ||[X; Y]||_F^2 = ||X||_F^2 + trace(Y^T Y): no extra pass over the p x q block Y
+        c = alpha[0] * torch.rsqrt(torch.sum(x * x) + torch.trace(yty))
+        z = (c * c) * yty + c * (x - x.T)
+    z.diagonal().add_(1.0)  # I + Z without an identity matrix (the sum is not saved by autograd)
+    return y, cayley_inverse(z), c
 
 
 def cayley(xy: Tensor, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -77,6 +86,13 @@ def cayley(xy: Tensor, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
     y, m, c = cayley_factors(xy, alpha)
     eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
     return 2.0 * m - eye, y @ (m * (-2.0 * c))
+
+
+def output_factor(m: Tensor, psi: Tensor) -> Tensor:
+    """W_out = sqrt2 Psi A = sqrt2 Psi (2 M^T - I) (q, q): h_out = sigma(u) W_out (row vectors)."""
+    w = (2.0 * _SQRT2 * psi)[:, None] * m.mT
+    w.diagonal().sub_(_SQRT2 * psi)  # the product's backward needs its inputs, not its output
+    return w
 
 
 class _CachedWeights(nn.Module):
@@ -199,15 +215,13 @@ class SandwichLinear(_SandwichParameters):
         return _SQRT2 * b_t / psi, _SQRT2 * psi[:, None] * a_t.T
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and x.shape[0] < self.in_features:
-            # small batch: u = -2 sqrt2 (x Y) M Psi^{-1} never forms B^T (saves p q^2 flops)
+        if self.training:  # u = x (-2 sqrt2 c Y M Psi^{-1}) + b in the cheapest order
             y, m, c = cayley_factors(self.XY, self.alpha)
             psi = torch.exp(self.d)
-            u = (x @ y) @ (m * ((-2.0 * _SQRT2) * c / psi))
+            u = chain_product([x, y, m * ((-2.0 * _SQRT2) * c / psi)])
             if self.bias is not None:
                 u = u + self.bias
-            eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-            return self.activation(u) @ (_SQRT2 * psi[:, None] * (2.0 * m - eye).T)
+            return self.activation(u) @ output_factor(m, psi)
         w_in, w_out = self.weights()
         u = x @ w_in if self.bias is None else torch.addmm(self.bias, x, w_in)
         return self.activation(u) @ w_out

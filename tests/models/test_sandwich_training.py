@@ -1,0 +1,142 @@
+"""The fast training path: block inverse, gram, cheapest-order chains, and LBDN/layer gradients
+equal to the plain (reference) formulas in float64."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from models.cayley_inverse import (
+    LEAF,
+    _chain_plan,
+    block_inverse,
+    cayley_inverse,
+    chain_cost,
+    chain_product,
+    gram,
+)
+from models.lbdn import LBDN
+from models.sandwich import SandwichLinear
+
+torch.set_num_threads(1)
+F64 = torch.float64
+
+
+def _cayley_matrix(q: int, p: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    """I + c(X - X^T) + c^2 Y^T Y: symmetric part >= I."""
+    g = torch.Generator().manual_seed(seed)
+    x = scale * torch.randn(q, q, generator=g, dtype=F64)
+    y = scale * torch.randn(p, q, generator=g, dtype=F64)
+    return torch.eye(q, dtype=F64) + x - x.T + y.T @ y
+
+
+@pytest.mark.parametrize(("q", "p"), [(LEAF + 1, 30), (130, 200), (257, 40)])
+@pytest.mark.parametrize("scale", [0.05, 1.0, 5.0])
+def test_block_inverse_is_the_inverse(q, p, scale):
+    q_mat = _cayley_matrix(q, p, seed=q + p, scale=scale)
+    m = block_inverse(q_mat)
+    eye = torch.eye(q, dtype=F64)
+    assert float((m @ q_mat - eye).abs().max()) < 1e-11
+    torch.testing.assert_close(m, torch.linalg.inv(q_mat), atol=1e-12, rtol=1e-10)
+
+
+def test_cayley_inverse_and_gram_gradients_match_autograd():
+    q_mat = _cayley_matrix(90, 50, seed=3).requires_grad_()
+    r = torch.randn(90, 90, dtype=F64)
+    (g_fast,) = torch.autograd.grad((cayley_inverse(q_mat) * r).sum(), q_mat)
+    (g_ref,) = torch.autograd.grad((torch.linalg.inv(q_mat) * r).sum(), q_mat)
+    torch.testing.assert_close(g_fast, g_ref, atol=1e-12, rtol=1e-10)
+    y = torch.randn(40, 30, dtype=F64, requires_grad=True)
+    r = torch.randn(30, 30, dtype=F64)
+    (g_fast,) = torch.autograd.grad((gram(y) * r).sum(), y)
+    (g_ref,) = torch.autograd.grad(((y.T @ y) * r).sum(), y)
+    torch.testing.assert_close(g_fast, g_ref, atol=1e-12, rtol=1e-12)
+
+
+def _brute_force_cost(dims, grads):
+    """Minimum over all full parenthesisations (exhaustive), same cost rule as _chain_plan."""
+
+    def best(i, j):
+        if i == j:
+            return 0, grads[i]
+        out = None
+        for k in range(i, j):
+            cl, gl = best(i, k)
+            cr, gr = best(k + 1, j)
+            c = cl + cr + dims[i] * dims[k + 1] * dims[j + 1] * (1 + gl + gr)
+            out = c if out is None else min(out, c)
+        return out, any(grads[i : j + 1])
+
+    return best(0, len(grads) - 1)[0]
+
+
+def test_chain_plan_is_optimal_and_the_product_is_exact():
+    for dims in itertools.product([3, 40, 200], repeat=4):
+        grads = (False, True, True)
+        assert chain_cost(dims, grads) == _brute_force_cost(dims, grads)
+    # the choices that make LBDN steps cheap: small batch x (784) -> Y (256) -> M never forms
+    # B^T = Y M; a large batch does; the 10-logit output layer is always folded
+    assert _chain_plan((128, 784, 256, 256), (False, True, True)) == ((0, 1), 2)
+    assert _chain_plan((4096, 784, 256, 256), (False, True, True)) == (0, (1, 2))
+    assert "(0, 1)" not in repr(_chain_plan((128, 256, 256, 10, 10), (True,) * 4))
+    mats = [torch.randn(a, b, dtype=F64) for a, b in [(5, 7), (7, 3), (3, 9), (9, 2)]]
+    torch.testing.assert_close(
+        chain_product(mats), mats[0] @ mats[1] @ mats[2] @ mats[3], atol=1e-12, rtol=1e-12
+    )
+
+
+def _reference_loss(net: LBDN, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy through the plain weights W_k (LBDN._compute, autograd on): the formula
+    the export uses, evaluated without the training path's reordering."""
+    plain = net._compute()
+    h = x
+    for (w, b), layer in zip(plain[:-1], net.hidden, strict=True):
+        h = layer.activation(h @ w + b)
+    w, b = plain[-1]
+    return nn.functional.cross_entropy(h @ w + b, target)
+
+
+@pytest.mark.parametrize("batch", [1, 40, 400])
+@pytest.mark.parametrize("widths", [[], [70], [80, 66]])
+def test_lbdn_training_path_equals_the_plain_network_with_gradients(batch, widths):
+    torch.manual_seed(batch + len(widths))
+    net = LBDN(100, widths, 6, gamma=1.7, learn_gamma=True, dtype=F64)
+    with torch.no_grad():
+        for layer in net.hidden:
+            layer.d.normal_(0, 0.5)
+    x = torch.randn(batch, 100, dtype=F64)
+    target = torch.randint(0, 6, (batch,))
+    net.train()
+    loss = nn.functional.cross_entropy(net(x), target)
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    ref = _reference_loss(net, x, target)
+    ref_grads = torch.autograd.grad(ref, list(net.parameters()))
+    torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-11, rtol=1e-9)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            nn.functional.cross_entropy(net(x), target), loss.detach(), atol=1e-12, rtol=1e-12
+        )
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_layer_training_path_equals_its_cached_weights(normalize):
+    torch.manual_seed(5)
+    layer = SandwichLinear(90, 70, normalize=normalize, dtype=F64)
+    with torch.no_grad():
+        layer.d.normal_(0, 0.5)
+    for batch in (3, 300):
+        x = torch.randn(batch, 90, dtype=F64)
+        layer.train()
+        out = layer(x)
+        (g,) = torch.autograd.grad(out.square().sum(), layer.XY)
+        w_in, w_out = layer._compute()  # autograd through the plain weights
+        ref = layer.activation(x @ w_in + layer.bias) @ w_out
+        (g_ref,) = torch.autograd.grad(ref.square().sum(), layer.XY)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-9)
