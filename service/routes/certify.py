@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import math
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+import orjson
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 
-from service.certification import as_array, batch_inputs, load_npy, loads_json, results_payload
+from service.certification import (
+    as_array,
+    batch_inputs,
+    certify_columns,
+    load_npy,
+    loads_json,
+    rows_payload,
+)
+from service.certify_media import JSON_MEDIA_TYPE, NPZ_MEDIA_TYPE, npz_bytes, prefers_npz
 from service.deps import SettingsDep, StorageDep, WorkerDep, model_or_404
 from service.errors import InvalidInput, NotFound, NoVerifiedBound, UnsupportedMediaType
 from service.schemas import PROBLEM_RESPONSES, CertifyRequest, CertifyResponse
@@ -57,10 +65,28 @@ def pick_bound(storage: Storage, model_id: str, which: str) -> dict[str, Any]:
     return bound
 
 
+#: Rows above which the radii and the response are computed off the event loop.
+INLINE_ROWS = 256
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **PROBLEM_RESPONSES,
+    200: {
+        "description": "Per-input results: per-row JSON by default, or with "
+        "`Accept: application/x-npz` the same fields as columns in a NumPy .npz archive "
+        "(per-input fields as arrays of length B, summary fields as 0-d arrays).",
+        "content": {
+            NPZ_MEDIA_TYPE: {
+                "schema": {"type": "string", "format": "binary"},
+            }
+        },
+    },
+}
+
+
 @router.post(
     "/{model_id}/certify",
     response_model=CertifyResponse,
-    responses=PROBLEM_RESPONSES,
+    responses=_RESPONSES,
     openapi_extra=_REQUEST_BODY,
     summary="Classify inputs and certify their l2 robustness radius",
 )
@@ -73,14 +99,16 @@ async def certify(
     bound: str = Query("best", max_length=128, description="For .npy bodies: best or a job id."),
     return_logits: bool = Query(False, description="For .npy bodies."),
     epsilon: float = Query(0.0, ge=0, description="For .npy bodies."),
-) -> JSONResponse:
+) -> Response:
     """radius = (margin - sqrt(2) E) / (sqrt(2) L) with L the chosen verified bound (DESIGN §4)
     and E a rigorous bound on the rounding error of the logits (tiny in float64);
     radius_pairwise = min_j (f_y - f_j - sqrt(2) E) / L_yj when the bound has pairwise constants.
     Without a verified bound: 409 with a hint. JSON bodies follow ``CertifyRequest``;
-    ``application/x-npy`` bodies carry the inputs and take the options as query parameters."""
+    ``application/x-npy`` bodies carry the inputs and take the options as query parameters.
+    ``Accept: application/x-npz`` returns the results as columns in an .npz archive."""
     rec = model_or_404(storage, model_id)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    as_npz = prefers_npz(request.headers.get("accept"))
     body = await request.body()
     labels: list[int] | None = None
     if ctype in NPY_TYPES:
@@ -99,20 +127,27 @@ async def certify(
         raise UnsupportedMediaType(
             f"content type {ctype!r} is not accepted; use application/json or application/x-npy"
         )
+    if not math.isfinite(epsilon):
+        raise InvalidInput("epsilon must be a finite number >= 0")
     x = batch_inputs(arr, rec.input_shape, settings.max_inputs)
     chosen = pick_bound(storage, model_id, bound)
     logits = await worker.infer(model_id, x)
-    run = functools.partial(
-        results_payload,
-        logits,
-        chosen,
-        labels=labels,
-        return_logits=return_logits,
-        epsilon=epsilon,
-        logit_error=worker.logit_error(model_id, x),
-    )
-    # small batches inline (skip the thread hop: single-input latency), big ones off the loop
-    payload = run() if len(x) <= 256 else await asyncio.to_thread(run)
-    payload["model_id"] = model_id
-    payload["precision"] = worker.dtype_name
-    return JSONResponse(payload)
+    extra = {"model_id": model_id, "precision": worker.dtype_name}
+
+    def render() -> bytes:
+        cert = certify_columns(
+            logits,
+            chosen,
+            labels=labels,
+            return_logits=return_logits,
+            epsilon=epsilon,
+            logit_error=worker.logit_error(model_id, x),
+        )
+        if as_npz:
+            return npz_bytes(cert, extra)
+        return orjson.dumps({**rows_payload(cert), **extra})
+
+    # small batches inline (no thread hop: single-input latency), big ones off the event loop
+    content = render() if len(x) <= INLINE_ROWS else await asyncio.to_thread(render)
+    media = NPZ_MEDIA_TYPE if as_npz else JSON_MEDIA_TYPE
+    return Response(content, media_type=media, headers={"Vary": "Accept"})
