@@ -55,7 +55,8 @@ def sandwich_file_config(
     model: nn.Module, hidden_specs: list[dict[str, Any]], claimed_gamma: float | None
 ) -> dict[str, Any]:
     """The lipcert/1 "sandwich" config: ``hidden_specs``, then the spec of ``model.output``."""
-    o = model.output
+    m: Any = model  # an LBDN or ConvLBDN (output, gamma, input_shape)
+    o = m.output
     output_spec = {
         "type": "sandwich_output",
         "in": o.in_features,
@@ -65,8 +66,8 @@ def sandwich_file_config(
     return {
         "format": "lipcert/1",
         "kind": "sandwich",
-        "gamma": model.gamma if claimed_gamma is None else claimed_gamma,
-        "input_shape": list(model.input_shape),
+        "gamma": m.gamma if claimed_gamma is None else claimed_gamma,
+        "input_shape": list(m.input_shape),
         "tensors": {"log_gamma": "log_gamma"},
         "layers": [*hidden_specs, output_spec],
     }

@@ -15,7 +15,7 @@ import copy
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -90,6 +90,11 @@ class LBDN(_CachedWeights):
             self.register_buffer("log_gamma", log_gamma)
 
     @property
+    def hidden_layers(self) -> list[SandwichLinear]:
+        """The hidden sandwich layers (``self.hidden``, typed)."""
+        return [cast(SandwichLinear, layer) for layer in self.hidden]
+
+    @property
     def gamma(self) -> float:
         return float(torch.exp(self.log_gamma.detach()).item())
 
@@ -117,7 +122,7 @@ class LBDN(_CachedWeights):
         x = x.reshape(x.shape[0], -1)
         if not self.training:
             plain = self.weights()
-            for (w, b), layer in zip(plain[:-1], self.hidden, strict=True):
+            for (w, b), layer in zip(plain[:-1], self.hidden_layers, strict=True):
                 x = layer.activation(x @ w if b is None else torch.addmm(b, x, w))
             w, b = plain[-1]
             return x @ w if b is None else torch.addmm(b, x, w)
@@ -162,36 +167,34 @@ class LBDN(_CachedWeights):
     def sandwich_params(self, claimed_gamma: float | None = None) -> SandwichParams:
         """Raw parameters as float64 numpy (the exact values; maths is redone in float64)."""
 
-        def np64(t: Tensor | None) -> np.ndarray | None:
-            return None if t is None else t.detach().cpu().to(torch.float64).numpy().copy()
+        def np64(t: Tensor) -> np.ndarray:
+            return t.detach().cpu().to(torch.float64).numpy().copy()
 
         def b_or_zero(t: Tensor | None, q: int) -> np.ndarray:
-            arr = np64(t)
-            return np.zeros(q) if arr is None else arr
+            return np.zeros(q) if t is None else np64(t)
 
-        layers: list[SandwichLayer] = []
-        for layer in self.hidden:
-            assert isinstance(layer, SandwichLinear)
-            alpha = None if layer.alpha is None else float(np64(layer.alpha)[0])  # type: ignore[index]
-            layers.append(
-                SandwichLayer(
-                    "sandwich",
-                    np64(layer.XY),
-                    b_or_zero(layer.bias, layer.out_features),
-                    np64(layer.d),
-                    alpha,
-                    layer.act_spec,
-                )  # type: ignore[arg-type]
+        def alpha_of(t: Tensor | None) -> float | None:
+            return None if t is None else float(np64(t)[0])
+
+        layers: list[SandwichLayer] = [
+            SandwichLayer(
+                "sandwich",
+                np64(layer.XY),
+                b_or_zero(layer.bias, layer.out_features),
+                np64(layer.d),
+                alpha_of(layer.alpha),
+                layer.act_spec,
             )
+            for layer in self.hidden_layers
+        ]
         o = self.output
-        alpha_o = None if o.alpha is None else float(np64(o.alpha)[0])  # type: ignore[index]
         layers.append(
             SandwichLayer(
                 "sandwich_output",
-                np64(o.XY),  # type: ignore[arg-type]
+                np64(o.XY),
                 b_or_zero(o.bias, o.out_features),
                 None,
-                alpha_o,
+                alpha_of(o.alpha),
                 None,
             )
         )
