@@ -1,8 +1,9 @@
 """Convolutional LBDN for small images (28 x 28, 32 x 32) with l2 Lipschitz bound gamma.
 
-    h_0 = sqrt(gamma) x,  h_j = SandwichConv2d_j(h_{j-1}),  y = SandwichOutput(sqrt(gamma) flat(h))
+    h_0 = sqrt(gamma) x,  h_j = SandwichConv2d_j(h_{j-1}),  g_0 = flat(h),
+    g_k = SandwichLinear_k(g_{k-1}) (optional dense layers),  y = SandwichOutput(sqrt(gamma) g)
 
-Each conv sandwich layer is 1-Lipschitz and ||B_L|| <= 1, so Lip(x -> y) <= gamma.
+Each conv and dense sandwich layer is 1-Lipschitz and ||B_L|| <= 1, so Lip(x -> y) <= gamma.
 Export: :meth:`ConvLBDN.sandwich_params` (float64 raw parameters), :meth:`ConvLBDN.to_network`
 (the plain IR: exact Conv2d ops for the circular convolutions, see :mod:`sdp.sandwich_conv`),
 :func:`conv_lbdn_to_bytes` (safetensors with the lipcert/1 "sandwich" config whose hidden
@@ -11,10 +12,11 @@ layers have type "sandwich_conv").
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,14 +31,14 @@ from models.io import (
     sandwich_file_config,
     state_from_layer_specs,
 )
-from models.sandwich import SandwichOutput
+from models.sandwich import SandwichLinear, SandwichOutput
 from sdp.ir import Network
 from sdp.sandwich import SandwichLayer
 from sdp.sandwich_conv import ConvSandwichLayer, ConvSandwichParams, plain_network
 
 
 class ConvLBDN(nn.Module):
-    """Conv sandwich layers then a dense sandwich output layer; Lipschitz bound ``gamma``.
+    """Conv sandwich layers, optional dense sandwich layers, a sandwich output; bound ``gamma``.
 
     Args:
         input_shape: (channels, n, n); flat inputs are reshaped to it.
@@ -44,6 +46,7 @@ class ConvLBDN(nn.Module):
         strides: 1 or 2 per conv layer (default all 1).
         out_dim: number of logits.
         activation: factory of the hidden activation (slopes in [0, 1]).
+        dense_widths: widths of dense sandwich layers between the flatten and the output.
     """
 
     log_gamma: Tensor
@@ -59,11 +62,14 @@ class ConvLBDN(nn.Module):
         kernel_size: int = 3,
         activation: Callable[[], nn.Module] = nn.ReLU,
         normalize: bool = True,
+        dense_widths: Sequence[int] = (),
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if gamma <= 0:
             raise ValueError("gamma must be > 0")
+        if any(w <= 0 for w in dense_widths):
+            raise ValueError("dense widths must be positive")
         if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
             raise ValueError("input_shape must be (channels, n, n)")
         strides = list(strides) if strides is not None else [1] * len(channels)
@@ -80,7 +86,12 @@ class ConvLBDN(nn.Module):
             )
             c, n = q, n // s
         self.convs = nn.ModuleList(layers)
-        self.output = SandwichOutput(c * n * n, out_dim, normalize=normalize, dtype=dtype)
+        sizes = [c * n * n, *dense_widths]
+        self.dense = nn.ModuleList(
+            SandwichLinear(p, q, activation=activation(), normalize=normalize, dtype=dtype)
+            for p, q in itertools.pairwise(sizes)
+        )
+        self.output = SandwichOutput(sizes[-1], out_dim, normalize=normalize, dtype=dtype)
         dt = dtype or torch.get_default_dtype()
         self.register_buffer("log_gamma", torch.tensor([math.log(gamma)], dtype=dt))
 
@@ -93,7 +104,14 @@ class ConvLBDN(nn.Module):
         h = s * x.reshape(x.shape[0], *self.input_shape)
         for layer in self.convs:
             h = layer(h)
-        return self.output(s * h.reshape(h.shape[0], -1))
+        g = h.reshape(h.shape[0], -1)
+        for dense in self.dense:
+            g = dense(g)
+        return self.output(s * g)
+
+    @property
+    def dense_widths(self) -> list[int]:
+        return [cast(SandwichLinear, la).out_features for la in self.dense]
 
     # ----------------------------------------------------------------------------- export
 
@@ -121,12 +139,26 @@ class ConvLBDN(nn.Module):
                     layer.act_spec,
                 )
             )
+
+        def bias_of(t: Tensor | None, q: int) -> np.ndarray:
+            return np.zeros(q) if t is None else np64(t)
+
+        dense = []
+        for la in self.dense:
+            assert isinstance(la, SandwichLinear)
+            b = bias_of(la.bias, la.out_features)
+            dense.append(
+                SandwichLayer(
+                    "sandwich", np64(la.XY), b, np64(la.d), alpha_of(la.alpha), la.act_spec
+                )
+            )
         o = self.output
-        bo = np.zeros(o.out_features) if o.bias is None else np64(o.bias)
+        bo = bias_of(o.bias, o.out_features)
         head = SandwichLayer("sandwich_output", np64(o.XY), bo, None, alpha_of(o.alpha), None)
         gamma = math.exp(float(self.log_gamma.detach().double().item()))
         claim = gamma if claimed_gamma is None else claimed_gamma
-        return ConvSandwichParams(gamma, tuple(convs), head, self.input_shape, claim)  # type: ignore[arg-type]
+        shape = cast(tuple[int, int, int], self.input_shape)
+        return ConvSandwichParams(gamma, tuple(convs), head, shape, claim, dense=tuple(dense))
 
     def to_network(self, name: str = "") -> Network:
         """The equivalent plain network in the sdp IR (float64), ``Network.sandwich`` set."""
@@ -151,6 +183,18 @@ def conv_lbdn_config(model: ConvLBDN, claimed_gamma: float | None = None) -> dic
                 "tensors": layer_tensor_names(f"convs.{i}.", layer, hidden=True),
             }
         )
+    for i, dense in enumerate(model.dense):
+        assert isinstance(dense, SandwichLinear)
+        specs.append(
+            {
+                "type": "sandwich",
+                "in": dense.in_features,
+                "out": dense.out_features,
+                "activation": dense.act_spec.name,
+                "activation_param": dense.act_spec.param,
+                "tensors": layer_tensor_names(f"dense.{i}.", dense, hidden=True),
+            }
+        )
     return sandwich_file_config(model, specs, claimed_gamma)
 
 
@@ -172,6 +216,7 @@ def conv_lbdn_from_tensors(
 
     params = params_from_safetensors(tensors, config)
     acts = {(la.activation.name, la.activation.param) for la in params.convs}
+    acts |= {(la.activation.name, la.activation.param) for la in params.dense if la.activation}
     ks = {la.xy.shape[-1] for la in params.convs}
     specs = config["layers"]
     normalize = {"alpha" in s["tensors"] for s in specs}
@@ -191,10 +236,12 @@ def conv_lbdn_from_tensors(
         kernel_size=ks.pop(),
         activation=lambda: _TORCH_ACTIVATIONS[name](param),
         normalize=normalize.pop(),
+        dense_widths=[la.out_features for la in params.dense],
         dtype=dtype,
     )
     state = model.state_dict()
-    targets = [f"convs.{i}." for i in range(len(params.convs))] + ["output."]
+    targets = [f"convs.{i}." for i in range(len(params.convs))]
+    targets += [f"dense.{i}." for i in range(len(params.dense))] + ["output."]
     new: dict[str, Tensor] = {"log_gamma": torch.tensor([math.log(params.gamma)])}
     top = config.get("tensors") or {}
     if "log_gamma" in top:  # bit-exact copy of the stored scale

@@ -39,6 +39,9 @@ output layer y = sqrt(gamma) B_L h + b_L is checked by certify_rho on its matrix
 per factor); the telescoped per-layer inequalities are one LipSDP-Neuron certificate of the
 plain network with rho = gamma^2 rho_out prod rho_j and T_j = c_j (1 + r_j) Psi_j^2 repeated
 over pixels, c_last = gamma rho_out, c_j = c_{j+1} rho_{j+1} (= gamma Psi^2 when all rho are 1).
+Optional dense sandwich layers between the flatten and the output layer are checked the same
+way on their own real one-layer LMI (W0 = sqrt2 Psi^{-1} B, W1 = sqrt2 A^T Psi, T = Psi^2) and
+join the telescoped certificate as hidden layers with one "pixel".
 
 Export. The plain network has W_j = (sqrt2 Psi_j^{-1} B_j S_j)(sqrt2 A_{j-1}^H Psi_{j-1}),
 a circular stride-s correlation y[o, i] = sum_x G[o, c, (x - s i) mod n] h[c, x] whose kernel G
@@ -171,9 +174,12 @@ class ConvSandwichLayer:
 
 @dataclass(frozen=True, eq=False)
 class ConvSandwichParams:
-    """A conv LBDN: h_0 = sqrt(gamma) x, conv sandwich layers, flatten, y = sqrt(gamma) B_L h + b_L.
+    """A conv LBDN: h_0 = sqrt(gamma) x, conv sandwich layers, flatten, optional dense sandwich
+    layers, y = sqrt(gamma) B_L h + b_L.
 
-    ``output`` is a dense :class:`sdp.sandwich.SandwichLayer` of type "sandwich_output".
+    ``output`` is a dense :class:`sdp.sandwich.SandwichLayer` of type "sandwich_output";
+    ``dense`` holds dense ones of type "sandwich" (1-Lipschitz each, checked like the convs
+    with T = Psi^2 on their own one-layer LMI).
     """
 
     gamma: float
@@ -181,6 +187,7 @@ class ConvSandwichParams:
     output: Any
     input_shape: tuple[int, int, int]
     claimed_gamma: float | None = None
+    dense: tuple[Any, ...] = ()
 
 
 def frequency_cayley(xy: Array, alpha: float | None, m: int) -> tuple[CArray, CArray]:
@@ -206,8 +213,13 @@ def conv_forward(params: ConvSandwichParams, x: Array) -> Array:
     h = math.sqrt(g) * np.asarray(x, dtype=np.float64).reshape(len(x), *params.input_shape)
     for layer in params.convs:
         h = layer.forward(h)
+    h = h.reshape(len(h), -1)
+    for dl in params.dense:
+        a, b = dl.cayley()
+        u = SQRT2 * (h @ b.T) / dl.psi + dl.b
+        h = SQRT2 * (_act(dl)(u) * dl.psi) @ a
     _, b_out = params.output.cayley()
-    return math.sqrt(g) * (h.reshape(len(h), -1) @ b_out.T) + params.output.b
+    return math.sqrt(g) * (h @ b_out.T) + params.output.b
 
 
 # --------------------------------------------------------------------------- plain network
@@ -248,15 +260,35 @@ def plain_ops(params: ConvSandwichParams) -> tuple[Any, ...]:
             ops.append(Conv2d(kernel, layer.b, layer.in_shape, (s, s), (n - s,) * 4))
         ops.append(layer.activation)
         prev = layer
+    post = _flat_post_adjoint(prev, params.gamma)
+    for dl in params.dense:  # W = (sqrt2 Psi^{-1} B) (the previous layer's post map)
+        a, b = dl.cayley()
+        ops.append(Dense(post(SQRT2 * b / dl.psi[:, None]), dl.b))
+        ops.append(_act(dl))
+        post = _dense_post_adjoint(a, dl.psi)
     _, b_out = params.output.cayley()
-    if prev is None:
-        w_out = params.gamma * b_out
-    else:
-        rows = b_out.reshape(b_out.shape[0], *prev.out_shape)
-        w_out = math.sqrt(params.gamma) * _post_adjoint(prev, params.gamma, rows)
-        w_out = w_out.reshape(b_out.shape[0], -1)
-    ops.append(Dense(w_out, params.output.b))
+    ops.append(Dense(math.sqrt(params.gamma) * post(b_out), params.output.b))
     return tuple(ops)
+
+
+def _act(layer: Any) -> Activation:
+    """A dense hidden layer's activation (ReLU when the parameters leave it unset)."""
+    return layer.activation or Activation("relu")
+
+
+def _flat_post_adjoint(prev: ConvSandwichLayer | None, gamma: float) -> Any:
+    """rows (r, size) -> rows composed with the last conv layer's post map (flattened)."""
+    if prev is None:
+        return lambda rows: math.sqrt(gamma) * rows
+    shape = prev.out_shape
+    return lambda rows: _post_adjoint(prev, gamma, rows.reshape(len(rows), *shape)).reshape(
+        len(rows), -1
+    )
+
+
+def _dense_post_adjoint(a: Array, psi: Array) -> Any:
+    """rows -> rows (sqrt2 A^T Psi): the adjoint of a dense layer's h = sqrt2 A^T Psi v."""
+    return lambda rows: SQRT2 * (rows @ a.T) * psi[None, :]
 
 
 def plain_network(params: ConvSandwichParams) -> Network:
@@ -305,6 +337,23 @@ def _layer_certificate(layer: ConvSandwichLayer) -> tuple[float, float]:
             continue
     raise CertificateError(
         "the explicit per-frequency certificate did not verify", code="certificate-unconfirmed"
+    )
+
+
+def _dense_layer_certificate(layer: Any) -> tuple[float, float]:
+    """(rho, slack) of a dense hidden sandwich layer: certify_rho of its one-layer LMI
+    (W0 = sqrt2 Psi^{-1} B, W1 = sqrt2 A^T Psi) at T = (1 + r) Psi^2 (1 in exact arithmetic)."""
+    a, b = layer.cayley()
+    psi = layer.psi
+    q = layer.out_features
+    lmi = Lmi((SQRT2 * b / psi[:, None], SQRT2 * a.T * psi[None, :]), (np.zeros(q),), (np.ones(q),))
+    for slack in SLACKS:
+        try:
+            return certify_rho(lmi, ((1.0 + slack) * psi**2,)), slack
+        except CertificateError:
+            continue
+    raise CertificateError(
+        "the explicit dense-layer certificate did not verify", code="certificate-unconfirmed"
     )
 
 
@@ -364,19 +413,24 @@ def conv_sandwich_bound(net: Network) -> BoundResult:
             "the network's layers are not the ones its sandwich parameters define",
             code="sandwich-mismatch",
         )
-    for layer in params.convs:
-        lo, hi = layer.activation.slope_bounds
+    for act in [la.activation for la in params.convs] + [_act(dl) for dl in params.dense]:
+        lo, hi = act.slope_bounds
         if lo < 0.0 or hi > 1.0:
-            raise NotApplicable(f"activation {layer.activation.name} has slopes outside [0, 1]")
+            raise NotApplicable(f"activation {act.name} has slopes outside [0, 1]")
     layer_certs = [_layer_certificate(layer) for layer in params.convs]
+    dense_certs = [_dense_layer_certificate(dl) for dl in params.dense]
     _, b_out = params.output.cayley()
     rho_out = certify_rho(Lmi((b_out,), (), ()), ())
     g = params.gamma
     coef = g * rho_out
+    # (psi, pixels, (rho_j, slack_j)) per hidden layer, in network order
+    blocks = [
+        (la.psi, la.out_shape[1] ** 2, c) for la, c in zip(params.convs, layer_certs, strict=True)
+    ]
+    blocks += [(dl.psi, 1, c) for dl, c in zip(params.dense, dense_certs, strict=True)]
     mult: list[Array] = []
-    for layer, (rho_j, slack) in reversed(list(zip(params.convs, layer_certs, strict=True))):
-        _, m, _ = layer.out_shape
-        mult.append(np.repeat(coef * (1.0 + slack) * layer.psi**2, m * m))
+    for psi, pixels, (rho_j, slack) in reversed(blocks):
+        mult.append(np.repeat(coef * (1.0 + slack) * psi**2, pixels))
         coef *= rho_j
     rho = g * coef
     multipliers = tuple(reversed(mult))
@@ -387,9 +441,12 @@ def conv_sandwich_bound(net: Network) -> BoundResult:
     claim = params.claimed_gamma if params.claimed_gamma is not None else g
     confirmed = value <= claim * (1 + CLOSED_FORM_RTOL)
     rhos = [r for r, _ in layer_certs]
+    dense_rhos = [r for r, _ in dense_certs]
     notes = [
-        f"per-frequency check of {len(params.convs)} conv layers: max_j rho_j - 1 = "
-        f"{max(rhos, default=1.0) - 1:.3g}, output ||B_L||^2 <= {rho_out:.9g}",
+        f"per-frequency check of {len(params.convs)} conv layers"
+        + (f" and {len(params.dense)} dense layers" if params.dense else "")
+        + f": max_j rho_j - 1 = {max(rhos + dense_rhos, default=1.0) - 1:.3g}, "
+        f"output ||B_L||^2 <= {rho_out:.9g}",
         f"closed form confirmed: gamma = {claim:.9g}; verified bound {value:.9g}"
         if confirmed
         else f"claimed gamma = {claim:.9g} NOT confirmed; the verified bound is {value:.9g}",
@@ -399,6 +456,7 @@ def conv_sandwich_bound(net: Network) -> BoundResult:
         "per_frequency": True,
         "layer_rhos": rhos,
         "layer_slacks": [s for _, s in layer_certs],
+        **({"dense_layer_rhos": dense_rhos} if params.dense else {}),
         "output_rho": rho_out,
         "dense_verified": dense_ok,
     }

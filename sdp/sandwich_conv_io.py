@@ -51,7 +51,8 @@ def params_from_safetensors(
      "layers": [{"type": "sandwich_conv", "in_shape": [1, 28, 28], "out_channels": 8,
                  "kernel_size": 3, "stride": 1, "activation": "relu",
                  "tensors": {"XY": ..., "d": ..., "b": ..., "alpha": ...}}, ...,
-                {"type": "sandwich_output", "in": 6272, "out": 10, "tensors": {...}}]}
+                {"type": "sandwich", "in": 6272, "out": 64, ...}, ...,   # optional, dense
+                {"type": "sandwich_output", "in": 64, "out": 10, "tensors": {...}}]}
     """
     from sdp import sandwich as dense  # the dense module dispatches here; import lazily
 
@@ -74,10 +75,13 @@ def params_from_safetensors(
     cur = input_shape
     convs: list[ConvSandwichLayer] = []
     cost = (0, 0)
-    for i, spec in enumerate(specs[:-1]):
+    n_conv = 0
+    while n_conv < len(specs) - 1 and _is_conv(specs[n_conv]):
+        n_conv += 1
+    if n_conv == 0:
+        raise _reject("layer 0: conv sandwich files start with 'sandwich_conv' layers")
+    for i, spec in enumerate(specs[:n_conv]):
         what = f"layer {i}"
-        if not isinstance(spec, Mapping) or spec.get("type") != "sandwich_conv":
-            raise _reject(f"{what}: conv sandwich files have 'sandwich_conv' hidden layers")
         in_shape = tuple(dense._int(v, f"{what} in_shape") for v in spec.get("in_shape") or [])
         if in_shape != cur:
             raise _reject(f"{what} expects input {in_shape} but receives {cur}", "shape-mismatch")
@@ -119,11 +123,19 @@ def params_from_safetensors(
         layer = ConvSandwichLayer(xy, b, d, (c, n, n), int(s), alpha, act)
         convs.append(layer)
         cur = layer.out_shape
-    out_cfg = dict(config)
-    out_cfg["input_shape"] = [math.prod(cur)]
-    out_cfg["layers"] = [specs[-1]]
-    head = dense.params_from_safetensors(tensors, out_cfg)
-    return ConvSandwichParams(gamma, tuple(convs), head.output, input_shape, claimed)
+    # the rest: optional dense "sandwich" layers on the flattened image, then the output layer
+    # (validated by the dense parser, which rejects anything else, e.g. a later conv layer)
+    tail_cfg = dict(config)
+    tail_cfg["input_shape"] = [math.prod(cur)]
+    tail_cfg["layers"] = specs[n_conv:]
+    tail = dense.params_from_safetensors(tensors, tail_cfg)
+    return ConvSandwichParams(
+        gamma, tuple(convs), tail.output, input_shape, claimed, dense=tail.hidden
+    )
+
+
+def _is_conv(spec: Any) -> bool:
+    return isinstance(spec, Mapping) and spec.get("type") == "sandwich_conv"
 
 
 def _layer_cost(c: int, n: int, q: int, s: int) -> tuple[int, int]:

@@ -37,6 +37,11 @@ def train(
         "default channels, else all 1).",
     ),
     kernel_size: int = typer.Option(3, min=1, help="lbdn-conv: taps of the free kernels."),
+    dense_widths: str | None = typer.Option(
+        None,
+        help="lbdn-conv: widths of dense sandwich layers after the flatten, comma separated "
+        "(default none).",
+    ),
     gamma: float = typer.Option(2.0, help="Lipschitz bound of the network (l2)."),
     epochs: int = typer.Option(10, min=1),
     batch_size: int = typer.Option(128, min=1),
@@ -75,6 +80,14 @@ def train(
         len(conv_strides) != len(hidden) or not set(conv_strides) <= {1, 2}
     ):
         fail("strides: one stride (1 or 2) per conv layer")
+    if dense_widths is not None and arch != "lbdn-conv":
+        fail("--dense-widths is for --arch lbdn-conv (lbdn takes its widths from --widths)")
+    try:
+        dense = [int(w) for w in (dense_widths or "").split(",") if w.strip()]
+    except ValueError:
+        fail(f"dense widths must be comma-separated integers, got {dense_widths!r}")
+    if dense and min(dense) <= 0:
+        fail("dense widths must be positive")
 
     import numpy as np
     import torch
@@ -112,7 +125,13 @@ def train(
             fail(f"lbdn-conv needs square images (n x n or c x n x n), got shape {in_shape}")
         try:
             model = ConvLBDN(
-                img_shape, hidden, n_classes, gamma, strides=conv_strides, kernel_size=kernel_size
+                img_shape,
+                hidden,
+                n_classes,
+                gamma,
+                strides=conv_strides,
+                kernel_size=kernel_size,
+                dense_widths=dense,
             )
         except ValueError as e:
             fail(f"invalid conv architecture: {e}")
