@@ -124,19 +124,23 @@ def _finite(arr: np.ndarray, what: str) -> np.ndarray:
     return arr
 
 
-def batch_inputs(arr: np.ndarray, input_shape: list[int], max_inputs: int) -> np.ndarray:
-    """(B, n0): accepts rows that are flat (n0) or shaped like the model's input."""
+def check_input_shape(shape: tuple[int, ...], input_shape: list[int], max_inputs: int) -> None:
+    """InvalidInput unless ``shape`` is (B, n0) or (B, *input_shape) with B <= max_inputs."""
     n0 = math.prod(input_shape)
-    shape = tuple(arr.shape[1:])
-    if arr.ndim < 2 or shape not in ((n0,), tuple(input_shape)):
+    if len(shape) < 2 or tuple(shape[1:]) not in ((n0,), tuple(input_shape)):
         raise InvalidInput(
-            f"inputs have shape {list(arr.shape)}; expected [batch, {n0}] or "
+            f"inputs have shape {list(shape)}; expected [batch, {n0}] or "
             f"[batch, {', '.join(map(str, input_shape))}]",
             code="wrong-input-shape",
         )
-    if len(arr) > max_inputs:
-        raise InvalidInput(f"{len(arr)} inputs; at most {max_inputs} per request")
-    return np.ascontiguousarray(arr.reshape(len(arr), n0))
+    if shape[0] > max_inputs:
+        raise InvalidInput(f"{shape[0]} inputs; at most {max_inputs} per request")
+
+
+def batch_inputs(arr: np.ndarray, input_shape: list[int], max_inputs: int) -> np.ndarray:
+    """(B, n0): accepts rows that are flat (n0) or shaped like the model's input."""
+    check_input_shape(arr.shape, input_shape, max_inputs)
+    return np.ascontiguousarray(arr.reshape(len(arr), math.prod(input_shape)))
 
 
 def radii(

@@ -52,8 +52,9 @@ ROUNDING_SAFETY = 4.0
 class _Request:
     model_id: str
     x: np.ndarray
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    with_error: bool = False  # deliver (logits, logit_error(x)) instead of logits
 
 
 def resolve_device(name: str) -> str:
@@ -113,10 +114,20 @@ class InferenceWorker:
 
     async def infer(self, model_id: str, x: np.ndarray) -> np.ndarray:
         """Logits (rows, K) float64 for inputs x (rows, n0)."""
+        result: np.ndarray = await self._submit(model_id, x, with_error=False)
+        return result
+
+    async def infer_bounded(self, model_id: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits (rows, K), :meth:`logit_error` of x (rows,)): the bound is computed on the
+        worker thread right after the forward pass, off the event loop."""
+        result: tuple[np.ndarray, np.ndarray] = await self._submit(model_id, x, with_error=True)
+        return result
+
+    async def _submit(self, model_id: str, x: np.ndarray, *, with_error: bool) -> Any:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[np.ndarray] = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
         try:
-            self._queue.put_nowait(_Request(model_id, x, future, loop))
+            self._queue.put_nowait(_Request(model_id, x, future, loop, with_error))
         except queue.Full:
             raise ServiceBusy(
                 "the inference queue is full; retry shortly", headers={"Retry-After": "1"}
@@ -205,7 +216,12 @@ class InferenceWorker:
         start = 0
         for r in reqs:
             stop = start + len(r.x)
-            _deliver(r, result=logits[start:stop])
+            out = logits[start:stop]
+            try:
+                _deliver(r, result=(out, self.logit_error(model_id, r.x)) if r.with_error else out)
+            except BaseException as exc:
+                log.exception("logit error bound failed for model %s", model_id)
+                _deliver(r, error=exc)
             start = stop
 
     def _module(self, model_id: str) -> Any:
@@ -273,16 +289,14 @@ def row_norm_bounds(x: np.ndarray) -> np.ndarray:
     return norms * widen + np.finfo(np.float64).tiny
 
 
-def _deliver(
-    req: _Request, *, result: np.ndarray | None = None, error: BaseException | None = None
-) -> None:
+def _deliver(req: _Request, *, result: Any = None, error: BaseException | None = None) -> None:
     def settle() -> None:
         if req.future.done():  # the client went away
             return
         if error is not None:
             req.future.set_exception(error)
         else:
-            req.future.set_result(result)  # type: ignore[arg-type]
+            req.future.set_result(result)
 
     with contextlib.suppress(RuntimeError):  # the event loop is closed
         req.loop.call_soon_threadsafe(settle)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from typing import Any
 
@@ -14,13 +15,13 @@ from service.certification import (
     as_array,
     batch_inputs,
     certify_columns,
-    load_npy,
     loads_json,
     rows_payload,
 )
 from service.certify_media import JSON_MEDIA_TYPE, NPZ_MEDIA_TYPE, npz_bytes, prefers_npz
 from service.deps import SettingsDep, StorageDep, WorkerDep, model_or_404
 from service.errors import InvalidInput, NotFound, NoVerifiedBound, UnsupportedMediaType
+from service.npy_stream import NpyRows, infer_npy_body
 from service.schemas import PROBLEM_RESPONSES, CertifyRequest, CertifyResponse
 from service.storage import Storage
 
@@ -63,6 +64,11 @@ def pick_bound(storage: Storage, model_id: str, which: str) -> dict[str, Any]:
     if bound.get("verified") is not True:
         raise NoVerifiedBound(f"the bound from job {which!r} is not verified")
     return bound
+
+
+def _check_epsilon(epsilon: float) -> None:
+    if not math.isfinite(epsilon):  # pydantic and Query(ge=0) let inf through
+        raise InvalidInput("epsilon must be a finite number >= 0")
 
 
 #: Rows above which the radii and the response are computed off the event loop.
@@ -109,29 +115,37 @@ async def certify(
     rec = model_or_404(storage, model_id)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     as_npz = prefers_npz(request.headers.get("accept"))
-    body = await request.body()
     labels: list[int] | None = None
-    if ctype in NPY_TYPES:
-        arr = load_npy(body)
+    chosen: dict[str, Any] = {}
+
+    def choose_bound() -> None:
+        chosen.update(pick_bound(storage, model_id, bound))
+
+    if ctype in NPY_TYPES:  # rows go to the worker in blocks while the body uploads
+        _check_epsilon(epsilon)
+        logits, logit_error = await infer_npy_body(
+            request.stream(),
+            NpyRows(rec.input_shape, settings.max_inputs),
+            functools.partial(worker.infer_bounded, model_id),
+            choose_bound,
+        )
     elif ctype in ("application/json", "") or ctype.endswith("+json"):
         try:
-            req = CertifyRequest.model_validate(loads_json(body))
+            req = CertifyRequest.model_validate(loads_json(await request.body()))
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
             raise InvalidInput(f"{where}: {err['msg']}", code="validation-error") from None
-        arr = as_array(req.inputs)
         labels, bound = req.labels, req.bound
         return_logits, epsilon = req.return_logits, req.epsilon
+        _check_epsilon(epsilon)
+        x = batch_inputs(as_array(req.inputs), rec.input_shape, settings.max_inputs)
+        choose_bound()
+        logits, logit_error = await worker.infer_bounded(model_id, x)
     else:
         raise UnsupportedMediaType(
             f"content type {ctype!r} is not accepted; use application/json or application/x-npy"
         )
-    if not math.isfinite(epsilon):
-        raise InvalidInput("epsilon must be a finite number >= 0")
-    x = batch_inputs(arr, rec.input_shape, settings.max_inputs)
-    chosen = pick_bound(storage, model_id, bound)
-    logits = await worker.infer(model_id, x)
     extra = {"model_id": model_id, "precision": worker.dtype_name}
 
     def render() -> bytes:
@@ -141,13 +155,13 @@ async def certify(
             labels=labels,
             return_logits=return_logits,
             epsilon=epsilon,
-            logit_error=worker.logit_error(model_id, x),
+            logit_error=logit_error,
         )
         if as_npz:
             return npz_bytes(cert, extra)
         return orjson.dumps({**rows_payload(cert), **extra})
 
     # small batches inline (no thread hop: single-input latency), big ones off the event loop
-    content = render() if len(x) <= INLINE_ROWS else await asyncio.to_thread(render)
+    content = render() if len(logits) <= INLINE_ROWS else await asyncio.to_thread(render)
     media = NPZ_MEDIA_TYPE if as_npz else JSON_MEDIA_TYPE
     return Response(content, media_type=media, headers={"Vary": "Accept"})
