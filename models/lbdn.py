@@ -21,14 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.cayley_inverse import chain_product
-from models.sandwich import (
-    SandwichLinear,
-    SandwichOutput,
-    _CachedWeights,
-    cayley_factors,
-    output_factor,
-)
+from models.cayley_inverse import CayleyOutFactor, InverseFactor
+from models.matrix_chain import chain_product
+from models.sandwich import SandwichLinear, SandwichOutput, _CachedWeights, cayley_matrix
 from sdp.ir import Network
 from sdp.sandwich import SandwichLayer, SandwichParams, plain_network
 
@@ -142,24 +137,26 @@ class LBDN(_CachedWeights):
         ones fold A_k into the next layer's weights, the output layer is always folded.
         """
         s = torch.exp(0.5 * self.log_gamma)
-        z, carry = x, None  # carry: the previous hidden layer's W_out (q, q)
-        for layer in self.hidden:
-            assert isinstance(layer, SandwichLinear)
-            y, m, c = cayley_factors(layer.XY, layer.alpha)
+        z: Tensor = x
+        carry: CayleyOutFactor | None = None  # the previous hidden layer's W_out
+        for layer in self.hidden_layers:
+            y, q_mat, c = cayley_matrix(layer.XY, layer.alpha)
             psi = torch.exp(layer.d)
             scale = (-2.0 * _SQRT2) * c / psi
             if carry is None:
-                u = chain_product([z, y, m * (s * scale)])
+                inv = InverseFactor(q_mat, s * scale)
+                u = chain_product([z, y, inv])
             else:
-                u = chain_product([z, carry, y, m * scale])
+                inv = InverseFactor(q_mat, scale)
+                u = chain_product([z, carry, y, inv])
             z = layer.activation(u if layer.bias is None else u + layer.bias)
-            carry = output_factor(m, psi)
+            carry = CayleyOutFactor(inv, psi)  # the same M = Q^{-1}
         o = self.output
-        y, m, c = cayley_factors(o.XY, o.alpha)
+        y, q_mat, c = cayley_matrix(o.XY, o.alpha)
         if carry is None:  # y = sqrt(gamma) B_L sqrt(gamma) x + b
-            out = chain_product([z, y, m * (-2.0 * c * s * s)])
+            out = chain_product([z, y, InverseFactor(q_mat, -2.0 * c * s * s)])
         else:
-            out = chain_product([z, carry, y, m * (-2.0 * c * s)])
+            out = chain_product([z, carry, y, InverseFactor(q_mat, -2.0 * c * s)])
         return out if o.bias is None else out + o.bias
 
     # ----------------------------------------------------------------------------- export

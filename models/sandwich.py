@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.cayley_inverse import cayley_inverse, chain_product, gram
+from models.cayley_inverse import CayleyOutFactor, InverseFactor, cayley_inverse
+from models.cayley_inverse import cayley_matrix as _y_q_and_scale
+from models.matrix_chain import chain_product
 from sdp.ir import Activation
 
 _SQRT2 = math.sqrt(2.0)
@@ -60,25 +62,22 @@ def activation_spec(module: nn.Module) -> Activation:
     return act
 
 
-def cayley_factors(xy: Tensor, alpha: Tensor | None) -> tuple[Tensor, Tensor, Tensor | float]:
-    """(Y (p, q), M = (I + Z)^{-1} (q, q), c) for [X; Y] rescaled by c = alpha / ||[X; Y]||_F.
+def cayley_matrix(xy: Tensor, alpha: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(Y (p, q), Q = I + Z (q, q), c) for [X; Y] rescaled by c = alpha / ||[X; Y]||_F (else 1).
 
     The rescaled Y is c Y; c is applied to q x q matrices only
-    (Z = c (X - X^T) + c^2 Y^T Y), never to the (p + q) x q parameter.
-    The inverse is well conditioned: the symmetric part of I + Z is I + c^2 Y^T Y >= I, so
-    ||M||_2 <= 1, and it is computed by :func:`models.cayley_inverse.cayley_inverse`.
+    (Z = c (X - X^T) + c^2 Y^T Y), never to the (p + q) x q parameter. The symmetric part of
+    Q is I + c^2 Y^T Y >= I, so Q is invertible with ||Q^{-1}||_2 <= 1. Built in one
+    autograd node (:func:`models.cayley_inverse.cayley_matrix`).
     """
-    q = xy.shape[1]
-    x, y = torch.split(xy, [q, xy.shape[0] - q])  # backward: one cat, no zero-filled slices
-    yty = gram(y)
-    if alpha is None:
-        c: Tensor | float = 1.0
-        z = yty + (x - x.T)
-    else:  # ||[X; Y]||_F^2 = ||X||_F^2 + trace(Y^T Y): no extra pass over the p x q block Y
-        c = alpha[0] * torch.rsqrt(torch.sum(x * x) + torch.trace(yty))
-        z = (c * c) * yty + c * (x - x.T)
-    z.diagonal().add_(1.0)  # I + Z without an identity matrix (the sum is not saved by autograd)
-    return y, cayley_inverse(z), c
+    return _y_q_and_scale(xy, alpha)
+
+
+def cayley_factors(xy: Tensor, alpha: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(Y, M = (I + Z)^{-1}, c) (see :func:`cayley_matrix`; M by
+    :func:`models.cayley_inverse.cayley_inverse`)."""
+    y, q_mat, c = cayley_matrix(xy, alpha)
+    return y, cayley_inverse(q_mat), c
 
 
 def cayley(xy: Tensor, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -86,13 +85,6 @@ def cayley(xy: Tensor, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
     y, m, c = cayley_factors(xy, alpha)
     eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
     return 2.0 * m - eye, y @ (m * (-2.0 * c))
-
-
-def output_factor(m: Tensor, psi: Tensor) -> Tensor:
-    """W_out = sqrt2 Psi A = sqrt2 Psi (2 M^T - I) (q, q): h_out = sigma(u) W_out (row vectors)."""
-    w = (2.0 * _SQRT2 * psi)[:, None] * m.mT
-    w.diagonal().sub_(_SQRT2 * psi)  # the product's backward needs its inputs, not its output
-    return w
 
 
 class _CachedWeights(nn.Module):
@@ -216,12 +208,13 @@ class SandwichLinear(_SandwichParameters):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:  # u = x (-2 sqrt2 c Y M Psi^{-1}) + b in the cheapest order
-            y, m, c = cayley_factors(self.XY, self.alpha)
+            y, q_mat, c = cayley_matrix(self.XY, self.alpha)
             psi = torch.exp(self.d)
-            u = chain_product([x, y, m * ((-2.0 * _SQRT2) * c / psi)])
+            inv = InverseFactor(q_mat, (-2.0 * _SQRT2) * c / psi)
+            u = chain_product([x, y, inv])
             if self.bias is not None:
                 u = u + self.bias
-            return self.activation(u) @ output_factor(m, psi)
+            return CayleyOutFactor(inv, psi).right(self.activation(u))
         w_in, w_out = self.weights()
         u = x @ w_in if self.bias is None else torch.addmm(self.bias, x, w_in)
         return self.activation(u) @ w_out
