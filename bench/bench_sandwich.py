@@ -2,7 +2,8 @@
 
 Questions answered:
 1. Per-step training time (forward + backward + Adam step) of an LBDN MLP vs an nn.Linear MLP of
-   the same widths, vs the orthogonal (Cayley) and spectral-norm baselines.
+   the same widths, vs the orthogonal (Cayley) and spectral-norm baselines; then a grid of
+   widths x batch sizes (nn.Linear vs LBDN only) next to a multiply-add model of both steps.
    Goal: LBDN <= 1.5x nn.Linear.
 2. Eval time with cached weights (LBDN runs as its plain MLP in eval mode). Goal: <= 1.1x.
 3. Tightness: fit a steep 1-D function with gamma = 1 and report the empirical lower bound on
@@ -13,11 +14,20 @@ Run:
         .venv/bin/python bench/bench_sandwich.py --threads 1
 Times are medians over ``--repeats`` timed blocks of ``--steps`` steps, after a warm-up; the
 models take turns within each repeat so that machine load affects them alike.
+
+Multiply-add model (forward + backward, Adam and elementwise work not counted): nn.Linear
+costs N p q per layer forward, as much for dW and (except for the input layer) for dx. The LBDN
+step as implemented adds per layer p -> q: Y^T Y (p q^2) and its gradient (p q^2), the block
+inverse (~q^3), and the products of its matrix chains in the order ``models.matrix_chain``
+picks. "floor" is a lower estimate for *any* implementation of the same maths: the MLP's own
+work plus, per layer, half of Y^T Y (a symmetric product), its gradient and an LU of I + Z
+(q^3 / 3); at small batch this fixed, batch-independent work dominates.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import subprocess
@@ -30,6 +40,7 @@ from torch import nn
 from models.baselines import orthogonal_mlp, plain_mlp, spectral_mlp
 from models.empirical import empirical_lipschitz
 from models.lbdn import LBDN
+from models.matrix_chain import chain_cost
 
 
 def _interleaved_ms(fns: list[Callable[[], object]], steps: int, repeats: int) -> list[float]:
@@ -62,14 +73,7 @@ def speed(width: int, depth: int, batch: int, eval_batch: int, steps: int, repea
     xe = torch.randn(eval_batch, in_dim)
     trains, infers = [], []
     for model in models.values():
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
-            model.train()
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        step = _train_step(model, x, y)
 
         @torch.no_grad()
         def infer(model: nn.Module = model) -> None:
@@ -86,6 +90,92 @@ def speed(width: int, depth: int, batch: int, eval_batch: int, steps: int, repea
     print("|---|---|---|---|---|")
     for name, tt, te in zip(models, t_train, t_eval, strict=True):
         print(f"| {name} | {tt:.3f} | {tt / t_train[0]:.2f} | {te:.3f} | {te / t_eval[0]:.2f} |")
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        model.train()
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+class _Implicit:
+    """Shape stand-in for an implicit factor (M = Q^-1 or sqrt2 Psi (2 M^T - I))."""
+
+    def __init__(self, q: int) -> None:
+        self.shape, self.requires_grad = (q, q), True
+
+
+def _meta(a: int, b: int, grad: bool) -> torch.Tensor:
+    return torch.empty((a, b), device="meta", requires_grad=grad)
+
+
+def mlp_macs(sizes: list[int], batch: int) -> float:
+    """nn.Linear MLP step: forward, dW, and dx except for the input layer."""
+    layers = list(itertools.pairwise(sizes))
+    return sum(batch * p * q * (3 if i else 2) for i, (p, q) in enumerate(layers))
+
+
+def lbdn_macs(sizes: list[int], batch: int) -> tuple[float, float]:
+    """(this implementation, lower estimate for any implementation) of an LBDN step."""
+    layers = list(itertools.pairwise(sizes))
+    fixed = sum(2 * p * q * q + q**3 for p, q in layers)
+    floor = mlp_macs(sizes, batch) + sum(1.5 * p * q * q + q**3 / 3 for p, q in layers)
+    chains = 0.0
+    for i, (p, q) in enumerate(layers):
+        z = [_meta(batch, p, i > 0)]
+        carry = [_Implicit(p)] if i else []
+        chains += chain_cost([*z, *carry, _meta(p, q, True), _Implicit(q)])
+    return fixed + chains, floor
+
+
+def grid(widths: list[int], batches: list[int], depth: int, steps: int, repeats: int) -> None:
+    print("\ngrid: MLP 784 - [width] * depth - 10, nn.Linear vs LBDN; train step (ms)")
+    print(
+        "| width | batch | nn.Linear (ms) | LBDN (ms) | measured ratio | min-time ratio "
+        "| multiply-add ratio | floor ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for width in widths:
+        for batch in batches:
+            torch.manual_seed(0)
+            sizes = [784, *[width] * depth, 10]
+            x = torch.randn(batch, 784)
+            y = torch.randint(0, 10, (batch,))
+            fns = [
+                _train_step(plain_mlp(784, sizes[1:-1], 10), x, y),
+                _train_step(LBDN(784, sizes[1:-1], 10, gamma=2.0), x, y),
+            ]
+            (t_mlp, t_lbdn), (m_mlp, m_lbdn) = _interleaved_stats(fns, steps, repeats)
+            ours, floor = lbdn_macs(sizes, batch)
+            base = mlp_macs(sizes, batch)
+            print(
+                f"| {width} | {batch} | {t_mlp:.2f} | {t_lbdn:.2f} | {t_lbdn / t_mlp:.2f} "
+                f"| {m_lbdn / m_mlp:.2f} | {ours / base:.2f} | {floor / base:.2f} |"
+            )
+
+
+def _interleaved_stats(
+    fns: list[Callable[[], object]], steps: int, repeats: int
+) -> tuple[list[float], list[float]]:
+    """(median, min) ms per call of each fn over the repeats (interleaved)."""
+    for fn in fns:
+        for _ in range(3):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[i].append((time.perf_counter() - t0) / steps * 1e3)
+    return [statistics.median(t) for t in times], [min(t) for t in times]
 
 
 def _steep(x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +221,8 @@ def main() -> None:
     ap.add_argument("--eval-batch", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--grid-widths", type=int, nargs="*", default=[128, 256])
+    ap.add_argument("--grid-batches", type=int, nargs="*", default=[128, 512, 1024, 4096])
     ap.add_argument("--fit-steps", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -142,6 +234,8 @@ def main() -> None:
     )
     for batch in args.batch:
         speed(args.width, args.depth, batch, args.eval_batch, args.steps, args.repeats)
+    if args.grid_widths and args.grid_batches:
+        grid(args.grid_widths, args.grid_batches, args.depth, args.steps, args.repeats)
     tightness(args.fit_steps, args.seed)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"\nuptime after: {load}")
