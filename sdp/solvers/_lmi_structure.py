@@ -157,8 +157,7 @@ def inverse_from_cholesky(r: Array) -> Array:
     x, info = lapack.dpotri(r, lower=0, overwrite_c=0)
     if info != 0:
         raise np.linalg.LinAlgError(f"dpotri failed ({info})")
-    iu = np.triu_indices_from(x, 1)
-    x[(iu[1], iu[0])] = x[iu]
+    x += np.triu(x, 1).T  # potri filled the upper triangle; the lower one is zero
     return x
 
 
@@ -173,6 +172,7 @@ class Rank2Blocks:
     u0: Array
     v0: Array
     y00: Array
+    yw: Array  # Y W~ (n x N): gives Y U = Y[:, hidden] - yw diag(a), Y V likewise
 
 
 def rank2_blocks(lmi: StructuredLmi, y: Array) -> Rank2Blocks:
@@ -188,15 +188,22 @@ def rank2_blocks(lmi: StructuredLmi, y: Array) -> Rank2Blocks:
     p_ew = yw[hid, :]  # e_i^T Y w_j
     p_ee = y[hid, hid]
     a, b = lmi.a, lmi.b
-    uv = p_ee - p_ew * b[None, :] - p_ew.T * a[:, None] + np.outer(a, b) * p_ww
-    if np.any(a != 0):
-        uu = p_ee - p_ew * a[None, :] - p_ew.T * a[:, None] + np.outer(a, a) * p_ww
+    qb = p_ew * b[None, :]
+    uv = p_ee - qb
+    vv = uv - qb.T
+    vv += p_ww if np.all(b == 1.0) else np.outer(b, b) * p_ww
+    if np.any(a != 0):  # not for ReLU-like slopes [0, b]: saves four N x N passes
+        qa = p_ew * a[None, :]
+        uv -= qa.T
+        uv += np.outer(a, b) * p_ww
+        uu = p_ee - qa
+        uu -= qa.T
+        uu += np.outer(a, a) * p_ww
     else:
-        uu = p_ee.copy()
-    vv = p_ee - p_ew * b[None, :] - p_ew.T * b[:, None] + np.outer(b, b) * p_ww
+        uu = p_ee  # a view of Y: the blocks are used before Y changes
     y_e = y[hid, :r]
     y_w = yw[:r, :].T
-    return Rank2Blocks(uu, vv, uv, y_e - a[:, None] * y_w, y_e - b[:, None] * y_w, y[:r, :r])
+    return Rank2Blocks(uu, vv, uv, y_e - a[:, None] * y_w, y_e - b[:, None] * y_w, y[:r, :r], yw)
 
 
 def schur_matrix(zb: Rank2Blocks, xb: Rank2Blocks) -> tuple[float, Array, Array]:
@@ -216,3 +223,36 @@ def schur_matrix(zb: Rank2Blocks, xb: Rank2Blocks) -> tuple[float, Array, Array]
 def constraint_values(yb: Rank2Blocks) -> tuple[float, Array]:
     """(<Y, E_0>, <Y, A_i>) = (tr Y_00, 2 u_i^T Y v_i)."""
     return float(np.trace(yb.y00)), 2.0 * np.diagonal(yb.uv).copy()
+
+
+def constraint_values_banded(lmi: StructuredLmi, y: Array) -> tuple[float, Array]:
+    """(<Y, E_0>, <Y, A_i>) for symmetric Y from its block-tridiagonal part only.
+
+    2 u_i^T Y v_i = 2 (Y_ii - (a_i + b_i) e_i^T Y w_i + a_i b_i w_i^T Y w_i), and e_i, w_i
+    live in blocks j+1 and j, so O(sum_j n_j^2 n_{j+1}) instead of a full projection.
+    """
+    out = np.empty(lmi.num_neurons)
+    for j in range(lmi.depth):
+        w, lay = lmi.weights[j], lmi.layer(j)
+        lo, hi = lmi.block(j), lmi.block(j + 1)
+        a, b = lmi.a[lay], lmi.b[lay]
+        ew = np.einsum("ik,ik->i", y[hi, lo], w)
+        wyw = np.einsum("ik,ik->i", w @ y[lo, lo], w)
+        out[lay] = 2.0 * (np.diagonal(y[hi, hi]) - (a + b) * ew + a * b * wyw)
+    return float(np.trace(y[: lmi.r, : lmi.r])), out
+
+
+def sym_product_values(
+    lmi: StructuredLmi, zb: Rank2Blocks, z: Array, xb: Rank2Blocks, x: Array
+) -> tuple[float, Array]:
+    """(<E_0, sym(ZX)>, <A_i, sym(ZX)>) without forming ZX, sym(Y) = (Y + Y^T) / 2.
+
+    <A_i, sym(ZX)> = (Z u_i).(X v_i) + (X u_i).(Z v_i), with the columns Y U and Y V read off
+    Y[:, hidden] and Y W~ (kept by :func:`rank2_blocks`): O(n N).
+    """
+    hid = slice(lmi.r, lmi.n)
+    a, b = lmi.a[None, :], lmi.b[None, :]
+    zh, xh = z[:, hid], x[:, hid]
+    vals = np.einsum("ki,ki->i", zh - zb.yw * a, xh - xb.yw * b)
+    vals += np.einsum("ki,ki->i", xh - xb.yw * a, zh - zb.yw * b)
+    return float(np.sum(z[: lmi.r, :] * x[: lmi.r, :])), vals

@@ -5,11 +5,12 @@ Instead of handing the (n0 + N)-dimensional LMI to a generic conic solver, it
 1. reduces the input block exactly (W_0 = U S V^T -> U S, :func:`reduce_input`);
 2. starts from the always-feasible layer-wise multipliers
    (:func:`sdp.certificate.layerwise_multipliers`) or a caller's warm start if it certifies;
-3. follows the central path of the log-det barrier in the N + 1 unknowns (rho, t) with
-   Newton steps whose Hessian uses that each multiplier enters -M as a rank-2 term
-   (:mod:`sdp.solvers._barrier`, :mod:`sdp.solvers._lmi_structure`).
+3. runs a primal-dual interior-point method (HKM direction, Mehrotra predictor-corrector) in
+   the N + 1 unknowns (rho, t), whose Schur matrix uses that each multiplier enters -M as a
+   rank-2 term (:mod:`sdp.solvers._interior_point`, :mod:`sdp.solvers._lmi_structure`).
 
-Every iterate is strictly feasible, so a time budget (``options.timeout_s``) or a
+The primal iterates stay strictly feasible (S(rho, t) > 0) whenever the start is, and every
+iterate's t is scored by its exact smallest rho, so a time budget (``options.timeout_s``) or a
 cancellation returns the best multipliers so far. The solver's ``rho`` is diagnostic only:
 the reported bound comes from :func:`sdp.certificate.certify_multipliers` on the original
 (unreduced) LMI, like any other solver's output.
@@ -89,13 +90,14 @@ def balance(lmi: Lmi) -> tuple[Lmi, Array]:
 
 
 class StructuredSolver:
-    """LipSDP by a structure-exploiting barrier method (CPU, numpy/LAPACK).
+    """LipSDP by a structure-exploiting primal-dual interior-point method (CPU, numpy/LAPACK).
 
     ``options.eps`` is the relative gap target (rho(t) - dual bound <= eps rho(t));
     ``options.timeout_s`` returns the best (strictly feasible) iterate when time runs out.
     ``options.extra`` may hold ``"cancelled"`` (a zero-argument callable polled every
     iteration) and tuning knobs of :class:`sdp.solvers._interior_point.IpmSettings`
-    (``"sigma_min"``, ``"sigma_fixed"``, ``"step_frac"``, ``"z0_scale"``, ``"rho_factor"``).
+    (``"sigma_min"``, ``"sigma_fixed"``, ``"step_frac"``, ``"z0_scale"``, ``"rho_factor"``,
+    ``"corrector"``).
     Progress events carry the last step's diagnostics (``a_p``, ``a_d``, ``sigma``, ``lower``).
     """
 
@@ -136,13 +138,14 @@ class StructuredSolver:
         deadline = None if options.timeout_s is None else start + float(options.timeout_s)
         settings = IpmSettings(
             eps=max(float(options.eps), 1e-12),
-            sigma_min=float(options.extra.get("sigma_min", 0.1)),
+            sigma_min=float(options.extra.get("sigma_min", 0.0)),
             sigma_fixed=None
             if "sigma_fixed" not in options.extra
             else float(options.extra["sigma_fixed"]),
             step_frac=float(options.extra.get("step_frac", 0.95)),
-            z0_scale=float(options.extra.get("z0_scale", 1.0)),
+            z0_scale=float(options.extra.get("z0_scale", 100.0)),
             rho_factor=float(options.extra.get("rho_factor", 1.1)),
+            corrector=bool(options.extra.get("corrector", True)),
             max_iters=min(int(options.max_iters), 200),
             deadline=deadline,
             progress=progress,

@@ -13,13 +13,17 @@ import scipy.io
 
 from sdp.certificate import Lmi, certify_multipliers, certify_rho, layerwise_multipliers
 from sdp.ir import Activation
+from sdp.solvers._interior_point import IpmSettings, solve_ipm
 from sdp.solvers._lmi_structure import (
     StructuredLmi,
     cholesky_upper,
+    constraint_values,
+    constraint_values_banded,
     inverse_from_cholesky,
     rank2_blocks,
     reduce_input,
     schur_matrix,
+    sym_product_values,
     times_linear_part,
 )
 from sdp.solvers.base import LipSdpProblem, SolveOptions, Solver
@@ -296,3 +300,47 @@ def test_deep_net_with_very_different_layer_scales(act: Activation) -> None:
     assert math.sqrt(rho) == pytest.approx(math.sqrt(ref), rel=1e-4)
     # far below the layer-wise start it began from
     assert rho <= certify_rho(lmi, layerwise_multipliers(lmi))
+
+
+def test_constraint_values_from_bands_and_products() -> None:
+    """<A_i, Y> from Y's block-tridiagonal part, and <A_i, sym(ZX)> from projections, equal
+    the full rank-2 projections (general slopes, a b != 0)."""
+    rng = np.random.default_rng(8)
+    ws = [rng.standard_normal((n, m)) for n, m in [(5, 3), (4, 5), (2, 4)]]
+    lmi = Lmi(
+        tuple(ws),
+        (rng.uniform(-0.2, 0.3, 5), rng.uniform(0.1, 0.3, 4)),
+        (np.ones(5), 2 * np.ones(4)),
+    )
+    st = StructuredLmi.from_lmi(lmi)
+
+    def sym(a: np.ndarray) -> np.ndarray:
+        return (a + a.T) / 2
+
+    y, z, x = (sym(rng.standard_normal((st.n, st.n))) for _ in range(3))
+    tr, vals = constraint_values(rank2_blocks(st, y))
+    tr_b, vals_b = constraint_values_banded(st, y)
+    assert tr_b == pytest.approx(tr)
+    np.testing.assert_allclose(vals_b, vals, atol=1e-12 * np.abs(vals).max())
+    tr_zx, vals_zx = constraint_values(rank2_blocks(st, sym(z @ x)))
+    tr_p, vals_p = sym_product_values(st, rank2_blocks(st, z), z, rank2_blocks(st, x), x)
+    assert tr_p == pytest.approx(tr_zx)
+    np.testing.assert_allclose(vals_p, vals_zx, atol=1e-12 * np.abs(vals_zx).max())
+
+
+@pytest.mark.parametrize("act", [ACTIVATIONS[0], ACTIVATIONS[1]], ids=str)
+def test_infeasible_start_reaches_the_optimum(act: Activation) -> None:
+    """From multipliers 1000x too small and rho = 0, S(rho, t0) is indefinite: the method
+    starts at S(rho, t0) + pi I, drives the residual pi to zero and still reaches the optimum;
+    the answer certifies."""
+    lmi = random_lmi([4, 7, 6, 2], act, 13)
+    st = StructuredLmi.from_lmi(lmi)
+    t0 = np.concatenate(layerwise_multipliers(lmi)) * 1e-3
+    assert cholesky_upper(st.assemble(0.0, t0)) is None
+    out = solve_ipm(st, t0, 0.0, IpmSettings(eps=1e-9), per_layer=False)
+    assert out.status == "optimal"
+    assert out.history[0]["pi"] > 0 and out.history[-1]["pi"] < 1e-6 * out.history[0]["pi"]
+    rho = certify_rho(lmi, np.split(out.t, [7]))
+    ref = reference_rho(lmi)
+    assert rho >= ref * (1 - 1e-7)
+    assert rho == pytest.approx(ref, rel=1e-5)
