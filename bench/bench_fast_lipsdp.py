@@ -28,6 +28,7 @@ import numpy as np
 import scipy
 import scipy.io
 
+from sdp.bounds.lipsdp import STRUCTURED_EPS
 from sdp.certificate import Lmi, certify_multipliers
 from sdp.errors import CertificateError
 from sdp.ir import Activation, Dense, Network
@@ -150,7 +151,8 @@ def run_structured(lmi: Lmi, timeout_s: float | None, verbose: bool) -> dict[str
         else None
     )
     sol = SOLVER.solve(
-        LipSdpProblem(lmi, "neuron"), SolveOptions(timeout_s=timeout_s, progress=prog)
+        LipSdpProblem(lmi, "neuron"),
+        SolveOptions(timeout_s=timeout_s, progress=prog, eps=STRUCTURED_EPS),  # as compute_bound
     )
     t_solve = time.perf_counter() - t0
     assert sol.multipliers is not None
