@@ -198,9 +198,10 @@ class InverseFactor:
         self.shape = (q.shape[0], q.shape[0])
         self.requires_grad = True
 
-    def right(self, r: Tensor) -> Tensor:
-        """R F."""
-        return apply_inverse(r, self.q, self.m, left=False, transpose=False) * self.scale
+    def right(self, r: Tensor, bias: Tensor | None = None) -> Tensor:
+        """R F (+ bias, fused)."""
+        u = apply_inverse(r, self.q, self.m, left=False, transpose=False)
+        return u * self.scale if bias is None else torch.addcmul(bias, u, self.scale)
 
     def left(self, r: Tensor) -> Tensor:
         """F R."""
@@ -216,10 +217,11 @@ class CayleyOutFactor:
         self.shape = inverse.shape
         self.requires_grad = True
 
-    def right(self, r: Tensor) -> Tensor:
-        """R W_out = 2 (R') M^T - R' with R' = sqrt2 R Psi."""
+    def right(self, r: Tensor, bias: Tensor | None = None) -> Tensor:
+        """R W_out = 2 (R') M^T - R' with R' = sqrt2 R Psi (+ bias)."""
         rp = r * (_SQRT2 * self.psi)
-        return (2.0 * apply_inverse(rp, self.q, self.m, left=False, transpose=True)).sub_(rp)
+        out = (2.0 * apply_inverse(rp, self.q, self.m, left=False, transpose=True)).sub_(rp)
+        return out if bias is None else out.add_(bias)
 
     def left(self, r: Tensor) -> Tensor:
         """W_out R = sqrt2 Psi (2 M^T R - R)."""

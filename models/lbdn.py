@@ -145,19 +145,17 @@ class LBDN(_CachedWeights):
             scale = (-2.0 * _SQRT2) * c / psi
             if carry is None:
                 inv = InverseFactor(q_mat, s * scale)
-                u = chain_product([z, y, inv])
+                u = chain_product([z, y, inv], layer.bias)
             else:
                 inv = InverseFactor(q_mat, scale)
-                u = chain_product([z, carry, y, inv])
-            z = layer.activation(u if layer.bias is None else u + layer.bias)
+                u = chain_product([z, carry, y, inv], layer.bias)
+            z = layer.activation(u)
             carry = CayleyOutFactor(inv, psi)  # the same M = Q^{-1}
         o = self.output
         y, q_mat, c = cayley_matrix(o.XY, o.alpha)
         if carry is None:  # y = sqrt(gamma) B_L sqrt(gamma) x + b
-            out = chain_product([z, y, InverseFactor(q_mat, -2.0 * c * s * s)])
-        else:
-            out = chain_product([z, carry, y, InverseFactor(q_mat, -2.0 * c * s)])
-        return out if o.bias is None else out + o.bias
+            return chain_product([z, y, InverseFactor(q_mat, -2.0 * c * s * s)], o.bias)
+        return chain_product([z, carry, y, InverseFactor(q_mat, -2.0 * c * s)], o.bias)
 
     # ----------------------------------------------------------------------------- export
 

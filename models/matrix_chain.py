@@ -29,7 +29,7 @@ class ImplicitFactor(Protocol):
     shape: tuple[int, int]
     requires_grad: bool
 
-    def right(self, r: Tensor) -> Tensor: ...
+    def right(self, r: Tensor, bias: Tensor | None = None) -> Tensor: ...
 
     def left(self, r: Tensor) -> Tensor: ...
 
@@ -88,19 +88,21 @@ def chain_plan(mats: Sequence[Any]) -> Any:
     return _chain_plan(*_signature(mats))
 
 
-def chain_product(mats: Sequence[Tensor | ImplicitFactor]) -> Tensor:
-    """``mats[0] @ mats[1] @ ...`` in the cheapest order (module docstring)."""
+def chain_product(mats: Sequence[Tensor | ImplicitFactor], bias: Tensor | None = None) -> Tensor:
+    """``mats[0] @ mats[1] @ ... (+ bias)`` in the cheapest order (module docstring); the
+    bias is fused into the last product where that product allows it."""
 
-    def run(p: Any) -> Any:
+    def run(p: Any, b_top: Tensor | None = None) -> Any:
         if isinstance(p, int):
             return mats[p]
         a, b = run(p[0]), run(p[1])
         if not isinstance(a, Tensor):
-            return a.left(b)
+            out = a.left(b)
+            return out if b_top is None else out + b_top
         if not isinstance(b, Tensor):
-            return b.right(a)
-        return a @ b
+            return b.right(a, b_top)
+        return a @ b if b_top is None else torch.addmm(b_top, a, b)
 
-    out = run(chain_plan(mats))
+    out = run(chain_plan(mats), bias)
     assert isinstance(out, Tensor)
     return out

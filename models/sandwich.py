@@ -211,9 +211,7 @@ class SandwichLinear(_SandwichParameters):
             y, q_mat, c = cayley_matrix(self.XY, self.alpha)
             psi = torch.exp(self.d)
             inv = InverseFactor(q_mat, (-2.0 * _SQRT2) * c / psi)
-            u = chain_product([x, y, inv])
-            if self.bias is not None:
-                u = u + self.bias
+            u = chain_product([x, y, inv], self.bias)
             return CayleyOutFactor(inv, psi).right(self.activation(u))
         w_in, w_out = self.weights()
         u = x @ w_in if self.bias is None else torch.addmm(self.bias, x, w_in)

@@ -198,10 +198,10 @@ def test_lbdn_training_path_equals_the_plain_network_with_gradients(batch, width
         )
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_layer_training_path_equals_its_cached_weights(normalize):
+@pytest.mark.parametrize(("normalize", "bias"), [(True, True), (False, True), (True, False)])
+def test_layer_training_path_equals_its_cached_weights(normalize, bias):
     torch.manual_seed(5)
-    layer = SandwichLinear(90, 70, normalize=normalize, dtype=F64)
+    layer = SandwichLinear(90, 70, bias=bias, normalize=normalize, dtype=F64)
     with torch.no_grad():
         layer.d.normal_(0, 0.5)
     for batch in (3, 300):
@@ -210,7 +210,8 @@ def test_layer_training_path_equals_its_cached_weights(normalize):
         out = layer(x)
         (g,) = torch.autograd.grad(out.square().sum(), layer.XY)
         w_in, w_out = layer._compute()  # autograd through the plain weights
-        ref = layer.activation(x @ w_in + layer.bias) @ w_out
+        pre = x @ w_in if layer.bias is None else x @ w_in + layer.bias
+        ref = layer.activation(pre) @ w_out
         (g_ref,) = torch.autograd.grad(ref.square().sum(), layer.XY)
         torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-9)
