@@ -22,7 +22,9 @@ sigma = (gap after the predictor step / gap)^3 and the corrector uses C = sym(dZ
 c = dx_a dz_a. M is built in O(N^2) from rank-2 projections of Z and X; one iteration costs
 three dense n x n products, a Cholesky factor and an inverse. The corrector cuts the
 iteration count about 3x (mnistfc-256x2: 17 instead of 54). Step lengths use the smallest
-eigenvalue of R^{-T} dS R^{-1} (Lanczos), then a Cholesky check.
+eigenvalue of R^{-T} dS R^{-1} (Lanczos), then a Cholesky check. While the complementarity
+<S, Z> is large relative to |S| |Z|, the predictor's two products run in float32 (2.7x faster
+here): they only set sigma and C, and any symmetric C keeps the corrected equations exact.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class IpmSettings:
     sigma_min: float = 0.0
     sigma_fixed: float | None = None
     corrector: bool = True  # Mehrotra's second-order correction
+    float32_above: float = 1e-4  # predictor products in float32 while <S,Z> > this |S| |Z|
     step_frac: float = 0.95  # fraction of the step to the boundary
     z0_scale: float = 100.0  # Z_0 = z0_scale X_0 / tr(X_0,00)
     rho_factor: float = 1.1  # start at rho = rho_factor * rho(t0)
@@ -228,6 +231,17 @@ class _Direction:
     k_mat: Array  # dS X
 
 
+def _product(a: Array, b: Array, low_precision: bool) -> Array:
+    """a @ b, in float32 when allowed (the predictor's products only steer sigma and the
+    corrector term, which may be any symmetric matrix: the corrected Newton equations stay
+    exact), falling back to float64 if float32 overflows."""
+    if low_precision:
+        out = (a.astype(np.float32) @ b.astype(np.float32)).astype(np.float64)
+        if np.isfinite(out).all():
+            return out
+    return a @ b
+
+
 def _direction(
     lmi: StructuredLmi,
     grp: Grouping,
@@ -237,6 +251,7 @@ def _direction(
     rhs: Array,
     sig_mu: float,
     corr: tuple[Array, Array] | None,
+    low_precision: bool = False,
 ) -> _Direction:
     """HKM step for the Schur system h dy = rhs:
 
@@ -248,7 +263,7 @@ def _direction(
     k_mat = times_linear_part(lmi, cur.xinv, dy[0], dt).T  # F(dy) X (X, F symmetric)
     if cur.pi > 0:
         k_mat -= cur.pi * cur.xinv
-    dzm = cur.zmat @ k_mat  # Z dS X
+    dzm = _product(cur.zmat, k_mat, low_precision)  # Z dS X
     dzm += dzm.T
     dzm *= -0.5
     dzm -= cur.zmat
@@ -384,7 +399,11 @@ def solve_ipm(
             tr_zx, v_zx = sym_product_values(lmi, zb, cur.zmat, xb, cur.xinv)
             base = base + cur.pi * np.concatenate([[tr_zx], grp.vec(v_zx)])
         # predictor (sigma = 0); its step lengths set sigma = (gap_aff / gap)^3 (Mehrotra)
-        pred = _direction(lmi, grp, sgn, cur, schur, base, 0.0, None)
+        # float32 products are 2.7x faster; their error (~1e-7 ||Z|| ||S||) must stay far below
+        # the complementarity they steer, so only while <S, Z> is large relative to it
+        size = float(np.linalg.norm(cur.s_mat) * np.linalg.norm(cur.zmat))
+        low = gap > settings.float32_above * size
+        pred = _direction(lmi, grp, sgn, cur, schur, base, 0.0, None, low_precision=low)
         a_p, a_d = _step_lengths(sgn, cur, pred, 1.0, warm)
         gap_aff = (  # <S + a_p dS, Z + a_d dZ> without n x n temporaries
             gap
@@ -399,7 +418,7 @@ def solve_ipm(
         if settings.sigma_fixed is not None:
             sigma = settings.sigma_fixed
         if settings.corrector:  # the second-order terms sym(dZ_a dS_a X) and dx_a dz_a
-            corr = pred.dzm @ pred.k_mat
+            corr = _product(pred.dzm, pred.k_mat, low_precision=low)
             corr += corr.T
             corr *= 0.5
             corr_lin = np.where(sgn, pred.dy[1:] * pred.dz, 0.0)
@@ -413,7 +432,7 @@ def solve_ipm(
         a_p, rs_new = _chol_step(cur.s_mat, d.ds, a_p)
         a_d, rz_new = _chol_step(cur.zmat, d.dzm, a_d)
         it += 1
-        diag = {"a_p": a_p, "a_d": a_d, "sigma": sigma}
+        diag = {"a_p": a_p, "a_d": a_d, "sigma": sigma, "float32": float(low)}
         if lower is not None:
             diag["lower"] = lower
         if rs_new is None or a_p == 0.0:

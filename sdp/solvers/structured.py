@@ -97,7 +97,7 @@ class StructuredSolver:
     ``options.extra`` may hold ``"cancelled"`` (a zero-argument callable polled every
     iteration) and tuning knobs of :class:`sdp.solvers._interior_point.IpmSettings`
     (``"sigma_min"``, ``"sigma_fixed"``, ``"step_frac"``, ``"z0_scale"``, ``"rho_factor"``,
-    ``"corrector"``).
+    ``"corrector"``, ``"float32_above"``).
     Progress events carry the last step's diagnostics (``a_p``, ``a_d``, ``sigma``, ``lower``).
     """
 
@@ -146,6 +146,7 @@ class StructuredSolver:
             z0_scale=float(options.extra.get("z0_scale", 100.0)),
             rho_factor=float(options.extra.get("rho_factor", 1.1)),
             corrector=bool(options.extra.get("corrector", True)),
+            float32_above=float(options.extra.get("float32_above", 1e-4)),
             max_iters=min(int(options.max_iters), 200),
             deadline=deadline,
             progress=progress,

@@ -344,3 +344,15 @@ def test_infeasible_start_reaches_the_optimum(act: Activation) -> None:
     ref = reference_rho(lmi)
     assert rho >= ref * (1 - 1e-7)
     assert rho == pytest.approx(ref, rel=1e-5)
+
+
+def test_float32_predictor_changes_nothing_but_speed() -> None:
+    """Early predictor products run in float32; the certified answer equals the all-float64
+    run's (relative 1e-7) and the float32 phase really happened."""
+    lmi = random_lmi([20, 30, 30, 30, 5], Activation("relu"), 17)
+    events: list[dict[str, object]] = []
+    rho_mixed, _ = solve_certified(lmi, eps=1e-9, progress=events.append)
+    rho_f64, _ = solve_certified(lmi, eps=1e-9, extra={"float32_above": math.inf})
+    assert any(e.get("float32") == 1.0 for e in events)
+    assert events[-1].get("float32") == 0.0
+    assert rho_mixed == pytest.approx(rho_f64, rel=1e-7)
