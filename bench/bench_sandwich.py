@@ -27,12 +27,16 @@ work plus, per layer, half of Y^T Y (a symmetric product), its gradient and an L
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import os
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -161,6 +165,55 @@ def grid(widths: list[int], batches: list[int], depth: int, steps: int, repeats:
             )
 
 
+def _revision_lbdn(rev: str) -> type[nn.Module]:
+    """The LBDN class of commit ``rev`` (its models/*.py via ``git show``, imported as the
+    package ``models_before`` from a temporary folder)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
+
+    pkg = Path(tempfile.mkdtemp()) / "models_before"
+    pkg.mkdir()
+    for path in git("ls-tree", "--name-only", rev, "models/").split():
+        if path.endswith(".py"):
+            text = git("show", f"{rev}:{path}").replace("from models.", "from models_before.")
+            (pkg / Path(path).name).write_text("" if path.endswith("__init__.py") else text)
+    sys.path.insert(0, str(pkg.parent))
+    module = importlib.import_module("models_before.lbdn")
+    lbdn: type[nn.Module] = module.LBDN
+    return lbdn
+
+
+def before_after(rev: str, widths: list[int], batches: list[int], steps: int, repeats: int) -> None:
+    """Training step of commit ``rev``'s LBDN vs the current one vs nn.Linear, interleaved."""
+    old_lbdn = _revision_lbdn(rev)
+    print(f"\nbefore/after: LBDN of commit {rev} vs the working tree (train step, ms, medians)")
+    print(
+        "| width | batch | nn.Linear | LBDN before | LBDN now | before / nn.Linear "
+        "| now / nn.Linear | speed-up |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for width in widths:
+        for batch in batches:
+            torch.manual_seed(0)
+            x = torch.randn(batch, 784)
+            y = torch.randint(0, 10, (batch,))
+            hidden = [width] * 2
+            fns = [
+                _train_step(plain_mlp(784, hidden, 10), x, y),
+                _train_step(old_lbdn(784, hidden, 10, gamma=2.0), x, y),
+                _train_step(LBDN(784, hidden, 10, gamma=2.0), x, y),
+            ]
+            (lin, old, new), _ = _interleaved_stats(fns, steps, repeats)
+            print(
+                f"| {width} | {batch} | {lin:.2f} | {old:.2f} | {new:.2f} | {old / lin:.2f} "
+                f"| {new / lin:.2f} | {old / new:.2f}x |"
+            )
+
+
 def _interleaved_stats(
     fns: list[Callable[[], object]], steps: int, repeats: int
 ) -> tuple[list[float], list[float]]:
@@ -217,12 +270,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--batch", type=int, nargs="+", default=[128, 1024])
+    ap.add_argument("--batch", type=int, nargs="*", default=[128, 1024])
     ap.add_argument("--eval-batch", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--grid-widths", type=int, nargs="*", default=[128, 256])
     ap.add_argument("--grid-batches", type=int, nargs="*", default=[128, 512, 1024, 4096])
+    ap.add_argument(
+        "--before", metavar="REV", help="also time the LBDN of this git commit (before/after)"
+    )
     ap.add_argument("--fit-steps", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -236,6 +292,8 @@ def main() -> None:
         speed(args.width, args.depth, batch, args.eval_batch, args.steps, args.repeats)
     if args.grid_widths and args.grid_batches:
         grid(args.grid_widths, args.grid_batches, args.depth, args.steps, args.repeats)
+    if args.before:
+        before_after(args.before, [256, 128], [128, 1024], args.steps, args.repeats)
     tightness(args.fit_steps, args.seed)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"\nuptime after: {load}")
