@@ -2,16 +2,23 @@
 
 Model: vnncomp2021 mnistfc ``mnist-net_256x2.onnx`` (784-256-256-10), naive bound.
 1. raw: ``TorchNetwork`` from the same IR, in this process, ``--threads`` torch threads,
-   the server's dtype: rows/s of a forward pass on a batch of ``--batch`` rows.
-2. HTTP batch: POST /v1/models/{id}/certify with the same batch as .npy (float32) and as
-   JSON (body pre-encoded, so client-side encoding is not timed): rows/s end to end.
+   the server's dtype: rows/s of a forward pass on a batch of ``--batch`` rows (float32 ->
+   float64 cast included, as in the server).
+2. HTTP batch: POST /v1/models/{id}/certify with the same batch, end to end (the client
+   decodes the answer into arrays / Python objects; request bodies are pre-encoded):
+   .npy body -> .npz answer (``Accept: application/x-npz``), .npy body -> per-row JSON,
+   JSON body -> per-row JSON. Raw and .npy runs alternate (``--repeats`` rounds of raw, npz,
+   JSON answer); the ratio to raw is the median over rounds of raw time / HTTP time, so slow
+   changes in machine load cancel.
 3. latency: ``--requests`` single-input JSON certify calls from an asyncio httpx client with
-   at most ``--concurrency`` in flight, loopback: p50/p99 and requests/s.
+   at most ``--concurrency`` in flight, loopback: p50/p99 and requests/s; and the trivial
+   ``GET /v2/health/live`` at 1 in flight (framework + client + machine floor).
+4. ``--stages``: the server-side stages of one batch request timed in-process (no HTTP).
 
 Usage::
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \\
-        .venv/bin/python bench/bench_certify.py [--threads 1] [--dtype float64]
+        .venv/bin/python bench/bench_certify.py [--threads 1] [--dtype float64] [--stages]
 """
 
 from __future__ import annotations
@@ -84,7 +91,8 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def raw_forward_rate(x: np.ndarray, threads: int, dtype: str, repeats: int) -> float:
+def raw_forward(x: np.ndarray, threads: int, dtype: str):  # type: ignore[no-untyped-def]
+    """A function running the raw in-process forward pass of the batch (cast included)."""
     import torch
 
     from models.runtime import TorchNetwork
@@ -99,10 +107,13 @@ def raw_forward_rate(x: np.ndarray, threads: int, dtype: str, repeats: int) -> f
             net(torch.from_numpy(x).to(tdtype)).numpy()
 
     run()
-    return len(x) / median_time(run, repeats)
+    return run
 
 
-async def latency(url: str, mid: str, x: np.ndarray, n: int, concurrency: int) -> dict:
+async def latency(
+    url: str, mid: str, x: np.ndarray, n: int, concurrency: int, *, live: bool = False
+) -> dict:
+    """Single-input JSON certify calls (or ``GET /v2/health/live`` with ``live``)."""
     sem = asyncio.Semaphore(concurrency)
     lat: list[float] = []
     bodies = [json.dumps({"inputs": [x[i % len(x)].tolist()]}).encode() for i in range(n)]
@@ -112,11 +123,15 @@ async def latency(url: str, mid: str, x: np.ndarray, n: int, concurrency: int) -
         async def one(body: bytes) -> None:
             async with sem:
                 t0 = time.perf_counter()
-                r = await c.post(
-                    f"/v1/models/{mid}/certify",
-                    content=body,
-                    headers={"content-type": "application/json"},
-                )
+                if live:
+                    r = await c.get("/v2/health/live")
+                else:
+                    r = await c.post(
+                        f"/v1/models/{mid}/certify",
+                        content=body,
+                        headers={"content-type": "application/json"},
+                    )
+                r.json()
                 lat.append(time.perf_counter() - t0)
                 assert r.status_code == 200, r.text
 
@@ -129,6 +144,53 @@ async def latency(url: str, mid: str, x: np.ndarray, n: int, concurrency: int) -
     return {"p50_ms": q[0], "p90_ms": q[1], "p99_ms": q[2], "req_per_s": n / wall}
 
 
+def server_stages(x: np.ndarray, threads: int, dtype: str, repeats: int) -> dict[str, float]:
+    """Median ms of each server-side stage of one batch certify request, in-process."""
+    import tempfile as tf
+
+    import orjson
+    import torch
+
+    from service.certification import certify_columns, load_npy, rows_payload
+    from service.certify_media import npz_bytes
+    from service.settings import Settings
+    from service.storage import Storage
+    from service.worker import InferenceWorker
+
+    torch.set_num_threads(threads)
+    with tf.TemporaryDirectory() as d:
+        storage = Storage(d)
+        rec = storage.save_model(MODEL.read_bytes(), MODEL.name)
+        worker = InferenceWorker(storage, Settings(data_dir=d, device="cpu", cpu_dtype=dtype))
+        worker.dtype_name = dtype
+        module = worker._module(rec.id)
+        bound = {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
+        buf = io.BytesIO()
+        np.save(buf, x)
+        body = buf.getvalue()
+        out: dict[str, float] = {}
+
+        def timed(name: str, fn):  # type: ignore[no-untyped-def]
+            fn()
+            out[name] = median_time(fn, repeats) * 1e3
+            return fn()
+
+        xs = timed("parse .npy body (header, float64 cast, finiteness)", lambda: load_npy(body))
+        logits = timed("forward pass (worker, same as raw)", lambda: worker._forward(module, xs))
+        err = timed("rounding bound E(x) (input norms)", lambda: worker.logit_error(rec.id, xs))
+        cert = timed(
+            "margins and radii (columns)",
+            lambda: certify_columns(
+                logits, bound, labels=None, return_logits=False, epsilon=0.0, logit_error=err
+            ),
+        )
+        npz = timed("encode .npz answer", lambda: npz_bytes(cert, {"model_id": rec.id}))
+        js = timed("encode per-row JSON answer", lambda: orjson.dumps(rows_payload(cert)))
+        timed("client: decode .npz", lambda: dict(np.load(io.BytesIO(npz))))
+        timed("client: decode per-row JSON (httpx .json())", lambda: json.loads(js))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -137,11 +199,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--stages", action="store_true", help="also time server stages in-process")
     args = ap.parse_args()
 
+    load_start = os.getloadavg()
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, size=(args.batch, 784)).astype(np.float32)
-    raw = raw_forward_rate(x, args.threads, args.dtype, args.repeats)
+    raw = raw_forward(x, args.threads, args.dtype)
+    stages = server_stages(x, args.threads, args.dtype, args.repeats) if args.stages else {}
 
     with tempfile.TemporaryDirectory() as data_dir:
         proc, url = start_server(data_dir, args.threads, args.dtype)
@@ -162,18 +227,40 @@ def main() -> None:
             npy = buf.getvalue()
             js = json.dumps({"inputs": x.astype(np.float64).tolist()}).encode()
             path = f"/v1/models/{mid}/certify"
+            npy_type = {"content-type": "application/x-npy"}
+
+            def post_npy_npz() -> None:
+                r = c.post(path, content=npy, headers={**npy_type, "accept": "application/x-npz"})
+                assert r.status_code == 200, r.text
+                with np.load(io.BytesIO(r.content), allow_pickle=False) as z:
+                    assert len(z["radius"]) == args.batch
 
             def post_npy() -> None:
-                r = c.post(path, content=npy, headers={"content-type": "application/x-npy"})
+                r = c.post(path, content=npy, headers=npy_type)
                 assert r.status_code == 200, r.text
+                assert len(r.json()["results"]) == args.batch
 
             def post_json() -> None:
                 r = c.post(path, content=js, headers={"content-type": "application/json"})
                 assert r.status_code == 200, r.text
+                assert len(r.json()["results"]) == args.batch
 
+            post_npy_npz()
             post_npy()
-            npy_rate = args.batch / median_time(post_npy, args.repeats)
-            json_rate = args.batch / median_time(post_json, max(3, args.repeats // 2))
+            # raw and HTTP runs interleaved, so load changes hit all of them alike; the
+            # ratio is taken per round (raw run right before the HTTP runs) and its median kept
+            times: dict[str, list[float]] = {"raw": [], "npz": [], "npy": []}
+            for _ in range(args.repeats):
+                times["raw"].append(median_time(raw, 1))
+                times["npz"].append(median_time(post_npy_npz, 1))
+                times["npy"].append(median_time(post_npy, 1))
+            ratios = {
+                k: statistics.median(r / t for r, t in zip(times["raw"], times[k], strict=True))
+                for k in ("npz", "npy")
+            }
+            rates = {k: args.batch / statistics.median(v) for k, v in times.items()}
+            json_rate = args.batch / median_time(post_json, max(3, args.repeats // 4))
+            live = asyncio.run(latency(url, mid, x, args.requests, 1, live=True))
             lats = {
                 conc: asyncio.run(latency(url, mid, x, args.requests, conc))
                 for conc in args.concurrency
@@ -183,15 +270,25 @@ def main() -> None:
             proc.send_signal(signal.SIGINT)
             proc.wait(30)
 
+    load_end = os.getloadavg()
     batches = [ln for ln in batch_text.splitlines() if ln.startswith("lipcert_inference_batch_")]
     print(f"model {MODEL.name}, batch {args.batch}, dtype {args.dtype}, threads {args.threads}")
-    print(f"raw torch forward (in-process)      {raw:12.0f} rows/s")
+    print(f"load average (1, 5, 15 min) at start {load_start}, at end {load_end}")
+    for name, ms in stages.items():
+        print(f"  stage {name:52s} {ms:8.2f} ms")
+    print(f"raw torch forward (in-process, interleaved)         {rates['raw']:12.0f} rows/s")
+    for name, key in ((".npy body -> .npz answer", "npz"), (".npy body -> per-row JSON", "npy")):
+        print(
+            f"HTTP certify {name:37s} {rates[key]:12.0f} rows/s  "
+            f"(median per-round ratio {ratios[key]:.2f}x raw)"
+        )
     print(
-        f"HTTP certify .npy batch             {npy_rate:12.0f} rows/s  ({npy_rate / raw:.2f}x raw)"
+        f"HTTP certify {'JSON body -> per-row JSON':37s} {json_rate:12.0f} rows/s  "
+        f"({json_rate / rates['raw']:.2f}x raw)"
     )
     print(
-        f"HTTP certify JSON batch             {json_rate:12.0f} rows/s  "
-        f"({json_rate / raw:.2f}x raw)"
+        f"GET /v2/health/live, 1 in flight: p50 {live['p50_ms']:.2f} ms, "
+        f"p90 {live['p90_ms']:.2f} ms, p99 {live['p99_ms']:.2f} ms"
     )
     for conc, lat in lats.items():
         print(

@@ -264,6 +264,8 @@ class InferenceWorker:
 
 #: Sums of squares in [_SUMSQ_MIN, inf) cannot have lost more than n 2^-1022 to underflow.
 _SUMSQ_MIN = 2.0**-900
+_U64 = float(np.finfo(np.float64).eps) / 2  # unit roundoff of float64
+_TINY64 = float(np.finfo(np.float64).tiny)  # smallest normal float64, 2^-1022
 
 
 def row_norm_bounds(x: np.ndarray) -> np.ndarray:
@@ -278,7 +280,7 @@ def row_norm_bounds(x: np.ndarray) -> np.ndarray:
     """
     a = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     n = a.shape[1]
-    widen = 1.0 + 4.0 * (n + 2) * float(np.finfo(np.float64).eps) / 2
+    widen = 1.0 + 4.0 * (n + 2) * _U64
     s = np.einsum("ij,ij->i", a, a)
     norms = np.sqrt(s)
     bad = ~(np.isfinite(s) & (s >= _SUMSQ_MIN))
@@ -286,7 +288,7 @@ def row_norm_bounds(x: np.ndarray) -> np.ndarray:
         r = np.abs(a[bad])
         top = r.max(axis=1, initial=0.0)
         norms[bad] = top * np.linalg.norm(r / np.where(top > 0, top, 1.0)[:, None], axis=1)
-    return norms * widen + np.finfo(np.float64).tiny
+    return norms * widen + _TINY64
 
 
 def _deliver(req: _Request, *, result: Any = None, error: BaseException | None = None) -> None:
