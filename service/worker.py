@@ -4,7 +4,11 @@ Requests (``model_id``, inputs (rows, n0) float64) go into a bounded queue; a fu
 refused at once (:class:`~service.errors.ServiceBusy`, 503 + Retry-After) instead of piling
 up latency. The worker thread takes the first request, then everything already waiting,
 then waits at most ``max_wait_ms`` for more until ``max_batch`` rows; rows of the same model
-run as one forward pass (big requests in chunks). Models live on the device as
+run as one forward pass (big requests in chunks). Fast path: on CPU, a request of at most
+``INLINE_ROWS`` rows that finds the queue empty and the worker idle (not collecting a batch)
+runs on the caller's thread if the model's small passes take under ``INLINE_MAX_SECONDS``,
+saving two thread hand-offs; a device lock keeps forward passes one at a time either way.
+Models live on the device as
 :class:`models.runtime.TorchNetwork` built from the *same IR* that was bounded, in an LRU
 of ``model_cache_size`` entries.
 
@@ -46,6 +50,11 @@ CHUNK_ROWS = 16384
 _STOP = object()
 #: Safety factor on every rounding term of the logit error bound (see module doc).
 ROUNDING_SAFETY = 4.0
+#: CPU requests of at most this many rows may run on the caller's thread when the worker is
+#: idle and the queue empty (no thread hand-off for single-input latency) ...
+INLINE_ROWS = 4
+#: ... if the model's last small forward pass took at most this long (the event loop waits).
+INLINE_MAX_SECONDS = 0.001
 
 
 @dataclass
@@ -83,6 +92,9 @@ class InferenceWorker:
         self.device = "cpu"
         self.dtype_name = settings.cpu_dtype
         self._error_bounds: dict[str, Any] = {}
+        self._device_lock = threading.Lock()  # held for every forward pass, whatever thread
+        self._collecting = False  # the worker thread holds requests (batch window or pass)
+        self._small_cost: dict[str, float] = {}  # model -> seconds of its last small pass
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -124,6 +136,10 @@ class InferenceWorker:
         return result
 
     async def _submit(self, model_id: str, x: np.ndarray, *, with_error: bool) -> Any:
+        if len(x) <= INLINE_ROWS and self.device == "cpu" and self._queue.empty():
+            result = self._try_inline(model_id, x, with_error)
+            if result is not None:
+                return result
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         try:
@@ -134,6 +150,26 @@ class InferenceWorker:
             ) from None
         metrics.QUEUE_DEPTH.set(self._queue.qsize())
         return await future
+
+    def _try_inline(self, model_id: str, x: np.ndarray, with_error: bool) -> Any:
+        """The result of a forward pass on this thread, or None when the worker thread is
+        busy or stopped, the model is not loaded or its small passes are not cheap."""
+        cost = self._small_cost.get(model_id)
+        if cost is None or cost > INLINE_MAX_SECONDS or self._collecting or not self.alive:
+            return None
+        with self._models_lock:
+            module = self._models.get(model_id)
+        if module is None or not self._device_lock.acquire(blocking=False):
+            return None
+        try:
+            t0 = time.perf_counter()
+            logits = self._forward(module, x)
+            self._small_cost[model_id] = time.perf_counter() - t0
+        finally:
+            self._device_lock.release()
+        metrics.BATCH_SIZE.observe(len(x))
+        metrics.BATCH_REQUESTS.observe(1)
+        return (logits, self.logit_error(model_id, x)) if with_error else logits
 
     def evict(self, model_id: str) -> None:
         """Forget a model's device copy (called when the model is deleted)."""
@@ -171,9 +207,11 @@ class InferenceWorker:
     def _run(self) -> None:
         stopping = False
         while not stopping:
+            self._collecting = False
             first = self._queue.get()
             if first is _STOP:
                 break
+            self._collecting = True
             batch = [first]
             rows = len(first.x)
             deadline = time.monotonic() + self.max_wait_s
@@ -197,22 +235,30 @@ class InferenceWorker:
             by_model: dict[str, list[_Request]] = {}
             for req in batch:
                 by_model.setdefault(req.model_id, []).append(req)
-            for model_id, reqs in by_model.items():
-                self._serve(model_id, reqs)
+            for i, (model_id, reqs) in enumerate(by_model.items()):
+                self._serve(model_id, reqs, last=i == len(by_model) - 1)
 
-    def _serve(self, model_id: str, reqs: list[_Request]) -> None:
+    def _serve(self, model_id: str, reqs: list[_Request], *, last: bool = True) -> None:
+        """One forward pass for ``reqs``; ``last``: no more requests in hand after these (the
+        worker counts as idle before the results go out, for the inline fast path)."""
         try:
-            module = self._module(model_id)
             x = np.concatenate([r.x for r in reqs], axis=0) if len(reqs) > 1 else reqs[0].x
-            logits = self._forward(module, x)
+            with self._device_lock:
+                module = self._module(model_id)
+                t0 = time.perf_counter()
+                logits = self._forward(module, x)
+                if len(x) <= INLINE_ROWS:
+                    self._small_cost[model_id] = time.perf_counter() - t0
             metrics.BATCH_SIZE.observe(len(x))
             metrics.BATCH_REQUESTS.observe(len(reqs))
         except BaseException as exc:
+            self._collecting = not last
             if not isinstance(exc, NotFound):
                 log.exception("inference failed for model %s", model_id)
             for r in reqs:
                 _deliver(r, error=exc)
             return
+        self._collecting = not last
         start = 0
         for r in reqs:
             stop = start + len(r.x)
