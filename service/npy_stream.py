@@ -32,19 +32,30 @@ BLOCK_BYTES = 2 << 20
 
 
 class NpyRows:
-    """Incremental .npy reader: :meth:`feed` bytes, :meth:`take` complete row blocks,
-    :meth:`finish` at the end of the body (length checks, the last rows)."""
+    """Incremental .npy reader: :meth:`feed` body bytes, :meth:`take` complete float64 row
+    blocks of ``block_rows`` rows (the last one shorter), :meth:`finish` at the end of the body
+    (length checks; Fortran-order arrays become one block there).
 
-    def __init__(self, input_shape: list[int], max_inputs: int) -> None:
+    Rows are cast straight from the received bytes into preallocated float64 blocks (one pass
+    over the data); only a partial row is ever buffered.
+    """
+
+    def __init__(self, input_shape: list[int], max_inputs: int, block_rows: int = 0) -> None:
         self.input_shape = list(input_shape)
         self.max_inputs = max_inputs
         self.n0 = math.prod(input_shape)
-        self._buf = bytearray()
+        self.block_rows = block_rows or max(64, BLOCK_BYTES // (8 * self.n0))
+        self._head = bytearray()  # the header while incomplete; the whole body for Fortran
+        self._tail = bytearray()  # a partial row
         self._dtype: np.dtype | None = None
         self._fortran = False
+        self._shape: tuple[int, ...] = ()
         self._rows = 0  # rows declared by the header
-        self._next_row = 0  # rows handed out so far
+        self._written = 0  # rows cast into blocks so far
         self._received = 0  # data bytes after the header
+        self._block: np.ndarray | None = None
+        self._fill = 0
+        self._ready: list[np.ndarray] = []
 
     @property
     def header_done(self) -> bool:
@@ -57,28 +68,31 @@ class NpyRows:
 
     def feed(self, data: bytes) -> None:
         """Add body bytes; parses and validates the header once it is complete."""
-        self._buf += data
-        if self._dtype is None:
-            self._parse_header()
-        elif not self._fortran:
-            self._received += len(data)
+        if self._dtype is None or self._fortran:
+            self._head += data
+            if self._dtype is None:
+                rest = self._parse_header()
+                if rest is not None and not self._fortran:
+                    self._consume(memoryview(rest))
+            return
+        self._consume(memoryview(data))
 
-    def _parse_header(self) -> None:
-        buf = self._buf
+    def _parse_header(self) -> bytes | None:
+        """Parse the header once complete; returns the data bytes that followed it."""
+        buf = self._head
         head = bytes(buf[:6])
         if head != NPY_MAGIC[: len(head)]:
             raise InvalidInput("the body is not a .npy file (bad magic)", code="invalid-npy")
         if len(buf) < 12:
-            return
-        major = buf[6]
-        if major == 1:
+            return None
+        if buf[6] == 1:
             start, hlen = 10, struct.unpack("<H", bytes(buf[8:10]))[0]
         else:
             start, hlen = 12, struct.unpack("<I", bytes(buf[8:12]))[0]
         if hlen > MAX_HEADER_BYTES:
             raise InvalidInput(f"the .npy header is {hlen} bytes long", code="invalid-npy")
         if len(buf) < start + hlen:
-            return
+            return None
         fmt = np.lib.format
         try:
             stream = io.BytesIO(bytes(buf[: start + hlen]))
@@ -98,46 +112,69 @@ class NpyRows:
         check_input_shape(tuple(shape), self.input_shape, self.max_inputs)
         self._dtype, self._fortran, self._rows = dtype, bool(fortran), int(shape[0])
         self._shape = tuple(shape)
-        if not self._fortran:
-            del self._buf[: start + hlen]
-            self._received = len(self._buf)
-
-    def take(self, min_rows: int) -> np.ndarray | None:
-        """The next block of at least ``min_rows`` complete rows (all complete rows that have
-        arrived, up to the declared count), float64 (rows, n0); None when fewer arrived."""
-        if self._dtype is None or self._fortran:
+        if self._fortran:  # not row-contiguous: keep the whole body for load_npy
             return None
-        row_bytes = self.n0 * self._dtype.itemsize
-        ready = min(len(self._buf) // row_bytes, self._rows - self._next_row)
-        if ready < min_rows or ready == 0:
-            return None
-        return self._block(ready, row_bytes)
+        rest = bytes(buf[start + hlen :])
+        self._head = bytearray()
+        return rest
 
-    def _block(self, rows: int, row_bytes: int) -> np.ndarray:
+    def _consume(self, data: memoryview) -> None:
         assert self._dtype is not None
-        nbytes = rows * row_bytes
-        view = np.frombuffer(self._buf, dtype=self._dtype, count=rows * self.n0)
-        block = view.reshape(rows, self.n0)
-        if not np.isfinite(block).all():
-            bad = int(np.argwhere(~np.isfinite(block))[0][0]) + self._next_row
-            raise InvalidInput(f"inputs contain NaN or infinity (first at row {bad})")
-        out = block.astype(np.float64, copy=True)  # torch wants writable native arrays
-        del view, block  # release the export before the buffer shrinks
-        del self._buf[:nbytes]
-        self._next_row += rows
-        return out
+        self._received += len(data)
+        row_bytes = self.n0 * self._dtype.itemsize
+        if self._tail:
+            k = min(row_bytes - len(self._tail), len(data))
+            self._tail += data[:k]
+            data = data[k:]
+            if len(self._tail) < row_bytes:
+                return
+            self._write(memoryview(bytes(self._tail)), 1)
+            self._tail.clear()
+        whole = len(data) // row_bytes
+        if whole:
+            self._write(data[: whole * row_bytes], whole)
+        self._tail += data[whole * row_bytes :]
 
-    def finish(self) -> np.ndarray | None:
-        """At the end of the body: the rows not taken yet (None if none), after checking that
-        the body holds exactly the declared data."""
+    def _write(self, data: memoryview, rows: int) -> None:
+        """Cast ``rows`` rows from ``data`` into the current block(s); rows beyond the
+        declared count are only counted (the length check at :meth:`finish` refuses them)."""
+        assert self._dtype is not None
+        src = np.frombuffer(data, dtype=self._dtype, count=rows * self.n0).reshape(rows, self.n0)
+        done = 0
+        while done < rows and self._written < self._rows:
+            if self._block is None:
+                cap = min(self.block_rows, self._rows - self._written)
+                self._block, self._fill = np.empty((cap, self.n0), dtype=np.float64), 0
+            k = min(rows - done, len(self._block) - self._fill)
+            dst = self._block[self._fill : self._fill + k]
+            dst[...] = src[done : done + k]
+            if not math.isfinite(float(dst.sum())) and not np.isfinite(dst).all():
+                bad = int(np.argwhere(~np.isfinite(dst))[0][0]) + self._written
+                raise InvalidInput(f"inputs contain NaN or infinity (first at row {bad})")
+            self._fill += k
+            self._written += k
+            done += k
+            if self._fill == len(self._block):
+                self._ready.append(self._block)
+                self._block = None
+
+    def take(self) -> np.ndarray | None:
+        """The next complete block (float64, (rows, n0)), or None."""
+        return self._ready.pop(0) if self._ready else None
+
+    def finish(self) -> None:
+        """At the end of the body: check that it held exactly the declared data (then every
+        row is in a block for :meth:`take`)."""
         if self._dtype is None:
-            if bytes(self._buf[:6]) != NPY_MAGIC:
+            if bytes(self._head[:6]) != NPY_MAGIC:
                 raise InvalidInput("the body is not a .npy file (bad magic)", code="invalid-npy")
             raise InvalidInput(
                 "unreadable .npy header: the body ends inside it", code="invalid-npy"
             )
-        if self._fortran:  # the buffer still holds the whole body
-            return batch_inputs(load_npy(bytes(self._buf)), self.input_shape, self.max_inputs)
+        if self._fortran:
+            whole = batch_inputs(load_npy(bytes(self._head)), self.input_shape, self.max_inputs)
+            self._ready.append(whole)
+            return
         count = math.prod(self._shape)
         if self._received != count * self._dtype.itemsize:
             raise InvalidInput(
@@ -145,8 +182,6 @@ class NpyRows:
                 f"body carries {self._received} bytes",
                 code="invalid-npy",
             )
-        left = self._rows - self._next_row
-        return self._block(left, self.n0 * self._dtype.itemsize) if left else None
 
 
 async def infer_npy_body(
@@ -159,7 +194,6 @@ async def infer_npy_body(
     of rows as soon as it is complete; ``on_header`` runs once the header is valid (e.g. to
     refuse with 409 before the upload ends). Returns (logits (B, K), logit errors (B,)) in
     input order. On any error the pending inferences are cancelled and the error propagates."""
-    block_rows = max(64, BLOCK_BYTES // (8 * reader.n0))
     tasks: list[asyncio.Future[tuple[np.ndarray, np.ndarray]]] = []
 
     def start(block: np.ndarray) -> None:
@@ -171,11 +205,11 @@ async def infer_npy_body(
             reader.feed(chunk)
             if reader.header_done and not had_header:
                 on_header()
-            while (block := reader.take(block_rows)) is not None:
+            while (block := reader.take()) is not None:
                 start(block)
-        last = reader.finish()
-        if last is not None:
-            start(last)
+        reader.finish()
+        while (block := reader.take()) is not None:
+            start(block)
         results = await asyncio.gather(*tasks)
     except BaseException:
         for task in tasks:

@@ -29,19 +29,21 @@ def _npy(a: np.ndarray) -> bytes:
 
 def _read(body: bytes, sizes: list[int], input_shape: list[int], block_rows: int) -> np.ndarray:
     """Feed ``body`` in chunks of the given sizes (cycled), taking blocks as they complete."""
-    reader = NpyRows(input_shape, max_inputs=10_000)
+    reader = NpyRows(input_shape, max_inputs=10_000, block_rows=block_rows)
     blocks = []
     pos, k = 0, 0
     while pos < len(body):
         step = sizes[k % len(sizes)]
         reader.feed(body[pos : pos + step])
         pos, k = pos + step, k + 1
-        while (b := reader.take(block_rows)) is not None:
-            assert len(b) >= block_rows
+        while (b := reader.take()) is not None:
             blocks.append(b)
-    last = reader.finish()
-    if last is not None:
-        blocks.append(last)
+    reader.finish()
+    while (b := reader.take()) is not None:
+        blocks.append(b)
+    if not reader._fortran:  # fixed-size blocks, the last one holding the rest
+        assert all(len(b) == block_rows for b in blocks[:-1])
+        assert 0 < len(blocks[-1]) <= block_rows
     return np.concatenate(blocks)
 
 
@@ -84,6 +86,7 @@ def test_refusals() -> None:
     _fails(_npy(nan_late), [50], [4], "row 23")  # after earlier blocks were handed out
     _fails(_npy(x)[:-8], [100], [4], "declares 120 values")  # truncated
     _fails(_npy(x) + b"\0" * 8, [100], [4], "declares 120 values")  # trailing bytes
+    _fails(_npy(x) + b"\0" * 64, [100], [4], "declares 120 values")  # two extra rows
     _fails(b"not an npy body at all", [3], [4], "bad magic")
     _fails(b"\x93NUM", [1], [4], "bad magic")  # ends inside the magic
     _fails(_npy(x)[:40], [7], [4], "ends inside")  # ends inside the header
