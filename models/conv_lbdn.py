@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from models.conv import SandwichConv2d
 from models.io import (
     _TORCH_ACTIVATIONS,
+    hidden_layer_spec,
     layer_tensor_names,
     module_to_safetensors,
     read_safetensors,
@@ -183,18 +184,7 @@ def conv_lbdn_config(model: ConvLBDN, claimed_gamma: float | None = None) -> dic
                 "tensors": layer_tensor_names(f"convs.{i}.", layer, hidden=True),
             }
         )
-    for i, dense in enumerate(model.dense):
-        assert isinstance(dense, SandwichLinear)
-        specs.append(
-            {
-                "type": "sandwich",
-                "in": dense.in_features,
-                "out": dense.out_features,
-                "activation": dense.act_spec.name,
-                "activation_param": dense.act_spec.param,
-                "tensors": layer_tensor_names(f"dense.{i}.", dense, hidden=True),
-            }
-        )
+    specs.extend(hidden_layer_spec(f"dense.{i}.", d) for i, d in enumerate(model.dense))
     return sandwich_file_config(model, specs, claimed_gamma)
 
 

@@ -51,6 +51,19 @@ def layer_tensor_names(prefix: str, layer: nn.Module, *, hidden: bool) -> dict[s
     return ts
 
 
+def hidden_layer_spec(prefix: str, layer: nn.Module) -> dict[str, Any]:
+    """Config entry of a hidden SandwichLinear whose state_dict keys start with ``prefix``."""
+    assert isinstance(layer, SandwichLinear)
+    return {
+        "type": "sandwich",
+        "in": layer.in_features,
+        "out": layer.out_features,
+        "activation": layer.act_spec.name,
+        "activation_param": layer.act_spec.param,
+        "tensors": layer_tensor_names(prefix, layer, hidden=True),
+    }
+
+
 def sandwich_file_config(
     model: nn.Module, hidden_specs: list[dict[str, Any]], claimed_gamma: float | None
 ) -> dict[str, Any]:
@@ -95,19 +108,7 @@ def state_from_layer_specs(
 
 def lbdn_config(model: LBDN, claimed_gamma: float | None = None) -> dict[str, Any]:
     """The lipcert/1 "sandwich" config of ``model``; tensor names are its state_dict keys."""
-    specs: list[dict[str, Any]] = []
-    for i, layer in enumerate(model.hidden):
-        assert isinstance(layer, SandwichLinear)
-        specs.append(
-            {
-                "type": "sandwich",
-                "in": layer.in_features,
-                "out": layer.out_features,
-                "activation": layer.act_spec.name,
-                "activation_param": layer.act_spec.param,
-                "tensors": layer_tensor_names(f"hidden.{i}.", layer, hidden=True),
-            }
-        )
+    specs = [hidden_layer_spec(f"hidden.{i}.", layer) for i, layer in enumerate(model.hidden)]
     return sandwich_file_config(model, specs, claimed_gamma)
 
 
