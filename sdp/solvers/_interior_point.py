@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from scipy import linalg
-from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
 from sdp.ir import Array
+from sdp.solvers._ipm_steps import SchurSystem, cholesky_step, max_step, step_ratio
 from sdp.solvers._lmi_structure import (
     StructuredLmi,
     cholesky_upper,
@@ -47,6 +47,7 @@ from sdp.solvers._lmi_structure import (
     constraint_values_banded,
     inverse_from_cholesky,
     rank2_blocks,
+    rho_for_multipliers,
     schur_matrix,
     sym_product_values,
     times_linear_part,
@@ -54,8 +55,6 @@ from sdp.solvers._lmi_structure import (
 from sdp.solvers.base import Progress
 
 Mask = npt.NDArray[np.bool_]
-_DENSE_MAX = 300  # max_step: dense eigenvalue below this size, Lanczos above
-_LANCZOS_RESTARTS = 15  # then the dense eigenvalue (seen: ARPACK looping for minutes)
 
 
 @dataclass
@@ -123,94 +122,6 @@ class Grouping:
         return np.add.reduceat(np.add.reduceat(h, self.starts, axis=0), self.starts, axis=1)
 
 
-def max_step(r: Array, d: Array, v0: Array | None = None) -> tuple[float, Array | None]:
-    """Largest alpha with R^T R + alpha D >= 0: 1 / max(0, -lambda_min(R^{-T} D R^{-1})).
-
-    Above ``_DENSE_MAX`` rows by Lanczos (ARPACK), started from ``v0`` if given (the previous
-    call's eigenvector: predictor and corrector directions are close); returns that vector.
-    Ritz values lie inside the spectrum, so a loose tolerance errs towards a longer step, which
-    the caller's Cholesky check then shortens.
-    """
-    n = d.shape[0]
-    vec: Array | None = None
-    lam: float | None = None
-    if n > _DENSE_MAX:
-
-        def mv(v: Array) -> Array:
-            w = linalg.solve_triangular(r, v, check_finite=False)
-            return linalg.solve_triangular(r, d @ w, trans="T", check_finite=False)
-
-        op = LinearOperator((n, n), matvec=mv, dtype=np.float64)
-        try:
-            vals, vecs = eigsh(
-                op, k=1, which="SA", tol=1e-3, ncv=min(n - 1, 24), v0=v0, maxiter=_LANCZOS_RESTARTS
-            )
-            lam, vec = float(vals[0]), vecs[:, 0]
-        except (ArpackNoConvergence, ArpackError):
-            lam = None  # clustered spectrum: fall back to the dense eigenvalue below
-    if lam is None:
-        b = linalg.solve_triangular(r, d, trans="T", check_finite=False)
-        c = linalg.solve_triangular(r, b.T, trans="T", check_finite=False)
-        lam = float(linalg.eigvalsh((c + c.T) / 2, subset_by_index=[0, 0])[0])
-    return (math.inf if lam >= 0 else 1.0 / -lam), vec
-
-
-def _ratio(v: Array, dv: Array) -> float:
-    neg = dv < 0
-    return float(np.min(-v[neg] / dv[neg])) if neg.any() else math.inf
-
-
-class _SchurSystem:
-    """Cholesky factor of the SPD Schur matrix with Jacobi scaling, reused for several
-    right-hand sides (regularised if numerically singular, least squares as the last resort)."""
-
-    def __init__(self, h: Array) -> None:
-        self.dsc = 1.0 / np.sqrt(np.maximum(np.diagonal(h), 1e-300))
-        self.hs = h * self.dsc[:, None] * self.dsc[None, :]
-        self.factor: Any = None
-        k = len(h)
-        for reg in (0.0, 1e-13, 1e-11, 1e-9, 1e-7):
-            try:
-                self.factor = linalg.cho_factor(self.hs + reg * np.eye(k), check_finite=True)
-                break
-            except (linalg.LinAlgError, ValueError):
-                continue
-
-    def solve(self, rhs: Array) -> Array:
-        if self.factor is None:
-            return np.asarray(linalg.lstsq(self.hs, rhs * self.dsc)[0]) * self.dsc
-        return np.asarray(linalg.cho_solve(self.factor, rhs * self.dsc)) * self.dsc
-
-
-def _chol_step(
-    base: Array, d: Array, alpha: float, extra_ok: bool = True
-) -> tuple[float, Array | None]:
-    """Shrink alpha until base + alpha d is positive definite; returns (alpha, its factor)."""
-    for _ in range(30):
-        if extra_ok:
-            r = cholesky_upper(base + alpha * d)
-            if r is not None:
-                return alpha, r
-        alpha *= 0.7
-    return 0.0, None
-
-
-def rho_for_multipliers(lmi: StructuredLmi, t: Array) -> float:
-    """Smallest rho with S(rho, t) > 0 in float64 (diagnostic; inf if the hidden block is not PD).
-
-    S(rho, t) = [[rho I + G_00, G_0h], [G_h0, H]] > 0 iff H > 0 and rho > -lambda_min(G_00 -
-    G_0h H^{-1} G_h0) (Schur complement), H and G from S(0, t).
-    """
-    s = lmi.assemble(0.0, t)
-    r = lmi.r
-    rh = cholesky_upper(s[r:, r:])
-    if rh is None:
-        return math.inf
-    b = linalg.solve_triangular(rh, s[r:, :r], trans="T", check_finite=False)
-    g = s[:r, :r] - b.T @ b
-    return -float(linalg.eigvalsh(g, subset_by_index=[0, 0])[0])
-
-
 @dataclass
 class _Iterate:
     """Primal (rho, x, S = S(rho, x) + pi I) and dual (Z, z) iterates, X = S^{-1}."""
@@ -251,7 +162,7 @@ def _direction(
     grp: Grouping,
     sgn: Mask,
     cur: _Iterate,
-    h: _SchurSystem,
+    h: SchurSystem,
     rhs: Array,
     sig_mu: float,
     corr: tuple[Array, Array] | None,
@@ -293,8 +204,8 @@ def _step_lengths(
     """
     s_max, warm[0] = max_step(cur.rs, d.ds, warm[0])
     z_max, warm[1] = max_step(cur.rz, d.dzm, warm[1])
-    a_p = min(1.0, frac * s_max, frac * _ratio(cur.x[sgn], d.dy[1:][sgn]))
-    a_d = min(1.0, frac * z_max, frac * _ratio(cur.z[sgn], d.dz[sgn]))
+    a_p = min(1.0, frac * s_max, frac * step_ratio(cur.x[sgn], d.dy[1:][sgn]))
+    a_d = min(1.0, frac * z_max, frac * step_ratio(cur.z[sgn], d.dz[sgn]))
     return a_p, a_d
 
 
@@ -403,7 +314,7 @@ def solve_ipm(
         h[1:, 1:] = grp.mat(m_tt)
         h[1:, 1:][np.diag_indices(m)] += w * cur.z / cur.x
         g = np.concatenate([[tr_x00], grp.vec(cx) + w / cur.x])
-        schur = _SchurSystem(h)
+        schur = SchurSystem(h)
         warm: list[Array | None] = [None, None]
         base = -c
         if cur.pi > 0:  # the residual -pi I enters as -A(sym(Z (-pi I) X))
@@ -440,8 +351,8 @@ def solve_ipm(
         else:
             d = _direction(lmi, grp, sgn, cur, schur, base + sigma * mu * g, sigma * mu, None)
         a_p, a_d = _step_lengths(sgn, cur, d, settings.step_frac, warm)
-        a_p, rs_new = _chol_step(cur.s_mat, d.ds, a_p)
-        a_d, rz_new = _chol_step(cur.zmat, d.dzm, a_d)
+        a_p, rs_new = cholesky_step(cur.s_mat, d.ds, a_p)
+        a_d, rz_new = cholesky_step(cur.zmat, d.dzm, a_d)
         it += 1
         diag = {"a_p": a_p, "a_d": a_d, "sigma": sigma, "float32": float(low)}
         if lower is not None:

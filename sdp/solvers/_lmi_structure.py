@@ -25,6 +25,7 @@ With Z = X it is the Hessian of -log det S (checked against finite differences i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -256,3 +257,19 @@ def sym_product_values(
     vals = np.einsum("ki,ki->i", zh - zb.yw * a, xh - xb.yw * b)
     vals += np.einsum("ki,ki->i", xh - xb.yw * a, zh - zb.yw * b)
     return float(np.sum(z[: lmi.r, :] * x[: lmi.r, :])), vals
+
+
+def rho_for_multipliers(lmi: StructuredLmi, t: Array) -> float:
+    """Smallest rho with S(rho, t) > 0 in float64 (diagnostic; inf if the hidden block is not PD).
+
+    S(rho, t) = [[rho I + G_00, G_0h], [G_h0, H]] > 0 iff H > 0 and rho > -lambda_min(G_00 -
+    G_0h H^{-1} G_h0) (Schur complement), H and G from S(0, t).
+    """
+    s = lmi.assemble(0.0, t)
+    r = lmi.r
+    rh = cholesky_upper(s[r:, r:])
+    if rh is None:
+        return math.inf
+    b = linalg.solve_triangular(rh, s[r:, :r], trans="T", check_finite=False)
+    g = s[:r, :r] - b.T @ b
+    return -float(linalg.eigvalsh(g, subset_by_index=[0, 0])[0])
