@@ -234,8 +234,8 @@ def sandwich_bound(net: Network) -> BoundResult:
     (numerical trouble), the explicit T is repaired by :func:`certify_multipliers`.
     """
     params = net.sandwich
-    if type(params).__name__ == "ConvSandwichParams":  # per-frequency check (sdp.sandwich_conv)
-        from sdp.sandwich_conv import conv_sandwich_bound
+    if type(params).__name__ == "ConvSandwichParams":  # per-frequency check
+        from sdp.sandwich_conv_check import conv_sandwich_bound
 
         return conv_sandwich_bound(net)
     if not isinstance(params, SandwichParams):

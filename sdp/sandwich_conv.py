@@ -1,5 +1,5 @@
 """Convolutional sandwich layers in numpy: per-frequency Cayley transform, the equivalent plain
-network, and the closed-form check frequency by frequency (DESIGN §3.4, last paragraph).
+network (DESIGN §3.4, last paragraph).
 
 Derivation. A circular 2-D convolution on an m x m grid with c_in -> c_out channels is
 block-diagonalised by the unitary 2-D DFT F: for each frequency f = (f1, f2) it is a complex
@@ -27,21 +27,7 @@ constraint QC(T) = sum_pixels 2 dv^T T (du - dv) >= 0 holds for slopes in [0, 1]
 Psi^2 per channel, Parseval gives QC = sum_f 2 Re dv(f)^H Psi^2 (du(f) - dv(f)), and per
 frequency |dh(f)|^2 - |dh_out(f)|^2 - QC_f = |dh(f) - sqrt2 B^H Psi dv(f)|^2 >= 0.
 
-What the check verifies (:func:`conv_sandwich_bound`), from the raw parameters in float64:
-for each conv layer j and each rfft2 frequency f (the others are complex conjugates with the
-same spectrum) :func:`sdp.certificate.certify_rho` certifies the smallest rho_j(f) with
-``rho |x|^2 - |W1 v|^2 - 2 Re v^H T (W0 x - v) >= 0`` for all complex x, v, where
-W0 = sqrt2 Psi^{-1} B(f), W1 = sqrt2 A^H(f) Psi, T = (1 + r) Psi^2 (slack r >= 0 when needed),
-through the real embedding [[Re, -Im], [Im, Re]] (a complex Hermitian form is NSD iff its real
-embedding is). rho_j = max_f rho_j(f) bounds layer j: |dh_out|^2 <= rho_j |dh|^2. The dense
-output layer y = sqrt(gamma) B_L h + b_L is checked by certify_rho on its matrix (rho_out >=
-||B_L||^2). The verified bound is gamma sqrt(rho_out prod_j rho_j) (1 in exact arithmetic
-per factor); the telescoped per-layer inequalities are one LipSDP-Neuron certificate of the
-plain network with rho = gamma^2 rho_out prod rho_j and T_j = c_j (1 + r_j) Psi_j^2 repeated
-over pixels, c_last = gamma rho_out, c_j = c_{j+1} rho_{j+1} (= gamma Psi^2 when all rho are 1).
-Optional dense sandwich layers between the flatten and the output layer are checked the same
-way on their own real one-layer LMI (W0 = sqrt2 Psi^{-1} B, W1 = sqrt2 A^T Psi, T = Psi^2) and
-join the telescoped certificate as hidden layers with one "pixel".
+The closed-form check frequency by frequency is :mod:`sdp.sandwich_conv_check`.
 
 Export. The plain network has W_j = (sqrt2 Psi_j^{-1} B_j S_j)(sqrt2 A_{j-1}^H Psi_{j-1}),
 a circular stride-s correlation y[o, i] = sum_x G[o, c, (x - s i) mod n] h[c, x] whose kernel G
@@ -58,29 +44,19 @@ Networks", ICML 2023 (sandwich layers and their convolutional, FFT-based version
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from sdp.bounds.result import BoundResult
-from sdp.certificate import Certificate, Lmi, certify_rho, verify_certificate
-from sdp.errors import CertificateError, NotApplicable
 from sdp.ir import Activation, Array, Conv2d, Dense, Network
-from sdp.sandwich import sandwich_result
 
 CArray = npt.NDArray[np.complex128]
 SQRT2 = math.sqrt(2.0)
-CLOSED_FORM_RTOL = 1e-6
-SLACKS = (0.0, 1e-9, 1e-8, 1e-7, 1e-6)
-"""Per-layer slacks r tried in turn (T = (1 + r) Psi^2; needed when a layer widens)."""
 DENSE_EXPORT_MAX = 1 << 22
 """Layers whose unrolled matrix has at most this many entries are exported as ``Dense``
 (fast to run); larger ones as the exact big-kernel ``Conv2d`` (compact)."""
-DENSE_VERIFY_MAX = 1500
-"""Networks with at most this many neurons (input included) are also re-verified densely."""
 
 
 # --------------------------------------------------------------------------- grid operations
@@ -217,7 +193,7 @@ def conv_forward(params: ConvSandwichParams, x: Array) -> Array:
     for dl in params.dense:
         a, b = dl.cayley()
         u = SQRT2 * (h @ b.T) / dl.psi + dl.b
-        h = SQRT2 * (_act(dl)(u) * dl.psi) @ a
+        h = SQRT2 * (layer_activation(dl)(u) * dl.psi) @ a
     _, b_out = params.output.cayley()
     return math.sqrt(g) * (h @ b_out.T) + params.output.b
 
@@ -264,14 +240,14 @@ def plain_ops(params: ConvSandwichParams) -> tuple[Any, ...]:
     for dl in params.dense:  # W = (sqrt2 Psi^{-1} B) (the previous layer's post map)
         a, b = dl.cayley()
         ops.append(Dense(post(SQRT2 * b / dl.psi[:, None]), dl.b))
-        ops.append(_act(dl))
+        ops.append(layer_activation(dl))
         post = _dense_post_adjoint(a, dl.psi)
     _, b_out = params.output.cayley()
     ops.append(Dense(math.sqrt(params.gamma) * post(b_out), params.output.b))
     return tuple(ops)
 
 
-def _act(layer: Any) -> Activation:
+def layer_activation(layer: Any) -> Activation:
     """A dense hidden layer's activation (ReLU when the parameters leave it unset)."""
     return layer.activation or Activation("relu")
 
@@ -293,173 +269,3 @@ def _dense_post_adjoint(a: Array, psi: Array) -> Any:
 
 def plain_network(params: ConvSandwichParams) -> Network:
     return Network(params.input_shape, plain_ops(params), sandwich=params)
-
-
-# --------------------------------------------------------------------------- the check
-
-
-def real_embedding(m: CArray) -> Array:
-    """[[Re, -Im], [Im, Re]]: z -> M z on C^n as a real map on (Re z, Im z)."""
-    re, im = m.real, m.imag
-    return np.block([[re, -im], [im, re]])
-
-
-def frequency_lmis(layer: ConvSandwichLayer) -> list[Lmi]:
-    """One real-embedded one-hidden-layer LMI per rfft2 frequency: W0 = sqrt2 Psi^{-1} B(f),
-    W1 = sqrt2 A^H(f) Psi, slopes in [0, 1]."""
-    astar, bstar = layer.factors()
-    psi = layer.psi
-    q = layer.out_channels
-    zeros, ones = np.zeros(2 * q), np.ones(2 * q)
-    out = []
-    for a_h, b_h in zip(astar, bstar, strict=True):
-        w0 = SQRT2 * np.conj(b_h).T / psi[:, None]
-        w1 = SQRT2 * a_h * psi[None, :]
-        out.append(Lmi((real_embedding(w0), real_embedding(w1)), (zeros,), (ones,)))
-    return out
-
-
-def layer_rho(layer: ConvSandwichLayer, t: Array) -> float:
-    """max_f certify_rho at multipliers ``t`` (per channel): |dh_out|^2 <= rho |dh_in|^2.
-
-    Raises CertificateError when some frequency does not verify.
-    """
-    tt = np.concatenate([t, t])
-    return max(certify_rho(lmi, (tt,)) for lmi in frequency_lmis(layer))
-
-
-def _layer_certificate(layer: ConvSandwichLayer) -> tuple[float, float]:
-    """(rho_j, slack r_j) for the first slack whose T = (1 + r) Psi^2 verifies."""
-    for slack in SLACKS:
-        try:
-            return layer_rho(layer, (1.0 + slack) * layer.psi**2), slack
-        except CertificateError:
-            continue
-    raise CertificateError(
-        "the explicit per-frequency certificate did not verify", code="certificate-unconfirmed"
-    )
-
-
-def _dense_layer_certificate(layer: Any) -> tuple[float, float]:
-    """(rho, slack) of a dense hidden sandwich layer: certify_rho of its one-layer LMI
-    (W0 = sqrt2 Psi^{-1} B, W1 = sqrt2 A^T Psi) at T = (1 + r) Psi^2 (1 in exact arithmetic)."""
-    a, b = layer.cayley()
-    psi = layer.psi
-    q = layer.out_features
-    lmi = Lmi((SQRT2 * b / psi[:, None], SQRT2 * a.T * psi[None, :]), (np.zeros(q),), (np.ones(q),))
-    for slack in SLACKS:
-        try:
-            return certify_rho(lmi, ((1.0 + slack) * psi**2,)), slack
-        except CertificateError:
-            continue
-    raise CertificateError(
-        "the explicit dense-layer certificate did not verify", code="certificate-unconfirmed"
-    )
-
-
-def _matches(net: Network, ops: tuple[Any, ...]) -> bool:
-    if len(net.ops) != len(ops):
-        return False
-    for a, b in zip(net.ops, ops, strict=True):
-        if isinstance(b, Dense | Conv2d):
-            if type(a) is not type(b) or a.weight.shape != b.weight.shape:
-                return False
-            if not (np.array_equal(a.weight, b.weight) and np.array_equal(a.bias, b.bias)):
-                return False
-            if (
-                isinstance(a, Conv2d)
-                and isinstance(b, Conv2d)
-                and (a.in_shape != b.in_shape or a.stride != b.stride or a.padding != b.padding)
-            ):
-                return False
-        elif a != b:
-            return False
-    return True
-
-
-def _dense_confirmation(
-    net: Network, rho: float, multipliers: tuple[Array, ...]
-) -> tuple[str, bool | None]:
-    """Small networks: also verify (rho, T) on the dense-unrolled LMI of the exported ops.
-
-    The per-frequency check certifies the float64 frequency matrices; the exported ops are
-    their circular operators up to FFT rounding. For nets with at most DENSE_VERIFY_MAX
-    neurons (input included) the telescoped certificate is re-verified on the ops themselves.
-    """
-    sizes = [net.input_size, *(op.out_features for op in net.ops if isinstance(op, Dense | Conv2d))]
-    if sum(sizes[:-1]) > DENSE_VERIFY_MAX:
-        return f"dense re-verification skipped ({sum(sizes[:-1])} neurons)", None
-    ok = verify_certificate(Lmi.from_chain(net.chain()), Certificate(rho, multipliers))
-    return (
-        "certificate re-verified on the dense unrolled LMI"
-        if ok
-        else "dense re-verification FAILED; reporting the dense certified rho"
-    ), ok
-
-
-def conv_sandwich_bound(net: Network) -> BoundResult:
-    """Closed-form per-frequency check of a conv sandwich network (method "sandwich").
-
-    Reports gamma sqrt(rho_out prod_j rho_j) from certified factors (module docstring), never
-    the gamma in the metadata; the claim is confirmed when the bound is within
-    CLOSED_FORM_RTOL of it.
-    """
-    params = net.sandwich
-    if not isinstance(params, ConvSandwichParams):
-        raise NotApplicable("not a convolutional sandwich network")
-    t0 = time.perf_counter()
-    if not _matches(net, plain_ops(params)):
-        raise CertificateError(
-            "the network's layers are not the ones its sandwich parameters define",
-            code="sandwich-mismatch",
-        )
-    for act in [la.activation for la in params.convs] + [_act(dl) for dl in params.dense]:
-        lo, hi = act.slope_bounds
-        if lo < 0.0 or hi > 1.0:
-            raise NotApplicable(f"activation {act.name} has slopes outside [0, 1]")
-    layer_certs = [_layer_certificate(layer) for layer in params.convs]
-    dense_certs = [_dense_layer_certificate(dl) for dl in params.dense]
-    _, b_out = params.output.cayley()
-    rho_out = certify_rho(Lmi((b_out,), (), ()), ())
-    g = params.gamma
-    coef = g * rho_out
-    # (psi, pixels, (rho_j, slack_j)) per hidden layer, in network order
-    blocks = [
-        (la.psi, la.out_shape[1] ** 2, c) for la, c in zip(params.convs, layer_certs, strict=True)
-    ]
-    blocks += [(dl.psi, 1, c) for dl, c in zip(params.dense, dense_certs, strict=True)]
-    mult: list[Array] = []
-    for psi, pixels, (rho_j, slack) in reversed(blocks):
-        mult.append(np.repeat(coef * (1.0 + slack) * psi**2, pixels))
-        coef *= rho_j
-    rho = g * coef
-    multipliers = tuple(reversed(mult))
-    dense_note, dense_ok = _dense_confirmation(net, rho, multipliers)
-    if dense_ok is False:  # never expected: fall back to the rigorous dense rho for this T
-        rho = certify_rho(Lmi.from_chain(net.chain()), multipliers)
-    value = math.sqrt(rho)
-    claim = params.claimed_gamma if params.claimed_gamma is not None else g
-    confirmed = value <= claim * (1 + CLOSED_FORM_RTOL)
-    rhos = [r for r, _ in layer_certs]
-    dense_rhos = [r for r, _ in dense_certs]
-    notes = [
-        f"per-frequency check of {len(params.convs)} conv layers"
-        + (f" and {len(params.dense)} dense layers" if params.dense else "")
-        + f": max_j rho_j - 1 = {max(rhos + dense_rhos, default=1.0) - 1:.3g}, "
-        f"output ||B_L||^2 <= {rho_out:.9g}",
-        f"closed form confirmed: gamma = {claim:.9g}; verified bound {value:.9g}"
-        if confirmed
-        else f"claimed gamma = {claim:.9g} NOT confirmed; the verified bound is {value:.9g}",
-        dense_note,
-    ]
-    meta = {
-        "per_frequency": True,
-        "layer_rhos": rhos,
-        "layer_slacks": [s for _, s in layer_certs],
-        **({"dense_layer_rhos": dense_rhos} if params.dense else {}),
-        "output_rho": rho_out,
-        "dense_verified": dense_ok,
-    }
-    return sandwich_result(
-        net, rho, multipliers, claim=claim, confirmed=confirmed, meta=meta, notes=notes, t0=t0
-    )

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from sdp import sandwich_conv
+from sdp import sandwich_conv, sandwich_conv_check
 from sdp.certificate import Lmi, certify_rho, verify_certificate
 from sdp.errors import CertificateError, ModelRejected, NotApplicable
 from sdp.ir import Conv2d, Dense, Network
@@ -18,14 +18,12 @@ from sdp.sandwich_conv import (
     ConvSandwichLayer,
     ConvSandwichParams,
     conv_forward,
-    conv_sandwich_bound,
     depth_to_space,
     freq_apply,
-    frequency_lmis,
-    layer_rho,
     plain_network,
     space_to_depth,
 )
+from sdp.sandwich_conv_check import conv_sandwich_bound, frequency_lmis, layer_rho
 from sdp.sandwich_conv_io import random_conv_params
 
 ARCHS = [
@@ -131,7 +129,7 @@ def test_check_on_conv2d_export(monkeypatch):
     res = conv_sandwich_bound(net)
     assert res.certificate.meta["closed_form_confirmed"]
     assert verify_certificate(Lmi.from_chain(net.chain()), res.certificate)
-    monkeypatch.setattr(sandwich_conv, "DENSE_VERIFY_MAX", 10)
+    monkeypatch.setattr(sandwich_conv_check, "DENSE_VERIFY_MAX", 10)
     skipped = conv_sandwich_bound(net)
     assert skipped.certificate.meta["dense_verified"] is None
     assert skipped.value == res.value
