@@ -5,9 +5,11 @@ refused at once (:class:`~service.errors.ServiceBusy`, 503 + Retry-After) instea
 up latency. The worker thread takes the first request, then everything already waiting,
 then waits at most ``max_wait_ms`` for more until ``max_batch`` rows; rows of the same model
 run as one forward pass (big requests in chunks). Fast path: on CPU, a request of at most
-``INLINE_ROWS`` rows that finds the queue empty and the worker idle (not collecting a batch)
-runs on the caller's thread if the model's small passes take under ``INLINE_MAX_SECONDS``,
-saving two thread hand-offs; a device lock keeps forward passes one at a time either way.
+``INLINE_ROWS`` rows that is the only one in progress (routes count theirs with
+:meth:`InferenceWorker.request`), finds the queue empty and the worker idle runs on the
+caller's thread if the model's small passes take under ``INLINE_MAX_SECONDS``, saving two
+thread hand-offs; under concurrent load the worker thread keeps the forward passes off the
+event loop. A device lock keeps forward passes one at a time either way.
 Models live on the device as
 :class:`models.runtime.TorchNetwork` built from the *same IR* that was bounded, in an LRU
 of ``model_cache_size`` entries.
@@ -33,6 +35,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +97,7 @@ class InferenceWorker:
         self._error_bounds: dict[str, Any] = {}
         self._device_lock = threading.Lock()  # held for every forward pass, whatever thread
         self._collecting = False  # the worker thread holds requests (batch window or pass)
+        self._requests = 0  # HTTP requests in progress that use the worker (event loop only)
         self._small_cost: dict[str, float] = {}  # model -> seconds of its last small pass
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -124,6 +128,16 @@ class InferenceWorker:
 
     # -- requests ----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Count an HTTP request in progress (on the event loop thread): the inline fast
+        path is only taken by a request that is alone."""
+        self._requests += 1
+        try:
+            yield
+        finally:
+            self._requests -= 1
+
     async def infer(self, model_id: str, x: np.ndarray) -> np.ndarray:
         """Logits (rows, K) float64 for inputs x (rows, n0)."""
         result: np.ndarray = await self._submit(model_id, x, with_error=False)
@@ -136,7 +150,12 @@ class InferenceWorker:
         return result
 
     async def _submit(self, model_id: str, x: np.ndarray, *, with_error: bool) -> Any:
-        if len(x) <= INLINE_ROWS and self.device == "cpu" and self._queue.empty():
+        if (
+            len(x) <= INLINE_ROWS
+            and self._requests <= 1
+            and self.device == "cpu"
+            and self._queue.empty()
+        ):
             result = self._try_inline(model_id, x, with_error)
             if result is not None:
                 return result

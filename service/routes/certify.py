@@ -23,7 +23,9 @@ from service.deps import SettingsDep, StorageDep, WorkerDep, model_or_404
 from service.errors import InvalidInput, NotFound, NoVerifiedBound, UnsupportedMediaType
 from service.npy_stream import NpyRows, infer_npy_body
 from service.schemas import PROBLEM_RESPONSES, CertifyRequest, CertifyResponse
+from service.settings import Settings
 from service.storage import Storage
+from service.worker import InferenceWorker
 
 router = APIRouter(prefix="/v1/models", tags=["certify"])
 
@@ -112,6 +114,23 @@ async def certify(
     Without a verified bound: 409 with a hint. JSON bodies follow ``CertifyRequest``;
     ``application/x-npy`` bodies carry the inputs and take the options as query parameters.
     ``Accept: application/x-npz`` returns the results as columns in an .npz archive."""
+    with worker.request():
+        return await _certify(
+            model_id, request, settings, storage, worker, bound, return_logits, epsilon
+        )
+
+
+async def _certify(
+    model_id: str,
+    request: Request,
+    settings: Settings,
+    storage: Storage,
+    worker: InferenceWorker,
+    bound: str,
+    return_logits: bool,
+    epsilon: float,
+) -> Response:
+    """The certify request itself (``certify`` counts it as in progress on the worker)."""
     rec = model_or_404(storage, model_id)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     as_npz = prefers_npz(request.headers.get("accept"))

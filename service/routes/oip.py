@@ -108,7 +108,8 @@ async def infer(
         _tensor_array(body.inputs[0], rec.input_shape), rec.input_shape, settings.max_inputs
     )
     bound = pick_bound(storage, model_id, "best")
-    logits, err = await worker.infer_bounded(model_id, x)
+    with worker.request():
+        logits, err = await worker.infer_bounded(model_id, x)
     pred, _, radius, _ = radii(logits, float(bound["lipschitz_bound"]), logit_error=err)
     b, k = logits.shape
     tensors = {
