@@ -362,3 +362,22 @@ def test_float32_predictor_changes_nothing_but_speed() -> None:
     assert any(e.get("float32") == 1.0 for e in events)
     assert events[-1].get("float32") == 0.0
     assert rho_mixed == pytest.approx(rho_f64, rel=1e-7)
+
+
+@pytest.mark.slow
+def test_deep_vnncomp_net_converges_without_stalling(fixtures_dir: object) -> None:
+    """mnistfc-256x4 (784-256x4-10, a 1280-row LMI) once took 64 iterations from a dual start
+    tied to S0^{-1} (30+ of them with dual steps below 0.1). Regression guard on the iteration
+    count, not on time: optimal in <= 30 iterations, certified on the original LMI without
+    repair, and inside the dual estimate's gap."""
+    from sdp.importers import load_model_file
+
+    net = load_model_file(fixtures_dir / "vnncomp2021/benchmarks/mnistfc/mnist-net_256x4.onnx")  # type: ignore[operator]
+    lmi = Lmi.from_chain(net.chain())
+    sol = SOLVER.solve(LipSdpProblem(lmi), SolveOptions(eps=1e-6))
+    assert sol.status == "optimal" and sol.iterations <= 30, (sol.status, sol.iterations)
+    rep = certify_multipliers(lmi, sol.multipliers)
+    assert rep.note == "verified solver multipliers"
+    lower = sol.info["lower_bound"]
+    assert lower <= rep.rho <= lower * (1 + 1e-4)
+    assert rep.rho < certify_rho(lmi, layerwise_multipliers(lmi)) / 2
