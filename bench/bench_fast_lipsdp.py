@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--scs-limit", type=float, default=300.0, help="SCS time limit (s)")
+    ap.add_argument(
+        "--force-scs", action="store_true", help="run SCS on every selected net (slow: minutes)"
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     env = {
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         row: dict[str, Any] = {"hidden": sum(lmi.hidden_sizes), "input": lmi.input_size}
         row["structured"] = run_structured(lmi, args.timeout, args.verbose)
         row["peak_rss_mb_after_structured"] = _peak_rss_mb()
-        if scs_ok and not args.no_scs:
+        if (scs_ok or args.force_scs) and not args.no_scs:
             row["scs"] = run_scs(lmi, args.scs_limit)
             row["speedup_vs_scs"] = row["scs"]["total_s"] / row["structured"]["total_s"]
             row["peak_rss_mb_after_scs"] = _peak_rss_mb()
