@@ -2,29 +2,33 @@
 
 The structured solver's problem (S = -M, :mod:`sdp.solvers._lmi_structure`):
 
-    minimise rho  s.t.  S(y) = S_c + rho E_0 + sum_k x_k F_k >= 0,  x >= 0,
+    minimise rho  s.t.  S(y) = S_c + rho E_0 + sum_k x_k F_k >= 0,  x_k >= 0 (k with w_k = 1),
 
-with y = (rho, x) and F_k = A_i (LipSDP-Neuron) or sum_{i in layer k} A_i (LipSDP-Layer).
-Its dual: maximise <Z_LL, W_L^T W_L> s.t. tr Z_00 = 1, <Z, F_k> + z_k = 0, Z >= 0, z >= 0;
-any such Z proves rho* >= <Z_LL, W_L^T W_L> (weak duality).
+with y = (rho, x) and F_k = A_i (LipSDP-Neuron) or sum_{i in layer k} A_i (LipSDP-Layer);
+w_k = 1 only where S > 0 does not already imply x_k > 0 (:meth:`Grouping.sign_needed`).
+Its dual: maximise <Z_LL, W_L^T W_L> s.t. tr Z_00 = 1, <Z, F_k> + w_k z_k = 0, Z >= 0,
+z >= 0; any such Z proves rho* >= <Z_LL, W_L^T W_L> (weak duality).
 
-Each iteration solves the (m+1) x (m+1) Schur system of the HKM direction
-(Helmberg, Rendl, Vanderbei & Wolkowicz 1996; Kojima, Shindoh & Hara 1997; Monteiro 1997)
-twice, as Mehrotra's predictor-corrector (Mehrotra 1992; for SDP as in SDPT3, Toh, Todd &
-Tutuncu 1999):
+The iterate keeps S = S(y) + pi I (pi > 0 only for a start that is not strictly feasible;
+the residual shrinks by (1 - a_p) per step and is dropped once negligible). Each iteration
+solves the (m+1) x (m+1) Schur system of the HKM direction (Helmberg, Rendl, Vanderbei &
+Wolkowicz 1996; Kojima, Shindoh & Hara 1997; Monteiro 1997) twice, as Mehrotra's
+predictor-corrector (Mehrotra 1992; for SDP as in SDPT3, Toh, Todd & Tutuncu 1999):
 
-    (M + diag(0, z/x)) dy = sigma mu (<X, F_k> + [k>0]/x_k) - c - <C, F_k> - [k>0] c_k/x_k,
-    M_kl = tr(F_k Z F_l X),   dS = sum_k dy_k F_k,
-    dZ = sigma mu X - Z - sym(Z dS X) - C,   dz = sigma mu/x - z - (z dx + c)/x,
+    (M + diag(0, w z/x)) dy = sigma mu (<X, F_k> + w_k/x_k) - c + pi <sym(Z X), F_k>
+                              - <C, F_k> - w_k c_k/x_k,      M_kl = tr(F_k Z F_l X),
+    dS = sum_k dy_k F_k - pi I,   dZ = sigma mu X - Z - sym(Z dS X) - C,
+    dz = w (sigma mu/x - z - (z dx + c)/x),
 
 with X = S^{-1}. The predictor has sigma = 0 and no correction; its step lengths give
 sigma = (gap after the predictor step / gap)^3 and the corrector uses C = sym(dZ_a dS_a X),
 c = dx_a dz_a. M is built in O(N^2) from rank-2 projections of Z and X; one iteration costs
-three dense n x n products, a Cholesky factor and an inverse. The corrector cuts the
-iteration count about 3x (mnistfc-256x2: 17 instead of 54). Step lengths use the smallest
-eigenvalue of R^{-T} dS R^{-1} (Lanczos), then a Cholesky check. While the complementarity
-<S, Z> is large relative to |S| |Z|, the predictor's two products run in float32 (2.7x faster
-here): they only set sigma and C, and any symmetric C keeps the corrected equations exact.
+three dense n x n products, Cholesky factors of S and Z and the inverse of S. The corrector
+cuts the iteration count about 3x (mnistfc-256x2: 17 instead of 54). Step lengths use the
+smallest eigenvalue of R^{-T} dS R^{-1} (Lanczos), then a Cholesky check. While the
+complementarity <S, Z> is large relative to |S| |Z|, the predictor's two products run in
+float32 (2.7x faster here): they only set sigma and C, and any symmetric C keeps the
+corrected equations exact. A numerical failure mid-solve ends it with the best iterate.
 """
 
 from __future__ import annotations
@@ -151,7 +155,8 @@ def _product(a: Array, b: Array, low_precision: bool) -> Array:
     corrector term, which may be any symmetric matrix: the corrected Newton equations stay
     exact), falling back to float64 if float32 overflows."""
     if low_precision:
-        out = (a.astype(np.float32) @ b.astype(np.float32)).astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = (a.astype(np.float32) @ b.astype(np.float32)).astype(np.float64)
         if np.isfinite(out).all():
             return out
     return a @ b
@@ -213,9 +218,14 @@ def _start(
     lmi: StructuredLmi, grp: Grouping, sgn: Mask, t0: Array, rho: float, settings: IpmSettings
 ) -> _Iterate:
     """S0 = S(rho, t0) (+ pi I if that is not PD, or if settings.shift0 asks for it),
-    Z0 = z0_scale X0 / tr X0_00 (or z0_scale I / r), z0 = mu0 / x0."""
-    x = t0[grp.starts].copy() if grp.per_layer else t0.copy()
-    x[sgn] = np.maximum(x[sgn], 1e-300)
+    Z0 = z0_scale I / r (or z0_scale X0 / tr X0_00), z0 = mu0 / x0 where x >= 0 is imposed.
+
+    Per layer, x0 is the layer's largest t0. Sign-constrained entries are floored at 1e-8
+    times the largest |x0| (a zero would make z0 and the barrier terms infinite).
+    """
+    x = np.maximum.reduceat(t0, grp.starts) if grp.per_layer else t0.copy()
+    floor = 1e-8 * max(float(np.max(np.abs(x))) if x.size else 0.0, 1e-300)
+    x[sgn] = np.maximum(x[sgn], floor)
     s_mat = lmi.assemble(rho, grp.expand(x))
     rs = cholesky_upper(s_mat)
     pi = settings.shift0 * float(np.max(np.abs(np.diagonal(s_mat))))
@@ -247,8 +257,8 @@ def solve_ipm(
     """Primal-dual path following with Mehrotra's predictor-corrector (HKM direction).
 
     Starts at y = (rho_factor rho0, t0), S = S(y) (+ pi I if needed: an infeasible start whose
-    residual shrinks by (1 - a_p) per step) and a dual Z = z0_scale I / r that is feasible
-    for nothing but large: tr Z_00 = 100 instead of 1. Measured (docs/benchmarks.md): with
+    residual shrinks by (1 - a_p) per step) and a dual Z = z0_scale I / r that is infeasible
+    but large: tr Z_00 = z0_scale (default 100) instead of 1. Measured (docs/benchmarks.md): with
     tr Z_00 = 1, or with the centred Z = c S^{-1}, the dual steps stay short for 30-50
     iterations on some deep nets (mnistfc-256x4/256x6, a 6x200 sigmoid net). Every
     iterate's t is scored by its exact smallest rho; the best is returned.
@@ -269,105 +279,122 @@ def solve_ipm(
     history: list[dict[str, float]] = []
     t_iter = 0.0
     diag: dict[str, float] = {"a_p": 0.0, "a_d": 0.0, "sigma": 0.0}
-    while True:
-        now = time.perf_counter()
-        xb, zb = rank2_blocks(lmi, cur.xinv), rank2_blocks(lmi, cur.zmat)
-        tr_x00, cx = constraint_values(xb)
-        tr_z00, cz = constraint_values(zb)
-        az = grp.vec(cz)
-        if cur.pi > 0:
-            rho_t = rho_for_multipliers(lmi, grp.expand(cur.x))
-        else:  # S = S(rho, t) > 0: rho(t) = rho - 1 / lambda_max(X_00)
-            lam = float(linalg.eigvalsh(xb.y00, subset_by_index=[r - 1, r - 1])[0])
-            rho_t = cur.rho - 1.0 / lam
-        if rho_t < best_rho:
-            best_t, best_rho = grp.expand(cur.x).copy(), rho_t
-        gap = float(np.vdot(cur.s_mat, cur.zmat)) + float(cur.x[sgn] @ cur.z[sgn])
-        mu = gap / nu
-        rel_gap = math.inf
-        if tr_z00 > 0 and cur.pi <= pi_tol and math.isfinite(best_rho):
-            # weak duality with Z / tr Z_00 (positive <Z, F_k>, a dual residual, charged at
-            # x_k: an estimate, not a bound), and the complementarity gap <S, Z> / tr Z_00
-            lower = float(np.vdot(cur.zmat[bl, bl], lmi.wl_gram) - cur.x @ np.maximum(az, 0.0))
-            lower /= tr_z00
-            scale = abs(best_rho)
-            rel_gap = max((best_rho - lower) / scale, gap / (tr_z00 * scale))
-        entry = {"iteration": it, "rho": best_rho, "gap": rel_gap, "mu": mu, "pi": cur.pi, **diag}
-        history.append(entry)
-        if settings.progress is not None:
-            settings.progress({"phase": "solve", **entry})
-        if rel_gap <= settings.eps:
-            status = "optimal"
-            break
-        if it >= settings.max_iters:
-            break
-        if settings.deadline is not None and now + t_iter > settings.deadline:
-            status = "timeout"
-            break
-        if settings.cancelled is not None and settings.cancelled():
-            status = "cancelled"
-            break
-        m_rr, m_rt, m_tt = schur_matrix(zb, xb)
-        h = np.empty((m + 1, m + 1))
-        h[0, 0] = m_rr
-        h[0, 1:] = h[1:, 0] = grp.vec(m_rt)
-        h[1:, 1:] = grp.mat(m_tt)
-        h[1:, 1:][np.diag_indices(m)] += w * cur.z / cur.x
-        g = np.concatenate([[tr_x00], grp.vec(cx) + w / cur.x])
-        schur = SchurSystem(h)
-        warm: list[Array | None] = [None, None]
-        base = -c
-        if cur.pi > 0:  # the residual -pi I enters as -A(sym(Z (-pi I) X))
-            tr_zx, v_zx = sym_product_values(lmi, zb, cur.zmat, xb, cur.xinv)
-            base = base + cur.pi * np.concatenate([[tr_zx], grp.vec(v_zx)])
-        # predictor (sigma = 0); its step lengths set sigma = (gap_aff / gap)^3 (Mehrotra)
-        # float32 products are 2.7x faster; their error (~1e-7 ||Z|| ||S||) must stay far below
-        # the complementarity they steer, so only while <S, Z> is large relative to it
-        size = float(np.linalg.norm(cur.s_mat) * np.linalg.norm(cur.zmat))
-        low = gap > settings.float32_above * size
-        pred = _direction(lmi, grp, sgn, cur, schur, base, 0.0, None, low_precision=low)
-        a_p, a_d = _step_lengths(sgn, cur, pred, 1.0, warm)
-        gap_aff = (  # <S + a_p dS, Z + a_d dZ> without n x n temporaries
-            gap
-            - float(cur.x[sgn] @ cur.z[sgn])
-            + a_d * float(np.vdot(cur.s_mat, pred.dzm))
-            + a_p * float(np.vdot(pred.ds, cur.zmat))
-            + a_p * a_d * float(np.vdot(pred.ds, pred.dzm))
-            + float((cur.x + a_p * pred.dy[1:])[sgn] @ (cur.z + a_d * pred.dz)[sgn])
-        )
-        sigma = min(1.0, max(gap_aff / gap, 0.0) ** 3) if gap > 0 else 0.1
-        sigma = max(sigma, settings.sigma_min)
-        if settings.sigma_fixed is not None:
-            sigma = settings.sigma_fixed
-        if settings.corrector:  # the second-order terms sym(dZ_a dS_a X) and dx_a dz_a
-            corr = _product(pred.dzm, pred.k_mat, low_precision=low)
-            corr += corr.T
-            corr *= 0.5
-            corr_lin = np.where(sgn, pred.dy[1:] * pred.dz, 0.0)
-            tr_c, v_c = constraint_values_banded(lmi, corr)
-            xs = np.where(sgn, cur.x, 1.0)
-            rhs = base + sigma * mu * g - np.concatenate([[tr_c], grp.vec(v_c) + corr_lin / xs])
-            d = _direction(lmi, grp, sgn, cur, schur, rhs, sigma * mu, (corr, corr_lin))
-        else:
-            d = _direction(lmi, grp, sgn, cur, schur, base + sigma * mu * g, sigma * mu, None)
-        a_p, a_d = _step_lengths(sgn, cur, d, settings.step_frac, warm)
-        a_p, rs_new = cholesky_step(cur.s_mat, d.ds, a_p)
-        a_d, rz_new = cholesky_step(cur.zmat, d.dzm, a_d)
-        it += 1
-        diag = {"a_p": a_p, "a_d": a_d, "sigma": sigma, "float32": float(low)}
-        if lower is not None:
-            diag["lower"] = lower
-        if rs_new is None or a_p == 0.0:
-            break  # no feasible progress in float64: keep the best iterate
-        cur.rho += a_p * d.dy[0]
-        cur.x = cur.x + a_p * d.dy[1:]
-        cur.s_mat += a_p * d.ds
-        cur.pi *= 1.0 - a_p
-        cur.rs = rs_new
-        cur.xinv = inverse_from_cholesky(rs_new)
-        if rz_new is not None:
-            cur.zmat += a_d * d.dzm
-            cur.z = cur.z + a_d * d.dz
-            cur.rz = rz_new
-        t_iter = time.perf_counter() - now
+    try:
+        while True:
+            now = time.perf_counter()
+            xb, zb = rank2_blocks(lmi, cur.xinv), rank2_blocks(lmi, cur.zmat)
+            tr_x00, cx = constraint_values(xb)
+            tr_z00, cz = constraint_values(zb)
+            az = grp.vec(cz)
+            if cur.pi > 0:
+                rho_t = rho_for_multipliers(lmi, grp.expand(cur.x))
+            else:  # S = S(rho, t) > 0: rho(t) = rho - 1 / lambda_max(X_00)
+                lam = float(linalg.eigvalsh(xb.y00, subset_by_index=[r - 1, r - 1])[0])
+                rho_t = cur.rho - 1.0 / lam
+            if rho_t < best_rho:
+                best_t, best_rho = grp.expand(cur.x).copy(), rho_t
+            gap = float(np.vdot(cur.s_mat, cur.zmat)) + float(cur.x[sgn] @ cur.z[sgn])
+            mu = gap / nu
+            rel_gap = math.inf
+            if tr_z00 > 0 and cur.pi <= pi_tol and math.isfinite(best_rho):
+                # weak duality with Z / tr Z_00 (positive <Z, F_k>, a dual residual, charged at
+                # x_k: an estimate, not a bound), and the complementarity gap <S, Z> / tr Z_00
+                lower = float(np.vdot(cur.zmat[bl, bl], lmi.wl_gram) - cur.x @ np.maximum(az, 0.0))
+                lower /= tr_z00
+                scale = abs(best_rho)
+                rel_gap = max((best_rho - lower) / scale, gap / (tr_z00 * scale))
+            entry = {
+                "iteration": it,
+                "rho": best_rho,
+                "gap": rel_gap,
+                "mu": mu,
+                "pi": cur.pi,
+                **diag,
+            }
+            history.append(entry)
+            if settings.progress is not None:
+                settings.progress({"phase": "solve", **entry})
+            if rel_gap <= settings.eps:
+                status = "optimal"
+                break
+            if it >= settings.max_iters:
+                break
+            if settings.deadline is not None and now + t_iter > settings.deadline:
+                status = "timeout"
+                break
+            if settings.cancelled is not None and settings.cancelled():
+                status = "cancelled"
+                break
+            m_rr, m_rt, m_tt = schur_matrix(zb, xb)
+            h = np.empty((m + 1, m + 1))
+            h[0, 0] = m_rr
+            h[0, 1:] = h[1:, 0] = grp.vec(m_rt)
+            h[1:, 1:] = grp.mat(m_tt)
+            xs = np.where(sgn, cur.x, 1.0)  # x only divides where x >= 0 is imposed (w = 1)
+            h[1:, 1:][np.diag_indices(m)] += w * cur.z / xs
+            g = np.concatenate([[tr_x00], grp.vec(cx) + w / xs])
+            schur = SchurSystem(h)
+            warm: list[Array | None] = [None, None]
+            base = -c
+            if cur.pi > 0:  # the residual -pi I enters as -A(sym(Z (-pi I) X))
+                tr_zx, v_zx = sym_product_values(lmi, zb, cur.zmat, xb, cur.xinv)
+                base = base + cur.pi * np.concatenate([[tr_zx], grp.vec(v_zx)])
+            # predictor (sigma = 0); its step lengths set sigma = (gap_aff / gap)^3 (Mehrotra)
+            # float32 products are 2.7x faster; their error (~1e-7 ||Z|| ||dS X||, and dS ~ S in the
+            # predictor) must stay far below the complementarity they steer: only while <S, Z> is
+            # large relative to ||S|| ||Z||
+            size = float(np.linalg.norm(cur.s_mat) * np.linalg.norm(cur.zmat))
+            low = gap > settings.float32_above * size
+            pred = _direction(lmi, grp, sgn, cur, schur, base, 0.0, None, low_precision=low)
+            a_p, a_d = _step_lengths(sgn, cur, pred, 1.0, warm)
+            gap_aff = (  # <S + a_p dS, Z + a_d dZ> without n x n temporaries
+                gap
+                - float(cur.x[sgn] @ cur.z[sgn])
+                + a_d * float(np.vdot(cur.s_mat, pred.dzm))
+                + a_p * float(np.vdot(pred.ds, cur.zmat))
+                + a_p * a_d * float(np.vdot(pred.ds, pred.dzm))
+                + float((cur.x + a_p * pred.dy[1:])[sgn] @ (cur.z + a_d * pred.dz)[sgn])
+            )
+            sigma = min(1.0, max(gap_aff / gap, 0.0) ** 3) if gap > 0 else 0.1
+            sigma = max(sigma, settings.sigma_min)
+            if settings.sigma_fixed is not None:
+                sigma = settings.sigma_fixed
+            if settings.corrector:  # the second-order terms sym(dZ_a dS_a X) and dx_a dz_a
+                corr = _product(pred.dzm, pred.k_mat, low_precision=low)
+                corr += corr.T
+                corr *= 0.5
+                corr_lin = np.where(sgn, pred.dy[1:] * pred.dz, 0.0)
+                tr_c, v_c = constraint_values_banded(lmi, corr)
+                rhs = base + sigma * mu * g - np.concatenate([[tr_c], grp.vec(v_c) + corr_lin / xs])
+                d = _direction(lmi, grp, sgn, cur, schur, rhs, sigma * mu, (corr, corr_lin))
+            else:
+                d = _direction(lmi, grp, sgn, cur, schur, base + sigma * mu * g, sigma * mu, None)
+            a_p, a_d = _step_lengths(sgn, cur, d, settings.step_frac, warm)
+            a_p, rs_new = cholesky_step(cur.s_mat, d.ds, a_p)
+            a_d, rz_new = cholesky_step(cur.zmat, d.dzm, a_d)
+            it += 1
+            diag = {"a_p": a_p, "a_d": a_d, "sigma": sigma, "float32": float(low)}
+            if lower is not None:
+                diag["lower"] = lower
+            if rs_new is None or a_p == 0.0:
+                break  # no feasible progress in float64: keep the best iterate
+            cur.rho += a_p * d.dy[0]
+            cur.x = cur.x + a_p * d.dy[1:]
+            cur.s_mat += a_p * d.ds
+            cur.pi *= 1.0 - a_p
+            if 0.0 < cur.pi <= pi_tol:  # drop the vanishing residual: S = S(y) exactly from now on
+                snapped = cur.s_mat.copy()
+                snapped[np.diag_indices_from(snapped)] -= cur.pi
+                r_snap = cholesky_upper(snapped)
+                if r_snap is not None:
+                    cur.s_mat, rs_new, cur.pi = snapped, r_snap, 0.0
+            cur.rs = rs_new
+            cur.xinv = inverse_from_cholesky(rs_new)
+            if rz_new is not None:
+                cur.zmat += a_d * d.dzm
+                cur.z = cur.z + a_d * d.dz
+                cur.rz = rz_new
+            t_iter = time.perf_counter() - now
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+        status = "inaccurate"  # numerical failure mid-solve: the best scored iterate stands
     return IpmOutcome(best_t, best_rho, status, it, rel_gap, lower, history)

@@ -77,14 +77,11 @@ class SchurSystem:
         return np.asarray(linalg.cho_solve(self.factor, rhs * self.dsc)) * self.dsc
 
 
-def cholesky_step(
-    base: Array, d: Array, alpha: float, extra_ok: bool = True
-) -> tuple[float, Array | None]:
+def cholesky_step(base: Array, d: Array, alpha: float) -> tuple[float, Array | None]:
     """Shrink alpha until base + alpha d is positive definite; returns (alpha, its factor)."""
     for _ in range(30):
-        if extra_ok:
-            r = cholesky_upper(base + alpha * d)
-            if r is not None:
-                return alpha, r
+        r = cholesky_upper(base + alpha * d)
+        if r is not None:
+            return alpha, r
         alpha *= 0.7
     return 0.0, None

@@ -42,8 +42,9 @@ def _start(lmi: Lmi, warm: tuple[Array, ...] | None, per_layer: bool) -> tuple[A
         best = (np.concatenate(t0), certify_rho(lmi, t0))
     except CertificateError:
         # deep nets: T0 spans many decades and the float shift of the check can exceed the
-        # last layer's margin; T0 is still strictly feasible in exact arithmetic, and the
-        # solver finds a feasible rho itself (starting from the product of the norms).
+        # last layer's margin; T0 is still strictly feasible in exact arithmetic. rho starts at
+        # the product of the squared norms (at least the naive bound); if S(rho, T0) is still
+        # not positive definite in float64, the IPM starts infeasible (S = S(y) + pi I).
         naive = float(np.prod([np.linalg.norm(w, 2) ** 2 for w in lmi.weights]))
         slope = float(
             np.prod(

@@ -334,22 +334,70 @@ def test_constraint_values_from_bands_and_products() -> None:
     np.testing.assert_allclose(vals_p, vals_zx, atol=1e-12 * np.abs(vals_zx).max())
 
 
-@pytest.mark.parametrize("act", [ACTIVATIONS[0], ACTIVATIONS[1]], ids=str)
-def test_infeasible_start_reaches_the_optimum(act: Activation) -> None:
+@pytest.mark.parametrize(
+    ("act", "per_layer", "shift0"),
+    [
+        (ACTIVATIONS[0], False, 0.0),
+        (ACTIVATIONS[1], False, 0.0),
+        (ACTIVATIONS[1], True, 0.0),
+        (ACTIVATIONS[0], True, 0.3),
+    ],
+    ids=str,
+)
+def test_infeasible_start_reaches_the_optimum(
+    act: Activation, per_layer: bool, shift0: float
+) -> None:
     """From multipliers 1000x too small and rho = 0, S(rho, t0) is indefinite: the method
-    starts at S(rho, t0) + pi I, drives the residual pi to zero and still reaches the optimum;
-    the answer certifies."""
+    starts at S(rho, t0) + pi I, drives the residual pi to zero and still reaches the optimum
+    (per neuron and per layer, with an extra initial shift too); the answer certifies."""
     lmi = random_lmi([4, 7, 6, 2], act, 13)
     st = StructuredLmi.from_lmi(lmi)
     t0 = np.concatenate(layerwise_multipliers(lmi)) * 1e-3
     assert cholesky_upper(st.assemble(0.0, t0)) is None
-    out = solve_ipm(st, t0, 0.0, IpmSettings(eps=1e-9), per_layer=False)
+    settings = IpmSettings(eps=1e-9, shift0=shift0)
+    out = solve_ipm(st, t0, 0.0, settings, per_layer=per_layer)
     assert out.status == "optimal"
-    assert out.history[0]["pi"] > 0 and out.history[-1]["pi"] < 1e-6 * out.history[0]["pi"]
+    assert out.history[0]["pi"] > 0 and out.history[-1]["pi"] == 0.0
     rho = certify_rho(lmi, np.split(out.t, [7]))
-    ref = reference_rho(lmi)
+    ref = reference_rho(lmi, "layer" if per_layer else "neuron")
     assert rho >= ref * (1 - 1e-7)
     assert rho == pytest.approx(ref, rel=1e-5)
+
+
+def test_zero_starting_multipliers_and_cancellation() -> None:
+    """Zero multipliers where x >= 0 is imposed (leaky ReLU next layer) do not break the start;
+    a cancel request stops the solve with the start's scored multipliers."""
+    lmi = random_lmi([4, 7, 6, 2], Activation("leaky_relu", 0.1), 3)
+    st = StructuredLmi.from_lmi(lmi)
+    t0 = np.concatenate(layerwise_multipliers(lmi))
+    t0[:3] = 0.0
+    out = solve_ipm(st, t0, 0.0, IpmSettings(eps=1e-9), per_layer=False)
+    assert out.status == "optimal"
+    assert certify_rho(lmi, np.split(out.t, [7])) == pytest.approx(reference_rho(lmi), rel=1e-5)
+    rho, sol = solve_certified(lmi, extra={"cancelled": lambda: True})
+    assert sol.status == "cancelled" and sol.iterations == 0
+    assert rho == pytest.approx(certify_rho(lmi, layerwise_multipliers(lmi)), rel=1e-6)
+
+
+def test_lanczos_step_length_matches_the_dense_one() -> None:
+    """Above the dense size limit the step to the PSD boundary comes from Lanczos (then a
+    Cholesky check in the solver); it must agree with the dense eigenvalue."""
+    from sdp.solvers._ipm_steps import max_step
+
+    rng = np.random.default_rng(5)
+    n = 400
+    a = rng.standard_normal((n, n))
+    s = a @ a.T / n + np.eye(n)
+    d = rng.standard_normal((n, n))
+    d = (d + d.T) / 2
+    r = cholesky_upper(s)
+    lam = np.linalg.eigvalsh(
+        np.linalg.solve(np.linalg.cholesky(s), np.linalg.solve(np.linalg.cholesky(s), d).T)
+    )[0]
+    alpha, vec = max_step(r, d)
+    assert vec is not None and alpha == pytest.approx(-1.0 / lam, rel=1e-2)
+    assert alpha == pytest.approx(max_step(r, d, vec)[0], rel=1e-2)  # warm start
+    assert max_step(r, d @ d + np.eye(n))[0] == math.inf  # a PSD direction never hits it
 
 
 def test_float32_predictor_changes_nothing_but_speed() -> None:
