@@ -64,11 +64,41 @@ class LogitErrorBound:
     unit_roundoff: float
 
     def __call__(self, x: Array) -> Array:
-        """Per-row bound for inputs x of shape (B, n0)."""
-        a = np.abs(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
-        top = a.max(axis=1, initial=0.0)  # scaled norm: no overflow for |x| ~ 1e200
-        norms = top * np.linalg.norm(a / np.where(top > 0, top, 1.0)[:, None], axis=1)
+        """Per-row bound for inputs x of shape (B, n0), at upper bounds of ||x_i||_2."""
+        return self.at_norms(row_norm_upper_bounds(x))
+
+    def at_norms(self, norms: Array) -> Array:
+        """E at given upper bounds of ||x||_2 (E is increasing in ||x||)."""
         return np.asarray((self.e0 + self.e1 * norms) * (1 + 1e-12), dtype=np.float64)
+
+
+#: Sums of squares in [_SUMSQ_MIN, inf) cannot have lost more than n 2^-1022 to underflow.
+_SUMSQ_MIN = 2.0**-900
+_U64 = float(np.finfo(np.float64).eps) / 2  # unit roundoff of float64
+_TINY64 = float(np.finfo(np.float64).tiny)  # smallest normal float64, 2^-1022
+
+
+def row_norm_upper_bounds(x: Array) -> Array:
+    """Upper bounds on ||x_i||_2 for the rows of x (B, ...), in float64.
+
+    s = fl(sum_j x_ij^2) (one pass, any summation order) satisfies s >= (1 - gamma_{n+1})
+    ||x_i||^2 when nothing overflowed or underflowed (Higham §3.1), so sqrt(s) (1 + 4 (n + 2) u)
+    >= ||x_i|| with the rounding of sqrt and of the product covered. Rows where s is not finite
+    (overflow) or below 2^-900 (underflow may matter) use the scaled norm
+    max|x| ||x / max|x||| with the same widening; the smallest normal number 2^-1022 is added
+    to every bound for results in the subnormal range (absolute rounding).
+    """
+    a = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    n = a.shape[1]
+    widen = 1.0 + 4.0 * (n + 2) * _U64
+    s = np.einsum("ij,ij->i", a, a)
+    norms = np.sqrt(s)
+    bad = ~(np.isfinite(s) & (s >= _SUMSQ_MIN))
+    if bad.any():
+        r = np.abs(a[bad])
+        top = r.max(axis=1, initial=0.0)
+        norms[bad] = top * np.linalg.norm(r / np.where(top > 0, top, 1.0)[:, None], axis=1)
+    return np.asarray(norms * widen + _TINY64, dtype=np.float64)
 
 
 def _affine_norms(op: Dense | Conv2d) -> tuple[float, float, float, int]:

@@ -199,15 +199,14 @@ class InferenceWorker:
     def logit_error(self, model_id: str, x: np.ndarray) -> np.ndarray:
         """Per-row bound on ||logits computed here - exact logits||_2 for inputs x (rows, n0).
 
-        E(x) = e0 + e1 ||x|| is increasing in ||x||, so it is evaluated at the upper bounds of
-        :func:`row_norm_bounds` (one pass over x instead of the scaled two-pass norm).
+        E(x) = e0 + e1 ||x|| at one-pass upper bounds of ||x||
+        (:func:`sdp.rounding.row_norm_upper_bounds`).
         """
         with self._models_lock:
             bound = self._error_bounds.get(model_id)
         if bound is None:
             bound = self._error_bound(model_id)
-        # a (B, 1) column of norms: bound() takes each row's norm, i.e. the value itself
-        return np.asarray(bound(row_norm_bounds(x)[:, None]), dtype=np.float64)
+        return np.asarray(bound(x), dtype=np.float64)
 
     def _error_bound(self, model_id: str) -> Any:
         from sdp.rounding import logit_error_bound, unit_roundoff
@@ -325,35 +324,6 @@ class InferenceWorker:
                 metrics.INFERENCE_SECONDS.observe(time.perf_counter() - t0)
                 out.append(y)
         return np.concatenate(out, axis=0) if len(out) > 1 else out[0]
-
-
-#: Sums of squares in [_SUMSQ_MIN, inf) cannot have lost more than n 2^-1022 to underflow.
-_SUMSQ_MIN = 2.0**-900
-_U64 = float(np.finfo(np.float64).eps) / 2  # unit roundoff of float64
-_TINY64 = float(np.finfo(np.float64).tiny)  # smallest normal float64, 2^-1022
-
-
-def row_norm_bounds(x: np.ndarray) -> np.ndarray:
-    """Upper bounds on ||x_i||_2 for the rows of x (B, n), float64.
-
-    s = fl(sum_j x_ij^2) (one einsum pass, any summation order) satisfies
-    s >= (1 - gamma_{n+1}) ||x_i||^2 when nothing overflowed or underflowed (Higham §3.1), so
-    sqrt(s) (1 + 4 (n + 2) u) >= ||x_i|| with the rounding of sqrt and of the product covered.
-    Rows where s is not finite (overflow) or below 2^-900 (underflow may matter) fall back to
-    the scaled norm max|x| * ||x / max|x|||, with the same widening; the smallest normal number
-    2^-1022 is added to every bound for results in the subnormal range (absolute rounding).
-    """
-    a = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-    n = a.shape[1]
-    widen = 1.0 + 4.0 * (n + 2) * _U64
-    s = np.einsum("ij,ij->i", a, a)
-    norms = np.sqrt(s)
-    bad = ~(np.isfinite(s) & (s >= _SUMSQ_MIN))
-    if bad.any():
-        r = np.abs(a[bad])
-        top = r.max(axis=1, initial=0.0)
-        norms[bad] = top * np.linalg.norm(r / np.where(top > 0, top, 1.0)[:, None], axis=1)
-    return norms * widen + _TINY64
 
 
 def _deliver(req: _Request, *, result: Any = None, error: BaseException | None = None) -> None:

@@ -13,8 +13,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from sdp.rounding import row_norm_upper_bounds
 from service.certify_media import NPZ_MEDIA_TYPE, prefers_npz
-from service.worker import row_norm_bounds
 from tests.service.onnx_nets import assert_problem, mlp_onnx, norm_product
 
 NPZ = {"accept": NPZ_MEDIA_TYPE}
@@ -231,7 +231,7 @@ def _exact_norm_below(bound: float, row: np.ndarray) -> bool:
     return sum(Fraction(float(v)) ** 2 for v in row) <= Fraction(bound) ** 2
 
 
-def test_row_norm_bounds_are_upper_bounds_even_at_extremes() -> None:
+def test_row_norm_upper_bounds_even_at_extremes() -> None:
     rng = np.random.default_rng(5)
     rows = [
         rng.normal(size=50),
@@ -246,7 +246,7 @@ def test_row_norm_bounds_are_upper_bounds_even_at_extremes() -> None:
         np.array([3.0, 4.0] + [0.0] * 48),
     ]
     x = np.vstack(rows)
-    got = row_norm_bounds(x)
+    got = row_norm_upper_bounds(x)
     for b, row in zip(got, x, strict=True):
         assert math.isfinite(b) and b >= 0
         assert _exact_norm_below(float(b), row)
