@@ -84,16 +84,16 @@ def as_array(values: Any, what: str = "inputs") -> np.ndarray:
     return _finite(arr, what)
 
 
-def load_npy(body: bytes) -> np.ndarray:
-    """Inputs from an ``application/x-npy`` body: header parsed by numpy, data viewed in place.
+def read_npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
+    """(shape, fortran_order, dtype, data offset) of a .npy body's header, parsed by numpy.
 
-    Only plain integer/float arrays are read (object arrays would need pickle: refused).
+    Only plain integer/float dtypes pass (object arrays would need pickle: refused).
     """
-    if not body.startswith(NPY_MAGIC):
+    if not head.startswith(NPY_MAGIC):
         raise InvalidInput("the body is not a .npy file (bad magic)", code="invalid-npy")
     fmt = np.lib.format
     try:
-        stream = io.BytesIO(body)
+        stream = io.BytesIO(head)
         version = fmt.read_magic(stream)
         if version == (1, 0):
             shape, fortran, dtype = fmt.read_array_header_1_0(stream)
@@ -103,8 +103,17 @@ def load_npy(body: bytes) -> np.ndarray:
         raise InvalidInput(f"unreadable .npy header: {exc}", code="invalid-npy") from None
     if dtype.kind not in "iuf" or dtype.hasobject:
         raise InvalidInput(f".npy dtype {dtype} is not an integer or float type")
+    return tuple(shape), bool(fortran), dtype, stream.tell()
+
+
+def load_npy(body: bytes) -> np.ndarray:
+    """Inputs from an ``application/x-npy`` body: header parsed by numpy, data viewed in place.
+
+    Only plain integer/float arrays are read (object arrays would need pickle: refused).
+    """
+    shape, fortran, dtype, offset = read_npy_header(body)
     count = math.prod(shape)
-    data = memoryview(body)[stream.tell() :]
+    data = memoryview(body)[offset:]
     if count == 0 or len(data) != count * dtype.itemsize:
         raise InvalidInput(
             f".npy header declares {count} values of {dtype.itemsize} bytes but the body "

@@ -14,14 +14,19 @@ whole and read by ``load_npy``.
 from __future__ import annotations
 
 import asyncio
-import io
 import math
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
-from service.certification import NPY_MAGIC, batch_inputs, check_input_shape, load_npy
+from service.certification import (
+    NPY_MAGIC,
+    batch_inputs,
+    check_input_shape,
+    load_npy,
+    read_npy_header,
+)
 from service.errors import InvalidInput
 
 #: Longest .npy header accepted (numpy itself refuses headers over 10 000 bytes).
@@ -93,18 +98,7 @@ class NpyRows:
             raise InvalidInput(f"the .npy header is {hlen} bytes long", code="invalid-npy")
         if len(buf) < start + hlen:
             return None
-        fmt = np.lib.format
-        try:
-            stream = io.BytesIO(bytes(buf[: start + hlen]))
-            version = fmt.read_magic(stream)
-            if version == (1, 0):
-                shape, fortran, dtype = fmt.read_array_header_1_0(stream)
-            else:
-                shape, fortran, dtype = fmt.read_array_header_2_0(stream)
-        except Exception as exc:  # numpy raises ValueError/OSError/EOFError on bad headers
-            raise InvalidInput(f"unreadable .npy header: {exc}", code="invalid-npy") from None
-        if dtype.kind not in "iuf" or dtype.hasobject:
-            raise InvalidInput(f".npy dtype {dtype} is not an integer or float type")
+        shape, fortran, dtype, _ = read_npy_header(bytes(buf[: start + hlen]))
         if math.prod(shape) == 0:
             raise InvalidInput(
                 ".npy header declares 0 values; at least one input is needed", code="invalid-npy"
