@@ -76,7 +76,7 @@ class LocalRunner:
             self._stopping = True
             procs = list(self._procs.items())
         for job_id, proc in procs:
-            proc.kill()
+            proc.terminate()  # the supervising thread closes its pipe
             self.store.finish(
                 job_id,
                 "failed",
@@ -115,7 +115,7 @@ class LocalRunner:
             self._cancelled.add(job_id)
             proc = self._procs.get(job_id)
         if proc is not None:
-            proc.kill()
+            proc.terminate()  # the supervising thread closes its pipe
         self.store.finish(
             job_id, "cancelled", error={"code": "cancelled", "detail": "cancelled by request"}
         )

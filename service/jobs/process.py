@@ -70,6 +70,8 @@ class SolveProcess:
             self.process.start()
         child_conn.close()
         self._eof = False
+        self._closed = False
+        self._close_lock = threading.Lock()
 
     @property
     def pid(self) -> int | None:
@@ -93,15 +95,24 @@ class SolveProcess:
             self._eof = True
         return out
 
-    def kill(self) -> None:
-        """SIGKILL the process and reap it (no-op when it already ended)."""
+    def terminate(self) -> None:
+        """SIGKILL the process and reap it (no-op when it already ended). Safe from any
+        thread: the pipe is left to its reader, whose next poll sees EOF."""
         if self.process.is_alive():
             self.process.kill()
         self.process.join(timeout=10)
+
+    def kill(self) -> None:
+        """terminate() and close the pipe: for the thread that reads the messages."""
+        self.terminate()
         self.close()
 
     def close(self) -> None:
-        self._conn.close()
+        """Close the read end once (a second close would hit a reused descriptor)."""
+        with self._close_lock:
+            if not self._closed:
+                self._closed = True
+                self._conn.close()
 
 
 def supervise(

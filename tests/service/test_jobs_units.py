@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,3 +175,30 @@ def test_solver_process_starts_with_its_thread_limits(
         assert name + b"=2" in environ
     assert os.environ["OPENBLAS_NUM_THREADS"] == "7"  # the parent's own settings are restored
     assert "OMP_NUM_THREADS" not in os.environ
+
+
+def test_terminate_from_another_thread_while_supervised(tmp_path: Path) -> None:
+    """A cancel (another thread) terminates the child while the supervising thread reads its
+    pipe: the supervisor ends 'cancelled', the pipe is closed exactly once (a double close
+    raised EBADF in CI), and closing again is a no-op."""
+    model_id = Storage(tmp_path).save_model(big_random_net(), "big.mat").id
+    for _ in range(3):
+        proc = SolveProcess(("storage", str(tmp_path), model_id), JobSpec(model_id, **LONG_SOLVE))
+        flag = threading.Event()
+        result: list[object] = []
+
+        def run(
+            p: SolveProcess = proc, ev: threading.Event = flag, out: list[object] = result
+        ) -> None:
+            out.append(supervise(p, timeout_s=120, on_progress=lambda _: None, cancelled=ev.is_set))
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(0.3)
+        flag.set()
+        proc.terminate()  # what LocalRunner.cancel does, on the request thread
+        t.join(timeout=30)
+        assert not t.is_alive()
+        assert [getattr(o, "status", None) for o in result] == ["cancelled"]
+        assert wait_pid_gone(proc.pid or 0)
+        proc.close()  # idempotent
