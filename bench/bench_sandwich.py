@@ -49,17 +49,7 @@ from models.matrix_chain import chain_cost
 
 def _interleaved_ms(fns: list[Callable[[], object]], steps: int, repeats: int) -> list[float]:
     """Median ms per call of each fn; the fns take turns in every repeat (fair under load)."""
-    for fn in fns:
-        for _ in range(3):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            times[i].append((time.perf_counter() - t0) / steps * 1e3)
-    return [statistics.median(t) for t in times]
+    return _interleaved_stats(fns, steps, repeats)[0]
 
 
 def speed(width: int, depth: int, batch: int, eval_batch: int, steps: int, repeats: int) -> None:
