@@ -269,28 +269,6 @@ def rows_payload(cert: Certified) -> dict[str, Any]:
     }
 
 
-def results_payload(
-    logits: np.ndarray,
-    bound: dict[str, Any],
-    *,
-    labels: list[int] | None,
-    return_logits: bool,
-    epsilon: float,
-    logit_error: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """The per-input results and summary of a certify response (default JSON layout)."""
-    return rows_payload(
-        certify_columns(
-            logits,
-            bound,
-            labels=labels,
-            return_logits=return_logits,
-            epsilon=epsilon,
-            logit_error=logit_error,
-        )
-    )
-
-
 def _column(a: np.ndarray) -> list[float | None]:
     """Floats as a list; non-finite values (not JSON) as None."""
     if np.isfinite(a).all():
