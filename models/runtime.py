@@ -30,6 +30,15 @@ from torch import nn
 from sdp.ir import Activation, Conv2d, Dense, Network, Op, Residual
 
 
+def resolve_device(name: str) -> str:
+    """auto -> cuda when torch sees a GPU, else cpu; cuda without a GPU is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but torch sees no CUDA device")
+    return name
+
+
 def _param(a: np.ndarray, dtype: torch.dtype, device: Any) -> nn.Parameter:
     t = torch.tensor(np.array(a, copy=True), dtype=dtype, device=device)
     return nn.Parameter(t, requires_grad=False)

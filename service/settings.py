@@ -49,7 +49,9 @@ class Settings(BaseSettings):
         description="Empty: embedded local job runner; redis://...: RQ workers.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        default="auto", description="Inference device; auto = cuda when available."
+        default="auto",
+        description="Device of the inference worker and of the structured LipSDP solver's "
+        "matrices; auto = cuda when available.",
     )
     max_batch: int = Field(default=256, ge=1, description="Largest inference micro-batch (rows).")
     max_wait_ms: float = Field(

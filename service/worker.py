@@ -69,17 +69,6 @@ class _Request:
     with_error: bool = False  # deliver (logits, logit_error(x)) instead of logits
 
 
-def resolve_device(name: str) -> str:
-    """auto -> cuda when torch sees a GPU, else cpu."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("LIPCERT_DEVICE=cuda but torch sees no CUDA device")
-    return name
-
-
 class InferenceWorker:
     """Owns the device; :meth:`infer` is the only entry point (async, thread-safe)."""
 
@@ -104,6 +93,8 @@ class InferenceWorker:
 
     def start(self) -> None:
         import torch
+
+        from models.runtime import resolve_device
 
         self.device = resolve_device(self.settings.device)
         self.dtype_name = "float64" if self.device == "cuda" else self.settings.cpu_dtype

@@ -145,6 +145,9 @@ def _solve_and_certify(
             )
             if inverse is not None:
                 solution = reduction.invert(solution, inverse)
+            backend = solution.info.get("backend")
+            if backend not in (None, "numpy"):
+                notes.append(f"solver matrices on {backend}")
         except SolverError as e:
             if solver:  # an explicitly requested solver that cannot run is the user's error
                 raise

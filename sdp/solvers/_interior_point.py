@@ -29,6 +29,9 @@ smallest eigenvalue of R^{-T} dS R^{-1} (Lanczos), then a Cholesky check. While 
 complementarity <S, Z> is large relative to |S| |Z|, the predictor's two products run in
 float32 (2.7x faster here): they only set sigma and C, and any symmetric C keeps the
 corrected equations exact. A numerical failure mid-solve ends it with the best iterate.
+
+The n x n matrices live in the backend ``lmi.ops`` (:mod:`sdp.solvers.dense`: numpy/LAPACK,
+or torch on a GPU); the multipliers and the Schur system stay in numpy on the host.
 """
 
 from __future__ import annotations
@@ -40,16 +43,13 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy import linalg
 
 from sdp.ir import Array
-from sdp.solvers._ipm_steps import SchurSystem, cholesky_step, max_step, step_ratio
+from sdp.solvers._ipm_steps import SchurSystem, cholesky_step, step_ratio
 from sdp.solvers._lmi_structure import (
     StructuredLmi,
-    cholesky_upper,
     constraint_values,
     constraint_values_banded,
-    inverse_from_cholesky,
     rank2_blocks,
     rho_for_multipliers,
     schur_matrix,
@@ -57,6 +57,7 @@ from sdp.solvers._lmi_structure import (
     times_linear_part,
 )
 from sdp.solvers.base import Progress
+from sdp.solvers.dense import DenseOps, Mat
 
 Mask = npt.NDArray[np.bool_]
 
@@ -109,9 +110,10 @@ class Grouping:
         from the last layer. Redundant barriers slow interior-point methods down.
         """
         need = np.zeros(lmi.depth)
+        a, b = lmi.ops.to_numpy(lmi.a), lmi.ops.to_numpy(lmi.b)
         for j in range(lmi.depth - 1):
             nxt = lmi.layer(j + 1)
-            need[j] = float(np.any(lmi.a[nxt] * lmi.b[nxt] > 0))
+            need[j] = float(np.any(a[nxt] * b[nxt] > 0))
         return need if self.per_layer else np.repeat(need, self.counts)
 
     def expand(self, x: Array) -> Array:
@@ -128,15 +130,17 @@ class Grouping:
 
 @dataclass
 class _Iterate:
-    """Primal (rho, x, S = S(rho, x) + pi I) and dual (Z, z) iterates, X = S^{-1}."""
+    """Primal (rho, x, S = S(rho, x) + pi I) and dual (Z, z) iterates, X = S^{-1}.
+
+    Host vectors x, z; backend matrices S, X, Z and their factors."""
 
     rho: float
     x: Array
-    s_mat: Array
-    rs: Array  # upper Cholesky factor of S
-    xinv: Array
-    zmat: Array
-    rz: Array  # upper Cholesky factor of Z
+    s_mat: Mat
+    rs: Mat  # upper Cholesky factor of S
+    xinv: Mat
+    zmat: Mat
+    rz: Mat  # upper Cholesky factor of Z
     z: Array
     pi: float  # primal residual S(rho, x) - S = -pi I
 
@@ -144,22 +148,10 @@ class _Iterate:
 @dataclass
 class _Direction:
     dy: Array
-    ds: Array
-    dzm: Array
+    ds: Mat
+    dzm: Mat
     dz: Array
-    k_mat: Array  # dS X
-
-
-def _product(a: Array, b: Array, low_precision: bool) -> Array:
-    """a @ b, in float32 when allowed (the predictor's products only steer sigma and the
-    corrector term, which may be any symmetric matrix: the corrected Newton equations stay
-    exact), falling back to float64 if float32 overflows."""
-    if low_precision:
-        with np.errstate(over="ignore", invalid="ignore"):
-            out = (a.astype(np.float32) @ b.astype(np.float32)).astype(np.float64)
-        if np.isfinite(out).all():
-            return out
-    return a @ b
+    k_mat: Mat  # dS X
 
 
 def _direction(
@@ -176,22 +168,23 @@ def _direction(
     """HKM step for the Schur system h dy = rhs:
 
     dS = F(dy) - pi I,  dZ = sig_mu X - Z - sym(Z dS X) - C,  dz = sig_mu/x - z - (z dx + c)/x,
-    with Mehrotra's corrector (C, c) = (sym(dZ_a dS_a X), dx_a dz_a) when given.
+    with Mehrotra's corrector (C, c) = (sym(dZ_a dS_a X), dx_a dz_a) when given. The
+    predictor's product Z dS X may run in float32 (``low_precision``): it only steers sigma and
+    the corrector term, which may be any symmetric matrix (the corrected equations stay exact).
     """
+    ops = lmi.ops
     dy = h.solve(rhs)
     dt = grp.expand(dy[1:])
     k_mat = times_linear_part(lmi, cur.xinv, dy[0], dt).T  # F(dy) X (X, F symmetric)
     if cur.pi > 0:
         k_mat -= cur.pi * cur.xinv
-    dzm = _product(cur.zmat, k_mat, low_precision)  # Z dS X
-    dzm += dzm.T
-    dzm *= -0.5
+    dzm = ops.sym(ops.matmul(cur.zmat, k_mat, low_precision), -0.5)  # -sym(Z dS X)
     dzm -= cur.zmat
     if sig_mu:
         dzm += sig_mu * cur.xinv
     ds = lmi.assemble(dy[0], dt, constant=False)
     if cur.pi > 0:
-        ds[np.diag_indices_from(ds)] -= cur.pi
+        ops.add_diag(ds, -cur.pi)
     xs = np.where(sgn, cur.x, 1.0)
     dz = np.where(sgn, sig_mu / xs - cur.z - (cur.z / xs) * dy[1:], 0.0)
     if corr is not None:
@@ -201,14 +194,14 @@ def _direction(
 
 
 def _step_lengths(
-    sgn: Mask, cur: _Iterate, d: _Direction, frac: float, warm: list[Array | None]
+    ops: DenseOps, sgn: Mask, cur: _Iterate, d: _Direction, frac: float, warm: list[Any]
 ) -> tuple[float, float]:
     """frac times the largest primal and dual steps that keep S, x_w, Z, z_w positive.
 
-    ``warm`` holds Lanczos start vectors for S and Z, updated in place.
+    ``warm`` holds the backend's start vectors (Lanczos) for S and Z, updated in place.
     """
-    s_max, warm[0] = max_step(cur.rs, d.ds, warm[0])
-    z_max, warm[1] = max_step(cur.rz, d.dzm, warm[1])
+    s_max, warm[0] = ops.max_step(cur.rs, d.ds, warm[0])
+    z_max, warm[1] = ops.max_step(cur.rz, d.dzm, warm[1])
     a_p = min(1.0, frac * s_max, frac * step_ratio(cur.x[sgn], d.dy[1:][sgn]))
     a_d = min(1.0, frac * z_max, frac * step_ratio(cur.z[sgn], d.dz[sgn]))
     return a_p, a_d
@@ -223,28 +216,29 @@ def _start(
     Per layer, x0 is the layer's largest t0. Sign-constrained entries are floored at 1e-8
     times the largest |x0| (a zero would make z0 and the barrier terms infinite).
     """
+    ops = lmi.ops
     x = np.maximum.reduceat(t0, grp.starts) if grp.per_layer else t0.copy()
     floor = 1e-8 * max(float(np.max(np.abs(x))) if x.size else 0.0, 1e-300)
     x[sgn] = np.maximum(x[sgn], floor)
     s_mat = lmi.assemble(rho, grp.expand(x))
-    rs = cholesky_upper(s_mat)
-    pi = settings.shift0 * float(np.max(np.abs(np.diagonal(s_mat))))
+    rs = ops.cholesky_upper(s_mat)
+    diag_max = float(abs(s_mat.diagonal()).max())
+    pi = settings.shift0 * diag_max
     if rs is None:
-        lam = float(linalg.eigvalsh(s_mat, subset_by_index=[0, 0])[0])
-        pi = max(pi, -2.0 * lam, 1e-8 * float(np.max(np.abs(np.diagonal(s_mat)))))
+        pi = max(pi, -2.0 * ops.eigvalsh_min(s_mat), 1e-8 * diag_max)
     if pi > 0:
-        s_mat[np.diag_indices_from(s_mat)] += pi
-        rs = cholesky_upper(s_mat)
+        ops.add_diag(s_mat, pi)
+        rs = ops.cholesky_upper(s_mat)
     if rs is None:
         raise ValueError("could not build a positive definite starting S")
-    xinv = inverse_from_cholesky(rs)
+    xinv = ops.inverse_from_cholesky(rs)
     if settings.z0_identity:
         mu0 = settings.z0_scale / lmi.r
-        zmat = mu0 * np.eye(lmi.n)
+        zmat = mu0 * ops.eye(lmi.n)
     else:
-        mu0 = settings.z0_scale / float(np.trace(xinv[: lmi.r, : lmi.r]))
+        mu0 = settings.z0_scale / float(xinv[: lmi.r, : lmi.r].diagonal().sum())
         zmat = mu0 * xinv
-    rz = cholesky_upper(zmat)
+    rz = ops.cholesky_upper(zmat)
     if rz is None:
         raise ValueError("could not build a positive definite starting Z")
     z = np.where(sgn, mu0 / np.where(sgn, x, 1.0), 0.0)
@@ -263,17 +257,18 @@ def solve_ipm(
     iterations on some deep nets (mnistfc-256x4/256x6, a 6x200 sigmoid net). Every
     iterate's t is scored by its exact smallest rho; the best is returned.
     """
+    ops = lmi.ops
     grp = Grouping(lmi, per_layer)
     w = grp.sign_needed(lmi)
     sgn = w > 0
     cur = _start(lmi, grp, sgn, t0, settings.rho_factor * rho0, settings)
-    m, r = len(cur.x), lmi.r
+    m = len(cur.x)
     nu = float(lmi.n + w.sum())
     c = np.zeros(m + 1)
     c[0] = 1.0
     bl = lmi.block(lmi.depth)
     best_t, best_rho = grp.expand(cur.x).copy(), math.inf  # iteration 0 scores t0
-    pi_tol = 1e-12 * float(np.max(np.abs(np.diagonal(cur.s_mat))))
+    pi_tol = 1e-12 * float(abs(cur.s_mat.diagonal()).max())
     lower: float | None = None
     status, it, rel_gap = "inaccurate", 0, math.inf
     history: list[dict[str, float]] = []
@@ -283,23 +278,22 @@ def solve_ipm(
         while True:
             now = time.perf_counter()
             xb, zb = rank2_blocks(lmi, cur.xinv), rank2_blocks(lmi, cur.zmat)
-            tr_x00, cx = constraint_values(xb)
-            tr_z00, cz = constraint_values(zb)
+            tr_x00, cx = constraint_values(ops, xb)
+            tr_z00, cz = constraint_values(ops, zb)
             az = grp.vec(cz)
             if cur.pi > 0:
                 rho_t = rho_for_multipliers(lmi, grp.expand(cur.x))
             else:  # S = S(rho, t) > 0: rho(t) = rho - 1 / lambda_max(X_00)
-                lam = float(linalg.eigvalsh(xb.y00, subset_by_index=[r - 1, r - 1])[0])
-                rho_t = cur.rho - 1.0 / lam
+                rho_t = cur.rho - 1.0 / ops.eigvalsh_max(xb.y00)
             if rho_t < best_rho:
                 best_t, best_rho = grp.expand(cur.x).copy(), rho_t
-            gap = float(np.vdot(cur.s_mat, cur.zmat)) + float(cur.x[sgn] @ cur.z[sgn])
+            gap = ops.vdot(cur.s_mat, cur.zmat) + float(cur.x[sgn] @ cur.z[sgn])
             mu = gap / nu
             rel_gap = math.inf
             if tr_z00 > 0 and cur.pi <= pi_tol and math.isfinite(best_rho):
                 # weak duality with Z / tr Z_00 (positive <Z, F_k>, a dual residual, charged at
                 # x_k: an estimate, not a bound), and the complementarity gap <S, Z> / tr Z_00
-                lower = float(np.vdot(cur.zmat[bl, bl], lmi.wl_gram) - cur.x @ np.maximum(az, 0.0))
+                lower = ops.vdot(cur.zmat[bl, bl], lmi.wl_gram) - float(cur.x @ np.maximum(az, 0.0))
                 lower /= tr_z00
                 scale = abs(best_rho)
                 rel_gap = max((best_rho - lower) / scale, gap / (tr_z00 * scale))
@@ -325,7 +319,7 @@ def solve_ipm(
             if settings.cancelled is not None and settings.cancelled():
                 status = "cancelled"
                 break
-            m_rr, m_rt, m_tt = schur_matrix(zb, xb)
+            m_rr, m_rt, m_tt = schur_matrix(ops, zb, xb)
             h = np.empty((m + 1, m + 1))
             h[0, 0] = m_rr
             h[0, 1:] = h[1:, 0] = grp.vec(m_rt)
@@ -334,7 +328,7 @@ def solve_ipm(
             h[1:, 1:][np.diag_indices(m)] += w * cur.z / xs
             g = np.concatenate([[tr_x00], grp.vec(cx) + w / xs])
             schur = SchurSystem(h)
-            warm: list[Array | None] = [None, None]
+            warm: list[Any] = [None, None]
             base = -c
             if cur.pi > 0:  # the residual -pi I enters as -A(sym(Z (-pi I) X))
                 tr_zx, v_zx = sym_product_values(lmi, zb, cur.zmat, xb, cur.xinv)
@@ -343,16 +337,16 @@ def solve_ipm(
             # float32 products are 2.7x faster; their error (~1e-7 ||Z|| ||dS X||, and dS ~ S in the
             # predictor) must stay far below the complementarity they steer: only while <S, Z> is
             # large relative to ||S|| ||Z||
-            size = float(np.linalg.norm(cur.s_mat) * np.linalg.norm(cur.zmat))
+            size = ops.norm(cur.s_mat) * ops.norm(cur.zmat)
             low = gap > settings.float32_above * size
             pred = _direction(lmi, grp, sgn, cur, schur, base, 0.0, None, low_precision=low)
-            a_p, a_d = _step_lengths(sgn, cur, pred, 1.0, warm)
+            a_p, a_d = _step_lengths(ops, sgn, cur, pred, 1.0, warm)
             gap_aff = (  # <S + a_p dS, Z + a_d dZ> without n x n temporaries
                 gap
                 - float(cur.x[sgn] @ cur.z[sgn])
-                + a_d * float(np.vdot(cur.s_mat, pred.dzm))
-                + a_p * float(np.vdot(pred.ds, cur.zmat))
-                + a_p * a_d * float(np.vdot(pred.ds, pred.dzm))
+                + a_d * ops.vdot(cur.s_mat, pred.dzm)
+                + a_p * ops.vdot(pred.ds, cur.zmat)
+                + a_p * a_d * ops.vdot(pred.ds, pred.dzm)
                 + float((cur.x + a_p * pred.dy[1:])[sgn] @ (cur.z + a_d * pred.dz)[sgn])
             )
             sigma = min(1.0, max(gap_aff / gap, 0.0) ** 3) if gap > 0 else 0.1
@@ -360,18 +354,16 @@ def solve_ipm(
             if settings.sigma_fixed is not None:
                 sigma = settings.sigma_fixed
             if settings.corrector:  # the second-order terms sym(dZ_a dS_a X) and dx_a dz_a
-                corr = _product(pred.dzm, pred.k_mat, low_precision=low)
-                corr += corr.T
-                corr *= 0.5
+                corr = ops.sym(ops.matmul(pred.dzm, pred.k_mat, low_precision=low), 0.5)
                 corr_lin = np.where(sgn, pred.dy[1:] * pred.dz, 0.0)
                 tr_c, v_c = constraint_values_banded(lmi, corr)
                 rhs = base + sigma * mu * g - np.concatenate([[tr_c], grp.vec(v_c) + corr_lin / xs])
                 d = _direction(lmi, grp, sgn, cur, schur, rhs, sigma * mu, (corr, corr_lin))
             else:
                 d = _direction(lmi, grp, sgn, cur, schur, base + sigma * mu * g, sigma * mu, None)
-            a_p, a_d = _step_lengths(sgn, cur, d, settings.step_frac, warm)
-            a_p, rs_new = cholesky_step(cur.s_mat, d.ds, a_p)
-            a_d, rz_new = cholesky_step(cur.zmat, d.dzm, a_d)
+            a_p, a_d = _step_lengths(ops, sgn, cur, d, settings.step_frac, warm)
+            a_p, rs_new = cholesky_step(ops, cur.s_mat, d.ds, a_p)
+            a_d, rz_new = cholesky_step(ops, cur.zmat, d.dzm, a_d)
             it += 1
             diag = {"a_p": a_p, "a_d": a_d, "sigma": sigma, "float32": float(low)}
             if lower is not None:
@@ -383,13 +375,13 @@ def solve_ipm(
             cur.s_mat += a_p * d.ds
             cur.pi *= 1.0 - a_p
             if 0.0 < cur.pi <= pi_tol:  # drop the vanishing residual: S = S(y) exactly from now on
-                snapped = cur.s_mat.copy()
-                snapped[np.diag_indices_from(snapped)] -= cur.pi
-                r_snap = cholesky_upper(snapped)
+                snapped = ops.copy(cur.s_mat)
+                ops.add_diag(snapped, -cur.pi)
+                r_snap = ops.cholesky_upper(snapped)
                 if r_snap is not None:
                     cur.s_mat, rs_new, cur.pi = snapped, r_snap, 0.0
             cur.rs = rs_new
-            cur.xinv = inverse_from_cholesky(rs_new)
+            cur.xinv = ops.inverse_from_cholesky(rs_new)
             if rz_new is not None:
                 cur.zmat += a_d * d.dzm
                 cur.z = cur.z + a_d * d.dz

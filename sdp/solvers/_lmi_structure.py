@@ -21,6 +21,10 @@ with Y_uv = U^T Y V (N x N). Those come from three N x N blocks of Y: Y_hh (hidd
 columns), Y W~ restricted to hidden rows, and W~^T Y W~ (W~ = [w_1..w_N] is block sparse), so
 a Schur matrix costs O(n sum_j n_j n_{j+1} + N^2) on top of the dense inverse, n = r + N.
 With Z = X it is the Hessian of -log det S (checked against finite differences in the tests).
+
+Matrices live in the backend of :mod:`sdp.solvers.dense` (``lmi.ops``: numpy by default, torch
+on a GPU); the functions below only use operations both share, and return host (numpy)
+vectors where the Schur system needs them.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import linalg
-from scipy.linalg import lapack
 
 from sdp.certificate import Lmi
 from sdp.ir import Array
+from sdp.solvers.dense import DenseOps, Mat, NumpyOps
 
 
 def reduce_input(lmi: Lmi, *, rtol: float = 1e-13) -> Lmi:
@@ -56,29 +60,32 @@ def reduce_input(lmi: Lmi, *, rtol: float = 1e-13) -> Lmi:
 
 @dataclass(frozen=True, eq=False)
 class StructuredLmi:
-    """Reduced LMI data laid out for the barrier method.
+    """Reduced LMI data laid out for the barrier method, its arrays in the backend ``ops``.
 
     ``offsets[k]`` is where block k (0 = input, k = z_k) starts in S; ``offsets[-1] = n``.
     Neuron i (global index over hidden layers) has coordinate ``r + i`` in S.
     """
 
-    weights: tuple[Array, ...]
-    a: Array
-    b: Array
+    weights: tuple[Mat, ...]
+    a: Mat
+    b: Mat
     offsets: tuple[int, ...]
-    wl_gram: Array
+    wl_gram: Mat
+    ops: DenseOps
 
     @classmethod
-    def from_lmi(cls, lmi: Lmi) -> StructuredLmi:
+    def from_lmi(cls, lmi: Lmi, ops: DenseOps | None = None) -> StructuredLmi:
+        ops = NumpyOps() if ops is None else ops
         sizes = [lmi.input_size, *lmi.hidden_sizes]
         offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(sizes)]))
         wl = lmi.weights[-1]
         return cls(
-            weights=lmi.weights,
-            a=np.concatenate(lmi.alpha) if lmi.depth else np.zeros(0),
-            b=np.concatenate(lmi.beta) if lmi.depth else np.zeros(0),
+            weights=tuple(ops.asarray(w) for w in lmi.weights),
+            a=ops.asarray(np.concatenate(lmi.alpha) if lmi.depth else np.zeros(0)),
+            b=ops.asarray(np.concatenate(lmi.beta) if lmi.depth else np.zeros(0)),
             offsets=offsets,
-            wl_gram=wl.T @ wl,
+            wl_gram=ops.asarray(wl.T @ wl),
+            ops=ops,
         )
 
     @property
@@ -104,41 +111,43 @@ class StructuredLmi:
         """Global neuron indices of hidden layer j (= block j+1 shifted by r)."""
         return slice(self.offsets[j + 1] - self.r, self.offsets[j + 2] - self.r)
 
-    def assemble(self, rho: float, t: Array, *, constant: bool = True) -> Array:
-        """Dense S(rho, t) = -M(rho, T) (block tridiagonal, see sdp.certificate).
+    def assemble(self, rho: float, t: Array, *, constant: bool = True) -> Mat:
+        """Dense S(rho, t) = -M(rho, T) (block tridiagonal, see sdp.certificate), in the backend.
 
-        ``constant=False`` leaves out S_c, giving the linear part rho E_0 + sum_i t_i A_i.
+        ``t`` is a host vector. ``constant=False`` leaves out S_c, giving the linear part
+        rho E_0 + sum_i t_i A_i.
         """
-        n, L = self.n, self.depth
-        s = np.zeros((n, n))
-        idx = np.arange(self.r)
-        s[idx, idx] = rho
+        ops, n, L = self.ops, self.n, self.depth
+        s = ops.zeros((n, n))
+        ops.add_diag(s[: self.r, : self.r], rho)
+        td = ops.asarray(t)
         for j in range(L):
-            w, tj = self.weights[j], t[self.layer(j)]
+            w, lay = self.weights[j], self.layer(j)
+            tj = td[lay]
             lo, hi = self.block(j), self.block(j + 1)
-            ab = self.a[self.layer(j)] * self.b[self.layer(j)] * tj
-            if np.any(ab != 0):
+            ab = self.a[lay] * self.b[lay] * tj
+            if bool((ab != 0).any()):
                 s[lo, lo] += 2 * (w.T * ab) @ w
-            c = -((self.a[self.layer(j)] + self.b[self.layer(j)]) * tj)[:, None] * w
+            c = -((self.a[lay] + self.b[lay]) * tj)[:, None] * w
             s[hi, lo] = c
             s[lo, hi] = c.T
-            d = np.arange(hi.start, hi.stop)
-            s[d, d] += 2 * tj
+            ops.add_diag(s[hi, hi], 2 * tj)
         if L and constant:
             s[self.block(L), self.block(L)] -= self.wl_gram
         return s
 
 
-def times_linear_part(lmi: StructuredLmi, y: Array, rho: float, t: Array) -> Array:
+def times_linear_part(lmi: StructuredLmi, y: Mat, rho: float, t: Array) -> Mat:
     """Y @ (rho E_0 + sum_i t_i A_i) using the block-tridiagonal sparsity: O(n sum n_j n_{j+1})."""
-    out = np.zeros_like(y)
+    out = lmi.ops.zeros(tuple(y.shape))
     out[:, : lmi.r] = rho * y[:, : lmi.r]
+    td = lmi.ops.asarray(t)
     for j in range(lmi.depth):
         w, lay = lmi.weights[j], lmi.layer(j)
         lo, hi = lmi.block(j), lmi.block(j + 1)
-        tj = t[lay]
+        tj = td[lay]
         ab = lmi.a[lay] * lmi.b[lay] * tj
-        if np.any(ab != 0):
+        if bool((ab != 0).any()):
             out[:, lo] += 2 * ((y[:, lo] @ w.T) * ab) @ w
         c = -((lmi.a[lay] + lmi.b[lay]) * tj)[:, None] * w  # block (hi, lo) of the sum
         out[:, lo] += y[:, hi] @ c
@@ -147,43 +156,28 @@ def times_linear_part(lmi: StructuredLmi, y: Array, rho: float, t: Array) -> Arr
     return out
 
 
-def cholesky_upper(s: Array) -> Array | None:
-    """Upper Cholesky factor R (S = R^T R) via LAPACK, or None if S is not positive definite."""
-    r, info = lapack.dpotrf(s, lower=0, clean=1, overwrite_a=0)
-    return r if info == 0 else None
-
-
-def inverse_from_cholesky(r: Array) -> Array:
-    """Full symmetric S^{-1} from the upper Cholesky factor (LAPACK potri, mirrored)."""
-    x, info = lapack.dpotri(r, lower=0, overwrite_c=0)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"dpotri failed ({info})")
-    x += np.triu(x, 1).T  # potri filled the upper triangle; the lower one is zero
-    return x
-
-
 @dataclass
 class Rank2Blocks:
     """Y projected on the rank-2 factors: Y_uu = U^T Y U, Y_vv, Y_uv (N x N), Y_u0 = U^T Y E_0,
     Y_v0 (N x r) and Y_00 (r x r), for a symmetric n x n matrix Y."""
 
-    uu: Array
-    vv: Array
-    uv: Array
-    u0: Array
-    v0: Array
-    y00: Array
-    yw: Array  # Y W~ (n x N): gives Y U = Y[:, hidden] - yw diag(a), Y V likewise
+    uu: Mat
+    vv: Mat
+    uv: Mat
+    u0: Mat
+    v0: Mat
+    y00: Mat
+    yw: Mat  # Y W~ (n x N): gives Y U = Y[:, hidden] - yw diag(a), Y V likewise
 
 
-def rank2_blocks(lmi: StructuredLmi, y: Array) -> Rank2Blocks:
+def rank2_blocks(lmi: StructuredLmi, y: Mat) -> Rank2Blocks:
     """Projections of Y on u_i = e_i - a_i w_i and v_i = e_i - b_i w_i (module doc)."""
     r, n, N, L = lmi.r, lmi.n, lmi.num_neurons, lmi.depth
     hid = slice(r, n)
-    yw = np.empty((n, N))  # Y W~
+    yw = lmi.ops.empty((n, N))  # Y W~
     for j in range(L):
         yw[:, lmi.layer(j)] = y[:, lmi.block(j)] @ lmi.weights[j].T
-    p_ww = np.empty((N, N))  # W~^T Y W~
+    p_ww = lmi.ops.empty((N, N))  # W~^T Y W~
     for j in range(L):
         p_ww[lmi.layer(j), :] = lmi.weights[j] @ yw[lmi.block(j), :]
     p_ew = yw[hid, :]  # e_i^T Y w_j
@@ -192,14 +186,14 @@ def rank2_blocks(lmi: StructuredLmi, y: Array) -> Rank2Blocks:
     qb = p_ew * b[None, :]
     uv = p_ee - qb
     vv = uv - qb.T
-    vv += p_ww if np.all(b == 1.0) else np.outer(b, b) * p_ww
-    if np.any(a != 0):  # not for ReLU-like slopes [0, b]: saves four N x N passes
+    vv += p_ww if bool((b == 1.0).all()) else (b[:, None] * b[None, :]) * p_ww
+    if bool((a != 0).any()):  # not for ReLU-like slopes [0, b]: saves four N x N passes
         qa = p_ew * a[None, :]
         uv -= qa.T
-        uv += np.outer(a, b) * p_ww
+        uv += (a[:, None] * b[None, :]) * p_ww
         uu = p_ee - qa
         uu -= qa.T
-        uu += np.outer(a, a) * p_ww
+        uu += (a[:, None] * a[None, :]) * p_ww
     else:
         uu = p_ee  # a view of Y: the blocks are used before Y changes
     y_e = y[hid, :r]
@@ -207,8 +201,8 @@ def rank2_blocks(lmi: StructuredLmi, y: Array) -> Rank2Blocks:
     return Rank2Blocks(uu, vv, uv, y_e - a[:, None] * y_w, y_e - b[:, None] * y_w, y[:r, :r], yw)
 
 
-def schur_matrix(zb: Rank2Blocks, xb: Rank2Blocks) -> tuple[float, Array, Array]:
-    """M_kl = tr(F_k Z F_l X) for F = (E_0, A_1..A_N): returns (M_rr, M_rt, M_tt).
+def schur_matrix(ops: DenseOps, zb: Rank2Blocks, xb: Rank2Blocks) -> tuple[float, Array, Array]:
+    """M_kl = tr(F_k Z F_l X) for F = (E_0, A_1..A_N): returns (M_rr, M_rt, M_tt) on the host.
 
     M_tt = Z_vv o X_uu + Z_uu o X_vv + Z_uv^T o X_uv + Z_uv o X_uv^T (o = elementwise);
     with Z = X this is the Hessian of -log det S.
@@ -217,46 +211,47 @@ def schur_matrix(zb: Rank2Blocks, xb: Rank2Blocks) -> tuple[float, Array, Array]
     m += zb.uu * xb.vv
     m += zb.uv.T * xb.uv
     m += zb.uv * xb.uv.T
-    m_rt = np.einsum("ik,ik->i", zb.u0, xb.v0) + np.einsum("ik,ik->i", zb.v0, xb.u0)
-    return float(np.sum(zb.y00 * xb.y00)), m_rt, m
+    m_rt = ops.rowdot(zb.u0, xb.v0) + ops.rowdot(zb.v0, xb.u0)
+    return ops.vdot(zb.y00, xb.y00), ops.to_numpy(m_rt), ops.to_numpy(m)
 
 
-def constraint_values(yb: Rank2Blocks) -> tuple[float, Array]:
-    """(<Y, E_0>, <Y, A_i>) = (tr Y_00, 2 u_i^T Y v_i)."""
-    return float(np.trace(yb.y00)), 2.0 * np.diagonal(yb.uv).copy()
+def constraint_values(ops: DenseOps, yb: Rank2Blocks) -> tuple[float, Array]:
+    """(<Y, E_0>, <Y, A_i>) = (tr Y_00, 2 u_i^T Y v_i), the latter on the host."""
+    return float(yb.y00.diagonal().sum()), ops.to_numpy(2.0 * yb.uv.diagonal())
 
 
-def constraint_values_banded(lmi: StructuredLmi, y: Array) -> tuple[float, Array]:
+def constraint_values_banded(lmi: StructuredLmi, y: Mat) -> tuple[float, Array]:
     """(<Y, E_0>, <Y, A_i>) for symmetric Y from its block-tridiagonal part only.
 
     2 u_i^T Y v_i = 2 (Y_ii - (a_i + b_i) e_i^T Y w_i + a_i b_i w_i^T Y w_i), and e_i, w_i
     live in blocks j+1 and j, so O(sum_j n_j^2 n_{j+1}) instead of a full projection.
     """
-    out = np.empty(lmi.num_neurons)
+    ops = lmi.ops
+    out = ops.empty((lmi.num_neurons,))
     for j in range(lmi.depth):
         w, lay = lmi.weights[j], lmi.layer(j)
         lo, hi = lmi.block(j), lmi.block(j + 1)
         a, b = lmi.a[lay], lmi.b[lay]
-        ew = np.einsum("ik,ik->i", y[hi, lo], w)
-        wyw = np.einsum("ik,ik->i", w @ y[lo, lo], w)
-        out[lay] = 2.0 * (np.diagonal(y[hi, hi]) - (a + b) * ew + a * b * wyw)
-    return float(np.trace(y[: lmi.r, : lmi.r])), out
+        ew = ops.rowdot(y[hi, lo], w)
+        wyw = ops.rowdot(w @ y[lo, lo], w)
+        out[lay] = 2.0 * (y[hi, hi].diagonal() - (a + b) * ew + a * b * wyw)
+    return float(y[: lmi.r, : lmi.r].diagonal().sum()), ops.to_numpy(out)
 
 
 def sym_product_values(
-    lmi: StructuredLmi, zb: Rank2Blocks, z: Array, xb: Rank2Blocks, x: Array
+    lmi: StructuredLmi, zb: Rank2Blocks, z: Mat, xb: Rank2Blocks, x: Mat
 ) -> tuple[float, Array]:
     """(<E_0, sym(ZX)>, <A_i, sym(ZX)>) without forming ZX, sym(Y) = (Y + Y^T) / 2.
 
     <A_i, sym(ZX)> = (Z u_i).(X v_i) + (X u_i).(Z v_i), with the columns Y U and Y V read off
     Y[:, hidden] and Y W~ (kept by :func:`rank2_blocks`): O(n N).
     """
-    hid = slice(lmi.r, lmi.n)
+    ops, hid = lmi.ops, slice(lmi.r, lmi.n)
     a, b = lmi.a[None, :], lmi.b[None, :]
     zh, xh = z[:, hid], x[:, hid]
-    vals = np.einsum("ki,ki->i", zh - zb.yw * a, xh - xb.yw * b)
-    vals += np.einsum("ki,ki->i", xh - xb.yw * a, zh - zb.yw * b)
-    return float(np.sum(z[: lmi.r, :] * x[: lmi.r, :])), vals
+    vals = ops.rowdot((zh - zb.yw * a).T, (xh - xb.yw * b).T)
+    vals += ops.rowdot((xh - xb.yw * a).T, (zh - zb.yw * b).T)
+    return ops.vdot(z[: lmi.r, :], x[: lmi.r, :]), ops.to_numpy(vals)
 
 
 def rho_for_multipliers(lmi: StructuredLmi, t: Array) -> float:
@@ -265,11 +260,12 @@ def rho_for_multipliers(lmi: StructuredLmi, t: Array) -> float:
     S(rho, t) = [[rho I + G_00, G_0h], [G_h0, H]] > 0 iff H > 0 and rho > -lambda_min(G_00 -
     G_0h H^{-1} G_h0) (Schur complement), H and G from S(0, t).
     """
+    ops = lmi.ops
     s = lmi.assemble(0.0, t)
     r = lmi.r
-    rh = cholesky_upper(s[r:, r:])
+    rh = ops.cholesky_upper(s[r:, r:])
     if rh is None:
         return math.inf
-    b = linalg.solve_triangular(rh, s[r:, :r], trans="T", check_finite=False)
+    b = ops.solve_upper_transposed(rh, s[r:, :r])
     g = s[:r, :r] - b.T @ b
-    return -float(linalg.eigvalsh(g, subset_by_index=[0, 0])[0])
+    return -ops.eigvalsh_min(g)

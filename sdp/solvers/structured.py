@@ -33,6 +33,7 @@ from sdp.ir import Array
 from sdp.solvers._interior_point import IpmSettings, solve_ipm
 from sdp.solvers._lmi_structure import StructuredLmi, reduce_input
 from sdp.solvers.base import LipSdpProblem, Solution, SolveOptions
+from sdp.solvers.dense import DenseOps, NumpyOps
 
 
 def _start(lmi: Lmi, warm: tuple[Array, ...] | None, per_layer: bool) -> tuple[Array, float]:
@@ -96,7 +97,12 @@ def balance(lmi: Lmi) -> tuple[Lmi, Array]:
 
 
 class StructuredSolver:
-    """LipSDP by a structure-exploiting primal-dual interior-point method (CPU, numpy/LAPACK).
+    """LipSDP by a structure-exploiting primal-dual interior-point method.
+
+    ``ops`` is the dense backend of the n x n matrices (:mod:`sdp.solvers.dense`): numpy and
+    LAPACK by default; ``models.lipsdp_device.TorchOps(device)`` runs the same iterations with
+    torch on a GPU. Results are verified on the host in float64 either way. LMIs with fewer than
+    ``min_size`` rows after the input reduction use the numpy backend.
 
     ``options.eps`` is the relative gap target (rho(t) - dual bound <= eps rho(t));
     ``options.timeout_s`` returns the best (strictly feasible) iterate when time runs out.
@@ -109,6 +115,10 @@ class StructuredSolver:
 
     name = "structured"
     variants = frozenset({"neuron", "layer"})
+
+    def __init__(self, ops: DenseOps | None = None, *, min_size: int = 0) -> None:
+        self.ops: DenseOps = NumpyOps() if ops is None else ops
+        self.min_size = int(min_size)
 
     def available(self) -> bool:
         return True
@@ -140,7 +150,9 @@ class StructuredSolver:
                 {k: v / rho_scale if k in ("rho", "lower") else v for k, v in e.items()}
             )
         )
-        structure = StructuredLmi.from_lmi(reduced)
+        size = reduced.input_size + sum(reduced.hidden_sizes)
+        ops = self.ops if size >= self.min_size else NumpyOps()
+        structure = StructuredLmi.from_lmi(reduced, ops)
         deadline = None if options.timeout_s is None else start + float(options.timeout_s)
         settings = IpmSettings(
             eps=max(float(options.eps), 1e-12),
@@ -178,6 +190,7 @@ class StructuredSolver:
                 "start_rho": rho0 / rho_scale,
                 "reduced_input": structure.r,
                 "lmi_size": structure.n,
+                "backend": ops.name,
             },
         )
 

@@ -51,9 +51,12 @@ def _compute(
     timeout: float | None,
     quiet: bool,
     lower_bound: bool = True,
+    device: str = "cpu",
 ) -> Any:
     from sdp.bounds import compute_bound
+    from service.solver_device import use_solver_device
 
+    use_solver_device(device)
     return compute_bound(
         net,
         method,
@@ -82,6 +85,11 @@ def bound(
     pairwise: bool = typer.Option(False, help="Also bound f_y - f_j for every class pair."),
     solver: str | None = typer.Option(None, help="scs|clarabel|sdpa|structured (default: pick)."),
     timeout: float | None = typer.Option(None, help="Solver time limit in seconds."),
+    device: str = typer.Option(
+        "auto",
+        envvar="LIPCERT_DEVICE",
+        help="auto|cpu|cuda: where the structured LipSDP solver's matrices live.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     save_cert: Path | None = typer.Option(None, help="Write the LipSDP certificate (JSON) here."),
     lower: bool = typer.Option(True, "--lower-bound/--no-lower-bound", help="Empirical gap."),
@@ -92,7 +100,7 @@ def bound(
 
     try:
         net = _load(model)
-        result = _compute(net, method, pairwise, solver, timeout, quiet, lower)
+        result = _compute(net, method, pairwise, solver, timeout, quiet, lower, device)
     except LipcertError as e:
         fail(f"{e.code}: {e.detail}")
     except OSError as e:

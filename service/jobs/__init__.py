@@ -36,6 +36,7 @@ def create_runner(settings: Any, storage: Any) -> JobRunner:
         settings.data_dir,
         max_concurrent=int(getattr(settings, "max_concurrent_jobs", 1)),
         threads=threads,
+        device=str(getattr(settings, "device", "auto")),
         default_timeout_s=timeout,
     )
 

@@ -41,6 +41,7 @@ class LocalRunner:
         *,
         max_concurrent: int = 1,
         threads: int = 1,
+        device: str = "auto",
         default_timeout_s: float | None = None,
     ) -> None:
         self.storage = storage
@@ -48,6 +49,7 @@ class LocalRunner:
         self.store = JobStore(self.data_dir / "jobs.sqlite")
         self.max_concurrent = max(1, int(max_concurrent))
         self.threads = max(1, int(threads))
+        self.device = device
         self.default_timeout_s = default_timeout_s
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -152,7 +154,10 @@ class LocalRunner:
             if self._stopping or job_id in self._cancelled:
                 return
             proc = SolveProcess(
-                ("storage", str(self.data_dir), spec.model_id), spec, threads=self.threads
+                ("storage", str(self.data_dir), spec.model_id),
+                spec,
+                threads=self.threads,
+                device=self.device,
             )
             self._procs[job_id] = proc
         try:

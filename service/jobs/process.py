@@ -57,12 +57,14 @@ class Outcome:
 class SolveProcess:
     """A spawned solver process for one job, with the read end of its message pipe."""
 
-    def __init__(self, source: ModelSource, spec: JobSpec, *, threads: int = 1) -> None:
+    def __init__(
+        self, source: ModelSource, spec: JobSpec, *, threads: int = 1, device: str = "auto"
+    ) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
             target=child_main,
-            args=(child_conn, source, spec.to_dict(), max(1, int(threads))),
+            args=(child_conn, source, spec.to_dict(), max(1, int(threads)), device),
             name=f"lipcert-solve-{spec.model_id}",
             daemon=True,
         )

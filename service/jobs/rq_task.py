@@ -64,7 +64,8 @@ def run_bound_job(job_id: str) -> dict[str, Any]:
         return {"status": "failed"}
 
     parent = os.getppid()
-    proc = SolveProcess(("bytes", sha, data), spec, threads=solver_threads())
+    device = os.environ.get("LIPCERT_DEVICE", "auto")
+    proc = SolveProcess(("bytes", sha, data), spec, threads=solver_threads(), device=device)
     worker = {
         "runner": "rq",
         "host": socket.gethostname(),

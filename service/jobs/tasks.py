@@ -70,11 +70,17 @@ def bound_document(result: Any, spec: JobSpec) -> dict[str, Any]:
 
 
 def run_bound(
-    source: ModelSource, spec: JobSpec, progress: Callable[[dict[str, Any]], None]
+    source: ModelSource,
+    spec: JobSpec,
+    progress: Callable[[dict[str, Any]], None],
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Load the model, run :func:`sdp.bounds.compute_bound` and return the bound document."""
+    """Load the model, run :func:`sdp.bounds.compute_bound` (the structured solver on
+    ``device``) and return the bound document."""
     from sdp.bounds import compute_bound
+    from service.solver_device import use_solver_device
 
+    use_solver_device(device)
     progress({"phase": "load"})
     net = load_network(source)
     solver_timeout = None if spec.timeout_s is None else SOLVER_TIME_SHARE * spec.timeout_s
@@ -130,7 +136,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def child_main(conn: Any, source: ModelSource, spec: dict[str, Any], threads: int) -> None:
+def child_main(
+    conn: Any, source: ModelSource, spec: dict[str, Any], threads: int, device: str = "auto"
+) -> None:
     """Entry point of a solver process (spawned): limit threads, solve, report, exit."""
     for name in THREAD_ENV:
         os.environ[name] = str(threads)
@@ -141,7 +149,7 @@ def child_main(conn: Any, source: ModelSource, spec: dict[str, Any], threads: in
         conn.send(("progress", json_safe(dict(info))))
 
     try:
-        doc = run_bound(source, job, progress)
+        doc = run_bound(source, job, progress, device)
     except BaseException as exc:
         conn.send(("error", error_document(exc)))
     else:

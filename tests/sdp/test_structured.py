@@ -16,10 +16,8 @@ from sdp.ir import Activation
 from sdp.solvers._interior_point import IpmSettings, solve_ipm
 from sdp.solvers._lmi_structure import (
     StructuredLmi,
-    cholesky_upper,
     constraint_values,
     constraint_values_banded,
-    inverse_from_cholesky,
     rank2_blocks,
     reduce_input,
     schur_matrix,
@@ -27,6 +25,7 @@ from sdp.solvers._lmi_structure import (
     times_linear_part,
 )
 from sdp.solvers.base import LipSdpProblem, SolveOptions, Solver
+from sdp.solvers.dense import cholesky_upper, inverse_from_cholesky, max_step
 from sdp.solvers.structured import SOLVER, StructuredSolver
 
 ACTIVATIONS = [
@@ -257,7 +256,7 @@ def test_schur_matrix_is_the_log_det_hessian() -> None:
 
     x = inverse_from_cholesky(cholesky_upper(st.assemble(rho, t)))
     xb = rank2_blocks(st, x)
-    m_rr, m_rt, m_tt = schur_matrix(xb, xb)
+    m_rr, m_rt, m_tt = schur_matrix(st.ops, xb, xb)
     hess = np.block([[np.array([[m_rr]]), m_rt[None, :]], [m_rt[:, None], m_tt]])
     h = 1e-6 * rho
     fd = np.empty_like(hess)
@@ -324,11 +323,11 @@ def test_constraint_values_from_bands_and_products() -> None:
         return (a + a.T) / 2
 
     y, z, x = (sym(rng.standard_normal((st.n, st.n))) for _ in range(3))
-    tr, vals = constraint_values(rank2_blocks(st, y))
+    tr, vals = constraint_values(st.ops, rank2_blocks(st, y))
     tr_b, vals_b = constraint_values_banded(st, y)
     assert tr_b == pytest.approx(tr)
     np.testing.assert_allclose(vals_b, vals, atol=1e-12 * np.abs(vals).max())
-    tr_zx, vals_zx = constraint_values(rank2_blocks(st, sym(z @ x)))
+    tr_zx, vals_zx = constraint_values(st.ops, rank2_blocks(st, sym(z @ x)))
     tr_p, vals_p = sym_product_values(st, rank2_blocks(st, z), z, rank2_blocks(st, x), x)
     assert tr_p == pytest.approx(tr_zx)
     np.testing.assert_allclose(vals_p, vals_zx, atol=1e-12 * np.abs(vals_zx).max())
@@ -382,7 +381,6 @@ def test_zero_starting_multipliers_and_cancellation() -> None:
 def test_lanczos_step_length_matches_the_dense_one() -> None:
     """Above the dense size limit the step to the PSD boundary comes from Lanczos (then a
     Cholesky check in the solver); it must agree with the dense eigenvalue."""
-    from sdp.solvers._ipm_steps import max_step
 
     rng = np.random.default_rng(5)
     n = 400

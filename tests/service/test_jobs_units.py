@@ -202,3 +202,32 @@ def test_terminate_from_another_thread_while_supervised(tmp_path: Path) -> None:
         assert [getattr(o, "status", None) for o in result] == ["cancelled"]
         assert wait_pid_gone(proc.pid or 0)
         proc.close()  # idempotent
+
+
+def test_solver_process_puts_the_solver_on_the_requested_device(tmp_path: Path) -> None:
+    """LIPCERT_DEVICE reaches the solver process: cpu solves on numpy; cuda uses the torch
+    backend where a GPU is visible and otherwise fails the job with device-unavailable."""
+    import torch
+
+    storage = Storage(tmp_path)
+    model_id = storage.save_model(big_random_net((6, 300, 2)), "wide.mat").id
+    spec = JobSpec(model_id, "lipsdp-neuron")
+    outcomes = {}
+    for device in ("cpu", "cuda"):
+        proc = SolveProcess(("storage", str(tmp_path), model_id), spec, device=device)
+        outcomes[device] = supervise(
+            proc, timeout_s=120, on_progress=lambda _: None, cancelled=lambda: False
+        )
+    cpu = outcomes["cpu"]
+    assert cpu.status == "succeeded" and cpu.result is not None
+    assert not any("solver matrices on" in n for n in cpu.result["notes"])
+    cuda = outcomes["cuda"]
+    if torch.cuda.is_available():
+        assert cuda.status == "succeeded" and cuda.result is not None
+        assert "solver matrices on torch-cuda" in cuda.result["notes"]
+        assert cuda.result["lipschitz_bound"] == pytest.approx(
+            cpu.result["lipschitz_bound"], rel=1e-5
+        )
+    else:
+        assert cuda.status == "failed" and cuda.error is not None
+        assert cuda.error["code"] == "device-unavailable"

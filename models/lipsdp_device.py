@@ -1,0 +1,141 @@
+"""The structured LipSDP solver's dense algebra in torch, so that it can run on a GPU.
+
+:class:`TorchOps` implements :class:`sdp.solvers.dense.DenseOps` with float64 torch tensors on
+one device; :class:`sdp.solvers.structured.StructuredSolver` then runs the very same
+interior-point iterations (sdp never imports torch: the backend is handed in)::
+
+    from models.lipsdp_device import structured_solver
+    sol = structured_solver("cuda").solve(problem, options)   # matrices on the GPU
+    certify_multipliers(lmi, sol.multipliers)                   # verified on the host, float64
+
+What changes with the backend: step lengths to the PSD boundary come from a dense
+eigenvalue of R^{-T} D R^{-1} (``torch.linalg.eigvalsh``) instead of ARPACK's Lanczos, and
+factorisations are cuSOLVER's. Multipliers, the (N+1) x (N+1) Schur system and the final
+certificate check stay in numpy on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.runtime import resolve_device
+from sdp.solvers import register_solver
+from sdp.solvers.dense import DenseOps
+from sdp.solvers.structured import StructuredSolver
+
+GPU_MIN_LMI = 256
+"""LMIs with fewer rows (after the input reduction) stay on the CPU backend: a guess, not yet
+measured on a GPU (kernel launches dominate tiny matrices)."""
+
+
+def _linalg_error(e: Exception) -> np.linalg.LinAlgError:
+    return np.linalg.LinAlgError(f"torch: {e}")
+
+
+class TorchOps:
+    """Dense float64 algebra on one torch device (the :class:`DenseOps` protocol)."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.name = f"torch-{self.device}"
+
+    def asarray(self, a: Any) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a, dtype=np.float64), device=self.device)
+
+    def to_numpy(self, a: torch.Tensor) -> np.ndarray:
+        return np.asarray(a.detach().cpu().numpy(), dtype=np.float64)
+
+    def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float64, device=self.device)
+
+    def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.float64, device=self.device)
+
+    def eye(self, n: int) -> torch.Tensor:
+        return torch.eye(n, dtype=torch.float64, device=self.device)
+
+    def copy(self, a: torch.Tensor) -> torch.Tensor:
+        return a.clone()
+
+    def add_diag(self, a: torch.Tensor, v: float | torch.Tensor) -> None:
+        a.diagonal().add_(v)
+
+    def sym(self, a: torch.Tensor, scale: float) -> torch.Tensor:
+        return (a + a.mT).mul_(scale)  # in place with its own transpose would alias
+
+    def rowdot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * b).sum(dim=1)
+
+    def vdot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a * b).sum())
+
+    def norm(self, a: torch.Tensor) -> float:
+        return float(torch.linalg.matrix_norm(a))
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, low_precision: bool = False) -> torch.Tensor:
+        if low_precision:
+            out = (a.float() @ b.float()).double()
+            if bool(torch.isfinite(out).all()):
+                return out
+        return a @ b
+
+    def cholesky_upper(self, a: torch.Tensor) -> torch.Tensor | None:
+        r, info = torch.linalg.cholesky_ex(a, upper=True)
+        if int(info) != 0 or not bool(torch.isfinite(r.diagonal()).all()):
+            return None
+        return r
+
+    def inverse_from_cholesky(self, r: torch.Tensor) -> torch.Tensor:
+        try:
+            x = torch.cholesky_inverse(r, upper=True)
+        except RuntimeError as e:
+            raise _linalg_error(e) from e
+        if not bool(torch.isfinite(x).all()):
+            raise np.linalg.LinAlgError("torch: non-finite inverse")
+        return x
+
+    def solve_upper_transposed(self, r: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve_triangular(r.mT, b, upper=False)
+
+    def _eigvalsh(self, a: torch.Tensor) -> torch.Tensor:
+        try:
+            return torch.linalg.eigvalsh(a)
+        except RuntimeError as e:  # torch.linalg.LinAlgError is a RuntimeError
+            raise _linalg_error(e) from e
+
+    def eigvalsh_min(self, a: torch.Tensor) -> float:
+        return float(self._eigvalsh(a)[0])
+
+    def eigvalsh_max(self, a: torch.Tensor) -> float:
+        return float(self._eigvalsh(a)[-1])
+
+    def max_step(self, r: torch.Tensor, d: torch.Tensor, v0: Any = None) -> tuple[float, Any]:
+        """1 / max(0, -lambda_min(R^{-T} D R^{-1})) from a dense eigenvalue (no start vector)."""
+        right = torch.linalg.solve_triangular(r, d, upper=True, left=False)  # D R^{-1}
+        c = torch.linalg.solve_triangular(r.mT, right, upper=False)  # R^{-T} D R^{-1}
+        lam = self.eigvalsh_min(self.sym(c, 0.5))
+        return (math.inf if lam >= 0 else 1.0 / -lam), None
+
+
+def structured_solver(device: str = "auto", *, min_size: int = GPU_MIN_LMI) -> StructuredSolver:
+    """The structured LipSDP solver with its matrices on ``device`` (auto|cpu|cuda[:k]).
+
+    On the CPU the numpy/LAPACK backend is used (faster there than torch: Lanczos step lengths).
+    """
+    dev = resolve_device(device)
+    if dev == "cpu":
+        return StructuredSolver()
+    ops: DenseOps = TorchOps(dev)
+    return StructuredSolver(ops, min_size=min_size)
+
+
+def use_device_for_lipsdp(device: str = "auto") -> str:
+    """Register :func:`structured_solver` (``device``) as this process's ``"structured"``
+    solver, which ``method=lipsdp-neuron``/``-layer`` use; returns the resolved device."""
+    solver = structured_solver(device)
+    register_solver("structured", lambda: solver)
+    return resolve_device(device)

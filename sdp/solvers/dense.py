@@ -1,0 +1,221 @@
+"""Dense linear algebra of the structured LipSDP solver, behind one small interface.
+
+The interior-point method (:mod:`sdp.solvers._interior_point`) keeps its n x n matrices
+(S, X = S^{-1}, Z, the directions) and the N x N rank-2 projections in a *backend*; vectors of
+length N + 1 (multipliers, Schur system) stay in numpy on the host. :class:`NumpyOps` is the
+CPU backend (LAPACK through scipy, Lanczos step lengths). ``models.lipsdp_device.TorchOps``
+implements the same protocol with torch, on any torch device (sdp itself never imports torch):
+
+    >>> from sdp.solvers.structured import StructuredSolver
+    >>> StructuredSolver(NumpyOps())  # the default  # doctest: +SKIP
+    >>> StructuredSolver(TorchOps("cuda"))  # same iterations, matrices on the GPU  # doctest: +SKIP
+
+Matrices are passed around as the backend's own arrays; the IPM code only uses what numpy
+arrays and torch tensors share (``@``, ``+ - *``, slicing, ``.T``, ``.diagonal()``,
+``.any()``, ``.all()``, ``.sum()``, in-place ``+=`` with another array or a scalar) and the
+methods below. A backend signals numerical failure (a factorisation that breaks down) by
+raising :class:`numpy.linalg.LinAlgError`; the solver then returns its best iterate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import numpy as np
+from scipy import linalg
+from scipy.linalg import lapack
+from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
+
+from sdp.ir import Array
+
+Mat = Any
+"""A backend matrix or vector (numpy array for :class:`NumpyOps`, torch tensor for TorchOps)."""
+
+
+class DenseOps(Protocol):
+    """What the structured solver needs from a dense linear-algebra backend (float64)."""
+
+    name: str
+
+    def asarray(self, a: Array) -> Mat:
+        """``a`` as a float64 backend array (may share memory)."""
+        ...
+
+    def to_numpy(self, a: Mat) -> Array:
+        """A numpy float64 copy or view of ``a``."""
+        ...
+
+    def zeros(self, shape: tuple[int, ...]) -> Mat: ...
+
+    def empty(self, shape: tuple[int, ...]) -> Mat: ...
+
+    def eye(self, n: int) -> Mat: ...
+
+    def copy(self, a: Mat) -> Mat: ...
+
+    def add_diag(self, a: Mat, v: float | Mat) -> None:
+        """a += diag(v) in place (``a`` may be a square view into a larger matrix)."""
+        ...
+
+    def sym(self, a: Mat, scale: float) -> Mat:
+        """scale (a + a^T); may overwrite ``a``."""
+        ...
+
+    def rowdot(self, a: Mat, b: Mat) -> Mat:
+        """sum_k a_ik b_ik, one value per row."""
+        ...
+
+    def vdot(self, a: Mat, b: Mat) -> float:
+        """<a, b> = sum_ij a_ij b_ij."""
+        ...
+
+    def norm(self, a: Mat) -> float:
+        """Frobenius norm."""
+        ...
+
+    def matmul(self, a: Mat, b: Mat, low_precision: bool = False) -> Mat:
+        """a @ b; with ``low_precision`` the backend may compute it in float32 (the result is
+        float64 and finite, else it is recomputed in float64)."""
+        ...
+
+    def cholesky_upper(self, a: Mat) -> Mat | None:
+        """Upper factor R with a = R^T R, or None if ``a`` is not positive definite."""
+        ...
+
+    def inverse_from_cholesky(self, r: Mat) -> Mat:
+        """The full symmetric (R^T R)^{-1}."""
+        ...
+
+    def solve_upper_transposed(self, r: Mat, b: Mat) -> Mat:
+        """R^{-T} b for upper triangular R."""
+        ...
+
+    def eigvalsh_min(self, a: Mat) -> float: ...
+
+    def eigvalsh_max(self, a: Mat) -> float: ...
+
+    def max_step(self, r: Mat, d: Mat, v0: Any = None) -> tuple[float, Any]:
+        """Largest alpha with R^T R + alpha D >= 0, i.e. 1 / max(0, -lambda_min(R^{-T} D R^{-1}))
+        (inf if D >= 0), and a start vector for the next call (or None)."""
+        ...
+
+
+def cholesky_upper(s: Array) -> Array | None:
+    """Upper Cholesky factor R (S = R^T R) via LAPACK, or None if S is not positive definite."""
+    r, info = lapack.dpotrf(s, lower=0, clean=1, overwrite_a=0)
+    return r if info == 0 else None
+
+
+def inverse_from_cholesky(r: Array) -> Array:
+    """Full symmetric S^{-1} from the upper Cholesky factor (LAPACK potri, mirrored)."""
+    x, info = lapack.dpotri(r, lower=0, overwrite_c=0)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dpotri failed ({info})")
+    x += np.triu(x, 1).T  # potri filled the upper triangle; the lower one is zero
+    return x
+
+
+_DENSE_MAX = 300  # max_step: dense eigenvalue below this size, Lanczos above
+_LANCZOS_RESTARTS = 15  # then the dense eigenvalue (seen: ARPACK looping for minutes)
+
+
+def max_step(r: Array, d: Array, v0: Array | None = None) -> tuple[float, Array | None]:
+    """Largest alpha with R^T R + alpha D >= 0: 1 / max(0, -lambda_min(R^{-T} D R^{-1})).
+
+    Above ``_DENSE_MAX`` rows by Lanczos (ARPACK), started from ``v0`` if given (the previous
+    call's eigenvector: predictor and corrector directions are close); returns that vector.
+    Ritz values lie inside the spectrum, so a loose tolerance errs towards a longer step, which
+    the caller's Cholesky check then shortens.
+    """
+    n = d.shape[0]
+    vec: Array | None = None
+    lam: float | None = None
+    if n > _DENSE_MAX:
+
+        def mv(v: Array) -> Array:
+            w = linalg.solve_triangular(r, v, check_finite=False)
+            return linalg.solve_triangular(r, d @ w, trans="T", check_finite=False)
+
+        op = LinearOperator((n, n), matvec=mv, dtype=np.float64)
+        try:
+            vals, vecs = eigsh(
+                op, k=1, which="SA", tol=1e-3, ncv=min(n - 1, 24), v0=v0, maxiter=_LANCZOS_RESTARTS
+            )
+            lam, vec = float(vals[0]), vecs[:, 0]
+        except (ArpackNoConvergence, ArpackError):
+            lam = None  # clustered spectrum: fall back to the dense eigenvalue below
+    if lam is None:
+        b = linalg.solve_triangular(r, d, trans="T", check_finite=False)
+        c = linalg.solve_triangular(r, b.T, trans="T", check_finite=False)
+        lam = float(linalg.eigvalsh((c + c.T) / 2, subset_by_index=[0, 0])[0])
+    return (math.inf if lam >= 0 else 1.0 / -lam), vec
+
+
+class NumpyOps:
+    """The CPU backend: numpy arrays, LAPACK factorisations, ARPACK step lengths."""
+
+    name = "numpy"
+
+    def asarray(self, a: Array) -> Array:
+        return np.asarray(a, dtype=np.float64)
+
+    def to_numpy(self, a: Array) -> Array:
+        return np.asarray(a)
+
+    def zeros(self, shape: tuple[int, ...]) -> Array:
+        return np.zeros(shape)
+
+    def empty(self, shape: tuple[int, ...]) -> Array:
+        return np.empty(shape)
+
+    def eye(self, n: int) -> Array:
+        return np.eye(n)
+
+    def copy(self, a: Array) -> Array:
+        return a.copy()
+
+    def add_diag(self, a: Array, v: float | Array) -> None:
+        idx = np.arange(min(a.shape))
+        a[idx, idx] += v
+
+    def sym(self, a: Array, scale: float) -> Array:
+        a += a.T  # numpy buffers the overlapping transpose
+        a *= scale
+        return a
+
+    def rowdot(self, a: Array, b: Array) -> Array:
+        return np.einsum("ik,ik->i", a, b)
+
+    def vdot(self, a: Array, b: Array) -> float:
+        return float(np.vdot(a, b))
+
+    def norm(self, a: Array) -> float:
+        return float(np.linalg.norm(a))
+
+    def matmul(self, a: Array, b: Array, low_precision: bool = False) -> Array:
+        if low_precision:
+            with np.errstate(over="ignore", invalid="ignore"):
+                out = (a.astype(np.float32) @ b.astype(np.float32)).astype(np.float64)
+            if np.isfinite(out).all():
+                return out
+        return a @ b
+
+    def cholesky_upper(self, a: Array) -> Array | None:
+        return cholesky_upper(a)
+
+    def inverse_from_cholesky(self, r: Array) -> Array:
+        return inverse_from_cholesky(r)
+
+    def solve_upper_transposed(self, r: Array, b: Array) -> Array:
+        return linalg.solve_triangular(r, b, trans="T", check_finite=False)
+
+    def eigvalsh_min(self, a: Array) -> float:
+        return float(linalg.eigvalsh(a, subset_by_index=[0, 0])[0])
+
+    def eigvalsh_max(self, a: Array) -> float:
+        k = a.shape[0] - 1
+        return float(linalg.eigvalsh(a, subset_by_index=[k, k])[0])
+
+    def max_step(self, r: Array, d: Array, v0: Any = None) -> tuple[float, Any]:
+        return max_step(r, d, v0)
