@@ -4,6 +4,10 @@ Usage (from the repository root, 2 BLAS threads as in docs/benchmarks.md):
 
     OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 MKL_NUM_THREADS=2 \
         .venv/bin/python bench/bench_fast_lipsdp.py [--nets NAME ...] [--no-scs] [--json OUT]
+        [--device cpu|cuda|torch-cpu]
+
+``--device cuda`` runs the structured solver's matrices on the GPU (models.lipsdp_device, every
+LMI size); ``torch-cpu`` the torch backend on the CPU (to compare backends on one machine).
 
 For each network: solve LipSDP-Neuron with the structured solver, certify its multipliers
 on the ORIGINAL (unreduced) LMI with ``certify_multipliers``, report the certified bound, the
@@ -34,7 +38,7 @@ from sdp.errors import CertificateError
 from sdp.ir import Activation, Dense, Network
 from sdp.solvers._lmi_structure import reduce_input
 from sdp.solvers.base import LipSdpProblem, SolveOptions
-from sdp.solvers.structured import SOLVER
+from sdp.solvers.structured import SOLVER, StructuredSolver
 
 FIX = Path(
     os.environ.get("LIPCERT_FIXTURES", Path(__file__).resolve().parents[1] / "../shared/fixtures")
@@ -137,7 +141,27 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_structured(lmi: Lmi, timeout_s: float | None, verbose: bool) -> dict[str, Any]:
+def solver_for(device: str) -> StructuredSolver:
+    """The structured solver with its matrices on ``device`` (cpu = numpy backend)."""
+    if device == "cpu":
+        return SOLVER
+    from models.lipsdp_device import TorchOps
+
+    return StructuredSolver(TorchOps("cpu" if device == "torch-cpu" else device))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def run_structured(
+    lmi: Lmi, timeout_s: float | None, verbose: bool, device: str = "cpu"
+) -> dict[str, Any]:
+    solver = solver_for(device)
+    _sync(device)
     t0 = time.perf_counter()
     prog = (
         (
@@ -150,10 +174,11 @@ def run_structured(lmi: Lmi, timeout_s: float | None, verbose: bool) -> dict[str
         if verbose
         else None
     )
-    sol = SOLVER.solve(
+    sol = solver.solve(
         LipSdpProblem(lmi, "neuron"),
         SolveOptions(timeout_s=timeout_s, progress=prog, eps=STRUCTURED_EPS),  # as compute_bound
     )
+    _sync(device)
     t_solve = time.perf_counter() - t0
     assert sol.multipliers is not None
     try:
@@ -182,6 +207,7 @@ def run_structured(lmi: Lmi, timeout_s: float | None, verbose: bool) -> dict[str
         "solve_s": t_solve,
         "total_s": t_total,
         "lmi_size": sol.info.get("lmi_size"),
+        "backend": sol.info.get("backend"),
     }
 
 
@@ -213,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--force-scs", action="store_true", help="run SCS on every selected net (slow: minutes)"
     )
+    ap.add_argument("--device", default="cpu", help="cpu (numpy) | cuda | torch-cpu")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     env = {
@@ -226,7 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         "numpy": np.__version__,
         "scipy": scipy.__version__,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "device": args.device,
     }
+    if args.device != "cpu":
+        import torch
+
+        env["torch"] = torch.__version__
+        if args.device.startswith("cuda"):
+            env["gpu"] = torch.cuda.get_device_name()
     print(json.dumps(env), flush=True)
     results: dict[str, Any] = {"env": env, "nets": {}}
     for name, (make, scs_ok) in networks().items():
@@ -234,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         lmi = make()
         row: dict[str, Any] = {"hidden": sum(lmi.hidden_sizes), "input": lmi.input_size}
-        row["structured"] = run_structured(lmi, args.timeout, args.verbose)
+        row["structured"] = run_structured(lmi, args.timeout, args.verbose, args.device)
         row["peak_rss_mb_after_structured"] = _peak_rss_mb()
         if (scs_ok or args.force_scs) and not args.no_scs:
             row["scs"] = run_scs(lmi, args.scs_limit)
