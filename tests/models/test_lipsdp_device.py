@@ -15,13 +15,14 @@ import torch
 from models.lipsdp_device import TorchOps, structured_solver, use_device_for_lipsdp
 from sdp.bounds import compute_bound
 from sdp.certificate import Lmi, certify_rho, layerwise_multipliers
-from sdp.ir import Activation, Dense, Network
+from sdp.ir import Activation
 from sdp.solvers import SOLVERS, get_solver, register_solver
 from sdp.solvers._interior_point import IpmSettings, solve_ipm
 from sdp.solvers._lmi_structure import StructuredLmi
 from sdp.solvers.base import LipSdpProblem, SolveOptions
 from sdp.solvers.dense import NumpyOps
 from sdp.solvers.structured import StructuredSolver
+from tests.sdp._nets import dense_network, random_lmi
 
 DEVICES = [
     "cpu",
@@ -29,17 +30,6 @@ DEVICES = [
         "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
     ),
 ]
-
-
-def random_lmi(sizes: list[int], act: Activation, seed: int) -> Lmi:
-    rng = np.random.default_rng(seed)
-    ws = [rng.standard_normal((sizes[i + 1], sizes[i])) for i in range(len(sizes) - 1)]
-    a, b = act.slope_bounds
-    return Lmi(
-        tuple(ws),
-        tuple(np.full(w.shape[0], a) for w in ws[:-1]),
-        tuple(np.full(w.shape[0], b) for w in ws[:-1]),
-    )
 
 
 def certified(solver: StructuredSolver, lmi: Lmi, variant: str = "neuron") -> tuple[float, int]:
@@ -144,16 +134,7 @@ def test_device_choice_reaches_compute_bound() -> None:
     """use_device_for_lipsdp registers the backend as this process's "structured" solver, which
     method=lipsdp-neuron then uses; a CPU device keeps the numpy backend."""
     rng = np.random.default_rng(3)
-    net = Network(
-        (5,),
-        (
-            Dense(rng.standard_normal((12, 5)), np.zeros(12)),
-            Activation("relu"),
-            Dense(rng.standard_normal((9, 12)), np.zeros(9)),
-            Activation("relu"),
-            Dense(rng.standard_normal((3, 9)), np.zeros(3)),
-        ),
-    )
+    net = dense_network([rng.standard_normal(s) for s in [(12, 5), (9, 12), (3, 9)]])
     saved = SOLVERS.get("structured") or get_solver("structured")
     try:
         assert use_device_for_lipsdp("cpu") == "cpu"

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
+from sdp.certificate import Lmi
 from sdp.ir import Activation, Dense, Network
 
 
@@ -40,3 +41,15 @@ def random_network(
     ]
     bs = [0.1 * rng.standard_normal(s) for s in sizes[1:]]
     return dense_network(ws, activation, param, bs)
+
+
+def random_lmi(sizes: list[int], act: Activation, seed: int) -> Lmi:
+    """LipSDP data of a random N(0, 1) chain with ``act``'s slope bounds on every neuron."""
+    rng = np.random.default_rng(seed)
+    ws = [rng.standard_normal((sizes[i + 1], sizes[i])) for i in range(len(sizes) - 1)]
+    a, b = act.slope_bounds
+    return Lmi(
+        tuple(ws),
+        tuple(np.full(w.shape[0], a) for w in ws[:-1]),
+        tuple(np.full(w.shape[0], b) for w in ws[:-1]),
+    )

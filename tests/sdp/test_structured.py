@@ -27,6 +27,7 @@ from sdp.solvers._lmi_structure import (
 from sdp.solvers.base import LipSdpProblem, SolveOptions, Solver
 from sdp.solvers.dense import cholesky_upper, inverse_from_cholesky, max_step
 from sdp.solvers.structured import SOLVER, StructuredSolver
+from tests.sdp._nets import random_lmi
 
 ACTIVATIONS = [
     Activation("relu"),
@@ -38,17 +39,6 @@ ACTIVATIONS = [
     Activation("gelu"),
     Activation("silu"),
 ]
-
-
-def random_lmi(sizes: list[int], act: Activation, seed: int) -> Lmi:
-    rng = np.random.default_rng(seed)
-    ws = [rng.standard_normal((sizes[i + 1], sizes[i])) for i in range(len(sizes) - 1)]
-    a, b = act.slope_bounds
-    return Lmi(
-        tuple(ws),
-        tuple(np.full(w.shape[0], a) for w in ws[:-1]),
-        tuple(np.full(w.shape[0], b) for w in ws[:-1]),
-    )
 
 
 def reference_rho(lmi: Lmi, variant: str = "neuron") -> float:
