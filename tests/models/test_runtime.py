@@ -1,4 +1,4 @@
-"""TorchNetwork computes exactly the IR's forward pass (float64, 1e-10)."""
+"""TorchNetwork computes exactly the IR's forward pass (float64, 1e-10), on CPU and CUDA."""
 
 from __future__ import annotations
 
@@ -12,12 +12,19 @@ from sdp.ir import Activation, Conv2d, Dense, Network, Residual
 ACTS = ["relu", "leaky_relu", "tanh", "sigmoid", "elu", "softplus", "identity", "gelu", "silu"]
 
 
+DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+"""Every comparison runs on the CPU, and on the GPU where there is one (float64, TF32 off)."""
+
+
 def _compare(net: Network, x: np.ndarray, tol: float = 1e-10) -> None:
     want = net.forward(x)
-    tnet = TorchNetwork.from_network(net, dtype=torch.float64)
-    got = tnet(torch.as_tensor(x, dtype=torch.float64)).numpy()
     scale = max(1.0, float(np.abs(want).max()))
-    np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    for device in DEVICES:
+        tnet = TorchNetwork.from_network(net, dtype=torch.float64, device=device)
+        got = tnet(torch.as_tensor(x, dtype=torch.float64, device=device)).cpu().numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale, err_msg=device)
 
 
 @pytest.mark.parametrize("act", ACTS)
