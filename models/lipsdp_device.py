@@ -32,10 +32,6 @@ GPU_MIN_LMI = 256
 measured on a GPU (kernel launches dominate tiny matrices)."""
 
 
-def _linalg_error(e: Exception) -> np.linalg.LinAlgError:
-    return np.linalg.LinAlgError(f"torch: {e}")
-
-
 class TorchOps:
     """Dense float64 algebra on one torch device (the :class:`DenseOps` protocol)."""
 
@@ -51,6 +47,9 @@ class TorchOps:
 
     def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float64, device=self.device)
+
+    def zeros_like(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(a)
 
     def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.empty(shape, dtype=torch.float64, device=self.device)
@@ -77,7 +76,9 @@ class TorchOps:
         return float(torch.linalg.matrix_norm(a))
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor, low_precision: bool = False) -> torch.Tensor:
-        if low_precision:
+        """a @ b; float32 only on the CPU: data-centre GPUs (A100, H100, H200) multiply float64
+        at the float32 (non-tensor-core) rate, so there it would only add two casts."""
+        if low_precision and self.device.type == "cpu":
             out = (a.float() @ b.float()).double()
             if bool(torch.isfinite(out).all()):
                 return out
@@ -92,8 +93,8 @@ class TorchOps:
     def inverse_from_cholesky(self, r: torch.Tensor) -> torch.Tensor:
         try:
             x = torch.cholesky_inverse(r, upper=True)
-        except RuntimeError as e:
-            raise _linalg_error(e) from e
+        except torch.linalg.LinAlgError as e:  # numerical only: out of memory propagates
+            raise np.linalg.LinAlgError(f"torch: {e}") from e
         if not bool(torch.isfinite(x).all()):
             raise np.linalg.LinAlgError("torch: non-finite inverse")
         return x
@@ -104,8 +105,8 @@ class TorchOps:
     def _eigvalsh(self, a: torch.Tensor) -> torch.Tensor:
         try:
             return torch.linalg.eigvalsh(a)
-        except RuntimeError as e:  # torch.linalg.LinAlgError is a RuntimeError
-            raise _linalg_error(e) from e
+        except torch.linalg.LinAlgError as e:  # numerical only: out of memory propagates
+            raise np.linalg.LinAlgError(f"torch: {e}") from e
 
     def eigvalsh_min(self, a: torch.Tensor) -> float:
         return float(self._eigvalsh(a)[0])

@@ -31,11 +31,22 @@ from sdp.ir import Activation, Conv2d, Dense, Network, Op, Residual
 
 
 def resolve_device(name: str) -> str:
-    """auto -> cuda when torch sees a GPU, else cpu; cuda without a GPU is an error."""
+    """auto -> cuda when torch sees a GPU, else cpu; also cpu, cuda and cuda:K.
+
+    Raises:
+        ValueError: any other name.
+        RuntimeError: a CUDA device torch does not see.
+    """
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but torch sees no CUDA device")
+    if name == "cpu":
+        return name
+    head, _, index = name.partition(":")
+    if head != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"unknown device {name!r} (auto, cpu, cuda or cuda:K)")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count <= (int(index) if index else 0):
+        raise RuntimeError(f"device {name!r} requested but torch sees {count} CUDA device(s)")
     return name
 
 

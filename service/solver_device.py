@@ -29,5 +29,7 @@ def use_solver_device(device: str) -> str:
 
     try:
         return use_device_for_lipsdp(device)
+    except ValueError as e:  # a name that is no device
+        raise LipcertError(str(e), code="invalid-device") from e
     except RuntimeError as e:  # cuda asked for, none visible
         raise LipcertError(str(e), code="device-unavailable") from e

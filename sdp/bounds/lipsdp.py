@@ -148,6 +148,8 @@ def _solve_and_certify(
             backend = solution.info.get("backend")
             if backend not in (None, "numpy"):
                 notes.append(f"solver matrices on {backend}")
+            if solution.info.get("backend_error"):
+                notes.append(str(solution.info["backend_error"]))
         except SolverError as e:
             if solver:  # an explicitly requested solver that cannot run is the user's error
                 raise

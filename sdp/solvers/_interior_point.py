@@ -110,7 +110,7 @@ class Grouping:
         from the last layer. Redundant barriers slow interior-point methods down.
         """
         need = np.zeros(lmi.depth)
-        a, b = lmi.ops.to_numpy(lmi.a), lmi.ops.to_numpy(lmi.b)
+        a, b = lmi.a_host, lmi.b_host
         for j in range(lmi.depth - 1):
             nxt = lmi.layer(j + 1)
             need[j] = float(np.any(a[nxt] * b[nxt] > 0))

@@ -63,7 +63,9 @@ class StructuredLmi:
     """Reduced LMI data laid out for the barrier method, its arrays in the backend ``ops``.
 
     ``offsets[k]`` is where block k (0 = input, k = z_k) starts in S; ``offsets[-1] = n``.
-    Neuron i (global index over hidden layers) has coordinate ``r + i`` in S.
+    Neuron i (global index over hidden layers) has coordinate ``r + i`` in S. The slope facts
+    the code branches on are kept on the host (no device round trip per test): ``ab_layers[j]``
+    (some a_i b_i != 0 in hidden layer j), ``any_a`` (some a_i != 0), ``all_b_one``.
     """
 
     weights: tuple[Mat, ...]
@@ -72,6 +74,11 @@ class StructuredLmi:
     offsets: tuple[int, ...]
     wl_gram: Mat
     ops: DenseOps
+    a_host: Array
+    b_host: Array
+    ab_layers: tuple[bool, ...]
+    any_a: bool
+    all_b_one: bool
 
     @classmethod
     def from_lmi(cls, lmi: Lmi, ops: DenseOps | None = None) -> StructuredLmi:
@@ -79,13 +86,22 @@ class StructuredLmi:
         sizes = [lmi.input_size, *lmi.hidden_sizes]
         offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(sizes)]))
         wl = lmi.weights[-1]
+        a = np.concatenate(lmi.alpha) if lmi.depth else np.zeros(0)
+        b = np.concatenate(lmi.beta) if lmi.depth else np.zeros(0)
         return cls(
             weights=tuple(ops.asarray(w) for w in lmi.weights),
-            a=ops.asarray(np.concatenate(lmi.alpha) if lmi.depth else np.zeros(0)),
-            b=ops.asarray(np.concatenate(lmi.beta) if lmi.depth else np.zeros(0)),
+            a=ops.asarray(a),
+            b=ops.asarray(b),
             offsets=offsets,
             wl_gram=ops.asarray(wl.T @ wl),
             ops=ops,
+            a_host=a,
+            b_host=b,
+            ab_layers=tuple(
+                bool(np.any(aj * bj != 0)) for aj, bj in zip(lmi.alpha, lmi.beta, strict=True)
+            ),
+            any_a=bool(np.any(a != 0)),
+            all_b_one=bool(np.all(b == 1.0)),
         )
 
     @property
@@ -125,9 +141,8 @@ class StructuredLmi:
             w, lay = self.weights[j], self.layer(j)
             tj = td[lay]
             lo, hi = self.block(j), self.block(j + 1)
-            ab = self.a[lay] * self.b[lay] * tj
-            if bool((ab != 0).any()):
-                s[lo, lo] += 2 * (w.T * ab) @ w
+            if self.ab_layers[j]:
+                s[lo, lo] += 2 * (w.T * (self.a[lay] * self.b[lay] * tj)) @ w
             c = -((self.a[lay] + self.b[lay]) * tj)[:, None] * w
             s[hi, lo] = c
             s[lo, hi] = c.T
@@ -139,16 +154,15 @@ class StructuredLmi:
 
 def times_linear_part(lmi: StructuredLmi, y: Mat, rho: float, t: Array) -> Mat:
     """Y @ (rho E_0 + sum_i t_i A_i) using the block-tridiagonal sparsity: O(n sum n_j n_{j+1})."""
-    out = lmi.ops.zeros(tuple(y.shape))
+    out = lmi.ops.zeros_like(y)
     out[:, : lmi.r] = rho * y[:, : lmi.r]
     td = lmi.ops.asarray(t)
     for j in range(lmi.depth):
         w, lay = lmi.weights[j], lmi.layer(j)
         lo, hi = lmi.block(j), lmi.block(j + 1)
         tj = td[lay]
-        ab = lmi.a[lay] * lmi.b[lay] * tj
-        if bool((ab != 0).any()):
-            out[:, lo] += 2 * ((y[:, lo] @ w.T) * ab) @ w
+        if lmi.ab_layers[j]:
+            out[:, lo] += 2 * ((y[:, lo] @ w.T) * (lmi.a[lay] * lmi.b[lay] * tj)) @ w
         c = -((lmi.a[lay] + lmi.b[lay]) * tj)[:, None] * w  # block (hi, lo) of the sum
         out[:, lo] += y[:, hi] @ c
         out[:, hi] += y[:, lo] @ c.T
@@ -186,8 +200,8 @@ def rank2_blocks(lmi: StructuredLmi, y: Mat) -> Rank2Blocks:
     qb = p_ew * b[None, :]
     uv = p_ee - qb
     vv = uv - qb.T
-    vv += p_ww if bool((b == 1.0).all()) else (b[:, None] * b[None, :]) * p_ww
-    if bool((a != 0).any()):  # not for ReLU-like slopes [0, b]: saves four N x N passes
+    vv += p_ww if lmi.all_b_one else (b[:, None] * b[None, :]) * p_ww
+    if lmi.any_a:  # not for ReLU-like slopes [0, b]: saves four N x N passes
         qa = p_ew * a[None, :]
         uv -= qa.T
         uv += (a[:, None] * b[None, :]) * p_ww
@@ -212,7 +226,7 @@ def schur_matrix(ops: DenseOps, zb: Rank2Blocks, xb: Rank2Blocks) -> tuple[float
     m += zb.uv.T * xb.uv
     m += zb.uv * xb.uv.T
     m_rt = ops.rowdot(zb.u0, xb.v0) + ops.rowdot(zb.v0, xb.u0)
-    return ops.vdot(zb.y00, xb.y00), ops.to_numpy(m_rt), ops.to_numpy(m)
+    return float((zb.y00 * xb.y00).sum()), ops.to_numpy(m_rt), ops.to_numpy(m)
 
 
 def constraint_values(ops: DenseOps, yb: Rank2Blocks) -> tuple[float, Array]:
@@ -251,7 +265,7 @@ def sym_product_values(
     zh, xh = z[:, hid], x[:, hid]
     vals = ops.rowdot((zh - zb.yw * a).T, (xh - xb.yw * b).T)
     vals += ops.rowdot((xh - xb.yw * a).T, (zh - zb.yw * b).T)
-    return ops.vdot(z[: lmi.r, :], x[: lmi.r, :]), ops.to_numpy(vals)
+    return float((z[: lmi.r, :] * x[: lmi.r, :]).sum()), ops.to_numpy(vals)
 
 
 def rho_for_multipliers(lmi: StructuredLmi, t: Array) -> float:

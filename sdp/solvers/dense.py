@@ -48,6 +48,10 @@ class DenseOps(Protocol):
 
     def zeros(self, shape: tuple[int, ...]) -> Mat: ...
 
+    def zeros_like(self, a: Mat) -> Mat:
+        """Zeros of ``a``'s shape (and memory layout, where the backend has a choice)."""
+        ...
+
     def empty(self, shape: tuple[int, ...]) -> Mat: ...
 
     def eye(self, n: int) -> Mat: ...
@@ -165,6 +169,9 @@ class NumpyOps:
 
     def zeros(self, shape: tuple[int, ...]) -> Array:
         return np.zeros(shape)
+
+    def zeros_like(self, a: Array) -> Array:
+        return np.zeros_like(a)
 
     def empty(self, shape: tuple[int, ...]) -> Array:
         return np.empty(shape)

@@ -152,7 +152,6 @@ class StructuredSolver:
         )
         size = reduced.input_size + sum(reduced.hidden_sizes)
         ops = self.ops if size >= self.min_size else NumpyOps()
-        structure = StructuredLmi.from_lmi(reduced, ops)
         deadline = None if options.timeout_s is None else start + float(options.timeout_s)
         settings = IpmSettings(
             eps=max(float(options.eps), 1e-12),
@@ -172,8 +171,18 @@ class StructuredSolver:
             progress=progress,
             cancelled=options.extra.get("cancelled"),
         )
+        backend_error = None
         try:
-            out = solve_ipm(structure, t0, rho0, settings, per_layer=per_layer)
+            try:
+                structure = StructuredLmi.from_lmi(reduced, ops)
+                out = solve_ipm(structure, t0, rho0, settings, per_layer=per_layer)
+            except RuntimeError as e:  # a device backend's failure: out of memory, CUDA library
+                if isinstance(ops, NumpyOps):
+                    raise
+                backend_error = f"{ops.name} failed ({type(e).__name__}: {e}); solved on numpy"
+                ops = NumpyOps()
+                structure = StructuredLmi.from_lmi(reduced, ops)
+                out = solve_ipm(structure, t0, rho0, settings, per_layer=per_layer)
         except (np.linalg.LinAlgError, ValueError, FloatingPointError) as e:
             raise SolverError(f"structured solver failed: {e}", code="solver-failed") from e
         splits = np.cumsum(lmi.hidden_sizes)[:-1]
@@ -191,6 +200,7 @@ class StructuredSolver:
                 "reduced_input": structure.r,
                 "lmi_size": structure.n,
                 "backend": ops.name,
+                "backend_error": backend_error,
             },
         )
 

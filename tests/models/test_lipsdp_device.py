@@ -146,6 +146,51 @@ def test_device_choice_reaches_compute_bound() -> None:
         assert torch_value == pytest.approx(numpy_value, rel=1e-6)
     finally:
         register_solver("structured", lambda: saved)
+    with pytest.raises(ValueError, match="unknown device"):
+        structured_solver("gpu")
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        structured_solver(f"cuda:{torch.cuda.device_count()}")  # one past the last
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="no CUDA device"):
+        with pytest.raises(RuntimeError, match="sees 0 CUDA device"):
             structured_solver("cuda")
+
+
+class FailingOps(TorchOps):
+    """TorchOps whose ``method`` raises ``error`` from its ``after``-th call on (a device
+    running out of memory mid-solve, or a CUDA library failure)."""
+
+    def __init__(self, method: str, error: Exception, after: int) -> None:
+        super().__init__("cpu")
+        self.calls = 0
+        real = getattr(self, method)
+
+        def failing(*args: object, **kwargs: object) -> object:
+            self.calls += 1
+            if self.calls >= after:
+                raise error
+            return real(*args, **kwargs)
+
+        setattr(self, method, failing)
+
+
+@pytest.mark.parametrize(
+    ("method", "error"),
+    [
+        ("eigvalsh_min", torch.OutOfMemoryError("CUDA out of memory (simulated)")),
+        ("matmul", RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED (simulated)")),
+    ],
+    ids=["oom-in-eigvalsh", "cublas-error"],
+)
+def test_a_failing_device_backend_falls_back_to_numpy(method: str, error: Exception) -> None:
+    """A device failure is not a numerical one: it must neither end the solve early with a
+    loose bound (an out-of-memory taken for a LinAlgError) nor fail the job; the solve is
+    redone on numpy and says so."""
+    lmi = random_lmi([10, 60, 50, 5], Activation("sigmoid"), 3)
+    rho_np, _ = certified(StructuredSolver(), lmi)
+    ops = FailingOps(method, error, after=10)
+    sol = StructuredSolver(ops).solve(LipSdpProblem(lmi), SolveOptions(eps=1e-9))
+    assert ops.calls >= 10  # the failure really happened mid-solve
+    assert sol.status == "optimal" and sol.multipliers is not None
+    assert sol.info["backend"] == "numpy"
+    assert "torch-cpu failed" in sol.info["backend_error"]
+    assert certify_rho(lmi, sol.multipliers) == pytest.approx(rho_np, rel=1e-6)
