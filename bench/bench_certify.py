@@ -14,6 +14,10 @@ Model: vnncomp2021 mnistfc ``mnist-net_256x2.onnx`` (784-256-256-10), naive boun
    at most ``--concurrency`` in flight, loopback: p50/p99 and requests/s; and the trivial
    ``GET /v2/health/live`` at 1 in flight (framework + client + machine floor).
 4. ``--stages``: the server-side stages of one batch request timed in-process (no HTTP).
+5. ``--thread-cpu N``: CPU time per ``.npy`` -> ``.npz`` batch request of each server thread
+   (event loop, inference worker, ...), from ``/proc/<pid>/task/*/sched`` (Linux) over N
+   sequential requests. CPU time, unlike wall-clock ratios, barely depends on other load on
+   the machine. ``--cpu-only`` skips the throughput rounds and the latency runs.
 
 Usage::
 
@@ -80,6 +84,32 @@ def start_server(data_dir: str, threads: int, dtype: str) -> tuple[subprocess.Po
             time.sleep(0.2)
     proc.kill()
     raise SystemExit("server did not start")
+
+
+def thread_cpu_ms(pid: int) -> dict[str, float]:
+    """CPU time (ms) of each thread of process ``pid`` so far, keyed ``name[tid]`` (Linux)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            sched = (task / "sched").read_text()
+        except OSError:  # the thread ended
+            continue
+        for line in sched.splitlines():
+            if line.startswith("se.sum_exec_runtime"):
+                main = " (main: event loop)" if task.name == str(pid) else ""
+                out[f"{name}[{task.name}]{main}"] = float(line.split(":")[1])
+    return out
+
+
+def per_request_thread_cpu(pid: int, fn, n: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Mean CPU ms per call of ``fn`` spent by each thread of process ``pid`` (> 0.05 ms)."""
+    before = thread_cpu_ms(pid)
+    for _ in range(n):
+        fn()
+    after = thread_cpu_ms(pid)
+    used = {k: (v - before.get(k, 0.0)) / n for k, v in after.items()}
+    return {k: v for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v > 0.05}
 
 
 def median_time(fn, repeats: int) -> float:
@@ -200,6 +230,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--stages", action="store_true", help="also time server stages in-process")
+    ap.add_argument(
+        "--thread-cpu", type=int, default=0, metavar="N", help="server CPU per thread, N requests"
+    )
+    ap.add_argument("--cpu-only", action="store_true", help="only --stages and --thread-cpu")
     args = ap.parse_args()
 
     load_start = os.getloadavg()
@@ -247,6 +281,13 @@ def main() -> None:
 
             post_npy_npz()
             post_npy()
+            cpu = per_request_thread_cpu(proc.pid, post_npy_npz, args.thread_cpu)
+            if args.cpu_only:
+                print(f"model {MODEL.name}, batch {args.batch}, dtype {args.dtype}")
+                for name, ms in stages.items():
+                    print(f"  stage {name:52s} {ms:8.2f} ms")
+                report_thread_cpu(cpu, args.thread_cpu)
+                return
             # raw and HTTP runs interleaved, so load changes hit all of them alike; the
             # ratio is taken per round (raw run right before the HTTP runs) and its median kept
             times: dict[str, list[float]] = {"raw": [], "npz": [], "npy": []}
@@ -299,6 +340,14 @@ def main() -> None:
     for ln in batches:
         if "_sum" in ln or "_count" in ln:
             print("  " + ln)
+    report_thread_cpu(cpu, args.thread_cpu)
+
+
+def report_thread_cpu(cpu: dict[str, float], n: int) -> None:
+    if n:
+        print(f"server CPU time per .npy -> .npz request, by thread ({n} sequential requests):")
+        for name, ms in cpu.items():
+            print(f"  {name:40s} {ms:8.2f} ms")
 
 
 if __name__ == "__main__":
