@@ -67,7 +67,7 @@ def as_array(values: Any, what: str = "inputs") -> np.ndarray:
     """A float64 array from nested JSON lists of numbers only (no strings, bools, ragged)."""
     if _rows_of_numbers(values):  # fast path: a list of rows of numbers
         try:
-            return _finite(np.array(values, dtype=np.float64), what)
+            return check_finite(np.array(values, dtype=np.float64), what)
         except (ValueError, OverflowError):
             pass  # ragged or out of range: the general path below says which
     try:
@@ -81,7 +81,7 @@ def as_array(values: Any, what: str = "inputs") -> np.ndarray:
         arr = objs.astype(np.float64)
     except (OverflowError, ValueError, TypeError):
         raise InvalidInput(f"{what} hold numbers outside the float64 range") from None
-    return _finite(arr, what)
+    return check_finite(arr, what)
 
 
 def read_npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
@@ -123,13 +123,20 @@ def load_npy(body: bytes) -> np.ndarray:
     arr = np.frombuffer(data, dtype=dtype, count=count)
     arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
     # a copy unless the cast makes one anyway: torch wants writable arrays
-    return _finite(arr, "inputs").astype(np.float64, copy=True)
+    return check_finite(arr, "inputs").astype(np.float64, copy=True)
 
 
-def _finite(arr: np.ndarray, what: str) -> np.ndarray:
+def check_finite(arr: np.ndarray, what: str, row0: int = 0) -> np.ndarray:
+    """``arr`` itself; InvalidInput naming the first row (counted from ``row0``) that holds a
+    NaN or an infinity. Float arrays are summed first: a finite sum means finite values (one
+    pass, no temporary), and only a non-finite sum needs the elementwise test."""
+    if arr.dtype.kind == "f" and arr.size:
+        with np.errstate(over="ignore", invalid="ignore"):  # a finite sum may overflow
+            if math.isfinite(float(arr.sum())):
+                return arr
     if not np.isfinite(arr).all():
         bad = int(np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)))[0][0]) if arr.ndim else 0
-        raise InvalidInput(f"{what} contain NaN or infinity (first at row {bad})")
+        raise InvalidInput(f"{what} contain NaN or infinity (first at row {bad + row0})")
     return arr
 
 

@@ -3,12 +3,17 @@
 A big batch takes about as long to upload through the ASGI server as to run through the
 network (12.8 MB of float32 MNIST rows: ~40 ms on loopback). :class:`NpyRows` parses the .npy
 header as soon as it is complete, validates dtype and shape (and the row limit) before the
-rest arrives, and hands out complete C-order rows as float64 blocks, so the route can queue
-block k for inference while block k+1 is still uploading. The checks are those of
+rest arrives, and hands out row blocks as soon as their bytes are in, so the route can queue
+block k for inference while block k+1 is still uploading.
+
+The event loop receives the body, so it does as little per byte as possible: a block
+(:class:`RowBlock`) is only a list of views of the received chunks (no copy, no cast).
+:meth:`RowBlock.to_float64` -- called by the inference worker on its own thread -- casts the
+bytes into one float64 array and checks finiteness there. The checks are those of
 :func:`service.certification.load_npy` and :func:`~service.certification.batch_inputs`
-(integer/float dtypes only, never pickle; exact body length; finite values; row shape flat or
-the model's input shape). Fortran-order arrays are not row-contiguous: they are collected
-whole and read by ``load_npy``.
+(integer/float dtypes only, never pickle; exact body length; finite values, with the global row
+of the first bad one; row shape flat or the model's input shape). Fortran-order arrays are not
+row-contiguous: they are collected whole and read by ``load_npy``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 from service.certification import (
     NPY_MAGIC,
     batch_inputs,
+    check_finite,
     check_input_shape,
     load_npy,
     read_npy_header,
@@ -36,13 +42,53 @@ MAX_HEADER_BYTES = 65536
 BLOCK_BYTES = 2 << 20
 
 
-class NpyRows:
-    """Incremental .npy reader: :meth:`feed` body bytes, :meth:`take` complete float64 row
-    blocks of ``block_rows`` rows (the last one shorter), :meth:`finish` at the end of the body
-    (length checks; Fortran-order arrays become one block there).
+class RowBlock:
+    """Rows ``row0 .. row0 + len(self)`` of a .npy body, as the received bytes: ``pieces``
+    (views of the body chunks, in order) hold exactly ``rows * n0`` values of ``dtype``, a
+    value possibly split across two pieces. Nothing is copied until :meth:`to_float64`."""
 
-    Rows are cast straight from the received bytes into preallocated float64 blocks (one pass
-    over the data); only a partial row is ever buffered.
+    __slots__ = ("dtype", "n0", "pieces", "row0", "rows")
+
+    def __init__(
+        self, pieces: list[memoryview], dtype: np.dtype, row0: int, rows: int, n0: int
+    ) -> None:
+        self.pieces, self.dtype, self.row0, self.rows, self.n0 = pieces, dtype, row0, rows, n0
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def to_float64(self) -> np.ndarray:
+        """The rows as a C-contiguous float64 (rows, n0) array, cast in one pass from the
+        pieces; InvalidInput (naming the body's row) when a value is NaN or infinite."""
+        out = np.empty((self.rows, self.n0), dtype=np.float64)
+        flat = out.reshape(-1)
+        size, pos = self.dtype.itemsize, 0
+        carry = b""  # the first bytes of a value split across pieces
+        for piece in self.pieces:
+            if carry:
+                k = size - len(carry)
+                carry += bytes(piece[:k])
+                piece = piece[k:]
+                if len(carry) < size:
+                    continue
+                flat[pos] = np.frombuffer(carry, dtype=self.dtype)[0]
+                pos, carry = pos + 1, b""
+            whole = len(piece) // size
+            if whole:
+                flat[pos : pos + whole] = np.frombuffer(piece, dtype=self.dtype, count=whole)
+                pos += whole
+            carry = bytes(piece[whole * size :])
+        assert pos == flat.size and not carry, "a RowBlock holds whole rows"
+        return check_finite(out, "inputs", row0=self.row0)
+
+
+class NpyRows:
+    """Incremental .npy reader: :meth:`feed` body bytes, :meth:`take` complete row blocks of
+    ``block_rows`` rows (the last one shorter), :meth:`finish` at the end of the body (length
+    checks; a Fortran-order array becomes one float64 block there).
+
+    Blocks are :class:`RowBlock` views of the fed chunks (cast later, off the event loop), or
+    for Fortran-order bodies one float64 array.
     """
 
     def __init__(self, input_shape: list[int], max_inputs: int, block_rows: int = 0) -> None:
@@ -51,16 +97,15 @@ class NpyRows:
         self.n0 = math.prod(input_shape)
         self.block_rows = block_rows or max(64, BLOCK_BYTES // (8 * self.n0))
         self._head = bytearray()  # the header while incomplete; the whole body for Fortran
-        self._tail = bytearray()  # a partial row
         self._dtype: np.dtype | None = None
         self._fortran = False
         self._shape: tuple[int, ...] = ()
         self._rows = 0  # rows declared by the header
-        self._written = 0  # rows cast into blocks so far
+        self._emitted = 0  # rows handed out in blocks so far
         self._received = 0  # data bytes after the header
-        self._block: np.ndarray | None = None
-        self._fill = 0
-        self._ready: list[np.ndarray] = []
+        self._pieces: list[memoryview] = []  # bytes of the block being received
+        self._block_left = 0  # bytes still missing from that block
+        self._ready: list[RowBlock | np.ndarray] = []
 
     @property
     def header_done(self) -> bool:
@@ -72,15 +117,16 @@ class NpyRows:
         return self._rows
 
     def feed(self, data: bytes) -> None:
-        """Add body bytes; parses and validates the header once it is complete."""
+        """Add body bytes; parses and validates the header once it is complete. The bytes
+        are kept by reference (not copied): ``data`` must not change afterwards."""
         if self._dtype is None or self._fortran:
             self._head += data
             if self._dtype is None:
                 rest = self._parse_header()
                 if rest is not None and not self._fortran:
-                    self._consume(memoryview(rest))
+                    self._consume(rest)
             return
-        self._consume(memoryview(data))
+        self._consume(data if type(data) is bytes else bytes(data))
 
     def _parse_header(self) -> bytes | None:
         """Parse the header once complete; returns the data bytes that followed it."""
@@ -108,52 +154,38 @@ class NpyRows:
         self._shape = tuple(shape)
         if self._fortran:  # not row-contiguous: keep the whole body for load_npy
             return None
+        self._block_left = self._block_bytes()
         rest = bytes(buf[start + hlen :])
         self._head = bytearray()
         return rest
 
-    def _consume(self, data: memoryview) -> None:
+    def _block_bytes(self) -> int:
+        """Bytes of the next block (0 when every declared row is in a block)."""
+        assert self._dtype is not None
+        rows = min(self.block_rows, self._rows - self._emitted)
+        return rows * self.n0 * self._dtype.itemsize
+
+    def _consume(self, data: bytes) -> None:
+        """Split ``data`` at block boundaries (views only); bytes beyond the declared rows are
+        only counted (the length check at :meth:`finish` refuses them)."""
         assert self._dtype is not None
         self._received += len(data)
-        row_bytes = self.n0 * self._dtype.itemsize
-        if self._tail:
-            k = min(row_bytes - len(self._tail), len(data))
-            self._tail += data[:k]
-            data = data[k:]
-            if len(self._tail) < row_bytes:
-                return
-            self._write(memoryview(bytes(self._tail)), 1)
-            self._tail.clear()
-        whole = len(data) // row_bytes
-        if whole:
-            self._write(data[: whole * row_bytes], whole)
-        self._tail += data[whole * row_bytes :]
+        view = memoryview(data)
+        while view and self._block_left:
+            k = min(len(view), self._block_left)
+            self._pieces.append(view[:k] if k < len(view) else view)
+            view = view[k:]
+            self._block_left -= k
+            if not self._block_left:
+                rows = min(self.block_rows, self._rows - self._emitted)
+                block = RowBlock(self._pieces, self._dtype, self._emitted, rows, self.n0)
+                self._ready.append(block)
+                self._emitted += rows
+                self._pieces = []
+                self._block_left = self._block_bytes()
 
-    def _write(self, data: memoryview, rows: int) -> None:
-        """Cast ``rows`` rows from ``data`` into the current block(s); rows beyond the
-        declared count are only counted (the length check at :meth:`finish` refuses them)."""
-        assert self._dtype is not None
-        src = np.frombuffer(data, dtype=self._dtype, count=rows * self.n0).reshape(rows, self.n0)
-        done = 0
-        while done < rows and self._written < self._rows:
-            if self._block is None:
-                cap = min(self.block_rows, self._rows - self._written)
-                self._block, self._fill = np.empty((cap, self.n0), dtype=np.float64), 0
-            k = min(rows - done, len(self._block) - self._fill)
-            dst = self._block[self._fill : self._fill + k]
-            dst[...] = src[done : done + k]
-            if not math.isfinite(float(dst.sum())) and not np.isfinite(dst).all():
-                bad = int(np.argwhere(~np.isfinite(dst))[0][0]) + self._written
-                raise InvalidInput(f"inputs contain NaN or infinity (first at row {bad})")
-            self._fill += k
-            self._written += k
-            done += k
-            if self._fill == len(self._block):
-                self._ready.append(self._block)
-                self._block = None
-
-    def take(self) -> np.ndarray | None:
-        """The next complete block (float64, (rows, n0)), or None."""
+    def take(self) -> RowBlock | np.ndarray | None:
+        """The next complete block (:class:`RowBlock`, or float64 (rows, n0)), or None."""
         return self._ready.pop(0) if self._ready else None
 
     def finish(self) -> None:
@@ -181,7 +213,7 @@ class NpyRows:
 async def infer_npy_body(
     chunks: AsyncIterator[bytes],
     reader: NpyRows,
-    infer: Callable[[np.ndarray], Awaitable[tuple[np.ndarray, np.ndarray]]],
+    infer: Callable[[RowBlock | np.ndarray], Awaitable[tuple[np.ndarray, np.ndarray]]],
     on_header: Callable[[], None],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Feed ``chunks`` to ``reader`` and start ``infer`` (-> (logits, logit error)) on each block
@@ -190,7 +222,7 @@ async def infer_npy_body(
     input order. On any error the pending inferences are cancelled and the error propagates."""
     tasks: list[asyncio.Future[tuple[np.ndarray, np.ndarray]]] = []
 
-    def start(block: np.ndarray) -> None:
+    def start(block: RowBlock | np.ndarray) -> None:
         tasks.append(asyncio.ensure_future(infer(block)))
 
     try:

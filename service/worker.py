@@ -37,7 +37,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -60,10 +60,24 @@ INLINE_ROWS = 4
 INLINE_MAX_SECONDS = 0.001
 
 
+class LazyRows(Protocol):
+    """Input rows not yet in float64 (e.g. :class:`service.npy_stream.RowBlock`, the received
+    bytes of a .npy body): ``to_float64`` -- run on the worker thread, off the event loop --
+    casts them to a C-contiguous float64 (rows, n0) array, checking them (InvalidInput)."""
+
+    def __len__(self) -> int: ...
+
+    def to_float64(self) -> np.ndarray: ...
+
+
+#: Inputs of :meth:`InferenceWorker.infer`: float64 (rows, n0), or rows cast on the worker.
+Rows = np.ndarray | LazyRows
+
+
 @dataclass
 class _Request:
     model_id: str
-    x: np.ndarray
+    x: Rows
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     with_error: bool = False  # deliver (logits, logit_error(x)) instead of logits
@@ -129,18 +143,19 @@ class InferenceWorker:
         finally:
             self._requests -= 1
 
-    async def infer(self, model_id: str, x: np.ndarray) -> np.ndarray:
+    async def infer(self, model_id: str, x: Rows) -> np.ndarray:
         """Logits (rows, K) float64 for inputs x (rows, n0)."""
         result: np.ndarray = await self._submit(model_id, x, with_error=False)
         return result
 
-    async def infer_bounded(self, model_id: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def infer_bounded(self, model_id: str, x: Rows) -> tuple[np.ndarray, np.ndarray]:
         """(logits (rows, K), :meth:`logit_error` of x (rows,)): the bound is computed on the
-        worker thread right after the forward pass, off the event loop."""
+        worker thread right after the forward pass, off the event loop. A :class:`LazyRows`
+        ``x`` is cast there too; its InvalidInput is raised here."""
         result: tuple[np.ndarray, np.ndarray] = await self._submit(model_id, x, with_error=True)
         return result
 
-    async def _submit(self, model_id: str, x: np.ndarray, *, with_error: bool) -> Any:
+    async def _submit(self, model_id: str, x: Rows, *, with_error: bool) -> Any:
         if (
             len(x) <= INLINE_ROWS
             and self._requests <= 1
@@ -161,7 +176,7 @@ class InferenceWorker:
         metrics.QUEUE_DEPTH.set(self._queue.qsize())
         return await future
 
-    def _try_inline(self, model_id: str, x: np.ndarray, with_error: bool) -> Any:
+    def _try_inline(self, model_id: str, x: Rows, with_error: bool) -> Any:
         """The result of a forward pass on this thread, or None when the worker thread is
         busy or stopped, the model is not loaded or its small passes are not cheap."""
         cost = self._small_cost.get(model_id)
@@ -172,6 +187,7 @@ class InferenceWorker:
         if module is None or not self._device_lock.acquire(blocking=False):
             return None
         try:
+            x = _float64_rows(x)
             t0 = time.perf_counter()
             logits = self._forward(module, x)
             self._small_cost[model_id] = time.perf_counter() - t0
@@ -250,8 +266,17 @@ class InferenceWorker:
     def _serve(self, model_id: str, reqs: list[_Request], *, last: bool = True) -> None:
         """One forward pass for ``reqs``; ``last``: no more requests in hand after these (the
         worker counts as idle before the results go out, for the inline fast path)."""
+        ready: list[tuple[_Request, np.ndarray]] = []
+        for r in reqs:  # lazy rows are cast here, off the event loop; a bad one fails alone
+            try:
+                ready.append((r, _float64_rows(r.x)))
+            except BaseException as exc:
+                _deliver(r, error=exc)
+        if not ready:
+            self._collecting = not last
+            return
         try:
-            x = np.concatenate([r.x for r in reqs], axis=0) if len(reqs) > 1 else reqs[0].x
+            x = np.concatenate([xr for _, xr in ready], axis=0) if len(ready) > 1 else ready[0][1]
             with self._device_lock:
                 module = self._module(model_id)
                 t0 = time.perf_counter()
@@ -259,21 +284,21 @@ class InferenceWorker:
                 if len(x) <= INLINE_ROWS:
                     self._small_cost[model_id] = time.perf_counter() - t0
             metrics.BATCH_SIZE.observe(len(x))
-            metrics.BATCH_REQUESTS.observe(len(reqs))
+            metrics.BATCH_REQUESTS.observe(len(ready))
         except BaseException as exc:
             self._collecting = not last
             if not isinstance(exc, NotFound):
                 log.exception("inference failed for model %s", model_id)
-            for r in reqs:
+            for r, _ in ready:
                 _deliver(r, error=exc)
             return
         self._collecting = not last
         start = 0
-        for r in reqs:
-            stop = start + len(r.x)
+        for r, xr in ready:
+            stop = start + len(xr)
             out = logits[start:stop]
             try:
-                _deliver(r, result=(out, self.logit_error(model_id, r.x)) if r.with_error else out)
+                _deliver(r, result=(out, self.logit_error(model_id, xr)) if r.with_error else out)
             except BaseException as exc:
                 log.exception("logit error bound failed for model %s", model_id)
                 _deliver(r, error=exc)
@@ -315,6 +340,10 @@ class InferenceWorker:
                 metrics.INFERENCE_SECONDS.observe(time.perf_counter() - t0)
                 out.append(y)
         return np.concatenate(out, axis=0) if len(out) > 1 else out[0]
+
+
+def _float64_rows(x: Rows) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else x.to_float64()
 
 
 def _deliver(req: _Request, *, result: Any = None, error: BaseException | None = None) -> None:

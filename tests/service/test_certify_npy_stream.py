@@ -1,7 +1,8 @@
 """.npy certify bodies are read while they upload: :class:`NpyRows` gives exactly the rows of
-``numpy.load`` whatever the chunking, refuses what ``load_npy`` refuses (with the global row of
-a NaN), and over HTTP a body sent in chunks runs as several forward passes whose radii match
-the network's own float64 forward."""
+``numpy.load`` whatever the chunking (values split across chunks included), refuses what
+``load_npy`` refuses (with the global row of a NaN, found when a block is cast), keeps the
+received chunks by reference instead of copying them, and over HTTP a body sent in chunks
+runs as several forward passes whose radii match the network's own float64 forward."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from service import metrics
 from service.app import create_app
 from service.errors import InvalidInput
-from service.npy_stream import NpyRows
+from service.npy_stream import NpyRows, RowBlock
 from service.settings import Settings
 from tests.service.onnx_nets import mlp_onnx, norm_product
 
@@ -42,9 +43,12 @@ def _read(body: bytes, sizes: list[int], input_shape: list[int], block_rows: int
     while (b := reader.take()) is not None:
         blocks.append(b)
     if not reader._fortran:  # fixed-size blocks, the last one holding the rest
+        assert all(isinstance(b, RowBlock) for b in blocks)
         assert all(len(b) == block_rows for b in blocks[:-1])
         assert 0 < len(blocks[-1]) <= block_rows
-    return np.concatenate(blocks)
+    arrays = [b.to_float64() if isinstance(b, RowBlock) else b for b in blocks]
+    assert [len(a) for a in arrays] == [len(b) for b in blocks]
+    return np.concatenate(arrays)
 
 
 @pytest.mark.parametrize(
@@ -95,6 +99,23 @@ def test_refusals() -> None:
     _fails(_npy(np.zeros(4)), [5], [4], "expected")
     _fails(_npy(np.zeros((0, 4))), [5], [4], "0 values")
     _fails(_npy(np.array([[1 + 2j] * 4])), [5], [4], "not an integer or float")
+
+
+def test_blocks_view_the_received_chunks_without_copying() -> None:
+    x = np.random.default_rng(8).normal(size=(8, 4)).astype(np.float32)
+    body = _npy(x)
+    hlen = len(body) - x.nbytes
+    reader = NpyRows([4], max_inputs=100, block_rows=3)
+    reader.feed(body[:hlen])
+    chunk = body[hlen:]  # one chunk holding all 8 rows: blocks of 3, 3 and 2 rows
+    reader.feed(chunk)
+    reader.finish()
+    blocks = [reader.take() for _ in range(3)]
+    assert reader.take() is None
+    assert [(b.row0, len(b)) for b in blocks] == [(0, 3), (3, 3), (6, 2)]
+    for b in blocks:
+        assert all(p.obj is chunk for p in b.pieces)  # views of the chunk, not copies
+    np.testing.assert_array_equal(np.concatenate([b.to_float64() for b in blocks]), x)
 
 
 def test_row_limit_is_checked_from_the_header_alone() -> None:
