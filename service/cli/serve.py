@@ -30,5 +30,8 @@ def serve(
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from service.malloc_tuning import keep_freed_memory
+
+    keep_freed_memory()  # no page faults on every big body (see service.malloc_tuning)
     # lipcert's own access log (service.middleware) replaces uvicorn's
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
