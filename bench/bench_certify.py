@@ -103,7 +103,10 @@ def thread_cpu_ms(pid: int) -> dict[str, float]:
 
 
 def per_request_thread_cpu(pid: int, fn, n: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    """Mean CPU ms per call of ``fn`` spent by each thread of process ``pid`` (> 0.05 ms)."""
+    """Mean CPU ms per call of ``fn`` spent by each thread of process ``pid`` (> 0.05 ms);
+    empty for ``n`` = 0."""
+    if n <= 0:
+        return {}
     before = thread_cpu_ms(pid)
     for _ in range(n):
         fn()
