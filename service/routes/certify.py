@@ -22,6 +22,7 @@ from service.certify_media import JSON_MEDIA_TYPE, NPZ_MEDIA_TYPE, npz_bytes, pr
 from service.deps import SettingsDep, StorageDep, WorkerDep, model_or_404
 from service.errors import InvalidInput, NotFound, NoVerifiedBound, UnsupportedMediaType
 from service.npy_stream import NpyRows, infer_npy_body
+from service.npz_body import read_npz_body
 from service.schemas import PROBLEM_RESPONSES, CertifyRequest, CertifyResponse
 from service.settings import Settings
 from service.storage import Storage
@@ -43,6 +44,13 @@ _REQUEST_BODY = {
                 "schema": {"type": "string", "format": "binary"},
                 "description": "A .npy array (batch, n0) or (batch, *input_shape); options "
                 "as query parameters.",
+            },
+            NPZ_MEDIA_TYPE: {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "An .npz archive (numpy.savez or savez_compressed) holding "
+                "inputs.npy (required: as an application/x-npy body) and labels.npy "
+                "(optional: 1-D integer class indices, one per input, for certified_accuracy); "
+                "no other members. Options as query parameters.",
             },
         },
     }
@@ -75,6 +83,8 @@ def _check_epsilon(epsilon: float) -> None:
 
 #: Rows above which the radii and the response are computed off the event loop.
 INLINE_ROWS = 256
+#: .npz bodies above this size are unzipped and parsed off the event loop.
+NPZ_INLINE_BYTES = 1 << 16
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     **PROBLEM_RESPONSES,
@@ -104,15 +114,19 @@ async def certify(
     settings: SettingsDep,
     storage: StorageDep,
     worker: WorkerDep,
-    bound: str = Query("best", max_length=128, description="For .npy bodies: best or a job id."),
-    return_logits: bool = Query(False, description="For .npy bodies."),
-    epsilon: float = Query(0.0, ge=0, description="For .npy bodies."),
+    bound: str = Query(
+        "best", max_length=128, description="For .npy and .npz bodies: best or a job id."
+    ),
+    return_logits: bool = Query(False, description="For .npy and .npz bodies."),
+    epsilon: float = Query(0.0, ge=0, description="For .npy and .npz bodies."),
 ) -> Response:
     """radius = (margin - sqrt(2) E) / (sqrt(2) L) with L the chosen verified bound (DESIGN §4)
     and E a rigorous bound on the rounding error of the logits (tiny in float64);
     radius_pairwise = min_j (f_y - f_j - sqrt(2) E) / L_yj when the bound has pairwise constants.
     Without a verified bound: 409 with a hint. JSON bodies follow ``CertifyRequest``;
-    ``application/x-npy`` bodies carry the inputs and take the options as query parameters.
+    ``application/x-npy`` bodies carry the inputs, ``application/x-npz`` bodies the inputs and
+    optionally labels (``inputs.npy``, ``labels.npy``); both take the options as query
+    parameters.
     ``Accept: application/x-npz`` returns the results as columns in an .npz archive."""
     with worker.request():
         return await _certify(
@@ -148,6 +162,16 @@ async def _certify(
             functools.partial(worker.infer_bounded, model_id),
             choose_bound,
         )
+    elif ctype == NPZ_MEDIA_TYPE:  # inputs and labels; unzipped and parsed off the event loop
+        _check_epsilon(epsilon)
+        body = await request.body()
+        args = (body, rec.input_shape, settings.max_inputs, settings.max_upload_bytes)
+        if len(body) <= NPZ_INLINE_BYTES:
+            x, labels = read_npz_body(*args)
+        else:
+            x, labels = await asyncio.to_thread(read_npz_body, *args)
+        choose_bound()
+        logits, logit_error = await worker.infer_bounded(model_id, x)
     elif ctype in ("application/json", "") or ctype.endswith("+json"):
         try:
             req = CertifyRequest.model_validate(loads_json(await request.body()))
@@ -163,7 +187,8 @@ async def _certify(
         logits, logit_error = await worker.infer_bounded(model_id, x)
     else:
         raise UnsupportedMediaType(
-            f"content type {ctype!r} is not accepted; use application/json or application/x-npy"
+            f"content type {ctype!r} is not accepted; use application/json, application/x-npy "
+            "or application/x-npz"
         )
     extra = {"model_id": model_id, "precision": worker.dtype_name}
 

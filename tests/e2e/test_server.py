@@ -123,6 +123,12 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _npz(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
 def test_upload_bound_certify_restart(server: Server, fixtures_dir: Path) -> None:
     onnx_bytes = mlp_onnx(lipsdp_weights(fixtures_dir))
     c = httpx.Client(base_url=server.url, timeout=120)
@@ -167,6 +173,27 @@ def test_upload_bound_certify_restart(server: Server, fixtures_dir: Path) -> Non
         headers={"content-type": "application/x-npy"},
     ).json()
     assert npy["results"] == body["results"]
+    # labels ride along in an .npz body: certified_accuracy as for the same JSON body
+    labels = np.argmax(ref, 1)
+    labels[::4] = 1 - labels[::4]  # a quarter misclassified
+    eps = float(np.median(got))
+    with_labels = c.post(
+        f"/v1/models/{mid}/certify",
+        json={"inputs": x.tolist(), "labels": labels.tolist(), "epsilon": eps},
+    ).json()
+    buf = io.BytesIO()
+    np.savez_compressed(buf, inputs=x, labels=labels)
+    npz = c.post(
+        f"/v1/models/{mid}/certify?epsilon={eps}",
+        content=buf.getvalue(),
+        headers={"content-type": "application/x-npz"},
+    ).json()
+    assert npz["accuracy"] == pytest.approx(0.75)
+    want = np.mean((np.argmax(ref, 1) == labels) & (got > eps))
+    assert npz["certified_accuracy"] == pytest.approx(want) == with_labels["certified_accuracy"]
+    assert [r["certified"] for r in npz["results"]] == [
+        r["certified"] for r in with_labels["results"]
+    ]
 
     oip = c.post(
         f"/v2/models/{mid}/infer",
@@ -219,6 +246,9 @@ def test_hostile_requests_get_4xx_and_server_survives(server: Server, fixtures_d
         (b'{"inputs": [["NaN", 1]]}', "application/json"),
         (b'{"inputs": [[1, 2, 3]]}', "application/json"),
         (_npy(np.array([[np.nan, 1.0]])), "application/x-npy"),
+        (b"PK\x05\x06 not a zip", "application/x-npz"),
+        (_npz(inputs=np.array([[{}, 1]], dtype=object)), "application/x-npz"),
+        (_npz(inputs=np.zeros((2, 2)), labels=np.array([0, 7])), "application/x-npz"),
     ]:
         r = c.post(f"/v1/models/{mid}/certify", content=content, headers={"content-type": ctype})
         assert 400 <= r.status_code < 500, r.text
