@@ -1,14 +1,15 @@
 """The inference worker: one thread owns the device and micro-batches concurrent requests.
 
-Requests (``model_id``, inputs (rows, n0) float64) go into a bounded queue; a full queue is
-refused at once (:class:`~service.errors.ServiceBusy`, 503 + Retry-After) instead of piling
-up latency. The worker thread takes the first request, then everything already waiting,
-then waits at most ``max_wait_ms`` for more until ``max_batch`` rows; rows of the same model
-run as one forward pass (big requests in chunks). Fast path: on CPU, a request of at most
-``INLINE_ROWS`` rows that is the only one in progress (routes count theirs with
-:meth:`InferenceWorker.request`), finds the queue empty and the worker idle runs on the
-caller's thread if the model's small passes take under ``INLINE_MAX_SECONDS``, saving two
-thread hand-offs; under concurrent load the worker thread keeps the forward passes off the
+Requests (``model_id``, inputs (rows, n0) float64, or :class:`LazyRows` that the worker
+thread casts and checks itself, e.g. the received bytes of a .npy body) go into a bounded
+queue; a full queue is refused at once (:class:`~service.errors.ServiceBusy`, 503 +
+Retry-After) instead of piling up latency. The worker thread takes the first request, then
+everything already waiting, then waits at most ``max_wait_ms`` for more until ``max_batch``
+rows; rows of the same model run as one forward pass (big requests in chunks). Fast path: on
+CPU, a request of at most ``INLINE_ROWS`` rows that is the only one in progress (routes count
+theirs with :meth:`InferenceWorker.request`), finds the queue empty and the worker idle runs
+on the caller's thread if the model's small passes take under ``INLINE_MAX_SECONDS``, saving
+two thread hand-offs; under concurrent load the worker thread keeps the forward passes off the
 event loop. A device lock keeps forward passes one at a time either way.
 Models live on the device as
 :class:`models.runtime.TorchNetwork` built from the *same IR* that was bounded, in an LRU
