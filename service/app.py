@@ -102,7 +102,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_upload_bytes,
+        timeout_s=settings.body_timeout_s,
+    )
     app.add_middleware(AccessLogMiddleware)
 
     app.include_router(health.router)

@@ -87,7 +87,9 @@ def as_array(values: Any, what: str = "inputs") -> np.ndarray:
 def read_npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
     """(shape, fortran_order, dtype, data offset) of a .npy body's header, parsed by numpy.
 
-    Only plain integer/float dtypes pass (object arrays would need pickle: refused).
+    Only plain integer/float dtypes of at most 8 bytes pass (object arrays would need pickle;
+    a long double's values may not survive the cast to float64), and only shapes of plain
+    non-negative ints (numpy's parser also lets ``True`` or ``-1`` through).
     """
     if not head.startswith(NPY_MAGIC):
         raise InvalidInput("the body is not a .npy file (bad magic)", code="invalid-npy")
@@ -101,8 +103,10 @@ def read_npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], 
             shape, fortran, dtype = fmt.read_array_header_2_0(stream)
     except Exception as exc:  # numpy raises ValueError/OSError/EOFError on bad headers
         raise InvalidInput(f"unreadable .npy header: {exc}", code="invalid-npy") from None
-    if dtype.kind not in "iuf" or dtype.hasobject:
-        raise InvalidInput(f".npy dtype {dtype} is not an integer or float type")
+    if dtype.kind not in "iuf" or dtype.hasobject or dtype.itemsize > 8:
+        raise InvalidInput(f".npy dtype {dtype} is not an integer or float type of <= 64 bits")
+    if not all(type(d) is int and d >= 0 for d in shape):
+        raise InvalidInput(f".npy header declares shape {shape!r}", code="invalid-npy")
     return tuple(shape), bool(fortran), dtype, stream.tell()
 
 
@@ -122,8 +126,9 @@ def load_npy(body: bytes) -> np.ndarray:
         )
     arr = np.frombuffer(data, dtype=dtype, count=count)
     arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
-    # a copy unless the cast makes one anyway: torch wants writable arrays
-    return check_finite(arr, "inputs").astype(np.float64, copy=True)
+    # a copy either way (torch wants writable arrays); checked after the cast, which is what
+    # the network sees
+    return check_finite(arr.astype(np.float64, copy=True), "inputs")
 
 
 def check_finite(arr: np.ndarray, what: str, row0: int = 0) -> np.ndarray:

@@ -26,8 +26,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from sdp.errors import (
     CertificateError,
@@ -153,6 +154,7 @@ def _status_code(status: int) -> str:
         404: "not-found",
         405: "method-not-allowed",
         406: "not-acceptable",
+        408: "request-timeout",
         413: "payload-too-large",
         415: "unsupported-media-type",
         422: "invalid-request",
@@ -219,6 +221,13 @@ def install_error_handlers(app: FastAPI) -> None:
             instance=request.url.path,
             headers=dict(exc.headers or {}),
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        """The client left mid-request (e.g. an abandoned upload): nobody reads an answer, and
+        it is not a server error; recorded as 499 (nginx's "client closed request")."""
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,7 +1,9 @@
-"""Pure ASGI middleware: the streaming body-size cap, and request logging + metrics."""
+"""Pure ASGI middleware: the streaming body-size and body-time caps, and request logging +
+metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -23,16 +25,28 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body exceeds the limit of {limit} bytes")
 
 
+class BodyTimeout(HTTPException):
+    """Raised from ``receive`` when the body has not fully arrived ``timeout_s`` after the
+    application started reading it (answered 408, like :class:`BodyTooLarge`)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {timeout_s:g} s")
+
+
 class BodyLimitMiddleware:
-    """Refuse bodies over ``max_bytes``: by Content-Length up front, else while streaming.
+    """Refuse bodies over ``max_bytes`` (413): by Content-Length up front, else while streaming;
+    and bodies still incomplete ``timeout_s`` after the application first reads (408).
 
     Nothing beyond the cap is ever buffered: the wrapped ``receive`` raises as soon as the
-    running total passes ``max_bytes``.
+    running total passes ``max_bytes``. The time limit covers the body only: once its last part
+    has arrived, ``receive`` (e.g. a streaming response waiting for the disconnect) is not
+    timed.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,18 +59,31 @@ class BodyLimitMiddleware:
             except ValueError:
                 too_big = False
             if too_big:
-                await _send_413(scope, send, self.max_bytes)
+                await _send_problem(
+                    scope, send, 413, "payload-too-large", BodyTooLarge(self.max_bytes)
+                )
                 return
         total = 0
         started = False
+        body_done = False
+        deadline: float | None = None
 
         async def limited_receive() -> Message:
-            nonlocal total
-            message = await receive()
+            nonlocal total, body_done, deadline
+            if body_done or self.timeout_s is None:
+                message = await receive()
+            else:
+                now = time.monotonic()
+                deadline = now + self.timeout_s if deadline is None else deadline
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - now, 0.0))
+                except TimeoutError:
+                    raise BodyTimeout(self.timeout_s) from None
             if message["type"] == "http.request":
                 total += len(message.get("body", b""))
                 if total > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -70,7 +97,11 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if started:
                 raise
-            await _send_413(scope, send, self.max_bytes)
+            await _send_problem(scope, send, 413, "payload-too-large", BodyTooLarge(self.max_bytes))
+        except BodyTimeout as exc:
+            if started:
+                raise
+            await _send_problem(scope, send, 408, "request-timeout", exc)
 
 
 class AccessLogMiddleware:
@@ -111,22 +142,27 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _send_413(scope: Scope, send: Send, limit: int) -> None:
+async def _send_problem(
+    scope: Scope, send: Send, status: int, code: str, exc: HTTPException
+) -> None:
+    """A problem+json answer sent from the middleware (the app never saw the error), closing
+    the connection: the rest of the body is not read."""
     import json
+    from http import HTTPStatus
 
     body: dict[str, Any] = {
-        "type": PROBLEM_BASE + "payload-too-large",
-        "title": "Content Too Large",
-        "status": 413,
-        "detail": f"request body exceeds the limit of {limit} bytes",
-        "code": "payload-too-large",
+        "type": PROBLEM_BASE + code,
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": str(exc.detail),
+        "code": code,
         "instance": scope.get("path", ""),
     }
     payload = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
                 (b"content-length", str(len(payload)).encode()),

@@ -11,8 +11,9 @@ An archive is untrusted, so before zipfile parses its central directory or infla
   (a huge directory would be parsed entry by entry); zip64 archives are refused (a body under
   the upload cap never needs them);
 * members may only be named ``inputs.npy`` / ``labels.npy``, once each, unencrypted, stored or
-  deflated, and their declared uncompressed sizes together must fit the upload cap (zipfile
-  never inflates a member past its declared size, and checks its CRC);
+  deflated, and their declared uncompressed sizes together must fit the upload cap; a member
+  is inflated in bounded steps up to its declared size and no further (:func:`_read_member`),
+  and zipfile checks its CRC;
 * each member is read like an ``.npy`` body (:func:`service.certification.read_npy_header`:
   numpy's header parser, plain integer/float dtypes only, so never a pickle or object array;
   exact data length; finite inputs).
@@ -102,11 +103,26 @@ def _members(body: bytes, max_bytes: int) -> dict[str, bytes]:
                 raise _bad(
                     f"the members declare {declared} bytes uncompressed; at most {max_bytes}"
                 )
-            return {name: archive.read(name) for name in names}
+            return {info.filename: _read_member(archive, info) for info in infos}
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, ValueError) as exc:
         raise _bad(f"unreadable .npz archive: {exc}") from None
     except (NotImplementedError, OSError, struct.error) as exc:
         raise _bad(f"unreadable .npz archive ({type(exc).__name__})") from None
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """The member's declared ``file_size`` bytes, inflated in bounded steps.
+
+    ``ZipFile.read`` would hand the whole compressed stream to one decompress call (up to
+    2 GiB of output from a 2 MiB deflate bomb) and only then cut it to the declared size; a
+    sized read inflates at most what is asked for. Reading one byte more reaches the end of
+    the member, where zipfile checks its CRC; data beyond the declared size is refused.
+    """
+    with archive.open(info) as member:
+        data = member.read(info.file_size)
+        if len(data) != info.file_size or member.read(1):
+            raise _bad(f"{info.filename}: the data does not match its declared size")
+    return data
 
 
 def _member_error(name: str, exc: InvalidInput) -> InvalidInput:

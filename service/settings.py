@@ -44,6 +44,12 @@ class Settings(BaseSettings):
         description="When set, every route except health checks and docs needs X-API-Key.",
     )
     max_upload_mb: float = Field(default=64.0, gt=0, description="Largest accepted request body.")
+    body_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Time limit for receiving one request body (then 408: a client that "
+        "trickles its upload does not hold a buffer forever).",
+    )
     queue_url: str = Field(
         default="",
         description="Empty: embedded local job runner; redis://...: RQ workers.",

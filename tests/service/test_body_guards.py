@@ -1,0 +1,204 @@
+"""Guards on request bodies found by review: a deflate bomb inside an .npz inflates only to its
+declared size; .npy headers with bool or negative dimensions and long-double data are refused
+(422, not 500 or a meaningless 200); a body that stops arriving gets 408 after
+LIPCERT_BODY_TIMEOUT_S without timing the rest of the request; a client leaving mid-upload is
+a 499, not a logged server error."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import struct
+import tracemalloc
+import zlib
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.middleware import BodyLimitMiddleware
+from service.npz_body import read_npz_body
+from tests.service.onnx_nets import assert_problem
+
+NPY = {"content-type": "application/x-npy"}
+NPZ = {"content-type": "application/x-npz"}
+
+
+def npy_with_header(header: dict[str, Any], data: bytes) -> bytes:
+    """A .npy body with exactly this header dict (numpy's writer would refuse bad ones)."""
+    text = repr(header).encode("latin1")
+    pad = 64 - (10 + len(text) + 1) % 64
+    text += b" " * pad + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + data
+
+
+def single_member_zip(name: bytes, stream: bytes, size: int, crc: int, method: int) -> bytes:
+    """A one-member zip written by hand, so that the declared size and CRC can say anything."""
+    local = struct.pack(
+        "<4s5H3L2H", b"PK\x03\x04", 20, 0, method, 0, 0, crc, len(stream), size, len(name), 0
+    )
+    central = struct.pack(
+        "<4s6H3L5H2L",
+        *(b"PK\x01\x02", 20, 20, 0, method, 0, 0, crc, len(stream), size, len(name)),
+        *(0, 0, 0, 0, 0, 0),
+    )
+    offset = len(local) + len(name) + len(stream)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(central) + len(name), offset, 0)
+    return local + name + stream + central + name + end
+
+
+def test_a_deflate_bomb_inflates_only_to_its_declared_size() -> None:
+    """The stream inflates to 256 MiB, the directory declares the small .npy in front of it
+    (with its CRC): reading stops at the declared size instead of inflating everything."""
+    x = np.random.default_rng(0).normal(size=(3, 12))
+    buf = io.BytesIO()
+    np.save(buf, x)
+    payload = buf.getvalue()
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -15)
+    zeros = bytes(1 << 24)
+    stream = squeeze.compress(payload) + b"".join(squeeze.compress(zeros) for _ in range(16))
+    stream += squeeze.flush()
+    assert len(stream) < 512 * 1024  # a small upload
+    body = single_member_zip(b"inputs.npy", stream, len(payload), zlib.crc32(payload), 8)
+    tracemalloc.start()
+    try:
+        got, labels = read_npz_body(body, [12], max_inputs=100, max_bytes=64 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got, x)
+    assert labels is None
+    assert peak < 16 << 20, f"peak {peak / 2**20:.0f} MiB while reading a 256 MiB bomb"
+
+
+@pytest.fixture
+def model(client, rw_onnx) -> str:
+    mid = client.post("/v1/models", files={"file": ("rw.onnx", rw_onnx)}).json()["id"]
+    client.app.state.storage.save_bound(
+        mid, {"lipschitz_bound": 10.0, "method": "naive", "verified": True}
+    )
+    return str(mid)
+
+
+def _as_npz(npy: bytes) -> bytes:
+    return single_member_zip(b"inputs.npy", npy, len(npy), zlib.crc32(npy), 0)
+
+
+@pytest.mark.parametrize("fortran", [False, True])
+@pytest.mark.parametrize(
+    ("header", "data", "code", "reason"),
+    [
+        ({"descr": "<f8", "shape": (True, 2)}, bytes(16), "invalid-npy", "shape (True, 2)"),
+        ({"descr": "<f8", "shape": (-1, 2)}, bytes(16), "invalid-npy", "shape (-1, 2)"),
+        ({"descr": "<f16", "shape": (1, 2)}, bytes(32), "invalid-input", "<= 64 bits"),
+    ],
+    ids=["bool-dimension", "negative-dimension", "long-double"],
+)
+def test_bad_npy_headers_are_problems_on_every_path(
+    client, model, fortran: bool, header: dict[str, Any], data: bytes, code: str, reason: str
+) -> None:
+    npy = npy_with_header({**header, "fortran_order": fortran}, data)
+    for body, headers in ((npy, NPY), (_as_npz(npy), NPZ)):
+        r = client.post(f"/v1/models/{model}/certify", content=body, headers=headers)
+        assert reason in assert_problem(r, 422, code)["detail"]
+    assert client.get("/v2/health/ready").status_code == 200
+
+
+def _http_scope(path: str, headers: dict[str, str]) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+def _call(app: Any, path: str, headers: dict[str, str], messages: list[dict[str, Any]]) -> list:
+    """Run one request through ``app`` at the ASGI level: ``messages`` are what the client
+    sends (then nothing more arrives); returns what the app sent."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(asyncio.wait_for(app(_http_scope(path, headers), receive, send), 30))
+    return sent
+
+
+def test_a_body_that_stops_arriving_gets_408(make_client, rw_onnx) -> None:
+    client = make_client(body_timeout_s=0.3)
+    mid = client.post("/v1/models", files={"file": ("rw.onnx", rw_onnx)}).json()["id"]
+    part = {"type": "http.request", "body": b"\x93NUMPY\x01\x00", "more_body": True}
+    sent = _call(client.app, f"/v1/models/{mid}/certify", NPY, [part])
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
+    assert b'"request-timeout"' in sent[1]["body"]
+
+
+def test_the_body_timeout_does_not_time_the_rest_of_the_request() -> None:
+    """After the last body part, an app waiting on receive() (a streaming response listening
+    for the disconnect) is not cut off by the body timeout."""
+    done: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        assert (await receive())["type"] == "http.disconnect"  # arrives after 3 timeouts
+        done.append(body)
+
+    async def run() -> None:
+        parts = [
+            {"type": "http.request", "body": b"ab", "more_body": True},
+            {"type": "http.request", "body": b"c", "more_body": False},
+        ]
+
+        async def receive() -> dict[str, Any]:
+            if parts:
+                return parts.pop(0)
+            await asyncio.sleep(0.3)
+            return {"type": "http.disconnect"}
+
+        async def send(message: Any) -> None:
+            pass
+
+        await BodyLimitMiddleware(app, max_bytes=100, timeout_s=0.1)(
+            _http_scope("/", {}), receive, send
+        )
+
+    asyncio.run(run())
+    assert done == [b"abc"]
+
+
+def test_a_client_leaving_mid_upload_is_499_not_a_server_error(
+    client, model, caplog: pytest.LogCaptureFixture
+) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((4096, 2)))
+    body = buf.getvalue()
+    messages = [
+        {"type": "http.request", "body": body[: len(body) // 2], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    with caplog.at_level(logging.INFO):
+        sent = _call(client.app, f"/v1/models/{model}/certify", NPY, messages)
+    assert sent[0]["status"] == 499
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert client.get("/v2/health/ready").status_code == 200
