@@ -11,7 +11,8 @@ An archive is untrusted, so before zipfile parses its central directory or infla
   (a huge directory would be parsed entry by entry); zip64 archives are refused (a body under
   the upload cap never needs them);
 * members may only be named ``inputs.npy`` / ``labels.npy``, once each, unencrypted, stored or
-  deflated, and their declared uncompressed sizes together must fit the upload cap; a member
+  deflated, their declared uncompressed sizes together must fit the upload cap, each member's
+  compression ratio must stay under :data:`MAX_RATIO` (beyond 1 MiB of slack); a member
   is inflated in bounded steps up to its declared size and no further (:func:`_read_member`),
   and zipfile checks its CRC;
 * each member is read like an ``.npy`` body (:func:`service.certification.read_npy_header`:
@@ -42,6 +43,11 @@ INPUTS, LABELS = "inputs.npy", "labels.npy"
 MAX_MEMBERS = 2
 #: Largest central directory parsed (two entries need a few hundred bytes).
 MAX_DIRECTORY_BYTES = 65536
+#: Largest compression ratio of a member beyond the slack below: real inputs deflate a few
+#: times at most (8-bit images ~5-10x), while a small body that inflates to the upload cap
+#: and is then cast to float64 (8x more) would let a few cheap requests take gigabytes.
+MAX_RATIO = 64
+RATIO_SLACK_BYTES = 1 << 20
 
 _END = b"PK\x05\x06"  # end of central directory record
 _END_SIZE = 22
@@ -103,6 +109,13 @@ def _members(body: bytes, max_bytes: int) -> dict[str, bytes]:
                 raise _bad(
                     f"the members declare {declared} bytes uncompressed; at most {max_bytes}"
                 )
+            for info in infos:
+                if info.file_size > MAX_RATIO * info.compress_size + RATIO_SLACK_BYTES:
+                    raise _bad(
+                        f"{info.filename} declares {info.file_size} bytes from "
+                        f"{info.compress_size} compressed (compression ratio over {MAX_RATIO}: "
+                        "send it stored, e.g. numpy.savez)"
+                    )
             return {info.filename: _read_member(archive, info) for info in infos}
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, ValueError) as exc:
         raise _bad(f"unreadable .npz archive: {exc}") from None

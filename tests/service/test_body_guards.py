@@ -202,3 +202,22 @@ def test_a_client_leaving_mid_upload_is_499_not_a_server_error(
     assert sent[0]["status"] == 499
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_an_npz_member_compressed_beyond_any_real_input_is_refused() -> None:
+    """3.2 MB of uint8 zeros deflate to a few KB: under the upload cap, but 25 MB once cast to
+    float64, from a tiny body. Refused by its compression ratio; the same array stored passes."""
+    from service.errors import InvalidInput
+
+    x = np.zeros((4096, 784), dtype=np.uint8)
+    packed, stored = io.BytesIO(), io.BytesIO()
+    np.savez_compressed(packed, inputs=x)
+    np.savez(stored, inputs=x)
+    assert len(packed.getvalue()) < 64 * 1024
+    with pytest.raises(InvalidInput, match="compression ratio over 64"):
+        read_npz_body(packed.getvalue(), [784], max_inputs=10_000, max_bytes=64 << 20)
+    got, _ = read_npz_body(stored.getvalue(), [784], max_inputs=10_000, max_bytes=64 << 20)
+    assert got.shape == (4096, 784) and not got.any()
+    small = io.BytesIO()  # a small, highly compressible body stays within the slack
+    np.savez_compressed(small, inputs=np.zeros((10, 784)), labels=np.zeros(10, dtype=np.int64))
+    assert read_npz_body(small.getvalue(), [784], max_inputs=100, max_bytes=64 << 20)[1] == [0] * 10
