@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from tests.service.onnx_nets import lipsdp_weights, mlp_onnx
+from tests.service.onnx_nets import lipsdp_weights, mlp_onnx, norm_product
 
 
 @pytest.fixture
@@ -46,3 +46,15 @@ def rw_weights(fixtures_dir: Path) -> list[np.ndarray]:
 @pytest.fixture
 def rw_onnx(rw_weights: list[np.ndarray]) -> bytes:
     return mlp_onnx(rw_weights)
+
+
+@pytest.fixture
+def model(client: TestClient, rw_onnx: bytes, rw_weights: list[np.ndarray]) -> tuple[str, float]:
+    """(id, L): random_weights uploaded, with a naive (product of norms) bound stored as
+    verified (job id ``job-naive``)."""
+    mid = client.post("/v1/models", files={"file": ("rw.onnx", rw_onnx)}).json()["id"]
+    lip = norm_product([w.astype(np.float32) for w in rw_weights])
+    client.app.state.storage.save_bound(
+        mid, {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "job-naive"}
+    )
+    return str(mid), lip

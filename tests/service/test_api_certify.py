@@ -15,7 +15,7 @@ import pytest
 from service import metrics
 from service.app import create_app
 from service.settings import Settings
-from tests.service.onnx_nets import assert_problem, mlp_onnx, norm_product
+from tests.service.onnx_nets import assert_problem, mlp_onnx
 
 
 def _ort_logits(onnx_bytes: bytes, x: np.ndarray) -> np.ndarray:
@@ -27,17 +27,6 @@ def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)
     return buf.getvalue()
-
-
-@pytest.fixture
-def model(client, rw_onnx, rw_weights):
-    """random_weights uploaded, with a naive (product of norms) bound stored as verified."""
-    mid = client.post("/v1/models", files={"file": ("rw.onnx", rw_onnx)}).json()["id"]
-    lip = norm_product([w.astype(np.float32) for w in rw_weights])
-    client.app.state.storage.save_bound(
-        mid, {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "job-naive"}
-    )
-    return mid, lip
 
 
 def test_no_bound_is_409_with_hint(client, rw_onnx) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from service.certify_media import NPZ_MEDIA_TYPE
-from tests.service.onnx_nets import assert_problem, norm_product
+from tests.service.onnx_nets import assert_problem
 
 NPZ_BODY = {"content-type": NPZ_MEDIA_TYPE}
 
@@ -44,20 +44,10 @@ def _patch_directory(body: bytes, offset: int, fmt: str, value: int) -> bytes:
     return body[:at] + struct.pack(fmt, value) + body[at + struct.calcsize(fmt) :]
 
 
-@pytest.fixture
-def model(client, rw_onnx, rw_weights):
-    mid = client.post("/v1/models", files={"file": ("rw.onnx", rw_onnx)}).json()["id"]
-    lip = norm_product([w.astype(np.float32) for w in rw_weights])
-    client.app.state.storage.save_bound(
-        mid, {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "job-naive"}
-    )
-    return mid
-
-
 @pytest.mark.parametrize("rows", [40, 6000])  # unzipped inline / off the event loop (96 KB)
 @pytest.mark.parametrize("compressed", [False, True])
 def test_npz_body_with_labels_equals_the_json_body(client, model, rows, compressed) -> None:
-    mid = model
+    mid, _ = model
     x = np.random.default_rng(rows).normal(size=(rows, 2))
     path = f"/v1/models/{mid}/certify"
     plain = client.post(path, json={"inputs": x.tolist()}).json()
@@ -97,7 +87,7 @@ def test_npz_body_with_labels_equals_the_json_body(client, model, rows, compress
 
 
 def test_npz_body_without_labels_equals_the_npy_body(client, model) -> None:
-    mid = model
+    mid, _ = model
     x = np.random.default_rng(1).normal(size=(25, 2))
     path = f"/v1/models/{mid}/certify?return_logits=true"
     npy = client.post(path, content=_npy(x), headers={"content-type": "application/x-npy"})
