@@ -106,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes,
         timeout_s=settings.body_timeout_s,
+        budget_bytes=int(settings.body_budget_mb * 1024 * 1024),
     )
     app.add_middleware(AccessLogMiddleware)
 

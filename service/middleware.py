@@ -33,9 +33,35 @@ class BodyTimeout(HTTPException):
         super().__init__(408, f"the request body did not arrive within {timeout_s:g} s")
 
 
+#: Bodies below this size are not counted against the shared budget (single-input requests).
+BUDGET_MIN_BYTES = 64 * 1024
+
+
+class BodyBudget:
+    """Bytes of request bodies admitted at once, across requests (the event loop's own count:
+    every call happens on it). A body is admitted while the total stays within ``limit``, and
+    always when nothing else is admitted, so one body up to the size cap always gets in."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def try_reserve(self, n: int) -> bool:
+        if self.used and self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used -= n
+
+
 class BodyLimitMiddleware:
     """Refuse bodies over ``max_bytes`` (413): by Content-Length up front, else while streaming;
-    and bodies still incomplete ``timeout_s`` after the application first reads (408).
+    bodies still incomplete ``timeout_s`` after the application first reads (408); and, with a
+    ``budget``, bodies of 64 KiB or more beyond the bytes admitted across requests (503 +
+    Retry-After; a chunked body counts as ``max_bytes``): many large uploads at once are
+    turned away instead of being buffered until memory runs out.
 
     Nothing beyond the cap is ever buffered: the wrapped ``receive`` raises as soon as the
     running total passes ``max_bytes``. The time limit covers the body only: once its last part
@@ -43,26 +69,57 @@ class BodyLimitMiddleware:
     timed.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        timeout_s: float | None = None,
+        budget_bytes: int | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.budget = None if budget_bytes is None else BodyBudget(budget_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = _header(scope, b"content-length")
+        length: int | None = None
         if declared is not None:
             try:
-                too_big = int(declared) > self.max_bytes
+                length = int(declared)
             except ValueError:
-                too_big = False
-            if too_big:
+                length = None
+            if length is not None and length > self.max_bytes:
                 await _send_problem(
                     scope, send, 413, "payload-too-large", BodyTooLarge(self.max_bytes)
                 )
                 return
+        if length is None and _header(scope, b"transfer-encoding") is not None:
+            length = self.max_bytes  # a chunked body of unknown size: count the cap
+        reserved = length if length is not None and length >= BUDGET_MIN_BYTES else 0
+        if reserved and self.budget is not None:
+            if not self.budget.try_reserve(reserved):
+                busy = HTTPException(
+                    503,
+                    f"{self.budget.used} bytes of request bodies are being received or "
+                    f"processed (budget {self.budget.limit}); retry shortly",
+                )
+                await _send_problem(
+                    scope, send, 503, "service-busy", busy, headers=[(b"retry-after", b"1")]
+                )
+                return
+            try:
+                await self._limited(scope, receive, send)
+            finally:
+                self.budget.release(reserved)
+        else:
+            await self._limited(scope, receive, send)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The application with ``receive`` capped in size and time."""
         total = 0
         started = False
         body_done = False
@@ -143,7 +200,12 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 async def _send_problem(
-    scope: Scope, send: Send, status: int, code: str, exc: HTTPException
+    scope: Scope,
+    send: Send,
+    status: int,
+    code: str,
+    exc: HTTPException,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """A problem+json answer sent from the middleware (the app never saw the error), closing
     the connection: the rest of the body is not read."""
@@ -167,6 +229,7 @@ async def _send_problem(
                 (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
                 (b"content-length", str(len(payload)).encode()),
                 (b"connection", b"close"),
+                *(headers or []),
             ],
         }
     )

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
         description="When set, every route except health checks and docs needs X-API-Key.",
     )
     max_upload_mb: float = Field(default=64.0, gt=0, description="Largest accepted request body.")
+    body_budget_mb: float = Field(
+        default=256.0,
+        gt=0,
+        description="Request bodies of 64 KiB or more admitted at once across requests; beyond, "
+        "503 + Retry-After (one body up to the upload cap always gets in).",
+    )
     body_timeout_s: float = Field(
         default=120.0,
         gt=0,

@@ -212,3 +212,66 @@ def test_an_npz_member_compressed_beyond_any_real_input_is_refused() -> None:
     small = io.BytesIO()  # a small, highly compressible body stays within the slack
     np.savez_compressed(small, inputs=np.zeros((10, 784)), labels=np.zeros(10, dtype=np.int64))
     assert read_npz_body(small.getvalue(), [784], max_inputs=100, max_bytes=64 << 20)[1] == [0] * 10
+
+
+def test_large_bodies_beyond_the_shared_budget_get_503() -> None:
+    """While one 300 KB body is still arriving, a second one does not fit a 0.5 MB budget:
+    503 service-busy with Retry-After, never seen by the app. Small bodies are not counted;
+    once the first request ends, its bytes are free again. A lone body larger than the budget
+    (up to the size cap) still gets in."""
+    import json
+
+    seen: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        size = 0
+        while True:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        seen.append(size)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guarded = BodyLimitMiddleware(app, max_bytes=2 << 20, timeout_s=5.0, budget_bytes=500_000)
+
+    async def request(size: int, gate: asyncio.Event | None = None) -> list[dict[str, Any]]:
+        parts = [
+            {"type": "http.request", "body": bytes(size // 2), "more_body": True},
+            {"type": "http.request", "body": bytes(size - size // 2), "more_body": False},
+        ]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if len(parts) == 1 and gate is not None:
+                await gate.wait()  # the second half arrives only when the test says so
+            return parts.pop(0)
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        headers = {"content-length": str(size)}
+        await guarded(_http_scope("/", headers), receive, send)
+        return sent
+
+    async def run() -> None:
+        gate = asyncio.Event()
+        first = asyncio.create_task(request(300_000, gate))
+        await asyncio.sleep(0.05)  # the first body is half received, its bytes reserved
+        busy = await request(300_000)
+        assert busy[0]["status"] == 503
+        assert (b"retry-after", b"1") in busy[0]["headers"]
+        assert json.loads(busy[1]["body"])["code"] == "service-busy"
+        small = await request(10_000)  # under 64 KiB: not counted
+        assert small[0]["status"] == 200
+        gate.set()
+        assert (await first)[0]["status"] == 200
+        again = await request(300_000)  # the first one's bytes were released
+        assert again[0]["status"] == 200
+        alone = await request(1_500_000)  # over the budget, under the cap, nothing else in
+        assert alone[0]["status"] == 200
+        assert guarded.budget is not None and guarded.budget.used == 0
+
+    asyncio.run(run())
+    assert seen == [10_000, 300_000, 300_000, 1_500_000]
