@@ -137,6 +137,7 @@ def structured_solver(device: str = "auto", *, min_size: int = GPU_MIN_LMI) -> S
 def use_device_for_lipsdp(device: str = "auto") -> str:
     """Register :func:`structured_solver` (``device``) as this process's ``"structured"``
     solver, which ``method=lipsdp-neuron``/``-layer`` use; returns the resolved device."""
-    solver = structured_solver(device)
+    dev = resolve_device(device)
+    solver = structured_solver(dev)
     register_solver("structured", lambda: solver)
-    return resolve_device(device)
+    return dev

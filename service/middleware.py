@@ -21,6 +21,8 @@ class BodyTooLarge(HTTPException):
     """Raised from ``receive`` once the body passes the cap (an HTTPException, so FastAPI's
     body parsing re-raises it unchanged and the problem handler answers 413)."""
 
+    code = "payload-too-large"
+
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body exceeds the limit of {limit} bytes")
 
@@ -28,6 +30,8 @@ class BodyTooLarge(HTTPException):
 class BodyTimeout(HTTPException):
     """Raised from ``receive`` when the body has not fully arrived ``timeout_s`` after the
     application started reading it (answered 408, like :class:`BodyTooLarge`)."""
+
+    code = "request-timeout"
 
     def __init__(self, timeout_s: float) -> None:
         super().__init__(408, f"the request body did not arrive within {timeout_s:g} s")
@@ -93,9 +97,8 @@ class BodyLimitMiddleware:
             except ValueError:
                 length = None
             if length is not None and length > self.max_bytes:
-                await _send_problem(
-                    scope, send, 413, "payload-too-large", BodyTooLarge(self.max_bytes)
-                )
+                too_big = BodyTooLarge(self.max_bytes)
+                await _send_problem(scope, send, too_big, too_big.code)
                 return
         if length is None and _header(scope, b"transfer-encoding") is not None:
             length = self.max_bytes  # a chunked body of unknown size: count the cap
@@ -107,9 +110,7 @@ class BodyLimitMiddleware:
                     f"{self.budget.used} bytes of request bodies are being received or "
                     f"processed (budget {self.budget.limit}); retry shortly",
                 )
-                await _send_problem(
-                    scope, send, 503, "service-busy", busy, headers=[(b"retry-after", b"1")]
-                )
+                await _send_problem(scope, send, busy, "service-busy", [(b"retry-after", b"1")])
                 return
             try:
                 await self._limited(scope, receive, send)
@@ -151,14 +152,10 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
+        except (BodyTooLarge, BodyTimeout) as exc:
             if started:
                 raise
-            await _send_problem(scope, send, 413, "payload-too-large", BodyTooLarge(self.max_bytes))
-        except BodyTimeout as exc:
-            if started:
-                raise
-            await _send_problem(scope, send, 408, "request-timeout", exc)
+            await _send_problem(scope, send, exc, exc.code)
 
 
 class AccessLogMiddleware:
@@ -202,9 +199,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 async def _send_problem(
     scope: Scope,
     send: Send,
-    status: int,
-    code: str,
     exc: HTTPException,
+    code: str,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """A problem+json answer sent from the middleware (the app never saw the error), closing
@@ -212,6 +208,7 @@ async def _send_problem(
     import json
     from http import HTTPStatus
 
+    status = exc.status_code
     body: dict[str, Any] = {
         "type": PROBLEM_BASE + code,
         "title": HTTPStatus(status).phrase,
