@@ -1,7 +1,12 @@
 """``lipcert serve`` keeps freed heap memory mapped (service.malloc_tuning): a big body that
 arrives as 256 KiB chunks, allocated and freed again and again, page-faults only the first
-time, where glibc's defaults fault every page in on every request. Run in fresh interpreters
-(mallopt is process-wide)."""
+time. Run in fresh interpreters (mallopt is process-wide).
+
+How often glibc's *defaults* fault the body back in depends on what the process allocated
+before (the dynamic mmap threshold moves with every freed mapping): 96 or 5 089 of 5 120
+pages per round on one machine depending only on the working directory the script was
+imported from, 928 on the CI machine. So the untuned run is not held to a number; it shows
+that the fault counter sees first-touch faults, which makes the tuned assertion meaningful."""
 
 from __future__ import annotations
 
@@ -26,11 +31,12 @@ for _ in range(6):
     body = [b"\\x01" * (256 << 10) for _ in range(80)]  # a 20 MiB body in chunks
     del body
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(tuned, min(faults[1:]))
+print(tuned, faults[0], min(faults[1:]))
 """
 
 
-def _run(mode: str, **env: str) -> tuple[str, int]:
+def _run(mode: str, **env: str) -> tuple[str, int, int]:
+    """(tuned?, page faults of the first round, fewest faults of a later round)"""
     out = subprocess.run(
         [sys.executable, "-c", _SCRIPT, mode],
         capture_output=True,
@@ -38,19 +44,21 @@ def _run(mode: str, **env: str) -> tuple[str, int]:
         check=True,
         env={**os.environ, **env},
     ).stdout.split()
-    return out[0], int(out[1])
+    return out[0], int(out[1]), int(out[2])
 
 
 def test_freed_bodies_are_reused_without_page_faults() -> None:
     pages = (20 << 20) // os.sysconf("SC_PAGE_SIZE")
-    tuned, faults = _run("tune")
+    tuned, first, later = _run("tune")
     assert tuned == "True"
-    assert faults < pages // 20, faults  # reused: (almost) no page faults
-    untuned, faults_default = _run("plain")
+    assert first > pages // 2, first  # the counter sees the first touch of every page
+    assert later < pages // 20, later  # reused: (almost) no page faults
+    untuned, first_default, later_default = _run("plain")
     assert untuned == "False"
-    assert faults_default > pages // 2, faults_default  # the defaults fault it all in again
+    assert first_default > pages // 2, first_default
+    assert later <= later_default, (later, later_default)
 
 
 def test_explicit_malloc_environment_wins() -> None:
-    tuned, _ = _run("tune", MALLOC_TRIM_THRESHOLD_="131072")
+    tuned, _, _ = _run("tune", MALLOC_TRIM_THRESHOLD_="131072")
     assert tuned == "False"
