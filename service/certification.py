@@ -158,6 +158,12 @@ def check_input_shape(shape: tuple[int, ...], input_shape: list[int], max_inputs
         raise InvalidInput(f"{shape[0]} inputs; at most {max_inputs} per request")
 
 
+def check_label_count(labels: int, inputs: int) -> None:
+    """One label per input (InvalidInput otherwise)."""
+    if labels != inputs:
+        raise InvalidInput(f"{labels} labels for {inputs} inputs")
+
+
 def batch_inputs(arr: np.ndarray, input_shape: list[int], max_inputs: int) -> np.ndarray:
     """(B, n0): accepts rows that are flat (n0) or shaped like the model's input."""
     check_input_shape(arr.shape, input_shape, max_inputs)
@@ -221,8 +227,7 @@ def certify_columns(
     b, k = logits.shape
     y = None
     if labels is not None:
-        if len(labels) != b:
-            raise InvalidInput(f"{len(labels)} labels for {b} inputs")
+        check_label_count(len(labels), b)
         if any(not 0 <= int(v) < k for v in labels):
             raise InvalidInput(f"labels must be class indices in [0, {k})")
         y = np.asarray(labels, dtype=np.int64)

@@ -32,10 +32,11 @@ import math
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 
-from service.certification import batch_inputs, load_npy, read_npy_header
+from service.certification import batch_inputs, check_label_count, load_npy, read_npy_header
 from service.errors import InvalidInput
 
 INPUTS, LABELS = "inputs.npy", "labels.npy"
@@ -48,6 +49,9 @@ MAX_DIRECTORY_BYTES = 65536
 #: and is then cast to float64 (8x more) would let a few cheap requests take gigabytes.
 MAX_RATIO = 64
 RATIO_SLACK_BYTES = 1 << 20
+
+#: Called with the bytes a body's decoding will hold before they are allocated; raises to refuse.
+Reserve = Callable[[int], None]
 
 _END = b"PK\x05\x06"  # end of central directory record
 _END_SIZE = 22
@@ -82,8 +86,9 @@ def _check_directory(body: bytes) -> None:
         )
 
 
-def _members(body: bytes, max_bytes: int) -> dict[str, bytes]:
-    """The archive's members by name, after the checks of the module docstring."""
+def _members(body: bytes, max_bytes: int, reserve: Reserve) -> dict[str, bytes]:
+    """The archive's members by name, after the checks of the module docstring; ``reserve``
+    is told, before any member is inflated, what reading the archive will hold at most."""
     _check_directory(body)
     try:
         with zipfile.ZipFile(io.BytesIO(body)) as archive:
@@ -116,6 +121,8 @@ def _members(body: bytes, max_bytes: int) -> dict[str, bytes]:
                         f"{info.compress_size} compressed (compression ratio over {MAX_RATIO}: "
                         "send it stored, e.g. numpy.savez)"
                     )
+            inputs_size = next(i.file_size for i in infos if i.filename == INPUTS)
+            reserve(len(body) + declared + 8 * inputs_size)  # uint8 inputs -> 8x as float64
             return {info.filename: _read_member(archive, info) for info in infos}
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, ValueError) as exc:
         raise _bad(f"unreadable .npz archive: {exc}") from None
@@ -143,10 +150,18 @@ def _member_error(name: str, exc: InvalidInput) -> InvalidInput:
 
 
 def read_npz_body(
-    body: bytes, input_shape: list[int], max_inputs: int, max_bytes: int
+    body: bytes,
+    input_shape: list[int],
+    max_inputs: int,
+    max_bytes: int,
+    reserve: Reserve = lambda nbytes: None,
 ) -> tuple[np.ndarray, list[int] | None]:
-    """(inputs float64 (B, n0), labels or None) of an ``application/x-npz`` certify body."""
-    members = _members(body, max_bytes)
+    """(inputs float64 (B, n0), labels or None) of an ``application/x-npz`` certify body.
+
+    ``reserve(nbytes)`` is called before the members are inflated with what decoding will hold
+    at most (body + members + float64 inputs, counting the inputs as uint8, the worst case); it
+    may raise to refuse (:func:`service.middleware.hold_request_memory`)."""
+    members = _members(body, max_bytes, reserve)
     try:
         x = batch_inputs(load_npy(members[INPUTS]), input_shape, max_inputs)
     except InvalidInput as exc:
@@ -163,6 +178,7 @@ def read_npz_body(
     if len(shape) != 1:
         raise _bad(f"{LABELS} has shape {list(shape)}; expected [batch]")
     count = math.prod(shape)
+    check_label_count(count, len(x))  # before a list of up to 64 Mi Python ints is built
     if len(data) - offset != count * dtype.itemsize:
         raise _bad(
             f"{LABELS}: the header declares {count} values of {dtype.itemsize} bytes but the "

@@ -47,8 +47,9 @@ class Settings(BaseSettings):
     body_budget_mb: float = Field(
         default=256.0,
         gt=0,
-        description="Request bodies of 64 KiB or more admitted at once across requests; beyond, "
-        "503 + Retry-After (one body up to the upload cap always gets in).",
+        description="Memory for request bodies of 64 KiB or more and their decoding (JSON "
+        "counted 16x), admitted at once across requests; beyond, 503 + Retry-After (one body "
+        "up to the upload cap always gets in).",
     )
     body_timeout_s: float = Field(
         default=120.0,

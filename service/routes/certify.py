@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
@@ -21,6 +23,7 @@ from service.certification import (
 from service.certify_media import JSON_MEDIA_TYPE, NPZ_MEDIA_TYPE, npz_bytes, prefers_npz
 from service.deps import SettingsDep, StorageDep, WorkerDep, model_or_404
 from service.errors import InvalidInput, NotFound, NoVerifiedBound, UnsupportedMediaType
+from service.middleware import hold_request_memory
 from service.npy_stream import NpyRows, infer_npy_body
 from service.npz_body import read_npz_body
 from service.schemas import PROBLEM_RESPONSES, CertifyRequest, CertifyResponse
@@ -29,6 +32,7 @@ from service.storage import Storage
 from service.worker import InferenceWorker
 
 router = APIRouter(prefix="/v1/models", tags=["certify"])
+T = TypeVar("T")
 
 NPY_TYPES = ("application/x-npy", "application/octet-stream")
 
@@ -83,8 +87,8 @@ def _check_epsilon(epsilon: float) -> None:
 
 #: Rows above which the radii and the response are computed off the event loop.
 INLINE_ROWS = 256
-#: .npz bodies above this size are unzipped and parsed off the event loop.
-NPZ_INLINE_BYTES = 1 << 16
+#: JSON and .npz bodies above this size are parsed off the event loop.
+INLINE_BODY_BYTES = 1 << 16
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     **PROBLEM_RESPONSES,
@@ -134,6 +138,28 @@ async def certify(
         )
 
 
+async def _off_loop_if_large(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``: inline for a small body (no thread hop), else on a worker thread so a
+    big body does not hold up the event loop while it is parsed."""
+    if size <= INLINE_BODY_BYTES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+def _certify_request(body: bytes) -> CertifyRequest:
+    """A JSON certify body, validated (InvalidInput naming the first bad field)."""
+    try:
+        return CertifyRequest.model_validate(loads_json(body))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise InvalidInput(f"{where}: {err['msg']}", code="validation-error") from None
+
+
+def _json_inputs(req: CertifyRequest, input_shape: list[int], settings: Settings) -> np.ndarray:
+    return batch_inputs(as_array(req.inputs), input_shape, settings.max_inputs)
+
+
 async def _certify(
     model_id: str,
     request: Request,
@@ -165,24 +191,21 @@ async def _certify(
     elif ctype == NPZ_MEDIA_TYPE:  # inputs and labels; unzipped and parsed off the event loop
         _check_epsilon(epsilon)
         body = await request.body()
-        args = (body, rec.input_shape, settings.max_inputs, settings.max_upload_bytes)
-        if len(body) <= NPZ_INLINE_BYTES:
-            x, labels = read_npz_body(*args)
-        else:
-            x, labels = await asyncio.to_thread(read_npz_body, *args)
+        reserve = functools.partial(hold_request_memory, request.scope)
+        args = (body, rec.input_shape, settings.max_inputs, settings.max_upload_bytes, reserve)
+        x, labels = await _off_loop_if_large(len(body), read_npz_body, *args)
+        hold_request_memory(request.scope, len(body) + x.nbytes)  # the members are freed
         choose_bound()
         logits, logit_error = await worker.infer_bounded(model_id, x)
     elif ctype in ("application/json", "") or ctype.endswith("+json"):
-        try:
-            req = CertifyRequest.model_validate(loads_json(await request.body()))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise InvalidInput(f"{where}: {err['msg']}", code="validation-error") from None
+        body = await request.body()  # admitted at JSON_DECODE_FACTOR x its size (middleware)
+        req = await _off_loop_if_large(len(body), _certify_request, body)
         labels, bound = req.labels, req.bound
         return_logits, epsilon = req.return_logits, req.epsilon
         _check_epsilon(epsilon)
-        x = batch_inputs(as_array(req.inputs), rec.input_shape, settings.max_inputs)
+        x = await _off_loop_if_large(len(body), _json_inputs, req, rec.input_shape, settings)
+        del req  # the Python lists: only the array is kept
+        hold_request_memory(request.scope, len(body) + x.nbytes)
         choose_bound()
         logits, logit_error = await worker.infer_bounded(model_id, x)
     else:

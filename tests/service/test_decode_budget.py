@@ -1,0 +1,214 @@
+"""The body budget counts what decoding a body takes, not only its bytes: JSON bodies are
+admitted at JSON_DECODE_FACTOR times their size, an .npz body reserves its inflated members
+and float64 inputs before inflating them, and a request that cannot get that memory while
+others hold the budget is answered 503 service-busy + Retry-After (alone, it always gets in)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from service.app import create_app
+from service.errors import ServiceBusy
+from service.middleware import (
+    JSON_DECODE_FACTOR,
+    BodyBudget,
+    BodyLimitMiddleware,
+    Reservation,
+)
+from service.npz_body import read_npz_body
+from service.settings import Settings
+from tests.service.onnx_nets import assert_problem, mlp_onnx
+from tests.service.test_body_guards import _http_scope
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_a_reservation_grows_while_it_fits_or_is_alone_and_always_shrinks() -> None:
+    budget = BodyBudget(1000)
+    first, second = Reservation(budget), Reservation(budget)
+    assert first.hold(5000)  # alone: admitted beyond the limit
+    assert not second.hold(1)  # nothing fits beside it
+    assert first.hold(600)  # shrinking always succeeds
+    assert second.hold(300)
+    assert not second.hold(500) and second.held == 300 and budget.used == 900
+    assert first.hold(100) and second.hold(900) and budget.used == 1000
+    first.release()
+    second.release()
+    assert budget.used == 0
+
+
+def test_json_bodies_are_admitted_at_their_decoded_weight() -> None:
+    """With 300 KB of .npy in flight and a 1.5 MB budget, a 100 KB JSON body (1.6 MB once
+    decoded) is turned away while a 100 KB .npy body gets in."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guarded = BodyLimitMiddleware(app, max_bytes=4 << 20, budget_bytes=1_500_000)
+
+    async def request(ctype: str, size: int, gate: asyncio.Event | None = None) -> int:
+        parts = [
+            {"type": "http.request", "body": bytes(size // 2), "more_body": True},
+            {"type": "http.request", "body": bytes(size - size // 2), "more_body": False},
+        ]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if len(parts) == 1 and gate is not None:
+                await gate.wait()
+            return parts.pop(0)
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        headers = {"content-length": str(size), "content-type": ctype}
+        await guarded(_http_scope("/", headers), receive, send)
+        if sent[0]["status"] == 503:
+            assert json.loads(sent[1]["body"])["code"] == "service-busy"
+        return int(sent[0]["status"])
+
+    async def run() -> None:
+        gate = asyncio.Event()
+        held = asyncio.create_task(request("application/x-npy", 300_000, gate))
+        await asyncio.sleep(0.05)
+        assert guarded.budget is not None and guarded.budget.used == 300_000
+        assert 300_000 + 100_000 * JSON_DECODE_FACTOR > 1_500_000
+        assert await request("application/json", 100_000) == 503
+        assert await request("application/problem+json; charset=utf-8", 100_000) == 503
+        assert await request("application/x-npy", 100_000) == 200
+        gate.set()
+        assert await held == 200
+        assert await request("application/json", 100_000) == 200
+        assert guarded.budget.used == 0
+
+    asyncio.run(run())
+
+
+def test_npz_decoding_is_reserved_before_any_member_is_inflated(monkeypatch) -> None:
+    x = np.arange(3 * 4, dtype=np.uint8).reshape(3, 4)
+    body = _npz(inputs=x, labels=np.arange(3))
+    with zipfile.ZipFile(io.BytesIO(body)) as z:
+        sizes = {i.filename: i.file_size for i in z.infolist()}
+    asked: list[int] = []
+    got, labels = read_npz_body(body, [4], 10, 1 << 20, asked.append)
+    np.testing.assert_array_equal(got, x)
+    assert labels == [0, 1, 2]
+    # body + inflated members + the inputs as float64 counted as uint8 (8 bytes per byte)
+    assert asked == [len(body) + sum(sizes.values()) + 8 * sizes["inputs.npy"]]
+
+    inflated: list[str] = []
+    monkeypatch.setattr("service.npz_body._read_member", lambda _, info: inflated.append(info))
+
+    def refuse(nbytes: int) -> None:
+        raise ServiceBusy("no room")
+
+    with pytest.raises(ServiceBusy):
+        read_npz_body(body, [4], 10, 1 << 20, refuse)
+    assert inflated == []
+
+
+def test_npz_labels_are_counted_before_they_are_converted(client, model) -> None:
+    mid, _ = model
+    n0 = client.get(f"/v1/models/{mid}").json()["input_shape"][-1]
+    body = _npz(inputs=np.zeros((3, n0), np.float32), labels=np.zeros(5_000_000, np.int8))
+    resp = client.post(
+        f"/v1/models/{mid}/certify", content=body, headers={"content-type": "application/x-npz"}
+    )
+    assert "5000000 labels for 3 inputs" in assert_problem(resp, 422)["detail"]
+
+
+def test_the_app_refuses_npz_decoding_that_does_not_fit_beside_a_body_in_flight(
+    tmp_path: Path, rw_weights: list[np.ndarray]
+) -> None:
+    """Real app, real routes: an .npy body half received holds its bytes; an .npz body that
+    fits the budget as bytes but not once inflated and cast is answered 503 + Retry-After by
+    the certify route, and succeeds once the other body is done. Nothing stays reserved."""
+    n0 = rw_weights[0].shape[1]
+    rows = 20_000 // n0  # float32: ~80 KB
+    npz_body = _npz(inputs=np.ones((rows, n0), np.float32))  # ~80 KB, ~0.8 MB decoding
+    npy_body = _npy(np.ones((50_000 // n0, n0), np.float32))  # ~200 KB
+    settings = Settings(data_dir=tmp_path, device="cpu", body_budget_mb=0.5)
+    app = create_app(settings)
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                up = await http.post("/v1/models", files={"file": ("m.onnx", mlp_onnx(rw_weights))})
+                mid = up.json()["id"]
+                app.state.storage.save_bound(
+                    mid, {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
+                )
+                path = f"/v1/models/{mid}/certify"
+                gate = asyncio.Event()
+                held = asyncio.create_task(_gated_post(app, path, npy_body, gate))
+                await asyncio.sleep(0.1)  # the .npy body is half received
+                assert _body_budget(app).used == len(npy_body), (held, _body_budget(app).used)
+                npz = {"content-type": "application/x-npz"}
+                busy = await http.post(path, content=npz_body, headers=npz)
+                assert busy.status_code == 503, busy.text[:300]
+                assert_problem(busy, 503, "service-busy")
+                assert busy.headers["retry-after"] == "1"
+                gate.set()
+                assert await held == 200
+                ok = await http.post(path, content=npz_body, headers=npz)
+                assert ok.status_code == 200, ok.text
+                assert len(ok.json()["results"]) == rows
+        budget = _body_budget(app)
+        assert budget.used == 0
+
+    asyncio.run(run())
+
+
+async def _gated_post(app: Any, path: str, body: bytes, gate: asyncio.Event) -> int:
+    """POST ``body`` as .npy straight to the ASGI app, its second half sent after ``gate``."""
+    half = len(body) // 2
+    parts = [
+        {"type": "http.request", "body": body[:half], "more_body": True},
+        {"type": "http.request", "body": body[half:], "more_body": False},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if not parts:
+            await asyncio.Event().wait()  # no disconnect while the response is sent
+        if len(parts) == 1:
+            await gate.wait()
+        return parts.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = {"content-length": str(len(body)), "content-type": "application/x-npy"}
+    await app(_http_scope(path, headers), receive, send)
+    return int(sent[0]["status"])
+
+
+def _body_budget(app: Any) -> BodyBudget:
+    layer = app.middleware_stack
+    while not isinstance(layer, BodyLimitMiddleware):
+        layer = layer.app
+    assert layer.budget is not None
+    return layer.budget
