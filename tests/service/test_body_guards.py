@@ -19,6 +19,7 @@ import pytest
 
 from service.middleware import BodyLimitMiddleware
 from service.npz_body import read_npz_body
+from tests.service.asgi_calls import http_scope, post_in_halves
 from tests.service.onnx_nets import assert_problem
 
 NPY = {"content-type": "application/x-npy"}
@@ -96,23 +97,6 @@ def test_bad_npy_headers_are_problems_on_every_path(
     assert client.get("/v2/health/ready").status_code == 200
 
 
-def _http_scope(path: str, headers: dict[str, str]) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
-
-
 def _call(app: Any, path: str, headers: dict[str, str], messages: list[dict[str, Any]]) -> list:
     """Run one request through ``app`` at the ASGI level: ``messages`` are what the client
     sends (then nothing more arrives); returns what the app sent."""
@@ -127,7 +111,7 @@ def _call(app: Any, path: str, headers: dict[str, str], messages: list[dict[str,
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    asyncio.run(asyncio.wait_for(app(_http_scope(path, headers), receive, send), 30))
+    asyncio.run(asyncio.wait_for(app(http_scope(path, headers), receive, send), 30))
     return sent
 
 
@@ -171,7 +155,7 @@ def test_the_body_timeout_does_not_time_the_rest_of_the_request() -> None:
             pass
 
         await BodyLimitMiddleware(app, max_bytes=100, timeout_s=0.1)(
-            _http_scope("/", {}), receive, send
+            http_scope("/", {}), receive, send
         )
 
     asyncio.run(run())
@@ -237,23 +221,7 @@ def test_large_bodies_beyond_the_shared_budget_get_503() -> None:
     guarded = BodyLimitMiddleware(app, max_bytes=2 << 20, timeout_s=5.0, budget_bytes=500_000)
 
     async def request(size: int, gate: asyncio.Event | None = None) -> list[dict[str, Any]]:
-        parts = [
-            {"type": "http.request", "body": bytes(size // 2), "more_body": True},
-            {"type": "http.request", "body": bytes(size - size // 2), "more_body": False},
-        ]
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            if len(parts) == 1 and gate is not None:
-                await gate.wait()  # the second half arrives only when the test says so
-            return parts.pop(0)
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        headers = {"content-length": str(size)}
-        await guarded(_http_scope("/", headers), receive, send)
-        return sent
+        return await post_in_halves(guarded, "/", bytes(size), "application/x-npy", gate)
 
     async def run() -> None:
         gate = asyncio.Event()

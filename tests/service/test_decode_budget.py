@@ -26,8 +26,8 @@ from service.middleware import (
 )
 from service.npz_body import read_npz_body
 from service.settings import Settings
+from tests.service.asgi_calls import post_in_halves
 from tests.service.onnx_nets import assert_problem, mlp_onnx
-from tests.service.test_body_guards import _http_scope
 
 
 def _npz(**arrays: np.ndarray) -> bytes:
@@ -69,22 +69,7 @@ def test_json_bodies_are_admitted_at_their_decoded_weight() -> None:
     guarded = BodyLimitMiddleware(app, max_bytes=4 << 20, budget_bytes=1_500_000)
 
     async def request(ctype: str, size: int, gate: asyncio.Event | None = None) -> int:
-        parts = [
-            {"type": "http.request", "body": bytes(size // 2), "more_body": True},
-            {"type": "http.request", "body": bytes(size - size // 2), "more_body": False},
-        ]
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            if len(parts) == 1 and gate is not None:
-                await gate.wait()
-            return parts.pop(0)
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        headers = {"content-length": str(size), "content-type": ctype}
-        await guarded(_http_scope("/", headers), receive, send)
+        sent = await post_in_halves(guarded, "/", bytes(size), ctype, gate)
         if sent[0]["status"] == 503:
             assert json.loads(sent[1]["body"])["code"] == "service-busy"
         return int(sent[0]["status"])
@@ -163,7 +148,9 @@ def test_the_app_refuses_npz_decoding_that_does_not_fit_beside_a_body_in_flight(
                 )
                 path = f"/v1/models/{mid}/certify"
                 gate = asyncio.Event()
-                held = asyncio.create_task(_gated_post(app, path, npy_body, gate))
+                held = asyncio.create_task(
+                    post_in_halves(app, path, npy_body, "application/x-npy", gate)
+                )
                 await asyncio.sleep(0.1)  # the .npy body is half received
                 assert _body_budget(app).used == len(npy_body), (held, _body_budget(app).used)
                 npz = {"content-type": "application/x-npz"}
@@ -172,7 +159,7 @@ def test_the_app_refuses_npz_decoding_that_does_not_fit_beside_a_body_in_flight(
                 assert_problem(busy, 503, "service-busy")
                 assert busy.headers["retry-after"] == "1"
                 gate.set()
-                assert await held == 200
+                assert (await held)[0]["status"] == 200
                 ok = await http.post(path, content=npz_body, headers=npz)
                 assert ok.status_code == 200, ok.text
                 assert len(ok.json()["results"]) == rows
@@ -180,30 +167,6 @@ def test_the_app_refuses_npz_decoding_that_does_not_fit_beside_a_body_in_flight(
         assert budget.used == 0
 
     asyncio.run(run())
-
-
-async def _gated_post(app: Any, path: str, body: bytes, gate: asyncio.Event) -> int:
-    """POST ``body`` as .npy straight to the ASGI app, its second half sent after ``gate``."""
-    half = len(body) // 2
-    parts = [
-        {"type": "http.request", "body": body[:half], "more_body": True},
-        {"type": "http.request", "body": body[half:], "more_body": False},
-    ]
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        if not parts:
-            await asyncio.Event().wait()  # no disconnect while the response is sent
-        if len(parts) == 1:
-            await gate.wait()
-        return parts.pop(0)
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    headers = {"content-length": str(len(body)), "content-type": "application/x-npy"}
-    await app(_http_scope(path, headers), receive, send)
-    return int(sent[0]["status"])
 
 
 def _body_budget(app: Any) -> BodyBudget:

@@ -1,0 +1,56 @@
+"""Requests run straight through an ASGI app, for what a test client cannot do: a body that
+stops half-way until the test lets it go on."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+
+def http_scope(path: str, headers: dict[str, str]) -> dict[str, Any]:
+    """The scope of a POST to ``path`` over HTTP/1.1 on loopback."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+async def post_in_halves(
+    app: Any,
+    path: str,
+    body: bytes,
+    content_type: str,
+    gate: asyncio.Event | None = None,
+) -> list[dict[str, Any]]:
+    """POST ``body`` (with its Content-Length) in two parts, the second only once ``gate`` is
+    set; the client then stays connected. Returns the messages the app sent."""
+    half = len(body) // 2
+    parts = [
+        {"type": "http.request", "body": body[:half], "more_body": True},
+        {"type": "http.request", "body": body[half:], "more_body": False},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if not parts:
+            await asyncio.Event().wait()  # no disconnect while the answer is sent
+        if len(parts) == 1 and gate is not None:
+            await gate.wait()
+        return parts.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = {"content-length": str(len(body)), "content-type": content_type}
+    await app(http_scope(path, headers), receive, send)
+    return sent
