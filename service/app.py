@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.max_upload_bytes,
         timeout_s=settings.body_timeout_s,
         budget_bytes=int(settings.body_budget_mb * 1024 * 1024),
+        api_key=settings.api_key,
     )
     app.add_middleware(AccessLogMiddleware)
 

@@ -44,13 +44,18 @@ async def require_api_key(
     request: Request, key: Annotated[str | None, Security(_api_key_header)] = None
 ) -> None:
     """401 unless LIPCERT_API_KEY is unset or X-API-Key matches it (constant-time compare)."""
-    expected = request.app.state.settings.api_key
+    if not api_key_matches(request.app.state.settings.api_key, key):
+        raise Unauthorized(KEY_DETAIL, headers={"WWW-Authenticate": "X-API-Key"})
+
+
+KEY_DETAIL = "missing or wrong X-API-Key header"
+
+
+def api_key_matches(expected: str | None, key: str | None) -> bool:
+    """True without a configured key, else when ``key`` equals it (constant-time compare)."""
     if not expected:
-        return
-    if key is None or not hmac.compare_digest(key.encode(), expected.encode()):
-        raise Unauthorized(
-            "missing or wrong X-API-Key header", headers={"WWW-Authenticate": "X-API-Key"}
-        )
+        return True
+    return key is not None and hmac.compare_digest(key.encode(), expected.encode())
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -214,9 +214,10 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"no route for {request.url.path}"
         if exc.status_code == 405:
             detail = f"method {request.method} is not allowed on {request.url.path}"
+        code = getattr(exc, "code", None)  # the middleware's body errors carry their own
         return problem(
             exc.status_code,
-            _status_code(exc.status_code),
+            code if isinstance(code, str) else _status_code(exc.status_code),
             detail,
             instance=request.url.path,
             headers=dict(exc.headers or {}),

@@ -13,14 +13,23 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.deps import KEY_DETAIL, api_key_matches
 from service.errors import PROBLEM_BASE, PROBLEM_MEDIA_TYPE, ServiceBusy
 
 log = logging.getLogger("lipcert.access")
 
 
-class BodyTooLarge(HTTPException):
-    """Raised from ``receive`` once the body passes the cap (an HTTPException, so FastAPI's
-    body parsing re-raises it unchanged and the problem handler answers 413)."""
+class BodyError(HTTPException):
+    """Raised from the wrapped ``receive`` when a body cannot be taken any further. An
+    HTTPException, so FastAPI's body parsing re-raises it unchanged and the problem handler
+    answers it with its ``code`` (and ``headers``); the middleware answers it when the
+    application let it through."""
+
+    code = "bad-request"
+
+
+class BodyTooLarge(BodyError):
+    """The body passed the size cap (413)."""
 
     code = "payload-too-large"
 
@@ -28,9 +37,9 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body exceeds the limit of {limit} bytes")
 
 
-class BodyTimeout(HTTPException):
-    """Raised from ``receive`` when the body has not fully arrived ``timeout_s`` after the
-    application started reading it (answered 408, like :class:`BodyTooLarge`)."""
+class BodyTimeout(BodyError):
+    """The body has not fully arrived ``timeout_s`` after the application started reading it
+    (408)."""
 
     code = "request-timeout"
 
@@ -38,26 +47,49 @@ class BodyTimeout(HTTPException):
         super().__init__(408, f"the request body did not arrive within {timeout_s:g} s")
 
 
+class BodyWithoutKey(BodyError):
+    """A body sent without the configured X-API-Key (401), refused before it is read."""
+
+    code = "unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__(401, KEY_DETAIL, headers={"WWW-Authenticate": "X-API-Key"})
+
+
+class BodyOverBudget(BodyError):
+    """The body (as it arrives, or as declared) does not fit beside the bodies of other
+    requests (503 + Retry-After)."""
+
+    code = "service-busy"
+
+    def __init__(self, budget: BodyBudget) -> None:
+        super().__init__(503, busy_detail(budget), headers={"Retry-After": "1"})
+
+
 #: Bodies below this size are not counted against the shared budget (single-input requests).
 BUDGET_MIN_BYTES = 64 * 1024
 #: Memory that decoding a JSON body takes per body byte: the parsed lists of Python floats,
 #: their validated copy and the float64 array (12-14x measured for short numbers such as
-#: ``0,`` and ``0.5,``; ~5x for ``0.12345678,``). A JSON body is admitted at this weight.
+#: ``0,`` and ``0.5,``; ~5x for ``0.12345678,``). A JSON body counts this much per byte.
 JSON_DECODE_FACTOR = 16
 #: Where a request's :class:`Reservation` is kept in the ASGI scope.
 RESERVATION_KEY = "lipcert.reservation"
 
 
 class BodyBudget:
-    """Bytes of request bodies, and of what decoding them takes, admitted at once across
+    """Bytes of request bodies, and of what decoding them takes, held at once across
     requests. A request may grow its share while the total stays within ``limit``, and always
-    when nothing else is admitted, so one body up to the size cap always gets in. Shares grow
-    on the event loop and, while a body is decoded, on worker threads (hence the lock)."""
+    when nothing else is held, so one body up to the size cap always gets in. Shares grow on
+    the event loop and, while a body is decoded, on worker threads (hence the lock)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
         self._lock = threading.Lock()
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a new request's ``nbytes`` would fit now (nothing is reserved)."""
+        return not self.used or self.used + nbytes <= self.limit
 
     def try_resize(self, held: int, total: int) -> bool:
         """Change one request's share from ``held`` to ``total`` bytes; False (nothing
@@ -71,9 +103,9 @@ class BodyBudget:
 
 
 class Reservation:
-    """One request's share of a :class:`BodyBudget`: admitted with its body (by
-    Content-Length, JSON at :data:`JSON_DECODE_FACTOR`), resized by the route while it decodes
-    the body (:func:`hold_request_memory`), released when the response is sent."""
+    """One request's share of a :class:`BodyBudget`: its body's bytes as they arrive (JSON at
+    :data:`JSON_DECODE_FACTOR` per byte), resized by the route while it decodes the body
+    (:func:`hold_request_memory`), released when the response is sent."""
 
     def __init__(self, budget: BodyBudget) -> None:
         self.budget = budget
@@ -108,11 +140,19 @@ def hold_request_memory(scope: Scope, total: int) -> None:
 class BodyLimitMiddleware:
     """Refuse bodies over ``max_bytes`` (413): by Content-Length up front, else while streaming;
     bodies still incomplete ``timeout_s`` after the application first reads (408); and, with a
-    ``budget``, bodies of 64 KiB or more beyond the bytes admitted across requests (503 +
-    Retry-After; a chunked body counts as ``max_bytes``, a JSON body at
-    :data:`JSON_DECODE_FACTOR` times its size; routes add what decoding takes through
-    :func:`hold_request_memory`): many large uploads at once are turned away instead of being
-    buffered and decoded until memory runs out.
+    ``budget``, bodies of 64 KiB or more that do not fit beside the bodies of other requests
+    (503 + Retry-After): many large uploads at once are turned away instead of being buffered
+    and decoded until memory runs out.
+
+    A body is counted as it arrives (a JSON body at :data:`JSON_DECODE_FACTOR` per byte; routes
+    add what decoding takes through :func:`hold_request_memory`), so a client that declares a
+    big body, or opens a chunked one, and then sends slowly holds only what it sent. A declared
+    body that cannot fit is refused before it is read.
+
+    With an ``api_key``, a request that carries a body without a valid ``X-API-Key`` is refused
+    (401) before any of it is read or counted: every route that takes a body is protected (the
+    open ones, health checks and docs, are GETs), and FastAPI reads a declared body before it
+    runs the route's own key check.
 
     Nothing beyond the cap is ever buffered: the wrapped ``receive`` raises as soon as the
     running total passes ``max_bytes``. The time limit covers the body only: once its last part
@@ -126,47 +166,50 @@ class BodyLimitMiddleware:
         max_bytes: int,
         timeout_s: float | None = None,
         budget_bytes: int | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.budget = None if budget_bytes is None else BodyBudget(budget_bytes)
+        self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _header(scope, b"content-length")
-        length: int | None = None
-        if declared is not None:
-            try:
-                length = int(declared)
-            except ValueError:
-                length = None
-            if length is not None and length > self.max_bytes:
-                too_big = BodyTooLarge(self.max_bytes)
-                await _send_problem(scope, send, too_big, too_big.code)
-                return
-        if length is None and _header(scope, b"transfer-encoding") is not None:
-            length = self.max_bytes  # a chunked body of unknown size: count the cap
+        length = _content_length(scope)
+        has_body = bool(length) or _header(scope, b"transfer-encoding") is not None
+        if has_body and not api_key_matches(self.api_key, _header(scope, b"x-api-key")):
+            await _send_problem(scope, send, BodyWithoutKey())
+            return
+        if length is not None and length > self.max_bytes:
+            await _send_problem(scope, send, BodyTooLarge(self.max_bytes))
+            return
         if self.budget is None:
-            await self._limited(scope, receive, send)
+            await self._limited(scope, receive, send, None)
+            return
+        weight = _decode_factor(scope)
+        declared = length if length is not None and length >= BUDGET_MIN_BYTES else 0
+        if declared and not self.budget.fits(declared * weight):
+            await _send_problem(scope, send, BodyOverBudget(self.budget))
             return
         reservation = Reservation(self.budget)
-        counted = length is not None and length >= BUDGET_MIN_BYTES
-        admitted = length * _decode_factor(scope) if length is not None and counted else 0
-        if admitted and not reservation.hold(admitted):
-            busy = HTTPException(503, busy_detail(self.budget))
-            await _send_problem(scope, send, busy, "service-busy", [(b"retry-after", b"1")])
-            return
         scope[RESERVATION_KEY] = reservation  # in place: outer middleware reads scope["route"]
         try:
-            await self._limited(scope, receive, send)
+            await self._limited(scope, receive, send, (reservation, weight))
         finally:
             reservation.release()
 
-    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The application with ``receive`` capped in size and time."""
+    async def _limited(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        counted: tuple[Reservation, int] | None,
+    ) -> None:
+        """The application with ``receive`` capped in size and time, and each body part
+        counted against the budget (``counted``: the request's reservation, bytes per byte)."""
         total = 0
         started = False
         body_done = False
@@ -187,6 +230,10 @@ class BodyLimitMiddleware:
                 total += len(message.get("body", b""))
                 if total > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
+                if counted is not None and total >= BUDGET_MIN_BYTES:
+                    reservation, weight = counted
+                    if not reservation.hold(max(reservation.held, total * weight)):
+                        raise BodyOverBudget(reservation.budget)
                 body_done = not message.get("more_body", False)
             return message
 
@@ -198,10 +245,10 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except (BodyTooLarge, BodyTimeout) as exc:
+        except BodyError as exc:
             if started:
                 raise
-            await _send_problem(scope, send, exc, exc.code)
+            await _send_problem(scope, send, exc)
 
 
 class AccessLogMiddleware:
@@ -235,6 +282,13 @@ class AccessLogMiddleware:
             log.info("%s %s %d %.1fms", method, scope.get("path", ""), status, elapsed * 1e3)
 
 
+def _content_length(scope: Scope) -> int | None:
+    try:
+        return int(_header(scope, b"content-length") or "")
+    except ValueError:
+        return None
+
+
 def _decode_factor(scope: Scope) -> int:
     """Bytes admitted per body byte: JSON (and a body without a content type, which the
     certify route reads as JSON) decodes into Python objects; other bodies are counted as
@@ -251,13 +305,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _send_problem(
-    scope: Scope,
-    send: Send,
-    exc: HTTPException,
-    code: str,
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
+async def _send_problem(scope: Scope, send: Send, exc: BodyError) -> None:
     """A problem+json answer sent from the middleware (the app never saw the error), closing
     the connection: the rest of the body is not read."""
     import json
@@ -265,14 +313,17 @@ async def _send_problem(
 
     status = exc.status_code
     body: dict[str, Any] = {
-        "type": PROBLEM_BASE + code,
+        "type": PROBLEM_BASE + exc.code,
         "title": HTTPStatus(status).phrase,
         "status": status,
         "detail": str(exc.detail),
-        "code": code,
+        "code": exc.code,
         "instance": scope.get("path", ""),
     }
     payload = json.dumps(body).encode()
+    extra = [
+        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items()
+    ]
     await send(
         {
             "type": "http.response.start",
@@ -281,7 +332,7 @@ async def _send_problem(
                 (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
                 (b"content-length", str(len(payload)).encode()),
                 (b"connection", b"close"),
-                *(headers or []),
+                *extra,
             ],
         }
     )

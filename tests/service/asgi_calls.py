@@ -31,9 +31,11 @@ async def post_in_halves(
     body: bytes,
     content_type: str,
     gate: asyncio.Event | None = None,
+    headers: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """POST ``body`` (with its Content-Length) in two parts, the second only once ``gate`` is
-    set; the client then stays connected. Returns the messages the app sent."""
+    """POST ``body`` in two parts, the second only once ``gate`` is set; the client then stays
+    connected. Content-Length is the body's unless ``headers`` say otherwise (e.g.
+    ``{"transfer-encoding": "chunked"}`` without a length). Returns what the app sent."""
     half = len(body) // 2
     parts = [
         {"type": "http.request", "body": body[:half], "more_body": True},
@@ -51,6 +53,7 @@ async def post_in_halves(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    headers = {"content-length": str(len(body)), "content-type": content_type}
-    await app(http_scope(path, headers), receive, send)
+    if headers is None:
+        headers = {"content-length": str(len(body))}
+    await app(http_scope(path, {**headers, "content-type": content_type}), receive, send)
     return sent

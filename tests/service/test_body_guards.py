@@ -218,7 +218,7 @@ def test_large_bodies_beyond_the_shared_budget_get_503() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    guarded = BodyLimitMiddleware(app, max_bytes=2 << 20, timeout_s=5.0, budget_bytes=500_000)
+    guarded = BodyLimitMiddleware(app, max_bytes=2 << 20, timeout_s=5.0, budget_bytes=400_000)
 
     async def request(size: int, gate: asyncio.Event | None = None) -> list[dict[str, Any]]:
         return await post_in_halves(guarded, "/", bytes(size), "application/x-npy", gate)
@@ -226,8 +226,9 @@ def test_large_bodies_beyond_the_shared_budget_get_503() -> None:
     async def run() -> None:
         gate = asyncio.Event()
         first = asyncio.create_task(request(300_000, gate))
-        await asyncio.sleep(0.05)  # the first body is half received, its bytes reserved
-        busy = await request(300_000)
+        await asyncio.sleep(0.05)  # the first body is half received: 150 000 bytes held
+        assert guarded.budget is not None and guarded.budget.used == 150_000
+        busy = await request(300_000)  # declared: cannot fit, refused before it is read
         assert busy[0]["status"] == 503
         assert (b"retry-after", b"1") in busy[0]["headers"]
         assert json.loads(busy[1]["body"])["code"] == "service-busy"

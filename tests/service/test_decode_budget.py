@@ -29,6 +29,8 @@ from service.settings import Settings
 from tests.service.asgi_calls import post_in_halves
 from tests.service.onnx_nets import assert_problem, mlp_onnx
 
+NPY, JSON = "application/x-npy", "application/json"
+
 
 def _npz(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -57,8 +59,8 @@ def test_a_reservation_grows_while_it_fits_or_is_alone_and_always_shrinks() -> N
 
 
 def test_json_bodies_are_admitted_at_their_decoded_weight() -> None:
-    """With 300 KB of .npy in flight and a 1.5 MB budget, a 100 KB JSON body (1.6 MB once
-    decoded) is turned away while a 100 KB .npy body gets in."""
+    """With 150 KB of an .npy body received and a 1.5 MB budget, a 100 KB JSON body (1.6 MB
+    once decoded) is turned away while a 100 KB .npy body gets in."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         while (await receive()).get("more_body"):
@@ -78,8 +80,8 @@ def test_json_bodies_are_admitted_at_their_decoded_weight() -> None:
         gate = asyncio.Event()
         held = asyncio.create_task(request("application/x-npy", 300_000, gate))
         await asyncio.sleep(0.05)
-        assert guarded.budget is not None and guarded.budget.used == 300_000
-        assert 300_000 + 100_000 * JSON_DECODE_FACTOR > 1_500_000
+        assert guarded.budget is not None and guarded.budget.used == 150_000  # received half
+        assert 150_000 + 100_000 * JSON_DECODE_FACTOR > 1_500_000
         assert await request("application/json", 100_000) == 503
         assert await request("application/problem+json; charset=utf-8", 100_000) == 503
         assert await request("application/x-npy", 100_000) == 200
@@ -152,7 +154,7 @@ def test_the_app_refuses_npz_decoding_that_does_not_fit_beside_a_body_in_flight(
                     post_in_halves(app, path, npy_body, "application/x-npy", gate)
                 )
                 await asyncio.sleep(0.1)  # the .npy body is half received
-                assert _body_budget(app).used == len(npy_body), (held, _body_budget(app).used)
+                assert _body_budget(app).used == len(npy_body) // 2, held  # what arrived
                 npz = {"content-type": "application/x-npz"}
                 busy = await http.post(path, content=npz_body, headers=npz)
                 assert busy.status_code == 503, busy.text[:300]
@@ -175,3 +177,106 @@ def _body_budget(app: Any) -> BodyBudget:
         layer = layer.app
     assert layer.budget is not None
     return layer.budget
+
+
+async def _drain_and_answer(scope: Any, receive: Any, send: Any) -> None:
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_a_slow_body_holds_only_what_it_has_sent() -> None:
+    """A client that declares a 1 MB JSON body (16 MB once decoded), or opens a chunked one,
+    and then sends a few bytes does not lock other large bodies out (found by review: a
+    chunked body used to count as the 64 MiB cap x 16 from its first byte)."""
+    guarded = BodyLimitMiddleware(_drain_and_answer, max_bytes=4 << 20, budget_bytes=1_500_000)
+    chunked = {"transfer-encoding": "chunked"}
+
+    async def run() -> None:
+        gate = asyncio.Event()
+        slow = [
+            asyncio.create_task(
+                post_in_halves(guarded, "/", bytes(20), "application/json", gate, headers)
+            )
+            for headers in ({"content-length": "1000000"}, chunked)
+        ]
+        await asyncio.sleep(0.05)
+        assert guarded.budget is not None and guarded.budget.used == 0
+        sent = await post_in_halves(guarded, "/", bytes(300_000), "application/x-npy")
+        assert sent[0]["status"] == 200
+        gate.set()
+        await asyncio.gather(*slow)
+
+    asyncio.run(run())
+
+
+def test_a_chunked_body_outgrowing_the_budget_midway_gets_503() -> None:
+    guarded = BodyLimitMiddleware(_drain_and_answer, max_bytes=4 << 20, budget_bytes=400_000)
+    chunked = {"transfer-encoding": "chunked"}
+
+    async def run() -> None:
+        gate = asyncio.Event()
+        held = asyncio.create_task(
+            post_in_halves(guarded, "/", bytes(300_000), "application/x-npy", gate)
+        )
+        await asyncio.sleep(0.05)  # 150 000 bytes held
+        # 200 000 fit beside them, 400 000 do not: refused when the second half arrives
+        sent = await post_in_halves(
+            guarded, "/", bytes(400_000), "application/x-npy", None, chunked
+        )
+        assert sent[0]["status"] == 503
+        assert (b"retry-after", b"1") in sent[0]["headers"]
+        assert json.loads(sent[1]["body"])["code"] == "service-busy"
+        assert guarded.budget is not None and guarded.budget.used == 150_000
+        gate.set()
+        assert (await held)[0]["status"] == 200
+        assert guarded.budget.used == 0
+
+    asyncio.run(run())
+
+
+def test_a_body_without_the_api_key_is_refused_before_it_is_read() -> None:
+    """FastAPI reads a declared body before the route's key check runs; the middleware does
+    not let an unauthenticated client upload (and hold budget) at all."""
+    calls: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        calls.append(scope["path"])
+        await _drain_and_answer(scope, receive, send)
+
+    guarded = BodyLimitMiddleware(app, max_bytes=4 << 20, budget_bytes=1 << 20, api_key="k3y")
+
+    async def post(headers: dict[str, str]) -> list[dict[str, Any]]:
+        return await post_in_halves(
+            guarded, "/up", bytes(100_000), "application/json", None, headers
+        )
+
+    async def run() -> None:
+        for headers in (
+            {"content-length": "100000"},
+            {"transfer-encoding": "chunked"},
+            {"content-length": "100000", "x-api-key": "wrong"},
+        ):
+            sent = await post(headers)
+            assert sent[0]["status"] == 401
+            assert (b"www-authenticate", b"X-API-Key") in sent[0]["headers"]
+            assert json.loads(sent[1]["body"])["code"] == "unauthorized"
+        assert calls == []
+        assert (await post({"content-length": "100000", "x-api-key": "k3y"}))[0]["status"] == 200
+        # no body: the route's own check decides (health checks and docs are open)
+        no_body = await post_in_halves(guarded, "/health", b"", "application/json")
+        assert no_body[0]["status"] == 200
+        assert calls == ["/up", "/health"]
+
+    asyncio.run(run())
+
+
+def test_the_app_refuses_an_unauthenticated_oip_body_with_401(make_client, rw_onnx) -> None:
+    client = make_client(api_key="k3y")
+    ok = {"X-API-Key": "k3y"}
+    mid = client.post("/v1/models", files={"file": ("m.onnx", rw_onnx)}, headers=ok).json()["id"]
+    tensor = {"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [0.0, 0.0]}
+    resp = client.post(f"/v2/models/{mid}/infer", json={"inputs": [tensor]})
+    assert_problem(resp, 401, "unauthorized")
+    assert resp.headers["www-authenticate"] == "X-API-Key"
