@@ -120,6 +120,12 @@ def _solve_and_certify(
         timings["verify_s"] = time.perf_counter() - t0
         notes.append("no hidden layer: the bound is the exact spectral norm of the affine map")
         mults: tuple[Array, ...] = ()
+    elif not np.any(lmi.weights[0]):
+        t0 = time.perf_counter()
+        mults = layerwise_multipliers(lmi)
+        rho = certify_rho(lmi, mults)
+        timings["verify_s"] = time.perf_counter() - t0
+        notes.append("the first layer is zero: the network is constant, layer-wise certificate")
     else:
         _emit(progress, {"phase": "reduce"})
         t0 = time.perf_counter()

@@ -295,7 +295,7 @@ def solve_ipm(
                 # x_k: an estimate, not a bound), and the complementarity gap <S, Z> / tr Z_00
                 lower = ops.vdot(cur.zmat[bl, bl], lmi.wl_gram) - float(cur.x @ np.maximum(az, 0.0))
                 lower /= tr_z00
-                scale = abs(best_rho)
+                scale = abs(best_rho) or 1.0  # rho = 0 (e.g. a zero layer): absolute gap
                 rel_gap = max((best_rho - lower) / scale, gap / (tr_z00 * scale))
             entry = {
                 "iteration": it,

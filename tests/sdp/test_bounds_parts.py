@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sdp.bounds.compute import compute_bound
 from sdp.bounds.linear_fold import LinearFold
 from sdp.bounds.lower import activation_derivative, jacobian_vector, vector_jacobian
 from sdp.bounds.reduction import SvdInputReduction
@@ -13,7 +14,7 @@ from sdp.errors import SolverError
 from sdp.ir import Activation, Conv2d, Dense, Network
 from sdp.solvers import available_solvers, get_solver, solver_names
 from sdp.solvers.base import LipSdpProblem, Solver
-from tests.sdp._nets import random_network
+from tests.sdp._nets import dense_network, random_network
 
 
 def test_registry():
@@ -87,3 +88,17 @@ def test_jvp_vjp_are_adjoint_and_match_finite_differences():
     assert np.allclose(np.sum(jv * u, 1), np.sum(v * jtu, 1))
     fd = (net.forward(x + 1e-6 * v) - net.forward(x - 1e-6 * v)) / 2e-6
     assert np.allclose(jv, fd, atol=1e-6)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])  # which of three weight matrices is zero
+@pytest.mark.parametrize("method", ["lipsdp-neuron", "lipsdp-layer", "auto"])
+def test_a_zero_layer_gives_a_verified_tiny_bound_not_a_crash(zero: int, method: str) -> None:
+    """A zero weight matrix makes the network constant (L = 0). A zero first layer left the
+    reduced LMI without inputs and the interior-point method divided by rho = 0 (found by
+    review: ZeroDivisionError as a 500 on an accepted model)."""
+    rng = np.random.default_rng(zero)
+    ws = [rng.standard_normal(s) for s in [(6, 5), (4, 6), (3, 4)]]
+    ws[zero] = np.zeros_like(ws[zero])
+    res = compute_bound(dense_network(ws, "tanh"), method, pairwise=True)
+    assert res.verified and 0.0 <= res.value < 1e-6, (res.value, res.notes)
+    assert res.pairwise is not None and np.all(res.pairwise < 1e-6)
