@@ -3,8 +3,11 @@
 Each converter receives a :class:`NodeContext` (inputs already converted: a numpy array for
 a constant, a :class:`~sdp.importers._flow.Flow` for anything computed from the network
 input, ``None`` for an omitted optional input) and returns the node's output values.
-Constant-only nodes are folded with numpy. An op missing from :data:`CONVERTERS` makes the
-importer raise :class:`~sdp.errors.UnsupportedOp` naming the node.
+Constant-only nodes are folded with numpy in the constants' ONNX dtypes (see
+:mod:`sdp.importers._fold`); a node that also reads the network input gets its constants as
+float64/int64. An op missing from :data:`CONVERTERS` makes the importer raise
+:class:`~sdp.errors.UnsupportedOp` naming the node; every registered op has its accepted
+attributes in :data:`sdp.importers._attrs.ATTRIBUTES`, and any other attribute is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from sdp.errors import ModelRejected, UnsupportedOp
+from sdp.importers._attrs import ATTRIBUTES
 from sdp.importers._flow import Flow, check_matrix, fuse_silu, merge_residual
+from sdp.importers._fold import cast, int_divide
 from sdp.importers.limits import Limits
 
 Value = Flow | np.ndarray | None
@@ -30,6 +35,7 @@ class GraphState:
     raw_input: Flow
     input_consumers: int
     input_shape: tuple[int, ...]
+    opset: int = 13  # of the default ONNX domain
 
 
 @dataclass
@@ -75,8 +81,12 @@ CONVERTERS: dict[str, Converter] = {}
 
 
 def converter(*ops: str) -> Callable[[Converter], Converter]:
+    """Register ``fn`` for ``ops``; each op must list its accepted attributes in ATTRIBUTES."""
+
     def register(fn: Converter) -> Converter:
         for op in ops:
+            if op not in ATTRIBUTES:
+                raise RuntimeError(f"converter for {op} registered without its attribute list")
             CONVERTERS[op] = fn
         return fn
 
@@ -103,14 +113,36 @@ def _matmul_shape(ctx: NodeContext, a: np.ndarray, b: np.ndarray) -> tuple[int, 
 def identity(ctx: NodeContext) -> Value:
     if ctx.num_outputs > 1:
         raise ctx.reject("training-mode outputs (Dropout mask) are not supported")
+    if ctx.op == "Dropout":
+        _check_inference_dropout(ctx)
     return ctx.inputs[0]
+
+
+def _check_inference_dropout(ctx: NodeContext) -> None:
+    """Dropout is the identity only in inference mode: ``is_test=1`` (opset < 7, where the
+    default 0 means training), no ``training_mode`` input or a constant false one (opset 12+)."""
+    is_test = ctx.attr("is_test")
+    if is_test is not None and int(is_test) != 1:
+        raise ctx.reject(f"attribute 'is_test'={is_test} (training-mode dropout)")
+    if is_test is None and ctx.state.opset < 7:
+        raise ctx.reject("opset < 7 Dropout without is_test=1 is training-mode dropout")
+    if len(ctx.inputs) > 2 and ctx.inputs[2] is not None:
+        training = ctx.inputs[2]
+        if not isinstance(training, np.ndarray):
+            raise ctx.reject("input 'training_mode' must be a constant", "unsupported-graph")
+        if np.any(training):
+            raise ctx.reject("input 'training_mode' is true (training-mode dropout)")
+
+
+# ONNX stores value_float(s) as float32
+_CONSTANT_DTYPES = {"value_float": np.float32, "value_floats": np.float32}
 
 
 @converter("Constant")
 def constant(ctx: NodeContext) -> Value:
     for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
         if key in ctx.attrs:
-            return np.asarray(ctx.attrs[key])
+            return np.asarray(ctx.attrs[key], dtype=_CONSTANT_DTYPES.get(key))
     raise ctx.reject("only dense tensor, float and int constants are supported")
 
 
@@ -185,7 +217,16 @@ def transpose(ctx: NodeContext) -> Value:
 
 @converter("Shape")
 def shape_op(ctx: NodeContext) -> Value:
-    return np.asarray(_shape_of(ctx, ctx.inputs[0]), dtype=np.int64)
+    """``shape[start:end]``; negative ends count from the back, both clamped to [0, rank]."""
+    shape = _shape_of(ctx, ctx.inputs[0])
+    rank = len(shape)
+
+    def clamp(i: int) -> int:
+        return min(max(i + rank if i < 0 else i, 0), rank)
+
+    end = ctx.attr("end")
+    start, stop = clamp(int(ctx.attr("start", 0))), rank if end is None else clamp(int(end))
+    return np.asarray(shape[start:stop], dtype=np.int64)
 
 
 @converter("Gather", "Concat", "Cast")
@@ -199,11 +240,12 @@ def const_only(ctx: NodeContext) -> Value:
     xs = [ctx.const(i) for i in range(len(ctx.inputs))]
     if ctx.op == "Gather":
         axis = int(ctx.attr("axis", 0))
+        axis = axis + xs[0].ndim if axis < 0 else axis
         _check_fold(ctx, (*xs[0].shape[:axis], *xs[1].shape, *xs[0].shape[axis + 1 :]))
         return np.take(xs[0], xs[1].astype(np.int64), axis=axis)
     if ctx.op == "Concat":
         return np.concatenate(xs, axis=int(ctx.attr("axis")))
-    return xs[0].astype(np.float64 if int(ctx.attr("to")) in (1, 10, 11) else np.int64)
+    return cast(f"node {ctx.name!r} (Cast)", xs[0], int(ctx.attr("to")))
 
 
 # ---- elementwise arithmetic --------------------------------------------------------------
@@ -225,8 +267,11 @@ def arithmetic(ctx: NodeContext) -> Value:
         if not _broadcastable(ctx.const(0).shape, ctx.const(1).shape):
             raise ctx.reject("constants do not broadcast", "shape-mismatch")
         _check_fold(ctx, np.broadcast_shapes(ctx.const(0).shape, ctx.const(1).shape))
-        with np.errstate(all="ignore"):
-            return np.asarray(_NUMPY[op](ctx.const(0), ctx.const(1)))
+        ca, cb = ctx.const(0), ctx.const(1)
+        if op == "Div" and ca.dtype.kind in "iu":  # ONNX integer Div truncates toward zero
+            return int_divide(f"node {ctx.name!r} (Div)", ca, cb)
+        with np.errstate(all="ignore"):  # same dtype: ints wrap, float16/32 round as in ORT
+            return np.asarray(_NUMPY[op](ca, cb))
     flow, c, flow_first = (
         (a, ctx.const(1), True) if isinstance(a, Flow) else (b, ctx.const(0), False)
     )
@@ -267,10 +312,14 @@ def gemm(ctx: NodeContext) -> Value:
     c = ctx.optional_const(2)
     if _all_const(ctx):
         ca, cb = ctx.const(0), ctx.const(1)
+        if ca.dtype.kind != "f":
+            raise ctx.reject(
+                f"folding a {ca.dtype.name} Gemm is not supported", "unsupported-graph"
+            )
         ca, cb = (ca.T if ta else ca), (cb.T if tb else cb)
         _check_fold(ctx, _matmul_shape(ctx, ca, cb))
         y = alpha * ca @ cb
-        return y + beta * c if c is not None else y
+        return np.asarray(y + beta * c if c is not None else y, dtype=ca.dtype)
     a, b = ctx.inputs[0], ctx.inputs[1]
     if isinstance(a, Flow) and isinstance(b, np.ndarray):
         x = a.transpose((1, 0)) if ta else a

@@ -31,6 +31,12 @@ def _pads(
     if auto == "VALID":
         return 0, 0, 0, 0
     if auto in ("SAME_UPPER", "SAME_LOWER"):
+        if dilation != (1, 1):
+            # onnxruntime 1.23 refuses this for Conv and pads AveragePool as if undilated
+            raise ctx.reject(
+                f"attribute 'auto_pad'={auto} with dilations {list(dilation)}: onnxruntime "
+                "does not compute it as the ONNX spec says; use explicit pads"
+            )
         begin, end = [], []
         for size, k, s, d in zip(hw, kernel, stride, dilation, strict=True):
             total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
@@ -84,26 +90,27 @@ def conv(ctx: NodeContext) -> Value:
 
 @converter("AveragePool", "GlobalAveragePool")
 def average_pool(ctx: NodeContext) -> Value:
-    """Average pooling is linear: a depthwise convolution with kernel 1/(kh kw)."""
+    """Average pooling is linear: a depthwise convolution with kernel 1/(kh kw), dilated by
+    ``dilations`` (window extent (k - 1) d + 1)."""
     x = ctx.flow(0)
     c, h, wd = _image(ctx, x)
     if ctx.op == "GlobalAveragePool":
-        kernel, stride, pads = (h, wd), (1, 1), (0, 0, 0, 0)
+        kernel, stride, dilation, pads = (h, wd), (1, 1), (1, 1), (0, 0, 0, 0)
     else:
         kernel = _pair(ctx, "kernel_shape")
-        stride = _pair(ctx, "strides")
-        pads = _pads(ctx, (h, wd), kernel, stride, (1, 1))
+        stride, dilation = _pair(ctx, "strides"), _pair(ctx, "dilations")
+        pads = _pads(ctx, (h, wd), kernel, stride, dilation)
         if any(pads) and not int(ctx.attr("count_include_pad", 0)):
             raise ctx.reject("padding with count_include_pad=0 is not a convolution")
         if int(ctx.attr("ceil_mode", 0)):
-            for size, k, s, lo, hi in (
-                (h, kernel[0], stride[0], pads[0], pads[2]),
-                (wd, kernel[1], stride[1], pads[1], pads[3]),
+            for size, k, s, d, lo, hi in (
+                (h, kernel[0], stride[0], dilation[0], pads[0], pads[2]),
+                (wd, kernel[1], stride[1], dilation[1], pads[1], pads[3]),
             ):
-                if (size + lo + hi - k) % s:
+                if (size + lo + hi - (k - 1) * d - 1) % s:
                     raise ctx.reject("ceil_mode=1 with a partial last window")
     weight = np.full((c, 1, *kernel), 1.0 / (kernel[0] * kernel[1]))
-    layer = Conv2d(weight, np.zeros(c), (c, h, wd), stride, pads, (1, 1), c)
+    layer = Conv2d(weight, np.zeros(c), (c, h, wd), stride, pads, dilation, c)
     return x.then_conv(layer, (1, *layer.out_shape), ctx.limits)
 
 
@@ -112,6 +119,11 @@ def batch_norm(ctx: NodeContext) -> Value:
     """Eval mode: y = scale (x - mean) / sqrt(var + eps) + B, a per-channel affine map."""
     if ctx.num_outputs > 1 or int(ctx.attr("training_mode", 0)):
         raise ctx.reject("training-mode BatchNormalization is not supported")
+    is_test = ctx.attr("is_test")
+    if (is_test is not None and int(is_test) != 1) or (is_test is None and ctx.state.opset < 7):
+        raise ctx.reject("attribute 'is_test' is not 1 (training-mode BatchNormalization)")
+    if int(ctx.attr("spatial", 1)) != 1:
+        raise ctx.reject("attribute 'spatial'=0 (per-element statistics) is not supported")
     x = ctx.flow(0)
     scale, bias, mean, var = (np.asarray(ctx.const(i), np.float64).ravel() for i in range(1, 5))
     if len(x.shape) < 2 or not all(v.size == x.shape[1] for v in (scale, bias, mean, var)):
@@ -153,8 +165,8 @@ def activation(ctx: NodeContext) -> Value:
         except ValueError as exc:
             raise ctx.reject(str(exc)) from exc
     x = ctx.inputs[0]
-    if isinstance(x, np.ndarray):
-        return act(x)
+    if isinstance(x, np.ndarray):  # folded in float64, returned in the constant's dtype
+        return np.asarray(act(x)).astype(x.dtype)
     return ctx.flow(0).then_activation(act, ctx.limits)
 
 

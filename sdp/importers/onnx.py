@@ -15,6 +15,11 @@ absorbed into the input: ``input_shape`` is then the *transposed* layout (C, H, 
 must feed inputs in that layout. Other Transposes/Reshapes only permute indices (free).
 Exporter patterns recognised: ``x * sigmoid(x)`` -> SiLU, ``Where(x > t, x, Softplus(x))``
 -> softplus (torch's thresholded Softplus, within e^-t).
+
+Attributes: each op accepts the attributes listed in :data:`sdp.importers._attrs.ATTRIBUTES`
+and nothing else (``unsupported-attribute``, naming node, op and attribute). Constants keep
+their ONNX dtype while they are folded (:mod:`sdp.importers._fold`: Cast and integer Div as
+onnxruntime computes them).
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from typing import Any
 import numpy as np
 
 from sdp.errors import ModelRejected, UnsupportedOp
+from sdp.importers._attrs import check_attributes
 from sdp.importers._flow import Flow
+from sdp.importers._fold import widen
 from sdp.importers._ops import CONVERTERS, GraphState, NodeContext, Value
 from sdp.importers._ops_layers import Comparison  # also registers conv/activation converters
 from sdp.importers.limits import Limits
@@ -158,19 +165,16 @@ def _check_tensor_proto(t: Any, limits: Limits) -> None:
 
 
 def _to_array(t: Any) -> np.ndarray:
-    """TensorProto -> numpy (dtype and stored size were checked by _check_tensor_proto)."""
+    """TensorProto -> numpy in its ONNX dtype (dtype and stored size were checked by
+    _check_tensor_proto); float tensors must be finite."""
     from onnx import numpy_helper
 
     try:
         arr = numpy_helper.to_array(t)
     except Exception as exc:
         raise ModelRejected(f"tensor {t.name!r} is unreadable: {exc}", code="malformed") from exc
-    if t.data_type in _FLOAT_TYPES:
-        arr = arr.astype(np.float64)
-        if not np.all(np.isfinite(arr)):
-            raise ModelRejected(f"tensor {t.name!r} has NaN or inf entries", code="non-finite")
-    else:
-        arr = arr.astype(np.int64)
+    if t.data_type in _FLOAT_TYPES and not np.all(np.isfinite(arr)):
+        raise ModelRejected(f"tensor {t.name!r} has NaN or inf entries", code="non-finite")
     return np.asarray(arr)
 
 
@@ -208,8 +212,12 @@ def _convert(model: Any, limits: Limits, name: str) -> Network:
     limits.check_width(int(np.prod(full)), "the network input")
     start = Flow.start(full)
     uses = Counter(n for node in g.node for n in node.input)
+    opset = max((o.version for o in model.opset_import if o.domain in _STANDARD_DOMAINS), default=1)
     state = GraphState(
-        start, uses[inputs[0].name], full[1:] if len(full) >= 2 and full[0] == 1 else full
+        start,
+        uses[inputs[0].name],
+        full[1:] if len(full) >= 2 and full[0] == 1 else full,
+        opset=int(opset),
     )
     values[inputs[0].name] = start
     declared = {vi.name: _declared_shape(vi) for vi in g.value_info}
@@ -229,15 +237,19 @@ def _convert(model: Any, limits: Limits, name: str) -> Network:
             raise ModelRejected(
                 f"node {label!r} reads undefined values {missing}", code="malformed"
             )
+        check_attributes(label, node.op_type, (a.name for a in node.attribute))
         attrs = {}
         for a in node.attribute:
             v = onnx.helper.get_attribute_value(a)
             attrs[a.name] = _to_array(v) if a.type == 4 else v  # TENSOR
         outs = [n for n in node.output if n]
+        ins = [values[n] if n else None for n in node.input]
+        if any(isinstance(v, Flow) for v in ins):  # weights as float64, shapes/axes as int64
+            ins = [widen(f"node {label!r}", v) if isinstance(v, np.ndarray) else v for v in ins]
         ctx = NodeContext(
             label,
             node.op_type,
-            [values[n] if n else None for n in node.input],
+            ins,
             attrs,
             limits,
             state,
