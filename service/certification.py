@@ -84,6 +84,14 @@ def as_array(values: Any, what: str = "inputs") -> np.ndarray:
     return check_finite(arr, what)
 
 
+def check_npy_version(major: int, minor: int) -> None:
+    """The .npy format versions that exist: 1.0, 2.0 and 3.0 (InvalidInput otherwise)."""
+    if (major, minor) not in ((1, 0), (2, 0), (3, 0)):
+        raise InvalidInput(
+            f".npy format version {major}.{minor} is not 1.0, 2.0 or 3.0", code="invalid-npy"
+        )
+
+
 def read_npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
     """(shape, fortran_order, dtype, data offset) of a .npy body's header, parsed by numpy.
 
@@ -97,10 +105,13 @@ def read_npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], 
     try:
         stream = io.BytesIO(head)
         version = fmt.read_magic(stream)
+        check_npy_version(*version)
         if version == (1, 0):
             shape, fortran, dtype = fmt.read_array_header_1_0(stream)
-        else:
+        else:  # 2.0 and 3.0 (the same layout, a UTF-8 header)
             shape, fortran, dtype = fmt.read_array_header_2_0(stream)
+    except InvalidInput:
+        raise
     except Exception as exc:  # numpy raises ValueError/OSError/EOFError on bad headers
         raise InvalidInput(f"unreadable .npy header: {exc}", code="invalid-npy") from None
     if dtype.kind not in "iuf" or dtype.hasobject or dtype.itemsize > 8:

@@ -30,6 +30,7 @@ from service.certification import (
     batch_inputs,
     check_finite,
     check_input_shape,
+    check_npy_version,
     load_npy,
     read_npy_header,
 )
@@ -136,6 +137,7 @@ class NpyRows:
             raise InvalidInput("the body is not a .npy file (bad magic)", code="invalid-npy")
         if len(buf) < 12:
             return None
+        check_npy_version(buf[6], buf[7])
         if buf[6] == 1:
             start, hlen = 10, struct.unpack("<H", bytes(buf[8:10]))[0]
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 Number = float | int
 
@@ -52,9 +52,11 @@ class CertifyRequest(BaseModel):
     )
 
     inputs: list[Any] = Field(min_length=1, description="Batch of inputs (numbers only).")
-    labels: list[int] | None = Field(default=None, description="True classes, one per input.")
+    labels: list[StrictInt] | None = Field(
+        default=None, description="True classes, one per input (JSON integers)."
+    )
     bound: str = Field(default="best", max_length=128, description='"best" or a bound job id.')
-    return_logits: bool = Field(default=False)
+    return_logits: StrictBool = Field(default=False)
     epsilon: float = Field(
         default=0.0,
         ge=0,

@@ -274,17 +274,18 @@ class Storage:
 
     # -- bounds -----------------------------------------------------------------------------
 
-    def save_bound(self, model_id: str, result: dict[str, Any]) -> None:
-        """Store one bound result (``BoundResult.summary()``-shaped dict, optional ``job_id``)."""
+    def save_bound(self, model_id: str, result: dict[str, Any]) -> bool:
+        """Store one bound result (``BoundResult.summary()``-shaped dict, optional ``job_id``);
+        False (nothing stored) when the model is gone, e.g. deleted while its job ran."""
         doc = _clean_json(dict(result))
         doc.setdefault("created_at", _now())
         value = doc.get("lipschitz_bound")
         if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
             raise ValueError(f"bound result has no finite lipschitz_bound: {value!r}")
-        with self._connect() as db:
-            db.execute(
+        with self._connect() as db:  # one statement: atomic with delete_model
+            cur = db.execute(
                 "INSERT INTO bounds (model_id, job_id, method, value, verified, created_at, result)"
-                " VALUES (?,?,?,?,?,?,?)",
+                " SELECT ?,?,?,?,?,?,? WHERE EXISTS (SELECT 1 FROM models WHERE id = ?)",
                 (
                     model_id,
                     doc.get("job_id"),
@@ -293,8 +294,10 @@ class Storage:
                     1 if doc.get("verified") is True else 0,
                     doc["created_at"],
                     json.dumps(doc),
+                    model_id,
                 ),
             )
+        return cur.rowcount == 1
 
     def list_bounds(self, model_id: str) -> list[dict[str, Any]]:
         """All stored results of a model, oldest first."""

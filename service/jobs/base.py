@@ -7,8 +7,9 @@ A job asks for one certified bound of one stored model::
 
 and moves through ``queued -> running -> succeeded | failed | cancelled``. Two requests
 with the same :meth:`JobSpec.dedupe_key` (model, method, pairwise, solver) share a job:
-the runner returns the in-flight or succeeded job instead of solving again. A failed or
-cancelled job is never reused.
+the runner returns the succeeded job, or an in-flight one with the same time limit
+(:meth:`JobSpec.can_join`), instead of solving again. A failed or cancelled job is never
+reused.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -28,6 +30,13 @@ def now_iso() -> str:
     """UTC time as ISO 8601 with milliseconds, e.g. ``2026-11-25T15:42:58.123Z``."""
     t = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+#: The error of a job whose model was deleted before its bound could be stored.
+MODEL_DELETED = {
+    "code": "model-deleted",
+    "detail": "the model was deleted while the job ran; its bound was not stored",
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,18 @@ class JobSpec:
         """sha256 of (model, method, pairwise, solver): equal keys share one job."""
         ident = json.dumps([self.model_id, self.method, self.pairwise, self.solver])
         return hashlib.sha256(ident.encode()).hexdigest()
+
+    def can_join(self, running: JobRecord) -> bool:
+        """Whether this request may share ``running``'s (unfinished) job: the same time limit,
+        so a request neither times out earlier nor waits longer than it asked for."""
+        return running.spec.timeout_s == self.timeout_s
+
+    def reuses(self, previous: JobRecord, bound_stored: Callable[[JobRecord], bool]) -> bool:
+        """Whether an identical request's ``previous`` job answers this one: succeeded with
+        its bound still stored, or unfinished and joinable."""
+        if previous.status == "succeeded":
+            return bound_stored(previous)
+        return previous.status in ACTIVE and self.can_join(previous)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from service.jobs.base import JobRecord, JobSpec, observe_solve_time
+from service.jobs.base import MODEL_DELETED, JobRecord, JobSpec, observe_solve_time
 from service.jobs.process import SolveProcess, supervise
 from service.jobs.store import JobStore
 
@@ -97,7 +97,7 @@ class LocalRunner:
         """A new queued job, or the in-flight / succeeded job of an identical request."""
         with self._lock:
             for rec in self.store.find_reusable(spec.dedupe_key()):
-                if rec.status != "succeeded" or self._bound_still_stored(rec):
+                if spec.reuses(rec, self._bound_still_stored):
                     rec.reused = True
                     return rec
             rec = JobRecord(id=uuid.uuid4().hex, spec=spec)
@@ -180,11 +180,14 @@ class LocalRunner:
                 if job_id in self._cancelled or self._stopping:
                     return
                 try:
-                    self.storage.save_bound(spec.model_id, doc)
+                    stored = self.storage.save_bound(spec.model_id, doc)
                 except Exception as exc:
                     self.store.finish(
                         job_id, "failed", error={"code": "storage-error", "detail": str(exc)}
                     )
+                    return
+                if not stored:
+                    self.store.finish(job_id, "failed", error=MODEL_DELETED)
                     return
                 self.store.finish(job_id, "succeeded", result=doc)
             observe_solve_time(doc)

@@ -30,7 +30,14 @@ import uuid
 from typing import Any
 
 from sdp.errors import LipcertError
-from service.jobs.base import ACTIVE, JobRecord, JobSpec, now_iso, observe_solve_time
+from service.jobs.base import (
+    ACTIVE,
+    MODEL_DELETED,
+    JobRecord,
+    JobSpec,
+    now_iso,
+    observe_solve_time,
+)
 from service.jobs.recheck import recheck_document
 from service.jobs.redis_state import (
     ACTIVE_SET,
@@ -110,9 +117,7 @@ class RqRunner:
             previous = self.redis.get(key)
             if previous is not None:
                 rec = self.get(previous.decode() if isinstance(previous, bytes) else previous)
-                if rec is not None and (
-                    rec.status in ACTIVE or (rec.status == "succeeded" and self._stored(rec))
-                ):
+                if rec is not None and spec.reuses(rec, self._stored):
                     rec.reused = True
                     return rec
             data = self.storage.model_bytes(spec.model_id)
@@ -198,23 +203,28 @@ class RqRunner:
         """Save a succeeded job's result into storage once; drop ended jobs from the watch set."""
         result = rec.result if rec.status == "succeeded" else None
         if result is not None and self.redis.hsetnx(job_key(rec.id), "persisted", "1"):
+            error: dict[str, str] | None = None
+            model_id = rec.spec.model_id
             try:
-                recheck_document(self.storage.load_network(rec.spec.model_id), result)
+                if self.storage.get_model(model_id) is None:
+                    error = MODEL_DELETED
+                else:
+                    recheck_document(self.storage.load_network(model_id), result)
+                    if not self.storage.save_bound(model_id, result):
+                        error = MODEL_DELETED
             except LipcertError as exc:  # a worker's word is not a certificate
                 log.warning("job %s: worker result rejected: %s", rec.id, exc)
                 error = {"code": "unverified-result", "detail": f"worker result rejected: {exc}"}
-                self.jobs.transition(
-                    rec.id, ("succeeded",), status="failed", error=error, result="null"
-                )
-                self.redis.srem(ACTIVE_SET, rec.id)
-                return
-            try:
-                self.storage.save_bound(rec.spec.model_id, result)
             except Exception:
                 self.redis.hdel(job_key(rec.id), "persisted")
                 log.exception("saving the result of job %s failed", rec.id)
                 return
-            observe_solve_time(result)
+            if error is not None:
+                self.jobs.transition(
+                    rec.id, ("succeeded",), status="failed", error=error, result="null"
+                )
+            else:
+                observe_solve_time(result)
         self.redis.srem(ACTIVE_SET, rec.id)
 
     def _reconcile(self, rec: JobRecord) -> None:

@@ -1,7 +1,8 @@
 """Open Inference Protocol (KServe v2) data plane: model metadata, readiness, infer.
 
 ``POST /v2/models/{id}/infer`` takes one tensor (any name, FP32/FP64/INT, shape
-[batch, n0], [batch, *input_shape] or [n0]) and returns ``logits`` (FP32, [batch, K]),
+[batch, n0], [batch, *input_shape] or [n0]) and returns ``logits`` (FP64, [batch, K]: the
+logits the radius is computed from; as FP32 a finite logit above 3.4e38 would be lost),
 ``prediction`` (INT64, [batch]) and ``certified_radius`` (FP64, [batch]: (margin - sqrt(2) E) /
 (sqrt(2) L) with the model's best verified bound and E a rigorous bound on the logits' rounding
 error, so rounding never enlarges it).
@@ -47,7 +48,7 @@ async def model_metadata(model_id: str, storage: StorageDep) -> dict[str, Any]:
         "platform": "lipcert",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *rec.input_shape]}],
         "outputs": [
-            {"name": "logits", "datatype": "FP32", "shape": [-1, k]},
+            {"name": "logits", "datatype": "FP64", "shape": [-1, k]},
             {"name": "prediction", "datatype": "INT64", "shape": [-1]},
             {"name": "certified_radius", "datatype": "FP64", "shape": [-1]},
         ],
@@ -116,8 +117,8 @@ async def infer(
         "logits": {
             "name": "logits",
             "shape": [b, k],
-            "datatype": "FP32",
-            "data": logits.astype(np.float32).ravel().tolist(),
+            "datatype": "FP64",
+            "data": logits.ravel().tolist(),
         },
         "prediction": {
             "name": "prediction",

@@ -176,6 +176,14 @@ def test_pairwise_radius(client, model) -> None:
         (b'{"inputs": []}', "application/json", 422, "validation-error"),
         (b'{"inputs": [[1, 2]], "labels": [5]}', "application/json", 422, "invalid-input"),
         (b'{"inputs": [[1, 2]], "labels": [0, 1]}', "application/json", 422, "invalid-input"),
+        (b'{"inputs": [[1, 2]], "labels": ["1"]}', "application/json", 422, "validation-error"),
+        (b'{"inputs": [[1, 2]], "labels": [true]}', "application/json", 422, "validation-error"),
+        (
+            b'{"inputs": [[1, 2]], "return_logits": "yes"}',
+            "application/json",
+            422,
+            "validation-error",
+        ),
         (b"[1, 2]", "application/json", 422, "validation-error"),
         (b"\x93NUMPY garbage", "application/x-npy", 422, "invalid-npy"),
         (b"not npy", "application/x-npy", 422, "invalid-npy"),
@@ -253,6 +261,11 @@ def test_oip_v2(client, model, rw_onnx) -> None:
     assert r.json()["id"] == "r1"
     ref = _ort_logits(rw_onnx, x)
     np.testing.assert_allclose(np.reshape(out["logits"]["data"], (3, 2)), ref, rtol=1e-5, atol=1e-4)
+    # FP64: the very logits the radius is computed from (as FP32, logits over 3.4e38 were null)
+    assert out["logits"]["datatype"] == "FP64" and meta["outputs"][0]["datatype"] == "FP64"
+    same = {"inputs": x.astype(np.float64).tolist(), "return_logits": True}
+    rows = client.post(f"/v1/models/{mid}/certify", json=same).json()["results"]
+    assert out["logits"]["data"] == [v for row in rows for v in row["logits"]]
     assert out["prediction"]["data"] == np.argmax(ref, axis=1).tolist()
     margins = np.abs(ref[:, 0] - ref[:, 1])
     np.testing.assert_allclose(

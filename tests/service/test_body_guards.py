@@ -97,6 +97,23 @@ def test_bad_npy_headers_are_problems_on_every_path(
     assert client.get("/v2/health/ready").status_code == 200
 
 
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_every_npy_format_version_is_read_and_no_other(client, model, version) -> None:
+    x = np.random.default_rng(1).standard_normal((3, 2))
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, x, version=version)
+    path = f"/v1/models/{model[0]}/certify"
+    npy = buf.getvalue()
+    future = npy.replace(b"\x93NUMPY" + bytes([version[0]]), b"\x93NUMPY\x09", 1)
+    expect = client.post(path, json={"inputs": x.tolist()}).json()["results"]
+    for wrap, headers in ((bytes, NPY), (_as_npz, NPZ)):
+        r = client.post(path, content=wrap(npy), headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["results"] == expect
+        r = client.post(path, content=wrap(future), headers=headers)
+        assert "format version 9.0" in assert_problem(r, 422, "invalid-npy")["detail"]
+
+
 def _call(app: Any, path: str, headers: dict[str, str], messages: list[dict[str, Any]]) -> list:
     """Run one request through ``app`` at the ASGI level: ``messages`` are what the client
     sends (then nothing more arrives); returns what the app sent."""

@@ -102,7 +102,10 @@ def test_identical_in_flight_request_shares_the_job(client: TestClient) -> None:
     assert second["job_id"] == first["job_id"] and second["reused"] is True
     different = post_bound(client, model_id, **LONG_SOLVE, pairwise=True)
     assert different["job_id"] != first["job_id"]
-    for job_id in (first["job_id"], different["job_id"]):
+    # another time limit: not joined (it would time out earlier or wait longer than asked)
+    limited = post_bound(client, model_id, **LONG_SOLVE, timeout_s=500)
+    assert limited["job_id"] != first["job_id"] and limited["reused"] is False
+    for job_id in (first["job_id"], different["job_id"], limited["job_id"]):
         assert client.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
 
 
@@ -238,3 +241,28 @@ def test_graceful_restart_keeps_bounds_and_reuses_results(
         assert job_getter(c2, done["job_id"])()["status"] == "succeeded"
         again = post_bound(c2, model_id, method="naive")
         assert again["job_id"] == done["job_id"] and again["reused"]
+
+
+def test_a_job_whose_model_is_deleted_before_it_stores_fails(
+    client: TestClient, fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model is deleted at the last moment (just before the result is stored): the job
+    fails with ``model-deleted``, nothing is stored, and the same bytes uploaded again start
+    from scratch."""
+    data = random_weights(fixtures_dir)
+    model_id = upload(client, data, "rw.mat")
+    storage = client.app.state.runner.storage  # type: ignore[attr-defined]
+    save = storage.save_bound
+
+    def delete_then_save(mid: str, doc: dict[str, Any]) -> bool:
+        storage.delete_model(mid)
+        return bool(save(mid, doc))
+
+    monkeypatch.setattr(storage, "save_bound", delete_then_save)
+    job = post_bound(client, model_id, method="lipsdp-neuron")
+    job = wait_for(job_getter(client, job["job_id"]), ended, timeout_s=120)
+    assert job["status"] == "failed" and job["error"]["code"] == "model-deleted", job
+    monkeypatch.undo()
+    assert upload(client, data, "rw.mat") == model_id
+    assert client.get(f"/v1/models/{model_id}/bounds").json()["bounds"] == []
+    assert post_bound(client, model_id, method="lipsdp-neuron")["job_id"] != job["job_id"]

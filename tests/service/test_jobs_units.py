@@ -231,3 +231,47 @@ def test_solver_process_puts_the_solver_on_the_requested_device(tmp_path: Path) 
     else:
         assert cuda.status == "failed" and cuda.error is not None
         assert cuda.error["code"] == "device-unavailable"
+
+
+def test_in_flight_jobs_are_joined_only_with_the_same_time_limit() -> None:
+    """Found by review: a request with timeout_s 3600 joined a running job limited to 4 s and
+    failed with a timeout after 4 s."""
+    stored = {"a"}
+
+    def bound_stored(rec: JobRecord) -> bool:
+        return rec.id in stored
+
+    spec = JobSpec("m", "lipsdp-neuron", timeout_s=4.0)
+    for status in ("queued", "running"):
+        rec = JobRecord(id="a", spec=spec, status=status)  # type: ignore[arg-type]
+        assert JobSpec("m", "lipsdp-neuron", timeout_s=4.0).reuses(rec, bound_stored)
+        for other in (3600.0, 1.0, None):
+            assert not JobSpec("m", "lipsdp-neuron", timeout_s=other).reuses(rec, bound_stored)
+    done = JobRecord(id="a", spec=spec, status="succeeded")
+    assert JobSpec("m", "lipsdp-neuron", timeout_s=None).reuses(done, bound_stored)
+    stored.clear()  # its bound was deleted with the model: solve again
+    assert not JobSpec("m", "lipsdp-neuron", timeout_s=4.0).reuses(done, bound_stored)
+    for status in ("failed", "cancelled"):
+        rec = JobRecord(id="a", spec=spec, status=status)  # type: ignore[arg-type]
+        assert not spec.reuses(rec, lambda r: True)
+
+
+@pytest.mark.redis
+def test_rq_result_for_a_deleted_model_fails_the_job(tmp_path: Path, rw_weights) -> None:
+    from service.jobs.rq import RqRunner
+    from tests.service.onnx_nets import mlp_onnx
+
+    storage = Storage(tmp_path / "data")
+    model_id = storage.save_model(mlp_onnx(rw_weights)).id
+    with redis_server(tmp_path) as url:
+        runner = RqRunner(storage, url)
+        rec = JobRecord(id="j1", spec=JobSpec(model_id, "naive"))
+        runner.jobs.create(rec, model_sha256="0" * 64, timeout_s=5.0)
+        assert runner.jobs.transition("j1", ("queued",), status="running")
+        doc = {"lipschitz_bound": 1.0, "method": "naive", "verified": True, "job_id": "j1"}
+        assert runner.jobs.finish("j1", "succeeded", result=doc, finished_at="t")
+        storage.delete_model(model_id)
+        got = runner.get("j1")  # the API side stores a finished job's result here
+        assert got is not None and got.status == "failed", got
+        assert got.error is not None and got.error["code"] == "model-deleted"
+        assert storage.list_bounds(model_id) == []

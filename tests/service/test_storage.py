@@ -77,3 +77,16 @@ def test_concurrent_writers(tmp_path, onnx_bytes) -> None:
     assert errors == []
     assert len(s.list_bounds(mid)) == 80
     assert s.best_bound(mid)["lipschitz_bound"] == 100.0
+
+
+def test_a_bound_for_a_deleted_model_is_not_stored(tmp_path, onnx_bytes) -> None:
+    """A job that ends after its model was deleted must not leave an orphan bound that would
+    reappear when the same bytes are uploaded again (found by review)."""
+    s = Storage(tmp_path)
+    mid = s.save_model(onnx_bytes).id
+    doc = {"lipschitz_bound": 40.0, "method": "lipsdp-layer", "verified": True}
+    assert s.save_bound(mid, doc) is True
+    assert s.delete_model(mid)
+    assert s.save_bound(mid, doc) is False
+    assert s.save_model(onnx_bytes).id == mid  # the same bytes again: the same id, no bounds
+    assert s.list_bounds(mid) == [] and s.best_bound(mid) is None
