@@ -5,7 +5,7 @@ folded, so integer arithmetic wraps around and float16/float32 results round as 
 onnxruntime. A constant becomes float64 (weights) or int64 (shapes, axes, indices) only when
 a node that also reads the network input uses it (:func:`widen`).
 
-onnxruntime's Cast, measured with onnxruntime 1.23 on the CPU provider (what
+onnxruntime's Cast, measured with onnxruntime 1.32 on the CPU provider (what
 :func:`cast` reproduces, or refuses):
 
 * int -> int: two's-complement wrap-around (int64 -1 -> uint8 255, 300 -> 44), as numpy;
