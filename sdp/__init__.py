@@ -22,7 +22,7 @@ from sdp.errors import (
     UnsupportedMethod,
     UnsupportedOp,
 )
-from sdp.ir import Activation, Chain, Conv2d, Dense, Network, Residual
+from sdp.ir import Activation, Chain, Conv2d, Dense, InputLayout, Network, Residual
 
 __all__ = [
     "Activation",
@@ -32,6 +32,7 @@ __all__ = [
     "Chain",
     "Conv2d",
     "Dense",
+    "InputLayout",
     "LipcertError",
     "Lmi",
     "ModelRejected",

@@ -312,23 +312,75 @@ class Chain:
         return [phi.slope_bounds for phi in self.activations]
 
 
+@dataclass(frozen=True)
+class InputLayout:
+    """The model file's own input layout, when it differs from the IR's by an axis permutation.
+
+    An ONNX file whose raw input goes straight into a Transpose (e.g. NHWC -> NCHW before a
+    Conv) is imported with the transposed layout as ``Network.input_shape``; the file (and
+    onnxruntime) takes inputs of ``shape``. For one input x of the file's ``shape``::
+
+        z = x.transpose(perm).ravel()        # the IR input, laid out as Network.input_shape
+
+    so ``Network.input_shape == tuple(shape[p] for p in perm)``. ``shape`` drops the batch dim
+    as ``Network.input_shape`` does.
+
+    Warning:
+        The permutation is an input convention, not part of the function that is bounded:
+        ``Network.content_hash`` (what certificates name) does not include it, and an l2
+        Lipschitz bound or radius holds unchanged in either layout (a permutation is an
+        isometry).
+    """
+
+    shape: tuple[int, ...]
+    perm: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
+        object.__setattr__(self, "perm", tuple(int(v) for v in self.perm))
+        if sorted(self.perm) != list(range(len(self.shape))):
+            raise ValueError(f"{self.perm} is not a permutation of the axes of {self.shape}")
+
+    @property
+    def ir_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[p] for p in self.perm)
+
+    def index(self) -> NDArray[np.intp]:
+        """``idx`` with ``z = x_flat[idx]``: IR position k reads file position idx[k]."""
+        size = math.prod(self.shape)
+        return np.arange(size).reshape(self.shape).transpose(self.perm).ravel()
+
+
 @dataclass(frozen=True, eq=False)
 class Network:
     """A network: ``ops`` applied to flat inputs of ``input_shape``.
 
     ``sandwich`` holds the raw sandwich parameters (:class:`sdp.sandwich.SandwichParams`)
     when the network came from a sandwich model; the closed-form check uses them.
+    ``input_layout`` (:class:`InputLayout`) is set when the model file takes its input in
+    another axis order than ``input_shape`` (an absorbed input Transpose); None otherwise.
+    :meth:`forward` and every bound work in the IR layout; :meth:`ir_inputs` maps rows in the
+    file's layout (what onnxruntime takes) to it.
     """
 
     input_shape: tuple[int, ...]
     ops: tuple[Op, ...]
     sandwich: Any = None
     name: str = ""
+    input_layout: InputLayout | None = None
     _hash: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(v) for v in self.input_shape))
         object.__setattr__(self, "ops", tuple(self.ops))
+        layout = self.input_layout
+        if layout is not None:
+            if layout.ir_shape != self.input_shape:
+                raise ValueError(
+                    f"input layout {layout} does not give the input shape {self.input_shape}"
+                )
+            if layout.perm == tuple(range(len(layout.perm))):
+                object.__setattr__(self, "input_layout", None)  # the same layout
         n_out = _check_sizes(self.ops, self.input_size)
         object.__setattr__(self, "_out", n_out)
 
@@ -339,6 +391,28 @@ class Network:
     @property
     def output_size(self) -> int:
         return int(self._out)  # type: ignore[attr-defined]
+
+    @property
+    def file_input_shape(self) -> tuple[int, ...]:
+        """The input shape of the model file (what onnxruntime takes, batch dim dropped):
+        ``input_layout.shape`` for a permuted input, else ``input_shape``."""
+        return self.input_shape if self.input_layout is None else self.input_layout.shape
+
+    def ir_inputs(self, x: Any) -> Array:
+        """Rows in the file's layout -> float64 rows (batch, n0) in the IR layout.
+
+        x: (batch, n0) flat rows (C-order of :attr:`file_input_shape`) or
+        (batch, *file_input_shape). Without an :attr:`input_layout` this only reshapes.
+        """
+        arr = np.asarray(x, dtype=np.float64)
+        arr = arr.reshape(arr.shape[0], -1)
+        if arr.shape[1] != self.input_size:
+            raise ValueError(
+                f"input has {arr.shape[1]} features, the network expects {self.input_size}"
+            )
+        if self.input_layout is None:
+            return arr
+        return arr[:, self.input_layout.index()]
 
     @property
     def is_chain(self) -> bool:
@@ -405,7 +479,11 @@ class Network:
         return Chain(tuple(affines), tuple(acts))
 
     def content_hash(self) -> str:
-        """sha256 over the structure and the float64 bytes of every array (stable across runs)."""
+        """sha256 over the structure and the float64 bytes of every array (stable across runs).
+
+        ``input_layout`` is left out on purpose: the hash names the IR function that bounds and
+        certificates are about, and a permutation of its input changes no l2 bound.
+        """
         if not self._hash:
             h = hashlib.sha256()
             h.update(repr(self.input_shape).encode())

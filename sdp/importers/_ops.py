@@ -36,6 +36,9 @@ class GraphState:
     input_consumers: int
     input_shape: tuple[int, ...]
     opset: int = 13  # of the default ONNX domain
+    #: axis permutation of the file's input shape (batch dim dropped) that gives input_shape,
+    #: set when a Transpose of the raw input is absorbed (None: the file's own layout)
+    input_perm: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -208,9 +211,12 @@ def transpose(ctx: NodeContext) -> Value:
     assert isinstance(x, Flow)
     st = ctx.state
     if x is st.raw_input and st.input_consumers == 1 and (len(shape) < 2 or perm[0] == 0):
-        # a Transpose of the raw input: the IR input takes the transposed layout
+        # a Transpose of the raw input: the IR input takes the transposed layout, and the
+        # network records the permutation (sdp.ir.InputLayout) so callers keep the file's
+        batched = len(shape) >= 2 and shape[0] == 1  # perm[0] == 0: the batch dim stays first
         new = tuple(shape[p] for p in perm)
-        st.input_shape = new[1:] if len(new) >= 2 and new[0] == 1 else new
+        st.input_shape = new[1:] if batched else new
+        st.input_perm = tuple(p - 1 for p in perm[1:]) if batched else perm
         return Flow.start(new)
     return x.transpose(perm)
 

@@ -11,8 +11,13 @@ Batch dimension: a leading input dim of 1 (or symbolic) on an input of rank >= 2
 batch; ``Network.input_shape`` is the rest, e.g. [1, 784, 1] -> (784, 1), [5] -> (5,).
 
 Layout: a Transpose applied directly to the raw input (e.g. NHWC -> NCHW before a Conv) is
-absorbed into the input: ``input_shape`` is then the *transposed* layout (C, H, W), and callers
-must feed inputs in that layout. Other Transposes/Reshapes only permute indices (free).
+absorbed into the input: ``input_shape`` is then the *transposed* layout (C, H, W), which
+:meth:`~sdp.ir.Network.forward` and the bounds use, and ``Network.input_layout``
+(:class:`~sdp.ir.InputLayout`) records the file's input shape (H, W, C) and the permutation.
+Inputs in the file's layout (what onnxruntime takes; what the service and ``lipcert certify``
+accept) go through :meth:`~sdp.ir.Network.ir_inputs` first. The permutation is not part of
+``content_hash`` (an l2 bound does not see it). Other Transposes/Reshapes only permute
+indices (free).
 Exporter patterns recognised: ``x * sigmoid(x)`` -> SiLU, ``Where(x > t, x, Softplus(x))``
 -> softplus (torch's thresholded Softplus, within e^-t).
 
@@ -36,7 +41,7 @@ from sdp.importers._fold import widen
 from sdp.importers._ops import CONVERTERS, GraphState, NodeContext, Value
 from sdp.importers._ops_layers import Comparison  # also registers conv/activation converters
 from sdp.importers.limits import Limits
-from sdp.ir import Dense, Network
+from sdp.ir import Dense, InputLayout, Network
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
 _FLOAT_TYPES = {1: np.float32, 10: np.float16, 11: np.float64}
@@ -209,6 +214,7 @@ def _convert(model: Any, limits: Limits, name: str) -> Network:
     if any(d is None or d <= 0 for d in dims):
         raise ModelRejected(f"the input shape {dims} is not static", code="unsupported-graph")
     full = tuple(int(d) for d in dims if d is not None)
+    file_shape = full[1:] if len(full) >= 2 and full[0] == 1 else full
     limits.check_width(int(np.prod(full)), "the network input")
     start = Flow.start(full)
     uses = Counter(n for node in g.node for n in node.input)
@@ -216,7 +222,7 @@ def _convert(model: Any, limits: Limits, name: str) -> Network:
     state = GraphState(
         start,
         uses[inputs[0].name],
-        full[1:] if len(full) >= 2 and full[0] == 1 else full,
+        file_shape,
         opset=int(opset),
     )
     values[inputs[0].name] = start
@@ -287,7 +293,8 @@ def _convert(model: Any, limits: Limits, name: str) -> Network:
         perm[np.arange(out.size), out.index.ravel()] = 1.0
         ops = (*ops, Dense(perm, np.zeros(out.size)))
     try:
-        net = Network(state.input_shape, ops, name=name)
+        layout = None if state.input_perm is None else InputLayout(file_shape, state.input_perm)
+        net = Network(state.input_shape, ops, name=name, input_layout=layout)
     except ValueError as exc:
         raise ModelRejected(f"inconsistent network: {exc}", code="shape-mismatch") from exc
     limits.check_network(net)
