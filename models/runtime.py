@@ -11,7 +11,10 @@ op by op from the same IR. Semantics match :meth:`sdp.ir.Network.forward` exactl
                 identity, gelu (exact erf form), silu
     Residual    y = body(x) + shortcut(x)   (empty shortcut = identity)
 
-Inputs and outputs are flat (batch, n) tensors in C order, like the IR.
+Inputs and outputs are flat (batch, n) tensors in C order, like the IR. With
+``file_layout=True`` the inputs are in the model file's layout instead (what onnxruntime
+takes; differs only for a network with an :class:`sdp.ir.InputLayout`): the module gathers
+them into the IR layout first, as :meth:`sdp.ir.Network.ir_inputs` does.
 
 Warning: in float32 logits differ from the float64 IR by rounding (~1e-7 relative); a margin
 computed from them carries that error, so radii must shrink it by a rigorous rounding bound
@@ -161,25 +164,49 @@ def _sequential(ops: tuple[Op, ...], dtype: torch.dtype, device: Any) -> nn.Sequ
 class TorchNetwork(nn.Module):
     """A torch module computing exactly :meth:`sdp.ir.Network.forward` (flat inputs).
 
+    ``file_layout=True``: inputs are rows in the model file's layout, i.e. the module computes
+    ``net.forward(net.ir_inputs(x))`` (the same as without it unless ``net.input_layout``).
+
     Example:
         >>> tnet = TorchNetwork.from_network(net, dtype=torch.float64)
         >>> logits = tnet(torch.as_tensor(x))          # x: (batch, n0)
     """
 
-    def __init__(self, net: Network, dtype: torch.dtype = torch.float32, device: Any = "cpu"):
+    input_index: torch.Tensor | None
+
+    def __init__(
+        self,
+        net: Network,
+        dtype: torch.dtype = torch.float32,
+        device: Any = "cpu",
+        *,
+        file_layout: bool = False,
+    ):
         super().__init__()
-        self.input_shape = tuple(net.input_shape)
+        self.input_shape = tuple(net.file_input_shape if file_layout else net.input_shape)
         self.input_size = net.input_size
         self.output_size = net.output_size
         self.dtype = dtype
+        index = None
+        if file_layout and net.input_layout is not None:
+            index = torch.as_tensor(net.input_layout.index(), dtype=torch.long, device=device)
+        self.register_buffer("input_index", index)
         self.layers = _sequential(net.ops, dtype, device)
         self.eval()
 
     @classmethod
     def from_network(
-        cls, net: Network, dtype: torch.dtype = torch.float32, device: Any = "cpu"
+        cls,
+        net: Network,
+        dtype: torch.dtype = torch.float32,
+        device: Any = "cpu",
+        *,
+        file_layout: bool = False,
     ) -> TorchNetwork:
-        return cls(net, dtype=dtype, device=device)
+        return cls(net, dtype=dtype, device=device, file_layout=file_layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x.reshape(x.shape[0], -1))
+        x = x.reshape(x.shape[0], -1)
+        if self.input_index is not None:
+            x = x[:, self.input_index]
+        return self.layers(x)

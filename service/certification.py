@@ -157,7 +157,11 @@ def check_finite(arr: np.ndarray, what: str, row0: int = 0) -> np.ndarray:
 
 
 def check_input_shape(shape: tuple[int, ...], input_shape: list[int], max_inputs: int) -> None:
-    """InvalidInput unless ``shape`` is (B, n0) or (B, *input_shape) with B <= max_inputs."""
+    """InvalidInput unless ``shape`` is (B, n0) or (B, *input_shape) with B <= max_inputs.
+
+    ``input_shape`` is the model file's (``ModelRecord.input_shape``): inputs are taken in the
+    layout onnxruntime takes; the inference worker maps them to the IR's layout when the
+    importer absorbed an input Transpose (:class:`sdp.ir.InputLayout`)."""
     n0 = math.prod(input_shape)
     if len(shape) < 2 or tuple(shape[1:]) not in ((n0,), tuple(input_shape)):
         raise InvalidInput(
@@ -176,7 +180,8 @@ def check_label_count(labels: int, inputs: int) -> None:
 
 
 def batch_inputs(arr: np.ndarray, input_shape: list[int], max_inputs: int) -> np.ndarray:
-    """(B, n0): accepts rows that are flat (n0) or shaped like the model's input."""
+    """(B, n0): accepts rows that are flat (n0) or shaped like the model file's input; a flat
+    row is the C-order flattening of one input of the file's ``input_shape``."""
     check_input_shape(arr.shape, input_shape, max_inputs)
     return np.ascontiguousarray(arr.reshape(len(arr), math.prod(input_shape)))
 

@@ -28,12 +28,30 @@ class ModelInfo(BaseModel):
     filename: str = Field(examples=["mnist-net_256x2.onnx"])
     format: str = Field(examples=["onnx"], description="onnx | safetensors | mat")
     kind: str = Field(examples=["feedforward"], description="feedforward|sandwich|conv|residual")
-    input_shape: list[int] = Field(examples=[[784]])
+    input_shape: list[int] = Field(
+        examples=[[784]],
+        description="One input as the model file takes it (onnxruntime's layout, batch dim "
+        "dropped): the shape (or, flattened in C order, the length) of what certify and OIP "
+        "infer accept.",
+    )
     output_shape: list[int] = Field(examples=[[10]])
     layers: int = Field(examples=[3], description="Affine (dense/conv) layers.")
     parameters: int = Field(examples=[269322])
     size_bytes: int
     created_at: str = Field(examples=["2026-01-01T12:00:00Z"])
+    ir_input_shape: list[int] | None = Field(
+        default=None,
+        examples=[None],
+        description="Only when the file's input goes straight into a Transpose (e.g. NHWC -> "
+        "NCHW): the input shape of the network that is bounded, "
+        "[input_shape[p] for p in input_permutation]. Inputs are still sent as input_shape.",
+    )
+    input_permutation: list[int] | None = Field(
+        default=None,
+        examples=[None],
+        description="With ir_input_shape: the axis permutation of input_shape the network "
+        "applies on entry (an l2 bound or radius does not change under it).",
+    )
 
 
 class ModelList(BaseModel):

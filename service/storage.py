@@ -7,7 +7,12 @@ Layout::
 
 A model's ``id`` is the first 16 hex digits of the sha256 of its bytes, so uploading the
 same file twice gives the same id (:meth:`Storage.save_model` returns the existing record
-with ``created=False``). Bound results are JSON documents (``BoundResult.summary()`` plus
+with ``created=False``). ``input_shape`` is the shape of one input *as the file takes it*
+(what clients send); for an ONNX file whose raw input goes straight into a Transpose the
+network's IR input is that permuted (``ir_input_shape``, ``input_permutation``: the
+:class:`sdp.ir.InputLayout`, stored as JSON in ``models.input_layout``; SQL NULL only on rows
+written before that column existed, which :class:`Storage` fills in when it opens the
+database). Bound results are JSON documents (``BoundResult.summary()`` plus
 ``job_id``/``certificate`` as the job runner chooses) indexed by model, method and value.
 Only results with ``verified`` true are ever returned by :meth:`Storage.best_bound`.
 
@@ -16,6 +21,7 @@ One SQLite connection per thread (reused) keeps this safe to use from threads an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -31,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sdp.ir import Network
+from sdp.ir import InputLayout, Network
 
 ID_LENGTH = 16
 
@@ -47,7 +53,8 @@ CREATE TABLE IF NOT EXISTS models (
     layers INTEGER NOT NULL,
     parameters INTEGER NOT NULL,
     size_bytes INTEGER NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    input_layout TEXT
 );
 CREATE TABLE IF NOT EXISTS bounds (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -79,6 +86,10 @@ class ModelRecord:
     parameters: int
     size_bytes: int
     created_at: str
+    #: the IR's input shape and the axis permutation of ``input_shape`` giving it, for a model
+    #: whose file input is transposed on entry (:class:`sdp.ir.InputLayout`); else None
+    ir_input_shape: list[int] | None = None
+    input_permutation: list[int] | None = None
     created: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +151,39 @@ class Storage:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+        self._migrate_input_layout()
+
+    def _migrate_input_layout(self) -> None:
+        """Databases from before ``models.input_layout``: add the column, then record each
+        stored model's input layout from its file (an ONNX file with an absorbed input
+        Transpose had its IR shape stored as ``input_shape``; it becomes the file's)."""
+        with self._connect() as db:
+            cols = {r["name"] for r in db.execute("PRAGMA table_info(models)")}
+            if "input_layout" not in cols:
+                with contextlib.suppress(sqlite3.OperationalError):  # added by another process
+                    db.execute("ALTER TABLE models ADD COLUMN input_layout TEXT")
+            # only an ONNX file can carry an input Transpose
+            db.execute(
+                "UPDATE models SET input_layout = 'null' "
+                "WHERE input_layout IS NULL AND format != 'onnx'"
+            )
+            todo = db.execute("SELECT id, sha256 FROM models WHERE input_layout IS NULL").fetchall()
+        from sdp.importers import load_model
+
+        for row in todo:
+            shape = None
+            layout = "null"  # a file that no longer loads keeps its shape (it cannot run)
+            try:
+                net = load_model(self._path(row["sha256"]).read_bytes())
+                shape, layout = json.dumps(list(net.file_input_shape)), _layout_json(net)
+            except Exception:  # the file no longer loads: leave its shape
+                pass
+            with self._connect() as db:
+                db.execute(
+                    "UPDATE models SET input_shape = COALESCE(?, input_shape), input_layout = ? "
+                    "WHERE id = ?",
+                    (shape, layout, row["id"]),
+                )
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -181,16 +225,17 @@ class Storage:
             filename=filename[:255],
             format=sniff_format(data),
             kind=network.kind,
-            input_shape=list(network.input_shape),
+            input_shape=list(network.file_input_shape),
             output_shape=[network.output_size],
             layers=count_layers(network),
             parameters=network.num_parameters,
             size_bytes=len(data),
             created_at=_now(),
+            **_layout_fields(network.input_layout),
         )
         with self._connect() as db:
             db.execute(
-                "INSERT OR IGNORE INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR IGNORE INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     rec.id,
                     rec.sha256,
@@ -203,6 +248,7 @@ class Storage:
                     rec.parameters,
                     rec.size_bytes,
                     rec.created_at,
+                    _layout_json(network),
                 ),
             )
         self._remember(rec.id, network)
@@ -328,7 +374,22 @@ class Storage:
         return None if row is None else json.loads(row["result"])
 
 
+def _layout_json(net: Network) -> str:
+    """``models.input_layout``: JSON null, or {"shape": file shape, "perm": axes}."""
+    lay = net.input_layout
+    return json.dumps(None if lay is None else {"shape": list(lay.shape), "perm": list(lay.perm)})
+
+
+def _layout_fields(layout: InputLayout | None) -> dict[str, Any]:
+    if layout is None:
+        return {}
+    return {"ir_input_shape": list(layout.ir_shape), "input_permutation": list(layout.perm)}
+
+
 def _record(row: sqlite3.Row) -> ModelRecord:
+    stored = row["input_layout"]
+    lay = json.loads(stored) if stored else None
+    layout = None if lay is None else InputLayout(lay["shape"], lay["perm"])
     return ModelRecord(
         id=row["id"],
         sha256=row["sha256"],
@@ -342,6 +403,7 @@ def _record(row: sqlite3.Row) -> ModelRecord:
         size_bytes=row["size_bytes"],
         created_at=row["created_at"],
         created=False,
+        **_layout_fields(layout),
     )
 
 

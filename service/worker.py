@@ -1,7 +1,8 @@
 """The inference worker: one thread owns the device and micro-batches concurrent requests.
 
-Requests (``model_id``, inputs (rows, n0) float64, or :class:`LazyRows` that the worker
-thread casts and checks itself, e.g. the received bytes of a .npy body) go into a bounded
+Requests (``model_id``, inputs (rows, n0) float64 -- flat rows in the model *file's* layout,
+what onnxruntime takes -- or :class:`LazyRows` that the worker thread casts and checks itself,
+e.g. the received bytes of a .npy body) go into a bounded
 queue; a full queue is refused at once (:class:`~service.errors.ServiceBusy`, 503 +
 Retry-After) instead of piling up latency. The worker thread takes the first request, then
 everything already waiting, then waits at most ``max_wait_ms`` for more until ``max_batch``
@@ -13,7 +14,10 @@ two thread hand-offs; under concurrent load the worker thread keeps the forward 
 event loop. A device lock keeps forward passes one at a time either way.
 Models live on the device as
 :class:`models.runtime.TorchNetwork` built from the *same IR* that was bounded, in an LRU
-of ``model_cache_size`` entries.
+of ``model_cache_size`` entries; built with ``file_layout=True``, so a network with an
+:class:`sdp.ir.InputLayout` (an ONNX input Transpose absorbed by the importer) gathers the
+file-layout rows into the IR layout on the device. The logit error bound depends on the rows
+only through ||x||, which that permutation keeps.
 
 Device and precision: ``LIPCERT_DEVICE`` auto|cpu|cuda (auto = cuda when available). CUDA
 runs float64 (TF32 disabled); CPU runs ``LIPCERT_CPU_DTYPE`` (float64 by default). Logits are
@@ -320,7 +324,7 @@ class InferenceWorker:
         except KeyError:
             raise NotFound(f"no model with id {model_id!r}", code="model-not-found") from None
         dtype = torch.float32 if self.dtype_name == "float32" else torch.float64
-        module = TorchNetwork.from_network(net, dtype=dtype, device=self.device)
+        module = TorchNetwork.from_network(net, dtype=dtype, device=self.device, file_layout=True)
         self._error_bound(model_id)  # computed once per model, off the event loop
         with self._models_lock:
             self._models[model_id] = module

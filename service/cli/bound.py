@@ -128,7 +128,11 @@ def bound(
 
 def certify(
     model: Path = typer.Argument(...),
-    inputs: Path = typer.Option(..., help="Inputs as .npy (batch, *input_shape)."),
+    inputs: Path = typer.Option(
+        ...,
+        help="Inputs as .npy (batch, *input_shape) or (batch, n0), in the model file's layout "
+        "(what onnxruntime takes).",
+    ),
     labels: Path | None = typer.Option(None, help="Labels as .npy (batch,)."),
     method: str = typer.Option("auto", help=_METHOD_HELP),
     pairwise: bool = typer.Option(False, help="Also use pairwise bounds L_yj (tighter radii)."),
@@ -153,8 +157,8 @@ def certify(
         fail(f"cannot read inputs: {e}")
     x = np.asarray(x, dtype=np.float64)
     if x.size == 0 or x.size % net.input_size:
-        fail(f"inputs of shape {x.shape} do not fit the network input {net.input_shape}")
-    x = x.reshape(-1, net.input_size)
+        fail(f"inputs of shape {x.shape} do not fit the network input {net.file_input_shape}")
+    x = net.ir_inputs(x.reshape(-1, net.input_size))  # file layout -> the IR's (a permutation)
     if y is not None and np.asarray(y).reshape(-1).shape[0] != x.shape[0]:
         fail(f"{np.asarray(y).size} labels for {x.shape[0]} inputs")
     try:
