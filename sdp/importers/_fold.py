@@ -27,8 +27,9 @@ import numpy as np
 
 from sdp.errors import ModelRejected
 
-_FLOATS: dict[int, type[np.floating]] = {1: np.float32, 10: np.float16, 11: np.float64}
-_INTS: dict[int, type[np.integer]] = {
+#: ONNX TensorProto data types as numpy types (the ones lipcert reads).
+ONNX_FLOATS: dict[int, type[np.floating]] = {1: np.float32, 10: np.float16, 11: np.float64}
+ONNX_INTS: dict[int, type[np.integer]] = {
     2: np.uint8,
     3: np.int8,
     4: np.uint16,
@@ -38,7 +39,7 @@ _INTS: dict[int, type[np.integer]] = {
     12: np.uint32,
     13: np.uint64,
 }
-_BOOL = 9
+ONNX_BOOL = 9
 
 
 def widen(where: str, v: np.ndarray) -> np.ndarray:
@@ -55,20 +56,20 @@ def widen(where: str, v: np.ndarray) -> np.ndarray:
 
 def cast(where: str, x: np.ndarray, to: int) -> np.ndarray:
     """ONNX ``Cast(x, to)`` on a constant, as onnxruntime computes it (or refused)."""
-    if to == _BOOL:
+    if to == ONNX_BOOL:
         return np.asarray(x != 0)
-    if to in _FLOATS:
+    if to in ONNX_FLOATS:
         src = x.astype(np.float32) if to == 10 else x  # onnxruntime: double -> float -> half
         with np.errstate(over="ignore"):
-            out = src.astype(_FLOATS[to])
+            out = src.astype(ONNX_FLOATS[to])
         if not np.all(np.isfinite(out)):
             raise ModelRejected(
-                f"{where}: Cast to {np.dtype(_FLOATS[to]).name} overflows to inf",
+                f"{where}: Cast to {np.dtype(ONNX_FLOATS[to]).name} overflows to inf",
                 code="non-finite",
             )
         return out
-    if to in _INTS:
-        dtype = _INTS[to]
+    if to in ONNX_INTS:
+        dtype = ONNX_INTS[to]
         if x.dtype.kind != "f":
             return x.astype(dtype)  # wrap-around, as onnxruntime
         info = np.iinfo(dtype)

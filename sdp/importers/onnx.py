@@ -37,25 +37,14 @@ import numpy as np
 from sdp.errors import ModelRejected, UnsupportedOp
 from sdp.importers._attrs import check_attributes
 from sdp.importers._flow import Flow
-from sdp.importers._fold import widen
+from sdp.importers._fold import ONNX_BOOL, ONNX_FLOATS, ONNX_INTS, widen
 from sdp.importers._ops import CONVERTERS, GraphState, NodeContext, Value
 from sdp.importers._ops_layers import Comparison  # also registers conv/activation converters
 from sdp.importers.limits import Limits
 from sdp.ir import Dense, InputLayout, Network
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
-_FLOAT_TYPES = {1: np.float32, 10: np.float16, 11: np.float64}
-_INT_TYPES = {
-    2: np.uint8,
-    3: np.int8,
-    4: np.uint16,
-    5: np.int16,
-    6: np.int32,
-    7: np.int64,
-    9: np.bool_,
-    12: np.uint32,
-    13: np.uint64,
-}
+_INT_TYPES: dict[int, type[np.generic]] = {**ONNX_INTS, ONNX_BOOL: np.bool_}
 
 
 _HINTS = {
@@ -150,7 +139,7 @@ def _check_tensor_proto(t: Any, limits: Limits) -> None:
             code="external-data",
         )
     limits.check_tensor(t.name, t.dims)
-    dtype = _FLOAT_TYPES.get(t.data_type) or _INT_TYPES.get(t.data_type)
+    dtype = ONNX_FLOATS.get(t.data_type) or _INT_TYPES.get(t.data_type)
     if dtype is None:
         raise ModelRejected(
             f"tensor {t.name!r} has unsupported data type {t.data_type}", code="unsupported-dtype"
@@ -178,7 +167,7 @@ def _to_array(t: Any) -> np.ndarray:
         arr = numpy_helper.to_array(t)
     except Exception as exc:
         raise ModelRejected(f"tensor {t.name!r} is unreadable: {exc}", code="malformed") from exc
-    if t.data_type in _FLOAT_TYPES and not np.all(np.isfinite(arr)):
+    if t.data_type in ONNX_FLOATS and not np.all(np.isfinite(arr)):
         raise ModelRejected(f"tensor {t.name!r} has NaN or inf entries", code="non-finite")
     return np.asarray(arr)
 
