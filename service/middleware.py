@@ -179,8 +179,7 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         length = _content_length(scope)
-        has_body = bool(length) or _header(scope, b"transfer-encoding") is not None
-        if has_body and not api_key_matches(self.api_key, _header(scope, b"x-api-key")):
+        if self.api_key and _has_body(scope, length) and not self._key_sent(scope):
             await _send_problem(scope, send, BodyWithoutKey())
             return
         if length is not None and length > self.max_bytes:
@@ -200,6 +199,9 @@ class BodyLimitMiddleware:
             await self._limited(scope, receive, send, (reservation, weight))
         finally:
             reservation.release()
+
+    def _key_sent(self, scope: Scope) -> bool:
+        return api_key_matches(self.api_key, _header(scope, b"x-api-key"))
 
     async def _limited(
         self,
@@ -280,6 +282,10 @@ class AccessLogMiddleware:
             metrics.REQUESTS.labels(template, method, str(status)).inc()
             metrics.LATENCY.labels(template, method).observe(elapsed)
             log.info("%s %s %d %.1fms", method, scope.get("path", ""), status, elapsed * 1e3)
+
+
+def _has_body(scope: Scope, length: int | None) -> bool:
+    return bool(length) or _header(scope, b"transfer-encoding") is not None
 
 
 def _content_length(scope: Scope) -> int | None:
