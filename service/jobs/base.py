@@ -37,6 +37,8 @@ MODEL_DELETED = {
     "code": "model-deleted",
     "detail": "the model was deleted while the job ran; its bound was not stored",
 }
+#: The error of a job cancelled through ``DELETE /v1/jobs/{id}``.
+CANCELLED = {"code": "cancelled", "detail": "cancelled by request"}
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,10 @@ class JobRunner(Protocol):
 
     def get(self, job_id: str) -> JobRecord | None: ...
 
-    def cancel(self, job_id: str) -> JobRecord | None: ...
+    def cancel(self, job_id: str, error: dict[str, str] = CANCELLED) -> JobRecord | None: ...
+
+    def cancel_model(self, model_id: str) -> list[str]:
+        """Cancel the unfinished jobs of a deleted model (error ``model-deleted``); their ids."""
+        ...
 
     def status_counts(self) -> dict[str, int]: ...

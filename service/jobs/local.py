@@ -19,7 +19,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from service.jobs.base import MODEL_DELETED, JobRecord, JobSpec, observe_solve_time
+from service.jobs.base import (
+    CANCELLED,
+    MODEL_DELETED,
+    JobRecord,
+    JobSpec,
+    observe_solve_time,
+)
 from service.jobs.process import SolveProcess, supervise
 from service.jobs.store import JobStore
 
@@ -108,7 +114,7 @@ class LocalRunner:
     def get(self, job_id: str) -> JobRecord | None:
         return self.store.get(job_id)
 
-    def cancel(self, job_id: str) -> JobRecord | None:
+    def cancel(self, job_id: str, error: dict[str, str] = CANCELLED) -> JobRecord | None:
         """Cancel: a queued job never starts; a running job's solver process is killed now."""
         with self._lock:
             rec = self.store.get(job_id)
@@ -118,10 +124,14 @@ class LocalRunner:
             proc = self._procs.get(job_id)
         if proc is not None:
             proc.terminate()  # the supervising thread closes its pipe
-        self.store.finish(
-            job_id, "cancelled", error={"code": "cancelled", "detail": "cancelled by request"}
-        )
+        self.store.finish(job_id, "cancelled", error=error)
         return self.store.get(job_id)
+
+    def cancel_model(self, model_id: str) -> list[str]:
+        ids = self.store.active_ids(model_id)
+        for job_id in ids:
+            self.cancel(job_id, MODEL_DELETED)
+        return ids
 
     def status_counts(self) -> dict[str, int]:
         return self.store.status_counts()

@@ -32,6 +32,7 @@ from typing import Any
 from sdp.errors import LipcertError
 from service.jobs.base import (
     ACTIVE,
+    CANCELLED,
     MODEL_DELETED,
     JobRecord,
     JobSpec,
@@ -150,7 +151,7 @@ class RqRunner:
             rec = self.jobs.get(job_id) or rec
         return rec
 
-    def cancel(self, job_id: str) -> JobRecord | None:
+    def cancel(self, job_id: str, error: dict[str, str] = CANCELLED) -> JobRecord | None:
         """Mark cancelled, cancel the queued RQ job or stop (kill) the running one."""
         from rq.command import send_stop_job_command
         from rq.exceptions import InvalidJobOperation, NoSuchJobError
@@ -159,7 +160,6 @@ class RqRunner:
         rec = self.jobs.get(job_id)
         if rec is None or rec.terminal:
             return rec
-        error = {"code": "cancelled", "detail": "cancelled by request"}
         self.jobs.finish(job_id, "cancelled", error=error, finished_at=now_iso())
         try:
             job = Job.fetch(job_id, connection=self.redis)
@@ -179,6 +179,15 @@ class RqRunner:
                 send_stop_job_command(self.redis, job_id)
             time.sleep(0.2)
         return self.get(job_id)
+
+    def cancel_model(self, model_id: str) -> list[str]:
+        ids = []
+        for raw_id in self.redis.smembers(ACTIVE_SET):
+            rec = self.jobs.get(raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id))
+            if rec is not None and not rec.terminal and rec.spec.model_id == model_id:
+                self.cancel(rec.id, MODEL_DELETED)
+                ids.append(rec.id)
+        return ids
 
     def status_counts(self) -> dict[str, int]:
         """Jobs per status, from the job hashes (one SCAN; fine for a metrics scrape)."""

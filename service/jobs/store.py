@@ -137,6 +137,14 @@ class JobStore:
                 counts[row["status"]] = int(row["n"])
         return counts
 
+    def active_ids(self, model_id: str) -> list[str]:
+        """Ids of the queued and running jobs of a model."""
+        with self._connect() as db:
+            rows = db.execute(
+                f"SELECT id FROM jobs WHERE model_id = ? AND {_ACTIVE_SQL}", (model_id,)
+            ).fetchall()
+        return [str(r["id"]) for r in rows]
+
     def fail_active(self, code: str, detail: str) -> int:
         """Mark every queued/running job failed (after a restart); returns how many."""
         with self._connect() as db:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Request, Response, UploadFile, status
 
-from service.deps import SettingsDep, StorageDep, model_or_404
+from service.deps import RunnerDep, SettingsDep, StorageDep, model_or_404
 from service.errors import NotFound
 from service.schemas import PROBLEM_RESPONSES, ModelInfo, ModelList
 from service.storage import ID_LENGTH, ModelRecord, Storage
@@ -88,12 +88,18 @@ async def get_model(model_id: str, storage: StorageDep) -> ModelRecord:
     "/{model_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     responses=PROBLEM_RESPONSES,
-    summary="Delete a model, its file and its bounds",
+    summary="Delete a model, its file and its bounds; cancel its unfinished jobs",
 )
-async def delete_model(model_id: str, request: Request, storage: StorageDep) -> Response:
+async def delete_model(
+    model_id: str, request: Request, storage: StorageDep, runner: RunnerDep
+) -> Response:
+    """Its unfinished bound jobs are cancelled (error ``model-deleted``): no solver keeps
+    running for a bound that could not be stored."""
     if not await asyncio.to_thread(storage.delete_model, model_id):
         raise NotFound(f"no model with id {model_id!r}", code="model-not-found")
     worker = getattr(request.app.state, "worker", None)
     if worker is not None:
         worker.evict(model_id)
+    if runner is not None:
+        await asyncio.to_thread(runner.cancel_model, model_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -266,3 +266,14 @@ def test_a_job_whose_model_is_deleted_before_it_stores_fails(
     assert upload(client, data, "rw.mat") == model_id
     assert client.get(f"/v1/models/{model_id}/bounds").json()["bounds"] == []
     assert post_bound(client, model_id, method="lipsdp-neuron")["job_id"] != job["job_id"]
+
+
+def test_deleting_a_model_cancels_its_running_job(client: TestClient) -> None:
+    model_id = upload(client, big_random_net(), "big.mat")
+    job = post_bound(client, model_id, **LONG_SOLVE)
+    job = wait_for(job_getter(client, job["job_id"]), solving, timeout_s=120)
+    pid = job["worker"]["pid"]
+    assert client.delete(f"/v1/models/{model_id}").status_code == 204
+    job = wait_for(job_getter(client, job["job_id"]), ended)
+    assert job["status"] == "cancelled" and job["error"]["code"] == "model-deleted", job
+    assert wait_pid_gone(pid)

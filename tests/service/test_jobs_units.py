@@ -275,3 +275,21 @@ def test_rq_result_for_a_deleted_model_fails_the_job(tmp_path: Path, rw_weights)
         assert got is not None and got.status == "failed", got
         assert got.error is not None and got.error["code"] == "model-deleted"
         assert storage.list_bounds(model_id) == []
+
+
+@pytest.mark.redis
+def test_rq_cancel_model_cancels_only_that_models_unfinished_jobs(tmp_path: Path) -> None:
+    from service.jobs.rq import RqRunner
+
+    with redis_server(tmp_path) as url:
+        runner = RqRunner(Storage(tmp_path / "data"), url)
+        for job_id, model_id in (("a", "m1"), ("b", "m2"), ("c", "m1")):
+            rec = JobRecord(id=job_id, spec=JobSpec(model_id, "naive"))
+            runner.jobs.create(rec, model_sha256="0" * 64, timeout_s=5.0)
+        assert runner.jobs.finish("c", "cancelled", error={"code": "cancelled"}, finished_at="t")
+        assert runner.cancel_model("m1") == ["a"]
+        got = runner.jobs.get("a")
+        assert got is not None and got.status == "cancelled"
+        assert got.error is not None and got.error["code"] == "model-deleted"
+        other = runner.jobs.get("b")
+        assert other is not None and other.status == "queued"
