@@ -54,7 +54,9 @@ CREATE TABLE IF NOT EXISTS models (
     parameters INTEGER NOT NULL,
     size_bytes INTEGER NOT NULL,
     created_at TEXT NOT NULL,
-    input_layout TEXT
+    input_layout TEXT,
+    network_hash TEXT,
+    importer_version INTEGER
 );
 CREATE TABLE IF NOT EXISTS bounds (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -64,7 +66,8 @@ CREATE TABLE IF NOT EXISTS bounds (
     value REAL NOT NULL,
     verified INTEGER NOT NULL,
     created_at TEXT NOT NULL,
-    result TEXT NOT NULL
+    result TEXT NOT NULL,
+    network_hash TEXT
 );
 CREATE INDEX IF NOT EXISTS bounds_by_model ON bounds (model_id, verified, value);
 CREATE INDEX IF NOT EXISTS bounds_by_job ON bounds (job_id);
@@ -151,39 +154,54 @@ class Storage:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
-        self._migrate_input_layout()
+        self._reimport_stale_models()
 
-    def _migrate_input_layout(self) -> None:
-        """Databases from before ``models.input_layout``: add the column, then record each
-        stored model's input layout from its file (an ONNX file with an absorbed input
-        Transpose had its IR shape stored as ``input_shape``; it becomes the file's)."""
+    def _reimport_stale_models(self) -> None:
+        """Re-import every model recorded by another importer version (or by code from before
+        the columns below): its input shape and layout and its ``network_hash`` are what the
+        file imports to *now*. A bound whose network hash differs (e.g. from before an importer
+        fix that changed what a file computes) is never used again; a file the importer now
+        refuses gets no hash, so none of its bounds is used."""
+        from sdp.importers import IMPORTER_VERSION, load_model
+
         with self._connect() as db:
-            cols = {r["name"] for r in db.execute("PRAGMA table_info(models)")}
-            if "input_layout" not in cols:
-                with contextlib.suppress(sqlite3.OperationalError):  # added by another process
-                    db.execute("ALTER TABLE models ADD COLUMN input_layout TEXT")
-            # only an ONNX file can carry an input Transpose
+            for table, column, kind in (
+                ("models", "input_layout", "TEXT"),
+                ("models", "network_hash", "TEXT"),
+                ("models", "importer_version", "INTEGER"),
+                ("bounds", "network_hash", "TEXT"),
+            ):
+                cols = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+                if column not in cols:
+                    with contextlib.suppress(sqlite3.OperationalError):  # another process
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            # bounds stored before the column: the network their certificate names, if any
             db.execute(
-                "UPDATE models SET input_layout = 'null' "
-                "WHERE input_layout IS NULL AND format != 'onnx'"
+                "UPDATE bounds SET network_hash = COALESCE("
+                "NULLIF(json_extract(result, '$.network_hash'), ''), "
+                "NULLIF(json_extract(result, '$.certificate.network_hash'), '')) "
+                "WHERE network_hash IS NULL"
             )
-            todo = db.execute("SELECT id, sha256 FROM models WHERE input_layout IS NULL").fetchall()
-        from sdp.importers import load_model
-
+            todo = db.execute(
+                "SELECT id, sha256 FROM models WHERE importer_version IS NOT ?",
+                (IMPORTER_VERSION,),
+            ).fetchall()
         for row in todo:
-            shape = None
-            layout = "null"  # a file that no longer loads keeps its shape (it cannot run)
+            shape, layout, network_hash = None, "null", None
             try:
                 net = load_model(self._path(row["sha256"]).read_bytes())
                 shape, layout = json.dumps(list(net.file_input_shape)), _layout_json(net)
-            except Exception:  # the file no longer loads: leave its shape
+                network_hash = net.content_hash()
+            except Exception:  # refused now (or the file is gone): it keeps its old shape
                 pass
             with self._connect() as db:
                 db.execute(
-                    "UPDATE models SET input_shape = COALESCE(?, input_shape), input_layout = ? "
-                    "WHERE id = ?",
-                    (shape, layout, row["id"]),
+                    "UPDATE models SET input_shape = COALESCE(?, input_shape), input_layout = ?, "
+                    "network_hash = ?, importer_version = ? WHERE id = ?",
+                    (shape, layout, network_hash, IMPORTER_VERSION, row["id"]),
                 )
+            with self._lock:
+                self._cache.pop(row["id"], None)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -214,6 +232,8 @@ class Storage:
         if existing is not None and existing.sha256 == sha:
             self._remember(existing.id, network)
             return _replace_created(existing, False)
+        from sdp.importers import IMPORTER_VERSION
+
         if network is None:
             from sdp.importers import load_model
 
@@ -235,7 +255,7 @@ class Storage:
         )
         with self._connect() as db:
             db.execute(
-                "INSERT OR IGNORE INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR IGNORE INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     rec.id,
                     rec.sha256,
@@ -249,6 +269,8 @@ class Storage:
                     rec.size_bytes,
                     rec.created_at,
                     _layout_json(network),
+                    network.content_hash(),
+                    IMPORTER_VERSION,
                 ),
             )
         self._remember(rec.id, network)
@@ -322,7 +344,11 @@ class Storage:
 
     def save_bound(self, model_id: str, result: dict[str, Any]) -> bool:
         """Store one bound result (``BoundResult.summary()``-shaped dict, optional ``job_id``);
-        False (nothing stored) when the model is gone, e.g. deleted while its job ran."""
+        False (nothing stored) when the model is gone, e.g. deleted while its job ran.
+
+        The bound is recorded for the network it was computed on: ``result["network_hash"]``
+        (or its certificate's), else the model's current one. Only bounds of the network the
+        model imports to now are ever returned."""
         doc = _clean_json(dict(result))
         doc.setdefault("created_at", _now())
         value = doc.get("lipschitz_bound")
@@ -330,8 +356,9 @@ class Storage:
             raise ValueError(f"bound result has no finite lipschitz_bound: {value!r}")
         with self._connect() as db:  # one statement: atomic with delete_model
             cur = db.execute(
-                "INSERT INTO bounds (model_id, job_id, method, value, verified, created_at, result)"
-                " SELECT ?,?,?,?,?,?,? WHERE EXISTS (SELECT 1 FROM models WHERE id = ?)",
+                "INSERT INTO bounds (model_id, job_id, method, value, verified, created_at,"
+                " result, network_hash) SELECT ?,?,?,?,?,?,?, COALESCE(?, network_hash)"
+                " FROM models WHERE id = ?",
                 (
                     model_id,
                     doc.get("job_id"),
@@ -340,38 +367,52 @@ class Storage:
                     1 if doc.get("verified") is True else 0,
                     doc["created_at"],
                     json.dumps(doc),
+                    _recorded_hash(doc),
                     model_id,
                 ),
             )
         return cur.rowcount == 1
 
     def list_bounds(self, model_id: str) -> list[dict[str, Any]]:
-        """All stored results of a model, oldest first."""
+        """All stored results of a model's current network, oldest first."""
         with self._connect() as db:
             rows = db.execute(
-                "SELECT result FROM bounds WHERE model_id = ? ORDER BY seq", (model_id,)
+                f"SELECT result FROM bounds WHERE {_CURRENT} ORDER BY seq", (model_id,)
             ).fetchall()
         return [json.loads(r["result"]) for r in rows]
 
     def best_bound(self, model_id: str) -> dict[str, Any] | None:
-        """The smallest verified bound of a model, or None."""
+        """The smallest verified bound of the model's current network, or None."""
         with self._connect() as db:
             row = db.execute(
-                "SELECT result FROM bounds WHERE model_id = ? AND verified = 1"
+                f"SELECT result FROM bounds WHERE {_CURRENT} AND verified = 1"
                 " ORDER BY value, seq LIMIT 1",
                 (model_id,),
             ).fetchone()
         return None if row is None else json.loads(row["result"])
 
     def bound_for_job(self, model_id: str, job_id: str) -> dict[str, Any] | None:
-        """The result a given job stored for this model, or None."""
+        """The result a given job stored for this model's current network, or None."""
         with self._connect() as db:
             row = db.execute(
-                "SELECT result FROM bounds WHERE model_id = ? AND job_id = ? ORDER BY seq DESC"
-                " LIMIT 1",
+                f"SELECT result FROM bounds WHERE {_CURRENT} AND job_id = ?"
+                " ORDER BY seq DESC LIMIT 1",
                 (model_id, job_id),
             ).fetchone()
         return None if row is None else json.loads(row["result"])
+
+
+#: Bounds of model ``?`` computed on the network its file imports to now.
+_CURRENT = (
+    "model_id = ? AND network_hash = (SELECT network_hash FROM models WHERE id = bounds.model_id)"
+)
+
+
+def _recorded_hash(doc: dict[str, Any]) -> str | None:
+    """The network a bound document says it was computed on (None: not recorded)."""
+    cert = doc.get("certificate")
+    cert_hash = cert.get("network_hash") if isinstance(cert, dict) else None
+    return doc.get("network_hash") or cert_hash or None
 
 
 def _layout_json(net: Network) -> str:

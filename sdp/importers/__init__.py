@@ -48,7 +48,13 @@ from sdp.importers.loader import detect_format, load_model, load_model_file
 from sdp.importers.onnx import supported_onnx_ops
 from sdp.importers.safetensors import save_safetensors
 
+#: Bumped whenever a stored file may import to a different network (2: ONNX constants folded
+#: in their own dtypes, attribute allow-list, absorbed input Transposes recorded). Stores of
+#: parsed models re-import files recorded under another version (service.storage).
+IMPORTER_VERSION = 2
+
 __all__ = [
+    "IMPORTER_VERSION",
     "Limits",
     "detect_format",
     "load_model",

@@ -56,9 +56,12 @@ def load_network(source: ModelSource) -> Any:
     raise ValueError(f"unknown model source {source[0]!r}")
 
 
-def bound_document(result: Any, spec: JobSpec) -> dict[str, Any]:
-    """``result.summary()`` + the full certificate(s) + the request, ready for storage."""
+def bound_document(result: Any, spec: JobSpec, network_hash: str) -> dict[str, Any]:
+    """``result.summary()`` + the full certificate(s) + the request + the content hash of the
+    network that was bounded (a stored bound is only used while its model imports to that
+    network: :class:`service.storage.Storage`), ready for storage."""
     doc: dict[str, Any] = result.summary()
+    doc["network_hash"] = network_hash
     if result.certificate is not None:
         doc["certificate"] = json.loads(result.certificate.to_json())
     if result.pairwise_certificates:
@@ -92,7 +95,7 @@ def run_bound(
         timeout_s=solver_timeout,
         progress=progress,
     )
-    return bound_document(result, spec)
+    return bound_document(result, spec, net.content_hash())
 
 
 def json_safe(obj: Any) -> Any:

@@ -32,7 +32,7 @@ def net(fixtures_dir) -> Network:
 def _doc(net: Network, method: str, pairwise: bool = False) -> dict:
     res = compute_bound(net, method, pairwise=pairwise, lower_bound=False)
     spec = JobSpec(model_id="m", method=method, pairwise=pairwise)
-    return json.loads(json.dumps(json_safe(bound_document(res, spec))))
+    return json.loads(json.dumps(json_safe(bound_document(res, spec, net.content_hash()))))
 
 
 def test_honest_documents_pass(net: Network) -> None:

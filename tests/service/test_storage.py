@@ -90,3 +90,66 @@ def test_a_bound_for_a_deleted_model_is_not_stored(tmp_path, onnx_bytes) -> None
     assert s.save_bound(mid, doc) is False
     assert s.save_model(onnx_bytes).id == mid  # the same bytes again: the same id, no bounds
     assert s.list_bounds(mid) == [] and s.best_bound(mid) is None
+
+
+_OLD_TABLES = """
+CREATE TABLE models (
+    id TEXT PRIMARY KEY, sha256 TEXT NOT NULL UNIQUE, filename TEXT NOT NULL,
+    format TEXT NOT NULL, kind TEXT NOT NULL, input_shape TEXT NOT NULL,
+    output_shape TEXT NOT NULL, layers INTEGER NOT NULL, parameters INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL, created_at TEXT NOT NULL
+);
+CREATE TABLE bounds (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, model_id TEXT NOT NULL, job_id TEXT,
+    method TEXT NOT NULL, value REAL NOT NULL, verified INTEGER NOT NULL,
+    created_at TEXT NOT NULL, result TEXT NOT NULL
+);
+"""
+
+
+def test_bounds_of_another_network_are_never_used(tmp_path, onnx_bytes) -> None:
+    """Found by review: a database written before an importer fix kept using a bound certified
+    for what the old importer made of the file (an ONNX Cast read as -1 where onnxruntime
+    computes 255: radii 255x too large). Opening the store re-imports each model; only bounds
+    whose certificate names the network the file imports to now are used; a bound that
+    records no network is not trusted either."""
+    import json
+    import sqlite3
+
+    from sdp.importers import load_model
+
+    now = load_model(onnx_bytes).content_hash()
+    sha = hashlib.sha256(onnx_bytes).hexdigest()
+    mid = sha[:16]
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / f"{sha}.bin").write_bytes(onnx_bytes)
+    db = sqlite3.connect(tmp_path / "lipcert.sqlite3")
+    db.executescript(_OLD_TABLES)
+    db.execute(
+        "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (mid, sha, "m.onnx", "onnx", "feedforward", "[2]", "[2]", 2, 1, 1, "t"),
+    )
+    legacy = [("stale", 1.0, "0" * 64), ("current", 40.0, now), ("none", 2.0, None)]
+    for job, value, cert_hash in legacy:
+        doc = {"lipschitz_bound": value, "method": "lipsdp-neuron", "verified": True, "job_id": job}
+        if cert_hash is not None:
+            doc["certificate"] = {"rho": value**2, "multipliers": [], "network_hash": cert_hash}
+        db.execute(
+            "INSERT INTO bounds (model_id, job_id, method, value, verified, created_at, result)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (mid, job, "lipsdp-neuron", value, 1, "t", json.dumps(doc)),
+        )
+    db.commit()
+    db.close()
+    s = Storage(tmp_path)
+    best = s.best_bound(mid)
+    assert best is not None and best["job_id"] == "current"
+    assert [b["job_id"] for b in s.list_bounds(mid)] == ["current"]
+    assert s.bound_for_job(mid, "stale") is None and s.bound_for_job(mid, "none") is None
+    # new bounds: recorded for the network they name, else for the model's current one
+    other = {"lipschitz_bound": 0.5, "method": "x", "verified": True, "network_hash": "f" * 64}
+    assert s.save_bound(mid, other)
+    assert s.save_bound(mid, {"lipschitz_bound": 30.0, "method": "naive", "verified": True})
+    best = s.best_bound(mid)
+    assert best is not None and best["lipschitz_bound"] == 30.0
+    assert Storage(tmp_path).best_bound(mid) == best  # reopened: nothing re-imported again
