@@ -131,9 +131,11 @@ def busy_detail(budget: BodyBudget) -> str:
 def hold_request_memory(scope: Scope, total: int) -> None:
     """Count ``total`` bytes (body + decoded copies) against the request's share of the body
     budget before allocating them; :class:`~service.errors.ServiceBusy` (503 + Retry-After)
-    when other requests hold the rest. No-op without a budget."""
+    when other requests hold the rest. No-op without a budget, and for a request whose body
+    was not counted (under :data:`BUDGET_MIN_BYTES`): single-input requests never wait on the
+    budget."""
     reservation: Reservation | None = scope.get(RESERVATION_KEY)
-    if reservation is not None and not reservation.hold(total):
+    if reservation is not None and reservation.held and not reservation.hold(total):
         raise ServiceBusy(busy_detail(reservation.budget), headers={"Retry-After": "1"})
 
 

@@ -280,3 +280,36 @@ def test_the_app_refuses_an_unauthenticated_oip_body_with_401(make_client, rw_on
     resp = client.post(f"/v2/models/{mid}/infer", json={"inputs": [tensor]})
     assert_problem(resp, 401, "unauthorized")
     assert resp.headers["www-authenticate"] == "X-API-Key"
+
+
+def test_single_input_requests_never_wait_on_the_budget(
+    tmp_path: Path, rw_weights: list[np.ndarray]
+) -> None:
+    """Found by review: the route counted the decoding of small bodies too, so a 1-row certify
+    got 503 while one large JSON body held the (full) budget."""
+    n0 = rw_weights[0].shape[1]
+    app = create_app(Settings(data_dir=tmp_path, device="cpu", body_budget_mb=1))
+    big = json.dumps({"inputs": np.zeros((20_000, n0)).tolist()}).encode()
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                up = await http.post("/v1/models", files={"file": ("m.onnx", mlp_onnx(rw_weights))})
+                mid = up.json()["id"]
+                app.state.storage.save_bound(
+                    mid, {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
+                )
+                path = f"/v1/models/{mid}/certify"
+                gate = asyncio.Event()
+                held = asyncio.create_task(post_in_halves(app, path, big, JSON, gate))
+                await asyncio.sleep(0.1)
+                assert _body_budget(app).used > _body_budget(app).limit  # alone, over it
+                for body in ({"inputs": [[0.0] * n0]}, {"inputs": [[0.5] * n0], "labels": [0]}):
+                    small = await http.post(path, json=body)
+                    assert small.status_code == 200, small.text
+                gate.set()
+                assert (await held)[0]["status"] == 200
+        assert _body_budget(app).used == 0
+
+    asyncio.run(run())
