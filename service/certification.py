@@ -121,12 +121,13 @@ def read_npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], 
     return tuple(shape), bool(fortran), dtype, stream.tell()
 
 
-def load_npy(body: bytes) -> np.ndarray:
+def load_npy(body: bytes | bytearray) -> np.ndarray:
     """Inputs from an ``application/x-npy`` body: header parsed by numpy, data viewed in place.
 
     Only plain integer/float arrays are read (object arrays would need pickle: refused).
     """
-    shape, fortran, dtype, offset = read_npy_header(body)
+    # the header from a prefix (numpy refuses headers over 10 000 bytes): no copy of the body
+    shape, fortran, dtype, offset = read_npy_header(bytes(memoryview(body)[: 1 << 17]))
     count = math.prod(shape)
     data = memoryview(body)[offset:]
     if count == 0 or len(data) != count * dtype.itemsize:
@@ -139,7 +140,7 @@ def load_npy(body: bytes) -> np.ndarray:
     arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
     # a copy either way (torch wants writable arrays); checked after the cast, which is what
     # the network sees
-    return check_finite(arr.astype(np.float64, copy=True), "inputs")
+    return check_finite(arr.astype(np.float64, order="C", copy=True), "inputs")
 
 
 def check_finite(arr: np.ndarray, what: str, row0: int = 0) -> np.ndarray:

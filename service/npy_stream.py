@@ -83,13 +83,34 @@ class RowBlock:
         return check_finite(out, "inputs", row0=self.row0)
 
 
+class FortranBody:
+    """A whole Fortran-order .npy body (not row-contiguous, so not streamed in blocks): parsed,
+    length-checked and cast to C-order float64 by :meth:`to_float64` on the worker thread."""
+
+    __slots__ = ("body", "input_shape", "max_inputs", "rows")
+
+    def __init__(self, body: bytearray, input_shape: list[int], max_inputs: int, rows: int):
+        self.body, self.input_shape, self.max_inputs, self.rows = (
+            body,
+            input_shape,
+            max_inputs,
+            rows,
+        )
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def to_float64(self) -> np.ndarray:
+        return batch_inputs(load_npy(self.body), self.input_shape, self.max_inputs)
+
+
 class NpyRows:
     """Incremental .npy reader: :meth:`feed` body bytes, :meth:`take` complete row blocks of
     ``block_rows`` rows (the last one shorter), :meth:`finish` at the end of the body (length
-    checks; a Fortran-order array becomes one float64 block there).
+    checks; a Fortran-order array becomes one :class:`FortranBody` there).
 
     Blocks are :class:`RowBlock` views of the fed chunks (cast later, off the event loop), or
-    for Fortran-order bodies one float64 array.
+    for Fortran-order bodies the whole body (:class:`FortranBody`), cast on the worker thread.
     """
 
     def __init__(self, input_shape: list[int], max_inputs: int, block_rows: int = 0) -> None:
@@ -106,7 +127,7 @@ class NpyRows:
         self._received = 0  # data bytes after the header
         self._pieces: list[memoryview] = []  # bytes of the block being received
         self._block_left = 0  # bytes still missing from that block
-        self._ready: list[RowBlock | np.ndarray] = []
+        self._ready: list[RowBlock | FortranBody] = []
 
     @property
     def header_done(self) -> bool:
@@ -116,6 +137,15 @@ class NpyRows:
     def rows(self) -> int:
         """Rows declared by the header (0 before it is read)."""
         return self._rows
+
+    @property
+    def whole_body_bytes(self) -> int:
+        """What a Fortran-order body holds at once once read (the body and its float64 copy;
+        known from the header): row blocks of a C-order body are transient, so 0 there."""
+        if not self._fortran or self._dtype is None:
+            return 0
+        count = math.prod(self._shape)
+        return count * (self._dtype.itemsize + 8)
 
     def feed(self, data: bytes) -> None:
         """Add body bytes; parses and validates the header once it is complete. The bytes
@@ -186,8 +216,8 @@ class NpyRows:
                 self._pieces = []
                 self._block_left = self._block_bytes()
 
-    def take(self) -> RowBlock | np.ndarray | None:
-        """The next complete block (:class:`RowBlock`, or float64 (rows, n0)), or None."""
+    def take(self) -> RowBlock | FortranBody | None:
+        """The next complete block (:class:`RowBlock`, or the whole :class:`FortranBody`)."""
         return self._ready.pop(0) if self._ready else None
 
     def finish(self) -> None:
@@ -199,9 +229,10 @@ class NpyRows:
             raise InvalidInput(
                 "unreadable .npy header: the body ends inside it", code="invalid-npy"
             )
-        if self._fortran:
-            whole = batch_inputs(load_npy(bytes(self._head)), self.input_shape, self.max_inputs)
-            self._ready.append(whole)
+        if self._fortran:  # cast on the worker thread, not here on the event loop
+            self._ready.append(
+                FortranBody(self._head, self.input_shape, self.max_inputs, self._rows)
+            )
             return
         count = math.prod(self._shape)
         if self._received != count * self._dtype.itemsize:
@@ -215,7 +246,7 @@ class NpyRows:
 async def infer_npy_body(
     chunks: AsyncIterator[bytes],
     reader: NpyRows,
-    infer: Callable[[RowBlock | np.ndarray], Awaitable[tuple[np.ndarray, np.ndarray]]],
+    infer: Callable[[RowBlock | FortranBody], Awaitable[tuple[np.ndarray, np.ndarray]]],
     on_header: Callable[[], None],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Feed ``chunks`` to ``reader`` and start ``infer`` (-> (logits, logit error)) on each block
@@ -224,7 +255,7 @@ async def infer_npy_body(
     input order. On any error the pending inferences are cancelled and the error propagates."""
     tasks: list[asyncio.Future[tuple[np.ndarray, np.ndarray]]] = []
 
-    def start(block: RowBlock | np.ndarray) -> None:
+    def start(block: RowBlock | FortranBody) -> None:
         tasks.append(asyncio.ensure_future(infer(block)))
 
     try:

@@ -182,11 +182,18 @@ async def _certify(
 
     if ctype in NPY_TYPES:  # rows go to the worker in blocks while the body uploads
         _check_epsilon(epsilon)
+        reader = NpyRows(rec.input_shape, settings.max_inputs)
+
+        def on_header() -> None:
+            choose_bound()
+            if reader.whole_body_bytes:  # Fortran order: held whole, then cast at once
+                hold_request_memory(request.scope, reader.whole_body_bytes)
+
         logits, logit_error = await infer_npy_body(
             request.stream(),
-            NpyRows(rec.input_shape, settings.max_inputs),
+            reader,
             functools.partial(worker.infer_bounded, model_id),
-            choose_bound,
+            on_header,
         )
     elif ctype == NPZ_MEDIA_TYPE:  # inputs and labels; unzipped and parsed off the event loop
         _check_epsilon(epsilon)

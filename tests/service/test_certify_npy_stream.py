@@ -17,7 +17,7 @@ import pytest
 from service import metrics
 from service.app import create_app
 from service.errors import InvalidInput
-from service.npy_stream import NpyRows, RowBlock
+from service.npy_stream import FortranBody, NpyRows, RowBlock
 from service.settings import Settings
 from tests.service.onnx_nets import mlp_onnx, norm_product
 
@@ -46,7 +46,11 @@ def _read(body: bytes, sizes: list[int], input_shape: list[int], block_rows: int
         assert all(isinstance(b, RowBlock) for b in blocks)
         assert all(len(b) == block_rows for b in blocks[:-1])
         assert 0 < len(blocks[-1]) <= block_rows
-    arrays = [b.to_float64() if isinstance(b, RowBlock) else b for b in blocks]
+    else:  # one lazy block holding the whole body, cast on the worker thread
+        assert len(blocks) == 1 and isinstance(blocks[0], FortranBody)
+        a = np.load(io.BytesIO(body))
+        assert reader.whole_body_bytes == a.size * (a.dtype.itemsize + 8)
+    arrays = [b.to_float64() for b in blocks]
     assert [len(a) for a in arrays] == [len(b) for b in blocks]
     return np.concatenate(arrays)
 

@@ -313,3 +313,43 @@ def test_single_input_requests_never_wait_on_the_budget(
         assert _body_budget(app).used == 0
 
     asyncio.run(run())
+
+
+def test_a_fortran_order_npy_body_counts_its_float64_copy(
+    tmp_path: Path, rw_weights: list[np.ndarray]
+) -> None:
+    """A Fortran-order body cannot stream in row blocks: it is held whole and cast at once
+    (on the worker thread), so its float64 copy is counted once the header is read (found
+    by review: 16 MB of uint8 peaked at 267 MB, uncounted, with a 2.6 s event-loop stall)."""
+    n0 = rw_weights[0].shape[1]
+    held_body = _npy(np.ones((50_000 // n0, n0), np.float32))  # ~200 KB, 100 KB held half-way
+    x = np.ones((25_000 // n0, n0), np.float32)  # ~100 KB; as Fortran order ~300 KB decoding
+    fortran, c_order = _npy(np.asfortranarray(x)), _npy(np.ascontiguousarray(x))
+    assert np.isfortran(np.load(io.BytesIO(fortran)))
+    app = create_app(Settings(data_dir=tmp_path, device="cpu", body_budget_mb=0.35))
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                up = await http.post("/v1/models", files={"file": ("m.onnx", mlp_onnx(rw_weights))})
+                mid = up.json()["id"]
+                app.state.storage.save_bound(
+                    mid, {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
+                )
+                path = f"/v1/models/{mid}/certify"
+                gate = asyncio.Event()
+                held = asyncio.create_task(post_in_halves(app, path, held_body, NPY, gate))
+                await asyncio.sleep(0.1)
+                headers = {"content-type": NPY}
+                ok = await http.post(path, content=c_order, headers=headers)
+                assert ok.status_code == 200, ok.text  # row blocks: only the body counted
+                busy = await http.post(path, content=fortran, headers=headers)
+                assert_problem(busy, 503, "service-busy")
+                gate.set()
+                assert (await held)[0]["status"] == 200
+                alone = await http.post(path, content=fortran, headers=headers)
+                assert alone.json()["results"] == ok.json()["results"]
+        assert _body_budget(app).used == 0
+
+    asyncio.run(run())
