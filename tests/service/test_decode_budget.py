@@ -6,9 +6,11 @@ others hold the budget is answered 503 service-busy + Retry-After (alone, it alw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import zipfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -140,35 +142,42 @@ def test_the_app_refuses_npz_decoding_that_does_not_fit_beside_a_body_in_flight(
     app = create_app(settings)
 
     async def run() -> None:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-                up = await http.post("/v1/models", files={"file": ("m.onnx", mlp_onnx(rw_weights))})
-                mid = up.json()["id"]
-                app.state.storage.save_bound(
-                    mid, {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
-                )
-                path = f"/v1/models/{mid}/certify"
-                gate = asyncio.Event()
-                held = asyncio.create_task(
-                    post_in_halves(app, path, npy_body, "application/x-npy", gate)
-                )
-                await asyncio.sleep(0.1)  # the .npy body is half received
-                assert _body_budget(app).used == len(npy_body) // 2, held  # what arrived
-                npz = {"content-type": "application/x-npz"}
-                busy = await http.post(path, content=npz_body, headers=npz)
-                assert busy.status_code == 503, busy.text[:300]
-                assert_problem(busy, 503, "service-busy")
-                assert busy.headers["retry-after"] == "1"
-                gate.set()
-                assert (await held)[0]["status"] == 200
-                ok = await http.post(path, content=npz_body, headers=npz)
-                assert ok.status_code == 200, ok.text
-                assert len(ok.json()["results"]) == rows
+        async with _serving(app, rw_weights) as (http, path):
+            gate = asyncio.Event()
+            held = asyncio.create_task(
+                post_in_halves(app, path, npy_body, "application/x-npy", gate)
+            )
+            await asyncio.sleep(0.1)  # the .npy body is half received
+            assert _body_budget(app).used == len(npy_body) // 2, held  # what arrived
+            npz = {"content-type": "application/x-npz"}
+            busy = await http.post(path, content=npz_body, headers=npz)
+            assert busy.status_code == 503, busy.text[:300]
+            assert_problem(busy, 503, "service-busy")
+            assert busy.headers["retry-after"] == "1"
+            gate.set()
+            assert (await held)[0]["status"] == 200
+            ok = await http.post(path, content=npz_body, headers=npz)
+            assert ok.status_code == 200, ok.text
+            assert len(ok.json()["results"]) == rows
         budget = _body_budget(app)
         assert budget.used == 0
 
     asyncio.run(run())
+
+
+@contextlib.asynccontextmanager
+async def _serving(app: Any, weights: list[np.ndarray]) -> AsyncIterator[tuple[Any, str]]:
+    """The app started, a client on it, LipSDP's random_weights uploaded with a (naive)
+    verified bound: (client, its certify path)."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            up = await http.post("/v1/models", files={"file": ("m.onnx", mlp_onnx(weights))})
+            mid = up.json()["id"]
+            app.state.storage.save_bound(
+                mid, {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
+            )
+            yield http, f"/v1/models/{mid}/certify"
 
 
 def _body_budget(app: Any) -> BodyBudget:
@@ -292,24 +301,16 @@ def test_single_input_requests_never_wait_on_the_budget(
     big = json.dumps({"inputs": np.zeros((20_000, n0)).tolist()}).encode()
 
     async def run() -> None:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-                up = await http.post("/v1/models", files={"file": ("m.onnx", mlp_onnx(rw_weights))})
-                mid = up.json()["id"]
-                app.state.storage.save_bound(
-                    mid, {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
-                )
-                path = f"/v1/models/{mid}/certify"
-                gate = asyncio.Event()
-                held = asyncio.create_task(post_in_halves(app, path, big, JSON, gate))
-                await asyncio.sleep(0.1)
-                assert _body_budget(app).used > _body_budget(app).limit  # alone, over it
-                for body in ({"inputs": [[0.0] * n0]}, {"inputs": [[0.5] * n0], "labels": [0]}):
-                    small = await http.post(path, json=body)
-                    assert small.status_code == 200, small.text
-                gate.set()
-                assert (await held)[0]["status"] == 200
+        async with _serving(app, rw_weights) as (http, path):
+            gate = asyncio.Event()
+            held = asyncio.create_task(post_in_halves(app, path, big, JSON, gate))
+            await asyncio.sleep(0.1)
+            assert _body_budget(app).used > _body_budget(app).limit  # alone, over it
+            for body in ({"inputs": [[0.0] * n0]}, {"inputs": [[0.5] * n0], "labels": [0]}):
+                small = await http.post(path, json=body)
+                assert small.status_code == 200, small.text
+            gate.set()
+            assert (await held)[0]["status"] == 200
         assert _body_budget(app).used == 0
 
     asyncio.run(run())
@@ -329,27 +330,19 @@ def test_a_fortran_order_npy_body_counts_its_float64_copy(
     app = create_app(Settings(data_dir=tmp_path, device="cpu", body_budget_mb=0.35))
 
     async def run() -> None:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-                up = await http.post("/v1/models", files={"file": ("m.onnx", mlp_onnx(rw_weights))})
-                mid = up.json()["id"]
-                app.state.storage.save_bound(
-                    mid, {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
-                )
-                path = f"/v1/models/{mid}/certify"
-                gate = asyncio.Event()
-                held = asyncio.create_task(post_in_halves(app, path, held_body, NPY, gate))
-                await asyncio.sleep(0.1)
-                headers = {"content-type": NPY}
-                ok = await http.post(path, content=c_order, headers=headers)
-                assert ok.status_code == 200, ok.text  # row blocks: only the body counted
-                busy = await http.post(path, content=fortran, headers=headers)
-                assert_problem(busy, 503, "service-busy")
-                gate.set()
-                assert (await held)[0]["status"] == 200
-                alone = await http.post(path, content=fortran, headers=headers)
-                assert alone.json()["results"] == ok.json()["results"]
+        async with _serving(app, rw_weights) as (http, path):
+            gate = asyncio.Event()
+            held = asyncio.create_task(post_in_halves(app, path, held_body, NPY, gate))
+            await asyncio.sleep(0.1)
+            headers = {"content-type": NPY}
+            ok = await http.post(path, content=c_order, headers=headers)
+            assert ok.status_code == 200, ok.text  # row blocks: only the body counted
+            busy = await http.post(path, content=fortran, headers=headers)
+            assert_problem(busy, 503, "service-busy")
+            gate.set()
+            assert (await held)[0]["status"] == 200
+            alone = await http.post(path, content=fortran, headers=headers)
+            assert alone.json()["results"] == ok.json()["results"]
         assert _body_budget(app).used == 0
 
     asyncio.run(run())
