@@ -23,6 +23,7 @@ from sdp.rounding import logit_error_bound, unit_roundoff
 from service.storage import Storage
 from service.worker import ROUNDING_SAFETY
 from tests.sdp.test_importers_input_layout import conv_net_onnx, ort_logits
+from tests.service.old_store import OLD_TABLES
 from tests.service.onnx_nets import assert_problem
 
 FILE_SHAPE = (4, 5, 3)  # NHWC, batch dropped
@@ -193,16 +194,6 @@ def test_oip_infer_is_in_the_files_layout(client, model, nhwc) -> None:
     assert_problem(client.post(f"/v2/models/{mid}/infer", json={"inputs": [bad]}), 422)
 
 
-_OLD_SCHEMA = """
-CREATE TABLE models (
-    id TEXT PRIMARY KEY, sha256 TEXT NOT NULL UNIQUE, filename TEXT NOT NULL,
-    format TEXT NOT NULL, kind TEXT NOT NULL, input_shape TEXT NOT NULL,
-    output_shape TEXT NOT NULL, layers INTEGER NOT NULL, parameters INTEGER NOT NULL,
-    size_bytes INTEGER NOT NULL, created_at TEXT NOT NULL
-);
-"""
-
-
 def test_a_database_from_before_the_layout_column_is_migrated(tmp_path: Path) -> None:
     """Rows written before ``input_layout`` held the IR shape of a transposed model; opening
     the store records the file's shape and the permutation (and leaves other rows alone)."""
@@ -217,7 +208,7 @@ def test_a_database_from_before_the_layout_column_is_migrated(tmp_path: Path) ->
         rows.append((sha[:16], sha, name, "onnx", "conv", json.dumps(list(shape)), "[3]", 2, 1,
                      len(data), "2026-01-01T00:00:00Z"))  # fmt: skip
     db = sqlite3.connect(tmp_path / "lipcert.sqlite3")
-    db.executescript(_OLD_SCHEMA)
+    db.executescript(OLD_TABLES)
     db.executemany("INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
     db.commit()
     db.close()

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from service.storage import Storage
+from tests.service.old_store import OLD_TABLES
 from tests.service.onnx_nets import mlp_onnx
 
 
@@ -92,21 +93,6 @@ def test_a_bound_for_a_deleted_model_is_not_stored(tmp_path, onnx_bytes) -> None
     assert s.list_bounds(mid) == [] and s.best_bound(mid) is None
 
 
-_OLD_TABLES = """
-CREATE TABLE models (
-    id TEXT PRIMARY KEY, sha256 TEXT NOT NULL UNIQUE, filename TEXT NOT NULL,
-    format TEXT NOT NULL, kind TEXT NOT NULL, input_shape TEXT NOT NULL,
-    output_shape TEXT NOT NULL, layers INTEGER NOT NULL, parameters INTEGER NOT NULL,
-    size_bytes INTEGER NOT NULL, created_at TEXT NOT NULL
-);
-CREATE TABLE bounds (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, model_id TEXT NOT NULL, job_id TEXT,
-    method TEXT NOT NULL, value REAL NOT NULL, verified INTEGER NOT NULL,
-    created_at TEXT NOT NULL, result TEXT NOT NULL
-);
-"""
-
-
 def test_bounds_of_another_network_are_never_used(tmp_path, onnx_bytes) -> None:
     """Found by review: a database written before an importer fix kept using a bound certified
     for what the old importer made of the file (an ONNX Cast read as -1 where onnxruntime
@@ -124,7 +110,7 @@ def test_bounds_of_another_network_are_never_used(tmp_path, onnx_bytes) -> None:
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / f"{sha}.bin").write_bytes(onnx_bytes)
     db = sqlite3.connect(tmp_path / "lipcert.sqlite3")
-    db.executescript(_OLD_TABLES)
+    db.executescript(OLD_TABLES)
     db.execute(
         "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?)",
         (mid, sha, "m.onnx", "onnx", "feedforward", "[2]", "[2]", 2, 1, 1, "t"),
