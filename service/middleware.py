@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.deps import KEY_DETAIL, api_key_matches
-from service.errors import PROBLEM_BASE, PROBLEM_MEDIA_TYPE, ServiceBusy
+from service.errors import PROBLEM_BASE, PROBLEM_MEDIA_TYPE
 
 log = logging.getLogger("lipcert.access")
 
@@ -130,13 +130,13 @@ def busy_detail(budget: BodyBudget) -> str:
 
 def hold_request_memory(scope: Scope, total: int) -> None:
     """Count ``total`` bytes (body + decoded copies) against the request's share of the body
-    budget before allocating them; :class:`~service.errors.ServiceBusy` (503 + Retry-After)
+    budget before allocating them; :class:`BodyOverBudget` (503 service-busy + Retry-After)
     when other requests hold the rest. No-op without a budget, and for a request whose body
     was not counted (under :data:`BUDGET_MIN_BYTES`): single-input requests never wait on the
     budget."""
     reservation: Reservation | None = scope.get(RESERVATION_KEY)
     if reservation is not None and reservation.held and not reservation.hold(total):
-        raise ServiceBusy(busy_detail(reservation.budget), headers={"Retry-After": "1"})
+        raise BodyOverBudget(reservation.budget)
 
 
 class BodyLimitMiddleware:
@@ -297,13 +297,20 @@ def _content_length(scope: Scope) -> int | None:
         return None
 
 
+def body_media_type(scope: Scope) -> str:
+    """The request body's media type: lower case, parameters dropped, '' when not given."""
+    return (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+
+
+def is_json_media(media: str) -> bool:
+    """A JSON body: application/json, any ``+json`` type, or no content type (read as JSON)."""
+    return media in ("application/json", "") or media.endswith("+json")
+
+
 def _decode_factor(scope: Scope) -> int:
-    """Bytes admitted per body byte: JSON (and a body without a content type, which the
-    certify route reads as JSON) decodes into Python objects; other bodies are counted as
-    they are (routes add their decoded copies)."""
-    ctype = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
-    json = ctype in ("application/json", "") or ctype.endswith("+json")
-    return JSON_DECODE_FACTOR if json else 1
+    """Bytes admitted per body byte: JSON decodes into Python objects; other bodies are counted
+    as they are (routes add their decoded copies)."""
+    return JSON_DECODE_FACTOR if is_json_media(body_media_type(scope)) else 1
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -23,7 +23,7 @@ from service.certification import (
 from service.certify_media import JSON_MEDIA_TYPE, NPZ_MEDIA_TYPE, npz_bytes, prefers_npz
 from service.deps import SettingsDep, StorageDep, WorkerDep, model_or_404
 from service.errors import InvalidInput, NotFound, NoVerifiedBound, UnsupportedMediaType
-from service.middleware import hold_request_memory
+from service.middleware import body_media_type, hold_request_memory, is_json_media
 from service.npy_stream import NpyRows, infer_npy_body
 from service.npz_body import read_npz_body
 from service.schemas import PROBLEM_RESPONSES, CertifyRequest, CertifyResponse
@@ -172,7 +172,7 @@ async def _certify(
 ) -> Response:
     """The certify request itself (``certify`` counts it as in progress on the worker)."""
     rec = model_or_404(storage, model_id)
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = body_media_type(request.scope)
     as_npz = prefers_npz(request.headers.get("accept"))
     labels: list[int] | None = None
     chosen: dict[str, Any] = {}
@@ -204,7 +204,7 @@ async def _certify(
         hold_request_memory(request.scope, len(body) + x.nbytes)  # the members are freed
         choose_bound()
         logits, logit_error = await worker.infer_bounded(model_id, x)
-    elif ctype in ("application/json", "") or ctype.endswith("+json"):
+    elif is_json_media(ctype):
         body = await request.body()  # admitted at JSON_DECODE_FACTOR x its size (middleware)
         req = await _off_loop_if_large(len(body), _certify_request, body)
         labels, bound = req.labels, req.bound
