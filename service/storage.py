@@ -165,6 +165,7 @@ class Storage:
         from sdp.importers import IMPORTER_VERSION, load_model
 
         with self._connect() as db:
+            added = set()
             for table, column, kind in (
                 ("models", "input_layout", "TEXT"),
                 ("models", "network_hash", "TEXT"),
@@ -175,13 +176,15 @@ class Storage:
                 if column not in cols:
                     with contextlib.suppress(sqlite3.OperationalError):  # another process
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-            # bounds stored before the column: the network their certificate names, if any
-            db.execute(
-                "UPDATE bounds SET network_hash = COALESCE("
-                "NULLIF(json_extract(result, '$.network_hash'), ''), "
-                "NULLIF(json_extract(result, '$.certificate.network_hash'), '')) "
-                "WHERE network_hash IS NULL"
-            )
+                        added.add((table, column))
+            if ("bounds", "network_hash") in added:
+                # bounds stored before the column: the network their certificate names, if any
+                db.execute(
+                    "UPDATE bounds SET network_hash = COALESCE("
+                    "NULLIF(json_extract(result, '$.network_hash'), ''), "
+                    "NULLIF(json_extract(result, '$.certificate.network_hash'), '')) "
+                    "WHERE network_hash IS NULL"
+                )
             todo = db.execute(
                 "SELECT id, sha256 FROM models WHERE importer_version IS NOT ?",
                 (IMPORTER_VERSION,),
@@ -232,11 +235,9 @@ class Storage:
         if existing is not None and existing.sha256 == sha:
             self._remember(existing.id, network)
             return _replace_created(existing, False)
-        from sdp.importers import IMPORTER_VERSION
+        from sdp.importers import IMPORTER_VERSION, load_model
 
         if network is None:
-            from sdp.importers import load_model
-
             network = load_model(data)
         self._write_file(sha, data)
         rec = ModelRecord(
