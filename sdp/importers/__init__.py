@@ -49,9 +49,11 @@ from sdp.importers.onnx import supported_onnx_ops
 from sdp.importers.safetensors import save_safetensors
 
 #: Bumped whenever a stored file may import to a different network (2: ONNX constants folded
-#: in their own dtypes, attribute allow-list, absorbed input Transposes recorded). Stores of
-#: parsed models re-import files recorded under another version (service.storage).
-IMPORTER_VERSION = 2
+#: in their own dtypes, attribute allow-list, absorbed input Transposes recorded; 3: one BLAS
+#: thread while importing, so a sandwich file's network no longer depends on the thread
+#: count). Stores of parsed models re-import files recorded under another version
+#: (service.storage).
+IMPORTER_VERSION = 3
 
 __all__ = [
     "IMPORTER_VERSION",

@@ -19,6 +19,8 @@ import struct
 import zipfile
 from pathlib import Path
 
+from threadpoolctl import threadpool_limits
+
 from sdp.errors import ModelRejected
 from sdp.importers.limits import Limits
 from sdp.importers.mat import is_mat5, load_mat
@@ -58,9 +60,17 @@ def load_model(data: bytes, *, limits: Limits | None = None, name: str = "") -> 
     Raises :class:`~sdp.errors.ModelRejected` (or its subclass ``UnsupportedOp``) with a stable
     ``code`` for every kind of bad input; see :mod:`sdp.importers` for the table of codes.
     An unexpected exception from a parser is reported as ``malformed`` (never passed through).
+
+    The import is deterministic: BLAS runs on one thread while a file is parsed, so the same
+    bytes give the same float64 network (and :meth:`~sdp.ir.Network.content_hash`) in every
+    process of a machine, whatever its thread settings. Multi-threaded BLAS splits sums
+    (norms, products, LU) differently per thread count: a sandwich file's Cayley transforms
+    differed in the last bits between a 2-thread server and a 1-thread job process, so the
+    job's bound named another network and was never listed.
     """
     try:
-        return _load(data, limits or Limits(), name)
+        with threadpool_limits(limits=1, user_api="blas"):
+            return _load(data, limits or Limits(), name)
     except ModelRejected:
         raise
     except MemoryError as exc:

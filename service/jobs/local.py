@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from sdp.errors import LipcertError
 from service.jobs.base import (
     CANCELLED,
     MODEL_DELETED,
@@ -27,6 +28,7 @@ from service.jobs.base import (
     observe_solve_time,
 )
 from service.jobs.process import SolveProcess, supervise
+from service.jobs.recheck import adopt_document
 from service.jobs.store import JobStore
 
 log = logging.getLogger("lipcert.jobs")
@@ -186,8 +188,20 @@ class LocalRunner:
                 self._procs.pop(job_id, None)
         if outcome.status == "succeeded" and outcome.result is not None:
             doc = dict(outcome.result, job_id=job_id, model_id=spec.model_id)
+            error = None
+            try:
+                # the solver process imported the file itself: a bound of another float64
+                # network (e.g. other BLAS settings) is re-proven on the one the API serves
+                doc = adopt_document(self.storage.load_network(spec.model_id), doc, trusted=True)
+            except KeyError:
+                error = MODEL_DELETED
+            except LipcertError as exc:
+                error = {"code": "unverified-result", "detail": f"result rejected: {exc}"}
             with self._lock:
                 if job_id in self._cancelled or self._stopping:
+                    return
+                if error is not None:
+                    self.store.finish(job_id, "failed", error=error)
                     return
                 try:
                     stored = self.storage.save_bound(spec.model_id, doc)

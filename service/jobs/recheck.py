@@ -9,6 +9,11 @@ Every number that will be served is re-derived here from the network the API its
   e_y - e_j, and the matrix entry must be >= its sqrt(rho);
 * sandwich and naive/compositional results are recomputed (closed form / norm products; no
   solver) and the reported value must be >= the recomputed one.
+
+:func:`adopt_document` records a re-proven document under the API's own network: a bound is
+served only for the network its model imports to *here* (``Storage`` compares content
+hashes), and a worker's float64 network may differ in the last bits (another BLAS, another
+CPU) while the certificate still holds for the API's one.
 """
 
 from __future__ import annotations
@@ -76,3 +81,15 @@ def recheck_document(net: Network, doc: dict[str, Any]) -> None:
         covered.add((y, j))
     if mat.shape != (k, k) or len(covered) != k * (k - 1) // 2:
         raise CertificateError("pairwise bounds are not all certified")
+
+
+def adopt_document(net: Network, doc: dict[str, Any], *, trusted: bool = False) -> dict[str, Any]:
+    """``doc`` as a bound of ``net``: re-proven on ``net`` (always unless ``trusted``, and
+    whenever it names another network), then recorded under ``net``'s content hash.
+
+    Raises :class:`CertificateError` when a bound in ``doc`` does not hold for ``net``.
+    """
+    net_hash = net.content_hash()
+    if not trusted or doc.get("network_hash") != net_hash:
+        recheck_document(net, doc)
+    return {**doc, "network_hash": net_hash}

@@ -39,7 +39,7 @@ from service.jobs.base import (
     now_iso,
     observe_solve_time,
 )
-from service.jobs.recheck import recheck_document
+from service.jobs.recheck import adopt_document
 from service.jobs.redis_state import (
     ACTIVE_SET,
     QUEUE_NAME,
@@ -218,7 +218,7 @@ class RqRunner:
                 if self.storage.get_model(model_id) is None:
                     error = MODEL_DELETED
                 else:
-                    recheck_document(self.storage.load_network(model_id), result)
+                    result = adopt_document(self.storage.load_network(model_id), result)
                     if not self.storage.save_bound(model_id, result):
                         error = MODEL_DELETED
             except LipcertError as exc:  # a worker's word is not a certificate

@@ -56,10 +56,13 @@ def load_network(source: ModelSource) -> Any:
     raise ValueError(f"unknown model source {source[0]!r}")
 
 
-def bound_document(result: Any, spec: JobSpec, network_hash: str) -> dict[str, Any]:
-    """``result.summary()`` + the full certificate(s) + the request + the content hash of the
-    network that was bounded (a stored bound is only used while its model imports to that
-    network: :class:`service.storage.Storage`), ready for storage."""
+def bound_document(
+    result: Any, network_hash: str, request: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The document stored for a bound: ``result.summary()`` + the full certificate(s) + the
+    content hash of the network that was bounded (a stored bound is only used while its model
+    imports to that network: :class:`service.storage.Storage`) + the request that asked for it
+    (a job's spec; None for the closed form checked at upload)."""
     doc: dict[str, Any] = result.summary()
     doc["network_hash"] = network_hash
     if result.certificate is not None:
@@ -68,7 +71,8 @@ def bound_document(result: Any, spec: JobSpec, network_hash: str) -> dict[str, A
         doc["pairwise_certificates"] = [
             json.loads(c.to_json()) for c in result.pairwise_certificates
         ]
-    doc["request"] = spec.to_dict()
+    if request is not None:
+        doc["request"] = request
     return doc
 
 
@@ -95,7 +99,7 @@ def run_bound(
         timeout_s=solver_timeout,
         progress=progress,
     )
-    return bound_document(result, spec, net.content_hash())
+    return bound_document(result, net.content_hash(), spec.to_dict())
 
 
 def json_safe(obj: Any) -> Any:

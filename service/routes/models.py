@@ -11,6 +11,7 @@ from fastapi import APIRouter, File, Request, Response, UploadFile, status
 
 from service.deps import RunnerDep, SettingsDep, StorageDep, model_or_404
 from service.errors import NotFound
+from service.jobs.tasks import bound_document, json_safe
 from service.schemas import PROBLEM_RESPONSES, ModelInfo, ModelList
 from service.storage import ID_LENGTH, ModelRecord, Storage
 
@@ -65,8 +66,9 @@ def _store_sandwich_bound(storage: Storage, model_id: str, net: Any) -> None:
     except Exception as exc:  # not verifiable: the model is still usable with a LipSDP job
         log.warning("sandwich closed form of %s not stored: %s", model_id, exc)
         return
-    if result.verified:
-        storage.save_bound(model_id, {**result.summary(), "job_id": None, "source": "upload"})
+    if result.verified:  # with its certificate (rho, T), so ?full=true can show it
+        doc = bound_document(result, net.content_hash())
+        storage.save_bound(model_id, {**json_safe(doc), "job_id": None, "source": "upload"})
 
 
 @router.get("", response_model=ModelList, summary="List stored models")

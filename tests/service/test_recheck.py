@@ -13,7 +13,7 @@ from sdp.bounds import compute_bound
 from sdp.errors import CertificateError
 from sdp.ir import Activation, Dense, Network
 from service.jobs.base import JobSpec
-from service.jobs.recheck import recheck_document
+from service.jobs.recheck import adopt_document, recheck_document
 from service.jobs.tasks import bound_document, json_safe
 
 
@@ -32,7 +32,8 @@ def net(fixtures_dir) -> Network:
 def _doc(net: Network, method: str, pairwise: bool = False) -> dict:
     res = compute_bound(net, method, pairwise=pairwise, lower_bound=False)
     spec = JobSpec(model_id="m", method=method, pairwise=pairwise)
-    return json.loads(json.dumps(json_safe(bound_document(res, spec, net.content_hash()))))
+    doc = bound_document(res, net.content_hash(), spec.to_dict())
+    return json.loads(json.dumps(json_safe(doc)))
 
 
 def test_honest_documents_pass(net: Network) -> None:
@@ -74,3 +75,18 @@ def test_forged_naive_and_pairwise_documents_fail(net: Network) -> None:
     missing["pairwise_certificates"] = []
     with pytest.raises(CertificateError, match="not all certified"):
         recheck_document(net, missing)
+
+
+def test_adopt_records_a_reproven_document_under_the_api_network(net: Network) -> None:
+    doc = _doc(net, "lipsdp-neuron")
+    w0 = net.ops[0].weight.copy()
+    w0[0, 0] = np.nextafter(w0[0, 0], np.inf)  # the same file read with other BLAS settings
+    api_net = Network(net.input_shape, (Dense(w0, net.ops[0].bias), *net.ops[1:]))
+    assert api_net.content_hash() != doc["network_hash"]
+    adopted = adopt_document(api_net, doc, trusted=True)  # re-proven on the API's network
+    assert adopted["network_hash"] == api_net.content_hash()
+    assert adopted["lipschitz_bound"] == doc["lipschitz_bound"]
+    assert adopt_document(net, doc, trusted=True) == doc  # same network: nothing to prove
+    far = Network(net.input_shape, (Dense(2 * net.ops[0].weight, net.ops[0].bias), *net.ops[1:]))
+    with pytest.raises(CertificateError):  # a bound that does not hold there is never adopted
+        adopt_document(far, doc, trusted=True)
