@@ -2,10 +2,11 @@
 
 Methods: ``naive`` (product of rigorous layer norms; compositional for residual nets),
 ``lipsdp-neuron`` / ``lipsdp-layer`` (certified LipSDP), ``sandwich`` (closed-form check,
-:func:`sdp.sandwich.sandwich_bound`), ``auto`` (sandwich if the net is one; LipSDP-Neuron for a
-chain small enough; else naive/compositional). ``lipsdp-network`` is refused: coupling
-multipliers between neuron pairs is unsound (Pauli, Koch, Berberich, Kohler, Allgower,
-"Training robust neural networks using Lipschitz bounds", IEEE L-CSS 2021, counterexample).
+:func:`sdp.sandwich.sandwich_bound`), ``auto`` (the smallest of the sandwich closed form if the
+net is one, LipSDP-Neuron for a chain small enough, and naive/compositional).
+``lipsdp-network`` is refused: coupling multipliers between neuron pairs is unsound (Pauli,
+Koch, Berberich, Kohler, Allgower, "Training robust neural networks using Lipschitz bounds",
+IEEE L-CSS 2021, counterexample).
 Every returned ``BoundResult`` is verified; otherwise an error is raised.
 """
 
@@ -63,23 +64,39 @@ def _lipsdp(net: Network, variant: Variant, **kw: Any) -> BoundResult:
 
 
 def _auto(net: Network, **kw: Any) -> BoundResult:
+    """The smallest verified bound among the closed form (sandwich nets), LipSDP-Neuron (chains
+    up to ``AUTO_HIDDEN_CAP`` hidden neurons, within the time limit) and naive."""
+    closed: BoundResult | None = None
+    notes: list[str] = []
     if net.sandwich is not None:
-        return _sandwich(net)
+        try:
+            closed = _sandwich(net)
+        except NotApplicable as e:  # e.g. slopes outside [0, 1]: bound it as a plain network
+            notes.append(f"auto: sandwich check not applicable ({e.detail})")
     naive = _naive(net)
+    best = naive if closed is None or naive.value < closed.value else closed
     if not net.is_chain:
-        return replace(naive, notes=(*naive.notes, "auto: residual network -> compositional"))
+        return _noted(best, *notes, "auto: residual network -> compositional")
     try:
         check_size(net, hidden_cap=AUTO_HIDDEN_CAP)
     except NotApplicable as e:
-        return replace(naive, notes=(*naive.notes, f"auto: {e.detail}; naive bound used"))
+        return _noted(best, *notes, f"auto: {e.detail}; {best.method} bound used")
     if kw.get("timeout_s") is None:
         kw = {**kw, "timeout_s": AUTO_TIMEOUT_S}
+        notes.append(
+            f"auto: solver time limit {AUTO_TIMEOUT_S:g} s (auto's default; set timeout_s "
+            "to change it)"
+        )
     res = lipsdp_bound(net, "neuron", **kw)
-    if res.verified and res.value <= naive.value:
-        return res
-    return replace(
-        naive, notes=(*naive.notes, f"auto: LipSDP gave {res.value:.6g} >= naive; naive used")
+    if res.verified and res.value <= best.value:
+        return _noted(res, *notes)
+    return _noted(
+        best, *notes, f"auto: LipSDP gave {res.value:.6g} >= {best.method}; {best.method} used"
     )
+
+
+def _noted(res: BoundResult, *notes: str) -> BoundResult:
+    return replace(res, notes=(*res.notes, *notes)) if notes else res
 
 
 def compute_bound(
