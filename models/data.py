@@ -87,14 +87,15 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y.astype(np.int64).ravel()
 
 
-def load_dataset(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """An ``.npz`` file, or an IDX folder (train split if present, else t10k)."""
+def load_dataset(path: str | Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """An ``.npz`` file, or the ``split`` (train or t10k) of an IDX folder.
+
+    Raises FileNotFoundError when the folder lacks that split (never falls back to another
+    one: training on the test split must be asked for).
+    """
     p = Path(path)
     if p.is_dir():
-        try:
-            return load_mnist_idx(p, "train")
-        except FileNotFoundError:
-            return load_mnist_idx(p, "t10k")
+        return load_mnist_idx(p, split)
     if p.suffix == ".npz":
         return load_npz(p)
     raise ValueError(f"{p}: expected an .npz file or a folder of IDX files")

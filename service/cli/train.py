@@ -22,6 +22,11 @@ def train(
     data: Path = typer.Option(
         ..., help="Training data: .npz (arrays x, y) or an MNIST IDX folder."
     ),
+    split: str = typer.Option(
+        "train",
+        help="IDX folder: which split to train on, train or t10k (the test split: its "
+        "held-out accuracy is then no test accuracy).",
+    ),
     out: Path = typer.Option(..., help="Output .safetensors file."),
     arch: str = typer.Option(
         "lbdn", help="lbdn (dense) | lbdn-conv (circular-conv sandwich layers, then dense)."
@@ -102,8 +107,13 @@ def train(
 
     torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV, "2")))
     torch.manual_seed(seed)
+    if split not in ("train", "t10k"):
+        fail(f"unknown split {split!r}; expected train or t10k")
     try:
-        x_all, y_all = load_dataset(data)
+        x_all, y_all = load_dataset(data, split=split)
+    except FileNotFoundError as e:
+        hint = "; pass --split t10k to train on the test split" if split == "train" else ""
+        fail(f"{e}{hint}")
     except (OSError, ValueError) as e:
         fail(f"cannot read {data}: {e}")
     if limit is not None:
@@ -141,7 +151,9 @@ def train(
     xv, yv = torch.from_numpy(x_va.reshape(len(x_va), -1)), torch.from_numpy(y_va)
     val = (xv, yv) if len(xv) else None
 
-    err = Console(stderr=True)
+    # soft_wrap: one line per epoch also when stderr is a file or a pipe (no 80-column wrap);
+    # the live bar only on a terminal (elsewhere it leaves a blank line behind)
+    err = Console(stderr=True, soft_wrap=True)
     n_batches = -(-len(xt) // batch_size)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, eps=eps, seed=seed)
     with Progress(
@@ -151,6 +163,7 @@ def train(
         TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"),
         console=err,
         transient=True,
+        disable=not err.is_terminal,
     ) as progress:
         task = progress.add_task("train", total=n_batches, epoch=1, loss=0.0, acc=0.0)
 
@@ -165,7 +178,7 @@ def train(
             )
             if v is not None:
                 line += f"  val acc {v.clean:.4f}  certified@{eps:g} {v.certified:.4f}"
-            progress.console.print(line)
+            err.print(line)
             progress.reset(task, total=n_batches)
 
         train_classifier(model, xt, yt, gamma, cfg, val=val, on_batch=on_batch, on_epoch=on_epoch)
@@ -186,7 +199,7 @@ def train(
         ),
         "train_examples": len(xt),
         "heldout_examples": len(xv),
-        "clean_accuracy": None if final is None else final.clean,
+        "accuracy": None if final is None else final.clean,
         "certified_accuracy": None if final is None else final.certified,
         "eps": eps,
     }

@@ -17,8 +17,10 @@ def test_mnist_t10k(fixtures_dir):
     assert x.min() >= 0.0 and x.max() == 1.0
     assert sorted(set(y.tolist())) == list(range(10))
     assert y[:5].tolist() == [7, 2, 1, 0, 4]  # the well-known first test labels
-    x2, _ = load_dataset(fixtures_dir / "mnist")  # no train images there: falls back to t10k
+    x2, _ = load_dataset(fixtures_dir / "mnist", split="t10k")
     assert x2.shape == x.shape
+    with pytest.raises(FileNotFoundError, match="train-images"):  # no silent fallback to t10k
+        load_dataset(fixtures_dir / "mnist")
 
 
 def _idx(data: np.ndarray, code: int) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -37,6 +38,8 @@ def test_cli_trains_mnist_to_85_percent(fixtures_dir, tmp_path):
             "train",
             "--data",
             str(fixtures_dir / "mnist"),
+            "--split",
+            "t10k",
             "--limit",
             "10000",
             "--val-fraction",
@@ -59,8 +62,8 @@ def test_cli_trains_mnist_to_85_percent(fixtures_dir, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["train_examples"] == 8000 and summary["heldout_examples"] == 2000
-    assert summary["clean_accuracy"] > 0.85
-    assert 0 < summary["certified_accuracy"] <= summary["clean_accuracy"]
+    assert summary["accuracy"] > 0.85
+    assert 0 < summary["certified_accuracy"] <= summary["accuracy"]
     assert summary["closed_form_confirmed"] and summary["lipschitz_bound"] <= 2 * (1 + 1e-6)
     net = load_network(out)
     assert net.input_shape == (1, 28, 28)
@@ -89,6 +92,9 @@ def test_cli_trains_from_npz_and_refuses_bad_options(tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert load_network(out).input_size == 6
+    # not a terminal: one whole line per epoch (rich used to wrap them at 80 columns)
+    epochs = [line for line in res.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 1 and re.search(r"certified@0.5 [01]\.\d{4}$", epochs[0]), res.stderr
     bad = CliRunner().invoke(app, [*args, "--arch", "lbdn-conv"])
     assert bad.exit_code != 0 and "square images" in bad.output  # flat data: no conv
     bad = CliRunner().invoke(app, [*args[:-4], "--widths", "a,b"])
@@ -96,3 +102,11 @@ def test_cli_trains_from_npz_and_refuses_bad_options(tmp_path):
     np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object), y=np.zeros(1))
     bad = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "obj.npz"), "--out", str(out)])
     assert bad.exit_code != 0  # object arrays would need pickle: refused
+
+
+def test_cli_refuses_an_idx_folder_without_training_images(fixtures_dir, tmp_path):
+    """The fixtures hold MNIST's test split only: no silent training on test images."""
+    args = ["train", "--data", str(fixtures_dir / "mnist"), "--out", str(tmp_path / "m.st")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0 and not (tmp_path / "m.st").exists()
+    assert "train-images" in res.stderr and "--split t10k" in res.stderr
