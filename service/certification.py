@@ -223,7 +223,8 @@ def radii(
 class Certified:
     """One certify answer as columns: ``columns`` holds per-input arrays (length B, in input
     order): prediction (int64), margin, radius (float64), radius_pairwise (with pairwise
-    bounds), label (int64) and certified (bool) (with labels), logits (B, K) (on request);
+    bounds), label (int64), correct and certified (bool) (with labels), logits (B, K) (on
+    request);
     ``summary`` holds lipschitz_bound, method, bound_job_id, certified_accuracy, accuracy and
     epsilon. Both response media types (per-row JSON, columnar .npz) are rendered from it."""
 
@@ -259,6 +260,7 @@ def certify_columns(
         best = np.maximum(radius, rpw) if rpw is not None else radius
         cert = ok & (best > epsilon)
         columns["label"] = y
+        columns["correct"] = ok
         columns["certified"] = cert
         accuracy, certified_accuracy = int(ok.sum()) / b, int(cert.sum()) / b
     if return_logits:

@@ -91,7 +91,10 @@ class CertifiedInput(BaseModel):
         default=None, description="min_j (f_y - f_j) / L_yj when pairwise bounds exist."
     )
     label: int | None = None
-    certified: bool | None = Field(default=None, description="label given: correct and robust.")
+    correct: bool | None = Field(default=None, description="label given: prediction == label.")
+    certified: bool | None = Field(
+        default=None, description="label given: correct and radius > epsilon."
+    )
     logits: list[float] | None = None
 
 

@@ -95,6 +95,12 @@ def test_certify_with_npy_inputs(fixtures_dir, tmp_path):
     assert len(out["results"]) == 5
     for row in out["results"]:
         assert row["radius"] == pytest.approx(max(row["margin"], 0) / (math.sqrt(2) * lip))
+        assert row["correct"] == (row["prediction"] == row["label"])
+        assert row["certified"] == (row["correct"] and row["radius"] > 0)
+    # the HTTP API's vocabulary: accuracy, certified_accuracy (at epsilon), correct, certified
+    assert out["accuracy"] == sum(r["correct"] for r in out["results"]) / 5
+    assert out["certified_accuracy"] == sum(r["certified"] for r in out["results"]) / 5
+    assert out["epsilon"] == 0.0
     assert len((tmp_path / "r.tsv").read_text().splitlines()) == 6
     assert (tmp_path / "p.png").stat().st_size > 0
 

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from service.cli._common import fail
 
-_METHOD_HELP = "auto|naive|lipsdp-layer|lipsdp-neuron|sandwich"
+_METHOD_HELP = "auto, naive, lipsdp-layer, lipsdp-neuron or sandwich."
 
 
 def _load(model: Path) -> Any:
@@ -190,13 +190,16 @@ def certify(
         }
         if radii.radius_pairwise is not None:
             row["radius_pairwise"] = float(radii.radius_pairwise[i])
-        if radii.correct is not None:
+        if radii.correct is not None:  # the HTTP API's words: correct, certified (radius > 0)
             row["label"] = int(np.asarray(y).reshape(-1)[i])
             row["correct"] = bool(radii.correct[i])
+            row["certified"] = bool(radii.correct[i] and radii.best_radius[i] > 0)
         rows.append(row)
     out: dict[str, Any] = {"bound": result.summary(), "results": rows}
     if radii.correct is not None:
-        out["clean_accuracy"] = float(np.mean(radii.correct))
+        out["accuracy"] = float(np.mean(radii.correct))
+        out["certified_accuracy"] = float(np.mean([r["certified"] for r in rows]))
+        out["epsilon"] = 0.0
     if json_out:
         sys.stdout.write(json.dumps(_finite(out)) + "\n")
         return

@@ -120,6 +120,7 @@ def test_labels_certified_accuracy_and_bound_by_job(client, model) -> None:
     ).json()
     want = [labels[i] == preds[i] and first["results"][i]["radius"] > eps for i in range(10)]
     assert [r["certified"] for r in body["results"]] == want
+    assert [r["correct"] for r in body["results"]] == [labels[i] == preds[i] for i in range(10)]
     assert body["certified_accuracy"] == pytest.approx(sum(want) / 10)
     assert body["accuracy"] == pytest.approx(0.5)
     assert body["bound_job_id"] == "job-naive"

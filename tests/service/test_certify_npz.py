@@ -72,6 +72,7 @@ def test_npz_equals_row_json_and_radii_are_margin_over_sqrt2_l(client, model3) -
             "margin",
             "radius",
             "label",
+            "correct",
             "certified",
             "logits",
             "lipschitz_bound",
@@ -92,6 +93,7 @@ def test_npz_equals_row_json_and_radii_are_margin_over_sqrt2_l(client, model3) -
     assert z["radius"].tolist() == [r["radius"] for r in res]
     assert z["label"].tolist() == labels == [r["label"] for r in res]
     assert z["certified"].tolist() == [r["certified"] for r in res]
+    assert z["correct"].tolist() == [r["correct"] for r in res]
     assert z["logits"].tolist() == [r["logits"] for r in res]
     for key in ("lipschitz_bound", "accuracy", "certified_accuracy", "epsilon"):
         assert z[key].shape == () and float(z[key]) == rows[key]
