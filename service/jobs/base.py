@@ -87,7 +87,9 @@ class JobSpec:
 class JobRecord:
     """The state of one job, as ``GET /v1/jobs/{id}`` returns it.
 
-    ``progress`` holds the solver's last report (``phase``, ``iteration``, ``residual``, ...);
+    ``progress`` holds the solver's last report (``phase``, ``iteration``, ``residual``, ...;
+    ``phase`` is ``done`` once the job succeeded, while a failed or cancelled job keeps the
+    phase it ended in);
     ``result`` the stored bound document when ``succeeded``; ``error`` ``{code, detail}`` when
     ``failed`` (``code`` is ``timeout``, ``server-restarted``, ``worker-lost``, an
     :mod:`sdp.errors` code, ...) or ``cancelled``.
@@ -120,7 +122,9 @@ class JobRecord:
             "solver": self.spec.solver,
             "timeout_s": self.spec.timeout_s,
             "status": self.status,
-            "progress": self.progress,
+            "progress": {**self.progress, "phase": "done"}
+            if self.status == "succeeded"
+            else self.progress,
             "result": self.result,
             "error": self.error,
             "created_at": self.created_at,

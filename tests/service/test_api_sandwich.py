@@ -68,6 +68,7 @@ def test_sandwich_job_bound_is_listed_used_and_best(
     job = client.post(f"/v1/models/{mid}/bounds", json={"method": "lipsdp-neuron"}).json()
     done = wait_for(job_getter(client, job["job_id"]), ended, timeout_s=240)
     assert done["status"] == "succeeded", done
+    assert done["progress"]["phase"] == "done"  # not the last solver phase (lower_bound)
     value = done["result"]["lipschitz_bound"]
     assert value < closed["lipschitz_bound"]  # LipSDP 4.975 < gamma = 5 on this net
     listed = client.get(f"/v1/models/{mid}/bounds").json()
