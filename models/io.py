@@ -187,50 +187,73 @@ def load_lbdn(path: str | Path, dtype: torch.dtype | None = None) -> LBDN:
 
 
 def lbdn_jl_tensors(npz_path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(tensors, config) of the RobustNeuralNetworks.jl LBDN fixture in lipcert/1 format.
+    """(tensors, config) of a RobustNeuralNetworks.jl LBDN's direct parameters in lipcert/1.
 
-    The npz (see fixtures/README.md) holds ``XY_k`` = [X; Y] ((n_out + n_in), n_out), ``alpha_k``,
-    ``d_k``, ``b_k``, ``log_gamma``, ``layer_sizes``; its forward pass is exactly the sandwich
-    forward of DESIGN §3.4 with [X; Y] rescaled to norm alpha_k. Arrays are kept float32.
+    The npz (layout in docs/formats.md) holds ``XY<k>`` = [X; Y] ((n_out + n_in), n_out),
+    ``alpha<k>``, ``d<k>`` (hidden layers), ``b<k>``, ``log_gamma`` and ``layer_sizes``;
+    its forward pass is exactly the sandwich forward of DESIGN §3.4 with [X; Y] rescaled to
+    norm alpha_k. Arrays keep their float dtype. Raises ValueError naming what is missing or
+    misshapen (the file is read with ``allow_pickle=False``).
     """
     with np.load(npz_path, allow_pickle=False) as z:
         arr = {k: z[k] for k in z.files}
-    sizes = [int(v) for v in arr["layer_sizes"]]
+    for key in ("layer_sizes", "log_gamma"):
+        if key not in arr:
+            raise ValueError(f"no array {key!r} (has {sorted(arr)})")
+    sizes = [int(v) for v in np.asarray(arr["layer_sizes"]).reshape(-1)]
+    if len(sizes) < 2 or min(sizes) <= 0:
+        raise ValueError(f"layer_sizes must list >= 2 positive sizes, got {sizes}")
     n_layers = len(sizes) - 1
-    tensors: dict[str, np.ndarray] = {"log_gamma": arr["log_gamma"].astype(np.float32)}
+    log_gamma = np.asarray(arr["log_gamma"], dtype=np.float32).reshape(-1)
+    if log_gamma.shape != (1,) or not np.isfinite(log_gamma).all():
+        raise ValueError("log_gamma must hold one finite number")
+
+    def get(key: str, shape: tuple[int, ...]) -> np.ndarray:
+        if key not in arr:
+            raise ValueError(f"no array {key!r} for layer_sizes {sizes}")
+        a = np.asarray(arr[key])
+        if a.size != math.prod(shape) or (a.shape != shape and a.ndim > 1):
+            raise ValueError(f"{key} has shape {a.shape}, expected {shape}")
+        if a.dtype.kind != "f":
+            raise ValueError(f"{key} must be a float array, not {a.dtype}")
+        return np.ascontiguousarray(a.reshape(shape))
+
+    tensors: dict[str, np.ndarray] = {"log_gamma": log_gamma}
     specs: list[dict[str, Any]] = []
     for k in range(1, n_layers + 1):
         last = k == n_layers
+        n_in, n_out = sizes[k - 1], sizes[k]
         pre = "output." if last else f"hidden.{k - 1}."
         ts = {"XY": pre + "XY", "alpha": pre + "alpha", "b": pre + "bias"}
-        tensors[pre + "XY"] = np.ascontiguousarray(arr[f"XY{k}"])
-        tensors[pre + "alpha"] = arr[f"alpha{k}"].reshape(1)
-        tensors[pre + "bias"] = arr[f"b{k}"]
+        tensors[pre + "XY"] = get(f"XY{k}", (n_out + n_in, n_out))
+        tensors[pre + "alpha"] = get(f"alpha{k}", (1,))
+        tensors[pre + "bias"] = get(f"b{k}", (n_out,))
         spec: dict[str, Any] = {
             "type": "sandwich_output" if last else "sandwich",
-            "in": sizes[k - 1],
-            "out": sizes[k],
+            "in": n_in,
+            "out": n_out,
             "tensors": ts,
         }
         if not last:
             ts["d"] = pre + "d"
-            tensors[pre + "d"] = arr[f"d{k}"]
+            tensors[pre + "d"] = get(f"d{k}", (n_out,))
             spec["activation"] = "relu"
         specs.append(spec)
     config = {
         "format": "lipcert/1",
         "kind": "sandwich",
-        "gamma": float(math.exp(float(arr["log_gamma"][0]))),
+        "gamma": float(math.exp(float(log_gamma[0]))),
         "input_shape": [sizes[0]],
         "tensors": {"log_gamma": "log_gamma"},
         "layers": specs,
-        "source": "RobustNeuralNetworks.jl examples/results/lbdn-mnist",
+        "source": "RobustNeuralNetworks.jl LBDN (direct parameters)",
     }
     return tensors, config
 
 
 def convert_lbdn_jl(npz_path: str | Path, out_path: str | Path) -> Path:
-    """Write the Julia LBDN fixture as a lipcert safetensors file; returns ``out_path``."""
+    """Write a RobustNeuralNetworks.jl LBDN (:func:`lbdn_jl_tensors`'s npz) as a lipcert/1
+    safetensors file; returns ``out_path``."""
     tensors, config = lbdn_jl_tensors(npz_path)
     out = Path(out_path)
     out.write_bytes(np_save(tensors, metadata={METADATA_KEY: config_json(config)}))

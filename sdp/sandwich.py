@@ -47,6 +47,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy import linalg
 
+from sdp._blas import one_thread
 from sdp.bounds.result import BoundResult
 from sdp.certificate import Certificate, Lmi, certify_multipliers, certify_rho
 from sdp.errors import CertificateError, ModelRejected, NotApplicable
@@ -143,7 +144,16 @@ def cayley(xy: Array, alpha: float | None = None) -> tuple[Array, Array]:
 
 
 def plain_weights(params: SandwichParams) -> list[tuple[Array, Array]]:
-    """(W_k, b_k) of the equivalent plain network, k = 0..L (DESIGN §3.4), in float64."""
+    """(W_k, b_k) of the equivalent plain network, k = 0..L (DESIGN §3.4), in float64.
+
+    Deterministic: BLAS runs on one thread (:mod:`sdp._blas`), so the weights are the same
+    bits in every process (the closed-form check compares them exactly with the imported ones).
+    """
+    with one_thread():
+        return _plain_weights(params)
+
+
+def _plain_weights(params: SandwichParams) -> list[tuple[Array, Array]]:
     out: list[tuple[Array, Array]] = []
     a_prev_t: Array | None = None  # A_{k-1}^T Psi_{k-1} (None: sqrt(gamma/2) I)
     for layer in params.hidden:

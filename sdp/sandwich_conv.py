@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from sdp._blas import one_thread
 from sdp.ir import Activation, Array, Conv2d, Dense, Network
 
 CArray = npt.NDArray[np.complex128]
@@ -216,7 +217,15 @@ def _pre_adjoint(layer: ConvSandwichLayer, y: Array) -> Array:
 
 
 def plain_ops(params: ConvSandwichParams) -> tuple[Any, ...]:
-    """Conv2d/Activation ops then the output Dense: the forward-equivalent plain network."""
+    """Conv2d/Activation ops then the output Dense: the forward-equivalent plain network.
+
+    Deterministic: BLAS runs on one thread (:mod:`sdp._blas`), the same bits in every process.
+    """
+    with one_thread():
+        return _plain_ops(params)
+
+
+def _plain_ops(params: ConvSandwichParams) -> tuple[Any, ...]:
     ops: list[Any] = []
     prev: ConvSandwichLayer | None = None
     for layer in params.convs:

@@ -19,8 +19,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from threadpoolctl import threadpool_limits
-
+from sdp._blas import one_thread
 from sdp.errors import ModelRejected
 from sdp.importers.limits import Limits
 from sdp.importers.mat import is_mat5, load_mat
@@ -69,7 +68,7 @@ def load_model(data: bytes, *, limits: Limits | None = None, name: str = "") -> 
     job's bound named another network and was never listed.
     """
     try:
-        with threadpool_limits(limits=1, user_api="blas"):
+        with one_thread():
             return _load(data, limits or Limits(), name)
     except ModelRejected:
         raise

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from service.cli import bound, serve, train, worker
+from service.cli import bound, convert, serve, train, worker
 
 app = typer.Typer(
     name="lipcert",
@@ -24,6 +24,7 @@ app.command("bound")(bound.bound)
 app.command("certify")(bound.certify)
 app.command("verify")(bound.verify)
 app.command("train")(train.train)
+app.command("convert")(convert.convert)
 
 
 def main() -> None:
