@@ -67,6 +67,23 @@ _make_venv() {
     fi
 }
 
+# Run "$@" (a long pip install), saying every 30 s that it is still at WHAT, so that a first
+# install (a few minutes, mostly downloads) never looks like a hang.
+_with_heartbeat() {
+    local what="$1"
+    shift
+    "$@" &
+    local pid=$! waited=0
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 1
+        waited=$((waited + 1))
+        if [ $((waited % 30)) -eq 0 ] && kill -0 "$pid" 2>/dev/null; then
+            _say "still $what (${waited} s)"
+        fi
+    done
+    wait "$pid"
+}
+
 _torch_version() {
     "$VPY" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || true
 }
@@ -80,11 +97,12 @@ lipcert_venv() {
     local have
     have="$(_torch_version)"
     if [ "${have%%+*}" != "$TORCH_VERSION" ]; then
-        _say "installing torch==$TORCH_VERSION"
+        _say "installing torch==$TORCH_VERSION into $VENV (first run only; can take minutes)"
         if [ -n "${TORCH_INDEX_URL:-}" ]; then
-            "${pip[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL"
+            _with_heartbeat "installing torch" \
+                "${pip[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL"
         else
-            "${pip[@]}" "torch==$TORCH_VERSION"
+            _with_heartbeat "installing torch" "${pip[@]}" "torch==$TORCH_VERSION"
         fi
     fi
 
@@ -98,7 +116,7 @@ lipcert_venv() {
         { [ -z "$extras" ] && [ "$(cat "$VENV/.lipcert-stamp-dev" 2>/dev/null)" = "$digest" ]; }; then
         return 0
     fi
-    _say "installing lipcert ($spec, editable)"
-    "${pip[@]}" -e "$spec"
+    _say "installing lipcert ($spec, editable) and its dependencies (first run: a few minutes)"
+    _with_heartbeat "installing lipcert's dependencies" "${pip[@]}" -e "$spec"
     echo "$digest" >"$stamp"
 }
