@@ -134,7 +134,8 @@ def test_cli_trains_a_conv_lbdn_with_dense_layers(fixtures_dir, tmp_path):
     from service.cli import app
 
     out = tmp_path / "conv_dense.safetensors"
-    args = ["train", "--data", str(fixtures_dir / "mnist"), "--arch", "lbdn-conv"]
+    args = ["train", "--data", str(fixtures_dir / "mnist"), "--split", "t10k"]
+    args += ["--arch", "lbdn-conv"]
     args += ["--widths", "2", "--strides", "2", "--dense-widths", "16", "--limit", "200"]
     args += ["--epochs", "1", "--gamma", "2", "--out", str(out), "--threads", "1", "--json"]
     res = CliRunner().invoke(app, args)
@@ -144,5 +145,6 @@ def test_cli_trains_a_conv_lbdn_with_dense_layers(fixtures_dir, tmp_path):
     assert load_conv_lbdn(out).dense_widths == [16]
     for bad in (["--dense-widths", "0"], ["--dense-widths", "a"]):
         assert CliRunner().invoke(app, [*args, *bad]).exit_code == 2
-    dense_arch = ["train", "--data", str(fixtures_dir / "mnist"), "--dense-widths", "8"]
+    dense_arch = ["train", "--data", str(fixtures_dir / "mnist"), "--split", "t10k"]
+    dense_arch += ["--dense-widths", "8"]
     assert CliRunner().invoke(app, [*dense_arch, "--out", str(out)]).exit_code == 2

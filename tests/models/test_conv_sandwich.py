@@ -156,7 +156,8 @@ def test_float32_model_trains_and_stays_certified():
 
 def test_cli_trains_conv_lbdn_and_bound_verifies(fixtures_dir, tmp_path):
     out = tmp_path / "conv.safetensors"
-    args = ["train", "--data", str(fixtures_dir / "mnist"), "--arch", "lbdn-conv"]
+    args = ["train", "--data", str(fixtures_dir / "mnist"), "--split", "t10k"]
+    args += ["--arch", "lbdn-conv"]
     args += ["--widths", "2,4", "--strides", "2,2", "--limit", "300", "--epochs", "1"]
     args += ["--gamma", "2", "--out", str(out), "--threads", "1", "--json"]
     res = CliRunner().invoke(app, args)
