@@ -9,6 +9,7 @@ Every error is ``application/problem+json`` (:mod:`service.errors`).
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import logging
@@ -19,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from service.deps import ApiKey
+from service.diskspace import StorageFull
 from service.errors import install_error_handlers
 from service.middleware import AccessLogMiddleware, BodyLimitMiddleware
 from service.parsing import ModelChecker
@@ -56,6 +58,19 @@ async def _maybe_await(value: Any) -> None:
         await value
 
 
+def _reimport_stale_models(storage: Storage, checker: ModelChecker) -> None:
+    """Re-import models of an older importer under the upload checker's limits; a full disk
+    leaves them for the next start (their bounds stay unused meanwhile), never stops it."""
+    try:
+        outcome = storage.reimport_stale_models(checker.parse)
+    except StorageFull as exc:
+        log.warning("stale models not re-imported: %s", exc.detail)
+        return
+    refused = {k: v for k, v in outcome.items() if v != "ok"}
+    if outcome:
+        log.info("re-imported %d model(s); %d no longer import", len(outcome), len(refused))
+
+
 def _create_runner(settings: Settings, storage: Storage) -> Any:
     try:
         jobs = importlib.import_module("service.jobs")
@@ -73,11 +88,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        storage = Storage(settings.data_dir, network_cache_size=settings.model_cache_size)
+        storage = Storage(
+            settings.data_dir,
+            network_cache_size=settings.model_cache_size,
+            min_free_bytes=settings.min_free_bytes,
+            reserve_bytes=settings.reserve_bytes,
+        )
         app.state.storage = storage
         checker = ModelChecker(settings.parse_timeout_s)
         checker.start()
         app.state.model_checker = checker
+        await asyncio.to_thread(_reimport_stale_models, storage, checker)
         worker = InferenceWorker(storage, settings)
         worker.start()
         app.state.worker = worker

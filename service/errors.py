@@ -13,8 +13,12 @@ Error tree of the service (``sdp``'s tree is mapped by :data:`SDP_STATUS`)::
     ├── PayloadTooLarge        413    body larger than LIPCERT_MAX_UPLOAD_MB
     ├── UnsupportedMediaType   415    body content type not accepted
     ├── InvalidInput           422    inputs of the wrong shape, non-finite, unreadable
-    └── ServiceBusy            503    inference queue full (Retry-After)
+    ├── ServiceBusy            503    inference queue full (Retry-After)
+    └── QueueUnavailable       503    Redis (the RQ job queue) unreachable (Retry-After)
 
+Faults below the HTTP layer get their own codes, never a 500:
+:class:`service.diskspace.StorageFull` -> 507 ``storage-full``,
+:class:`service.storage.ModelIdCollision` -> 409 ``model-id-collision``.
 Unexpected exceptions become a 500 with a generic detail; the traceback is logged only.
 """
 
@@ -38,6 +42,8 @@ from sdp.errors import (
     SolverError,
     UnsupportedMethod,
 )
+from service.diskspace import StorageFull, is_disk_full
+from service.storage import ModelIdCollision
 
 PROBLEM_BASE = "https://lipcert.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -96,6 +102,19 @@ class InvalidInput(ServiceError):
 
 class ServiceBusy(ServiceError):
     status, code = 503, "service-busy"
+
+
+#: Seconds a client is asked to wait (``Retry-After``) while the job queue is unreachable.
+QUEUE_RETRY_AFTER_S = 5
+
+
+class QueueUnavailable(ServiceError):
+    """The job queue (Redis) cannot be reached; the request may be retried."""
+
+    status, code = 503, "queue-unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"Retry-After": str(QUEUE_RETRY_AFTER_S)})
 
 
 #: HTTP status for each ``sdp`` error class (first match in MRO order wins).
@@ -230,8 +249,20 @@ def install_error_handlers(app: FastAPI) -> None:
         log.info("client disconnected during %s %s", request.method, request.url.path)
         return Response(status_code=499)
 
+    @app.exception_handler(StorageFull)
+    async def _full(request: Request, exc: StorageFull) -> JSONResponse:
+        return problem(507, exc.code, exc.detail, instance=request.url.path)
+
+    @app.exception_handler(ModelIdCollision)
+    async def _collision(request: Request, exc: ModelIdCollision) -> JSONResponse:
+        return problem(409, exc.code, str(exc), instance=request.url.path)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        settings = getattr(request.app.state, "settings", None)
+        data_dir = getattr(settings, "data_dir", None)
+        if data_dir is not None and is_disk_full(exc, data_dir):  # e.g. ENOSPC off storage
+            return problem(507, StorageFull.code, str(exc), instance=request.url.path)
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return problem(
             500,

@@ -52,6 +52,17 @@ class ModelInfo(BaseModel):
         description="With ir_input_shape: the axis permutation of input_shape the network "
         "applies on entry (an l2 bound or radius does not change under it).",
     )
+    status: Literal["ok", "unimportable"] = Field(
+        default="ok",
+        description="unimportable: the stored file no longer imports under this server's "
+        "importer (re-checked at start-up after an importer upgrade, under the upload "
+        "limits); its bounds are not used and jobs on it fail. problem says why.",
+    )
+    problem: dict[str, str] | None = Field(
+        default=None,
+        examples=[None],
+        description="With status unimportable: {code, detail} of the importer's refusal.",
+    )
 
 
 class ModelList(BaseModel):

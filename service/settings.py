@@ -91,11 +91,38 @@ class Settings(BaseSettings):
     worker_heartbeat_timeout_s: float = Field(
         default=30.0, gt=0, description="RQ worker heartbeat after which a job counts as lost."
     )
+    min_free_mb: float = Field(
+        default=64.0,
+        ge=0,
+        description="Free space kept on the data dir's filesystem: uploads and bound jobs "
+        "that would leave less answer 507 storage-full, and readiness is false below it.",
+    )
+    reserve_mb: float = Field(
+        default=8.0,
+        ge=0,
+        description="Size of the preallocated reserve file in the data dir, given up when the "
+        "disk is full so that deleting models (and starting) still works.",
+    )
+    job_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Local runner: a server's jobs are failed by another server on the same "
+        "data dir only after its heartbeat is this old (or, on the same host, its process "
+        "is gone).",
+    )
     log_level: str = Field(default="info", description="Python logging level name.")
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def min_free_bytes(self) -> int:
+        return int(self.min_free_mb * 1024 * 1024)
+
+    @property
+    def reserve_bytes(self) -> int:
+        return int(self.reserve_mb * 1024 * 1024)
 
     @property
     def models_dir(self) -> Path:

@@ -16,6 +16,15 @@ database). Bound results are JSON documents (``BoundResult.summary()`` plus
 ``job_id``/``certificate`` as the job runner chooses) indexed by model, method and value.
 Only results with ``verified`` true are ever returned by :meth:`Storage.best_bound`.
 
+Models recorded by another importer version are re-imported by
+:meth:`Storage.reimport_stale_models` (the app runs it at start-up through its upload
+checker); a file that no longer imports is marked ``unimportable`` with the reason.
+
+Faults: a full disk raises :class:`~service.diskspace.StorageFull` (nothing half-written: a
+model file is written to a temp name, fsynced and renamed, and removed again when its record
+cannot be inserted); deleting still works on a full disk (a reserve file is given up for
+it); a store opened on a full disk opens its tables at the first use once space is freed.
+
 One SQLite connection per thread (reused) keeps this safe to use from threads and processes.
 """
 
@@ -24,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -31,13 +41,18 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from sdp.errors import LipcertError
+from sdp.importers import IMPORTER_VERSION, detect_format, load_model
 from sdp.ir import InputLayout, Network
+from service.diskspace import Reserve, StorageFull, free_bytes, full_detail, is_disk_full
+
+log = logging.getLogger("lipcert.storage")
 
 ID_LENGTH = 16
 
@@ -56,7 +71,8 @@ CREATE TABLE IF NOT EXISTS models (
     created_at TEXT NOT NULL,
     input_layout TEXT,
     network_hash TEXT,
-    importer_version INTEGER
+    importer_version INTEGER,
+    problem TEXT
 );
 CREATE TABLE IF NOT EXISTS bounds (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -72,6 +88,44 @@ CREATE TABLE IF NOT EXISTS bounds (
 CREATE INDEX IF NOT EXISTS bounds_by_model ON bounds (model_id, verified, value);
 CREATE INDEX IF NOT EXISTS bounds_by_job ON bounds (job_id);
 """
+
+#: (table, column, type) added after the first release; :class:`Storage` adds them on open.
+_ADDED_COLUMNS = (
+    ("models", "input_layout", "TEXT"),
+    ("models", "network_hash", "TEXT"),
+    ("models", "importer_version", "INTEGER"),
+    ("models", "problem", "TEXT"),
+    ("bounds", "network_hash", "TEXT"),
+)
+
+
+class ModelNotFound(KeyError):
+    """No stored model (or no stored file) with this id (code ``model-not-found``)."""
+
+
+class ModelIdCollision(Exception):
+    """Different bytes whose sha256 shares its first 16 hex digits (the id) with a stored
+    model: refused (HTTP 409 ``model-id-collision``) instead of answering with the other
+    model's record."""
+
+    code = "model-id-collision"
+
+
+#: What :meth:`Storage.save_job_bound` did: stored (and the job ended succeeded), nothing
+#: because the job had already ended or is owned by another runner, or because the model
+#: was deleted.
+JobBoundOutcome = Literal["stored", "job-ended", "model-deleted"]
+
+
+@dataclass(frozen=True)
+class JobGuard:
+    """A condition on another SQLite file (the job store), applied in the same transaction
+    as a bound insert: ``sql`` (an UPDATE on schema ``guard``) must change exactly one row,
+    else nothing is written."""
+
+    db_path: Path
+    sql: str
+    params: tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -93,6 +147,10 @@ class ModelRecord:
     #: whose file input is transposed on entry (:class:`sdp.ir.InputLayout`); else None
     ir_input_shape: list[int] | None = None
     input_permutation: list[int] | None = None
+    #: ``ok``, or ``unimportable`` when the file no longer imports under the current
+    #: importer (``problem`` says why, ``{code, detail}``); its bounds are not used
+    status: str = "ok"
+    problem: dict[str, str] | None = None
     created: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,8 +161,6 @@ class ModelRecord:
 
 def sniff_format(data: bytes) -> str:
     """onnx | safetensors | mat, from the content (``sdp.importers.detect_format``)."""
-    from sdp.importers import detect_format
-
     return detect_format(data)
 
 
@@ -142,36 +198,58 @@ def _clean_json(obj: Any) -> Any:
 class Storage:
     """Models and bound results under ``data_dir`` (see module docstring)."""
 
-    def __init__(self, data_dir: str | os.PathLike[str], *, network_cache_size: int = 4) -> None:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        network_cache_size: int = 4,
+        min_free_bytes: int = 0,
+        reserve_bytes: int = 0,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.models_dir = self.data_dir / "models"
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.data_dir / "lipcert.sqlite3"
+        self.min_free_bytes = max(0, int(min_free_bytes))
+        self.reserve = Reserve(self.data_dir, reserve_bytes)
         self._cache: OrderedDict[str, Network] = OrderedDict()
         self._cache_size = network_cache_size
         self._lock = threading.Lock()
         self._local = threading.local()
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
-        self._reimport_stale_models()
+        self._opened = False
+        if free_bytes(self.data_dir) < self.reserve.size + self.min_free_bytes:
+            self.reserve.release()  # a nearly full disk: opening creates the WAL files
+        try:
+            self._open()
+        except StorageFull:  # start anyway: not ready, every write answers storage-full
+            log.warning("data dir %s is full; storage opens when space is freed", self.data_dir)
+        else:
+            self.reserve.restore(self.min_free_bytes)
 
-    def _reimport_stale_models(self) -> None:
-        """Re-import every model recorded by another importer version (or by code from before
-        the columns below): its input shape and layout and its ``network_hash`` are what the
-        file imports to *now*. A bound whose network hash differs (e.g. from before an importer
-        fix that changed what a file computes) is never used again; a file the importer now
-        refuses gets no hash, so none of its bounds is used."""
-        from sdp.importers import IMPORTER_VERSION, load_model
+    def _open(self) -> None:
+        """Create or upgrade the tables (once; retried by the next use after a full disk)."""
+        with self._lock:
+            if self._opened:
+                return
+            try:
+                with self._transaction() as db:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.executescript(_SCHEMA)
+                self._add_columns()
+            except StorageFull:
+                self.reserve.release()  # the reserve is for exactly this: retry once
+                with self._transaction() as db:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.executescript(_SCHEMA)
+                self._add_columns()
+            self._opened = True
+        self.sweep_orphan_files()
 
-        with self._connect() as db:
+    def _add_columns(self) -> None:
+        """Columns added since the first release (``ALTER TABLE``; idempotent)."""
+        with self._transaction() as db:
             added = set()
-            for table, column, kind in (
-                ("models", "input_layout", "TEXT"),
-                ("models", "network_hash", "TEXT"),
-                ("models", "importer_version", "INTEGER"),
-                ("bounds", "network_hash", "TEXT"),
-            ):
+            for table, column, kind in _ADDED_COLUMNS:
                 cols = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
                 if column not in cols:
                     with contextlib.suppress(sqlite3.OperationalError):  # another process
@@ -185,37 +263,139 @@ class Storage:
                     "NULLIF(json_extract(result, '$.certificate.network_hash'), '')) "
                     "WHERE network_hash IS NULL"
                 )
-            todo = db.execute(
-                "SELECT id, sha256 FROM models WHERE importer_version IS NOT ?",
-                (IMPORTER_VERSION,),
+
+    def stale_models(self) -> list[str]:
+        """Ids of the models recorded by another importer version (or before versions)."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT id FROM models WHERE importer_version IS NOT ?", (IMPORTER_VERSION,)
             ).fetchall()
-        for row in todo:
-            shape, layout, network_hash = None, "null", None
+        return [str(r["id"]) for r in rows]
+
+    def reimport_stale_models(self, parse: Callable[[bytes], Network]) -> dict[str, str]:
+        """Re-import every model recorded by another importer version with ``parse`` (the
+        app passes its upload checker's ``parse``: the same time and memory limits as an
+        upload). Its input shape and layout and its ``network_hash`` become what the file
+        imports to *now*; a bound whose network hash differs (e.g. from before an importer
+        fix that changed what a file computes) is never used again.
+
+        A file the importer now refuses (or that is gone) is kept but marked: ``status``
+        ``unimportable`` with the refusal's ``{code, detail}`` in ``problem``, and no network
+        hash, so none of its bounds is used. Returns ``{model id: "ok" | problem code}``."""
+        outcome: dict[str, str] = {}
+        for model_id in self.stale_models():
+            rec = self.get_model(model_id)
+            if rec is None:
+                continue
+            shape, layout, network_hash, problem = None, "null", None, None
             try:
-                net = load_model(self._path(row["sha256"]).read_bytes())
+                net = parse(self._path(rec.sha256).read_bytes())
                 shape, layout = json.dumps(list(net.file_input_shape)), _layout_json(net)
                 network_hash = net.content_hash()
-            except Exception:  # refused now (or the file is gone): it keeps its old shape
-                pass
+            except FileNotFoundError:
+                problem = {"code": "model-file-missing", "detail": "the stored file is gone"}
+            except LipcertError as exc:
+                problem = {"code": exc.code, "detail": exc.detail}
             with self._connect() as db:
                 db.execute(
-                    "UPDATE models SET input_shape = COALESCE(?, input_shape), input_layout = ?, "
-                    "network_hash = ?, importer_version = ? WHERE id = ?",
-                    (shape, layout, network_hash, IMPORTER_VERSION, row["id"]),
+                    "UPDATE models SET input_shape = COALESCE(?, input_shape), input_layout = ?,"
+                    " network_hash = ?, importer_version = ?, problem = ? WHERE id = ?",
+                    (
+                        shape,
+                        layout,
+                        network_hash,
+                        IMPORTER_VERSION,
+                        None if problem is None else json.dumps(problem),
+                        model_id,
+                    ),
                 )
             with self._lock:
-                self._cache.pop(row["id"], None)
+                self._cache.pop(model_id, None)
+            outcome[model_id] = "ok" if problem is None else problem["code"]
+            if problem is not None:
+                log.warning("model %s no longer imports: %s", model_id, problem["detail"])
+        return outcome
+
+    def sweep_orphan_files(self, min_age_s: float = 600.0) -> list[str]:
+        """Delete upload temp files and model files no record refers to, older than
+        ``min_age_s`` (younger ones may belong to an upload in progress); their names."""
+        with self._connect() as db:
+            known = {str(r["sha256"]) for r in db.execute("SELECT sha256 FROM models")}
+        removed = []
+        cutoff = time.time() - min_age_s
+        for path in self.models_dir.iterdir():
+            stray = path.name.startswith(".upload-") or (
+                path.suffix == ".bin" and path.stem not in known
+            )
+            with contextlib.suppress(OSError):
+                if stray and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path.name)
+        return removed
+
+    # -- free space -------------------------------------------------------------------------
+
+    def free_bytes(self) -> int:
+        return free_bytes(self.data_dir)
+
+    def space_problem(self) -> str | None:
+        """Why the store cannot take writes now (None: it can): free space below
+        ``min_free_bytes``, or tables not yet created because the disk was full. Rebuilds
+        the reserve file when there is room for it again."""
+        try:
+            free = self.free_bytes()
+        except OSError as exc:
+            return f"the data dir is not usable: {exc}"
+        if free < self.min_free_bytes:
+            return (
+                f"the data dir is full: {free / 2**20:.1f} MiB free, below the "
+                f"{self.min_free_bytes / 2**20:.1f} MiB floor (LIPCERT_MIN_FREE_MB)"
+            )
+        if not self._opened:
+            try:
+                self._open()
+            except StorageFull:
+                return full_detail(self.data_dir)
+        self.reserve.restore(self.min_free_bytes)
+        return None
+
+    def _require_space(self, nbytes: int) -> None:
+        """Raise :class:`StorageFull` unless ``nbytes`` fit above ``min_free_bytes``."""
+        free = self.free_bytes()
+        if free - nbytes < self.min_free_bytes:
+            raise StorageFull(
+                f"no room for {nbytes / 2**20:.2f} MiB: {free / 2**20:.1f} MiB free and "
+                f"{self.min_free_bytes / 2**20:.1f} MiB are kept free (LIPCERT_MIN_FREE_MB); "
+                "delete models or add space"
+            )
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        """This thread's connection (opened once, reused), inside a transaction."""
+        """This thread's connection, inside a transaction; a full disk raises StorageFull."""
+        if not self._opened:
+            self._open()
+        with self._transaction() as db:
+            yield db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._thread_db()
+        try:
+            with db:
+                yield db
+        except (sqlite3.Error, OSError) as exc:
+            if is_disk_full(exc, self.data_dir, self.min_free_bytes):
+                raise StorageFull(full_detail(self.data_dir)) from exc
+            raise
+
+    def _thread_db(self) -> sqlite3.Connection:
+        """This thread's connection (opened once, reused; never across fork())."""
         db = getattr(self._local, "db", None)
-        if db is None or self._local.pid != os.getpid():  # never reuse one across fork()
+        if db is None or self._local.pid != os.getpid():
             db = sqlite3.connect(self.db_path, timeout=30.0)
             db.row_factory = sqlite3.Row
             self._local.db, self._local.pid = db, os.getpid()
-        with db:
-            yield db
+        return db
 
     def _path(self, sha256: str) -> Path:
         return self.models_dir / f"{sha256}.bin"
@@ -228,18 +408,20 @@ class Storage:
         """Store ``data`` (parsed as ``network``, or parsed here with the importers).
 
         Returns the existing record (``created=False``) when the same bytes were stored before.
-        Raises the importers' ``ModelRejected`` for a file they refuse.
+        Raises the importers' ``ModelRejected`` for a file they refuse,
+        :class:`ModelIdCollision` for other bytes with a stored model's id, and
+        :class:`~service.diskspace.StorageFull` when the data dir has no room (then nothing
+        is left behind: no record, no file).
         """
         sha = hashlib.sha256(data).hexdigest()
-        existing = self.get_model(sha[:ID_LENGTH])
-        if existing is not None and existing.sha256 == sha:
+        existing = self._existing(sha)
+        if existing is not None:
             self._remember(existing.id, network)
-            return _replace_created(existing, False)
-        from sdp.importers import IMPORTER_VERSION, load_model
-
+            return existing
         if network is None:
             network = load_model(data)
-        self._write_file(sha, data)
+        self._require_space(len(data))
+        wrote = self._write_file(sha, data)
         rec = ModelRecord(
             id=sha[:ID_LENGTH],
             sha256=sha,
@@ -254,41 +436,77 @@ class Storage:
             created_at=_now(),
             **_layout_fields(network.input_layout),
         )
-        with self._connect() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    rec.id,
-                    rec.sha256,
-                    rec.filename,
-                    rec.format,
-                    rec.kind,
-                    json.dumps(rec.input_shape),
-                    json.dumps(rec.output_shape),
-                    rec.layers,
-                    rec.parameters,
-                    rec.size_bytes,
-                    rec.created_at,
-                    _layout_json(network),
-                    network.content_hash(),
-                    IMPORTER_VERSION,
-                ),
-            )
+        try:
+            with self._connect() as db:
+                db.execute(
+                    "INSERT INTO models (id, sha256, filename, format, kind, input_shape,"
+                    " output_shape, layers, parameters, size_bytes, created_at, input_layout,"
+                    " network_hash, importer_version) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        rec.id,
+                        rec.sha256,
+                        rec.filename,
+                        rec.format,
+                        rec.kind,
+                        json.dumps(rec.input_shape),
+                        json.dumps(rec.output_shape),
+                        rec.layers,
+                        rec.parameters,
+                        rec.size_bytes,
+                        rec.created_at,
+                        _layout_json(network),
+                        network.content_hash(),
+                        IMPORTER_VERSION,
+                    ),
+                )
+        except sqlite3.IntegrityError:  # the same id was inserted meanwhile
+            existing = self._existing(sha)
+            if existing is None:
+                raise
+            self._remember(existing.id, network)
+            return existing
+        except BaseException:
+            if wrote and self._existing(sha, strict=False) is None:
+                self._path(sha).unlink(missing_ok=True)  # no orphan file
+            raise
         self._remember(rec.id, network)
         return rec
 
-    def _write_file(self, sha: str, data: bytes) -> None:
+    def _existing(self, sha: str, *, strict: bool = True) -> ModelRecord | None:
+        """The stored record of these bytes (``created=False``), None when there is none.
+        Raises :class:`ModelIdCollision` when another file holds their id (``strict``)."""
+        rec = self.get_model(sha[:ID_LENGTH])
+        if rec is None:
+            return None
+        if rec.sha256 != sha:
+            if not strict:
+                return None
+            raise ModelIdCollision(
+                f"model id {rec.id} already belongs to a different file (sha256 "
+                f"{rec.sha256}); this one's sha256 is {sha}"
+            )
+        return _replace_created(rec, False)
+
+    def _write_file(self, sha: str, data: bytes) -> bool:
+        """Write the model file durably (temp name, fsync, rename, fsync of the directory);
+        False when it already existed. A failed write leaves nothing behind."""
         path = self._path(sha)
         if path.exists():
-            return
+            return False
         fd, tmp = tempfile.mkstemp(dir=self.models_dir, prefix=".upload-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+            _fsync_dir(self.models_dir)
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and is_disk_full(exc, self.data_dir):
+                raise StorageFull(full_detail(self.data_dir)) from exc
             raise
+        return True
 
     def get_model(self, model_id: str) -> ModelRecord | None:
         with self._connect() as db:
@@ -301,33 +519,50 @@ class Storage:
         return [_record(r) for r in rows]
 
     def delete_model(self, model_id: str) -> bool:
-        """Remove the model, its file and its bounds; False when it did not exist."""
+        """Remove the model, its file and its bounds; False when it did not exist.
+
+        Works on a full disk: when SQLite has no room for the deletion, the reserve file is
+        given up for it (and rebuilt later, once there is space)."""
         rec = self.get_model(model_id)
         if rec is None:
             return False
-        with self._connect() as db:
-            db.execute("DELETE FROM models WHERE id = ?", (model_id,))
-            db.execute("DELETE FROM bounds WHERE model_id = ?", (model_id,))
+        try:
+            self._delete_rows(model_id)
+        except StorageFull:
+            if not self.reserve.release():
+                raise
+            log.warning("disk full: released the reserve to delete model %s", model_id)
+            self._delete_rows(model_id)
         self._path(rec.sha256).unlink(missing_ok=True)
         with self._lock:
             self._cache.pop(model_id, None)
+        with contextlib.suppress(StorageFull, sqlite3.Error), self._connect() as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # WAL pages back to the filesystem
+        self.reserve.restore(self.min_free_bytes)
         return True
 
+    def _delete_rows(self, model_id: str) -> None:
+        with self._connect() as db:
+            db.execute("DELETE FROM models WHERE id = ?", (model_id,))
+            db.execute("DELETE FROM bounds WHERE model_id = ?", (model_id,))
+
     def model_bytes(self, model_id: str) -> bytes:
+        """The stored file. Raises :class:`ModelNotFound` for an unknown id or a lost file."""
         rec = self.get_model(model_id)
         if rec is None:
-            raise KeyError(model_id)
-        return self._path(rec.sha256).read_bytes()
+            raise ModelNotFound(model_id)
+        try:
+            return self._path(rec.sha256).read_bytes()
+        except FileNotFoundError as exc:
+            raise ModelNotFound(model_id) from exc
 
     def load_network(self, model_id: str) -> Network:
-        """The parsed network (LRU-cached). Raises KeyError for an unknown id."""
+        """The parsed network (LRU-cached). Raises :class:`ModelNotFound` for an unknown id."""
         with self._lock:
             net = self._cache.get(model_id)
             if net is not None:
                 self._cache.move_to_end(model_id)
                 return net
-        from sdp.importers import load_model
-
         net = load_model(self.model_bytes(model_id))
         self._remember(model_id, net)
         return net
@@ -350,29 +585,35 @@ class Storage:
         The bound is recorded for the network it was computed on: ``result["network_hash"]``
         (or its certificate's), else the model's current one. Only bounds of the network the
         model imports to now are ever returned."""
-        doc = _clean_json(dict(result))
-        doc.setdefault("created_at", _now())
-        value = doc.get("lipschitz_bound")
-        if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"bound result has no finite lipschitz_bound: {value!r}")
+        doc = _bound_doc(result)
         with self._connect() as db:  # one statement: atomic with delete_model
-            cur = db.execute(
-                "INSERT INTO bounds (model_id, job_id, method, value, verified, created_at,"
-                " result, network_hash) SELECT ?,?,?,?,?,?,?, COALESCE(?, network_hash)"
-                " FROM models WHERE id = ?",
-                (
-                    model_id,
-                    doc.get("job_id"),
-                    str(doc.get("method", "")),
-                    float(value),
-                    1 if doc.get("verified") is True else 0,
-                    doc["created_at"],
-                    json.dumps(doc),
-                    _recorded_hash(doc),
-                    model_id,
-                ),
-            )
+            cur = db.execute(_INSERT_BOUND, _bound_params(model_id, doc))
         return cur.rowcount == 1
+
+    def save_job_bound(
+        self, model_id: str, result: dict[str, Any], guard: JobGuard
+    ) -> JobBoundOutcome:
+        """:meth:`save_bound` and the job's terminal transition in one transaction: the job
+        store (``guard.db_path``) is attached and ``guard.sql`` must change exactly one row
+        (the job is still running and still this runner's); otherwise nothing is stored, so
+        a job that ended failed or cancelled never leaves a bound behind."""
+        doc = _bound_doc(result)
+        if not self._opened:
+            self._open()
+        db = self._thread_db()
+        db.execute("ATTACH DATABASE ? AS guard", (str(guard.db_path),))
+        try:
+            with self._transaction():
+                db.execute("BEGIN IMMEDIATE")
+                if db.execute(guard.sql, guard.params).rowcount != 1:
+                    db.rollback()
+                    return "job-ended"
+                if db.execute(_INSERT_BOUND, _bound_params(model_id, doc)).rowcount != 1:
+                    db.rollback()
+                    return "model-deleted"
+            return "stored"
+        finally:
+            db.execute("DETACH DATABASE guard")
 
     def list_bounds(self, model_id: str) -> list[dict[str, Any]]:
         """All stored results of a model's current network, oldest first."""
@@ -401,6 +642,47 @@ class Storage:
                 (model_id, job_id),
             ).fetchone()
         return None if row is None else json.loads(row["result"])
+
+
+_INSERT_BOUND = (
+    "INSERT INTO main.bounds (model_id, job_id, method, value, verified, created_at, result,"
+    " network_hash) SELECT ?,?,?,?,?,?,?, COALESCE(?, network_hash) FROM main.models"
+    " WHERE id = ?"
+)
+
+
+def _bound_doc(result: dict[str, Any]) -> dict[str, Any]:
+    """The strict-JSON document of a bound result; ValueError without a finite bound."""
+    doc: dict[str, Any] = _clean_json(dict(result))
+    doc.setdefault("created_at", _now())
+    value = doc.get("lipschitz_bound")
+    if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"bound result has no finite lipschitz_bound: {value!r}")
+    return doc
+
+
+def _bound_params(model_id: str, doc: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        model_id,
+        doc.get("job_id"),
+        str(doc.get("method", "")),
+        float(doc["lipschitz_bound"]),
+        1 if doc.get("verified") is True else 0,
+        doc["created_at"],
+        json.dumps(doc),
+        _recorded_hash(doc),
+        model_id,
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 #: Bounds of model ``?`` computed on the network its file imports to now.
@@ -432,6 +714,7 @@ def _record(row: sqlite3.Row) -> ModelRecord:
     stored = row["input_layout"]
     lay = json.loads(stored) if stored else None
     layout = None if lay is None else InputLayout(lay["shape"], lay["perm"])
+    problem = json.loads(row["problem"]) if row["problem"] else None
     return ModelRecord(
         id=row["id"],
         sha256=row["sha256"],
@@ -444,6 +727,8 @@ def _record(row: sqlite3.Row) -> ModelRecord:
         parameters=row["parameters"],
         size_bytes=row["size_bytes"],
         created_at=row["created_at"],
+        status="ok" if problem is None else "unimportable",
+        problem=problem,
         created=False,
         **_layout_fields(layout),
     )
@@ -455,4 +740,13 @@ def _replace_created(rec: ModelRecord, created: bool) -> ModelRecord:
     return ModelRecord(**d)
 
 
-__all__ = ["ModelRecord", "Storage", "count_layers", "sniff_format"]
+__all__ = [
+    "JobGuard",
+    "ModelIdCollision",
+    "ModelNotFound",
+    "ModelRecord",
+    "Storage",
+    "StorageFull",
+    "count_layers",
+    "sniff_format",
+]

@@ -49,7 +49,7 @@ import numpy as np
 from service import metrics
 from service.errors import NotFound, ServiceBusy
 from service.settings import Settings
-from service.storage import Storage
+from service.storage import ModelNotFound, Storage
 
 log = logging.getLogger("lipcert.worker")
 
@@ -225,7 +225,7 @@ class InferenceWorker:
 
         try:
             net = self.storage.load_network(model_id)
-        except KeyError:
+        except ModelNotFound:
             raise NotFound(f"no model with id {model_id!r}", code="model-not-found") from None
         bound = logit_error_bound(net, unit_roundoff(self.dtype_name), safety=ROUNDING_SAFETY)
         with self._models_lock:
@@ -321,7 +321,7 @@ class InferenceWorker:
 
         try:
             net = self.storage.load_network(model_id)
-        except KeyError:
+        except ModelNotFound:
             raise NotFound(f"no model with id {model_id!r}", code="model-not-found") from None
         dtype = torch.float32 if self.dtype_name == "float32" else torch.float64
         module = TorchNetwork.from_network(net, dtype=dtype, device=self.device, file_layout=True)

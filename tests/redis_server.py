@@ -31,58 +31,83 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextmanager
-def redis_server(workdir: Path, *, start_timeout_s: float = 20.0) -> Iterator[str]:
-    """Start redis-server in ``workdir``; yield ``redis://127.0.0.1:PORT/0``; stop it."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
-    from redis import Redis
-    from redis.exceptions import RedisError
+class RedisServer:
+    """A ``redis-server`` process on a fixed loopback port that can be stopped and started
+    again (an outage). ``appendonly`` keeps its data across the restart, as a production
+    Redis for RQ should (``appendfsync always``: nothing acknowledged is lost)."""
 
-    workdir = Path(workdir) / "redis"
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = open(workdir / "redis.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-            "--daemonize",
-            "no",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        deadline = time.monotonic() + start_timeout_s
+    def __init__(self, workdir: Path, *, appendonly: bool = False) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+        self.exe = exe
+        self.workdir = Path(workdir) / "redis"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        from redis import Redis
+        from redis.exceptions import RedisError
+
+        persist = ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else []
+        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - closed below
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    self.exe,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    *(persist or ["--appendonly", "no"]),
+                    "--dir",
+                    str(self.workdir),
+                    "--daemonize",
+                    "no",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout_s
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {(workdir / 'redis.log').read_text()}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"redis-server exited: {(self.workdir / 'redis.log').read_text()}"
+                )
             try:
-                if Redis.from_url(url, socket_timeout=1).ping():
-                    break
+                if Redis.from_url(self.url, socket_timeout=1).ping():
+                    return
             except RedisError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not answer PING in time")
             time.sleep(0.05)
-        yield url
-    finally:
-        proc.terminate()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
         try:
-            proc.wait(timeout=10)
+            self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@contextmanager
+def redis_server(workdir: Path, *, start_timeout_s: float = 20.0) -> Iterator[str]:
+    """Start redis-server in ``workdir``; yield ``redis://127.0.0.1:PORT/0``; stop it."""
+    server = RedisServer(workdir)
+    try:
+        server.start(start_timeout_s)
+        yield server.url
+    finally:
+        server.stop()

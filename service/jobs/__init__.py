@@ -38,6 +38,7 @@ def create_runner(settings: Any, storage: Any) -> JobRunner:
         threads=threads,
         device=str(getattr(settings, "device", "auto")),
         default_timeout_s=timeout,
+        lease_s=float(getattr(settings, "job_lease_s", 30.0)),
     )
 
 

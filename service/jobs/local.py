@@ -5,8 +5,14 @@ in its own spawned solver process (:class:`~service.jobs.process.SolveProcess`) 
 ``threads`` BLAS/OpenMP threads. Job state lives in SQLite (:class:`~service.jobs.store.
 JobStore`), so it survives a restart: jobs that were queued or running when the previous
 server stopped are marked ``failed`` with code ``server-restarted`` (their solver processes
-died with that server), never silently lost. A succeeded job's bound document is saved with
-``Storage.save_bound`` before the job is marked succeeded.
+died with that server), never silently lost.
+
+Several servers may share the data dir: each runner is an owner with a heartbeat
+(``job_lease_s``), and only jobs of owners that are gone (process ended on this host, or
+heartbeat older than the lease) are failed, at start and by every heartbeat. A succeeded
+job's bound is stored in the same transaction as its ``succeeded`` transition, and only
+while the job is still running and this runner's (``Storage.save_job_bound``): a job that
+ended failed or cancelled - e.g. cancelled through another server - never stores a bound.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sdp.errors import LipcertError
+from service.diskspace import StorageFull
 from service.jobs.base import (
     CANCELLED,
     MODEL_DELETED,
@@ -29,12 +37,18 @@ from service.jobs.base import (
 )
 from service.jobs.process import SolveProcess, supervise
 from service.jobs.recheck import adopt_document
-from service.jobs.store import JobStore
+from service.jobs.store import JobStore, Owner
+from service.storage import ModelNotFound
 
 log = logging.getLogger("lipcert.jobs")
 
 PROGRESS_WRITE_S = 0.3
 """Least time between two progress writes of one job (phase changes are written at once)."""
+
+STATUS_CHECK_S = 1.0
+"""How often a supervising thread re-reads its job's status (a cancel by another server)."""
+
+STORAGE_FULL = {"code": "storage-full", "detail": "the data dir is full: the bound was not stored"}
 
 
 class LocalRunner:
@@ -51,6 +65,7 @@ class LocalRunner:
         threads: int = 1,
         device: str = "auto",
         default_timeout_s: float | None = None,
+        lease_s: float = 30.0,
     ) -> None:
         self.storage = storage
         self.data_dir = Path(data_dir)
@@ -62,23 +77,55 @@ class LocalRunner:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._lock = threading.Lock()
         self._procs: dict[str, SolveProcess] = {}
+        #: ids in this runner's queue, and those of them cancelled (both shrink as jobs end)
+        self._pending: set[str] = set()
         self._cancelled: set[str] = set()
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self.lease_s = float(lease_s)
+        self.owner = Owner.this_process(uuid.uuid4().hex)
+        self._beat_stop = threading.Event()
+        self._registered = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Fail what a previous server left unfinished, then start the supervising threads."""
-        stale = self.store.fail_active(
-            "server-restarted", "server restarted before the job finished"
-        )
-        if stale:
-            log.warning("marked %d unfinished job(s) failed: server restarted", stale)
+        """Register as an owner, fail what dead servers left unfinished, then start the
+        supervising threads and the heartbeat (which retries both on a full disk)."""
+        self._keep_lease()
         for i in range(self.max_concurrent):
             t = threading.Thread(target=self._work, name=f"lipcert-jobs-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        beat = threading.Thread(target=self._heartbeat, name="lipcert-jobs-lease", daemon=True)
+        beat.start()
+        self._threads.append(beat)
+
+    def _keep_lease(self) -> None:
+        """Register (once) or renew this runner's lease, and fail the jobs of dead owners."""
+        try:
+            if not (self._registered and self.store.beat(self.owner.id)):
+                # first time, or another server judged us dead (lease expired while this
+                # process was frozen): register again so that new jobs have a live owner
+                self.store.register(self.owner)
+                self._registered = True
+            stale = self.store.fail_orphaned(
+                self.lease_s,
+                "server-restarted",
+                "the server running the job stopped (restarted or died) before it finished",
+            )
+        except StorageFull as exc:
+            log.warning("job store: %s", exc.detail)
+            return
+        if stale:
+            log.warning("marked %d job(s) of stopped servers failed", stale)
+
+    def _heartbeat(self) -> None:
+        while not self._beat_stop.wait(self.lease_s / 3):
+            try:
+                self._keep_lease()
+            except Exception:  # the lease thread must outlive any hiccup
+                log.exception("renewing the job lease failed")
 
     def stop(self) -> None:
         """Kill running solves (their jobs fail with ``server-stopped``) and join the threads."""
@@ -92,12 +139,16 @@ class LocalRunner:
                 "failed",
                 error={"code": "server-stopped", "detail": "server stopped during the solve"},
             )
-        for _ in self._threads:
+        self._beat_stop.set()
+        for _ in range(self.max_concurrent):
             self._queue.put(None)
         for t in self._threads:
             t.join(timeout=15)
         self._threads.clear()
-        self.store.fail_active("server-stopped", "server stopped before the job started")
+        self.store.fail_owned(
+            self.owner.id, "server-stopped", "server stopped before the job started"
+        )
+        self.store.unregister(self.owner.id)
 
     # -- API ------------------------------------------------------------------------------------
 
@@ -109,7 +160,8 @@ class LocalRunner:
                     rec.reused = True
                     return rec
             rec = JobRecord(id=uuid.uuid4().hex, spec=spec)
-            self.store.insert(rec)
+            self.store.insert(rec, owner=self.owner.id)
+            self._pending.add(rec.id)
         self._queue.put(rec.id)
         return rec
 
@@ -122,7 +174,8 @@ class LocalRunner:
             rec = self.store.get(job_id)
             if rec is None or rec.terminal:
                 return rec
-            self._cancelled.add(job_id)
+            if job_id in self._pending:  # ours (else its owner sees the status change)
+                self._cancelled.add(job_id)
             proc = self._procs.get(job_id)
         if proc is not None:
             proc.terminate()  # the supervising thread closes its pipe
@@ -158,6 +211,14 @@ class LocalRunner:
                 )
 
     def _run(self, job_id: str) -> None:
+        try:
+            self._solve(job_id)
+        finally:
+            with self._lock:
+                self._pending.discard(job_id)
+                self._cancelled.discard(job_id)
+
+    def _solve(self, job_id: str) -> None:
         rec = self.store.get(job_id)
         if rec is None or rec.status != "queued":
             return
@@ -180,7 +241,7 @@ class LocalRunner:
                 timeout_s=spec.timeout_s or self.default_timeout_s,
                 on_progress=reporter.update,
                 on_tick=reporter.flush,
-                cancelled=lambda: job_id in self._cancelled or self._stopping,
+                cancelled=self._stop_check(job_id),
             )
             reporter.flush(force=True)
         finally:
@@ -188,36 +249,56 @@ class LocalRunner:
                 self._procs.pop(job_id, None)
         if outcome.status == "succeeded" and outcome.result is not None:
             doc = dict(outcome.result, job_id=job_id, model_id=spec.model_id)
-            error = None
             try:
                 # the solver process imported the file itself: a bound of another float64
                 # network (e.g. other BLAS settings) is re-proven on the one the API serves
                 doc = adopt_document(self.storage.load_network(spec.model_id), doc, trusted=True)
-            except KeyError:
-                error = MODEL_DELETED
+            except ModelNotFound:
+                self.store.finish(job_id, "failed", error=MODEL_DELETED)
+                return
             except LipcertError as exc:
                 error = {"code": "unverified-result", "detail": f"result rejected: {exc}"}
-            with self._lock:
-                if job_id in self._cancelled or self._stopping:
-                    return
-                if error is not None:
-                    self.store.finish(job_id, "failed", error=error)
-                    return
-                try:
-                    stored = self.storage.save_bound(spec.model_id, doc)
-                except Exception as exc:
-                    self.store.finish(
-                        job_id, "failed", error={"code": "storage-error", "detail": str(exc)}
-                    )
-                    return
-                if not stored:
-                    self.store.finish(job_id, "failed", error=MODEL_DELETED)
-                    return
-                self.store.finish(job_id, "succeeded", result=doc)
-            observe_solve_time(doc)
+                self.store.finish(job_id, "failed", error=error)
+                return
+            guard = self.store.success_guard(job_id, self.owner.id, doc)
+            try:
+                stored = self.storage.save_job_bound(spec.model_id, doc, guard)
+            except StorageFull as exc:
+                self.store.finish(job_id, "failed", error={**STORAGE_FULL, "detail": exc.detail})
+                return
+            except Exception as exc:
+                log.exception("storing the bound of job %s failed", job_id)
+                self.store.finish(
+                    job_id, "failed", error={"code": "storage-error", "detail": str(exc)}
+                )
+                return
+            if stored == "model-deleted":
+                self.store.finish(job_id, "failed", error=MODEL_DELETED)
+            elif stored == "stored":
+                observe_solve_time(doc)
+            # "job-ended": cancelled or failed meanwhile (here or by another server): no bound
         elif outcome.status == "failed":
             self.store.finish(job_id, "failed", error=outcome.error)
         # "cancelled" was recorded by cancel()/stop()
+
+    def _stop_check(self, job_id: str) -> Callable[[], bool]:
+        """``cancelled()`` for :func:`supervise`: cancelled here, stopping, or the job no
+        longer running in the store (cancelled through another server), read at most every
+        :data:`STATUS_CHECK_S` seconds."""
+        last = [time.monotonic()]
+
+        def stop() -> bool:
+            if job_id in self._cancelled or self._stopping:
+                return True
+            if time.monotonic() - last[0] < STATUS_CHECK_S:
+                return False
+            last[0] = time.monotonic()
+            try:
+                return self.store.status(job_id) != "running"
+            except Exception:  # a busy or full store never stops a solve by itself
+                return False
+
+        return stop
 
 
 class _ProgressWriter:

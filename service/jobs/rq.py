@@ -15,6 +15,12 @@ The API side keeps the truth honest:
   ``worker-lost`` (the worker machine died; RQ itself notices only much later),
 
 both when a job is read and from a background thread every ``reconcile_s`` seconds.
+
+While Redis cannot be reached, every job request answers 503 ``queue-unavailable`` with
+``Retry-After`` (:class:`service.errors.QueueUnavailable`) and readiness is false
+(:meth:`RqRunner.unavailable_reason`, kept by the background thread's PING). Heartbeats
+are judged only from the moment Redis is reachable again (a worker cannot beat while Redis
+is down), so an outage alone never fails a job as ``worker-lost``.
 Cancel marks the hash ``cancelled`` (the horse polls it and kills its solver) and sends
 RQ's ``send_stop_job_command``, which SIGKILLs the horse's whole process group.
 """
@@ -27,9 +33,16 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq import Queue
+
 from sdp.errors import LipcertError
+from service.errors import QueueUnavailable
 from service.jobs.base import (
     ACTIVE,
     CANCELLED,
@@ -59,6 +72,9 @@ KEEP_S = 7 * 24 * 3600
 MISSING_GRACE_S = 30.0
 """A job hash younger than this may not have its RQ job yet (it is enqueued right after)."""
 
+#: What an unreachable Redis raises (refused, reset, timed out, still loading after restart).
+OUTAGE = (RedisConnectionError, RedisTimeoutError)
+
 
 class RqRunner:
     """Bound jobs on an RQ queue; see the module docstring."""
@@ -74,11 +90,11 @@ class RqRunner:
         heartbeat_timeout_s: float = 30.0,
         reconcile_s: float = 1.0,
     ) -> None:
-        from redis import Redis
-        from rq import Queue
-
         self.storage = storage
-        self.redis = Redis.from_url(queue_url)
+        # bounded waits: a request never hangs on a dead Redis, it answers 503
+        self.redis = Redis.from_url(
+            queue_url, socket_connect_timeout=2.0, socket_timeout=5.0, health_check_interval=10
+        )
         self.queue = Queue(QUEUE_NAME, connection=self.redis)
         self.jobs = RedisJobs(self.redis)
         self.default_timeout_s = default_timeout_s
@@ -86,11 +102,14 @@ class RqRunner:
         self.reconcile_s = reconcile_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._down: str | None = None
+        self._reachable_since = time.time()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.redis.ping()
+        """Start watching; a Redis that is down now only makes the server not ready."""
+        self._check_redis()
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch, name="lipcert-rq-watch", daemon=True)
         self._thread.start()
@@ -103,16 +122,57 @@ class RqRunner:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.reconcile_s):
+            if not self._check_redis():
+                continue
             try:
                 for raw_id in self.redis.smembers(ACTIVE_SET):
                     self.get(raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id))
+            except QueueUnavailable:
+                pass  # recorded by _redis(); the next PING tells when it is back
             except Exception:  # Redis hiccups must not kill the watcher
                 log.exception("reconciling RQ jobs failed")
+
+    def _check_redis(self) -> bool:
+        """PING Redis and record whether it answers (readiness); True when it does."""
+        try:
+            self.redis.ping()
+        except OUTAGE as exc:
+            self._mark_down(exc)
+            return False
+        if self._down is not None:
+            log.warning("Redis is reachable again")
+            self._down = None
+            self._reachable_since = time.time()
+        return True
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if self._down is None:
+            log.warning("Redis is unreachable: %s", exc)
+        self._down = f"the job queue (Redis) is unreachable: {exc}"
+
+    def unavailable_reason(self) -> str | None:
+        """Why the queue cannot take work now (None: Redis answered the last PING)."""
+        return self._down
+
+    @contextlib.contextmanager
+    def _redis(self) -> Iterator[None]:
+        """Turn an unreachable Redis into :class:`QueueUnavailable` (503 + Retry-After)."""
+        try:
+            yield
+        except OUTAGE as exc:
+            self._mark_down(exc)
+            raise QueueUnavailable(
+                f"the job queue (Redis) is unreachable: {exc}; retry later"
+            ) from exc
 
     # -- API ------------------------------------------------------------------------------------
 
     def submit(self, spec: JobSpec) -> JobRecord:
         """A new queued job, or the in-flight / succeeded job of an identical request."""
+        with self._redis():
+            return self._submit(spec)
+
+    def _submit(self, spec: JobSpec) -> JobRecord:
         key = dedupe_key(spec.dedupe_key())
         with self.redis.lock(key + ":lock", timeout=30, blocking_timeout=30):
             previous = self.redis.get(key)
@@ -140,6 +200,10 @@ class RqRunner:
         return rec
 
     def get(self, job_id: str) -> JobRecord | None:
+        with self._redis():
+            return self._get(job_id)
+
+    def _get(self, job_id: str) -> JobRecord | None:
         rec = self.jobs.get(job_id)
         if rec is None:
             return None
@@ -153,6 +217,10 @@ class RqRunner:
 
     def cancel(self, job_id: str, error: dict[str, str] = CANCELLED) -> JobRecord | None:
         """Mark cancelled, cancel the queued RQ job or stop (kill) the running one."""
+        with self._redis():
+            return self._cancel(job_id, error)
+
+    def _cancel(self, job_id: str, error: dict[str, str]) -> JobRecord | None:
         from rq.command import send_stop_job_command
         from rq.exceptions import InvalidJobOperation, NoSuchJobError
         from rq.job import Job
@@ -181,6 +249,10 @@ class RqRunner:
         return self.get(job_id)
 
     def cancel_model(self, model_id: str) -> list[str]:
+        with self._redis():
+            return self._cancel_model(model_id)
+
+    def _cancel_model(self, model_id: str) -> list[str]:
         ids = []
         for raw_id in self.redis.smembers(ACTIVE_SET):
             rec = self.jobs.get(raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id))
@@ -191,6 +263,10 @@ class RqRunner:
 
     def status_counts(self) -> dict[str, int]:
         """Jobs per status, from the job hashes (one SCAN; fine for a metrics scrape)."""
+        with self._redis():
+            return self._status_counts()
+
+    def _status_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(("queued", "running", "succeeded", "failed", "cancelled"), 0)
         keys = list(self.redis.scan_iter(match=job_key("*"), count=1000))
         with self.redis.pipeline() as p:
@@ -261,7 +337,9 @@ class RqRunner:
             return
         if rec.status == "running":
             beat = self.jobs.raw(rec.id).get("heartbeat")
-            age = time.time() - float(beat) if beat else float("inf")
+            # a worker cannot beat while Redis is down: count from when it came back
+            since = max(float(beat), self._reachable_since) if beat else self._reachable_since
+            age = time.time() - since
             if age > self.heartbeat_timeout_s:
                 err = {
                     "code": "worker-lost",

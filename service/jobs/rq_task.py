@@ -12,22 +12,61 @@ a spawned solver process (same as the local runner) while the horse
 
 A worker machine that dies outright stops the heartbeat; the API then fails the job with
 ``worker-lost`` (:class:`service.jobs.rq.RqRunner`).
+
+A Redis outage does not stop a solve: progress and heartbeats that cannot be written are
+skipped (the latest progress is kept), a cancel check that cannot read the status keeps
+going, and the outcome is written once Redis answers again (retried for up to
+``LIPCERT_QUEUE_OUTAGE_S`` seconds, default 900). If it never does, the job stays
+``running`` until the API fails it as ``worker-lost``: clear, and retryable.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from service.jobs.base import JobSpec, now_iso
 from service.jobs.process import SolveProcess, supervise
 from service.jobs.redis_state import RedisJobs, model_key
 
+log = logging.getLogger("lipcert.jobs")
+
 HEARTBEAT_S = 1.0
 PROGRESS_WRITE_S = 0.3
+OUTAGE = (RedisConnectionError, RedisTimeoutError)
+"""What an unreachable Redis raises."""
+OUTCOME_RETRY_S = 1.0
+
+
+def outage_wait_s() -> float:
+    """How long a finished solve waits for Redis to write its outcome
+    (``LIPCERT_QUEUE_OUTAGE_S``, default 900 s)."""
+    try:
+        return max(0.0, float(os.environ.get("LIPCERT_QUEUE_OUTAGE_S", "900")))
+    except ValueError:
+        return 900.0
+
+
+def write_when_reachable(write: Any, what: str, wait_s: float | None = None) -> bool:
+    """Call ``write()`` until Redis answers (at most ``wait_s`` seconds); True when done."""
+    deadline = time.monotonic() + (outage_wait_s() if wait_s is None else wait_s)
+    while True:
+        try:
+            write()
+            return True
+        except OUTAGE as exc:
+            if time.monotonic() >= deadline:
+                log.error("gave up writing %s: Redis unreachable (%s)", what, exc)
+                return False
+            log.warning("Redis unreachable, %s waits: %s", what, exc)
+            time.sleep(OUTCOME_RETRY_S)
 
 
 def solver_threads() -> int:
@@ -93,15 +132,23 @@ def run_bound_job(job_id: str) -> dict[str, Any]:
         on_tick=state.tick,
         cancelled=state.should_stop,
     )
-    state.tick(force=True)
+    finish: dict[str, Any]
     if state.orphaned:
         error = {"code": "worker-died", "detail": "the worker process died during the solve"}
-        jobs.finish(job_id, "failed", error=error, finished_at=now_iso())
+        finish = {"status": "failed", "error": error}
     elif outcome.status == "succeeded" and outcome.result is not None:
         doc = dict(outcome.result, job_id=job_id, model_id=spec.model_id)
-        jobs.finish(job_id, "succeeded", result=doc, finished_at=now_iso())
+        finish = {"status": "succeeded", "result": doc}
     elif outcome.status == "failed":
-        jobs.finish(job_id, "failed", error=outcome.error, finished_at=now_iso())
+        finish = {"status": "failed", "error": outcome.error}
+    else:
+        return {"status": outcome.status}  # cancelled: the API recorded it
+
+    def write() -> None:
+        state.tick(force=True)
+        jobs.finish(job_id, finished_at=now_iso(), **finish)
+
+    write_when_reachable(write, f"the outcome of job {job_id}")
     return {"status": outcome.status}
 
 
@@ -124,21 +171,33 @@ class _HorseState:
             self._write_progress()
 
     def _write_progress(self) -> None:
-        if self.latest is not None:
-            self.jobs.transition(self.job_id, ("running",), progress=self.latest)
-            self.latest = None
         self.last_progress = time.monotonic()
+        if self.latest is not None:
+            try:
+                self.jobs.transition(self.job_id, ("running",), progress=self.latest)
+            except OUTAGE:
+                return  # kept: written once Redis is back
+            self.latest = None
 
     def tick(self, force: bool = False) -> None:
+        """Write buffered progress and the heartbeat when due; an outage skips them (a
+        forced tick, for the outcome, lets it raise)."""
         now = time.monotonic()
         if self.latest is not None and (force or now - self.last_progress >= PROGRESS_WRITE_S):
             self._write_progress()
         if force or now - self.last_beat >= HEARTBEAT_S:
-            self.jobs.heartbeat(self.job_id)
             self.last_beat = now
+            try:
+                self.jobs.heartbeat(self.job_id)
+            except OUTAGE:
+                if force:
+                    raise
 
     def should_stop(self) -> bool:
         if os.getppid() != self.parent_pid:
             self.orphaned = True
             return True
-        return self.jobs.status(self.job_id) != "running"
+        try:
+            return self.jobs.status(self.job_id) != "running"
+        except OUTAGE:
+            return False  # Redis down: keep solving, the outcome waits for it

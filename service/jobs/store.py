@@ -4,18 +4,33 @@ Every state change is one short transaction on a fresh connection, so the store 
 use from the runner's supervising threads and the request handlers at the same time.
 Terminal transitions are conditional (``WHERE status IN ('queued', 'running')``): the first
 of "solver finished", "cancelled" and "timed out" wins, later ones change nothing.
+
+Several servers may share one data dir. Each runner registers as an **owner** (table
+``owners``: host, boot id, pid and process start time, heartbeat) and owns the jobs it
+queued (``jobs.owner``; its queue is in its memory). An owner is dead when, on this host,
+its process is gone, or, anywhere, its heartbeat is older than the lease
+(:meth:`JobStore.dead_owners`); only the unfinished jobs of dead owners (and of rows from
+before owners) are failed by :meth:`JobStore.fail_orphaned`. A succeeded job's bound is
+stored in the same transaction as its transition, conditional on the job still being
+running and owned (:meth:`JobStore.success_guard`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.diskspace import StorageFull, full_detail, is_disk_full
 from service.jobs.base import JobRecord, JobSpec, now_iso
+from service.storage import JobGuard
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -34,7 +49,63 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (dedupe_key, status);
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status);
+CREATE TABLE IF NOT EXISTS owners (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    boot_id TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    pid_start TEXT NOT NULL,
+    heartbeat REAL NOT NULL
+);
 """
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A runner process that owns jobs: where it runs, and how to tell it is still there."""
+
+    id: str
+    host: str
+    boot_id: str
+    pid: int
+    pid_start: str
+
+    @classmethod
+    def this_process(cls, owner_id: str) -> Owner:
+        pid = os.getpid()
+        return cls(owner_id, socket.gethostname(), _boot_id(), pid, _pid_start(pid))
+
+    def gone(self) -> bool | None:
+        """True/False when this host can tell whether the process still runs; None when
+        it runs on another host (then only its heartbeat can tell)."""
+        if self.host != socket.gethostname() or self.boot_id != _boot_id():
+            return None
+        return _pid_start(self.pid) != self.pid_start
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("" when it does not exist): a pid
+    reused by another process has another start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return ""
+        except PermissionError:
+            pass
+        return "?"  # alive, start time unknown (no /proc)
+    fields = stat.rsplit(")", 1)[1].split()
+    return "" if fields[0] in ("Z", "X") else fields[19]
+
 
 _ACTIVE_SQL = "status IN ('queued', 'running')"
 
@@ -45,25 +116,114 @@ class JobStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        self._opened = False
+        with suppress(StorageFull):  # opened at the first use once there is room
+            self._open()
+
+    def _open(self) -> None:
+        if self._opened:
+            return
+        with self._connect(opening=True) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            cols = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+            if "owner" not in cols:
+                with suppress(sqlite3.OperationalError):  # another process added it
+                    db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+        self._opened = True
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self, opening: bool = False) -> Iterator[sqlite3.Connection]:
+        """A fresh connection inside a transaction; a full disk raises StorageFull."""
+        if not opening:
+            self._open()
         db = sqlite3.connect(self.path, timeout=30.0)
         db.row_factory = sqlite3.Row
         try:
             with db:
                 yield db
+        except (sqlite3.Error, OSError) as exc:
+            if is_disk_full(exc, self.path.parent):
+                raise StorageFull(full_detail(self.path.parent)) from exc
+            raise
         finally:
             db.close()
 
-    def insert(self, rec: JobRecord) -> None:
+    # -- owners -----------------------------------------------------------------------------
+
+    def register(self, owner: Owner) -> None:
+        """Record ``owner`` (this runner) with a fresh heartbeat."""
         with self._connect() as db:
             db.execute(
-                "INSERT INTO jobs (id, model_id, dedupe_key, spec, status, created_at)"
-                " VALUES (?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO owners VALUES (?,?,?,?,?,?)",
+                (owner.id, owner.host, owner.boot_id, owner.pid, owner.pid_start, time.time()),
+            )
+
+    def beat(self, owner_id: str) -> bool:
+        """Renew the heartbeat; False when the owner is not registered (any more)."""
+        with self._connect() as db:
+            cur = db.execute(
+                "UPDATE owners SET heartbeat = ? WHERE id = ?", (time.time(), owner_id)
+            )
+        return cur.rowcount == 1
+
+    def unregister(self, owner_id: str) -> None:
+        with self._connect() as db:
+            db.execute("DELETE FROM owners WHERE id = ?", (owner_id,))
+
+    def dead_owners(self, lease_s: float) -> list[str]:
+        """Owners whose process is gone (same host) or whose heartbeat is older than
+        ``lease_s`` (a frozen or unreachable server counts as dead after its lease)."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM owners").fetchall()
+        now = time.time()
+        dead = []
+        for r in rows:
+            owner = Owner(r["id"], r["host"], r["boot_id"], int(r["pid"]), r["pid_start"])
+            if owner.gone() or now - float(r["heartbeat"]) > lease_s:
+                dead.append(owner.id)
+        return dead
+
+    def fail_orphaned(self, lease_s: float, code: str, detail: str) -> int:
+        """Fail the unfinished jobs of dead owners and of no owner (rows written before
+        owners existed); forget the dead owners. Returns how many jobs were failed."""
+        dead = self.dead_owners(lease_s)
+        marks = ",".join("?" * len(dead))
+        owned_by_dead = f"owner IN ({marks})" if dead else "0"
+        with self._connect() as db:
+            cur = db.execute(
+                "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?"
+                f" WHERE {_ACTIVE_SQL} AND (owner IS NULL OR {owned_by_dead})",
+                (json.dumps({"code": code, "detail": detail}), now_iso(), *dead),
+            )
+            if dead:
+                db.execute(f"DELETE FROM owners WHERE id IN ({marks})", dead)
+        return cur.rowcount
+
+    def owned_active_ids(self, owner_id: str) -> list[str]:
+        with self._connect() as db:
+            rows = db.execute(
+                f"SELECT id FROM jobs WHERE owner = ? AND {_ACTIVE_SQL}", (owner_id,)
+            ).fetchall()
+        return [str(r["id"]) for r in rows]
+
+    def success_guard(self, job_id: str, owner_id: str, result: dict[str, Any]) -> JobGuard:
+        """The running -> succeeded transition of ``job_id``, only while ``owner_id`` owns
+        it, for :meth:`service.storage.Storage.save_job_bound` (one transaction)."""
+        return JobGuard(
+            self.path,
+            "UPDATE guard.jobs SET status = 'succeeded', result = ?, finished_at = ?"
+            " WHERE id = ? AND status = 'running' AND owner = ?",
+            (json.dumps(result), now_iso(), job_id, owner_id),
+        )
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def insert(self, rec: JobRecord, owner: str | None = None) -> None:
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO jobs (id, model_id, dedupe_key, spec, status, created_at, owner)"
+                " VALUES (?,?,?,?,?,?,?)",
                 (
                     rec.id,
                     rec.spec.model_id,
@@ -71,8 +231,14 @@ class JobStore:
                     json.dumps(rec.spec.to_dict()),
                     rec.status,
                     rec.created_at,
+                    owner,
                 ),
             )
+
+    def status(self, job_id: str) -> str | None:
+        with self._connect() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else str(row["status"])
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._connect() as db:
@@ -145,13 +311,13 @@ class JobStore:
             ).fetchall()
         return [str(r["id"]) for r in rows]
 
-    def fail_active(self, code: str, detail: str) -> int:
-        """Mark every queued/running job failed (after a restart); returns how many."""
+    def fail_owned(self, owner_id: str, code: str, detail: str) -> int:
+        """Mark every queued/running job of ``owner_id`` failed (at stop); how many."""
         with self._connect() as db:
             cur = db.execute(
                 "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?"
-                f" WHERE {_ACTIVE_SQL}",
-                (json.dumps({"code": code, "detail": detail}), now_iso()),
+                f" WHERE owner = ? AND {_ACTIVE_SQL}",
+                (json.dumps({"code": code, "detail": detail}), now_iso(), owner_id),
             )
         return cur.rowcount
 

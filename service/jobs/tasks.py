@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from service.jobs.base import JobSpec
+from service.storage import ModelNotFound, Storage
 
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
@@ -40,8 +41,6 @@ certification and storing. The runner kills the process when the whole ``timeout
 def load_network(source: ModelSource) -> Any:
     """The network a job refers to: from the data dir by model id, or from model bytes."""
     if source[0] == "storage":
-        from service.storage import Storage
-
         _, data_dir, model_id = source
         return Storage(data_dir).load_network(model_id)
     if source[0] == "bytes":
@@ -127,7 +126,7 @@ def error_document(exc: BaseException) -> dict[str, str]:
 
     if isinstance(exc, LipcertError):
         return {"code": exc.code, "detail": exc.detail}
-    if isinstance(exc, KeyError):
+    if isinstance(exc, ModelNotFound):  # only the store's own miss, not any KeyError
         return {"code": "model-not-found", "detail": f"model {exc} is not stored"}
     return {"code": "internal-error", "detail": f"{type(exc).__name__}: {exc}"}
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sdp.bounds import METHODS
 from sdp.errors import NotApplicable, UnsupportedMethod
 from service.deps import RunnerDep, StorageDep, model_or_404
+from service.diskspace import StorageFull
 from service.errors import ServiceError
 from service.jobs.base import JobSpec
 from service.routes.jobs import JobOut
@@ -110,8 +111,13 @@ def _runner_or_503(runner: Any) -> Any:
 def request_bound(
     model_id: str, body: BoundRequest, response: Response, storage: StorageDep, runner: RunnerDep
 ) -> dict[str, Any]:
-    """Queue a certified bound computation (or reuse an identical in-flight/finished job)."""
+    """Queue a certified bound computation (or reuse an identical in-flight/finished job).
+
+    507 ``storage-full`` when the data dir has no room for the job and its bound."""
     model_or_404(storage, model_id)
+    full = storage.space_problem()
+    if full is not None:
+        raise StorageFull(full)
     validate_method(body.method)
     validate_solver(body.solver)
     check_applicable(storage.load_network(model_id), body.method, body.pairwise)

@@ -22,15 +22,45 @@ async def live() -> dict[str, Any]:
 @router.get(
     "/v2/health/ready",
     response_model=Ready,
-    responses={503: {"description": "Not ready (storage or inference worker down)."}},
-    summary="Storage and the inference worker are up",
+    responses={
+        503: {
+            "description": "Not ready: problem+json (code not-ready) whose reasons list "
+            "{code, detail}: storage-full, storage-unavailable, worker-down, "
+            "queue-unavailable, no-runner."
+        }
+    },
+    summary="Storage, the inference worker and the job queue are up",
 )
 async def ready(request: Request) -> dict[str, Any]:
-    worker = getattr(request.app.state, "worker", None)
-    storage = getattr(request.app.state, "storage", None)
-    if storage is None or worker is None or not worker.alive:
-        raise ServiceError("not ready", status=503, code="not-ready")
+    reasons = not_ready_reasons(request.app.state)  # statvfs and flags: no thread hop
+    if reasons:
+        detail = "; ".join(r["detail"] for r in reasons)
+        raise ServiceError(detail, status=503, code="not-ready", ready=False, reasons=reasons)
     return {"ready": True}
+
+
+def not_ready_reasons(state: Any) -> list[dict[str, str]]:
+    """Why the server cannot take work now (empty: ready). Liveness never depends on it."""
+    reasons = []
+    storage = getattr(state, "storage", None)
+    worker = getattr(state, "worker", None)
+    runner = getattr(state, "runner", None)
+    if storage is None:
+        reasons.append({"code": "storage-unavailable", "detail": "storage is not open"})
+    else:
+        problem = storage.space_problem()
+        if problem is not None:
+            reasons.append({"code": "storage-full", "detail": problem})
+    if worker is None or not worker.alive:
+        reasons.append({"code": "worker-down", "detail": "the inference worker is not running"})
+    if runner is None:
+        reasons.append({"code": "no-runner", "detail": "the job runner is not available"})
+    else:
+        queue_problem = getattr(runner, "unavailable_reason", None)
+        why = queue_problem() if callable(queue_problem) else None
+        if why:
+            reasons.append({"code": "queue-unavailable", "detail": why})
+    return reasons
 
 
 @metrics_router.get(

@@ -252,13 +252,13 @@ def test_a_job_whose_model_is_deleted_before_it_stores_fails(
     data = random_weights(fixtures_dir)
     model_id = upload(client, data, "rw.mat")
     storage = client.app.state.runner.storage  # type: ignore[attr-defined]
-    save = storage.save_bound
+    save = storage.save_job_bound
 
-    def delete_then_save(mid: str, doc: dict[str, Any]) -> bool:
+    def delete_then_save(mid: str, doc: dict[str, Any], guard: Any) -> str:
         storage.delete_model(mid)
-        return bool(save(mid, doc))
+        return str(save(mid, doc, guard))
 
-    monkeypatch.setattr(storage, "save_bound", delete_then_save)
+    monkeypatch.setattr(storage, "save_job_bound", delete_then_save)
     job = post_bound(client, model_id, method="lipsdp-neuron")
     job = wait_for(job_getter(client, job["job_id"]), ended, timeout_s=120)
     assert job["status"] == "failed" and job["error"]["code"] == "model-deleted", job

@@ -40,7 +40,7 @@ def test_store_transitions_first_terminal_wins(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "jobs.sqlite")
     a, b, c = (JobRecord(id=i, spec=JobSpec("m", "naive")) for i in "abc")
     for rec in (a, b, c):
-        store.insert(rec)
+        store.insert(rec)  # no owner: rows from before owners, failed by any restart
     assert store.mark_running("a", {"pid": 1})
     assert not store.mark_running("a", {"pid": 2})  # only from queued
     assert store.finish("a", "cancelled", error={"code": "cancelled"})
@@ -51,7 +51,7 @@ def test_store_transitions_first_terminal_wins(tmp_path: Path) -> None:
     assert store.get("a").progress == {}  # type: ignore[union-attr]
     assert store.finish("b", "succeeded", result={"lipschitz_bound": 2.0})
     # restart: queued/running jobs fail, ended ones are untouched
-    assert store.fail_active("server-restarted", "server restarted") == 1
+    assert store.fail_orphaned(30.0, "server-restarted", "server restarted") == 1
     assert store.get("c").error == {"code": "server-restarted", "detail": "server restarted"}  # type: ignore[union-attr]
     assert [r.id for r in store.find_reusable(a.spec.dedupe_key())] == ["b"]
 

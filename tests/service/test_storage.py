@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from service.parsing import ModelChecker
 from service.storage import Storage
 from tests.service.old_store import OLD_TABLES
 from tests.service.onnx_nets import mlp_onnx
@@ -128,6 +129,8 @@ def test_bounds_of_another_network_are_never_used(tmp_path, onnx_bytes) -> None:
     db.commit()
     db.close()
     s = Storage(tmp_path)
+    assert s.best_bound(mid) is None  # not re-imported yet: no bound is trusted
+    assert s.reimport_stale_models(ModelChecker(60.0).parse) == {mid: "ok"}
     best = s.best_bound(mid)
     assert best is not None and best["job_id"] == "current"
     assert [b["job_id"] for b in s.list_bounds(mid)] == ["current"]
