@@ -55,6 +55,8 @@ from service.diskspace import Reserve, StorageFull, free_bytes, full_detail, is_
 log = logging.getLogger("lipcert.storage")
 
 ID_LENGTH = 16
+WAL_SIZE_LIMIT = 1 << 20
+"""Bytes the WAL file is truncated to after a checkpoint (``PRAGMA journal_size_limit``)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -340,8 +342,8 @@ class Storage:
 
     def space_problem(self) -> str | None:
         """Why the store cannot take writes now (None: it can): free space below
-        ``min_free_bytes``, or tables not yet created because the disk was full. Rebuilds
-        the reserve file when there is room for it again."""
+        ``min_free_bytes``, tables not yet created because the disk was full, or the
+        reserve file given up (it is rebuilt here as soon as there is room for it)."""
         try:
             free = self.free_bytes()
         except OSError as exc:
@@ -356,7 +358,12 @@ class Storage:
                 self._open()
             except StorageFull:
                 return full_detail(self.data_dir)
-        self.reserve.restore(self.min_free_bytes)
+        if not self.reserve.restore(self.min_free_bytes):
+            return (
+                f"the data dir is nearly full: {free / 2**20:.1f} MiB free, not enough to "
+                f"rebuild the {self.reserve.size / 2**20:.1f} MiB reserve for deletions "
+                "(LIPCERT_RESERVE_MB) above the floor"
+            )
         return None
 
     def _require_space(self, nbytes: int) -> None:
@@ -394,6 +401,8 @@ class Storage:
         if db is None or self._local.pid != os.getpid():
             db = sqlite3.connect(self.db_path, timeout=30.0)
             db.row_factory = sqlite3.Row
+            # after a checkpoint the WAL shrinks back to this (it would keep its largest size)
+            db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             self._local.db, self._local.pid = db, os.getpid()
         return db
 

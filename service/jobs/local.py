@@ -128,27 +128,36 @@ class LocalRunner:
                 log.exception("renewing the job lease failed")
 
     def stop(self) -> None:
-        """Kill running solves (their jobs fail with ``server-stopped``) and join the threads."""
+        """Kill running solves (their jobs fail with ``server-stopped``) and join the threads.
+
+        On a full disk the job rows cannot be updated: they stay with this (then dead) owner
+        and the next server to start fails them (``server-restarted``)."""
         with self._lock:
             self._stopping = True
             procs = list(self._procs.items())
+        stopped = {"code": "server-stopped", "detail": "server stopped during the solve"}
         for job_id, proc in procs:
             proc.terminate()  # the supervising thread closes its pipe
-            self.store.finish(
-                job_id,
-                "failed",
-                error={"code": "server-stopped", "detail": "server stopped during the solve"},
-            )
+            self._record(lambda job_id=job_id: self.store.finish(job_id, "failed", error=stopped))
         self._beat_stop.set()
         for _ in range(self.max_concurrent):
             self._queue.put(None)
         for t in self._threads:
             t.join(timeout=15)
         self._threads.clear()
-        self.store.fail_owned(
-            self.owner.id, "server-stopped", "server stopped before the job started"
+        self._record(
+            lambda: self.store.fail_owned(
+                self.owner.id, "server-stopped", "server stopped before the job started"
+            )
         )
-        self.store.unregister(self.owner.id)
+        self._record(lambda: self.store.unregister(self.owner.id))
+
+    @staticmethod
+    def _record(write: Callable[[], object]) -> None:
+        try:
+            write()
+        except StorageFull as exc:
+            log.warning("job store not updated at stop: %s", exc.detail)
 
     # -- API ------------------------------------------------------------------------------------
 
