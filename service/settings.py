@@ -110,6 +110,12 @@ class Settings(BaseSettings):
         "data dir only after its heartbeat is this old (or, on the same host, its process "
         "is gone).",
     )
+    queue_outage_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="lipcert worker: how long a finished solve waits for an unreachable "
+        "Redis to record its outcome (read by the worker from LIPCERT_QUEUE_OUTAGE_S).",
+    )
     log_level: str = Field(default="info", description="Python logging level name.")
 
     @property

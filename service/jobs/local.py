@@ -17,6 +17,7 @@ ended failed or cancelled - e.g. cancelled through another server - never stores
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -138,7 +139,7 @@ class LocalRunner:
         stopped = {"code": "server-stopped", "detail": "server stopped during the solve"}
         for job_id, proc in procs:
             proc.terminate()  # the supervising thread closes its pipe
-            self._record(lambda job_id=job_id: self.store.finish(job_id, "failed", error=stopped))
+            self._record(functools.partial(self.store.finish, job_id, "failed", error=stopped))
         self._beat_stop.set()
         for _ in range(self.max_concurrent):
             self._queue.put(None)

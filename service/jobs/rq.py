@@ -42,6 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 
 from sdp.errors import LipcertError
+from service.diskspace import StorageFull
 from service.errors import QueueUnavailable
 from service.jobs.base import (
     ACTIVE,
@@ -300,6 +301,8 @@ class RqRunner:
             except LipcertError as exc:  # a worker's word is not a certificate
                 log.warning("job %s: worker result rejected: %s", rec.id, exc)
                 error = {"code": "unverified-result", "detail": f"worker result rejected: {exc}"}
+            except StorageFull as exc:  # as in the local runner: failed, retry when freed
+                error = {"code": "storage-full", "detail": exc.detail}
             except Exception:
                 self.redis.hdel(job_key(rec.id), "persisted")
                 log.exception("saving the result of job %s failed", rec.id)

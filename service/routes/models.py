@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Request, Response, UploadFile, status
 
 from service.deps import RunnerDep, SettingsDep, StorageDep, model_or_404
-from service.errors import NotFound
+from service.errors import NotFound, QueueUnavailable
 from service.jobs.tasks import bound_document, json_safe
 from service.schemas import PROBLEM_RESPONSES, ModelInfo, ModelList
 from service.storage import ID_LENGTH, ModelRecord, Storage
@@ -103,5 +103,8 @@ async def delete_model(
     if worker is not None:
         worker.evict(model_id)
     if runner is not None:
-        await asyncio.to_thread(runner.cancel_model, model_id)
+        try:
+            await asyncio.to_thread(runner.cancel_model, model_id)
+        except QueueUnavailable as exc:  # deleted all the same: its jobs store nothing
+            log.warning("jobs of deleted model %s not cancelled: %s", model_id, exc.detail)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -14,6 +14,7 @@ SQLite files, the real upload checker and real solver processes:
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -201,3 +202,19 @@ def test_cancelled_ids_do_not_accumulate(tmp_path: Path, fixtures_dir: Path) -> 
         assert runner._cancelled == set() and runner._pending == set()
         assert client.delete(f"/v1/jobs/{done['job_id']}").json()["status"] == "succeeded"
         assert runner._cancelled == set()  # cancelling an ended job adds nothing
+
+
+def test_stray_upload_files_are_swept_when_the_store_opens(
+    tmp_path: Path, rw_weights: list
+) -> None:
+    storage = Storage(tmp_path)
+    kept = storage.save_model(mlp_onnx(rw_weights)).sha256
+    models = tmp_path / "models"
+    old, young = models / ".upload-abc", models / ("c" * 64 + ".bin")
+    stray = models / ("d" * 64 + ".bin")
+    for path in (old, young, stray):
+        path.write_bytes(b"x")
+    for path in (old, stray):
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    Storage(tmp_path)
+    assert sorted(p.name for p in models.iterdir()) == sorted([f"{kept}.bin", young.name])
