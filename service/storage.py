@@ -475,11 +475,21 @@ class Storage:
             self._remember(existing.id, network)
             return existing
         except BaseException:
-            if wrote and self._existing(sha, strict=False) is None:
-                self._path(sha).unlink(missing_ok=True)  # no orphan file
+            if wrote:
+                self._drop_unreferenced(sha)
             raise
         self._remember(rec.id, network)
         return rec
+
+    def _drop_unreferenced(self, sha: str) -> None:
+        """Remove the file of ``sha`` unless a record refers to it (no orphan file); when
+        that cannot be read now, the file is left to :meth:`sweep_orphan_files`."""
+        try:
+            referenced = self._existing(sha, strict=False) is not None
+        except Exception:
+            return
+        if not referenced:
+            self._path(sha).unlink(missing_ok=True)
 
     def _existing(self, sha: str, *, strict: bool = True) -> ModelRecord | None:
         """The stored record of these bytes (``created=False``), None when there is none.
