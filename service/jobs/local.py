@@ -155,10 +155,13 @@ class LocalRunner:
 
     @staticmethod
     def _record(write: Callable[[], object]) -> None:
+        """A job-store write that must not take its thread down (at stop, after a crash)."""
         try:
             write()
         except StorageFull as exc:
-            log.warning("job store not updated at stop: %s", exc.detail)
+            log.warning("job store not updated: %s", exc.detail)
+        except Exception:
+            log.exception("job store not updated")
 
     # -- API ------------------------------------------------------------------------------------
 
@@ -215,10 +218,13 @@ class LocalRunner:
             try:
                 self._run(job_id)
             except Exception as exc:  # keep the pool alive; the job records why
-                log.exception("job %s crashed the runner", job_id)
-                self.store.finish(
-                    job_id, "failed", error={"code": "internal-error", "detail": repr(exc)}
-                )
+                if isinstance(exc, StorageFull):  # e.g. it could not be marked running
+                    log.warning("job %s: %s", job_id, exc.detail)
+                    error = {**STORAGE_FULL, "detail": exc.detail}
+                else:
+                    log.exception("job %s crashed the runner", job_id)
+                    error = {"code": "internal-error", "detail": repr(exc)}
+                self._record(functools.partial(self.store.finish, job_id, "failed", error=error))
 
     def _run(self, job_id: str) -> None:
         try:
@@ -255,6 +261,7 @@ class LocalRunner:
             )
             reporter.flush(force=True)
         finally:
+            proc.kill()  # already gone after supervise(); not when marking running failed
             with self._lock:
                 self._procs.pop(job_id, None)
         if outcome.status == "succeeded" and outcome.result is not None:
@@ -329,7 +336,11 @@ class _ProgressWriter:
             self.flush(force=True)
 
     def flush(self, force: bool = False) -> None:
+        """Write when due; on a full disk progress is skipped (the solve goes on)."""
         if self.dirty and (force or time.monotonic() - self.last_write >= PROGRESS_WRITE_S):
-            self.store.set_progress(self.job_id, self.latest)
-            self.dirty = False
             self.last_write = time.monotonic()
+            try:
+                self.store.set_progress(self.job_id, self.latest)
+            except StorageFull:
+                return
+            self.dirty = False
