@@ -4,6 +4,8 @@
 status changes, ``event: progress`` whenever the solver reports (``phase``, ``iteration``,
 ``residual``, ...), ``: keep-alive`` comments in quiet periods, and a final ``event: end``
 carrying the whole job once it is succeeded, failed or cancelled; then the stream closes.
+If the job queue becomes unreachable mid-stream, an ``event: error`` (``queue-unavailable``)
+ends it; the client's reconnect (``retry``) is answered 503 until the queue is back.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import RunnerDep
-from service.errors import NotFound, ServiceError
+from service.errors import NotFound, QueueUnavailable, ServiceError
 from service.jobs.base import JobRecord
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -99,7 +101,12 @@ async def job_events(runner: Any, job_id: str) -> AsyncIterator[str]:
     last_sent = time.monotonic()
     yield "retry: 2000\n\n"
     while True:
-        rec = await run_in_threadpool(runner.get, job_id)
+        try:
+            rec = await run_in_threadpool(runner.get, job_id)
+        except QueueUnavailable as exc:  # the client reconnects (retry) and gets a 503
+            seq += 1
+            yield _sse("error", {"code": exc.code, "detail": exc.detail}, seq)
+            return
         if rec is None:
             seq += 1
             yield _sse("error", {"code": "job-not-found", "detail": "job disappeared"}, seq)

@@ -83,3 +83,44 @@ def test_redis_outage_mid_solve(tmp_path: Path) -> None:
         assert srv.server_errors() == []
     finally:
         redis.stop()
+
+
+@pytest.mark.redis
+def test_a_server_starts_without_redis_and_becomes_ready_when_it_comes(tmp_path: Path) -> None:
+    """Redis down at start: the API starts (live), is not ready, answers job routes 503
+    with Retry-After; a job event stream open during an outage ends with an error event."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    redis = RedisServer(tmp_path, appendonly=True)  # port chosen, not started yet
+    settings = Settings(data_dir=tmp_path / "data", queue_url=redis.url)
+    try:
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/v2/health/live").status_code == 200
+            ready = client.get("/v2/health/ready")
+            assert ready.status_code == 503
+            assert [x["code"] for x in ready.json()["reasons"]] == ["queue-unavailable"]
+            r = client.get("/v1/jobs/0123")
+            assert r.status_code == 503 and r.json()["code"] == "queue-unavailable"
+            assert r.headers["retry-after"] == "5"
+
+            redis.start()
+            deadline = time.monotonic() + 20
+            while client.get("/v2/health/ready").status_code != 200:
+                assert time.monotonic() < deadline, "not ready after Redis came"
+                time.sleep(0.2)
+            assert client.get("/v1/jobs/0123").status_code == 404
+
+            storage = client.app.state.storage  # type: ignore[attr-defined]
+            model_id = storage.save_model(big_random_net((4, 8, 2)), "tiny.mat").id
+            job = client.post(f"/v1/models/{model_id}/bounds", json={"method": "naive"}).json()
+            with client.stream("GET", f"/v1/jobs/{job['job_id']}/events") as stream:
+                lines = stream.iter_lines()
+                assert next(line for line in lines if line.startswith("event: "))
+                redis.stop()  # no worker: the job stays queued until the outage
+                events = [line for line in lines if line.startswith(("event: ", "data: "))]
+            assert events[-2] == "event: error" and "queue-unavailable" in events[-1]
+    finally:
+        redis.stop()
