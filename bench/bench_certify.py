@@ -184,8 +184,9 @@ def server_stages(x: np.ndarray, threads: int, dtype: str, repeats: int) -> dict
     import orjson
     import torch
 
-    from service.certification import certify_columns, load_npy, rows_payload
-    from service.certify_media import npz_bytes
+    from service.bodies.media import npz_bytes
+    from service.bodies.npy import load_npy
+    from service.certification import certify_columns, rows_payload
     from service.settings import Settings
     from service.storage import Storage
     from service.worker import InferenceWorker
@@ -217,7 +218,10 @@ def server_stages(x: np.ndarray, threads: int, dtype: str, repeats: int) -> dict
                 logits, bound, labels=None, return_logits=False, epsilon=0.0, logit_error=err
             ),
         )
-        npz = timed("encode .npz answer", lambda: npz_bytes(cert, {"model_id": rec.id}))
+        npz = timed(
+            "encode .npz answer",
+            lambda: npz_bytes(cert.columns, {**cert.summary, "model_id": rec.id}),
+        )
         js = timed("encode per-row JSON answer", lambda: orjson.dumps(rows_payload(cert)))
         timed("client: decode .npz", lambda: dict(np.load(io.BytesIO(npz))))
         timed("client: decode per-row JSON (httpx .json())", lambda: json.loads(js))

@@ -19,10 +19,11 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from service.bodies.limits import BodyLimitMiddleware
 from service.deps import ApiKey
 from service.diskspace import StorageFull
 from service.errors import install_error_handlers
-from service.middleware import AccessLogMiddleware, BodyLimitMiddleware
+from service.middleware import AccessLogMiddleware
 from service.parsing import ModelChecker
 from service.routes import certify, health, models, oip
 from service.settings import Settings

@@ -1,4 +1,5 @@
-"""Turn logits and a stored bound into certified radii (DESIGN §4), and parse inputs.
+"""Turn logits and a stored bound into certified radii (DESIGN §4). Request bodies and their
+inputs are read by :mod:`service.bodies`.
 
 For logits f(x), predicted class y and margin m = f_y - max_{j != y} f_j, every x' with
 ||x' - x||_2 < m / (sqrt(2) L) keeps class y. With pairwise bounds L_yj >= Lip(f_y - f_j):
@@ -12,179 +13,14 @@ margin is shrunk by sqrt(2) times it before dividing (:func:`sdp.radius.certifie
 
 from __future__ import annotations
 
-import io
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 
+from service.bodies.arrays import check_label_count
 from service.errors import InvalidInput
-
-NPY_MAGIC = b"\x93NUMPY"
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def loads_json(body: bytes) -> Any:
-    """Strict JSON (NaN/Infinity tokens refused); InvalidInput on bad bytes.
-
-    orjson parses (10x faster than ``json``); a body it refuses goes through ``json`` again, so
-    errors and edge cases (1e400 -> inf -> 422 later, UTF-16 bodies) behave as with ``json``.
-    """
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        return json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvalidInput(
-            f"the body is not valid JSON: {exc}", code="malformed-json", status=400
-        ) from None
-
-
-_NUMBER_TYPES = frozenset((int, float))
-
-
-def _rows_of_numbers(values: Any) -> bool:
-    """True for a non-empty list of lists holding only ints and floats (no bools, strings)."""
-    if type(values) is not list or not values:
-        return False
-    seen: set[type] = set()
-    for row in values:
-        if type(row) is not list:
-            return False
-        seen.update(map(type, row))
-    return seen <= _NUMBER_TYPES
-
-
-def as_array(values: Any, what: str = "inputs") -> np.ndarray:
-    """A float64 array from nested JSON lists of numbers only (no strings, bools, ragged)."""
-    if _rows_of_numbers(values):  # fast path: a list of rows of numbers
-        try:
-            return check_finite(np.array(values, dtype=np.float64), what)
-        except (ValueError, OverflowError):
-            pass  # ragged or out of range: the general path below says which
-    try:
-        objs = np.array(values, dtype=object)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"{what} must be a rectangular array of numbers ({exc})") from None
-    flat = objs.ravel()
-    if flat.size == 0 or not all(type(v) is float or type(v) is int for v in flat):
-        raise InvalidInput(f"{what} must be a non-empty rectangular array of numbers")
-    try:
-        arr = objs.astype(np.float64)
-    except (OverflowError, ValueError, TypeError):
-        raise InvalidInput(f"{what} hold numbers outside the float64 range") from None
-    return check_finite(arr, what)
-
-
-def check_npy_version(major: int, minor: int) -> None:
-    """The .npy format versions that exist: 1.0, 2.0 and 3.0 (InvalidInput otherwise)."""
-    if (major, minor) not in ((1, 0), (2, 0), (3, 0)):
-        raise InvalidInput(
-            f".npy format version {major}.{minor} is not 1.0, 2.0 or 3.0", code="invalid-npy"
-        )
-
-
-def read_npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
-    """(shape, fortran_order, dtype, data offset) of a .npy body's header, parsed by numpy.
-
-    Only plain integer/float dtypes of at most 8 bytes pass (object arrays would need pickle;
-    a long double's values may not survive the cast to float64), and only shapes of plain
-    non-negative ints (numpy's parser also lets ``True`` or ``-1`` through).
-    """
-    if not head.startswith(NPY_MAGIC):
-        raise InvalidInput("the body is not a .npy file (bad magic)", code="invalid-npy")
-    fmt = np.lib.format
-    try:
-        stream = io.BytesIO(head)
-        version = fmt.read_magic(stream)
-        check_npy_version(*version)
-        if version == (1, 0):
-            shape, fortran, dtype = fmt.read_array_header_1_0(stream)
-        else:  # 2.0 and 3.0 (the same layout, a UTF-8 header)
-            shape, fortran, dtype = fmt.read_array_header_2_0(stream)
-    except InvalidInput:
-        raise
-    except Exception as exc:  # numpy raises ValueError/OSError/EOFError on bad headers
-        raise InvalidInput(f"unreadable .npy header: {exc}", code="invalid-npy") from None
-    if dtype.kind not in "iuf" or dtype.hasobject or dtype.itemsize > 8:
-        raise InvalidInput(f".npy dtype {dtype} is not an integer or float type of <= 64 bits")
-    if not all(type(d) is int and d >= 0 for d in shape):
-        raise InvalidInput(f".npy header declares shape {shape!r}", code="invalid-npy")
-    return tuple(shape), bool(fortran), dtype, stream.tell()
-
-
-def load_npy(body: bytes | bytearray) -> np.ndarray:
-    """Inputs from an ``application/x-npy`` body: header parsed by numpy, data viewed in place.
-
-    Only plain integer/float arrays are read (object arrays would need pickle: refused).
-    """
-    # the header from a prefix (numpy refuses headers over 10 000 bytes): no copy of the body
-    shape, fortran, dtype, offset = read_npy_header(bytes(memoryview(body)[: 1 << 17]))
-    count = math.prod(shape)
-    data = memoryview(body)[offset:]
-    if count == 0 or len(data) != count * dtype.itemsize:
-        raise InvalidInput(
-            f".npy header declares {count} values of {dtype.itemsize} bytes but the body "
-            f"carries {len(data)} bytes",
-            code="invalid-npy",
-        )
-    arr = np.frombuffer(data, dtype=dtype, count=count)
-    arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
-    # a copy either way (torch wants writable arrays); checked after the cast, which is what
-    # the network sees
-    return check_finite(arr.astype(np.float64, order="C", copy=True), "inputs")
-
-
-def check_finite(arr: np.ndarray, what: str, row0: int = 0) -> np.ndarray:
-    """``arr`` itself; InvalidInput naming the first row (counted from ``row0``) that holds a
-    NaN or an infinity. Float arrays are summed first: a finite sum means finite values (one
-    pass, no temporary), and only a non-finite sum needs the elementwise test."""
-    if arr.dtype.kind == "f" and arr.size:
-        with np.errstate(over="ignore", invalid="ignore"):  # a finite sum may overflow
-            if math.isfinite(float(arr.sum())):
-                return arr
-    if not np.isfinite(arr).all():
-        bad = int(np.argwhere(~np.isfinite(arr.reshape(len(arr), -1)))[0][0]) if arr.ndim else 0
-        raise InvalidInput(f"{what} contain NaN or infinity (first at row {bad + row0})")
-    return arr
-
-
-def check_input_shape(shape: tuple[int, ...], input_shape: list[int], max_inputs: int) -> None:
-    """InvalidInput unless ``shape`` is (B, n0) or (B, *input_shape) with B <= max_inputs.
-
-    ``input_shape`` is the model file's (``ModelRecord.input_shape``): inputs are taken in the
-    layout onnxruntime takes; the inference worker maps them to the IR's layout when the
-    importer absorbed an input Transpose (:class:`sdp.ir.InputLayout`)."""
-    n0 = math.prod(input_shape)
-    if len(shape) < 2 or tuple(shape[1:]) not in ((n0,), tuple(input_shape)):
-        raise InvalidInput(
-            f"inputs have shape {list(shape)}; expected [batch, {n0}] or "
-            f"[batch, {', '.join(map(str, input_shape))}]",
-            code="wrong-input-shape",
-        )
-    if shape[0] > max_inputs:
-        raise InvalidInput(f"{shape[0]} inputs; at most {max_inputs} per request")
-
-
-def check_label_count(labels: int, inputs: int) -> None:
-    """One label per input (InvalidInput otherwise)."""
-    if labels != inputs:
-        raise InvalidInput(f"{labels} labels for {inputs} inputs")
-
-
-def batch_inputs(arr: np.ndarray, input_shape: list[int], max_inputs: int) -> np.ndarray:
-    """(B, n0): accepts rows that are flat (n0) or shaped like the model file's input; a flat
-    row is the C-order flattening of one input of the file's ``input_shape``."""
-    check_input_shape(arr.shape, input_shape, max_inputs)
-    return np.ascontiguousarray(arr.reshape(len(arr), math.prod(input_shape)))
 
 
 def radii(

@@ -66,7 +66,7 @@ INLINE_MAX_SECONDS = 0.001
 
 
 class LazyRows(Protocol):
-    """Input rows not yet in float64 (e.g. :class:`service.npy_stream.RowBlock`, the received
+    """Input rows not yet in float64 (e.g. :class:`service.bodies.npy_stream.RowBlock`, the received
     bytes of a .npy body): ``to_float64`` -- run on the worker thread, off the event loop --
     casts them to a C-contiguous float64 (rows, n0) array, checking them (InvalidInput)."""
 

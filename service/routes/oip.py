@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter
 
-from service.certification import as_array, batch_inputs, radii
+from service.bodies.arrays import as_array, batch_inputs
+from service.certification import radii
 from service.deps import SettingsDep, StorageDep, WorkerDep, model_or_404
 from service.errors import InvalidInput
 from service.routes.certify import pick_bound

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.middleware import BodyLimitMiddleware
-from service.npz_body import read_npz_body
+from service.bodies.limits import BodyLimitMiddleware
+from service.bodies.npz import read_npz_body
 from tests.service.asgi_calls import http_scope, post_in_halves
 from tests.service.onnx_nets import assert_problem
 

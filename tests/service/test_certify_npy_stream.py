@@ -16,8 +16,8 @@ import pytest
 
 from service import metrics
 from service.app import create_app
+from service.bodies.npy_stream import FortranBody, NpyRows, RowBlock
 from service.errors import InvalidInput
-from service.npy_stream import FortranBody, NpyRows, RowBlock
 from service.settings import Settings
 from tests.service.onnx_nets import mlp_onnx, norm_product
 

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from sdp.rounding import row_norm_upper_bounds
-from service.certify_media import NPZ_MEDIA_TYPE, prefers_npz
+from service.bodies.media import NPZ_MEDIA_TYPE, prefers_npz
 from tests.service.onnx_nets import assert_problem, mlp_onnx, norm_product
 
 NPZ = {"accept": NPZ_MEDIA_TYPE}

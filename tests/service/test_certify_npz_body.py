@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from service.certify_media import NPZ_MEDIA_TYPE
+from service.bodies.media import NPZ_MEDIA_TYPE
 from tests.service.onnx_nets import assert_problem
 
 NPZ_BODY = {"content-type": NPZ_MEDIA_TYPE}

@@ -19,14 +19,10 @@ import numpy as np
 import pytest
 
 from service.app import create_app
+from service.bodies.budget import JSON_DECODE_FACTOR, BodyBudget, Reservation
+from service.bodies.limits import BodyLimitMiddleware
+from service.bodies.npz import read_npz_body
 from service.errors import ServiceBusy
-from service.middleware import (
-    JSON_DECODE_FACTOR,
-    BodyBudget,
-    BodyLimitMiddleware,
-    Reservation,
-)
-from service.npz_body import read_npz_body
 from service.settings import Settings
 from tests.service.asgi_calls import post_in_halves
 from tests.service.onnx_nets import assert_problem, mlp_onnx
@@ -108,7 +104,7 @@ def test_npz_decoding_is_reserved_before_any_member_is_inflated(monkeypatch) -> 
     assert asked == [len(body) + sum(sizes.values()) + 8 * sizes["inputs.npy"]]
 
     inflated: list[str] = []
-    monkeypatch.setattr("service.npz_body._read_member", lambda _, info: inflated.append(info))
+    monkeypatch.setattr("service.bodies.npz._read_member", lambda _, info: inflated.append(info))
 
     def refuse(nbytes: int) -> None:
         raise ServiceBusy("no room")

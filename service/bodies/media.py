@@ -1,6 +1,13 @@
-"""Response media types of ``POST /v1/models/{id}/certify``: per-row JSON or a columnar .npz.
+"""Media types of request and response bodies.
 
-Content negotiation (RFC 9110 §12.5.1) on the ``Accept`` header:
+Requests: :func:`body_media_type` reads a request's ``Content-Type`` (lower case, parameters
+dropped); JSON is ``application/json``, any ``+json`` type or no content type
+(:func:`is_json_media`); ``.npy`` bodies are :data:`NPY_MEDIA_TYPES`, ``.npz`` bodies
+:data:`NPZ_MEDIA_TYPE`. Which decoder takes which type is the table of
+:mod:`service.bodies.certify`.
+
+Responses of ``POST /v1/models/{id}/certify``: per-row JSON or a columnar .npz. Content
+negotiation (RFC 9110 §12.5.1) on the ``Accept`` header:
 
 * ``application/json`` (the default, also for no ``Accept``, ``*/*`` or media types we do not
   produce): ``{..., "results": [{"prediction", "margin", "radius", ...}, ...]}``, one object
@@ -25,11 +32,29 @@ import zipfile
 from typing import Any
 
 import numpy as np
-
-from service.certification import Certified
+from starlette.types import Scope
 
 NPZ_MEDIA_TYPE = "application/x-npz"
 JSON_MEDIA_TYPE = "application/json"
+NPY_MEDIA_TYPES = ("application/x-npy", "application/octet-stream")
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of request header ``name`` (lower case), or None."""
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def body_media_type(scope: Scope) -> str:
+    """The request body's media type: lower case, parameters dropped, '' when not given."""
+    return (header(scope, b"content-type") or "").split(";")[0].strip().lower()
+
+
+def is_json_media(media: str) -> bool:
+    """A JSON body: application/json, any ``+json`` type, or no content type (read as JSON)."""
+    return media in ("application/json", "") or media.endswith("+json")
 
 
 def _accept_ranges(accept: str) -> list[tuple[str, float]]:
@@ -77,11 +102,11 @@ def prefers_npz(accept: str | None) -> bool:
     return named and q_npz > 0 and q_npz >= q_json
 
 
-def npz_bytes(cert: Certified, extra: dict[str, Any]) -> bytes:
-    """The .npz body: ``cert``'s columns, its summary and ``extra`` as 0-d arrays (None
-    values left out)."""
-    arrays: dict[str, np.ndarray] = dict(cert.columns)
-    for name, value in {**cert.summary, **extra}.items():
+def npz_bytes(columns: dict[str, np.ndarray], summary: dict[str, Any]) -> bytes:
+    """The .npz body: the ``columns`` as they are and the ``summary`` values as 0-d arrays
+    (None values left out)."""
+    arrays: dict[str, np.ndarray] = dict(columns)
+    for name, value in summary.items():
         if value is None:
             continue
         if isinstance(value, bool | int | float):

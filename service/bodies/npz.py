@@ -15,7 +15,7 @@ An archive is untrusted, so before zipfile parses its central directory or infla
   compression ratio must stay under :data:`MAX_RATIO` (beyond 1 MiB of slack); a member
   is inflated in bounded steps up to its declared size and no further (:func:`_read_member`),
   and zipfile checks its CRC;
-* each member is read like an ``.npy`` body (:func:`service.certification.read_npy_header`:
+* each member is read like an ``.npy`` body (:func:`service.bodies.npy.read_npy_header`:
   numpy's header parser, plain integer/float dtypes only, so never a pickle or object array;
   exact data length; finite inputs).
 
@@ -36,7 +36,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from service.certification import batch_inputs, check_label_count, load_npy, read_npy_header
+from service.bodies.arrays import batch_inputs, check_label_count
+from service.bodies.npy import load_npy, read_npy_header
 from service.errors import InvalidInput
 
 INPUTS, LABELS = "inputs.npy", "labels.npy"
@@ -160,7 +161,7 @@ def read_npz_body(
 
     ``reserve(nbytes)`` is called before the members are inflated with what decoding will hold
     at most (body + members + float64 inputs, counting the inputs as uint8, the worst case); it
-    may raise to refuse (:func:`service.middleware.hold_request_memory`)."""
+    may raise to refuse (:func:`service.bodies.budget.hold_request_memory`)."""
     members = _members(body, max_bytes, reserve)
     try:
         x = batch_inputs(load_npy(members[INPUTS]), input_shape, max_inputs)

@@ -10,7 +10,7 @@ The event loop receives the body, so it does as little per byte as possible: a b
 (:class:`RowBlock`) is only a list of views of the received chunks (no copy, no cast).
 :meth:`RowBlock.to_float64` -- called by the inference worker on its own thread -- casts the
 bytes into one float64 array and checks finiteness there. The checks are those of
-:func:`service.certification.load_npy` and :func:`~service.certification.batch_inputs`
+:func:`service.bodies.npy.load_npy` and :func:`~service.bodies.arrays.batch_inputs`
 (integer/float dtypes only, never pickle; exact body length; finite values, with the global row
 of the first bad one; row shape flat or the model's input shape). Fortran-order arrays are not
 row-contiguous: they are collected whole and read by ``load_npy``.
@@ -25,15 +25,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
-from service.certification import (
-    NPY_MAGIC,
-    batch_inputs,
-    check_finite,
-    check_input_shape,
-    check_npy_version,
-    load_npy,
-    read_npy_header,
-)
+from service.bodies.arrays import batch_inputs, check_finite, check_input_shape
+from service.bodies.npy import NPY_MAGIC, check_npy_version, load_npy, read_npy_header
 from service.errors import InvalidInput
 
 #: Longest .npy header accepted (numpy itself refuses headers over 10 000 bytes).
