@@ -130,6 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         timeout_s=settings.body_timeout_s,
         budget_bytes=int(settings.body_budget_mb * 1024 * 1024),
         api_key=settings.api_key,
+        wait_s=settings.body_wait_s,
+        queue_size=settings.body_queue,
     )
     app.add_middleware(AccessLogMiddleware)
 

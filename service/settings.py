@@ -48,8 +48,20 @@ class Settings(BaseSettings):
         default=256.0,
         gt=0,
         description="Memory for request bodies of 64 KiB or more and their decoding (JSON "
-        "counted 16x), admitted at once across requests; beyond, 503 + Retry-After (one body "
-        "up to the upload cap always gets in).",
+        "counted 16x), held at once across requests; a declared body is admitted once its size "
+        "is reserved (one body up to the upload cap always gets in).",
+    )
+    body_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Longest a request whose declared body does not fit the body budget "
+        "waits (in arrival order, reading nothing) for room before 503 + Retry-After.",
+    )
+    body_queue: int = Field(
+        default=128,
+        ge=0,
+        description="Requests that may wait for room in the body budget at once; beyond, "
+        "503 + Retry-After at once.",
     )
     body_timeout_s: float = Field(
         default=120.0,
@@ -72,6 +84,13 @@ class Settings(BaseSettings):
         ge=0,
         description="Extra wait for more requests before a forward pass (0: batch only what "
         "queued up while the previous pass ran).",
+    )
+    request_concurrency: int = Field(
+        default=8,
+        ge=1,
+        description="Certify requests processed at once (decoding, inference, answer); more "
+        "wait in arrival order, holding nothing, so the event loop stays responsive (health "
+        "checks) under load.",
     )
     queue_size: int = Field(
         default=1024, ge=1, description="Pending inference requests before 503 + Retry-After."

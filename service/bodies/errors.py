@@ -55,9 +55,11 @@ class BodyWithoutKey(BodyError):
 
 class BodyOverBudget(BodyError):
     """The body (as declared, as it arrives, or as decoded) does not fit beside the bodies of
-    other requests (503 + Retry-After)."""
+    other requests (503 + Retry-After). The connection is kept: a client still sending its
+    body reads the 503 once it is done, instead of a connection reset."""
 
     code = "service-busy"
+    close = False
 
     def __init__(self, detail: str) -> None:
         super().__init__(503, detail, headers={"Retry-After": "1"})

@@ -9,10 +9,13 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import malloc_tuning
 from service.bodies.budget import (
     BUDGET_MIN_BYTES,
     JSON_DECODE_FACTOR,
     RESERVATION_KEY,
+    TRIM_AFTER_BYTES,
+    TRIM_IDLE_S,
     BodyBudget,
     Reservation,
     busy_detail,
@@ -32,14 +35,15 @@ from service.errors import problem
 class BodyLimitMiddleware:
     """Refuse bodies over ``max_bytes`` (413): by Content-Length up front, else while streaming;
     bodies still incomplete ``timeout_s`` after the application first reads (408); and, with a
-    ``budget_bytes`` budget, bodies of 64 KiB or more that do not fit beside the bodies of other
-    requests (503 + Retry-After): many large uploads at once are turned away instead of being
-    buffered and decoded until memory runs out.
+    ``budget_bytes`` budget, bodies of 64 KiB or more that cannot be admitted beside the bodies
+    of other requests (503 + Retry-After): a declared body waits in a FIFO queue (at most
+    ``queue_size`` requests, ``wait_s`` seconds) until its size is reserved, and is refused
+    before any of it is read when that does not happen (:mod:`service.bodies.budget`).
 
-    A body is counted as it arrives (a JSON body at :data:`JSON_DECODE_FACTOR` per byte; routes
-    add what decoding takes through :func:`~service.bodies.budget.hold_request_memory`), so a
-    client that declares a big body, or opens a chunked one, and then sends slowly holds only
-    what it sent. A declared body that cannot fit is refused before it is read.
+    A chunked body is counted as it arrives (a JSON body at :data:`JSON_DECODE_FACTOR` per
+    byte; routes add what decoding takes through
+    :func:`~service.bodies.budget.hold_request_memory`), so a client that opens one and then
+    sends slowly holds only what it sent.
 
     With an ``api_key``, a request that carries a body without a valid ``X-API-Key`` is refused
     (401) before any of it is read or counted: every route that takes a body is protected (the
@@ -49,7 +53,8 @@ class BodyLimitMiddleware:
     Nothing beyond the cap is ever buffered: the wrapped ``receive`` raises as soon as the
     running total passes ``max_bytes``. The time limit covers the body only: once its last part
     has arrived, ``receive`` (e.g. a streaming response waiting for the disconnect) is not
-    timed.
+    timed. A 503 keeps the connection open (the server discards the rest of the body, so the
+    client reads the answer, not a reset); 401, 408 and 413 close it.
     """
 
     def __init__(
@@ -59,12 +64,20 @@ class BodyLimitMiddleware:
         timeout_s: float | None = None,
         budget_bytes: int | None = None,
         api_key: str | None = None,
+        wait_s: float = 0.0,
+        queue_size: int = 128,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
-        self.budget = None if budget_bytes is None else BodyBudget(budget_bytes)
+        self.wait_s = wait_s
+        self.budget = (
+            None
+            if budget_bytes is None
+            else BodyBudget(budget_bytes, queue_size, on_drained=self._drained)
+        )
         self.api_key = api_key
+        self._trim_at: asyncio.TimerHandle | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,11 +94,14 @@ class BodyLimitMiddleware:
             await self._limited(scope, receive, send, None)
             return
         weight = _decode_factor(scope)
-        declared = length if length is not None and length >= BUDGET_MIN_BYTES else 0
-        if declared and not self.budget.fits(declared * weight):
+        reservation = Reservation(self.budget)
+        if (
+            length is not None
+            and length >= BUDGET_MIN_BYTES
+            and not await reservation.admit(length * weight, self.wait_s)
+        ):
             await _send_problem(scope, receive, send, BodyOverBudget(busy_detail(self.budget)))
             return
-        reservation = Reservation(self.budget)
         scope[RESERVATION_KEY] = reservation  # in place: outer middleware reads scope["route"]
         try:
             await self._limited(scope, receive, send, (reservation, weight))
@@ -94,6 +110,24 @@ class BodyLimitMiddleware:
 
     def _key_sent(self, scope: Scope) -> bool:
         return api_key_matches(self.api_key, header(scope, b"x-api-key"))
+
+    def _drained(self) -> None:
+        """The budget is empty (event loop): after a burst, hand the freed heap memory back
+        once it has stayed empty for :data:`TRIM_IDLE_S`."""
+        if self._trim_at is not None:
+            self._trim_at.cancel()
+        budget = self.budget
+        if budget is None or budget.peak < TRIM_AFTER_BYTES:
+            return
+        loop = asyncio.get_running_loop()
+
+        def trim() -> None:
+            self._trim_at = None
+            if budget.used == 0:
+                budget.reset_peak()
+                loop.run_in_executor(None, malloc_tuning.release_freed_memory)
+
+        self._trim_at = loop.call_later(TRIM_IDLE_S, trim)
 
     async def _limited(
         self,

@@ -216,8 +216,9 @@ def test_an_npz_member_compressed_beyond_any_real_input_is_refused() -> None:
 
 
 def test_large_bodies_beyond_the_shared_budget_get_503() -> None:
-    """While one 300 KB body is still arriving, a second one does not fit a 0.5 MB budget:
-    503 service-busy with Retry-After, never seen by the app. Small bodies are not counted;
+    """A declared 300 KB body reserves its length when admitted, before it arrives; a second
+    one does not fit a 0.4 MB budget beside it: 503 service-busy with Retry-After (no wait
+    allowed here), never seen by the app. Small bodies are not counted;
     once the first request ends, its bytes are free again. A lone body larger than the budget
     (up to the size cap) still gets in."""
     import json
@@ -243,8 +244,8 @@ def test_large_bodies_beyond_the_shared_budget_get_503() -> None:
     async def run() -> None:
         gate = asyncio.Event()
         first = asyncio.create_task(request(300_000, gate))
-        await asyncio.sleep(0.05)  # the first body is half received: 150 000 bytes held
-        assert guarded.budget is not None and guarded.budget.used == 150_000
+        await asyncio.sleep(0.05)  # the first body is half received, all of it reserved
+        assert guarded.budget is not None and guarded.budget.used == 300_000
         busy = await request(300_000)  # declared: cannot fit, refused before it is read
         assert busy[0]["status"] == 503
         assert (b"retry-after", b"1") in busy[0]["headers"]

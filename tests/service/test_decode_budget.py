@@ -57,8 +57,8 @@ def test_a_reservation_grows_while_it_fits_or_is_alone_and_always_shrinks() -> N
 
 
 def test_json_bodies_are_admitted_at_their_decoded_weight() -> None:
-    """With 150 KB of an .npy body received and a 1.5 MB budget, a 100 KB JSON body (1.6 MB
-    once decoded) is turned away while a 100 KB .npy body gets in."""
+    """With a 300 KB .npy body admitted (reserved as declared) and a 1.5 MB budget, a 100 KB
+    JSON body (1.6 MB once decoded) is turned away while a 100 KB .npy body gets in."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         while (await receive()).get("more_body"):
@@ -78,8 +78,8 @@ def test_json_bodies_are_admitted_at_their_decoded_weight() -> None:
         gate = asyncio.Event()
         held = asyncio.create_task(request("application/x-npy", 300_000, gate))
         await asyncio.sleep(0.05)
-        assert guarded.budget is not None and guarded.budget.used == 150_000  # received half
-        assert 150_000 + 100_000 * JSON_DECODE_FACTOR > 1_500_000
+        assert guarded.budget is not None and guarded.budget.used == 300_000  # declared
+        assert 300_000 + 100_000 * JSON_DECODE_FACTOR > 1_500_000
         assert await request("application/json", 100_000) == 503
         assert await request("application/problem+json; charset=utf-8", 100_000) == 503
         assert await request("application/x-npy", 100_000) == 200
@@ -127,7 +127,7 @@ def test_npz_labels_are_counted_before_they_are_converted(client, model) -> None
 def test_the_app_refuses_npz_decoding_that_does_not_fit_beside_a_body_in_flight(
     tmp_path: Path, rw_weights: list[np.ndarray]
 ) -> None:
-    """Real app, real routes: an .npy body half received holds its bytes; an .npz body that
+    """Real app, real routes: an .npy body half received holds its declared bytes; an .npz body that
     fits the budget as bytes but not once inflated and cast is answered 503 + Retry-After by
     the certify route, and succeeds once the other body is done. Nothing stays reserved."""
     n0 = rw_weights[0].shape[1]
@@ -143,8 +143,8 @@ def test_the_app_refuses_npz_decoding_that_does_not_fit_beside_a_body_in_flight(
             held = asyncio.create_task(
                 post_in_halves(app, path, npy_body, "application/x-npy", gate)
             )
-            await asyncio.sleep(0.1)  # the .npy body is half received
-            assert _body_budget(app).used == len(npy_body) // 2, held  # what arrived
+            await asyncio.sleep(0.1)  # the .npy body is half received, reserved whole
+            assert _body_budget(app).used == len(npy_body), held  # as declared
             npz = {"content-type": "application/x-npz"}
             busy = await http.post(path, content=npz_body, headers=npz)
             assert busy.status_code == 503, busy.text[:300]
@@ -191,27 +191,37 @@ async def _drain_and_answer(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-def test_a_slow_body_holds_only_what_it_has_sent() -> None:
-    """A client that declares a 1 MB JSON body (16 MB once decoded), or opens a chunked one,
-    and then sends a few bytes does not lock other large bodies out (found by review: a
-    chunked body used to count as the 64 MiB cap x 16 from its first byte)."""
-    guarded = BodyLimitMiddleware(_drain_and_answer, max_bytes=4 << 20, budget_bytes=1_500_000)
+def test_a_slow_chunked_body_holds_only_what_it_has_sent() -> None:
+    """A client that opens a chunked JSON body and then sends a few bytes does not lock other
+    large bodies out (found by review: a chunked body used to count as the 64 MiB cap x 16
+    from its first byte). A declared body is reserved whole when admitted; a client that
+    declares one and then stalls holds it until the body time limit (408), no longer."""
+    guarded = BodyLimitMiddleware(
+        _drain_and_answer, max_bytes=4 << 20, timeout_s=0.3, budget_bytes=1_500_000
+    )
     chunked = {"transfer-encoding": "chunked"}
 
     async def run() -> None:
         gate = asyncio.Event()
-        slow = [
-            asyncio.create_task(
-                post_in_halves(guarded, "/", bytes(20), "application/json", gate, headers)
-            )
-            for headers in ({"content-length": "1000000"}, chunked)
-        ]
+        slow = asyncio.create_task(
+            post_in_halves(guarded, "/", bytes(20), "application/json", gate, chunked)
+        )
         await asyncio.sleep(0.05)
         assert guarded.budget is not None and guarded.budget.used == 0
         sent = await post_in_halves(guarded, "/", bytes(300_000), "application/x-npy")
         assert sent[0]["status"] == 200
         gate.set()
-        await asyncio.gather(*slow)
+        await slow
+        stalled = await post_in_halves(
+            guarded,
+            "/",
+            bytes(20),
+            "application/json",
+            asyncio.Event(),
+            {"content-length": "1000000"},
+        )
+        assert stalled[0]["status"] == 408
+        assert guarded.budget.used == 0
 
     asyncio.run(run())
 
@@ -223,9 +233,9 @@ def test_a_chunked_body_outgrowing_the_budget_midway_gets_503() -> None:
     async def run() -> None:
         gate = asyncio.Event()
         held = asyncio.create_task(
-            post_in_halves(guarded, "/", bytes(300_000), "application/x-npy", gate)
+            post_in_halves(guarded, "/", bytes(300_000), "application/x-npy", gate, chunked)
         )
-        await asyncio.sleep(0.05)  # 150 000 bytes held
+        await asyncio.sleep(0.05)  # 150 000 bytes held (chunked: counted as they arrive)
         # 200 000 fit beside them, 400 000 do not: refused when the second half arrives
         sent = await post_in_halves(
             guarded, "/", bytes(400_000), "application/x-npy", None, chunked

@@ -62,3 +62,33 @@ def test_freed_bodies_are_reused_without_page_faults() -> None:
 def test_explicit_malloc_environment_wins() -> None:
     tuned, _, _ = _run("tune", MALLOC_TRIM_THRESHOLD_="131072")
     assert tuned == "False"
+
+
+_TRIM_SCRIPT = """
+import os
+from service.malloc_tuning import keep_freed_memory, release_freed_memory
+assert keep_freed_memory()
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+base = rss()
+body = [b"\\x01" * (256 << 10) for _ in range(320)]  # 80 MiB of body chunks
+keep = [b"k" * 100 for _ in range(10)]  # something allocated after them (no top trim)
+del body
+kept = rss()
+released = release_freed_memory()
+print(released, (kept - base) >> 20, (rss() - base) >> 20)
+"""
+
+
+def test_freed_bodies_are_handed_back_after_a_burst() -> None:
+    """What the tuned thresholds keep mapped (an 80 MiB burst of body chunks) goes back to
+    the kernel with release_freed_memory (called once the body budget stays empty)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _TRIM_SCRIPT], capture_output=True, text=True, check=True
+    ).stdout.split()
+    released, kept_mib, after_mib = out[0], int(out[1]), int(out[2])
+    assert kept_mib > 60, kept_mib  # kept mapped by the thresholds
+    assert released == "True"
+    assert after_mib < 10, (kept_mib, after_mib)
