@@ -40,7 +40,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -106,6 +106,7 @@ class InferenceWorker:
         self._device_lock = threading.Lock()  # held for every forward pass, whatever thread
         self._collecting = False  # the worker thread holds requests (batch window or pass)
         self._requests = 0  # HTTP requests in progress that use the worker (event loop only)
+        self._slots: asyncio.Semaphore | None = None  # see :meth:`slot`
         self._small_cost: dict[str, float] = {}  # model -> seconds of its last small pass
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -121,6 +122,7 @@ class InferenceWorker:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
         torch.set_num_threads(self.settings.torch_threads)
+        self._slots = asyncio.Semaphore(self.settings.request_concurrency)
         self._thread = threading.Thread(target=self._run, name="lipcert-inference", daemon=True)
         self._thread.start()
         log.info("inference worker on %s (%s)", self.device, self.dtype_name)
@@ -137,6 +139,22 @@ class InferenceWorker:
         return self._thread is not None and self._thread.is_alive()
 
     # -- requests ----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Wait (in arrival order, holding nothing) until fewer than
+        ``LIPCERT_REQUEST_CONCURRENCY`` requests are being processed.
+
+        Without it every request in flight runs its event-loop steps (decoding, radii, the
+        answer) in the same loop turns: the worker answers a micro-batch of 200 single-input
+        requests at once, and the 200 continuations run back to back before the loop reads
+        the next socket, so a health probe waited ~0.3-1 s under load (issue 15). A bounded
+        number in progress keeps each loop turn short; the worker still batches them."""
+        if self._slots is None:
+            yield
+            return
+        async with self._slots:
+            yield
 
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:

@@ -116,10 +116,11 @@ async def certify(
     optionally labels (``inputs.npy``, ``labels.npy``); both take the options as query
     parameters.
     ``Accept: application/x-npz`` returns the results as columns in an .npz archive."""
-    with worker.request():
-        return await _certify(
-            model_id, request, settings, storage, worker, bound, return_logits, epsilon
-        )
+    async with worker.slot():
+        with worker.request():
+            return await _certify(
+                model_id, request, settings, storage, worker, bound, return_logits, epsilon
+            )
 
 
 async def _certify(

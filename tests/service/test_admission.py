@@ -12,21 +12,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import io
 import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 
+from service.app import create_app
 from service.bodies.budget import BodyBudget
 from service.bodies.limits import BodyLimitMiddleware
+from service.settings import Settings
 from tests.redis_server import free_port
-from tests.service.asgi_calls import post_in_halves
+from tests.service.asgi_calls import http_scope, post_in_halves
+from tests.service.onnx_nets import mlp_onnx
+
+NPY = "application/x-npy"
 
 
 def test_waiting_requests_are_admitted_in_arrival_order() -> None:
@@ -228,3 +236,61 @@ def test_freed_memory_is_handed_back_once_a_burst_is_over(monkeypatch) -> None:
         assert calls == [1]
 
     asyncio.run(run())
+
+
+def test_certify_requests_beyond_the_concurrency_wait_and_health_does_not(
+    tmp_path: Path, rw_weights: list[np.ndarray]
+) -> None:
+    """Real app, LIPCERT_REQUEST_CONCURRENCY=1: while one .npy certify body is half received,
+    a second certify request waits for its turn (its body is not read), the liveness check is
+    answered meanwhile, and the second request runs once the first is done."""
+    n0 = rw_weights[0].shape[1]
+    buf = io.BytesIO()
+    np.save(buf, np.ones((4, n0), np.float32))
+    body = buf.getvalue()
+    app = create_app(Settings(data_dir=tmp_path, device="cpu", request_concurrency=1))
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                up = await http.post("/v1/models", files={"file": ("m.onnx", mlp_onnx(rw_weights))})
+                mid = up.json()["id"]
+                app.state.storage.save_bound(
+                    mid, {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
+                )
+                path = f"/v1/models/{mid}/certify"
+                gate = asyncio.Event()
+                first = asyncio.create_task(post_in_halves(app, path, body, NPY, gate))
+                await asyncio.sleep(0.1)  # the first holds the one slot, its body half in
+                read: list[bool] = []
+                second = asyncio.create_task(_post_watching(app, path, body, read))
+                await asyncio.sleep(0.1)
+                live = await http.get("/v2/health/live")
+                assert live.status_code == 200 and live.json() == {"live": True}
+                assert read == [] and not second.done()  # waiting, body unread
+                gate.set()
+                assert (await first)[0]["status"] == 200
+                sent = await second
+                assert sent[0]["status"] == 200 and read == [True]
+
+    asyncio.run(run())
+
+
+async def _post_watching(app: Any, path: str, body: bytes, read: list[bool]) -> list[Any]:
+    """POST ``body`` in one part, noting in ``read`` when the app first asks for it."""
+    sent: list[Any] = []
+    parts = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if not parts:
+            await asyncio.Event().wait()
+        read.append(True)
+        return parts.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = {"content-length": str(len(body)), "content-type": NPY}
+    await app(http_scope(path, headers), receive, send)
+    return sent
