@@ -136,8 +136,9 @@ class BodyBudget:
         """Change ``used`` (lock held); tell ``on_drained`` when it empties."""
         self.used += nbytes
         self.peak = max(self.peak, self.used)
-        if not self.used and not self._queue and self.on_drained and self._loop:
-            self._loop.call_soon_threadsafe(self.on_drained)
+        loop = self._loop
+        if not self.used and not self._queue and self.on_drained and loop and not loop.is_closed():
+            loop.call_soon_threadsafe(self.on_drained)
 
     def _admit_waiting(self) -> None:
         """Admit queued requests from the head while they fit (lock held)."""
