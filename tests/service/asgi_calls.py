@@ -4,7 +4,14 @@ stops half-way until the test lets it go on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
+
+import httpx
+import numpy as np
+
+from tests.service.onnx_nets import mlp_onnx
 
 
 def http_scope(path: str, headers: dict[str, str]) -> dict[str, Any]:
@@ -57,3 +64,18 @@ async def post_in_halves(
         headers = {"content-length": str(len(body))}
     await app(http_scope(path, {**headers, "content-type": content_type}), receive, send)
     return sent
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any, weights: list[np.ndarray]) -> AsyncIterator[tuple[Any, str]]:
+    """The app started, a client on it, LipSDP's random_weights uploaded with a (naive)
+    verified bound: (client, its certify path)."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            up = await http.post("/v1/models", files={"file": ("m.onnx", mlp_onnx(weights))})
+            mid = up.json()["id"]
+            app.state.storage.save_bound(
+                mid, {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
+            )
+            yield http, f"/v1/models/{mid}/certify"

@@ -31,8 +31,7 @@ from service.bodies.budget import BodyBudget
 from service.bodies.limits import BodyLimitMiddleware
 from service.settings import Settings
 from tests.redis_server import free_port
-from tests.service.asgi_calls import http_scope, post_in_halves
-from tests.service.onnx_nets import mlp_onnx
+from tests.service.asgi_calls import http_scope, post_in_halves, serving
 
 NPY = "application/x-npy"
 
@@ -251,28 +250,20 @@ def test_certify_requests_beyond_the_concurrency_wait_and_health_does_not(
     app = create_app(Settings(data_dir=tmp_path, device="cpu", request_concurrency=1))
 
     async def run() -> None:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-                up = await http.post("/v1/models", files={"file": ("m.onnx", mlp_onnx(rw_weights))})
-                mid = up.json()["id"]
-                app.state.storage.save_bound(
-                    mid, {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
-                )
-                path = f"/v1/models/{mid}/certify"
-                gate = asyncio.Event()
-                first = asyncio.create_task(post_in_halves(app, path, body, NPY, gate))
-                await asyncio.sleep(0.1)  # the first holds the one slot, its body half in
-                read: list[bool] = []
-                second = asyncio.create_task(_post_watching(app, path, body, read))
-                await asyncio.sleep(0.1)
-                live = await http.get("/v2/health/live")
-                assert live.status_code == 200 and live.json() == {"live": True}
-                assert read == [] and not second.done()  # waiting, body unread
-                gate.set()
-                assert (await first)[0]["status"] == 200
-                sent = await second
-                assert sent[0]["status"] == 200 and read == [True]
+        async with serving(app, rw_weights) as (http, path):
+            gate = asyncio.Event()
+            first = asyncio.create_task(post_in_halves(app, path, body, NPY, gate))
+            await asyncio.sleep(0.1)  # the first holds the one slot, its body half in
+            read: list[bool] = []
+            second = asyncio.create_task(_post_watching(app, path, body, read))
+            await asyncio.sleep(0.1)
+            live = await http.get("/v2/health/live")
+            assert live.status_code == 200 and live.json() == {"live": True}
+            assert read == [] and not second.done()  # waiting, body unread
+            gate.set()
+            assert (await first)[0]["status"] == 200
+            sent = await second
+            assert sent[0]["status"] == 200 and read == [True]
 
     asyncio.run(run())
 

@@ -6,15 +6,12 @@ others hold the budget is answered 503 service-busy + Retry-After (alone, it alw
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import zipfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
@@ -24,8 +21,8 @@ from service.bodies.limits import BodyLimitMiddleware
 from service.bodies.npz import read_npz_body
 from service.errors import ServiceBusy
 from service.settings import Settings
-from tests.service.asgi_calls import post_in_halves
-from tests.service.onnx_nets import assert_problem, mlp_onnx
+from tests.service.asgi_calls import post_in_halves, serving
+from tests.service.onnx_nets import assert_problem
 
 NPY, JSON = "application/x-npy", "application/json"
 
@@ -138,7 +135,7 @@ def test_the_app_refuses_npz_decoding_that_does_not_fit_beside_a_body_in_flight(
     app = create_app(settings)
 
     async def run() -> None:
-        async with _serving(app, rw_weights) as (http, path):
+        async with serving(app, rw_weights) as (http, path):
             gate = asyncio.Event()
             held = asyncio.create_task(
                 post_in_halves(app, path, npy_body, "application/x-npy", gate)
@@ -159,21 +156,6 @@ def test_the_app_refuses_npz_decoding_that_does_not_fit_beside_a_body_in_flight(
         assert budget.used == 0
 
     asyncio.run(run())
-
-
-@contextlib.asynccontextmanager
-async def _serving(app: Any, weights: list[np.ndarray]) -> AsyncIterator[tuple[Any, str]]:
-    """The app started, a client on it, LipSDP's random_weights uploaded with a (naive)
-    verified bound: (client, its certify path)."""
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            up = await http.post("/v1/models", files={"file": ("m.onnx", mlp_onnx(weights))})
-            mid = up.json()["id"]
-            app.state.storage.save_bound(
-                mid, {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
-            )
-            yield http, f"/v1/models/{mid}/certify"
 
 
 def _body_budget(app: Any) -> BodyBudget:
@@ -307,7 +289,7 @@ def test_single_input_requests_never_wait_on_the_budget(
     big = json.dumps({"inputs": np.zeros((20_000, n0)).tolist()}).encode()
 
     async def run() -> None:
-        async with _serving(app, rw_weights) as (http, path):
+        async with serving(app, rw_weights) as (http, path):
             gate = asyncio.Event()
             held = asyncio.create_task(post_in_halves(app, path, big, JSON, gate))
             await asyncio.sleep(0.1)
@@ -336,7 +318,7 @@ def test_a_fortran_order_npy_body_counts_its_float64_copy(
     app = create_app(Settings(data_dir=tmp_path, device="cpu", body_budget_mb=0.35))
 
     async def run() -> None:
-        async with _serving(app, rw_weights) as (http, path):
+        async with serving(app, rw_weights) as (http, path):
             gate = asyncio.Event()
             held = asyncio.create_task(post_in_halves(app, path, held_body, NPY, gate))
             await asyncio.sleep(0.1)
