@@ -213,10 +213,11 @@ def test_a_database_from_before_the_layout_column_is_migrated(tmp_path: Path) ->
     db.commit()
     db.close()
     store = Storage(tmp_path)
+    assert store.reimport_stale_models(load_model) == {rows[0][0]: "ok", rows[1][0]: "ok"}
     moved, plain = store.get_model(rows[0][0]), store.get_model(rows[1][0])
     assert moved is not None and plain is not None
     assert moved.input_shape == list(FILE_SHAPE)
     assert moved.ir_input_shape == list(IR_SHAPE) and moved.input_permutation == [2, 0, 1]
     assert plain.input_shape == list(IR_SHAPE) and plain.ir_input_shape is None
-    Storage(tmp_path)  # opening again is a no-op
+    assert Storage(tmp_path).reimport_stale_models(load_model) == {}  # nothing left to do
     assert store.get_model(rows[0][0]) == moved
