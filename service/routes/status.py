@@ -2,7 +2,8 @@
 
 Version, the inference worker's device and dtype, the solver device setting, the job runner
 (local process pool or RQ) with its jobs per status and the queued/running jobs themselves, the
-inference queue depth, whether an API key is required, and the certify modes the server offers
+inference queue depth, whether an API key is required, the SDP solvers a bound request may
+name, and the certify modes the server offers
 (read from the certify operation's OpenAPI description, so it follows the routes as they are).
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from sdp.solvers import solver_names
 from service.deps import RunnerDep, SettingsDep, WorkerDep
 from service.schemas import PROBLEM_RESPONSES
 
@@ -48,6 +50,7 @@ class Status(BaseModel):
     active_jobs: list[StatusJob] = Field(description="Queued and running jobs, oldest first.")
     inference_queue: int = Field(description="Inference requests waiting for the worker.")
     api_key_required: bool
+    solvers: list[str] = Field(description="SDP solver names a bound request may pick.")
     certify_modes: list[str] = Field(
         description="Values of the certify operation's `mode` option (['global'] when the "
         "server has no such option)."
@@ -105,7 +108,7 @@ def _jobs(runner: Any) -> tuple[dict[str, int], list[dict[str, Any]]]:
 @router.get("/status", response_model=Status, responses=PROBLEM_RESPONSES, summary="Server status")
 def status(request: Request, settings: SettingsDep, worker: WorkerDep, runner: RunnerDep) -> Any:
     """Version, devices, job runner with jobs per status and the active jobs, inference queue
-    depth, whether X-API-Key is required and the certify modes offered."""
+    depth, whether X-API-Key is required, the solvers and the certify modes offered."""
     counts, active = _jobs(runner)
     return {
         "version": request.app.version,
@@ -117,5 +120,6 @@ def status(request: Request, settings: SettingsDep, worker: WorkerDep, runner: R
         "active_jobs": active,
         "inference_queue": worker.queue_depth(),
         "api_key_required": bool(settings.api_key),
+        "solvers": solver_names(),
         "certify_modes": certify_modes(request),
     }

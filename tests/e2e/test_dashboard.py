@@ -10,6 +10,7 @@ Set ``LIPCERT_DASHBOARD_SCREENSHOT=docs/dashboard.png`` to write the README's sc
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -28,6 +29,7 @@ import numpy as np
 import pytest
 
 from tests.processes import stop_process_group
+from tests.service.jobs_support import big_random_net
 
 pytestmark = pytest.mark.e2e
 
@@ -376,16 +378,55 @@ def test_dashboard_upload_bound_certify(
         )
         assert style[0] != "none" and style[1] != "0px", (focused.tag_name, style)
 
-    # delete the model (confirm dialog)
-    browser.find_element(By.CSS_SELECTOR, "#models-table button.danger").click()
+    # drop a larger model on the page, start a long solve, watch it run and cancel it
+    data = base64.b64encode(big_random_net()).decode()
+    browser.execute_script(DROP_JS, browser.find_element(By.ID, "drop"), data, "big.mat")
+    big = wait_for(
+        browser,
+        lambda d: d.find_elements(By.XPATH, "//tr[@data-model][td[1][text()='big.mat']]"),
+        "the dropped model's row",
+    )[0]
+    big_id = big.get_attribute("data-model")
+    chosen = Select(browser.find_element(By.ID, "model-select")).first_selected_option
+    assert chosen.get_attribute("value") == big_id  # a new upload becomes the selected model
+    Select(browser.find_element(By.ID, "bound-method")).select_by_value("lipsdp-neuron")
+    Select(browser.find_element(By.ID, "bound-solver")).select_by_value("scs")
+    browser.find_element(By.ID, "bound-start").click()
+    wait_for(browser, lambda d: text_of(d, "job-status") == "running", "the long job to run", 120)
+    job_id = text_of(browser, "job-id")
+    wait_for(browser, lambda d: text_of(d, "st-running") == "1", "the status panel's running job")
+    assert job_id[:8] in text_of(browser, "st-active")
+    browser.find_element(By.ID, "bound-cancel").click()
+    wait_for(browser, lambda d: text_of(d, "job-status") == "cancelled", "the cancellation")
+    with server.client() as c:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and job["error"]["code"] == "cancelled"
+    assert job["model_id"] == big_id and job["solver"] == "scs"
+
+    # delete the first model (confirm dialog)
+    row = browser.find_element(By.CSS_SELECTOR, f"tr[data-model='{model_id}']")
+    row.find_element(By.CSS_SELECTOR, "button.danger").click()
     browser.switch_to.alert.accept()
     wait_for(
         browser,
-        lambda d: not d.find_elements(By.CSS_SELECTOR, "#models-table tbody tr"),
+        lambda d: not d.find_elements(By.CSS_SELECTOR, f"tr[data-model='{model_id}']"),
         "the model to be deleted",
     )
     with server.client() as c:
         assert c.get(f"/v1/models/{model_id}").status_code == 404
+        assert c.get(f"/v1/models/{big_id}").status_code == 200
+
+
+DROP_JS = """
+var zone = arguments[0], bin = atob(arguments[1]), name = arguments[2];
+var bytes = new Uint8Array(bin.length);
+for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+var dt = new DataTransfer();
+dt.items.add(new File([bytes], name));
+["dragenter", "dragover", "drop"].forEach(function (t) {
+  zone.dispatchEvent(new DragEvent(t, {dataTransfer: dt, bubbles: true, cancelable: true}));
+});
+"""
 
 
 CONTRAST_JS = """

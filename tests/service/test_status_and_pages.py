@@ -28,6 +28,7 @@ def test_status_reports_server_jobs_and_modes(client: TestClient) -> None:
     assert s["active_jobs"] == [] and s["inference_queue"] == 0
     assert s["api_key_required"] is False
     assert "global" in s["certify_modes"]
+    assert "structured" in s["solvers"] and "scs" in s["solvers"]
 
 
 def test_status_lists_active_jobs(client: TestClient) -> None:

@@ -215,6 +215,17 @@
       list.appendChild(el("li", { text: "Job " + j.job_id.slice(0, 8) + ": " + what.join(", ") }));
     });
     setModes(s.certify_modes || ["global"]);
+    setSolvers(s.solvers || []);
+  }
+
+  function setSolvers(names) {
+    var select = $("bound-solver");
+    if (select.options.length > 1) {
+      return;
+    }
+    names.forEach(function (n) {
+      select.appendChild(el("option", { value: n, text: n }));
+    });
   }
 
   function setModes(modes) {
@@ -489,6 +500,9 @@
       return;
     }
     var body = { method: $("bound-method").value, pairwise: $("bound-pairwise").checked };
+    if ($("bound-solver").value) {
+      body.solver = $("bound-solver").value;
+    }
     var timeout = parseFloat($("bound-timeout").value);
     if (timeout > 0) {
       body.timeout_s = timeout;
