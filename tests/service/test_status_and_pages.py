@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import pytest
 from fastapi import FastAPI, Query
 from fastapi.testclient import TestClient
 
@@ -102,3 +103,19 @@ def test_pages_are_public_and_every_asset_is_served_locally(
             assert url.startswith("/"), (page, url)  # nothing from another host
             assert c.get(url).status_code == 200, (page, url)
     assert c.get("/openapi.json").status_code == 200
+
+
+@pytest.mark.redis
+def test_rq_runner_active_jobs(tmp_path: Path) -> None:
+    from service.jobs.rq import RqRunner
+    from service.storage import Storage
+    from tests.redis_server import redis_server
+
+    with redis_server(tmp_path) as url:
+        runner = RqRunner(Storage(tmp_path / "data"), url)
+        for k, job_id in enumerate(("b", "a", "c")):
+            rec = JobRecord(id=job_id, spec=JobSpec(f"m{k}"), created_at=f"2026-01-0{3 - k}")
+            runner.jobs.create(rec, model_sha256="0" * 64, timeout_s=5.0)
+        assert runner.jobs.finish("a", "cancelled", error={"code": "cancelled"}, finished_at="t")
+        assert [r.id for r in runner.active_jobs()] == ["c", "b"]  # oldest first
+        assert [r.id for r in runner.active_jobs(limit=1)] == ["c"]

@@ -614,8 +614,10 @@
       logEvent(parts.join(" "));
     } else if (kind === "end") {
       var result = data.result;
+      var g = gap(result);
       showJob({
         status: data.status,
+        gap: g === null ? $("job-gap").textContent : pct(g) + " to the lower bound",
         result: result
           ? "L = " + fmt(result.lipschitz_bound, 6) + " (" + result.method + ", verified)"
           : (data.error && data.error.code + ": " + data.error.detail) || data.status,
