@@ -41,7 +41,6 @@ WAIT_S = 60.0
 REDOCLY_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -108,7 +107,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("dash") / "data", api_key=None)
+    srv = Server(tmp_path_factory.mktemp("dash") / "data", api_key=API_KEY)
     yield srv
     srv.stop()
 
@@ -267,19 +266,25 @@ def _no_horizontal_overflow(driver: Any) -> bool:
     )
 
 
+def open_with_key(driver: Any, url: str) -> None:
+    """Open the dashboard in a fresh session and give it the API key it asks for."""
+    driver.get(url + "/")
+    driver.execute_script("sessionStorage.clear()")
+    driver.get(url + "/")
+    dialog = driver.find_element(By.ID, "key-dialog")
+    wait_for(driver, lambda d: dialog.get_attribute("open") is not None, "the key dialog")
+    driver.find_element(By.ID, "key-input").send_keys(API_KEY + Keys.ENTER)
+    wait_for(driver, lambda d: text_of(d, "st-version") != "…", "the status panel")
+
+
 def test_dashboard_upload_bound_certify(
     server: Server, browser: Any, example: dict[str, Path]
 ) -> None:
     browser.set_window_size(1280, 1000)
-    browser.get(server.url + "/")
-    wait_for(
-        browser,
-        lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"),
-        "the dashboard to load",
-    )
+    open_with_key(browser, server.url)
     assert text_of(browser, "st-version") == "0.1.0"
     assert text_of(browser, "st-device").startswith("cpu")
-    assert text_of(browser, "st-key") == "not required"
+    assert text_of(browser, "st-key") == "required"
 
     # upload through the file input
     browser.find_element(By.ID, "model-file").send_keys(str(example["model"]))
@@ -473,55 +478,50 @@ def _save_screenshot(driver: Any, path: Path) -> None:
 # --- the API key ----------------------------------------------------------------------------
 
 
-def test_api_key_flow(tmp_path: Path, browser: Any) -> None:
-    srv = Server(tmp_path / "data", api_key=API_KEY)
-    try:
-        browser.set_window_size(1280, 1000)
-        browser.get(srv.url + "/")
-        browser.execute_script("sessionStorage.clear()")
-        browser.get(srv.url + "/")
-        dialog = browser.find_element(By.ID, "key-dialog")
-        wait_for(browser, lambda d: dialog.get_attribute("open") is not None, "the key dialog")
-        assert browser.switch_to.active_element.get_attribute("id") == "key-input"
+def test_api_key_flow(server: Server, browser: Any) -> None:
+    """The dashboard asks for the key, refuses a wrong one, keeps the right one for the tab
+    (never in a URL), and /docs sends it on "Try it out"."""
+    browser.set_window_size(1280, 1000)
+    browser.get(server.url + "/")
+    browser.execute_script("sessionStorage.clear()")
+    browser.get(server.url + "/")
+    dialog = browser.find_element(By.ID, "key-dialog")
+    wait_for(browser, lambda d: dialog.get_attribute("open") is not None, "the key dialog")
+    assert browser.switch_to.active_element.get_attribute("id") == "key-input"
 
-        browser.find_element(By.ID, "key-input").send_keys("wrong" + Keys.ENTER)
-        wait_for(browser, lambda d: "refused" in dialog.text, "the wrong key to be refused")
-        browser.find_element(By.ID, "key-input").send_keys(API_KEY + Keys.ENTER)
-        wait_for(browser, lambda d: text_of(d, "st-key") == "required", "the status panel")
-        assert dialog.get_attribute("open") is None
-        assert browser.execute_script("return sessionStorage.getItem('lipcert-api-key')") == API_KEY
-        assert API_KEY not in browser.current_url
+    browser.find_element(By.ID, "key-input").send_keys("wrong" + Keys.ENTER)
+    wait_for(browser, lambda d: "refused" in dialog.text, "the wrong key to be refused")
+    browser.find_element(By.ID, "key-input").send_keys(API_KEY + Keys.ENTER)
+    wait_for(browser, lambda d: text_of(d, "st-key") == "required", "the status panel")
+    assert dialog.get_attribute("open") is None
+    assert browser.execute_script("return sessionStorage.getItem('lipcert-api-key')") == API_KEY
+    assert API_KEY not in browser.current_url
 
-        # Swagger UI's "Try it out" sends the key the dashboard keeps for the session
-        browser.get(srv.url + "/docs#/status/status_v1_status_get")
-        block = wait_for(
-            browser,
-            lambda d: d.find_element(By.ID, "operations-status-status_v1_status_get"),
-            "the status operation",
-        )
-        if "is-open" not in (block.get_attribute("class") or ""):
-            block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
-        wait_for(
-            browser, lambda d: block.find_elements(By.CSS_SELECTOR, ".try-out__btn"), "Try it out"
-        ).pop().click()
-        block.find_element(By.CSS_SELECTOR, ".execute").click()
-        status = wait_for(
-            browser,
-            lambda d: block.find_elements(
-                By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status"
-            ),
-            "the Try-it-out answer",
-        )[0]
-        assert status.text.strip() == "200"
-        body = block.find_element(By.CSS_SELECTOR, ".live-responses-table .microlight").text
-        assert json.loads(body)["api_key_required"] is True
-        with httpx.Client(base_url=srv.url) as c:  # and without the key the route is closed
-            assert c.get("/v1/status").status_code == 401
-    except WebDriverException:
-        print((tmp_path / "data").parent.joinpath(f"server-{srv.port}.log").read_text()[-3000:])
-        raise
-    finally:
-        srv.stop()
+    # Swagger UI's "Try it out" sends the key the dashboard keeps for the session
+    browser.get(server.url + "/docs#/status/status_v1_status_get")
+    block = wait_for(
+        browser,
+        lambda d: d.find_element(By.ID, "operations-status-status_v1_status_get"),
+        "the status operation",
+    )
+    if "is-open" not in (block.get_attribute("class") or ""):
+        block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    wait_for(
+        browser, lambda d: block.find_elements(By.CSS_SELECTOR, ".try-out__btn"), "Try it out"
+    ).pop().click()
+    block.find_element(By.CSS_SELECTOR, ".execute").click()
+    status = wait_for(
+        browser,
+        lambda d: block.find_elements(
+            By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status"
+        ),
+        "the Try-it-out answer",
+    )[0]
+    assert status.text.strip() == "200"
+    body = block.find_element(By.CSS_SELECTOR, ".live-responses-table .microlight").text
+    assert json.loads(body)["api_key_required"] is True
+    with httpx.Client(base_url=server.url) as c:  # and without the key the route is closed
+        assert c.get("/v1/status").status_code == 401
 
 
 def test_screenshot_is_small() -> None:

@@ -869,7 +869,7 @@
     if (!res) {
       return;
     }
-    var cols = ["index", "prediction", "label", "margin", "radius", "radius_pairwise", "certified"];
+    var cols = ["index", "prediction", "label", "correct", "margin", "radius", "radius_pairwise", "certified"];
     var lines = [cols.join("\t")];
     res.results.forEach(function (r, i) {
       var row = { index: i };
