@@ -272,6 +272,7 @@
     var body = $("models-table").querySelector("tbody");
     body.replaceChildren();
     $("models-empty").hidden = state.models.length > 0;
+    $("models-table").parentElement.hidden = state.models.length === 0;
     state.models.forEach(function (m) {
       var best = (state.bounds[m.id] || {}).best;
       var g = gap(best);
