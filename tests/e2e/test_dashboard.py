@@ -148,6 +148,11 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
     driver = webdriver.Chrome(options=options, service=service)
     driver.set_page_load_timeout(WAIT_S)
+    downloads = tmp_path_factory.mktemp("downloads")
+    driver.execute_cdp_cmd(
+        "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
+    )
+    driver.downloads = downloads
     try:
         yield driver
     finally:
@@ -165,6 +170,13 @@ def wait_for(driver: Any, cond: Callable[[Any], Any], what: str, timeout: float 
         raise AssertionError(
             f"timed out waiting for {what}; notice={notice!r}; log={logs}"
         ) from exc
+
+
+def downloaded(driver: Any, name: str) -> Path:
+    """The file ``name`` once the browser has finished writing it to its download folder."""
+    path = Path(driver.downloads) / name
+    wait_for(driver, lambda d: path.is_file() and path.stat().st_size > 0, f"download {name}")
+    return path
 
 
 def text_of(driver: Any, element_id: str) -> str:
@@ -344,6 +356,30 @@ def test_dashboard_upload_bound_certify(
     assert len(weakest) == 10
     radii = [float(r.find_elements(By.TAG_NAME, "td")[4].text) for r in weakest]
     assert radii == sorted(radii)
+
+    # downloads: the results as TSV and .npz, the best bound's full certificate
+    browser.find_element(By.ID, "download-tsv").click()
+    tsv = downloaded(browser, f"lipcert-certify-{model_id}.tsv")
+    lines = tsv.read_text().splitlines()
+    assert lines[0].startswith(f"# model {model_id}") and len(lines) == 2 + 200
+    columns = lines[1].split("\t")
+    rows = [dict(zip(columns, line.split("\t"), strict=True)) for line in lines[2:]]
+    assert sum(r["certified"] == "true" for r in rows) == round(200 * expected)
+    browser.find_element(By.ID, "download-npz").click()
+    npz = downloaded(browser, f"lipcert-certify-{model_id}.npz")
+    with np.load(npz, allow_pickle=False) as z:
+        assert z["radius"].shape == (200,)
+        assert [f"{r:.17g}" for r in z["radius"]] == [
+            f"{float(r['radius']):.17g}" for r in rows
+        ]  # the same numbers in both downloads
+        assert float(z["certified_accuracy"]) == expected
+    row = browser.find_element(By.CSS_SELECTOR, f"tr[data-model='{model_id}']")
+    row.find_element(By.XPATH, ".//button[text()='Certificate']").click()
+    cert = json.loads(
+        downloaded(browser, f"lipcert-{model_id}-lipsdp-neuron-certificate.json").read_text()
+    )
+    assert cert["bound"]["lipschitz_bound"] == best["lipschitz_bound"]
+    assert len(cert["bound"]["certificate"]["multipliers"]) >= 1  # the full certificate
 
     screenshot = os.environ.get("LIPCERT_DASHBOARD_SCREENSHOT")
     if screenshot:
