@@ -19,7 +19,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.processes import stop_process_group
+from tests.processes import stop_process_group, wait_ready
 from tests.service.jobs_support import big_random_net
 
 pytestmark = pytest.mark.e2e
@@ -85,17 +84,11 @@ class Server:
                 cwd=ROOT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if httpx.get(self.url + "/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise AssertionError("server not ready:\n" + self.log.read_text()[-3000:])
+        try:
+            wait_ready(self.proc, self.url, self.log)
+        except AssertionError:
+            self.stop()
+            raise
 
     def client(self) -> httpx.Client:
         headers = {"X-API-Key": self.api_key} if self.api_key else {}
