@@ -430,6 +430,19 @@ def test_dashboard_upload_bound_certify(
     job_id = text_of(browser, "job-id")
     wait_for(browser, lambda d: text_of(d, "st-running") == "1", "the status panel's running job")
     assert job_id[:8] in text_of(browser, "st-active")
+    # a reload loses the live view; the status panel's Watch button follows the job again
+    browser.refresh()
+    watch = wait_for(
+        browser,
+        lambda d: d.find_elements(
+            By.CSS_SELECTOR, f"#st-active button[aria-label$='{job_id[:8]}']"
+        ),
+        "the running job in the status panel",
+    )[0]
+    assert not text_of(browser, "job-id")
+    watch.click()
+    wait_for(browser, lambda d: text_of(d, "job-status") == "running", "the followed job")
+    assert text_of(browser, "job-id") == job_id
     browser.find_element(By.ID, "bound-cancel").click()
     wait_for(browser, lambda d: text_of(d, "job-status") == "cancelled", "the cancellation")
     with server.client() as c:

@@ -187,19 +187,7 @@
     $("st-running").textContent = String(s.jobs.running || 0);
     $("st-inference").textContent = String(s.inference_queue);
     $("st-key").textContent = s.api_key_required ? "required" : "not required";
-    var list = $("st-active");
-    list.replaceChildren();
-    s.active_jobs.forEach(function (j) {
-      var p = j.progress || {};
-      var what = [j.status, j.method, "model " + j.model_id];
-      if (p.phase) {
-        what.push("phase " + p.phase);
-      }
-      if (p.iteration !== undefined) {
-        what.push("iteration " + p.iteration);
-      }
-      list.appendChild(el("li", { text: "Job " + j.job_id.slice(0, 8) + ": " + what.join(", ") }));
-    });
+    renderActive(s.active_jobs);
     setModes(s.certify_modes || ["global"]);
     setSolvers(s.solvers || []);
   }
@@ -212,6 +200,58 @@
     names.forEach(function (n) {
       select.appendChild(el("option", { value: n, text: n }));
     });
+  }
+
+  // The queued and running jobs, each with a button that follows it in the Bounds panel
+  // (rebuilt only when something changed, so keyboard focus stays put between polls).
+  function renderActive(jobs) {
+    var list = $("st-active");
+    var key = JSON.stringify(jobs);
+    if (list.dataset.shown === key) {
+      return;
+    }
+    list.dataset.shown = key;
+    list.replaceChildren();
+    jobs.forEach(function (j) {
+      var p = j.progress || {};
+      var what = [j.status, j.method, "model " + j.model_id];
+      if (p.phase) {
+        what.push("phase " + p.phase);
+      }
+      if (p.iteration !== undefined) {
+        what.push("iteration " + p.iteration);
+      }
+      var watching = state.job && state.job.id === j.job_id;
+      list.appendChild(
+        el("li", {}, [
+          "Job " + j.job_id.slice(0, 8) + ": " + what.join(", ") + " ",
+          el("button", {
+            type: "button",
+            className: "small secondary",
+            text: watching ? "Watching" : "Watch",
+            "aria-label": "Watch job " + j.job_id.slice(0, 8),
+            onclick: function () {
+              follow(j);
+            },
+          }),
+        ])
+      );
+    });
+  }
+
+  function follow(job) {
+    if (state.job) {
+      if (state.job.id === job.job_id) {
+        return;
+      }
+      state.job.controller.abort();
+    }
+    if (job.model_id !== state.selected && state.bounds[job.model_id]) {
+      select(job.model_id);
+    }
+    $("job-log").replaceChildren();
+    showJob({ id: job.job_id, status: job.status, phase: "–", iteration: "–", gap: "–", result: "–" });
+    watchJob(job.job_id).catch(fail);
   }
 
   function setModes(modes) {
@@ -558,6 +598,9 @@
       if (err.name !== "AbortError") {
         fail(err);
       }
+    }
+    if (controller.signal.aborted) {
+      return; // another job is followed now
     }
     if (!ended) {
       // the stream broke off: read the job's state once
