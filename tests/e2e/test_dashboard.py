@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.processes import stop_process_group, wait_ready
+from tests.serve_process import ServeProcess, serving
 from tests.service.jobs_support import big_random_net
 
 pytestmark = pytest.mark.e2e
@@ -48,61 +47,16 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 # --- a real server --------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``lipcert serve`` in its own process group on a free loopback port."""
-
-    def __init__(self, data_dir: Path, api_key: str | None) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.api_key = api_key
-        self.log = data_dir.parent / f"server-{self.port}.log"
-        env = {
-            k: v for k, v in os.environ.items() if k not in ("LIPCERT_API_KEY", "LIPCERT_QUEUE_URL")
-        }
-        env.update(
-            LIPCERT_DATA_DIR=str(data_dir),
-            LIPCERT_DEVICE="cpu",
-            OMP_NUM_THREADS="1",
-            MKL_NUM_THREADS="1",
-            OPENBLAS_NUM_THREADS="1",
-        )
-        if api_key:
-            env["LIPCERT_API_KEY"] = api_key
-        cmd = [sys.executable, "-c", "from service.cli import main; main()", "serve"]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [*cmd, "--host", "127.0.0.1", "--port", str(self.port)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                start_new_session=True,
-            )
-        try:
-            wait_ready(self.proc, self.url, self.log)
-        except AssertionError:
-            self.stop()
-            raise
-
-    def client(self) -> httpx.Client:
-        headers = {"X-API-Key": self.api_key} if self.api_key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
-
-    def stop(self) -> None:
-        stop_process_group(self.proc)
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("dash") / "data", api_key=API_KEY)
-    yield srv
-    srv.stop()
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """``lipcert serve`` with an API key (the pages are public, /v1 is not)."""
+    base = tmp_path_factory.mktemp("dash")
+    with serving(base / "data", base / "server.log", LIPCERT_API_KEY=API_KEY) as srv:
+        yield srv
+
+
+def client(srv: ServeProcess) -> httpx.Client:
+    return httpx.Client(base_url=srv.url, headers={"X-API-Key": API_KEY}, timeout=60)
 
 
 # --- a real browser -------------------------------------------------------------------------
@@ -197,7 +151,7 @@ def operations(openapi: dict[str, Any]) -> set[tuple[str, str]]:
 # --- the docs -------------------------------------------------------------------------------
 
 
-def test_docs_list_every_operation_without_internet(server: Server, browser: Any) -> None:
+def test_docs_list_every_operation_without_internet(server: ServeProcess, browser: Any) -> None:
     expected = operations(httpx.get(server.url + "/openapi.json").json())
     assert len(expected) >= 15
     browser.get(server.url + "/docs")
@@ -252,8 +206,8 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"model": out / "mlp.onnx", "testset": out / "testset.npz"}
 
 
-def _certified_accuracy(server: Server, model_id: str, testset: Path, eps: float) -> float:
-    with server.client() as c:
+def _certified_accuracy(server: ServeProcess, model_id: str, testset: Path, eps: float) -> float:
+    with client(server) as c:
         r = c.post(
             f"/v1/models/{model_id}/certify?epsilon={eps}",
             content=testset.read_bytes(),
@@ -283,7 +237,7 @@ def open_with_key(driver: Any, url: str) -> None:
 
 
 def test_dashboard_upload_bound_certify(
-    server: Server, browser: Any, example: dict[str, Path]
+    server: ServeProcess, browser: Any, example: dict[str, Path]
 ) -> None:
     browser.set_window_size(1280, 1000)
     open_with_key(browser, server.url)
@@ -300,7 +254,7 @@ def test_dashboard_upload_bound_certify(
     )[0]
     cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
     model_id = row.get_attribute("data-model")
-    with server.client() as c:
+    with client(server) as c:
         rec = c.get(f"/v1/models/{model_id}").json()
     assert cells[:5] == ["mlp.onnx", "onnx", rec["kind"], "(4)", "(3)"]
     assert cells[5] == f"{rec['parameters']:,}"
@@ -312,7 +266,7 @@ def test_dashboard_upload_bound_certify(
     wait_for(browser, lambda d: text_of(d, "job-status") == "succeeded", "the bound job", 240)
     log = text_of(browser, "job-log")
     assert "status: running" in log and "phase=" in log and "end: succeeded" in log
-    with server.client() as c:
+    with client(server) as c:
         best = c.get(f"/v1/models/{model_id}/bounds").json()["best"]
     assert best["method"] == "lipsdp-neuron" and best["verified"] is True
     shown_l = f"{best['lipschitz_bound']:.6g}"
@@ -445,7 +399,7 @@ def test_dashboard_upload_bound_certify(
     assert text_of(browser, "job-id") == job_id
     browser.find_element(By.ID, "bound-cancel").click()
     wait_for(browser, lambda d: text_of(d, "job-status") == "cancelled", "the cancellation")
-    with server.client() as c:
+    with client(server) as c:
         job = c.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "cancelled" and job["error"]["code"] == "cancelled"
     assert job["model_id"] == big_id and job["solver"] == "scs"
@@ -459,7 +413,7 @@ def test_dashboard_upload_bound_certify(
         lambda d: not d.find_elements(By.CSS_SELECTOR, f"tr[data-model='{model_id}']"),
         "the model to be deleted",
     )
-    with server.client() as c:
+    with client(server) as c:
         assert c.get(f"/v1/models/{model_id}").status_code == 404
         assert c.get(f"/v1/models/{big_id}").status_code == 200
 
@@ -520,7 +474,7 @@ def _save_screenshot(driver: Any, path: Path) -> None:
 # --- the API key ----------------------------------------------------------------------------
 
 
-def test_api_key_flow(server: Server, browser: Any) -> None:
+def test_api_key_flow(server: ServeProcess, browser: Any) -> None:
     """The dashboard asks for the key, refuses a wrong one, keeps the right one for the tab
     (never in a URL), and /docs sends it on "Try it out"."""
     browser.set_window_size(1280, 1000)

@@ -24,7 +24,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.processes import wait_ready
 from tests.service.onnx_nets import assert_problem, lipsdp_weights, mlp_onnx
 from tests.service.test_api_models import BAD_UPLOADS
 
@@ -71,7 +70,16 @@ class Server:
                 stderr=subprocess.STDOUT,
                 cwd=Path(__file__).resolve().parents[2],
             )
-        wait_ready(self.proc, self.url, self.log)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if httpx.get(self.url + "/v2/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("server did not become ready:\n" + self.log.read_text()[-3000:])
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
