@@ -1,6 +1,7 @@
 """``GET /v1/status``: what the dashboard's status panel shows, as one JSON document.
 
-Version, the inference worker's device and dtype, the solver device setting, the job runner
+Version, readiness (with the reasons of ``/v2/health/ready``), the inference worker's device and
+dtype, the solver device setting, the job runner
 (local process pool or RQ) with its jobs per status and the queued/running jobs themselves, the
 inference queue depth, whether an API key is required, the SDP solvers a bound request may
 name, and the certify modes the server offers
@@ -17,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from sdp.solvers import solver_names
 from service.deps import RunnerDep, SettingsDep, WorkerDep
+from service.routes.health import not_ready_reasons
 from service.schemas import PROBLEM_RESPONSES
 
 log = logging.getLogger("lipcert.service")
@@ -42,6 +44,11 @@ class Status(BaseModel):
     """The server at a glance (``GET /v1/status``)."""
 
     version: str = Field(examples=["0.1.0"])
+    ready: bool = Field(description="As GET /v2/health/ready: able to take work now.")
+    not_ready: list[dict[str, str]] = Field(
+        description="Why not ({code, detail}: storage-full, queue-unavailable, ...); empty "
+        "when ready."
+    )
     device: str = Field(description="Device of the inference worker: cpu or cuda.")
     dtype: str = Field(description="Dtype of the inference worker's forward passes.")
     solver_device: str = Field(description="LIPCERT_DEVICE for the LipSDP solver: auto|cpu|cuda.")
@@ -107,11 +114,14 @@ def _jobs(runner: Any) -> tuple[dict[str, int], list[dict[str, Any]]]:
 
 @router.get("/status", response_model=Status, responses=PROBLEM_RESPONSES, summary="Server status")
 def status(request: Request, settings: SettingsDep, worker: WorkerDep, runner: RunnerDep) -> Any:
-    """Version, devices, job runner with jobs per status and the active jobs, inference queue
-    depth, whether X-API-Key is required, the solvers and the certify modes offered."""
+    """Version, readiness, devices, job runner with jobs per status and the active jobs,
+    inference queue depth, whether X-API-Key is required, the solvers and the certify modes."""
     counts, active = _jobs(runner)
+    reasons = not_ready_reasons(request.app.state)
     return {
         "version": request.app.version,
+        "ready": not reasons,
+        "not_ready": reasons,
         "device": str(getattr(worker, "device", "cpu")),
         "dtype": str(getattr(worker, "dtype_name", settings.cpu_dtype)),
         "solver_device": settings.device,

@@ -244,6 +244,7 @@ def test_dashboard_upload_bound_certify(
     assert text_of(browser, "st-version") == "0.1.0"
     assert text_of(browser, "st-device").startswith("cpu")
     assert text_of(browser, "st-key") == "required"
+    assert text_of(browser, "st-ready") == "yes"
 
     # upload through the file input
     browser.find_element(By.ID, "model-file").send_keys(str(example["model"]))

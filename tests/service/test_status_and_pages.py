@@ -22,6 +22,7 @@ KEY = "status-test-key"
 def test_status_reports_server_jobs_and_modes(client: TestClient) -> None:
     s = client.get("/v1/status").json()
     assert s["version"] == client.app.version
+    assert s["ready"] is True and s["not_ready"] == []
     assert s["device"] == "cpu" and s["dtype"] in ("float32", "float64")
     assert s["solver_device"] == "cpu"
     assert s["runner"] == "local"

@@ -180,6 +180,10 @@
     var s = await getJson("/v1/status");
     state.status = s;
     $("st-version").textContent = s.version;
+    $("st-ready").textContent = s.ready
+      ? "yes"
+      : "no: " + s.not_ready.map(function (r) { return r.detail; }).join("; ");
+    $("st-ready").className = s.ready ? "" : "status-failed";
     $("st-device").textContent = s.device + " (" + s.dtype + ")";
     $("st-solver").textContent = s.solver_device;
     $("st-runner").textContent = s.runner || "none";
