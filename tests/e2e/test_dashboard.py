@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -485,6 +486,13 @@ def test_api_key_flow(server: ServeProcess, browser: Any) -> None:
     dialog = browser.find_element(By.ID, "key-dialog")
     wait_for(browser, lambda d: dialog.get_attribute("open") is not None, "the key dialog")
     assert browser.switch_to.active_element.get_attribute("id") == "key-input"
+    # cancelled, it stays closed through the next status polls until the button asks again
+    browser.find_element(By.ID, "key-cancel").click()
+    time.sleep(3.5)
+    assert dialog.get_attribute("open") is None
+    assert "API key is needed" in text_of(browser, "notice")
+    browser.find_element(By.ID, "key-button").click()
+    assert dialog.get_attribute("open") is not None
 
     browser.find_element(By.ID, "key-input").send_keys("wrong" + Keys.ENTER)
     wait_for(browser, lambda d: "refused" in dialog.text, "the wrong key to be refused")

@@ -24,6 +24,7 @@
     results: null, // certify answer (JSON)
     resultsQuery: "",
     status: null,
+    keyDismissed: false, // the user closed the key dialog: do not reopen it by itself
   };
 
   function $(id) {
@@ -60,7 +61,7 @@
     } catch (e) {
       problem = null;
     }
-    if (r.status === 401) {
+    if (r.status === 401 && !state.keyDismissed) {
       askKey(window.sessionStorage.getItem(KEY) ? "The API key was refused." : "");
     }
     var detail = (problem && (problem.detail || problem.title)) || r.status + " " + r.statusText;
@@ -154,22 +155,29 @@
     $("key-button").addEventListener("click", function () {
       askKey("");
     });
+    // Cancel or Escape: no more asking on every refused call until the button is used
+    $("key-dialog").addEventListener("cancel", function () {
+      state.keyDismissed = true;
+    });
     $("key-form").addEventListener("submit", function (ev) {
       ev.preventDefault();
       var key = $("key-input").value.trim();
       if (key) {
         window.sessionStorage.setItem(KEY, key);
       }
+      state.keyDismissed = false;
       $("key-dialog").close();
       notify("");
       refreshAll();
     });
     $("key-forget").addEventListener("click", function () {
       window.sessionStorage.removeItem(KEY);
+      state.keyDismissed = true;
       $("key-dialog").close();
       notify("API key forgotten.");
     });
     $("key-cancel").addEventListener("click", function () {
+      state.keyDismissed = true;
       $("key-dialog").close();
     });
   }
