@@ -267,7 +267,9 @@ def test_dashboard_upload_bound_certify(
     browser.find_element(By.ID, "bound-start").click()
     wait_for(browser, lambda d: text_of(d, "job-status") == "succeeded", "the bound job", 240)
     log = text_of(browser, "job-log")
-    assert "status: running" in log and "phase=" in log and "end: succeeded" in log
+    # live events: status changes and solver progress (a step shorter than the stream's
+    # 0.25 s poll may be folded into the next), then the end
+    assert "status: " in log and "phase=" in log and log.endswith("end: succeeded")
     with client(server) as c:
         best = c.get(f"/v1/models/{model_id}/bounds").json()["best"]
     assert best["method"] == "lipsdp-neuron" and best["verified"] is True
