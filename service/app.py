@@ -20,12 +20,13 @@ from typing import Any
 from fastapi import FastAPI
 
 from service.bodies.limits import BodyLimitMiddleware
+from service.dashboard import install as install_dashboard
 from service.deps import ApiKey
 from service.diskspace import StorageFull
 from service.errors import install_error_handlers
 from service.middleware import AccessLogMiddleware
 from service.parsing import ModelChecker
-from service.routes import certify, health, models, oip
+from service.routes import certify, health, models, oip, status
 from service.settings import Settings
 from service.storage import Storage
 from service.worker import InferenceWorker
@@ -119,7 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # /docs and /redoc with local assets: service.dashboard
         redoc_url=None,
     )
     app.state.settings = settings
@@ -145,4 +146,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.include_router(router, dependencies=protected)
     app.include_router(certify.router, dependencies=protected)
     app.include_router(oip.router, dependencies=protected)
+    app.include_router(status.router, dependencies=protected)
+    install_dashboard(app)
     return app

@@ -138,6 +138,10 @@ class InferenceWorker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def queue_depth(self) -> int:
+        """Inference requests waiting for the worker thread."""
+        return self._queue.qsize()
+
     # -- requests ----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager

@@ -65,6 +65,8 @@ def test_scripts_test_runs_every_check() -> None:
         assert any(c.startswith(f"export {var}=") for c in commands), var
     assert "command -v redis-server >/dev/null || missing+=(redis-server)" in commands
     assert "command -v curl >/dev/null || missing+=(curl)" in commands
+    assert "command -v chromium >/dev/null || missing+=(chromium)" in commands
+    assert "command -v chromedriver >/dev/null || missing+=(chromium-driver)" in commands
     assert 'lipcert_apt_install "${missing[@]}"' in commands
 
 
@@ -150,3 +152,38 @@ def test_healthcheck_is_stdlib_only() -> None:
     extra = roots - set(sys.stdlib_module_names) - {"service", "__main__"}
     extra = {r for r in extra if not r.startswith("_")}  # private stdlib/site helpers
     assert not extra, f"the probe imports third-party modules: {sorted(extra)}"
+
+
+# --- what a non-editable install ships ----------------------------------------------------------
+
+
+def test_wheel_ships_the_dashboard_templates_and_assets(tmp_path: Path) -> None:
+    """``pip install .`` (the Docker image) must carry every template and static file of the
+    dashboard: they are package data, not Python modules."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for pkg in ("sdp", "models", "service"):
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=ignore)
+    out = tmp_path / "wheel"
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    proc = subprocess.run([*cmd, "-w", str(out), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = out.glob("lipcert-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    dashboard = ROOT / "service" / "dashboard"
+    wanted = {
+        p.relative_to(ROOT).as_posix()
+        for sub in ("templates", "static")
+        for p in (dashboard / sub).rglob("*")
+        if p.is_file()
+    }
+    assert {"service/dashboard/templates/index.html", "service/dashboard/static/dashboard.js"} <= (
+        wanted
+    )
+    assert wanted - shipped == set(), "dashboard files missing from the wheel"

@@ -12,7 +12,7 @@ def serve(
     port: int = typer.Option(8000, help="TCP port.", min=0, max=65535),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
-    """Serve the HTTP API (docs at http://HOST:PORT/docs)."""
+    """Serve the HTTP API (dashboard at http://HOST:PORT/, docs at /docs)."""
     import uvicorn
     from pydantic import ValidationError
 
@@ -24,7 +24,9 @@ def serve(
     except ValidationError as exc:
         fail(f"invalid LIPCERT_* configuration: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
     shown = f"[{host}]" if ":" in host else host
-    typer.echo(f"lipcert: API docs at http://{shown}:{port}/docs (data in {settings.data_dir})")
+    base = f"http://{shown}:{port}"
+    where = f"dashboard at {base}/, API docs at {base}/docs"
+    typer.echo(f"lipcert: {where} (data in {settings.data_dir})")
     import logging
 
     logging.basicConfig(

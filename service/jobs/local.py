@@ -204,6 +204,9 @@ class LocalRunner:
     def status_counts(self) -> dict[str, int]:
         return self.store.status_counts()
 
+    def active_jobs(self, limit: int = 100) -> list[JobRecord]:
+        return self.store.active(limit)
+
     # -- supervising threads ---------------------------------------------------------------------
 
     def _bound_still_stored(self, rec: JobRecord) -> bool:

@@ -262,6 +262,16 @@ class RqRunner:
                 ids.append(rec.id)
         return ids
 
+    def active_jobs(self, limit: int = 100) -> list[JobRecord]:
+        """The queued and running jobs (from the active set), oldest first."""
+        recs = []
+        for raw_id in self.redis.smembers(ACTIVE_SET):
+            rec = self.jobs.get(raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id))
+            if rec is not None and not rec.terminal:
+                recs.append(rec)
+        recs.sort(key=lambda r: (r.created_at, r.id))
+        return recs[: max(0, int(limit))]
+
     def status_counts(self) -> dict[str, int]:
         """Jobs per status, from the job hashes (one SCAN; fine for a metrics scrape)."""
         with self._redis():

@@ -311,6 +311,15 @@ class JobStore:
             ).fetchall()
         return [str(r["id"]) for r in rows]
 
+    def active(self, limit: int = 100) -> list[JobRecord]:
+        """The queued and running jobs, oldest first (at most ``limit``)."""
+        with self._connect() as db:
+            rows = db.execute(
+                f"SELECT * FROM jobs WHERE {_ACTIVE_SQL} ORDER BY created_at, id LIMIT ?",
+                (int(limit),),
+            ).fetchall()
+        return [_record(r) for r in rows]
+
     def fail_owned(self, owner_id: str, code: str, detail: str) -> int:
         """Mark every queued/running job of ``owner_id`` failed (at stop); how many."""
         with self._connect() as db:
