@@ -17,10 +17,12 @@ from x*_r, z_k = s z + t with the lines selected by the sign of Lambda_k.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from sdp.ir import Array
-from sdp.local.propagate import BallBounds, backward
+from sdp.local.propagate import BallBounds, backward, node_objective, single
 
 
 def _relaxed_forward(
@@ -28,14 +30,15 @@ def _relaxed_forward(
     lam_x: Array,
     lam_act: dict[int, Array],
     alphas: dict[int, Array],
+    top: int,
 ) -> dict[int, Array]:
-    """Pre-activation values v (B, m, n) of every act node from x*_r, per row."""
+    """Pre-activation values v (B, m, n) of every act node below ``top`` from x*_r, per row."""
     g = st.graph
     nrm = np.linalg.norm(lam_x, axis=-1, keepdims=True)
     xs = st.x0[:, None, :] - st.eps[:, None, None] * lam_x / np.where(nrm > 0, nrm, 1.0)
     vals: dict[int, Array] = {0: xs}
     pre: dict[int, Array] = {}
-    for node in g.nodes[1:]:
+    for node in g.nodes[1 : top + 1]:
         if node.kind == "affine":
             vals[node.index] = node.linear(vals[node.parents[0]]) + node.full_bias
         elif node.kind == "act":
@@ -65,7 +68,7 @@ def optimise_alphas(
     c0: Array,
     *,
     iterations: int = 20,
-    lr: float = 0.2,
+    lr: float = 0.5,
     start: dict[int, Array] | None = None,
 ) -> tuple[Array, dict[int, Array]]:
     """Best rigorous lower bounds (B, m) over projected-Adam iterates, and their alphas.
@@ -75,7 +78,12 @@ def optimise_alphas(
     """
     g = st.graph
     b, m = c0.shape
-    acts = [nd.index for nd in g.act_nodes() if st.relax[nd.index].alpha_mask.any()]
+    top = max(init)
+    acts = [
+        nd.index
+        for nd in g.act_nodes()
+        if nd.index <= top and nd.index in st.relax and st.relax[nd.index].alpha_mask.any()
+    ]
     alphas: dict[int, Array] = {}
     for k in acts:
         rel = st.relax[k]
@@ -100,7 +108,7 @@ def optimise_alphas(
         if it == iterations:
             break
         assert res.lam_x is not None and res.lam_act is not None
-        pre = _relaxed_forward(st, res.lam_x, res.lam_act, alphas)
+        pre = _relaxed_forward(st, res.lam_x, res.lam_act, alphas, top)
         for k in acts:
             rel = st.relax[k]
             lam = res.lam_act[k]
@@ -112,3 +120,63 @@ def optimise_alphas(
             step = lr * mh / (np.sqrt(vh) + tiny)
             alphas[k] = np.clip(alphas[k] + step, rel.alpha_min, rel.alpha_max)
     return best, best_alpha
+
+
+# Per input b: target node -> (rows, {act node: (2 r, n) alphas}); rows r of the target node
+# get +-e_i objectives (first r rows: lower bounds of z_i, last r: of -z_i).
+InterAlphas = dict[int, tuple[np.ndarray, dict[int, Array]]]
+
+
+@dataclass(eq=False)
+class IntermediateAlpha:
+    """A ``node_hook`` for :func:`sdp.local.propagate.compute_bounds`: tightens the bounds of
+    every node that feeds an activation with alpha-CROWN rows, input by input.
+
+    ``given`` (per input) replays stored alphas (one rigorous backward pass, for verification);
+    otherwise the rows of neurons unstable under a ReLU-like consumer are optimised for
+    ``iterations`` steps and the best alphas are kept in ``found``. Each row's bound only
+    replaces the current one where it is tighter, so the result is never looser than CROWN.
+    """
+
+    iterations: int = 10
+    given: list[InterAlphas] | None = None
+    found: list[InterAlphas] = field(default_factory=list)
+
+    def __call__(self, st: BallBounds, idx: int) -> None:
+        if not self.found:
+            self.found = [{} for _ in range(st.batch)]
+        for b in range(st.batch):
+            sub = single(st, b)
+            if self.given is not None:
+                if idx not in self.given[b]:
+                    continue
+                rows, alph = self.given[b][idx]
+                init, c0 = node_objective(sub, idx, rows)
+                lower = backward(sub, init, c0, alphas={k: a[None] for k, a in alph.items()}).lower
+            else:
+                rows = self._rows(st, idx, b)
+                if rows.size == 0:
+                    continue
+                init, c0 = node_objective(sub, idx, rows)
+                lower, best = optimise_alphas(sub, init, c0, iterations=self.iterations)
+                if not best:
+                    continue
+                self.found[b][idx] = (rows, {k: a[0] for k, a in best.items()})
+            r = rows.size
+            st.lo[idx][b, rows] = np.maximum(st.lo[idx][b, rows], lower[0, :r])
+            st.hi[idx][b, rows] = np.minimum(st.hi[idx][b, rows], -lower[0, r:])
+
+    @staticmethod
+    def _rows(st: BallBounds, idx: int, b: int) -> np.ndarray:
+        g = st.graph
+        relu_like = any(
+            g.nodes[c].kind == "act" and getattr(g.nodes[c].op, "name", "") in _RELU_LIKE
+            for c in g.consumers[idx]
+        )
+        if not relu_like:
+            return np.zeros(0, dtype=np.intp)
+        lo, hi = st.lo[idx][b], st.hi[idx][b]
+        return np.flatnonzero((lo < 0) & (hi > 0))
+
+
+_RELU_LIKE = ("relu", "leaky_relu")

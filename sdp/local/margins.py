@@ -15,7 +15,7 @@ import numpy as np
 
 from sdp.errors import UnsupportedMethod
 from sdp.ir import Array
-from sdp.local.alpha import optimise_alphas
+from sdp.local.alpha import InterAlphas, IntermediateAlpha, optimise_alphas
 from sdp.local.graph import Graph
 from sdp.local.propagate import BallBounds, backward, compute_bounds
 from sdp.local.types import SlopeOptimizer, SlopeProblem
@@ -124,6 +124,7 @@ def _recheck_plain(name: str) -> RecheckFn:
 
 
 ALPHA_ITERATIONS = 20
+INTER_ITERATIONS = 10
 
 
 def alpha_crown(
@@ -136,8 +137,10 @@ def alpha_crown(
     net: object = None,
     iterations: int = ALPHA_ITERATIONS,
 ) -> MarginBounds:
-    """alpha-CROWN on the final margins (intermediate bounds from CROWN)."""
-    st = compute_bounds(graph, x0, eps)
+    """alpha-CROWN: intermediate bounds tightened by per-neuron alphas (input by input), then
+    the final margins optimised; the payload stores every alpha used (for ``recheck``)."""
+    hook = IntermediateAlpha(iterations=INTER_ITERATIONS)
+    st = compute_bounds(graph, x0, eps, node_hook=hook)
     c = objective_rows(pred, graph.output_size)
     c0 = np.zeros(c.shape[:2])
     init = {graph.output: c}
@@ -158,22 +161,66 @@ def alpha_crown(
             tuple(st.relax[k].alpha_min for k in acts),
             tuple(st.relax[k].alpha_max for k in acts),
         )
-        cand = {
-            k: np.asarray(a, dtype=np.float64)
-            for k, a in zip(acts, optimizer(problem), strict=True)
-        }
-        for k in acts:
-            if cand[k].shape != alphas[k].shape or not np.isfinite(cand[k]).all():
-                raise ValueError(f"optimizer returned alphas of the wrong shape for node {k}")
+        got = list(optimizer(problem))
+        if len(got) != len(acts):
+            got = [alphas[k] for k in acts]  # unusable answer: keep our own alphas
+        cand: dict[int, Array] = {}
+        for k, a in zip(acts, got, strict=True):
+            arr = np.asarray(a, dtype=np.float64)
+            ok = arr.shape == alphas[k].shape and bool(np.isfinite(arr).all())
+            cand[k] = arr if ok else alphas[k]  # candidates only; clipped in backward
         theirs = backward(st, init, c0, alphas=cand).lower  # recomputed, never trusted
+        theirs = np.maximum(theirs, box_margins(st, c))
         better = theirs > lower
         lower = np.where(better, theirs, lower)
         for k in acts:
             alphas[k] = np.where(better[:, :, None], cand[k], alphas[k])
     payloads = tuple(
-        tuple((f"alpha:{k}", alphas[k][i]) for k in sorted(alphas)) for i in range(len(pred))
+        tuple((f"alpha:{k}", alphas[k][i]) for k in sorted(alphas))
+        + _encode_inter(hook.found[i] if hook.found else {})
+        for i in range(len(pred))
     )
     return MarginBounds(_finish(lower, pred), payloads)
+
+
+def _encode_inter(found: InterAlphas) -> Payload:
+    out: list[tuple[str, Array]] = []
+    for t in sorted(found):
+        rows, al = found[t]
+        out.append((f"irows:{t}", np.asarray(rows, dtype=np.float64)))
+        out.extend((f"ialpha:{t}:{k}", al[k]) for k in sorted(al))
+    return tuple(out)
+
+
+def _decode_inter(graph: Graph, payload: Payload) -> InterAlphas:
+    rows: dict[int, np.ndarray] = {}
+    al: dict[int, dict[int, Array]] = {}
+    for key, arr in payload:
+        parts = key.split(":")
+        if parts[0] == "irows" and len(parts) == 2:
+            t = int(parts[1])
+            r = np.asarray(arr, dtype=np.float64).reshape(-1)
+            if not (0 <= t < len(graph.nodes)) or np.any(r != np.round(r)):
+                raise ValueError(f"bad payload entry {key!r}")
+            ri = r.astype(np.intp)
+            if ri.size and (ri.min() < 0 or ri.max() >= graph.nodes[t].size):
+                raise ValueError(f"bad payload entry {key!r}")
+            rows[t] = ri
+        elif parts[0] == "ialpha" and len(parts) == 3:
+            t, k = int(parts[1]), int(parts[2])
+            if not (0 < k <= t < len(graph.nodes)) or graph.nodes[k].kind != "act":
+                raise ValueError(f"bad payload entry {key!r}")
+            a = np.asarray(arr, dtype=np.float64)
+            if a.ndim != 2 or a.shape[1] != graph.nodes[k].size or not np.isfinite(a).all():
+                raise ValueError(f"bad payload entry {key!r}")
+            al.setdefault(t, {})[k] = a
+    out: InterAlphas = {}
+    for t, r in rows.items():
+        a = al.get(t, {})
+        if any(v.shape[0] != 2 * r.size for v in a.values()):
+            raise ValueError(f"alphas of node {t} do not match its rows")
+        out[t] = (r, a)
+    return out
 
 
 def _alpha_compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBounds:
@@ -182,11 +229,14 @@ def _alpha_compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> Mar
 
 def _alpha_recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload) -> Array:
     xs, es = _single(x0, eps)
-    st = compute_bounds(graph, xs, es)
+    hook = IntermediateAlpha(given=[_decode_inter(graph, payload)])
+    st = compute_bounds(graph, xs, es, node_hook=hook)
     c = objective_rows(np.array([y]), graph.output_size)
     alphas: dict[int, Array] = {}
     for key, arr in payload:
         kind, _, idx = key.partition(":")
+        if kind in ("irows", "ialpha"):
+            continue
         node = int(idx)
         if kind != "alpha" or node not in st.relax:
             raise ValueError(f"unknown alpha-crown payload entry {key!r}")

@@ -40,7 +40,7 @@ return the rigorous error term of its own step (see :class:`ActStep`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -295,12 +295,31 @@ def _needs_tightening(g: Graph, st: BallBounds, idx: int) -> np.ndarray:
     return need
 
 
+def node_objective(st: BallBounds, idx: int, sel: np.ndarray) -> tuple[dict[int, Array], Array]:
+    """Objective rows (+e_i, -e_i for i in sel) of node idx as backward-pass inputs.
+
+    For an affine node the rows start at its parent as +-W_i with the constants +-b_i (exact
+    copies: ``transpose`` of a unit vector sums one product by 1.0 and zeros).
+    """
+    node = st.graph.nodes[idx]
+    b, k = st.batch, sel.size
+    if node.kind == "affine":
+        unit = np.zeros((k, node.size))
+        unit[np.arange(k), sel] = 1.0
+        w = node.transpose(unit)
+        bias = node.full_bias[sel]
+        c0 = np.broadcast_to(np.concatenate([bias, -bias])[None], (b, 2 * k))
+        return {node.parents[0]: np.concatenate([w, -w])[None]}, np.array(c0)
+    eye = np.zeros((k, node.size))
+    eye[np.arange(k), sel] = 1.0
+    return {idx: np.concatenate([eye, -eye])[None]}, np.zeros((b, 2 * k))
+
+
 def crown_node_bounds(
     st: BallBounds, idx: int, rows: np.ndarray, *, act_rule: ActRule | None = None
 ) -> tuple[Array, Array]:
     """CROWN lower and upper bounds of z_idx[rows] over the balls, (B, len(rows)) each."""
     g = st.graph
-    node = g.nodes[idx]
     b = st.batch
     r = rows.size
     lows = np.empty((b, r))
@@ -310,20 +329,8 @@ def crown_node_bounds(
     for s in range(0, r, chunk):
         sel = rows[s : s + chunk]
         k = sel.size
-        if node.kind == "affine":
-            p = node.parents[0]
-            unit = np.zeros((k, node.size))
-            unit[np.arange(k), sel] = 1.0
-            w = node.transpose(unit)  # (k, n_in): rows of W, exact copies
-            lam = np.concatenate([w, -w])[None]
-            bias = node.full_bias[sel]
-            c0 = np.broadcast_to(np.concatenate([bias, -bias])[None], (b, 2 * k))
-            res = backward(st, {p: lam}, np.array(c0), act_rule=act_rule)
-        else:
-            eye = np.zeros((k, node.size))
-            eye[np.arange(k), sel] = 1.0
-            lam = np.concatenate([eye, -eye])[None]
-            res = backward(st, {idx: lam}, np.zeros((b, 2 * k)), act_rule=act_rule)
+        init, c0 = node_objective(st, idx, sel)
+        res = backward(st, init, c0, act_rule=act_rule)
         lows[:, s : s + k] = res.lower[:, :k]
         highs[:, s : s + k] = -res.lower[:, k:]
     return lows, highs
@@ -336,12 +343,17 @@ def compute_bounds(
     *,
     linear: bool = True,
     act_rule: ActRule | None = None,
+    node_hook: Callable[[BallBounds, int], None] | None = None,
 ) -> BallBounds:
     """Bounds of every node over the balls: IBP, tightened by CROWN where ``linear``.
 
     Note on the row W_i of an affine node: ``transpose(e_i)`` copies the weights exactly (a sum
     of one product by 1.0 and zeros), so the first layer's bounds are the exact-ball bounds
     W_i x0 + b_i -+ eps ||W_i||_2 (rounded outward).
+
+    ``node_hook(st, idx)`` runs after the CROWN bounds of each node that feeds an activation
+    and may tighten ``st.lo[idx]`` / ``st.hi[idx]`` further with any sound bound (e.g.
+    intermediate alpha-CROWN); the relaxation of the consuming activation is built afterwards.
     """
     st = BallBounds(graph, x0, eps)
     for node in graph.nodes:
@@ -368,4 +380,27 @@ def compute_bounds(
                 cl, ch = crown_node_bounds(st, node.index, rows, act_rule=act_rule)
                 st.lo[-1][:, rows] = np.maximum(st.lo[-1][:, rows], cl)
                 st.hi[-1][:, rows] = np.minimum(st.hi[-1][:, rows], ch)
+            if node_hook is not None:
+                node_hook(st, node.index)
     return st
+
+
+def single(st: BallBounds, b: int) -> BallBounds:
+    """The bounds of input b alone, as views (writes to lo/hi reach ``st``)."""
+    sl = slice(b, b + 1)
+    rel = {
+        k: replace(
+            r,
+            lower_slope=r.lower_slope[sl],
+            lower_icpt=r.lower_icpt[sl],
+            upper_slope=r.upper_slope[sl],
+            upper_icpt=r.upper_icpt[sl],
+            post_lo=r.post_lo[sl],
+            post_hi=r.post_hi[sl],
+            alpha_mask=r.alpha_mask[sl],
+        )
+        for k, r in st.relax.items()
+    }
+    return BallBounds(
+        st.graph, st.x0[sl], st.eps[sl], [a[sl] for a in st.lo], [a[sl] for a in st.hi], rel
+    )

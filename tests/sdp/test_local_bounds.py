@@ -289,3 +289,41 @@ def test_verify_rejects_wrong_network_and_garbage():
     assert res.certified[0] and verify_local(net, x[0], cert)
     assert not verify_local(other, x[0], cert)
     assert not verify_local(net, np.full(3, np.nan), cert)
+
+
+def test_alpha_crown_certificates_replay_and_optimizer_is_only_a_candidate():
+    rng = np.random.default_rng(8)
+    net = dense_net(rng, [6, 16, 16, 3], "relu", scale=1.5)
+    x = rng.normal(size=(8, 6))
+    crown = certify_local(net, x, epsilon=0.3, method="crown")
+    alpha = certify_local(net, x, epsilon=0.3, method="alpha-crown")
+    assert alpha.certified.sum() >= crown.certified.sum()
+    payloads = [c for c in alpha.certificates if c.method == "alpha-crown"]
+    assert payloads, "alpha-crown certified nothing: the replay test would be vacuous"
+    for i, c in enumerate(alpha.certificates):
+        assert verify_local(net, x[i], c)
+    # a corrupted payload is refused, not trusted
+    from dataclasses import replace
+
+    c = payloads[0]
+    i = alpha.certificates.index(c)
+    bad = tuple((k, np.full((2, 2), np.nan)) for k, _ in c.payload)
+    assert not verify_local(net, x[i], replace(c, payload=bad))
+
+    calls = []
+
+    def wild(problem):  # absurd slopes: clipped to [0, 1] and re-verified, never trusted
+        calls.append(problem)
+        return [np.full_like(a, 7.0) for a in problem.alpha_init]
+
+    def garbage(problem):
+        return [np.full((1,), np.nan)]
+
+    for opt in (wild, garbage):
+        res = certify_local(net, x, epsilon=0.3, method="alpha-crown", optimizer=opt)
+        assert np.array_equal(res.certified, alpha.certified) or (
+            res.certified.sum() >= alpha.certified.sum()
+        )
+        for i, cc in enumerate(res.certificates):
+            assert verify_local(net, x[i], cc)
+    assert calls and calls[0].objective.shape[1:] == (3, 3)
