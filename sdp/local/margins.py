@@ -216,10 +216,10 @@ def _decode_inter(graph: Graph, payload: Payload) -> InterAlphas:
             al.setdefault(t, {})[k] = a
     out: InterAlphas = {}
     for t, r in rows.items():
-        a = al.get(t, {})
-        if any(v.shape[0] != 2 * r.size for v in a.values()):
+        per = al.get(t, {})
+        if any(v.shape[0] != 2 * r.size for v in per.values()):
             raise ValueError(f"alphas of node {t} do not match its rows")
-        out[t] = (r, a)
+        out[t] = (r, per)
     return out
 
 
