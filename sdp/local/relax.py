@@ -14,15 +14,19 @@ both ends in exact arithmetic, relu being convex), and the lower line alpha z, a
 (CROWN's adaptive choice alpha = 1 if u >= -l else 0, or an optimised alpha). Leaky ReLU with
 slope p <= 1 is the same with alpha in [p, 1] and the chord through (l, p l), (u, u).
 
-Every other activation (tanh, sigmoid, elu, softplus, gelu, silu, leaky_relu with p > 1) uses
-one generic, sound relaxation built from a rigorous enclosure [d_lo, d_hi] of phi' on [l, u]
-(mean-value form): with c the midpoint, r >= (u - l) / 2 and any slope a in [d_lo, d_hi],
-g(z) = phi(z) - a z has g' in [d_lo - a, d_hi - a], so on [l, u]
+Every other activation (tanh, sigmoid, elu, softplus, gelu, silu, leaky_relu with p > 1): the
+slopes follow CROWN's choices, computed in float (they need not be exact): S-shaped tanh and
+sigmoid take the tangent at the midpoint on the convex (u <= 0) / concave (l >= 0) side and the
+chord on the other, and for l < 0 < u the tangent through the far endpoint when it touches
+inside [l, u] (else the chord); convex softplus / elu(alpha <= 1) take the midpoint tangent
+below and the chord above; gelu, silu, leaky_relu(p > 1), elu(alpha > 1) the chord for both.
+For a slope a the intercepts are a rigorous lower bound of min (phi(z) - a z) and upper bound
+of max (phi(z) - a z) over [l, u]: [l, u] is cut into 24 pieces and on each, with centre c,
+radius r and a rigorous enclosure [d_lo, d_hi] of phi' on the piece (mean-value form),
 
-    g(c) - (d_hi - d_lo) r <= g(z) <= g(c) + (d_hi - d_lo) r,
+    |g(z) - g(c)| <= r max(0, a - d_lo, d_hi - a)      for g(z) = phi(z) - a z.
 
-i.e. the two parallel lines a z + g(c) -+ (d_hi - d_lo) r. We take a = the chord slope clipped to
-[d_lo, d_hi]. The gap is second order in the width for smooth phi (d_hi - d_lo ~ |phi''| (u - l)).
+The slack is second order in the piece width where g' ~ 0 (at a tangent point).
 phi' enclosures use the monotonicity pieces of each phi' (tanh', sigmoid' peak at 0; softplus' =
 sigmoid increasing; elu' = alpha e^z then 1; gelu', silu' extrema at +-sqrt 2 and +-2.3994),
 padded by 64 ulps relative and 1e-12 absolute. Library function values phi(v) are trusted to
@@ -32,6 +36,7 @@ padded by 64 ulps relative and 1e-12 absolute. Library function values phi(v) ar
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -189,29 +194,100 @@ def _relu_like(l: Array, u: Array, p: float) -> Relaxation:
     )
 
 
+PIECES = 24
+"""Sub-intervals of [l, u] on which the intercepts of smooth activations are bounded."""
+
+
+def _piece_extremes(phi: Activation, l: Array, u: Array, a: Array) -> tuple[Array, Array]:
+    """Rigorous (lower bound of min, upper bound of max) of g(z) = phi(z) - a z on [l, u].
+
+    [l, u] is cut into ``PIECES`` sub-intervals [p_k, p_k+1] (p_0 = l, p_N = u, a monotone
+    float grid, so they cover [l, u] exactly). On each, with centre c, radius r >= half its width
+    and phi' in [d_lo, d_hi] there, g(z) is within r max(0, a - d_lo, d_hi - a) of g(c) (mean
+    value). The slack vanishes quadratically with the piece width where g' ~ 0.
+    """
+    n = PIECES
+    f = np.linspace(0.0, 1.0, n + 1).reshape((-1,) + (1,) * l.ndim)
+    grid = l[None] + f * (u - l)[None]
+    grid[0], grid[-1] = l, u
+    grid = np.minimum(np.maximum.accumulate(grid, axis=0), u[None])
+    pl, pu = grid[:-1], grid[1:]
+    c = 0.5 * pl + 0.5 * pu
+    r = np.maximum(up(pu - c, np.abs(pu) + np.abs(c)), up(c - pl, np.abs(c) + np.abs(pl)))
+    r = np.maximum(r, 0.0)
+    d_lo, d_hi = derivative_range(phi, pl, pu)
+    v_lo, v_hi = _value_bounds(phi, c)
+    ac = a[None] * c
+    spread = np.maximum(np.maximum(a[None] - d_lo, d_hi - a[None]), 0.0) * r
+    spread = up(spread, spread)
+    lo = down(v_lo - ac - spread, np.abs(v_lo) + np.abs(ac) + spread).min(axis=0)
+    hi = up(v_hi - ac + spread, np.abs(v_hi) + np.abs(ac) + spread).max(axis=0)
+    return lo, hi
+
+
+def _bisect(f: Callable[[Array], Array], lo: Array, hi: Array, iters: int = 30) -> Array:
+    """A sign change of f on [lo, hi], vectorised (float; only a heuristic slope)."""
+    s_lo = np.sign(f(lo))
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        same = np.sign(f(mid)) == s_lo
+        lo = np.where(same, mid, lo)
+        hi = np.where(same, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def _slopes(phi: Activation, l: Array, u: Array) -> tuple[Array, Array]:
+    """Heuristic slopes (lower, upper) in float: CROWN's tangent / chord choices.
+
+    Soundness never depends on them: the intercepts are bounded rigorously for any slope.
+    """
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        wide = u > l
+        chord = np.where(wide, (phi(u) - phi(l)) / np.where(wide, u - l, 1.0), _deriv(phi, l))
+        chord = np.nan_to_num(chord)
+        mid = 0.5 * l + 0.5 * u
+        name = phi.name
+        if name in ("sigmoid", "tanh"):  # convex on z <= 0, concave on z >= 0
+            tan_mid = _deriv(phi, mid)
+
+            # lower: tangent at mid (convex part), chord (concave part), or in between the
+            # tangent at d <= 0 through (u, phi(u)) when it touches inside [l, 0]
+            def h_lo(d: Array) -> Array:
+                return np.asarray(phi(u) - phi(d) - _deriv(phi, d) * (u - d))
+
+            def h_up(d: Array) -> Array:
+                return np.asarray(phi(d) - phi(l) - _deriv(phi, d) * (d - l))
+
+            mixed = (l < 0) & (u > 0)
+            lm, um = np.where(mixed, l, -1.0), np.where(mixed, u, 1.0)
+            d_l = _bisect(h_lo, lm, np.zeros_like(lm))
+            d_u = _bisect(h_up, np.zeros_like(um), um)
+            lo_mixed = np.where(h_lo(lm) >= 0, _deriv(phi, d_l), chord)
+            up_mixed = np.where(h_up(um) >= 0, _deriv(phi, d_u), chord)
+            s_lo = np.where(u <= 0, tan_mid, np.where(l >= 0, chord, lo_mixed))
+            s_up = np.where(u <= 0, chord, np.where(l >= 0, tan_mid, up_mixed))
+        elif name == "softplus" or (name == "elu" and phi.param <= 1.0):  # convex
+            s_lo, s_up = _deriv(phi, mid), chord
+        else:
+            s_lo, s_up = chord, chord
+    g_lo, g_hi = phi.slope_bounds
+    s_lo = np.clip(np.nan_to_num(s_lo), g_lo, g_hi)
+    s_up = np.clip(np.nan_to_num(s_up), g_lo, g_hi)
+    return np.asarray(s_lo), np.asarray(s_up)
+
+
 def _generic(phi: Activation, l: Array, u: Array) -> Relaxation:
-    d_lo, d_hi = derivative_range(phi, l, u)
-    c = 0.5 * l + 0.5 * u
-    r = np.maximum(up(u - c, np.abs(u) + np.abs(c)), up(c - l, np.abs(c) + np.abs(l)))
-    r = np.maximum(r, 0.0)  # [l, u] is inside [c - r, c + r] exactly
-    v_l_lo, _ = _value_bounds(phi, l)
-    _, v_u_hi = _value_bounds(phi, u)
-    v_c_lo, v_c_hi = _value_bounds(phi, c)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        chord = np.where(u > l, (phi(u) - phi(l)) / np.where(u > l, u - l, 1.0), d_lo)
-    a = np.clip(np.nan_to_num(chord), d_lo, d_hi)
-    gap = up((d_hi - d_lo) * r, (d_hi - d_lo) * r)
-    ac = a * c
-    t_lo = down(v_c_lo - ac - gap, np.abs(v_c_lo) + np.abs(ac) + gap)
-    t_up = up(v_c_hi - ac + gap, np.abs(v_c_hi) + np.abs(ac) + gap)
+    """Lines with CROWN's slopes and intercepts bounded rigorously (:func:`_piece_extremes`)."""
+    s_lo, s_up = _slopes(phi, l, u)
+    t_lo, _ = _piece_extremes(phi, l, u, s_lo)
+    _, t_up = _piece_extremes(phi, l, u, s_up)
     if phi.slope_bounds[0] >= 0:  # nondecreasing phi
-        post_lo, post_hi = v_l_lo, v_u_hi
+        post_lo, _ = _value_bounds(phi, l)
+        _, post_hi = _value_bounds(phi, u)
     else:
-        lip = np.maximum(np.abs(d_lo), np.abs(d_hi))
-        spread = up(lip * r, lip * r)
-        post_lo = down(v_c_lo - spread, np.abs(v_c_lo) + spread)
-        post_hi = up(v_c_hi + spread, np.abs(v_c_hi) + spread)
-    return Relaxation(a, t_lo, a, t_up, post_lo, post_hi, np.zeros(l.shape, dtype=bool), 0.0, 0.0)
+        post_lo, post_hi = _piece_extremes(phi, l, u, np.zeros_like(l))
+    mask = np.zeros(l.shape, dtype=bool)
+    return Relaxation(s_lo, t_lo, s_up, t_up, post_lo, post_hi, mask, 0.0, 0.0)
 
 
 def relax(phi: Activation, l: Array, u: Array) -> Relaxation:
