@@ -301,6 +301,10 @@ def _search(
     for mi, m in enumerate(chain):
         lo = np.array([states[i].lo for i in live])
         hi = np.full(live.size, np.inf)
+        # f = smallest margin lower bound at lo / hi (guides the next probe; heuristic only)
+        f_lo = margin[live].astype(np.float64)
+        f_hi = np.full(live.size, -np.inf)
+        p0, f0 = np.zeros(live.size), margin[live].astype(np.float64)
         probe = np.maximum(guess * 0.5, lo * 2) if mi == 0 else np.maximum(lo * 1.25, 1e-12)
         probe = np.where(probe > 0, probe, 1e-3)
         for _ in range(_MAX_PROBES):
@@ -309,27 +313,49 @@ def _search(
                 break
             ids = live[act]
             ok, lower, payloads = _evaluate(m, graph, x[ids], probe[act], pred[ids], net, optimizer)
+            fmin = np.min(np.where(np.isnan(lower), -np.inf, lower), axis=1)
             for j, a in enumerate(act):
                 i = live[a]
                 if ok[j]:
-                    lo[a] = probe[a]
+                    p0[a], f0[a] = lo[a], f_lo[a]
+                    lo[a], f_lo[a] = probe[a], fmin[j]
                     states[i] = _State(float(probe[a]), m.name, lower[j], payloads[j], True)
                 else:
-                    hi[a] = probe[a]
-            # next probes: expand / shrink until bracketed, then bisect
-            for a in act:
-                if math.isinf(hi[a]):
-                    probe[a] = max(2.0 * probe[a], 2.0 * lo[a])
-                elif lo[a] <= 0:
-                    probe[a] = 0.25 * hi[a]
-                    if probe[a] < 1e-9:
-                        hi[a] = lo[a]  # give up below 1e-9
-                elif hi[a] > 4.0 * lo[a]:
-                    probe[a] = math.sqrt(lo[a] * hi[a])
-                else:
-                    probe[a] = 0.5 * (lo[a] + hi[a])
+                    hi[a], f_hi[a] = probe[a], fmin[j]
+                probe[a] = _next_probe(lo[a], f_lo[a], hi[a], f_hi[a], p0[a], f0[a])
+                if hi[a] < 1e-9:
+                    hi[a] = lo[a]  # nothing certifiable above 1e-9: stop
         if time.perf_counter() > deadline:
             break
+
+
+def _next_probe(lo: float, f_lo: float, hi: float, f_hi: float, p0: float, f0: float) -> float:
+    """Next radius to try, from the bracket [lo certified, hi not] and the bound values there.
+
+    The margin bound decreases with eps, roughly linearly near its root, so a secant
+    (regula falsi) estimate of the root is tried a little below it, guarded towards bisection;
+    close to an end the probe jumps to within rtol of it to close the bracket. Unbracketed
+    (hi = inf): a secant extrapolation from the last two certified points, in [1.25, 4] x lo.
+    Any probe is only a guess: each one is certified or refused by a full evaluation.
+    """
+    tol = _RTOL * max(lo, 1e-12)
+    if math.isinf(hi):
+        est = 2.0 * lo
+        if math.isfinite(f_lo) and f0 > f_lo > 0 and lo > p0:
+            est = lo + f_lo * (lo - p0) / (f0 - f_lo)
+        return float(min(max(est, 1.25 * lo), 4.0 * lo)) if lo > 0 else 1e-3
+    if lo <= 0:
+        return 0.25 * hi
+    w = hi - lo
+    if hi > 4.0 * lo or not (math.isfinite(f_hi) and f_lo > 0 > f_hi):
+        return math.sqrt(lo * hi) if hi > 4.0 * lo else lo + 0.5 * w
+    est = lo + w * f_lo / (f_lo - f_hi)
+    target = est - 0.25 * tol
+    if target - lo < tol:
+        return lo + 0.9 * tol
+    if hi - target < tol:
+        return max(hi - 0.9 * tol, lo + 0.5 * w)
+    return min(max(target, lo + 0.02 * w), hi - 0.02 * w)
 
 
 def verify_local(net: Network, x0: Array, cert: LocalCertificate) -> bool:
