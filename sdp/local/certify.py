@@ -363,7 +363,8 @@ def verify_local(net: Network, x0: Array, cert: LocalCertificate) -> bool:
 
     True iff the certificate's network and input hashes match and, for a local method, every
     recomputed lower bound of f_y - f_j (j != y) on the closed ball of radius cert.epsilon is
-    > 0; for ``global`` iff the rounding-shrunk margin > sqrt(2) L epsilon; ``none`` certifies
+    > 0; for ``global`` iff epsilon <= the global radius (rounding-shrunk margin / (sqrt 2 L),
+    a claim about the open ball of radius epsilon); ``none`` certifies
     nothing (True iff epsilon == 0).
     """
     x = np.asarray(x0, dtype=np.float64).reshape(-1)
@@ -385,7 +386,7 @@ def verify_local(net: Network, x0: Array, cert: LocalCertificate) -> bool:
             return False
         err = logit_error_bound(net, 2.0**-53)(x[None])
         r = certified_radius(logits, cert.global_bound, logit_error=err).radius[0]
-        return bool(eps < r)
+        return bool(eps <= r)  # the global radius certifies the open ball of radius r
     try:
         m = get_method(cert.method)
     except UnsupportedMethod:

@@ -20,9 +20,9 @@ class LocalCertificate:
     Claim: for every x with ||x - x0||_2 <= epsilon (closed ball), and for the network as
     imported (float64 weights as exact reals), f_y(x) - f_j(x) >= lower_bounds[j] > 0 for every
     j != y = ``prediction`` (``lower_bounds[y]`` is +inf). For ``method == "global"`` the claim
-    is the global one: epsilon < margin / (sqrt 2 L) with ``global_bound`` L (whose own LipSDP
-    certificate is checked by :mod:`sdp.certificate`). ``method == "none"`` certifies nothing
-    (epsilon 0).
+    is the global one, on the OPEN ball of radius epsilon <= margin / (sqrt 2 L) with
+    ``global_bound`` L (whose own LipSDP certificate is checked by :mod:`sdp.certificate`).
+    ``method == "none"`` certifies nothing (epsilon 0).
 
     ``alphas`` holds (act node index, (K, n) lower slopes) for alpha-CROWN, rows indexed by j
     (row y unused); ``payload`` is free-form data of a method registered by another module.

@@ -327,3 +327,22 @@ def test_alpha_crown_certificates_replay_and_optimizer_is_only_a_candidate():
         for i, cc in enumerate(res.certificates):
             assert verify_local(net, x[i], cc)
     assert calls and calls[0].objective.shape[1:] == (3, 3)
+
+
+def test_global_floor_certificate_verifies_and_floor_holds():
+    rng = np.random.default_rng(9)
+    net = dense_net(rng, [4, 8, 3], "relu")
+    x = rng.normal(size=(3, 4))
+    # a tiny budget and a huge global bound: some inputs may keep the global radius
+    res = certify_local(net, x, global_bound=1e6, method="ibp", time_budget_s=1e-6)
+    for i in range(3):
+        c = res.certificates[i]
+        assert res.radius[i] >= res.global_radius[i]
+        assert verify_local(net, x[i], c), c.method
+    glob = [c for c in res.certificates if c.method == "global"]
+    assert glob, "no certificate kept the global radius: the test would be vacuous"
+    from dataclasses import replace
+
+    c = glob[0]
+    i = res.certificates.index(c)
+    assert not verify_local(net, x[i], replace(c, epsilon=c.epsilon * 2))
