@@ -194,6 +194,8 @@ def certify_local(
     graph = build_graph(net)
     if graph.output_size < 2:
         raise ValueError("local certification needs at least two logits")
+    if method == "auto":
+        chain = [m for m in chain if m.applies is None or m.applies(graph)]
     logits = net.forward(x) if b else np.zeros((0, graph.output_size))
     err = logit_error_bound(net, 2.0**-53)(x) if b else np.zeros(0)
     rr = certified_radius(logits, global_bound or 1.0, logit_error=err) if b else None

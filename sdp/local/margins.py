@@ -36,12 +36,14 @@ RecheckFn = Callable[[Graph, Array, float, int, Payload], Array]
 @dataclass(frozen=True)
 class MarginMethod:
     """``compute(graph, x0, eps, pred)`` -> MarginBounds; ``recheck(graph, x0 (n0,), eps, y,
-    payload)`` -> (K,) rigorous lower bounds recomputed from the payload."""
+    payload)`` -> (K,) rigorous lower bounds recomputed from the payload; ``applies(graph)``
+    (None: always) says whether ``auto`` may run it (``compute`` raises NotApplicable else)."""
 
     name: str
     compute: MarginFn
     recheck: RecheckFn
     in_auto: bool = True
+    applies: Callable[[Graph], bool] | None = None
 
 
 _REGISTRY: dict[str, MarginMethod] = {}
