@@ -45,7 +45,8 @@ def _check_inputs(net: Network, inputs: object) -> Array:
     x = np.asarray(inputs, dtype=np.float64)
     if x.ndim < 2:
         raise ValueError(f"inputs must be (batch, {net.input_size}), got shape {x.shape}")
-    x = x.reshape(x.shape[0], -1)
+    feats = math.prod(x.shape[1:])
+    x = x.reshape(x.shape[0], feats)
     if x.shape[1] != net.input_size:
         raise ValueError(f"inputs have {x.shape[1]} features, the network expects {net.input_size}")
     if not np.isfinite(x).all():
