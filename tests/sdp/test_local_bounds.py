@@ -32,7 +32,7 @@ def mp_phi(phi: Activation, x):
     if n == "sigmoid":
         return 1 / (1 + mpmath.exp(-x))
     if n == "elu":
-        return x if x > 0 else p * (mpmath.exp(x) - 1)
+        return x if x > 0 else p * mpmath.expm1(x)
     if n == "softplus":
         return mpmath.log1p(mpmath.exp(x))
     if n == "gelu":
