@@ -1,10 +1,12 @@
 """certify_local / verify_local: per-input certification at eps, and largest-radius search.
 
 Certified at eps (closed ball) by a method iff every rigorous lower bound of f_y - f_j on the
-ball is > 0. Balls nest, so certified at eps => certified at every smaller eps for the same
-method, and the largest certified radius can be bracketed and bisected. The global radius
-m / (sqrt 2 L) from a verified global bound L (:mod:`sdp.radius`) is a floor: it is always
-certified (open ball) and the search only looks above it.
+ball is > 0. Balls nest, so a certificate at eps covers every smaller eps, and the largest
+certified radius can be bracketed and bisected. (A method's bound itself need not be monotone in
+eps: adaptive relaxations may certify eps and fail a smaller eps'; the search only ever reports
+a radius at which a full evaluation succeeded, so this costs tightness, never soundness.)
+The global radius m / (sqrt 2 L) from a verified global bound L (:mod:`sdp.radius`) is a
+floor: it is always certified (open ball) and the search only looks above it.
 
 Radius search per input (vectorised over a batch; every probe is a full rigorous evaluation):
 a first guess is the linearisation distance min_j m_j / ||grad m_j(x0)||, then the probe is

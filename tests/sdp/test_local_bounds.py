@@ -210,9 +210,8 @@ def test_monotone_alpha_above_crown_above_ibp(seed, name, depth, eps):
     assert np.all(alpha[off] >= crown[off])
     if name in ("relu", "leaky_relu", "identity"):
         assert np.all(crown[off] >= ibp[off] - 1e-9 * (1 + np.abs(ibp[off])))
-    # nested balls: bounds shrink as eps grows
-    crown2 = get_method("crown").compute(graph, x0, e * 1.5 + 0.01, pred).lower
-    assert np.all(crown2[off] <= crown[off] + 1e-9 * (1 + np.abs(crown[off])))
+    # (no monotonicity in eps is asserted: adaptive relaxations can make a bound at a larger eps
+    # tighter; a certified radius r covers every smaller eps because the balls nest)
 
 
 def test_radius_search_and_certificates_verify():
@@ -229,10 +228,6 @@ def test_radius_search_and_certificates_verify():
         cert = res.certificates[i]
         assert cert.epsilon == res.radius[i] and cert.method == res.radius_method[i]
         assert verify_local(net, x[i], cert)
-        if cert.method in ("crown", "alpha-crown"):
-            # certified at r => certified at every smaller eps
-            small = certify_local(net, x[i : i + 1], epsilon=0.5 * res.radius[i], method="crown")
-            assert small.certified[0]
     # a tampered certificate fails: larger eps than the true robust radius, or another input
     i = int(np.argmax(res.radius))
     cert = res.certificates[i]
