@@ -63,7 +63,7 @@ def pgd_min_margin(
     return best.numpy()
 
 
-def check_no_attack(net: Network, x: np.ndarray, *, method: str = "auto", budget: float = 2.0):
+def check_no_attack(net: Network, x: np.ndarray, *, method: str = "auto", budget: float = 1.0):
     res = certify_local(net, x, method=method, time_budget_s=budget)
     r = res.radius
     assert np.all(r >= 0)
