@@ -228,7 +228,7 @@ def backward(
             e = e + err_scale(node.size) * (al @ np.abs(bias)) + (node.size + 2) * ETA
             c = c + cb
             cabs = cabs + np.abs(cb)
-            push(p, node.transpose(lam))
+            push(p, _transpose_sparse(node, lam))
         else:  # add
             for p in node.parents:
                 push(p, lam)
@@ -248,6 +248,20 @@ def row_norms_up(node: Node) -> Array:
         return np.repeat(k, ho * wo)
     assert isinstance(op, Dense)
     return row_norm_upper_bounds(op.weight)
+
+
+def _transpose_sparse(node: Node, lam: Array) -> Array:
+    """W^T lam, skipping the columns of lam that are zero everywhere (stably inactive ReLUs).
+
+    Dropping exact zeros from a sum leaves fewer terms than ``terms_transpose``, so the error
+    bound used for the full product still holds.
+    """
+    op = node.op
+    if isinstance(op, Dense):
+        nz = np.flatnonzero(np.any(lam != 0, axis=tuple(range(lam.ndim - 1))))
+        if nz.size < 0.75 * op.out_features:
+            return np.asarray(lam[..., nz] @ op.weight[nz])
+    return node.transpose(lam)
 
 
 def _affine_ibp(st: BallBounds, node: Node) -> tuple[Array, Array]:
