@@ -1,0 +1,255 @@
+"""Rigorous lower bounds of the margins f_y - f_j over l2 balls, per method.
+
+A method maps (inputs x0 (B, n0), radii eps (B,), predictions y (B,)) to lower bounds (B, K)
+of f_y - f_j on each ball (+inf at j = y) and a per-input payload that lets
+:func:`recheck` recompute the same bound. Built-in: ``ibp``, ``crown``, ``alpha-crown``;
+other modules add methods with :func:`register_method` (e.g. ``sdp-crown``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdp.errors import UnsupportedMethod
+from sdp.ir import Array
+from sdp.local.alpha import InterAlphas, IntermediateAlpha, optimise_alphas
+from sdp.local.graph import Graph
+from sdp.local.propagate import BallBounds, backward, compute_bounds
+from sdp.local.types import SlopeOptimizer, SlopeProblem
+
+Payload = tuple[tuple[str, Array], ...]
+
+
+@dataclass(frozen=True, eq=False)
+class MarginBounds:
+    lower: Array  # (B, K), +inf at j = y
+    payloads: tuple[Payload, ...]  # per input
+
+
+MarginFn = Callable[[Graph, Array, Array, np.ndarray], MarginBounds]
+RecheckFn = Callable[[Graph, Array, float, int, Payload], Array]
+
+
+@dataclass(frozen=True)
+class MarginMethod:
+    """``compute(graph, x0, eps, pred)`` -> MarginBounds; ``recheck(graph, x0 (n0,), eps, y,
+    payload)`` -> (K,) rigorous lower bounds recomputed from the payload; ``applies(graph)``
+    (None: always) says whether ``auto`` may run it (``compute`` raises NotApplicable else)."""
+
+    name: str
+    compute: MarginFn
+    recheck: RecheckFn
+    in_auto: bool = True
+    applies: Callable[[Graph], bool] | None = None
+
+
+_REGISTRY: dict[str, MarginMethod] = {}
+
+
+def register_method(method: MarginMethod) -> None:
+    """Add (or replace) a local method; ``in_auto`` methods run after alpha-CROWN in ``auto``."""
+    _REGISTRY[method.name] = method
+
+
+def get_method(name: str) -> MarginMethod:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnsupportedMethod(
+            f"local method {name!r} is not available (have: {', '.join(_REGISTRY)})"
+        ) from None
+
+
+def auto_chain() -> list[MarginMethod]:
+    """Methods of ``auto``, cheapest first."""
+    first = [_REGISTRY["crown"], _REGISTRY["alpha-crown"]]
+    return first + [
+        m for n, m in _REGISTRY.items() if m.in_auto and n not in ("ibp", "crown", "alpha-crown")
+    ]
+
+
+def objective_rows(pred: np.ndarray, k: int) -> Array:
+    """(B, K, K): row j is e_y - e_j (row y is zero)."""
+    b = pred.shape[0]
+    c = np.zeros((b, k, k))
+    c[np.arange(b), :, pred] = 1.0
+    c[:, np.arange(k), np.arange(k)] -= 1.0
+    c[np.arange(b), pred, :] = 0.0
+    return c
+
+
+def _finish(lower: Array, pred: np.ndarray) -> Array:
+    out = np.array(lower, dtype=np.float64)
+    out[np.arange(len(pred)), pred] = np.inf
+    return out
+
+
+def box_margins(st: BallBounds, c: Array) -> Array:
+    """Interval lower bounds (B, m) of the objective rows c (B, m, K) on the logits: the rows
+    folded into the last affine layer, then its input box (IBP's margin bound)."""
+    graph = st.graph
+    out = graph.nodes[graph.output]
+    box = out.parents[0] if out.kind == "affine" else out.index
+    return backward(st, {graph.output: c}, np.zeros(c.shape[:2]), box_at=box).lower
+
+
+def _ibp(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBounds:
+    st = compute_bounds(graph, x0, eps, linear=False)
+    c = objective_rows(pred, graph.output_size)
+    return MarginBounds(_finish(box_margins(st, c), pred), tuple(() for _ in pred))
+
+
+def _crown(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBounds:
+    """CROWN; each margin's bound is the larger of the linear and the interval bound (both are
+    sound; the linear one is not always the tighter at large eps)."""
+    st = compute_bounds(graph, x0, eps)
+    c = objective_rows(pred, graph.output_size)
+    res = backward(st, {graph.output: c}, np.zeros(c.shape[:2]))
+    lower = np.maximum(res.lower, box_margins(st, c))
+    return MarginBounds(_finish(lower, pred), tuple(() for _ in pred))
+
+
+def _single(x0: Array, eps: float) -> tuple[Array, Array]:
+    return np.asarray(x0, dtype=np.float64).reshape(1, -1), np.array([float(eps)])
+
+
+def _recheck_plain(name: str) -> RecheckFn:
+    def recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload) -> Array:
+        xs, es = _single(x0, eps)
+        fn = _ibp if name == "ibp" else _crown
+        return fn(graph, xs, es, np.array([y])).lower[0]
+
+    return recheck
+
+
+ALPHA_ITERATIONS = 20
+INTER_ITERATIONS = 10
+
+
+def alpha_crown(
+    graph: Graph,
+    x0: Array,
+    eps: Array,
+    pred: np.ndarray,
+    *,
+    optimizer: SlopeOptimizer | None = None,
+    net: object = None,
+    iterations: int = ALPHA_ITERATIONS,
+) -> MarginBounds:
+    """alpha-CROWN: intermediate bounds tightened by per-neuron alphas (input by input), then
+    the final margins optimised; the payload stores every alpha used (for ``recheck``)."""
+    hook = IntermediateAlpha(iterations=INTER_ITERATIONS)
+    st = compute_bounds(graph, x0, eps, node_hook=hook)
+    c = objective_rows(pred, graph.output_size)
+    c0 = np.zeros(c.shape[:2])
+    init = {graph.output: c}
+    lower, alphas = optimise_alphas(st, init, c0, iterations=iterations)
+    lower = np.maximum(lower, box_margins(st, c))
+    if optimizer is not None and net is not None:
+        acts = tuple(sorted(alphas))
+        problem = SlopeProblem(
+            net,  # type: ignore[arg-type]
+            x0,
+            eps,
+            c,
+            acts,
+            tuple(st.lo[graph.nodes[k].parents[0]] for k in acts),
+            tuple(st.hi[graph.nodes[k].parents[0]] for k in acts),
+            tuple(alphas[k] for k in acts),
+            tuple(st.relax[k].alpha_mask for k in acts),
+            tuple(st.relax[k].alpha_min for k in acts),
+            tuple(st.relax[k].alpha_max for k in acts),
+        )
+        got = list(optimizer(problem))
+        if len(got) != len(acts):
+            got = [alphas[k] for k in acts]  # unusable answer: keep our own alphas
+        cand: dict[int, Array] = {}
+        for k, a in zip(acts, got, strict=True):
+            arr = np.asarray(a, dtype=np.float64)
+            ok = arr.shape == alphas[k].shape and bool(np.isfinite(arr).all())
+            cand[k] = arr if ok else alphas[k]  # candidates only; clipped in backward
+        theirs = backward(st, init, c0, alphas=cand).lower  # recomputed, never trusted
+        theirs = np.maximum(theirs, box_margins(st, c))
+        better = theirs > lower
+        lower = np.where(better, theirs, lower)
+        for k in acts:
+            alphas[k] = np.where(better[:, :, None], cand[k], alphas[k])
+    payloads = tuple(
+        tuple((f"alpha:{k}", alphas[k][i]) for k in sorted(alphas))
+        + _encode_inter(hook.found[i] if hook.found else {})
+        for i in range(len(pred))
+    )
+    return MarginBounds(_finish(lower, pred), payloads)
+
+
+def _encode_inter(found: InterAlphas) -> Payload:
+    out: list[tuple[str, Array]] = []
+    for t in sorted(found):
+        rows, al = found[t]
+        out.append((f"irows:{t}", np.asarray(rows, dtype=np.float64)))
+        out.extend((f"ialpha:{t}:{k}", al[k]) for k in sorted(al))
+    return tuple(out)
+
+
+def _decode_inter(graph: Graph, payload: Payload) -> InterAlphas:
+    rows: dict[int, np.ndarray] = {}
+    al: dict[int, dict[int, Array]] = {}
+    for key, arr in payload:
+        parts = key.split(":")
+        if parts[0] == "irows" and len(parts) == 2:
+            t = int(parts[1])
+            r = np.asarray(arr, dtype=np.float64).reshape(-1)
+            if not (0 <= t < len(graph.nodes)) or np.any(r != np.round(r)):
+                raise ValueError(f"bad payload entry {key!r}")
+            ri = r.astype(np.intp)
+            if ri.size and (ri.min() < 0 or ri.max() >= graph.nodes[t].size):
+                raise ValueError(f"bad payload entry {key!r}")
+            rows[t] = ri
+        elif parts[0] == "ialpha" and len(parts) == 3:
+            t, k = int(parts[1]), int(parts[2])
+            if not (0 < k <= t < len(graph.nodes)) or graph.nodes[k].kind != "act":
+                raise ValueError(f"bad payload entry {key!r}")
+            a = np.asarray(arr, dtype=np.float64)
+            if a.ndim != 2 or a.shape[1] != graph.nodes[k].size or not np.isfinite(a).all():
+                raise ValueError(f"bad payload entry {key!r}")
+            al.setdefault(t, {})[k] = a
+    out: InterAlphas = {}
+    for t, r in rows.items():
+        per = al.get(t, {})
+        if any(v.shape[0] != 2 * r.size for v in per.values()):
+            raise ValueError(f"alphas of node {t} do not match its rows")
+        out[t] = (r, per)
+    return out
+
+
+def _alpha_compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBounds:
+    return alpha_crown(graph, x0, eps, pred)
+
+
+def _alpha_recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload) -> Array:
+    xs, es = _single(x0, eps)
+    hook = IntermediateAlpha(given=[_decode_inter(graph, payload)])
+    st = compute_bounds(graph, xs, es, node_hook=hook)
+    c = objective_rows(np.array([y]), graph.output_size)
+    alphas: dict[int, Array] = {}
+    for key, arr in payload:
+        kind, _, idx = key.partition(":")
+        if kind in ("irows", "ialpha"):
+            continue
+        node = int(idx)
+        if kind != "alpha" or node not in st.relax:
+            raise ValueError(f"unknown alpha-crown payload entry {key!r}")
+        a = np.asarray(arr, dtype=np.float64)
+        if a.shape != (c.shape[1], graph.nodes[node].size) or not np.isfinite(a).all():
+            raise ValueError(f"alpha payload {key!r} has shape {a.shape}")
+        alphas[node] = a[None]
+    res = backward(st, {graph.output: c}, np.zeros(c.shape[:2]), alphas=alphas)
+    return _finish(np.maximum(res.lower, box_margins(st, c)), np.array([y]))[0]
+
+
+register_method(MarginMethod("ibp", _ibp, _recheck_plain("ibp"), in_auto=False))
+register_method(MarginMethod("crown", _crown, _recheck_plain("crown")))
+register_method(MarginMethod("alpha-crown", _alpha_compute, _alpha_recheck))

@@ -1,0 +1,62 @@
+"""Small random networks of every IR kind for the sdp.local tests (numpy only)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from sdp.ir import Activation, Conv2d, Dense, Network, Residual
+
+ACT_NAMES = ["relu", "leaky_relu", "tanh", "sigmoid", "elu", "softplus", "gelu", "silu", "identity"]
+
+
+def act(name: str) -> Activation:
+    return Activation(name, {"leaky_relu": 0.1, "elu": 1.0}.get(name, 0.0))
+
+
+def dense_net(rng, sizes, name="relu", out_act=False, scale=1.0) -> Network:
+    ops: list = []
+    for i in range(len(sizes) - 1):
+        w = rng.normal(size=(sizes[i + 1], sizes[i])) * scale / math.sqrt(sizes[i])
+        ops.append(Dense(w, rng.normal(size=sizes[i + 1]) * 0.3))
+        if i < len(sizes) - 2 or out_act:
+            ops.append(act(name))
+    return Network((sizes[0],), tuple(ops))
+
+
+def conv_net(rng, name="relu") -> Network:
+    c1 = Conv2d(
+        rng.normal(size=(3, 2, 3, 3)) * 0.4,
+        rng.normal(size=3) * 0.1,
+        (2, 5, 5),
+        stride=(2, 2),
+        padding=(1, 1, 1, 1),
+    )
+    n1 = c1.out_features
+    return Network(
+        (2, 5, 5), (c1, act(name), Dense(rng.normal(size=(4, n1)) * 0.3, rng.normal(size=4) * 0.1))
+    )
+
+
+def residual_net(rng, name="relu") -> Network:
+    d = 5
+    body = (
+        Dense(rng.normal(size=(d, d)) * 0.4, rng.normal(size=d) * 0.1),
+        act(name),
+        Dense(rng.normal(size=(d, d)) * 0.4, np.zeros(d)),
+    )
+    inner = Residual((act(name), Dense(rng.normal(size=(d, d)) * 0.3, np.zeros(d))))
+    ops = (
+        Dense(rng.normal(size=(d, 4)), rng.normal(size=d) * 0.2),
+        act(name),
+        Residual(body),
+        act(name),
+        inner,
+        Residual(
+            (Dense(rng.normal(size=(d, d)) * 0.3, np.zeros(d)),),
+            (Dense(rng.normal(size=(d, d)) * 0.3, np.zeros(d)),),
+        ),
+        Dense(rng.normal(size=(3, d)), rng.normal(size=3) * 0.1),
+    )
+    return Network((4,), ops)
