@@ -61,6 +61,7 @@ decision in floating point can never raise it; spectral norms are the rigorous u
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,22 +116,28 @@ def layers_of(net: Network, max_entries: int = 20_000_000) -> list[Layer]:
     """
     if not net.is_chain:
         raise NotApplicable("sdp-crown handles chains of dense/conv layers, not residual networks")
+    return layers_from_ops(net.ops, net.input_size, max_entries)
+
+
+def layers_from_ops(ops: Sequence[object], n_in: int, max_entries: int = 20_000_000) -> list[Layer]:
+    """:func:`layers_of` for a flat sequence of Dense / Conv2d / Activation ops."""
     layers: list[Layer] = []
     pending: tuple[Array, Array] | None = None
-    n = net.input_size
-    for op in net.ops:
+    n = n_in
+    for op in ops:
         if isinstance(op, Activation):
             w, b = pending if pending is not None else (np.eye(n), np.zeros(n))
             layers.append(Layer(w, b, _sneg(op)))
             pending = None
-        else:
-            assert isinstance(op, Dense | Conv2d)
+        elif isinstance(op, Dense | Conv2d):
             if op.out_features * op.in_features > max_entries:
                 raise NotApplicable("layer too large for the dense sdp-crown path")
             if pending is not None:
                 layers.append(Layer(pending[0], pending[1], 1.0))
             pending = _affine(op)
             n = op.out_features
+        else:
+            raise NotApplicable(f"sdp-crown handles chains only, not {type(op).__name__}")
     w, b = pending if pending is not None else (np.eye(n), np.zeros(n))
     layers.append(Layer(w, b, None))
     return layers

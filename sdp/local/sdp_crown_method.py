@@ -1,0 +1,77 @@
+"""The ``sdp-crown`` local method: :mod:`sdp.local.sdp_crown` behind the margin-method registry.
+
+Registered with :func:`sdp.local.margins.register_method` when :mod:`sdp.local` is imported.
+Chains of dense/conv layers with relu, leaky relu (slope in [0, 1]) or identity activations;
+other networks raise :class:`sdp.errors.NotApplicable` (``auto`` skips the method there).
+The certificate payload holds the optimised multipliers (slopes times coefficients g and
+the coupling multipliers lam) of the intermediate bounds and of the margins;
+:func:`recheck` recomputes every bound from them with rigorous rounding, nothing else is
+trusted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sdp.errors import NotApplicable
+from sdp.ir import Array
+from sdp.local.graph import Graph
+from sdp.local.margins import MarginBounds, MarginMethod, Payload, register_method
+from sdp.local.sdp_crown import (
+    Layer,
+    decode_record,
+    encode_record,
+    layers_from_ops,
+    margin_lower_bounds,
+)
+
+ITERATIONS = 40
+"""Optimiser steps for the margins."""
+INTER_ITERATIONS = 20
+"""Optimiser steps for the intermediate bounds of each layer."""
+
+
+def graph_layers(graph: Graph) -> list[Layer]:
+    """The chain of a :class:`Graph` as sdp-crown layers (NotApplicable otherwise)."""
+    for nd in graph.nodes[1:]:
+        if nd.kind not in ("affine", "act") or nd.parents != (nd.index - 1,):
+            raise NotApplicable("sdp-crown handles chains of dense/conv layers only")
+    return layers_from_ops([nd.op for nd in graph.nodes[1:]], graph.input_size)
+
+
+def applies(graph: Graph) -> bool:
+    try:
+        graph_layers(graph)
+    except NotApplicable:
+        return False
+    return True
+
+
+def _compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBounds:
+    layers = graph_layers(graph)
+    lower = np.empty((x0.shape[0], graph.output_size))
+    payloads: list[Payload] = []
+    for i in range(x0.shape[0]):
+        lower[i], rec = margin_lower_bounds(
+            layers,
+            x0[i],
+            float(eps[i]),
+            int(pred[i]),
+            iters=ITERATIONS,
+            inter_iters=INTER_ITERATIONS,
+        )
+        payloads.append(encode_record(rec))
+    return MarginBounds(lower, tuple(payloads))
+
+
+def _recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload) -> Array:
+    try:
+        layers = graph_layers(graph)
+    except NotApplicable as exc:
+        raise ValueError(str(exc)) from exc
+    rec = decode_record(layers, payload, graph.output_size)
+    lower, _ = margin_lower_bounds(layers, np.asarray(x0, dtype=np.float64), eps, y, stored=rec)
+    return lower
+
+
+register_method(MarginMethod("sdp-crown", _compute, _recheck, applies=applies))
