@@ -228,13 +228,13 @@ def _solve_lam(
 
     scale = np.log(np.abs(lm).mean(axis=1) / np.sqrt(geo.tau) + 1e-30)
     if prev is not None and np.all(prev > 0):
-        lo_log, hi_log, iters = np.log(prev) - 3.0, np.log(prev) + 3.0, 12
+        lo_log, hi_log = np.log(prev) - 1.0, np.log(prev) + 1.0
         d_lo, d_hi = deriv(np.exp(lo_log)), deriv(np.exp(hi_log))
         lo_log = np.where(d_lo > 0, lo_log, scale - 25.0)
         hi_log = np.where(d_hi > 0, scale + 25.0, hi_log)
-        iters = 12 if np.all((d_lo > 0) & (d_hi <= 0)) else 30
+        iters = 8  # +-1 bracket: 2^-7 in log lam; a wide one 0.4 (any lam is valid)
     else:
-        lo_log, hi_log, iters = scale - 25.0, scale + 25.0, 30
+        lo_log, hi_log, iters = scale - 25.0, scale + 25.0, 16
     for _ in range(iters):
         mid = 0.5 * (lo_log + hi_log)
         d = deriv(np.exp(mid))
@@ -324,10 +324,13 @@ def optimise(
     iters: int = 40,
     lr: float = 0.2,
     alpha0: list[Array] | None = None,
+    stop_above: float | None = None,
 ) -> Candidate:
     """Projected Adam ascent on the slopes alpha_k (lam_k solved exactly each step).
 
     Returns the best iterate per row as (g_k = Lam_k alpha_k, lam_k) -- a candidate only.
+    Stops early once every row's value exceeds ``stop_above`` by a margin (the float value
+    is re-checked rigorously afterwards) or after 8 steps without a gain of 1e-4 relative.
     """
     alpha = [a.copy() for a in (alpha0 if alpha0 is not None else _init_alpha(layers, geos, top))]
     ranges = [_slope_range(geo, lay.sneg or 0.0) for geo, lay in zip(geos, layers, strict=False)]
@@ -339,6 +342,8 @@ def optimise(
     best_lam = [np.zeros(rows) for _ in alpha]
     b1, b2 = 0.9, 0.999
     lams: list[Array] = []
+    best_val_prev = best_val.copy()
+    stall = 0
     for it in range(iters + 1):
         val, grads, lams, gs = _value_and_grad(layers, geos, x0, eps, top, const, alpha, lams)
         better = val > best_val
@@ -346,7 +351,11 @@ def optimise(
         for k in range(len(alpha)):
             best_g[k][better] = gs[k][better]
             best_lam[k][better] = lams[k][better]
-        if it == iters:
+        gain = float(np.nan_to_num(np.max(best_val - best_val_prev))) if it else np.inf
+        best_val_prev = best_val.copy()
+        stall = stall + 1 if gain <= 1e-4 * (1 + np.abs(best_val).max()) else 0
+        done = stop_above is not None and bool(np.all(best_val > stop_above + 1e-6))
+        if it == iters or done or stall >= 8:
             break
         step = lr * (0.98**it)
         for k in range(len(alpha)):
@@ -636,6 +645,7 @@ def _bound_rows(
     iters: int,
     lr: float,
     stored: Candidate | None = None,
+    stop_above: float | None = None,
 ) -> tuple[Array, Candidate | None]:
     """Verified lower bounds of the rows: CROWN's multipliers, and the optimised (or stored)
     candidate; the larger of the two per row, and the candidate used."""
@@ -645,7 +655,20 @@ def _bound_rows(
     base = certify(layers, geos, x0, eps, top, const, Candidate(g0, zero))
     cand = stored
     if cand is None and iters > 0:
-        cand = optimise(layers, geos, x0, eps, top.v, const.v, iters=iters, lr=lr, alpha0=a0)
+        if stop_above is not None and np.all(base > stop_above):
+            return base, Candidate(g0, zero)
+        cand = optimise(
+            layers,
+            geos,
+            x0,
+            eps,
+            top.v,
+            const.v,
+            iters=iters,
+            lr=lr,
+            alpha0=a0,
+            stop_above=stop_above,
+        )
     if cand is None:
         return base, None
     return np.maximum(base, certify(layers, geos, x0, eps, top, const, cand)), cand
@@ -787,9 +810,14 @@ def _cand_from(
     data: dict[str, Array], prefix: str, layers: list[Layer], n_hidden: int, rows: int
 ) -> Candidate:
     g, lam = [], []
+
+    def take(key: str) -> Array:
+        if key not in data:
+            raise ValueError(f"sdp-crown payload lacks {key!r}")
+        return np.asarray(data.pop(key), dtype=np.float64)
+
     for j in range(n_hidden):
-        gj = np.asarray(data.pop(f"{prefix}:g:{j}"), dtype=np.float64)
-        lj = np.asarray(data.pop(f"{prefix}:lam:{j}"), dtype=np.float64)
+        gj, lj = take(f"{prefix}:g:{j}"), take(f"{prefix}:lam:{j}")
         if gj.shape != (rows, layers[j].w.shape[0]) or lj.shape != (rows,):
             raise ValueError(f"sdp-crown payload {prefix} layer {j} has the wrong shape")
         if not (np.isfinite(gj).all() and np.isfinite(lj).all() and (lj >= 0).all()):

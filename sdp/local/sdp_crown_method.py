@@ -6,7 +6,8 @@ other networks raise :class:`sdp.errors.NotApplicable` (``auto`` skips the metho
 The certificate payload holds the optimised multipliers (slopes times coefficients g and
 the coupling multipliers lam) of the intermediate bounds and of the margins;
 :func:`recheck` recomputes every bound from them with rigorous rounding, nothing else is
-trusted.
+trusted. Each bound is the larger of this and CROWN's (both rigorous), so sdp-crown is never
+below CROWN.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from sdp.errors import NotApplicable
 from sdp.ir import Array
 from sdp.local.graph import Graph
-from sdp.local.margins import MarginBounds, MarginMethod, Payload, register_method
+from sdp.local.margins import MarginBounds, MarginMethod, Payload, get_method, register_method
 from sdp.local.sdp_crown import (
     Layer,
     decode_record,
@@ -61,7 +62,8 @@ def _compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBou
             inter_iters=INTER_ITERATIONS,
         )
         payloads.append(encode_record(rec))
-    return MarginBounds(lower, tuple(payloads))
+    crown = get_method("crown").compute(graph, x0, eps, pred).lower
+    return MarginBounds(np.maximum(lower, crown), tuple(payloads))
 
 
 def _recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload) -> Array:
@@ -70,8 +72,10 @@ def _recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload) -> A
     except NotApplicable as exc:
         raise ValueError(str(exc)) from exc
     rec = decode_record(layers, payload, graph.output_size)
-    lower, _ = margin_lower_bounds(layers, np.asarray(x0, dtype=np.float64), eps, y, stored=rec)
-    return lower
+    x = np.asarray(x0, dtype=np.float64)
+    lower, _ = margin_lower_bounds(layers, x, eps, y, stored=rec)
+    crown = get_method("crown").recheck(graph, x, eps, y, ())
+    return np.maximum(lower, crown)
 
 
 register_method(MarginMethod("sdp-crown", _compute, _recheck, applies=applies))
