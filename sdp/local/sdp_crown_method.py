@@ -1,4 +1,6 @@
-"""The ``sdp-crown`` local method: :mod:`sdp.local.sdp_crown` behind the margin-method registry.
+"""The ``sdp-crown`` and ``bab`` local methods (:mod:`sdp.local.sdp_crown`, :mod:`sdp.local.bab`)
+behind the margin-method registry (``bab`` is not in ``auto``: it costs up to 24 SDP-CROWN
+solves per margin).
 
 Registered with :func:`sdp.local.margins.register_method` when :mod:`sdp.local` is imported.
 Chains of dense/conv layers with relu, leaky relu (slope in [0, 1]) or identity activations;
@@ -16,6 +18,7 @@ import numpy as np
 
 from sdp.errors import NotApplicable
 from sdp.ir import Array
+from sdp.local import bab
 from sdp.local.graph import Graph
 from sdp.local.margins import MarginBounds, MarginMethod, Payload, get_method, register_method
 from sdp.local.sdp_crown import (
@@ -78,4 +81,27 @@ def _recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload) -> A
     return np.maximum(lower, crown)
 
 
+def _bab_compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBounds:
+    layers = graph_layers(graph)
+    lower = np.empty((x0.shape[0], graph.output_size))
+    payloads: list[Payload] = []
+    for i in range(x0.shape[0]):
+        lower[i], rec, trees = bab.bab_margin_bounds(layers, x0[i], float(eps[i]), int(pred[i]))
+        payloads.append(bab.encode(rec, trees))
+    crown = get_method("crown").compute(graph, x0, eps, pred).lower
+    return MarginBounds(np.maximum(lower, crown), tuple(payloads))
+
+
+def _bab_recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload) -> Array:
+    try:
+        layers = graph_layers(graph)
+    except NotApplicable as exc:
+        raise ValueError(str(exc)) from exc
+    rec, trees = bab.decode(layers, payload, graph.output_size)
+    x = np.asarray(x0, dtype=np.float64)
+    lower = bab.recheck_bab(layers, x, eps, y, rec, trees)
+    return np.maximum(lower, get_method("crown").recheck(graph, x, eps, y, ()))
+
+
 register_method(MarginMethod("sdp-crown", _compute, _recheck, applies=applies))
+register_method(MarginMethod("bab", _bab_compute, _bab_recheck, in_auto=False, applies=applies))
