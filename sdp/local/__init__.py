@@ -12,8 +12,15 @@ certified on B iff every bound is > 0 (DESIGN §4.1):
   intermediate (pre-activation) bounds by CROWN too, batched over inputs.
 * ``alpha-crown``: the lower slopes of unstable ReLU-like neurons optimised per margin by
   projected gradient (Xu et al., "Fast and Complete", ICLR 2021), manual gradients in numpy.
+* ``sdp-crown``: bound propagation with one Lagrange multiplier per layer on an l2 (ellipsoidal)
+  coupling of the unstable neurons (Chiu, Chen, Zhang, Zhang, "SDP-CROWN", ICML 2025), slopes
+  and multipliers optimised, intermediate bounds by the same method (:mod:`sdp.local.sdp_crown`);
+  relu / leaky relu / identity chains (dense or conv).
+* ``bab``: branch and bound on the unstable ReLUs of the last hidden layer over sdp-crown
+  (:mod:`sdp.local.bab`); not part of ``auto`` (expensive).
 * ``auto``: crown, then alpha-crown, then methods registered by other modules
-  (:func:`sdp.local.margins.register_method`), cheapest first, on what is still uncertified.
+  (:func:`sdp.local.margins.register_method`), cheapest first, on what is still uncertified
+  (methods whose ``applies(graph)`` is false are skipped).
 
 Soundness (floating point): every reported bound holds in exact arithmetic for the network as
 imported. Rounding errors of the float64 products and sums are bounded a priori (Higham,
