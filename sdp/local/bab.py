@@ -10,7 +10,9 @@ Best-first: the leaf with the lowest bound is split next, on the unstable neuron
 largest ``|Lam_i| * (-l_i u_i / (u_i - l_i))`` (the coefficient of the neuron in the margin
 times the largest gap of its triangle relaxation; BaBSR-like, Bunel et al., "Branch and Bound
 for Piecewise Linear Neural Network Verification", JMLR 2020), until every leaf is positive
-or the branch budget is spent. Each leaf's bound is an SDP-CROWN bound re-checked rigorously.
+or the branch budget is spent; rows closest to 0 first, and once one stays unproven the others
+keep their SDP-CROWN bounds (the input cannot be certified anyway). Each leaf's bound is an
+SDP-CROWN bound re-checked rigorously.
 
 Only the last hidden layer is split, so the intermediate bounds are computed once (deeper
 splits would need them per branch, as in beta-CROWN, Wang et al., NeurIPS 2021).
@@ -111,7 +113,8 @@ def bab_margin_bounds(
     base, rec.final = _bound_rows(layers[:-1], geos, x0, eps, top, const, 40, 0.2, None, 0.0)
     trees: dict[int, list[Leaf]] = {}
     bounds = base.copy()
-    for r in np.flatnonzero(base <= 0):
+    neg = np.flatnonzero(base <= 0)
+    for r in neg[np.argsort(-base[neg])]:  # closest to 0 first
         tr, cr = top[r : r + 1], const[r : r + 1]
         heap: list[tuple[float, int, tuple[tuple[int, int], ...], Candidate | None]] = [
             (float(base[r]), 0, (), None)
@@ -133,10 +136,12 @@ def bab_margin_bounds(
                 count += 1
                 heapq.heappush(heap, (v, count, sp, c))
         if any(c is None for _, _, _, c in heap):
-            continue  # the root was never split: keep the plain SDP-CROWN bound
+            break  # the root was never split: keep the plain SDP-CROWN bounds
         leaves = [Leaf(sp, c) for _, _, sp, c in heap if c is not None]
         bounds[r] = max(bounds[r], min(v for v, _, _, _ in heap))
         trees[int(r)] = leaves
+        if bounds[r] <= 0:
+            break  # unproven row: the input cannot be certified, the rest keep their bounds
     res = np.full(layers[-1].w.shape[0], np.inf)
     res[others] = bounds
     return res, rec, trees
