@@ -44,7 +44,7 @@ Example::
     assert verify_local(net, x[0], res.certificates[0])
 """
 
-import sdp.local.sdp_crown_method  # noqa: F401  (registers the "sdp-crown" method)
+import sdp.local.sdp_crown_method  # noqa: F401  (registers "sdp-crown" and "bab")
 from sdp.local.certify import certify_local, verify_local
 from sdp.local.types import (
     LocalCertificate,
