@@ -10,10 +10,12 @@ Every error is ``application/problem+json`` (:mod:`service.errors`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import inspect
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,6 +29,7 @@ from service.errors import install_error_handlers
 from service.middleware import AccessLogMiddleware
 from service.parsing import ModelChecker
 from service.routes import certify, health, models, oip, status
+from service.schemas import oip_error_responses, problem_responses
 from service.settings import Settings
 from service.storage import Storage
 from service.worker import InferenceWorker
@@ -137,15 +140,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AccessLogMiddleware)
 
     app.include_router(health.router)
-    protected = [ApiKey]
-    app.include_router(health.metrics_router, dependencies=protected)
-    app.include_router(models.router, dependencies=protected)
+    protected: dict[str, Any] = {"dependencies": [ApiKey], "responses": problem_responses(401)}
+    app.include_router(health.metrics_router, **protected)
+    app.include_router(models.router, **protected)
     for module in ("service.routes.bounds", "service.routes.jobs"):
         router = _optional_router(module)
         if router is not None:
-            app.include_router(router, dependencies=protected)
-    app.include_router(certify.router, dependencies=protected)
-    app.include_router(oip.router, dependencies=protected)
-    app.include_router(status.router, dependencies=protected)
+            app.include_router(router, **protected)
+    app.include_router(certify.router, **protected)
+    app.include_router(oip.router, dependencies=[ApiKey], responses=oip_error_responses(401))
+    app.include_router(status.router, **protected)
     install_dashboard(app)
+    app.openapi = functools.partial(_openapi, app, app.openapi)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """FastAPI's document without the 422 ``HTTPValidationError`` it adds to every route that
+    has parameters: this app answers validation errors as problem+json on /v1 (422) and as
+    ``{"error": ...}`` on /v2 (400), declared by the routes where a request can fail them."""
+    if app.openapi_schema is None:
+        schema = build()
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if "HTTPValidationError" in json.dumps(responses.get("422", {})):
+                    del responses["422"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return app.openapi_schema or {}

@@ -1,6 +1,7 @@
-"""The one place that maps errors to HTTP: RFC 9457 ``application/problem+json``.
+"""The one place that maps errors to HTTP: RFC 9457 ``application/problem+json`` on /v1, the
+Open Inference Protocol's ``{"error": "<message>"}`` on /v2.
 
-Every error response has ``type`` (a stable URI, ``https://lipcert.dev/problems/<code>``),
+Every /v1 error response has ``type`` (a stable URI, ``https://lipcert.dev/problems/<code>``),
 ``title``, ``status``, ``detail`` and ``instance`` (the request path), plus ``code`` (the
 same stable code) and sometimes extensions (``errors`` for validation problems, ``hint``).
 
@@ -20,6 +21,11 @@ Faults below the HTTP layer get their own codes, never a 500:
 :class:`service.diskspace.StorageFull` -> 507 ``storage-full``,
 :class:`service.storage.ModelIdCollision` -> 409 ``model-id-collision``.
 Unexpected exceptions become a 500 with a generic detail; the traceback is logged only.
+
+Under ``/v2`` (the KServe v2 / Triton HTTP/REST protocol) the same errors are answered as
+``application/json`` ``{"error": detail}``, the body stock v2 clients read, with the same status
+except that 422 (a request the server understood but refused) becomes the protocol's 400;
+an error's extensions (``hint``, ``errors``, ``reasons``, ...) stay beside ``error``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import compile_path
 
 from sdp.errors import (
     CertificateError,
@@ -47,6 +54,8 @@ from service.storage import ModelIdCollision
 
 PROBLEM_BASE = "https://lipcert.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+#: Paths of the Open Inference Protocol, whose errors are ``{"error": "..."}``.
+OIP_PREFIX = "/v2"
 
 log = logging.getLogger("lipcert.service")
 
@@ -151,6 +160,45 @@ def problem(
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
+def is_oip_path(path: str) -> bool:
+    """A path of the Open Inference Protocol (``/v2`` and below)."""
+    return path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/")
+
+
+def oip_status(status: int) -> int:
+    """The status of an error under /v2: the protocol answers refused requests with 400."""
+    return 400 if status == 422 else status
+
+
+def error_answer(
+    path: str, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The error answer on ``path`` built outside a route (the body guard): the v2 protocol's
+    ``{"error": detail}`` under /v2, else an RFC 9457 problem."""
+    if is_oip_path(path):
+        return JSONResponse({"error": detail}, status_code=oip_status(status), headers=headers)
+    return problem(status, code, detail, instance=path, headers=headers)
+
+
+def error_response(
+    request: Request,
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
+) -> JSONResponse:
+    """The error answer for ``request``: ``{"error": detail}`` under /v2 (with the error's
+    extensions beside it, e.g. the readiness ``reasons``; clients read ``error``), else
+    problem+json."""
+    path = request.url.path
+    if is_oip_path(path):
+        body = {**extensions, "error": detail}
+        return JSONResponse(body, status_code=oip_status(status), headers=headers)
+    return problem(status, code, detail, instance=path, headers=headers, **extensions)
+
+
 def _title(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -196,18 +244,28 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return out
 
 
+def allowed_methods(request: Request) -> list[str] | None:
+    """Every method the API documents at the request's path, HEAD with GET (Starlette's own
+    405 names only the first route that matched the path, e.g. POST but not GET on
+    /v1/models); None for a path outside the OpenAPI document (docs)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].fullmatch(request.url.path):
+            methods.update(m.upper() for m in operations)
+    if not methods:
+        return None
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that turn every error into problem+json."""
 
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
-        return problem(
-            exc.status,
-            exc.code,
-            exc.detail,
-            instance=request.url.path,
-            headers=exc.headers,
-            **exc.extensions,
+        return error_response(
+            request, exc.status, exc.code, exc.detail, headers=exc.headers, **exc.extensions
         )
 
     @app.exception_handler(LipcertError)
@@ -216,7 +274,7 @@ def install_error_handlers(app: FastAPI) -> None:
         for name in ("node", "op"):
             if hasattr(exc, name):
                 extra[name] = str(getattr(exc, name))
-        return problem(sdp_status(exc), exc.code, exc.detail, instance=request.url.path, **extra)
+        return error_response(request, sdp_status(exc), exc.code, exc.detail, **extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -224,22 +282,26 @@ def install_error_handlers(app: FastAPI) -> None:
         where = ".".join(errors[0]["loc"]) if errors else ""
         msg = str(errors[0]["msg"]) if errors else "invalid request"
         detail = f"{where}: {msg}" if where else msg
-        return problem(422, "validation-error", detail, instance=request.url.path, errors=errors)
+        return error_response(request, 422, "validation-error", detail, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else _title(exc.status_code)
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route for {request.url.path}"
+        headers = dict(exc.headers or {})
         if exc.status_code == 405:
             detail = f"method {request.method} is not allowed on {request.url.path}"
+            allowed = allowed_methods(request)
+            if allowed is not None:
+                headers["Allow"] = ", ".join(allowed)
         code = getattr(exc, "code", None)  # the middleware's body errors carry their own
-        return problem(
+        return error_response(
+            request,
             exc.status_code,
             code if isinstance(code, str) else _status_code(exc.status_code),
             detail,
-            instance=request.url.path,
-            headers=dict(exc.headers or {}),
+            headers=headers,
         )
 
     @app.exception_handler(ClientDisconnect)
@@ -264,9 +326,6 @@ def install_error_handlers(app: FastAPI) -> None:
         if data_dir is not None and is_disk_full(exc, data_dir):  # e.g. ENOSPC off storage
             return problem(507, StorageFull.code, str(exc), instance=request.url.path)
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return problem(
-            500,
-            "internal-error",
-            "the server hit an unexpected error; it has been logged",
-            instance=request.url.path,
+        return error_response(
+            request, 500, "internal-error", "the server hit an unexpected error; it has been logged"
         )

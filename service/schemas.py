@@ -122,12 +122,27 @@ class CertifyResponse(BaseModel):
 
 
 class OipTensor(BaseModel):
-    """An Open Inference Protocol v2 tensor. ``data`` is flat (row-major) or nested."""
+    """An Open Inference Protocol v2 tensor. ``data`` is flat (row-major) or nested; with the
+    binary tensor data extension it is left out and ``parameters.binary_data_size`` gives the
+    length of the tensor's raw bytes after the JSON part."""
 
     name: str
     shape: list[int]
-    datatype: Literal["FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8"]
-    data: list[Any]
+    datatype: Literal[
+        "BOOL",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "FP16",
+        "FP32",
+        "FP64",
+    ]
+    data: list[Any] | None = None
     parameters: dict[str, Any] | None = None
 
 
@@ -160,7 +175,10 @@ class OipOutputTensor(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    data: list[Any] | None = Field(
+        default=None, description="Left out for a binary output (parameters.binary_data_size)."
+    )
+    parameters: dict[str, Any] | None = None
 
 
 class OipInferResponse(BaseModel):
@@ -185,6 +203,18 @@ class OipModelMetadata(BaseModel):
     outputs: list[OipTensorMeta]
 
 
+class OipServerMetadata(BaseModel):
+    name: str = Field(examples=["lipcert"])
+    version: str = Field(examples=["0.1.0"])
+    extensions: list[str] = Field(examples=[["binary_tensor_data"]])
+
+
+class OipError(BaseModel):
+    """An Open Inference Protocol error (every error under /v2)."""
+
+    error: str = Field(examples=["no model with id '0123456789abcdef'"])
+
+
 class Live(BaseModel):
     live: bool
 
@@ -196,9 +226,71 @@ class Ready(BaseModel):
 class ModelReady(BaseModel):
     name: str
     ready: bool
+    error: str | None = Field(default=None, description="Why the model is not ready.")
 
 
-PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem, "content": {"application/problem+json": {}}}
-    for code in (401, 404, 409, 413, 415, 422, 503)
+Responses = dict[int | str, dict[str, Any]]
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its nested models written in place, for an OpenAPI body
+    declared by hand (a ``#/$defs/...`` reference would resolve against the whole document)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
+#: What each error status means, wherever it is declared.
+ERROR_DESCRIPTIONS = {
+    400: "Malformed request (unparsable body; under /v2 every refused request).",
+    401: "Missing or wrong X-API-Key header (when LIPCERT_API_KEY is set).",
+    404: "Unknown model, bound or job.",
+    408: "The request body did not arrive in time.",
+    409: "No verified Lipschitz bound for this model yet.",
+    413: "Request body over LIPCERT_MAX_UPLOAD_MB.",
+    415: "Content type (or encoding) not accepted.",
+    422: "The request is well formed but refused (validation, unusable inputs or model).",
+    503: "Busy (inference queue or body budget full: Retry-After) or a component is down.",
 }
+#: The answers of the body middleware to any request with a body (service.middleware).
+BODY_ERRORS = (401, 408, 413, 503)
+_PROBLEM_SCHEMA = Problem.model_json_schema()
+_OIP_ERROR_SCHEMA = OipError.model_json_schema()
+
+
+def problem_responses(*statuses: int) -> Responses:
+    """OpenAPI ``responses`` declaring ``statuses`` as RFC 9457 problem+json (the /v1 routes)."""
+    return {
+        s: {
+            "description": ERROR_DESCRIPTIONS[s],
+            "content": {"application/problem+json": {"schema": _PROBLEM_SCHEMA}},
+        }
+        for s in statuses
+    }
+
+
+def oip_error_responses(*statuses: int) -> Responses:
+    """OpenAPI ``responses`` declaring ``statuses`` as the v2 protocol's ``{"error": ...}``."""
+    return {
+        s: {
+            "description": ERROR_DESCRIPTIONS[s],
+            "content": {"application/json": {"schema": _OIP_ERROR_SCHEMA}},
+        }
+        for s in statuses
+    }
+
+
+#: The errors of a /v1 route that takes a model id (and maybe query parameters).
+PROBLEM_RESPONSES: Responses = problem_responses(404, 422)

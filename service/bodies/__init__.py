@@ -11,5 +11,6 @@
 * :mod:`~service.bodies.limits`: the ASGI guard (size and time caps, budget admission, API
   key of bodies) and :mod:`~service.bodies.errors`, its errors.
 
-Every refusal is answered through :func:`service.errors.problem` (RFC 9457 problem+json).
+Every refusal is answered through :func:`service.errors.error_answer` (RFC 9457 problem+json;
+under /v2 the Open Inference Protocol's ``{"error": ...}``).
 """

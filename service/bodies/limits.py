@@ -29,7 +29,7 @@ from service.bodies.errors import (
 )
 from service.bodies.media import body_media_type, header, is_json_media
 from service.deps import api_key_matches
-from service.errors import problem
+from service.errors import error_answer
 
 
 class BodyLimitMiddleware:
@@ -190,19 +190,29 @@ def _content_length(scope: Scope) -> int | None:
         return None
 
 
+#: Header of an Open Inference Protocol body in the binary tensor format: the length of its
+#: JSON part; raw tensor bytes follow it (:mod:`service.oip_binary`).
+OIP_HEADER_LENGTH = b"inference-header-content-length"
+
+
 def _decode_factor(scope: Scope) -> int:
     """Bytes admitted per body byte: JSON decodes into Python objects; other bodies are counted
-    as they are (routes add their decoded copies)."""
+    as they are (routes add their decoded copies). A binary-tensor OIP body is mostly raw
+    tensors, whatever its content type: the route counts its JSON part's decoding."""
+    if header(scope, OIP_HEADER_LENGTH) is not None:
+        return 1
     return JSON_DECODE_FACTOR if is_json_media(body_media_type(scope)) else 1
 
 
 async def _send_problem(scope: Scope, receive: Receive, send: Send, exc: BodyError) -> None:
-    """The problem+json answer to a body error, sent from the guard (the app never saw the
-    error, or let it through): with ``Connection: close`` unless ``exc.close`` is False."""
+    """The answer to a body error, sent from the guard (the app never saw the error, or let it
+    through): problem+json, or ``{"error": ...}`` under /v2
+    (:func:`service.errors.error_answer`); with ``Connection: close`` unless ``exc.close`` is
+    False."""
     headers = dict(exc.headers or {})
     if exc.close:
         headers["Connection"] = "close"
-    answer = problem(
-        exc.status_code, exc.code, str(exc.detail), instance=scope.get("path", ""), headers=headers
+    answer = error_answer(
+        scope.get("path", ""), exc.status_code, exc.code, str(exc.detail), headers=headers
     )
     await answer(scope, receive, send)

@@ -17,11 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sdp.bounds import METHODS
 from sdp.errors import NotApplicable, UnsupportedMethod
+from sdp.solvers import solver_names
 from service.deps import RunnerDep, StorageDep, model_or_404
 from service.diskspace import StorageFull
 from service.errors import ServiceError
 from service.jobs.base import JobSpec
 from service.routes.jobs import JobOut
+from service.schemas import BODY_ERRORS, problem_responses
 
 router = APIRouter(prefix="/v1", tags=["bounds"])
 """Included by :func:`service.app.create_app` behind the API-key dependency."""
@@ -38,9 +40,14 @@ class BoundRequest(BaseModel):
         default="auto",
         description="auto | naive | lipsdp-layer | lipsdp-neuron | sandwich",
         examples=["lipsdp-neuron"],
+        json_schema_extra={"enum": list(METHODS)},  # checked by validate_method (its message)
     )
     pairwise: bool = Field(default=False, description="Also bound every class pair y, j.")
-    solver: str | None = Field(default=None, description="SDP solver name (default: automatic).")
+    solver: str | None = Field(
+        default=None,
+        description="SDP solver name (default: automatic).",
+        json_schema_extra={"enum": [*solver_names(), None]},  # checked by validate_solver
+    )
     timeout_s: float | None = Field(
         default=None,
         gt=0,
@@ -66,8 +73,6 @@ def validate_method(method: str) -> None:
 def validate_solver(solver: str | None) -> None:
     if solver is None:
         return
-    from sdp.solvers import solver_names
-
     if solver not in solver_names():
         raise ServiceError(
             f"unknown solver {solver!r} (known: {', '.join(solver_names())})",
@@ -107,6 +112,7 @@ def _runner_or_503(runner: Any) -> Any:
     status_code=202,
     summary="Start a bound job",
     response_model=JobOut,
+    responses=problem_responses(400, 404, 422, *BODY_ERRORS),
 )
 def request_bound(
     model_id: str, body: BoundRequest, response: Response, storage: StorageDep, runner: RunnerDep
@@ -156,7 +162,10 @@ class BoundList(BaseModel):
 
 
 @router.get(
-    "/models/{model_id}/bounds", summary="Verified bounds of a model", response_model=BoundList
+    "/models/{model_id}/bounds",
+    summary="Verified bounds of a model",
+    response_model=BoundList,
+    responses=problem_responses(404, 422),
 )
 def list_bounds(model_id: str, storage: StorageDep, full: bool = False) -> dict[str, Any]:
     """Every verified bound stored for the model, oldest first, and the best (smallest) one.

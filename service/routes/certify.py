@@ -20,7 +20,7 @@ from service.bodies.media import (
 from service.certification import certify_columns, rows_payload
 from service.deps import SettingsDep, StorageDep, WorkerDep, model_or_404
 from service.errors import NotFound, NoVerifiedBound
-from service.schemas import PROBLEM_RESPONSES, CertifyRequest, CertifyResponse
+from service.schemas import BODY_ERRORS, CertifyRequest, CertifyResponse, problem_responses
 from service.settings import Settings
 from service.storage import Storage
 from service.worker import InferenceWorker
@@ -75,7 +75,7 @@ def pick_bound(storage: Storage, model_id: str, which: str) -> dict[str, Any]:
 INLINE_ROWS = 256
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
-    **PROBLEM_RESPONSES,
+    **problem_responses(400, 404, 409, 415, 422, *BODY_ERRORS),
     200: {
         "description": "Per-input results: per-row JSON by default, or with "
         "`Accept: application/x-npz` the same fields as columns in a NumPy .npz archive "

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 
 from service import metrics
 from service.errors import ServiceError
-from service.schemas import Live, Ready
+from service.schemas import Live, Ready, oip_error_responses
 
 router = APIRouter(tags=["health"])
 metrics_router = APIRouter(tags=["health"])
@@ -24,9 +24,10 @@ async def live() -> dict[str, Any]:
     response_model=Ready,
     responses={
         503: {
-            "description": "Not ready: problem+json (code not-ready) whose reasons list "
-            "{code, detail}: storage-full, storage-unavailable, worker-down, "
-            "queue-unavailable, no-runner."
+            **oip_error_responses(503)[503],
+            "description": "Not ready: the protocol's {error} (the reasons joined) with "
+            "ready: false and reasons, a list of {code, detail}: storage-full, "
+            "storage-unavailable, worker-down, queue-unavailable, no-runner.",
         }
     },
     summary="Storage, the inference worker and the job queue are up",

@@ -24,10 +24,13 @@ from starlette.concurrency import run_in_threadpool
 from service.deps import RunnerDep
 from service.errors import NotFound, QueueUnavailable, ServiceError
 from service.jobs.base import JobRecord
+from service.schemas import problem_responses
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 """Included by :func:`service.app.create_app` behind the API-key dependency."""
 
+#: Unknown job; 503 when no job runner is available.
+_RESPONSES = problem_responses(404, 503)
 POLL_S = 0.25
 KEEPALIVE_S = 15.0
 
@@ -74,13 +77,15 @@ def _job_or_404(rec: JobRecord | None, job_id: str) -> JobRecord:
     return rec
 
 
-@router.get("/jobs/{job_id}", summary="Job state", response_model=JobOut)
+@router.get("/jobs/{job_id}", summary="Job state", response_model=JobOut, responses=_RESPONSES)
 def get_job(job_id: str, runner: RunnerDep) -> dict[str, Any]:
     """Status (queued|running|succeeded|failed|cancelled), progress, result or error."""
     return _job_or_404(_runner(runner).get(job_id), job_id).to_dict()
 
 
-@router.delete("/jobs/{job_id}", summary="Cancel a job", response_model=JobOut)
+@router.delete(
+    "/jobs/{job_id}", summary="Cancel a job", response_model=JobOut, responses=_RESPONSES
+)
 def cancel_job(job_id: str, runner: RunnerDep) -> dict[str, Any]:
     """Cancel: a queued job never runs, a running job's solver process is killed.
 
@@ -135,7 +140,7 @@ async def job_events(runner: Any, job_id: str) -> AsyncIterator[str]:
     "/jobs/{job_id}/events",
     summary="Job progress as server-sent events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={200: {"content": {"text/event-stream": {}}}, **_RESPONSES},
 )
 def stream_job_events(job_id: str, runner: RunnerDep) -> StreamingResponse:
     """``text/event-stream`` of status and progress events; ends when the job ends."""

@@ -12,12 +12,13 @@ from fastapi import APIRouter, File, Request, Response, UploadFile, status
 from service.deps import RunnerDep, SettingsDep, StorageDep, model_or_404
 from service.errors import NotFound, QueueUnavailable
 from service.jobs.tasks import bound_document, json_safe
-from service.schemas import PROBLEM_RESPONSES, ModelInfo, ModelList
+from service.schemas import BODY_ERRORS, ModelInfo, ModelList, problem_responses
 from service.storage import ID_LENGTH, ModelRecord, Storage
 
 log = logging.getLogger("lipcert.service")
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+_BY_ID = problem_responses(404)
 
 
 @router.post(
@@ -26,7 +27,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
     response_model=ModelInfo,
     responses={
         200: {"model": ModelInfo, "description": "The same bytes were uploaded before."},
-        **PROBLEM_RESPONSES,
+        **problem_responses(400, 422, *BODY_ERRORS),
     },
     summary="Upload a model (ONNX, safetensors, LipSDP .mat)",
 )
@@ -79,7 +80,7 @@ async def list_models(storage: StorageDep) -> dict[str, Any]:
 @router.get(
     "/{model_id}",
     response_model=ModelInfo,
-    responses=PROBLEM_RESPONSES,
+    responses=_BY_ID,
     summary="A stored model's metadata",
 )
 async def get_model(model_id: str, storage: StorageDep) -> ModelRecord:
@@ -89,7 +90,7 @@ async def get_model(model_id: str, storage: StorageDep) -> ModelRecord:
 @router.delete(
     "/{model_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=PROBLEM_RESPONSES,
+    responses=_BY_ID,
     summary="Delete a model, its file and its bounds; cancel its unfinished jobs",
 )
 async def delete_model(

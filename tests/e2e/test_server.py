@@ -41,9 +41,10 @@ def _free_port() -> int:
 class Server:
     """A ``lipcert serve`` subprocess on a data dir; start/stop can repeat."""
 
-    def __init__(self, data_dir: Path, log: Path) -> None:
+    def __init__(self, data_dir: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.log = log
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -61,6 +62,7 @@ class Server:
         )
         env.pop("LIPCERT_API_KEY", None)
         env.pop("LIPCERT_QUEUE_URL", None)
+        env.update(self.env)
         cmd = [sys.executable, "-c", "from service.cli import main; main()"]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(

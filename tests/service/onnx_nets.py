@@ -68,3 +68,17 @@ def assert_problem(resp: Any, status: int, code: str | None = None) -> dict[str,
     if code is not None:
         assert body["code"] == code, body
     return body
+
+
+def assert_oip_error(resp: Any, status: int, words: str | None = None) -> str:
+    """The response is an Open Inference Protocol error (``{"error": message}``, JSON, with
+    the error's extensions beside it when it has some) with this status (and these words in
+    its message); the message."""
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == "application/json", resp.headers
+    body = resp.json()
+    assert isinstance(body.get("error"), str) and body["error"], body
+    assert not {"type", "title", "status", "detail", "code"} & set(body), body  # no problem
+    if words is not None:
+        assert words in body["error"], body
+    return str(body["error"])

@@ -15,7 +15,7 @@ import pytest
 from service import metrics
 from service.app import create_app
 from service.settings import Settings
-from tests.service.onnx_nets import assert_problem, mlp_onnx
+from tests.service.onnx_nets import assert_oip_error, assert_problem, mlp_onnx
 
 
 def _ort_logits(onnx_bytes: bytes, x: np.ndarray) -> np.ndarray:
@@ -37,7 +37,12 @@ def test_no_bound_is_409_with_hint(client, rw_onnx) -> None:
         "no-verified-bound",
     )
     assert f"/v1/models/{mid}/bounds" in body["hint"]
-    assert client.get(f"/v2/models/{mid}/ready").json()["ready"] is False
+    ready = client.get(f"/v2/models/{mid}/ready")  # OIP: a 4xx status means not ready
+    assert ready.status_code == 409 and ready.json()["ready"] is False
+    assert "no verified Lipschitz bound" in ready.json()["error"]
+    tensor = {"name": "x", "shape": [1, 2], "datatype": "FP64", "data": [0.1, 0.2]}
+    infer = client.post(f"/v2/models/{mid}/infer", json={"inputs": [tensor]})
+    assert_oip_error(infer, 409, "no verified Lipschitz bound")
 
 
 def test_radii_match_onnxruntime_logits(client, model, rw_onnx) -> None:
@@ -237,9 +242,9 @@ def test_unknown_model_is_404(client) -> None:
         client.post("/v1/models/ffffffffffffffff/certify", json={"inputs": [[1, 2]]}), 404
     )
     oip = {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}
-    assert_problem(client.post("/v2/models/ffffffffffffffff/infer", json=oip), 404)
-    assert_problem(client.get("/v2/models/ffffffffffffffff"), 404, "model-not-found")
-    assert_problem(client.get("/v2/models/ffffffffffffffff/ready"), 404, "model-not-found")
+    assert_oip_error(client.post("/v2/models/ffffffffffffffff/infer", json=oip), 404, "no model")
+    assert_oip_error(client.get("/v2/models/ffffffffffffffff"), 404, "no model")
+    assert_oip_error(client.get("/v2/models/ffffffffffffffff/ready"), 404, "no model")
 
 
 def test_oip_v2(client, model, rw_onnx) -> None:
@@ -277,13 +282,15 @@ def test_oip_v2(client, model, rw_onnx) -> None:
         o["name"] for o in client.post(f"/v2/models/{mid}/infer", json=only).json()["outputs"]
     ] == ["certified_radius"]
     bad = dict(req, inputs=[dict(req["inputs"][0], shape=[4, 2])])
-    assert_problem(client.post(f"/v2/models/{mid}/infer", json=bad), 422)
-    assert_problem(
-        client.post(f"/v2/models/{mid}/infer", json=dict(req, outputs=[{"name": "nope"}])), 422
+    assert_oip_error(client.post(f"/v2/models/{mid}/infer", json=bad), 400, "shape [4, 2]")
+    assert_oip_error(
+        client.post(f"/v2/models/{mid}/infer", json=dict(req, outputs=[{"name": "nope"}])),
+        400,
+        "unknown outputs",
     )
-    assert_problem(client.post(f"/v2/models/{mid}/infer", json={"inputs": []}), 422)
+    assert_oip_error(client.post(f"/v2/models/{mid}/infer", json={"inputs": []}), 400, "inputs")
     huge = dict(req, inputs=[dict(req["inputs"][0], data=[1e39] * 6)])
-    assert_problem(client.post(f"/v2/models/{mid}/infer", json=huge), 422)
+    assert_oip_error(client.post(f"/v2/models/{mid}/infer", json=huge), 400, "overflow FP32")
 
 
 def _batched_count() -> tuple[float, float]:

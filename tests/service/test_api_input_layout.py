@@ -24,7 +24,7 @@ from service.storage import Storage
 from service.worker import ROUNDING_SAFETY
 from tests.sdp.test_importers_input_layout import conv_net_onnx, ort_logits
 from tests.service.old_store import OLD_TABLES
-from tests.service.onnx_nets import assert_problem
+from tests.service.onnx_nets import assert_oip_error, assert_problem
 
 FILE_SHAPE = (4, 5, 3)  # NHWC, batch dropped
 IR_SHAPE = (3, 4, 5)
@@ -191,7 +191,7 @@ def test_oip_infer_is_in_the_files_layout(client, model, nhwc) -> None:
         r.json()["outputs"][0]["data"], want[0], rtol=0, atol=1e-5 * np.abs(want).max()
     )
     bad = {"name": "x", "shape": [4, *IR_SHAPE], "datatype": "FP32", "data": x.ravel().tolist()}
-    assert_problem(client.post(f"/v2/models/{mid}/infer", json={"inputs": [bad]}), 422)
+    assert_oip_error(client.post(f"/v2/models/{mid}/infer", json={"inputs": [bad]}), 400)
 
 
 def test_a_database_from_before_the_layout_column_is_migrated(tmp_path: Path) -> None:

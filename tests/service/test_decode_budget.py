@@ -22,7 +22,7 @@ from service.bodies.npz import read_npz_body
 from service.errors import ServiceBusy
 from service.settings import Settings
 from tests.service.asgi_calls import post_in_halves, serving
-from tests.service.onnx_nets import assert_problem
+from tests.service.onnx_nets import assert_oip_error, assert_problem
 
 NPY, JSON = "application/x-npy", "application/json"
 
@@ -275,7 +275,7 @@ def test_the_app_refuses_an_unauthenticated_oip_body_with_401(make_client, rw_on
     mid = client.post("/v1/models", files={"file": ("m.onnx", rw_onnx)}, headers=ok).json()["id"]
     tensor = {"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [0.0, 0.0]}
     resp = client.post(f"/v2/models/{mid}/infer", json={"inputs": [tensor]})
-    assert_problem(resp, 401, "unauthorized")
+    assert_oip_error(resp, 401, "X-API-Key")
     assert resp.headers["www-authenticate"] == "X-API-Key"
 
 
