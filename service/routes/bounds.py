@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from sdp.bounds import METHODS
 from sdp.errors import NotApplicable, UnsupportedMethod
@@ -42,7 +42,7 @@ class BoundRequest(BaseModel):
         examples=["lipsdp-neuron"],
         json_schema_extra={"enum": list(METHODS)},  # checked by validate_method (its message)
     )
-    pairwise: bool = Field(default=False, description="Also bound every class pair y, j.")
+    pairwise: StrictBool = Field(default=False, description="Also bound every class pair y, j.")
     solver: str | None = Field(
         default=None,
         description="SDP solver name (default: automatic).",

@@ -48,6 +48,7 @@ from service.schemas import (
     OipInferRequest,
     OipInferResponse,
     OipModelMetadata,
+    OipRequestOutput,
     OipServerMetadata,
     OipTensor,
     inline_schema,
@@ -153,15 +154,15 @@ def _ready(storage: Storage, rec: ModelRecord) -> Response:
     )
 
 
-_META = {"response_model": OipModelMetadata, "responses": oip_error_responses(404)}
-_READY = {
+_META: dict[str, Any] = {"response_model": OipModelMetadata, "responses": oip_error_responses(404)}
+_READY: dict[str, Any] = {
     "response_model": ModelReady,
     "responses": {
         **oip_error_responses(404),
         409: {"model": ModelReady, "description": "Not ready: no verified bound yet."},
     },
 }
-_INFER = {
+_INFER: dict[str, Any] = {
     "response_model": OipInferResponse,
     "responses": {**_INFER_200, **oip_error_responses(400, 404, 408, 409, 413, 415, 503)},
     "openapi_extra": _REQUEST_BODY,
@@ -263,7 +264,8 @@ def _parse(body: bytes, header_length: str | None) -> tuple[OipInferRequest, np.
 
 def _refuse_unsupported(req: OipInferRequest) -> None:
     """Triton extensions this server does not implement are refused, not ignored."""
-    for t in [*req.inputs, *(req.outputs or [])]:
+    tensors: list[OipTensor | OipRequestOutput] = [*req.inputs, *(req.outputs or [])]
+    for t in tensors:
         params = t.parameters or {}
         if "shared_memory_region" in params:
             raise InvalidInput("the shared-memory extension is not supported; send the data")
