@@ -4,7 +4,8 @@ Resources live for the app's lifespan: the :class:`~service.storage.Storage`
 (``app.state.storage``), the inference worker thread (``app.state.worker``) and the
 bound-job runner from :func:`service.jobs.create_runner` (``app.state.runner``).
 Middleware (outermost first): access log + metrics, streaming body-size cap.
-Every error is ``application/problem+json`` (:mod:`service.errors`).
+Every error is ``application/problem+json``, under /v2 the protocol's ``{"error": ...}``
+(:mod:`service.errors`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ Certified l2 Lipschitz bounds (LipSDP, sandwich closed form) and certified robus
 3. `POST /v1/models/{id}/certify` returns predictions, margins and radii
    `margin / (sqrt(2) L)` using the smallest verified bound.
 
-Errors are RFC 9457 `application/problem+json`. When `LIPCERT_API_KEY` is set, every route
+Errors are RFC 9457 `application/problem+json`; under `/v2` (Open Inference Protocol) they
+are the protocol's `{"error": "<message>"}`. When `LIPCERT_API_KEY` is set, every route
 except health checks and docs needs the `X-API-Key` header.
 """
 
