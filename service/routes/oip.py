@@ -308,10 +308,13 @@ def _tensor_array(tensor: OipTensor, raw: np.ndarray | None, input_shape: list[i
 def _decode(
     body: bytes, header_length: str | None, rec: ModelRecord, settings: Settings
 ) -> tuple[OipInferRequest, np.ndarray]:
+    """The request (its input's JSON data dropped: only the array is kept, and counted) and
+    the input rows (B, n0) float64."""
     req, raw = _parse(body, header_length)
     x = batch_inputs(
         _tensor_array(req.inputs[0], raw, rec.input_shape), rec.input_shape, settings.max_inputs
     )
+    req.inputs[0].data = None
     return req, x
 
 

@@ -7,15 +7,20 @@ problem+json, the 405 ``Allow`` header, and the binary tensor data extension byt
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import orjson
 
+from service.app import create_app
 from service.bodies.limits import BodyLimitMiddleware
+from service.settings import Settings
 from tests.service.asgi_calls import post_in_halves
-from tests.service.onnx_nets import assert_oip_error, assert_problem
+from tests.service.onnx_nets import assert_oip_error, assert_problem, mlp_onnx
 
 HEADER = "Inference-Header-Content-Length"
 
@@ -191,5 +196,44 @@ def test_the_body_middleware_answers_v2_in_the_protocols_shape() -> None:
         assert status == 503 and set(body) == {"error"} and headers[b"retry-after"] == b"1"
         gate.set()
         assert (await held)[0]["status"] == 200
+
+    asyncio.run(run())
+
+
+def test_the_json_part_of_a_binary_body_is_counted_at_the_json_weight(
+    tmp_path: Path, rw_weights: list[np.ndarray]
+) -> None:
+    """The middleware counts a binary-tensor body as bytes; before decoding, the route counts
+    its JSON part at JSON_DECODE_FACTOR: with 100 KB of another body held and a 512 KB budget,
+    80 KB with a 30 KB JSON part (80 + 16 x 30 KB) is answered 503 {"error"} + Retry-After."""
+    app = create_app(Settings(data_dir=tmp_path, device="cpu", body_budget_mb=0.5))
+    n0 = rw_weights[0].shape[1]
+    npy = io.BytesIO()
+    np.save(npy, np.ones((200_000 // (8 * n0), n0)))
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                up = await http.post("/v1/models", files={"file": ("m.onnx", mlp_onnx(rw_weights))})
+                mid = up.json()["id"]
+                app.state.storage.save_bound(
+                    mid, {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
+                )
+                gate = asyncio.Event()
+                held = asyncio.create_task(
+                    post_in_halves(
+                        app, f"/v1/models/{mid}/certify", npy.getvalue(), "application/x-npy", gate
+                    )
+                )
+                await asyncio.sleep(0.1)
+                body = b" " * 30_000 + bytes(50_000)
+                r = await http.post(
+                    f"/v2/models/{mid}/infer", content=body, headers={HEADER: "30000"}
+                )
+                assert_oip_error(r, 503, "retry")
+                assert r.headers["retry-after"] == "1"
+                gate.set()
+                assert (await held)[0]["status"] == 200
 
     asyncio.run(run())
