@@ -1,5 +1,6 @@
 """schemathesis over the app's OpenAPI schema (in-process ASGI): no generated request may
-cause a 5xx, and every error response is problem+json."""
+cause a 5xx, and every error response is problem+json (under /v2 the Open Inference
+Protocol's ``{"error": ...}``)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,10 @@ def test_no_server_errors(tmp_path: Path, fixtures_dir: Path) -> None:
         def check(case) -> None:
             response = case.call()
             assert response.status_code < 500, (case.method, case.path, response.text)
-            if response.status_code >= 400:
+            if response.status_code >= 400 and case.path.startswith("/v2"):
+                assert response.headers["content-type"][0] == "application/json"
+                assert set(response.json()) >= {"error"}  # the protocol's error shape
+            elif response.status_code >= 400:
                 assert response.headers["content-type"][0].startswith("application/problem+json")
 
         check()
