@@ -313,18 +313,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StorageFull)
     async def _full(request: Request, exc: StorageFull) -> JSONResponse:
-        return problem(507, exc.code, exc.detail, instance=request.url.path)
+        return error_response(request, 507, exc.code, exc.detail)
 
     @app.exception_handler(ModelIdCollision)
     async def _collision(request: Request, exc: ModelIdCollision) -> JSONResponse:
-        return problem(409, exc.code, str(exc), instance=request.url.path)
+        return error_response(request, 409, exc.code, str(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         settings = getattr(request.app.state, "settings", None)
         data_dir = getattr(settings, "data_dir", None)
         if data_dir is not None and is_disk_full(exc, data_dir):  # e.g. ENOSPC off storage
-            return problem(507, StorageFull.code, str(exc), instance=request.url.path)
+            return error_response(request, 507, StorageFull.code, str(exc))
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(
             request, 500, "internal-error", "the server hit an unexpected error; it has been logged"

@@ -258,11 +258,12 @@ ERROR_DESCRIPTIONS = {
     401: "Missing or wrong X-API-Key header (when LIPCERT_API_KEY is set).",
     404: "Unknown model, bound or job.",
     408: "The request body did not arrive in time.",
-    409: "No verified Lipschitz bound for this model yet.",
+    409: "No verified Lipschitz bound for this model yet (upload: model id collision).",
     413: "Request body over LIPCERT_MAX_UPLOAD_MB.",
     415: "Content type (or encoding) not accepted.",
     422: "The request is well formed but refused (validation, unusable inputs or model).",
     503: "Busy (inference queue or body budget full: Retry-After) or a component is down.",
+    507: "The data directory's disk is full (storage-full).",
 }
 #: The answers of the body middleware to any request with a body (service.middleware).
 BODY_ERRORS = (401, 408, 413, 503)

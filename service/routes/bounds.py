@@ -112,7 +112,7 @@ def _runner_or_503(runner: Any) -> Any:
     status_code=202,
     summary="Start a bound job",
     response_model=JobOut,
-    responses=problem_responses(400, 404, 422, *BODY_ERRORS),
+    responses=problem_responses(400, 404, 422, 507, *BODY_ERRORS),
 )
 def request_bound(
     model_id: str, body: BoundRequest, response: Response, storage: StorageDep, runner: RunnerDep

@@ -27,7 +27,7 @@ _BY_ID = problem_responses(404)
     response_model=ModelInfo,
     responses={
         200: {"model": ModelInfo, "description": "The same bytes were uploaded before."},
-        **problem_responses(400, 422, *BODY_ERRORS),
+        **problem_responses(400, 409, 422, 507, *BODY_ERRORS),
     },
     summary="Upload a model (ONNX, safetensors, LipSDP .mat)",
 )
