@@ -1,7 +1,7 @@
 """LBDN files: ``.safetensors`` with raw parameters and the lipcert/1 config (metadata "lipcert").
 
 Loading never executes code: safetensors holds only arrays and a JSON header, and the config
-is validated by :func:`sdp.sandwich.params_from_safetensors` before anything is built.
+is validated by :func:`sdp.sandwich.config.params_from_safetensors` before anything is built.
 Also converts the RobustNeuralNetworks.jl MNIST LBDN fixture (``lbdn_mnist_params.npz``) into
 the same format.
 """
@@ -24,7 +24,7 @@ from models.lbdn import LBDN
 from models.sandwich import SandwichLinear
 from sdp.errors import ModelRejected
 from sdp.ir import Network
-from sdp.sandwich import config_json, network_from_safetensors, params_from_safetensors
+from sdp.sandwich.config import config_json, network_from_safetensors, params_from_safetensors
 
 METADATA_KEY = "lipcert"
 

@@ -25,7 +25,7 @@ from models.cayley_inverse import CayleyOutFactor, InverseFactor
 from models.matrix_chain import chain_product
 from models.sandwich import SandwichLinear, SandwichOutput, _CachedWeights, cayley_matrix
 from sdp.ir import Network
-from sdp.sandwich import SandwichLayer, SandwichParams, plain_network
+from sdp.sandwich.dense import SandwichLayer, SandwichParams, plain_network
 
 _SQRT2 = math.sqrt(2.0)
 

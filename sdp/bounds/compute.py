@@ -2,8 +2,8 @@
 
 Methods: ``naive`` (product of rigorous layer norms; compositional for residual nets),
 ``lipsdp-neuron`` / ``lipsdp-layer`` (certified LipSDP), ``sandwich`` (closed-form check,
-:func:`sdp.sandwich.sandwich_bound`), ``auto`` (the smallest of the sandwich closed form if the
-net is one, LipSDP-Neuron for a chain small enough, and naive/compositional).
+:func:`sdp.bounds.sandwich.sandwich_bound`), ``auto`` (the smallest of the sandwich closed form
+if the net is one, LipSDP-Neuron for a chain small enough, and naive/compositional).
 ``lipsdp-network`` is refused: coupling multipliers between neuron pairs is unsound (Pauli,
 Koch, Berberich, Kohler, Allgower, "Training robust neural networks using Lipschitz bounds",
 IEEE L-CSS 2021, counterexample).
@@ -12,7 +12,6 @@ Every returned ``BoundResult`` is verified; otherwise an error is raised.
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import replace
 from typing import Any
@@ -21,6 +20,7 @@ from sdp.bounds.lipsdp import check_size, lipsdp_bound, pairwise_bounds
 from sdp.bounds.lower import empirical_lower_bound
 from sdp.bounds.naive import naive_bound
 from sdp.bounds.result import BoundResult
+from sdp.bounds.sandwich import sandwich_bound
 from sdp.errors import LipcertError, NotApplicable, UnsupportedMethod
 from sdp.ir import Network
 from sdp.solvers.base import Progress, Variant
@@ -49,9 +49,7 @@ def _naive(net: Network) -> BoundResult:
 def _sandwich(net: Network) -> BoundResult:
     if net.sandwich is None:
         raise NotApplicable("not a sandwich network (no sandwich parameters)")
-    module = importlib.import_module("sdp.sandwich")
-    result: BoundResult = module.sandwich_bound(net)
-    return result
+    return sandwich_bound(net)
 
 
 def _lipsdp(net: Network, variant: Variant, **kw: Any) -> BoundResult:

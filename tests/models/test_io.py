@@ -19,9 +19,9 @@ from models.io import (
     save_lbdn,
 )
 from models.lbdn import LBDN
+from sdp.bounds.sandwich import sandwich_bound
 from sdp.certificate import Lmi, certify_multipliers
 from sdp.errors import ModelRejected
-from sdp.sandwich import sandwich_bound
 
 torch.set_num_threads(1)
 

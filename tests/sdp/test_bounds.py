@@ -10,8 +10,10 @@ from sdp.bounds import naive as naive_mod
 from sdp.certificate import Lmi, verify_certificate
 from sdp.errors import NotApplicable, UnsupportedMethod
 from sdp.ir import Activation, Conv2d, Dense, Network, Residual
+from sdp.sandwich.dense import plain_network
 from sdp.solvers import available_solvers
 from tests.sdp._nets import dense_network, mat_network, random_network
+from tests.sdp.sandwich_cases import random_params
 
 RANDOM_NEURON, RANDOM_LAYER, MNIST_NEURON = 36.482, 39.839, 24.366
 
@@ -228,8 +230,6 @@ def test_progress_events(random_net):
 
 
 def test_sandwich_network_auto_reports_the_smaller_of_closed_form_and_lipsdp():
-    from sdp.sandwich import plain_network, random_params
-
     params = random_params(np.random.default_rng(9), [5, 8, 6, 3], 3.0)
     net = plain_network(params)
     assert net.sandwich is not None

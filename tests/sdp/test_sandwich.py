@@ -1,4 +1,4 @@
-"""Closed-form maths of sandwich networks (numpy side, sdp.sandwich)."""
+"""Closed-form maths of sandwich networks (numpy side, sdp.sandwich and sdp.bounds.sandwich)."""
 
 from __future__ import annotations
 
@@ -9,23 +9,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sdp.bounds.sandwich import closed_form_lmi, explicit_certificate, sandwich_bound
 from sdp.certificate import Certificate, Lmi, certify_rho, verify_certificate
 from sdp.errors import CertificateError, ModelRejected, NotApplicable
 from sdp.ir import Activation, Dense, Network
-from sdp.sandwich import (
-    SandwichLayer,
-    SandwichParams,
-    cayley,
-    closed_form_lmi,
-    explicit_certificate,
+from sdp.sandwich.config import (
     network_from_safetensors,
     params_from_safetensors,
     params_to_safetensors,
+)
+from sdp.sandwich.dense import (
+    SandwichLayer,
+    SandwichParams,
+    cayley,
     plain_network,
-    random_params,
-    sandwich_bound,
     sandwich_forward,
 )
+from tests.sdp.sandwich_cases import random_params
 
 SIZES = [[5, 8, 6, 3], [20, 10, 10, 4], [2, 16, 16, 1], [30, 12, 3], [6, 4]]
 
