@@ -10,7 +10,6 @@ Error tree of the service (``sdp``'s tree is mapped by :data:`SDP_STATUS`)::
     ├── NotFound               404    unknown model / bound / job id
     ├── Unauthorized           401    missing or wrong X-API-Key
     ├── NoVerifiedBound        409    certify before a verified bound exists
-    ├── PayloadTooLarge        413    body larger than LIPCERT_MAX_UPLOAD_MB
     ├── UnsupportedMediaType   415    body content type not accepted
     ├── InvalidInput           422    inputs of the wrong shape, non-finite, unreadable
     ├── ServiceBusy            503    inference queue full (Retry-After)
@@ -19,6 +18,10 @@ Error tree of the service (``sdp``'s tree is mapped by :data:`SDP_STATUS`)::
 Faults below the HTTP layer get their own codes, never a 500:
 :class:`service.diskspace.StorageFull` -> 507 ``storage-full``,
 :class:`service.storage.ModelIdCollision` -> 409 ``model-id-collision``.
+
+Bodies over LIPCERT_MAX_UPLOAD_MB are answered 413 ``payload-too-large`` by the body-size
+middleware (:class:`service.middleware.BodyTooLarge`) before any route runs.
+
 Unexpected exceptions become a 500 with a generic detail; the traceback is logged only.
 """
 
@@ -40,6 +43,7 @@ from sdp.errors import (
     ModelRejected,
     NotApplicable,
     SolverError,
+    UnknownSolver,
     UnsupportedMethod,
 )
 from service.diskspace import StorageFull, is_disk_full
@@ -88,10 +92,6 @@ class NoVerifiedBound(ServiceError):
     status, code = 409, "no-verified-bound"
 
 
-class PayloadTooLarge(ServiceError):
-    status, code = 413, "payload-too-large"
-
-
 class UnsupportedMediaType(ServiceError):
     status, code = 415, "unsupported-media-type"
 
@@ -123,6 +123,7 @@ SDP_STATUS: dict[type[LipcertError], int] = {
     UnsupportedMethod: 422,
     NotApplicable: 422,
     CertificateError: 422,
+    UnknownSolver: 422,
     SolverError: 503,
 }
 

@@ -9,14 +9,15 @@ from typing import TYPE_CHECKING
 from sdp._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from sdp.bounds.compute import METHODS, compute_bound
+    from sdp.bounds.compute import compute_bound
     from sdp.bounds.lipsdp import lipsdp_bound, pairwise_bounds
     from sdp.bounds.lower import empirical_lower_bound
     from sdp.bounds.naive import naive_bound
+    from sdp.bounds.plan import METHODS
     from sdp.bounds.result import BoundResult
 
 _EXPORTS = {
-    "METHODS": "sdp.bounds.compute",
+    "METHODS": "sdp.bounds.plan",
     "compute_bound": "sdp.bounds.compute",
     "lipsdp_bound": "sdp.bounds.lipsdp",
     "pairwise_bounds": "sdp.bounds.lipsdp",

@@ -19,13 +19,13 @@ from typing import Any
 from sdp.bounds.lipsdp import check_size, lipsdp_bound, pairwise_bounds
 from sdp.bounds.lower import empirical_lower_bound
 from sdp.bounds.naive import naive_bound
+from sdp.bounds.plan import check_bound_request
 from sdp.bounds.result import BoundResult
 from sdp.bounds.sandwich import sandwich_bound
-from sdp.errors import LipcertError, NotApplicable, UnsupportedMethod
+from sdp.errors import LipcertError, NotApplicable
 from sdp.ir import Network
 from sdp.solvers.base import Progress, Variant
 
-METHODS = ("auto", "naive", "lipsdp-layer", "lipsdp-neuron", "sandwich")
 AUTO_HIDDEN_CAP = 2_000
 """auto runs LipSDP-Neuron only up to this many hidden neurons (the structured solver needs
 about a minute at 1 600 on 2 cores, docs/benchmarks.md; the timeout below bounds the rest)."""
@@ -123,15 +123,10 @@ def compute_bound(
 
     Raises:
         UnsupportedMethod: unknown method or ``lipsdp-network``.
+        UnknownSolver: ``solver`` names no registered solver.
         NotApplicable: method cannot run on this network (e.g. LipSDP on a residual net).
     """
-    if method == "lipsdp-network":
-        raise UnsupportedMethod(
-            "lipsdp-network is not offered: coupling multipliers between neuron pairs is "
-            "unsound (counterexample: Pauli et al., IEEE L-CSS 2021); use lipsdp-neuron"
-        )
-    if method not in METHODS:
-        raise UnsupportedMethod(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    check_bound_request(net, method, pairwise=pairwise, solver=solver)
     t0 = time.perf_counter()
     kw: dict[str, Any] = {"solver": solver, "timeout_s": timeout_s, "progress": progress}
     if method == "naive":
@@ -149,8 +144,6 @@ def compute_bound(
         raise LipcertError(f"{res.method} produced no verified bound", code="bound-unverified")
     extra: dict[str, Any] = {"requested_method": method}
     if pairwise:
-        if not net.is_chain:
-            raise NotApplicable("pairwise bounds need a chain network (LipSDP)")
         variant: Variant = "layer" if method == "lipsdp-layer" else "neuron"
         if progress is not None:
             progress({"phase": "pairwise", "done": 0})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sdp.errors import SolverError
+from sdp.errors import SolverError, UnknownSolver
 from sdp.solvers.base import LipSdpProblem, Solution, SolveOptions, Solver
 from sdp.solvers.cvxpy_ import CvxpySolver
 from sdp.solvers.structured import StructuredSolver
@@ -58,16 +58,14 @@ def get_solver(name: str) -> Solver:
     """The solver registered as ``name``.
 
     Raises:
-        SolverError: unknown name (code ``solver-unknown``) or the module cannot be imported
-            (code ``solver-missing``).
+        UnknownSolver: unknown name (a SolverError with code ``solver-unknown``).
+        SolverError: the solver cannot be imported (code ``solver-missing``).
     """
     if name in SOLVERS:
         return SOLVERS[name]
     factory = _FACTORIES.get(name)
     if factory is None:
-        raise SolverError(
-            f"unknown solver {name!r} (known: {', '.join(solver_names())})", code="solver-unknown"
-        )
+        raise UnknownSolver(f"unknown solver {name!r} (known: {', '.join(solver_names())})")
     try:
         solver = factory()
     except ImportError as e:
