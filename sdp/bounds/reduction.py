@@ -24,8 +24,10 @@ from sdp.solvers.base import LipSdpProblem, Solution
 class SvdInputReduction:
     """Replace W_0 (n_1 x n_0) by U S (n_1 x r) when r < n_0.
 
-    ``rel_tol`` drops singular values below rel_tol * s_max; dropping a nonzero s_i would
-    change the network, so it defaults to 0 (only exact zeros, i.e. r <= min(n_0, n_1)).
+    ``rel_tol`` > 0 drops singular values s_i <= rel_tol * s_max (which changes the network
+    when such an s_i is nonzero). The default 0 drops nothing, not even exact zeros: r is
+    always min(n_0, n_1) = n_1 (the reduction only applies when n_0 > n_1), so the reduced
+    problem is exactly the original one.
     """
 
     rel_tol: float = 0.0
