@@ -1,4 +1,4 @@
-"""Convolutional sandwich layer in PyTorch (Wang & Manchester, ICML 2023; DESIGN §3.4).
+"""Convolutional sandwich layer in PyTorch (Wang & Manchester, ICML 2023; design.md §3.4).
 
 Circular convolution on a fixed n x n input, computed per frequency of the unitary 2-D FFT.
 The free kernel ``XY`` ((q + p) x q x k x k, p = in_channels * stride^2) has, per frequency f,

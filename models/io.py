@@ -191,7 +191,7 @@ def lbdn_jl_tensors(npz_path: str | Path) -> tuple[dict[str, np.ndarray], dict[s
 
     The npz (layout in docs/formats.md) holds ``XY<k>`` = [X; Y] ((n_out + n_in), n_out),
     ``alpha<k>``, ``d<k>`` (hidden layers), ``b<k>``, ``log_gamma`` and ``layer_sizes``;
-    its forward pass is exactly the sandwich forward of DESIGN §3.4 with [X; Y] rescaled to
+    its forward pass is exactly the sandwich forward of design.md §3.4 with [X; Y] rescaled to
     norm alpha_k. Arrays keep their float dtype. Raises ValueError naming what is missing or
     misshapen (the file is read with ``allow_pickle=False``).
     """

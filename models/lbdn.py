@@ -1,4 +1,4 @@
-"""LBDN: a Lipschitz-bounded deep network built from sandwich layers (DESIGN §3.4).
+"""LBDN: a Lipschitz-bounded deep network built from sandwich layers (design.md §3.4).
 
     h_0 = sqrt(gamma) x,   h_k = SandwichLinear_k(h_{k-1}),   y = SandwichOutput(sqrt(gamma) h_L)
 

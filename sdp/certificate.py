@@ -1,4 +1,4 @@
-"""LipSDP certificates and their exact, solver-free verification (DESIGN §3.2-3.3).
+"""LipSDP certificates and their exact, solver-free verification (design.md §3.2-3.3).
 
 Notation. Hidden layers i = 0..L-1 have pre-activations v_i = W_i z_i + b_i and outputs
 z_{i+1} = phi_i(v_i), with phi_i slope-restricted in [a_i, b_i] (vectors, per neuron).
@@ -269,7 +269,7 @@ def _final_block_ok(f: _Factorisation, rho: float) -> bool:
 
 
 def certify_rho(lmi: Lmi, multipliers: Sequence[Array], *, rel_margin: float = REL_MARGIN) -> float:
-    """Smallest verified rho for fixed multipliers T (DESIGN §3.3).
+    """Smallest verified rho for fixed multipliers T (design.md §3.3).
 
     rho = (lambda_max(Q) + c)(1 + rel_margin), confirmed by a Cholesky of the whole -M(rho,T) - cI.
 

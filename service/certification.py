@@ -1,4 +1,4 @@
-"""Turn logits and a stored bound into certified radii (DESIGN §4). Request bodies and their
+"""Turn logits and a stored bound into certified radii (design.md §4). Request bodies and their
 inputs are read by :mod:`service.bodies`.
 
 For logits f(x), predicted class y and margin m = f_y - max_{j != y} f_j, every x' with

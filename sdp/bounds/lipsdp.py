@@ -1,6 +1,6 @@
 """LipSDP-Neuron / LipSDP-Layer bounds (Fazlyab et al., NeurIPS 2019), certified exactly.
 
-Pipeline for one LMI (DESIGN §3.2-3.3)::
+Pipeline for one LMI (design.md §3.2-3.3)::
 
     Lmi (original)  --SvdInputReduction.apply-->  reduced problem  --solver-->  T
     T  --invert (unchanged)-->  certify_multipliers(ORIGINAL Lmi, T)  -->  (rho, T) certificate

@@ -2,7 +2,7 @@
 that came from elsewhere, e.g. a worker on another machine, before anyone serves it.
 
 The document is not taken at its word. Every number in it is re-derived from the network the
-caller holds (design.md §4.2):
+caller holds (design.md §1.5):
 
 * LipSDP results: the certificate (rho, T) must pass :func:`sdp.certificate.verify_on` on
   the caller's own network, and the reported bound must be >= sqrt(rho);

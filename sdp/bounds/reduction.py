@@ -1,6 +1,6 @@
 """Reversible LipSDP problem reductions (cvxpy's ``Reduction`` shape: accepts/apply/invert).
 
-SVD input reduction (DESIGN §3.2). f depends on x only through W_0 x. With the thin SVD
+SVD input reduction (design.md §3.2). f depends on x only through W_0 x. With the thin SVD
 W_0 = U S V^T of rank r, replacing W_0 by U S (n_1 x r) gives a network g with f(x) = g(V^T x),
 V^T a co-isometry, so Lip(f) = Lip(g); in the LMI the input block becomes V Q V^T, whose largest
 eigenvalue equals that of Q (clipped at 0), so the SDP optimum is unchanged too. The multipliers

@@ -41,7 +41,7 @@ from sdp.solvers.dense import DenseOps, Mat, NumpyOps
 
 
 def reduce_input(lmi: Lmi, *, rtol: float = 1e-13) -> Lmi:
-    """Exact input reduction (DESIGN §3.2): W_0 = U S V^T -> U_r S_r (n_1 x r).
+    """Exact input reduction (design.md §3.2): W_0 = U S V^T -> U_r S_r (n_1 x r).
 
     Multipliers and the SDP optimum are unchanged: M's input block only sees W_0 through
     W_0^T (.) W_0 = V S U^T (.) U S V^T, whose nonzero spectrum equals that of S U^T (.) U S.

@@ -1,4 +1,4 @@
-"""LipSDP through CVXPY in the block-tridiagonal form (DESIGN §3.2).
+"""LipSDP through CVXPY in the block-tridiagonal form (design.md §3.2).
 
 With blocks (x, z_1, ..., z_L), slope bounds a_j <= phi_j' <= b_j (per neuron) and
 T_j = diag(t_j) >= 0, the LMI M(rho, T) <= 0 has the blocks

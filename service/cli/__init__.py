@@ -1,6 +1,6 @@
 """The ``lipcert`` command line (typer). Each subcommand lives in its own module.
 
-Contract (DESIGN §5): ``--json`` prints one JSON object on stdout; errors go to stderr
+Contract (design.md §5): ``--json`` prints one JSON object on stdout; errors go to stderr
 with a non-zero exit status and a one-line reason.
 
 Imports inside the command functions are deliberate: each subcommand loads only what it runs

@@ -59,7 +59,7 @@ async def upload_model(
 
 
 def _store_sandwich_bound(storage: Storage, model_id: str, net: Any) -> None:
-    """Check the sandwich closed form (DESIGN §3.4) and store it when it verifies."""
+    """Check the sandwich closed form (design.md §3.4) and store it when it verifies."""
     try:
         result = sandwich_bound(net)
     except Exception as exc:  # not verifiable: the model is still usable with a LipSDP job

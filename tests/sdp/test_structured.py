@@ -42,7 +42,7 @@ ACTIVATIONS = [
 
 
 def reference_rho(lmi: Lmi, variant: str = "neuron") -> float:
-    """LipSDP optimum by CVXPY + Clarabel (tight), from DESIGN §3.2's dense formula:
+    """LipSDP optimum by CVXPY + Clarabel (tight), from design.md §3.2's dense formula:
     M = [A;B]^T [[-2abT, (a+b)T], [(a+b)T, -2T]] [A;B] + blkdiag(-rho I, 0.., W_L^T W_L)."""
     W, L = lmi.weights, lmi.depth
     n0, N = lmi.input_size, sum(lmi.hidden_sizes)
@@ -82,7 +82,7 @@ def reference_rho_blocks(lmi: Lmi) -> float:
     """LipSDP-Neuron optimum by CVXPY + Clarabel, built block by block (fast to canonicalise
     for wider nets): S = -M is block tridiagonal with diagonal blocks
     2 diag(t_{j-1}) + 2 W_j^T diag(a b t_j) W_j (rho I for the input, minus W_L^T W_L last)
-    and off-diagonal blocks -diag((a + b) t_j) W_j (DESIGN §3.2)."""
+    and off-diagonal blocks -diag((a + b) t_j) W_j (design.md §3.2)."""
     W, L = lmi.weights, lmi.depth
     sizes = [lmi.input_size, *lmi.hidden_sizes]
     rho = cp.Variable()
