@@ -158,7 +158,7 @@ class InferenceWorker:
                 break
             if req is _STOP:
                 marker = True
-            else:
+            elif isinstance(req, _Request):
                 _deliver(req, error=ServiceBusy("the inference worker is stopping"))
         if marker:
             self._queue.put(_STOP)
@@ -223,15 +223,13 @@ class InferenceWorker:
                 return result
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if self._stopping:
-            raise ServiceBusy("the inference worker is stopping")
         try:
             self._queue.put_nowait(_Request(model_id, x, future, loop, with_error))
         except queue.Full:
             raise ServiceBusy(
                 "the inference queue is full; retry shortly", headers={"Retry-After": "1"}
             ) from None
-        if self._stopping:  # stop() ran between the check and the put: nobody will serve it
+        if self._stopping:  # stop() was called: nobody will serve it
             self._refuse_queued()
         metrics.QUEUE_DEPTH.set(self._queue.qsize())
         return await future

@@ -52,7 +52,7 @@ def test_requests_behind_the_stop_marker_are_refused_not_forgotten(worker_and_mo
         stopper = threading.Thread(target=worker.stop, kwargs={"timeout": 30.0})
         stopper.start()
         await asyncio.to_thread(_wait_until, lambda: worker._stopping)
-        with pytest.raises(ServiceBusy):  # submitted after stop(): refused at once
+        with pytest.raises(ServiceBusy):  # submitted after stop(): refused, not left waiting
             await worker.infer(mid, x)
         # a request that slipped into the queue behind the marker (the submit/stop race)
         _wait_until(lambda: not worker._queue.empty())
