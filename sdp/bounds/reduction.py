@@ -13,10 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-from scipy import linalg
-
-from sdp.certificate import Lmi
+from sdp.solvers._lmi_structure import reduce_input
 from sdp.solvers.base import LipSdpProblem, Solution
 
 
@@ -37,15 +34,10 @@ class SvdInputReduction:
         return problem.lmi.depth > 0 and w0.shape[1] > w0.shape[0]
 
     def apply(self, problem: LipSdpProblem) -> tuple[LipSdpProblem, dict[str, Any]]:
-        lmi = problem.lmi
-        w0 = lmi.weights[0]
-        u, s, _ = linalg.svd(w0, full_matrices=False)
-        keep = s > self.rel_tol * (s[0] if s.size else 0.0)
-        if self.rel_tol == 0.0:
-            keep = np.ones_like(s, dtype=bool)
-        reduced = Lmi((u[:, keep] * s[keep], *lmi.weights[1:]), lmi.alpha, lmi.beta)
-        inverse = {"input_size": w0.shape[1], "rank": int(keep.sum())}
-        return replace(problem, lmi=reduced), inverse
+        """The reduced problem (marked ``input_reduced``: solvers do not reduce it again)."""
+        reduced = reduce_input(problem.lmi, rtol=self.rel_tol)
+        inverse = {"input_size": problem.lmi.input_size, "rank": reduced.input_size}
+        return replace(problem, lmi=reduced, input_reduced=True), inverse
 
     def invert(self, solution: Solution, inverse_data: dict[str, Any]) -> Solution:
         """T is unchanged by the reduction; rho (diagnostic) is unchanged too."""

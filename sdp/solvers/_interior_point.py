@@ -62,10 +62,11 @@ from sdp.solvers.dense import DenseOps, Mat
 Mask = npt.NDArray[np.bool_]
 
 
-@dataclass
-class IpmSettings:
-    eps: float = 1e-7  # relative gap target (rho(t) - lower) / rho(t)
-    max_iters: int = 100
+@dataclass(frozen=True)
+class IpmTuning:
+    """The interior-point method's tuning knobs, typed (defaults: the measured best, see
+    docs/benchmarks.md). :class:`~sdp.solvers.structured.StructuredSolver` takes one."""
+
     sigma_min: float = 0.0
     sigma_fixed: float | None = None
     corrector: bool = True  # Mehrotra's second-order correction
@@ -75,6 +76,14 @@ class IpmSettings:
     z0_identity: bool = True  # Z_0 = z0_scale I / r; False: z0_scale X_0 / tr X_0,00
     shift0: float = 0.0  # S_0 = S(y_0) + shift0 max|diag S(y_0)| I (an infeasible start)
     rho_factor: float = 1.1  # start at rho = rho_factor * rho(t0)
+
+
+@dataclass(frozen=True)
+class IpmSettings(IpmTuning):
+    """One solve's settings: the tuning plus its targets and limits."""
+
+    eps: float = 1e-7  # relative gap target (rho(t) - lower) / rho(t)
+    max_iters: int = 100
     deadline: float | None = None  # time.perf_counter() value
     progress: Progress | None = None
     cancelled: Any = None  # optional zero-argument callable; True stops the solve
