@@ -1,7 +1,7 @@
 """Inverse of the Cayley matrix Q = I + Z and cheapest-order matrix chains (training speed).
 
 ``cayley_inverse(Q)`` returns M = Q^{-1} for Q whose symmetric part is >= I, which holds for
-Q = I + c (X - X^T) + c^2 Y^T Y (DESIGN §3.4). It uses 2 x 2 block elimination **without
+Q = I + c (X - X^T) + c^2 Y^T Y (design.md §3.4). It uses 2 x 2 block elimination **without
 pivoting**, so almost all of the work is matrix products (fast BLAS gemm) instead of LAPACK's
 LU + triangular solves, which on one CPU thread run several times slower per flop at the sizes
 of sandwich layers (q = 64..512). No pivoting is stable here: for Q = [[Q11, Q12], [Q21, Q22]]

@@ -1,4 +1,4 @@
-"""Convolutional sandwich layer in PyTorch (Wang & Manchester, ICML 2023; DESIGN §3.4).
+"""Convolutional sandwich layer in PyTorch (Wang & Manchester, ICML 2023; design.md §3.4).
 
 Circular convolution on a fixed n x n input, computed per frequency of the unitary 2-D FFT.
 The free kernel ``XY`` ((q + p) x q x k x k, p = in_channels * stride^2) has, per frequency f,
@@ -8,7 +8,7 @@ the DFT blocks X(f) (q x q) and Y(f) (p x q); with Z = X - X^H + Y^H Y::
     h_out = sqrt(2) A^H Psi sigma( sqrt(2) Psi^{-1} B S h + b ),    Psi = diag(exp(d)) per channel
 
 S is space-to-depth (``pixel_unshuffle``) for stride 2, the identity for stride 1. The layer is
-1-Lipschitz (l2) for activations with slopes in [0, 1]; see :mod:`sdp.sandwich_conv` for the
+1-Lipschitz (l2) for activations with slopes in [0, 1]; see :mod:`sdp.sandwich.conv` for the
 derivation, the numpy twin and the per-frequency certificate check.
 """
 

@@ -5,7 +5,7 @@
 
 Each conv and dense sandwich layer is 1-Lipschitz and ||B_L|| <= 1, so Lip(x -> y) <= gamma.
 Export: :meth:`ConvLBDN.sandwich_params` (float64 raw parameters), :meth:`ConvLBDN.to_network`
-(the plain IR: exact Conv2d ops for the circular convolutions, see :mod:`sdp.sandwich_conv`),
+(the plain IR: exact Conv2d ops for the circular convolutions, see :mod:`sdp.sandwich.conv`),
 :func:`conv_lbdn_to_bytes` (safetensors with the lipcert/1 "sandwich" config whose hidden
 layers have type "sandwich_conv").
 """
@@ -33,9 +33,11 @@ from models.io import (
     state_from_layer_specs,
 )
 from models.sandwich import SandwichLinear, SandwichOutput
+from sdp.errors import ModelRejected
 from sdp.ir import Network
-from sdp.sandwich import SandwichLayer
-from sdp.sandwich_conv import ConvSandwichLayer, ConvSandwichParams, plain_network
+from sdp.sandwich.config import conv_params_from_safetensors
+from sdp.sandwich.conv import ConvSandwichLayer, ConvSandwichParams, plain_network
+from sdp.sandwich.dense import SandwichLayer
 
 
 class ConvLBDN(nn.Module):
@@ -201,10 +203,7 @@ def conv_lbdn_from_tensors(
     tensors: dict[str, np.ndarray], config: dict[str, Any], dtype: torch.dtype | None = None
 ) -> ConvLBDN:
     """Build a :class:`ConvLBDN` from a conv "sandwich" config (validated first) and its tensors."""
-    from sdp.errors import ModelRejected
-    from sdp.sandwich_conv_io import params_from_safetensors
-
-    params = params_from_safetensors(tensors, config)
+    params = conv_params_from_safetensors(tensors, config)
     acts = {(la.activation.name, la.activation.param) for la in params.convs}
     acts |= {(la.activation.name, la.activation.param) for la in params.dense if la.activation}
     ks = {la.xy.shape[-1] for la in params.convs}

@@ -1,7 +1,7 @@
 """LBDN files: ``.safetensors`` with raw parameters and the lipcert/1 config (metadata "lipcert").
 
 Loading never executes code: safetensors holds only arrays and a JSON header, and the config
-is validated by :func:`sdp.sandwich.params_from_safetensors` before anything is built.
+is validated by :func:`sdp.sandwich.config.params_from_safetensors` before anything is built.
 Also converts the RobustNeuralNetworks.jl MNIST LBDN fixture (``lbdn_mnist_params.npz``) into
 the same format.
 """
@@ -24,7 +24,7 @@ from models.lbdn import LBDN
 from models.sandwich import SandwichLinear
 from sdp.errors import ModelRejected
 from sdp.ir import Network
-from sdp.sandwich import config_json, network_from_safetensors, params_from_safetensors
+from sdp.sandwich.config import config_json, network_from_safetensors, params_from_safetensors
 
 METADATA_KEY = "lipcert"
 
@@ -191,7 +191,7 @@ def lbdn_jl_tensors(npz_path: str | Path) -> tuple[dict[str, np.ndarray], dict[s
 
     The npz (layout in docs/formats.md) holds ``XY<k>`` = [X; Y] ((n_out + n_in), n_out),
     ``alpha<k>``, ``d<k>`` (hidden layers), ``b<k>``, ``log_gamma`` and ``layer_sizes``;
-    its forward pass is exactly the sandwich forward of DESIGN §3.4 with [X; Y] rescaled to
+    its forward pass is exactly the sandwich forward of design.md §3.4 with [X; Y] rescaled to
     norm alpha_k. Arrays keep their float dtype. Raises ValueError naming what is missing or
     misshapen (the file is read with ``allow_pickle=False``).
     """

@@ -1,4 +1,4 @@
-"""LBDN: a Lipschitz-bounded deep network built from sandwich layers (DESIGN §3.4).
+"""LBDN: a Lipschitz-bounded deep network built from sandwich layers (design.md §3.4).
 
     h_0 = sqrt(gamma) x,   h_k = SandwichLinear_k(h_{k-1}),   y = SandwichOutput(sqrt(gamma) h_L)
 
@@ -25,7 +25,7 @@ from models.cayley_inverse import CayleyOutFactor, InverseFactor
 from models.matrix_chain import chain_product
 from models.sandwich import SandwichLinear, SandwichOutput, _CachedWeights, cayley_matrix
 from sdp.ir import Network
-from sdp.sandwich import SandwichLayer, SandwichParams, plain_network
+from sdp.sandwich.dense import SandwichLayer, SandwichParams, plain_network
 
 _SQRT2 = math.sqrt(2.0)
 

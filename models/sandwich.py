@@ -1,4 +1,4 @@
-"""Sandwich layers in PyTorch (Wang & Manchester, ICML 2023; DESIGN §3.4).
+"""Sandwich layers in PyTorch (Wang & Manchester, ICML 2023; design.md §3.4).
 
 ``SandwichLinear`` (hidden, 1-Lipschitz for any activation with slopes in [0, 1])::
 

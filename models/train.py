@@ -1,6 +1,6 @@
 """Training LBDNs with a certified-margin loss, and clean/certified accuracy.
 
-Certified accuracy at radius eps (DESIGN §4): an input counts when it is classified correctly
+Certified accuracy at radius eps (design.md §4): an input counts when it is classified correctly
 and its margin m = f_y - max_{j != y} f_j exceeds sqrt(2) * gamma * eps, because then every
 x' with ||x' - x||_2 <= eps keeps the class (Lip(f) <= gamma).
 

@@ -1,4 +1,4 @@
-"""LipSDP certificates and their exact, solver-free verification (DESIGN §3.2-3.3).
+"""LipSDP certificates and their exact, solver-free verification (design.md §3.2-3.3).
 
 Notation. Hidden layers i = 0..L-1 have pre-activations v_i = W_i z_i + b_i and outputs
 z_{i+1} = phi_i(v_i), with phi_i slope-restricted in [a_i, b_i] (vectors, per neuron).
@@ -50,8 +50,8 @@ from typing import Any
 import numpy as np
 from scipy import linalg
 
-from sdp.errors import CertificateError
-from sdp.ir import Array, Chain
+from sdp.errors import CertificateError, NotApplicable
+from sdp.ir import Array, Chain, Network
 
 _U = np.finfo(np.float64).eps / 2
 REL_MARGIN = 1e-9
@@ -182,7 +182,6 @@ def _absrow(w: Array, d: Array) -> Array:
 
 @dataclass
 class _Factorisation:
-    shift: float  # extra uniform shift for the input block (0: hidden shifts are per neuron)
     q: Array  # Q_c = -2 W_0^T D W_0 + C^T S_1^{-1} C (input-space matrix)
     q_err: float  # shift to apply to the final (input) block
 
@@ -246,17 +245,17 @@ def _factorise_hidden(lmi: Lmi, t: Sequence[Array]) -> _Factorisation:
         w = W[0]
         q = w.T @ w  # no hidden layer: M = -rho I + W^T W
         q_err = _gamma(w.shape[0] + 2) * float(np.max(_absrow(w, np.ones(w.shape[0])), initial=0.0))
-        return _Factorisation(shift=0.0, q=q, q_err=2 * q_err)
+        return _Factorisation(q=q, q_err=2 * q_err)
     assert s_inv_coupling is not None
     q = s_inv_coupling.T @ s_inv_coupling - 2 * (W[0].T * (ab[0] * t[0])) @ W[0]
     q_err = _gamma(W[0].shape[0] + 2) * float(np.max(_absrow(W[0], ab[0] * t[0]), initial=0.0)) * 2
-    return _Factorisation(shift=0.0, q=q, q_err=q_err)
+    return _Factorisation(q=q, q_err=q_err)
 
 
 def _input_shift(f: _Factorisation, rho: float) -> float:
     n0 = f.q.shape[0]
     trace = n0 * abs(rho) + float(np.abs(np.diag(f.q)).sum())
-    return f.shift + f.q_err + 2 * _gamma(n0 + 1) * trace
+    return f.q_err + 2 * _gamma(n0 + 1) * trace
 
 
 def _final_block_ok(f: _Factorisation, rho: float) -> bool:
@@ -270,7 +269,7 @@ def _final_block_ok(f: _Factorisation, rho: float) -> bool:
 
 
 def certify_rho(lmi: Lmi, multipliers: Sequence[Array], *, rel_margin: float = REL_MARGIN) -> float:
-    """Smallest verified rho for fixed multipliers T (DESIGN §3.3).
+    """Smallest verified rho for fixed multipliers T (design.md §3.3).
 
     rho = (lambda_max(Q) + c)(1 + rel_margin), confirmed by a Cholesky of the whole -M(rho,T) - cI.
 
@@ -301,6 +300,30 @@ def verify_certificate(lmi: Lmi, cert: Certificate) -> bool:
     except CertificateError:
         return False
     return _final_block_ok(f, cert.rho)
+
+
+def verify_on(net: Network, cert: Certificate) -> bool:
+    """True iff ``cert`` proves its bound on ``net`` itself: the LMI of ``net``'s chain with the
+    certificate's own output map P applied (``P f`` for a pairwise certificate), then
+    :func:`verify_certificate`. False (never an exception) when ``net`` is not a chain or the
+    shapes disagree with the certificate.
+
+    Use this rather than :func:`verify_certificate` with a hand-built LMI: forgetting the
+    output map makes a valid pairwise certificate fail, or checks the wrong function.
+    The certificate's ``network_hash`` is not compared: the verification itself is the proof,
+    whatever network the certificate was computed on.
+    """
+    if not net.is_chain:
+        return False
+    try:
+        lmi = Lmi.from_chain(net.chain(), output_map=cert.output_map)
+    except (ValueError, NotApplicable):
+        return False
+    if len(cert.multipliers) != lmi.depth or any(
+        np.shape(t) != (w.shape[0],) for t, w in zip(cert.multipliers, lmi.weights, strict=False)
+    ):
+        return False
+    return verify_certificate(lmi, cert)
 
 
 def layerwise_multipliers(lmi: Lmi, *, slack: float = 2.0) -> tuple[Array, ...]:

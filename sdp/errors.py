@@ -10,6 +10,7 @@ RFC 9457 problem ``type`` by the service) and a human ``detail``::
     ├── NotApplicable          a method that cannot run on this network (LipSDP on a residual net)
     ├── CertificateError       a certificate does not verify (never reported as a bound)
     └── SolverError            a numerical solver failed or is not installed
+        └── UnknownSolver      a solver name that is not registered (a request error)
 
 Third-party exceptions (onnx, cvxpy, safetensors, scipy.io) are translated into these at
 the boundary where they occur; nothing else escapes ``sdp``'s public functions for bad input.
@@ -64,3 +65,9 @@ class CertificateError(LipcertError):
 
 class SolverError(LipcertError):
     code = "solver-failed"
+
+
+class UnknownSolver(SolverError):
+    """A solver name that is not registered: the request is wrong, nothing failed."""
+
+    code = "solver-unknown"

@@ -10,7 +10,7 @@ A network maps a flat input x in R^{n0} (``input_shape`` records how it is laid 
 
 Flatten/Reshape are implicit: every op reads and writes flat vectors (C-order).
 A network without ``Residual`` is a *chain*; :meth:`Network.chain` normalises it to the form
-of DESIGN §2, ``z_{k+1} = phi_k(W_k z_k + b_k)``, ``y = W_L z_L + b_L``, which the
+of design.md §2, ``z_{k+1} = phi_k(W_k z_k + b_k)``, ``y = W_L z_L + b_L``, which the
 LipSDP code consumes.
 
 Everything is float64 numpy; arrays are made read-only so a network can be shared safely.
@@ -291,7 +291,7 @@ def _run(ops: tuple[Op, ...], x: Array) -> Array:
 
 @dataclass(frozen=True, eq=False)
 class Chain:
-    """DESIGN §2 normal form: ``affines`` W_0..W_L, ``activations`` phi_0..phi_{L-1}."""
+    """design.md §2 normal form: ``affines`` W_0..W_L, ``activations`` phi_0..phi_{L-1}."""
 
     affines: tuple[Affine, ...]
     activations: tuple[Activation, ...]

@@ -1,4 +1,4 @@
-"""Certified l2 robustness radii from a Lipschitz bound (DESIGN §4).
+"""Certified l2 robustness radii from a Lipschitz bound (design.md §4).
 
 For logits f with ||f(x) - f(x')||_2 <= L ||x - x'||_2, predicted class y and margin
 m = f_y(x) - max_{j != y} f_j(x): for every j, f_y - f_j is sqrt(2) L-Lipschitz (the row

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sdp.bounds.naive import conv_holder_bound, conv_norm, dense_norm
 from sdp.ir import Activation, Array, Conv2d, Dense, Network, Op, Residual
 
 ACTIVATION_ULPS = 16.0
@@ -103,8 +104,6 @@ def row_norm_upper_bounds(x: Array) -> Array:
 
 def _affine_norms(op: Dense | Conv2d) -> tuple[float, float, float, int]:
     """(||W||_2 upper bound, || |W| ||_2 upper bound, ||b_full||_2, terms per output)."""
-    from sdp.bounds.naive import conv_holder_bound, conv_norm, dense_norm
-
     if isinstance(op, Dense):
         spec = dense_norm(op.weight)
         absn = float(np.linalg.norm(op.weight)) * (1 + 1e-12)

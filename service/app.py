@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
 import inspect
 import json
 import logging
@@ -27,9 +26,10 @@ from service.dashboard import install as install_dashboard
 from service.deps import ApiKey
 from service.diskspace import StorageFull
 from service.errors import install_error_handlers
+from service.jobs import JobRunner, create_runner
 from service.middleware import AccessLogMiddleware
 from service.parsing import ModelChecker
-from service.routes import certify, health, models, oip, status
+from service.routes import bounds, certify, health, jobs, models, oip, status
 from service.schemas import oip_error_responses, problem_responses
 from service.settings import Settings
 from service.storage import Storage
@@ -51,15 +51,6 @@ except health checks and docs needs the `X-API-Key` header.
 """
 
 
-def _optional_router(module: str) -> Any:
-    """``module.router`` when that module imports (bounds/jobs come from the job runners)."""
-    try:
-        return importlib.import_module(module).router
-    except ImportError as exc:
-        log.warning("router %s not available: %s", module, exc)
-        return None
-
-
 async def _maybe_await(value: Any) -> None:
     if inspect.isawaitable(value):
         await value
@@ -76,16 +67,6 @@ def _reimport_stale_models(storage: Storage, checker: ModelChecker) -> None:
     refused = {k: v for k, v in outcome.items() if v != "ok"}
     if outcome:
         log.info("re-imported %d model(s); %d no longer import", len(outcome), len(refused))
-
-
-def _create_runner(settings: Settings, storage: Storage) -> Any:
-    try:
-        jobs = importlib.import_module("service.jobs")
-    except ImportError as exc:
-        log.warning("job runner not available: %s", exc)
-        return None
-    create = getattr(jobs, "create_runner", None)
-    return None if create is None else create(settings, storage)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -109,14 +90,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         worker = InferenceWorker(storage, settings)
         worker.start()
         app.state.worker = worker
-        runner = _create_runner(settings, storage)
+        runner: JobRunner = create_runner(settings, storage)
         app.state.runner = runner
-        if runner is not None and hasattr(runner, "start"):
+        if hasattr(runner, "start"):
             await _maybe_await(runner.start())
         try:
             yield
         finally:
-            if runner is not None and hasattr(runner, "stop"):
+            if hasattr(runner, "stop"):
                 await _maybe_await(runner.stop())
             worker.stop()
 
@@ -145,10 +126,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     protected: dict[str, Any] = {"dependencies": [ApiKey], "responses": problem_responses(401)}
     app.include_router(health.metrics_router, **protected)
     app.include_router(models.router, **protected)
-    for module in ("service.routes.bounds", "service.routes.jobs"):
-        router = _optional_router(module)
-        if router is not None:
-            app.include_router(router, **protected)
+    app.include_router(bounds.router, **protected)
+    app.include_router(jobs.router, **protected)
     app.include_router(certify.router, **protected)
     app.include_router(oip.router, dependencies=[ApiKey], responses=oip_error_responses(401))
     app.include_router(status.router, **protected)

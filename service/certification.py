@@ -1,4 +1,4 @@
-"""Turn logits and a stored bound into certified radii (DESIGN §4). Request bodies and their
+"""Turn logits and a stored bound into certified radii (design.md §4). Request bodies and their
 inputs are read by :mod:`service.bodies`.
 
 For logits f(x), predicted class y and margin m = f_y - max_{j != y} f_j, every x' with
@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from sdp.radius import certified_radius
 from service.bodies.arrays import check_label_count
 from service.errors import InvalidInput
 
@@ -33,8 +34,6 @@ def radii(
 
     ``logit_error`` bounds ||logits - exact logits||_2 per row (shrinks the margins).
     """
-    from sdp.radius import certified_radius
-
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise InvalidInput(
             "the model has a single output; certified radii need at least two classes",

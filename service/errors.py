@@ -11,7 +11,6 @@ Error tree of the service (``sdp``'s tree is mapped by :data:`SDP_STATUS`)::
     ├── NotFound               404    unknown model / bound / job id
     ├── Unauthorized           401    missing or wrong X-API-Key
     ├── NoVerifiedBound        409    certify before a verified bound exists
-    ├── PayloadTooLarge        413    body larger than LIPCERT_MAX_UPLOAD_MB
     ├── UnsupportedMediaType   415    body content type not accepted
     ├── InvalidInput           422    inputs of the wrong shape, non-finite, unreadable
     ├── ServiceBusy            503    inference queue full (Retry-After)
@@ -20,6 +19,10 @@ Error tree of the service (``sdp``'s tree is mapped by :data:`SDP_STATUS`)::
 Faults below the HTTP layer get their own codes, never a 500:
 :class:`service.diskspace.StorageFull` -> 507 ``storage-full``,
 :class:`service.storage.ModelIdCollision` -> 409 ``model-id-collision``.
+
+Bodies over LIPCERT_MAX_UPLOAD_MB are answered 413 ``payload-too-large`` by the body-size
+middleware (:class:`service.middleware.BodyTooLarge`) before any route runs.
+
 Unexpected exceptions become a 500 with a generic detail; the traceback is logged only.
 
 Under ``/v2`` (the KServe v2 / Triton HTTP/REST protocol) the same errors are answered as
@@ -47,6 +50,7 @@ from sdp.errors import (
     ModelRejected,
     NotApplicable,
     SolverError,
+    UnknownSolver,
     UnsupportedMethod,
 )
 from service.diskspace import StorageFull, is_disk_full
@@ -97,10 +101,6 @@ class NoVerifiedBound(ServiceError):
     status, code = 409, "no-verified-bound"
 
 
-class PayloadTooLarge(ServiceError):
-    status, code = 413, "payload-too-large"
-
-
 class UnsupportedMediaType(ServiceError):
     status, code = 415, "unsupported-media-type"
 
@@ -132,6 +132,7 @@ SDP_STATUS: dict[type[LipcertError], int] = {
     UnsupportedMethod: 422,
     NotApplicable: 422,
     CertificateError: 422,
+    UnknownSolver: 422,
     SolverError: 503,
 }
 

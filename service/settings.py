@@ -1,4 +1,4 @@
-"""Service configuration from the environment (prefix ``LIPCERT_``), DESIGN §5.
+"""Service configuration from the environment (prefix ``LIPCERT_``), design.md §5.
 
 Every field can be set as ``LIPCERT_<NAME>`` (case-insensitive), e.g.
 ``LIPCERT_DATA_DIR=/srv/lipcert LIPCERT_DEVICE=cuda lipcert serve``.

@@ -25,7 +25,7 @@ def use_solver_device(device: str) -> str:
     device used. auto: cuda when a GPU driver is present and torch sees the GPU, else cpu."""
     if device == "cpu" or (device == "auto" and not gpu_driver_present()):
         return "cpu"
-    from models.lipsdp_device import use_device_for_lipsdp
+    from models.lipsdp_device import use_device_for_lipsdp  # torch: only when a GPU may run
 
     try:
         return use_device_for_lipsdp(device)

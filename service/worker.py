@@ -46,6 +46,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from sdp.rounding import logit_error_bound, unit_roundoff
 from service import metrics
 from service.errors import NotFound, ServiceBusy
 from service.settings import Settings
@@ -108,10 +109,15 @@ class InferenceWorker:
         self._requests = 0  # HTTP requests in progress that use the worker (event loop only)
         self._slots: asyncio.Semaphore | None = None  # see :meth:`slot`
         self._small_cost: dict[str, float] = {}  # model -> seconds of its last small pass
+        self._stopping = False  # stop() was called: queued and new requests are refused
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._stopping = False
+        # torch (and models.runtime, which imports it) load when the worker starts, not when
+        # service.worker is imported: the CLI, job processes and tests import this module
+        # without needing torch (~1 s of start-up)
         import torch
 
         from models.runtime import resolve_device
@@ -128,11 +134,34 @@ class InferenceWorker:
         log.info("inference worker on %s (%s)", self.device, self.dtype_name)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker thread after the batch in hand; every request still queued (or
+        submitted from now on) is answered with :class:`ServiceBusy` instead of waiting
+        forever for a thread that is gone."""
         if self._thread is None:
             return
+        self._stopping = True
         self._queue.put(_STOP)
         self._thread.join(timeout)
         self._thread = None
+        self._refuse_queued()
+
+    def _refuse_queued(self) -> None:
+        """Answer every request left in the queue with ServiceBusy (the worker is stopping).
+
+        A stop marker found on the way is put back: a worker thread still busy with its last
+        batch must find it."""
+        marker = False
+        while True:
+            try:
+                req = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if req is _STOP:
+                marker = True
+            elif isinstance(req, _Request):
+                _deliver(req, error=ServiceBusy("the inference worker is stopping"))
+        if marker:
+            self._queue.put(_STOP)
 
     @property
     def alive(self) -> bool:
@@ -200,6 +229,8 @@ class InferenceWorker:
             raise ServiceBusy(
                 "the inference queue is full; retry shortly", headers={"Retry-After": "1"}
             ) from None
+        if self._stopping:  # stop() was called: nobody will serve it
+            self._refuse_queued()
         metrics.QUEUE_DEPTH.set(self._queue.qsize())
         return await future
 
@@ -243,8 +274,6 @@ class InferenceWorker:
         return np.asarray(bound(x), dtype=np.float64)
 
     def _error_bound(self, model_id: str) -> Any:
-        from sdp.rounding import logit_error_bound, unit_roundoff
-
         try:
             net = self.storage.load_network(model_id)
         except ModelNotFound:
@@ -289,6 +318,7 @@ class InferenceWorker:
                 by_model.setdefault(req.model_id, []).append(req)
             for i, (model_id, reqs) in enumerate(by_model.items()):
                 self._serve(model_id, reqs, last=i == len(by_model) - 1)
+        self._refuse_queued()  # requests queued behind the stop marker
 
     def _serve(self, model_id: str, reqs: list[_Request], *, last: bool = True) -> None:
         """One forward pass for ``reqs``; ``last``: no more requests in hand after these (the

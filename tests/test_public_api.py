@@ -1,6 +1,6 @@
 """The public surface imports, the layering holds, and every CLI command has working help.
 
-Layering (DESIGN §1): ``sdp`` imports neither torch, FastAPI, pydantic, starlette, ``models``
+Layering (design.md §1): ``sdp`` imports neither torch, FastAPI, pydantic, starlette, ``models``
 nor ``service``; ``models`` never imports ``service``. Checked in a fresh interpreter, after
 importing every submodule, by looking at ``sys.modules``.
 """

@@ -2,8 +2,8 @@
 
 Methods: ``naive`` (product of rigorous layer norms; compositional for residual nets),
 ``lipsdp-neuron`` / ``lipsdp-layer`` (certified LipSDP), ``sandwich`` (closed-form check,
-:func:`sdp.sandwich.sandwich_bound`), ``auto`` (the smallest of the sandwich closed form if the
-net is one, LipSDP-Neuron for a chain small enough, and naive/compositional).
+:func:`sdp.bounds.sandwich.sandwich_bound`), ``auto`` (the smallest of the sandwich closed form
+if the net is one, LipSDP-Neuron for a chain small enough, and naive/compositional).
 ``lipsdp-network`` is refused: coupling multipliers between neuron pairs is unsound (Pauli,
 Koch, Berberich, Kohler, Allgower, "Training robust neural networks using Lipschitz bounds",
 IEEE L-CSS 2021, counterexample).
@@ -12,7 +12,6 @@ Every returned ``BoundResult`` is verified; otherwise an error is raised.
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import replace
 from typing import Any
@@ -20,12 +19,13 @@ from typing import Any
 from sdp.bounds.lipsdp import check_size, lipsdp_bound, pairwise_bounds
 from sdp.bounds.lower import empirical_lower_bound
 from sdp.bounds.naive import naive_bound
+from sdp.bounds.plan import check_bound_request
 from sdp.bounds.result import BoundResult
-from sdp.errors import LipcertError, NotApplicable, UnsupportedMethod
+from sdp.bounds.sandwich import sandwich_bound
+from sdp.errors import LipcertError, NotApplicable
 from sdp.ir import Network
 from sdp.solvers.base import Progress, Variant
 
-METHODS = ("auto", "naive", "lipsdp-layer", "lipsdp-neuron", "sandwich")
 AUTO_HIDDEN_CAP = 2_000
 """auto runs LipSDP-Neuron only up to this many hidden neurons (the structured solver needs
 about a minute at 1 600 on 2 cores, docs/benchmarks.md; the timeout below bounds the rest)."""
@@ -49,9 +49,7 @@ def _naive(net: Network) -> BoundResult:
 def _sandwich(net: Network) -> BoundResult:
     if net.sandwich is None:
         raise NotApplicable("not a sandwich network (no sandwich parameters)")
-    module = importlib.import_module("sdp.sandwich")
-    result: BoundResult = module.sandwich_bound(net)
-    return result
+    return sandwich_bound(net)
 
 
 def _lipsdp(net: Network, variant: Variant, **kw: Any) -> BoundResult:
@@ -125,15 +123,10 @@ def compute_bound(
 
     Raises:
         UnsupportedMethod: unknown method or ``lipsdp-network``.
+        UnknownSolver: ``solver`` names no registered solver.
         NotApplicable: method cannot run on this network (e.g. LipSDP on a residual net).
     """
-    if method == "lipsdp-network":
-        raise UnsupportedMethod(
-            "lipsdp-network is not offered: coupling multipliers between neuron pairs is "
-            "unsound (counterexample: Pauli et al., IEEE L-CSS 2021); use lipsdp-neuron"
-        )
-    if method not in METHODS:
-        raise UnsupportedMethod(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    check_bound_request(net, method, pairwise=pairwise, solver=solver)
     t0 = time.perf_counter()
     kw: dict[str, Any] = {"solver": solver, "timeout_s": timeout_s, "progress": progress}
     if method == "naive":
@@ -151,8 +144,6 @@ def compute_bound(
         raise LipcertError(f"{res.method} produced no verified bound", code="bound-unverified")
     extra: dict[str, Any] = {"requested_method": method}
     if pairwise:
-        if not net.is_chain:
-            raise NotApplicable("pairwise bounds need a chain network (LipSDP)")
         variant: Variant = "layer" if method == "lipsdp-layer" else "neuron"
         if progress is not None:
             progress({"phase": "pairwise", "done": 0})

@@ -1,6 +1,6 @@
 """LipSDP-Neuron / LipSDP-Layer bounds (Fazlyab et al., NeurIPS 2019), certified exactly.
 
-Pipeline for one LMI (DESIGN §3.2-3.3)::
+Pipeline for one LMI (design.md §3.2-3.3)::
 
     Lmi (original)  --SvdInputReduction.apply-->  reduced problem  --solver-->  T
     T  --invert (unchanged)-->  certify_multipliers(ORIGINAL Lmi, T)  -->  (rho, T) certificate
@@ -12,7 +12,8 @@ multipliers give a (looser) certificate, with a note.
 
 Solver choice when none is named: "structured" when registered and available; else Clarabel
 (interior point, exact to 1e-8) when the reduced LMI has at most ``CLARABEL_MAX_DIM`` rows, since
-its dense PSD scaling makes it slow beyond that; else SCS with eps = ``SCS_EPS``.
+its dense PSD scaling makes it slow beyond that; else SCS. Each solver uses its own default
+tolerance (``default_eps``: 1e-6 for SCS and the structured solver, 1e-8 for Clarabel).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from sdp.certificate import (
 from sdp.errors import LipcertError, NotApplicable, SolverError
 from sdp.ir import Array, Network
 from sdp.solvers import available_solvers, get_solver
+from sdp.solvers._lmi_structure import INPUT_RTOL
 from sdp.solvers.base import LipSdpProblem, Progress, Solution, SolveOptions, Variant
 
 UNROLL_CAP = 20_000_000
@@ -44,11 +46,6 @@ UNROLL_CAP = 20_000_000
 HIDDEN_CAP = 4_000
 """Refuse LipSDP when the network has more hidden neurons than this (CVXPY path)."""
 CLARABEL_MAX_DIM = 80
-SCS_EPS = 1e-6
-"""SCS tolerance: 1e-6 lands within 0.03% of the published LipSDP values on the fixtures."""
-STRUCTURED_EPS = 1e-6
-"""Relative duality gap of the structured solver: 1e-6 in rho is 5e-7 in L, inside the
-certificate check's float margin; 1e-8 costs about two more n^3 iterations."""
 
 
 def unrolled_size(net: Network) -> tuple[int, int]:
@@ -130,7 +127,7 @@ def _solve_and_certify(
         _emit(progress, {"phase": "reduce"})
         t0 = time.perf_counter()
         problem = LipSdpProblem(lmi, variant)
-        reduction = SvdInputReduction()
+        reduction = SvdInputReduction(rel_tol=INPUT_RTOL)  # the one reduction of the chain
         inverse: dict[str, Any] | None = None
         if reduction.accepts(problem):
             problem, inverse = reduction.apply(problem)
@@ -145,10 +142,8 @@ def _solve_and_certify(
             impl = get_solver(used)
             if not impl.available():
                 raise SolverError(f"solver {used!r} is not available here", code="solver-missing")
-            eps = {"scs": SCS_EPS, "structured": STRUCTURED_EPS}.get(used, 1e-8)
-            solution = impl.solve(
-                problem, SolveOptions(timeout_s=timeout_s, eps=eps, progress=progress)
-            )
+            # tolerances are the solver's own defaults (default_eps)
+            solution = impl.solve(problem, SolveOptions(timeout_s=timeout_s, progress=progress))
             if inverse is not None:
                 solution = reduction.invert(solution, inverse)
             backend = solution.info.get("backend")

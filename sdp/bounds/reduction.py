@@ -1,6 +1,6 @@
 """Reversible LipSDP problem reductions (cvxpy's ``Reduction`` shape: accepts/apply/invert).
 
-SVD input reduction (DESIGN §3.2). f depends on x only through W_0 x. With the thin SVD
+SVD input reduction (design.md §3.2). f depends on x only through W_0 x. With the thin SVD
 W_0 = U S V^T of rank r, replacing W_0 by U S (n_1 x r) gives a network g with f(x) = g(V^T x),
 V^T a co-isometry, so Lip(f) = Lip(g); in the LMI the input block becomes V Q V^T, whose largest
 eigenvalue equals that of Q (clipped at 0), so the SDP optimum is unchanged too. The multipliers
@@ -13,10 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-from scipy import linalg
-
-from sdp.certificate import Lmi
+from sdp.solvers._lmi_structure import reduce_input
 from sdp.solvers.base import LipSdpProblem, Solution
 
 
@@ -24,8 +21,10 @@ from sdp.solvers.base import LipSdpProblem, Solution
 class SvdInputReduction:
     """Replace W_0 (n_1 x n_0) by U S (n_1 x r) when r < n_0.
 
-    ``rel_tol`` drops singular values below rel_tol * s_max; dropping a nonzero s_i would
-    change the network, so it defaults to 0 (only exact zeros, i.e. r <= min(n_0, n_1)).
+    ``rel_tol`` > 0 drops singular values s_i <= rel_tol * s_max (which changes the network
+    when such an s_i is nonzero). The default 0 drops nothing, not even exact zeros: r is
+    always min(n_0, n_1) = n_1 (the reduction only applies when n_0 > n_1), so the reduced
+    problem is exactly the original one.
     """
 
     rel_tol: float = 0.0
@@ -35,15 +34,10 @@ class SvdInputReduction:
         return problem.lmi.depth > 0 and w0.shape[1] > w0.shape[0]
 
     def apply(self, problem: LipSdpProblem) -> tuple[LipSdpProblem, dict[str, Any]]:
-        lmi = problem.lmi
-        w0 = lmi.weights[0]
-        u, s, _ = linalg.svd(w0, full_matrices=False)
-        keep = s > self.rel_tol * (s[0] if s.size else 0.0)
-        if self.rel_tol == 0.0:
-            keep = np.ones_like(s, dtype=bool)
-        reduced = Lmi((u[:, keep] * s[keep], *lmi.weights[1:]), lmi.alpha, lmi.beta)
-        inverse = {"input_size": w0.shape[1], "rank": int(keep.sum())}
-        return replace(problem, lmi=reduced), inverse
+        """The reduced problem (marked ``input_reduced``: solvers do not reduce it again)."""
+        reduced = reduce_input(problem.lmi, rtol=self.rel_tol)
+        inverse = {"input_size": problem.lmi.input_size, "rank": reduced.input_size}
+        return replace(problem, lmi=reduced, input_reduced=True), inverse
 
     def invert(self, solution: Solution, inverse_data: dict[str, Any]) -> Solution:
         """T is unchanged by the reduction; rho (diagnostic) is unchanged too."""

@@ -41,7 +41,7 @@ class BoundResult:
         return self.value / self.lower_bound
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready summary (the CLI ``--json`` and HTTP contract keys, DESIGN §5)."""
+        """JSON-ready summary (the CLI ``--json`` and HTTP contract keys, design.md §5)."""
         return {
             "lipschitz_bound": self.value,
             "method": self.method,

@@ -23,6 +23,8 @@ from sdp._blas import one_thread
 from sdp.errors import ModelRejected
 from sdp.importers.limits import Limits
 from sdp.importers.mat import is_mat5, load_mat
+from sdp.importers.onnx import load_onnx, looks_like_onnx
+from sdp.importers.safetensors import load_safetensors
 from sdp.ir import Network
 
 _PICKLE_HINT = (
@@ -48,8 +50,6 @@ def detect_format(data: bytes) -> str:
         return "safetensors"
     if data[0] == 0x08:  # protobuf field 1 (ir_version), varint: how every exporter starts
         return "onnx"
-    from sdp.importers.onnx import looks_like_onnx
-
     return "onnx" if looks_like_onnx(data) else "unknown"
 
 
@@ -96,12 +96,8 @@ def _load(data: bytes, limits: Limits, name: str) -> Network:
             code="unsupported-format",
         )
     if fmt == "safetensors":
-        from sdp.importers.safetensors import load_safetensors
-
         return load_safetensors(data, limits, name=name)
     if fmt == "onnx":
-        from sdp.importers.onnx import load_onnx
-
         return load_onnx(data, limits, name=name)
     raise ModelRejected(
         "unrecognised model format: expected ONNX, safetensors (with a lipcert config) or a "

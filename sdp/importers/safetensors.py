@@ -15,7 +15,7 @@ Config (``metadata["lipcert"]``)::
                 {"type": "dense", "weight": "l2.w", "bias": "l2.b"},
                 {"type": "residual", "body": [...], "shortcut": [...]}]}
 
-``kind: "sandwich"`` is delegated to :func:`sdp.sandwich.network_from_safetensors`.
+``kind: "sandwich"`` is delegated to :func:`sdp.sandwich.config.network_from_safetensors`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import numpy as np
 from sdp.errors import ModelRejected
 from sdp.importers.limits import Limits
 from sdp.ir import Activation, Conv2d, Dense, Network, Op, Residual
+from sdp.sandwich.config import network_from_safetensors
 
 METADATA_KEY = "lipcert"
 FORMAT = "lipcert/1"
@@ -97,12 +98,6 @@ def _build(
         except ValueError as exc:
             raise ModelRejected(f"inconsistent network: {exc}", code="shape-mismatch") from exc
     if kind == "sandwich":
-        try:
-            from sdp.sandwich import network_from_safetensors
-        except ImportError as exc:
-            raise ModelRejected(
-                "sandwich models are not available in this build", code="unsupported-kind"
-            ) from exc
         try:
             net = network_from_safetensors(tensors, config)
         except ModelRejected:

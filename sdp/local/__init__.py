@@ -2,7 +2,7 @@
 
 For an input x0 with predicted class y and a radius eps, the local methods bound every margin
 f_y - f_j from below on the closed ball B = {x : ||x - x0||_2 <= eps}; the prediction is
-certified on B iff every bound is > 0 (DESIGN §4.1):
+certified on B iff every bound is > 0 (design.md §4.1):
 
 * ``ibp``: interval bound propagation (Gowal et al., "On the Effectiveness of Interval Bound
   Propagation for Training Verifiably Robust Models", 2018), the ball enclosed in its box.

@@ -1,23 +1,24 @@
 """Solver registry: every LipSDP solver behind the tiny :class:`~sdp.solvers.base.Solver` protocol.
 
-Solvers are imported lazily (cvxpy is heavy; the structured solver may not exist yet)::
+Solver instances are made on first use; the CVXPY front-ends import cvxpy itself (about a
+second) only when they run, so importing this registry stays cheap::
 
     SOLVERS            name -> Solver instance (filled on first use)
     get_solver(name)   the solver, or SolverError (unknown / not installed)
     available_solvers() names whose ``available()`` is True right now
 
 Built-in names: "scs", "clarabel", "sdpa" (CVXPY front-ends, :mod:`sdp.solvers.cvxpy_`) and
-"structured" (class ``StructuredSolver``, no-argument constructor, from
-:mod:`sdp.solvers.structured` when that module exists; it is imported on first use).
+"structured" (:class:`~sdp.solvers.structured.StructuredSolver`, numpy/scipy only).
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
-from sdp.errors import SolverError
+from sdp.errors import SolverError, UnknownSolver
 from sdp.solvers.base import LipSdpProblem, Solution, SolveOptions, Solver
+from sdp.solvers.cvxpy_ import CvxpySolver
+from sdp.solvers.structured import StructuredSolver
 
 SOLVERS: dict[str, Solver] = {}
 """Instantiated solvers by name (populated lazily by :func:`get_solver`)."""
@@ -25,22 +26,13 @@ SOLVERS: dict[str, Solver] = {}
 
 def _cvxpy(backend: str) -> Callable[[], Solver]:
     def make() -> Solver:
-        from sdp.solvers.cvxpy_ import CvxpySolver
-
         return CvxpySolver(backend)
 
     return make
 
 
 def _structured() -> Solver:
-    module = importlib.import_module("sdp.solvers.structured")
-    factory = getattr(module, "StructuredSolver", None)
-    if factory is None:
-        raise SolverError(
-            "sdp.solvers.structured defines no StructuredSolver", code="solver-missing"
-        )
-    solver: Solver = factory()
-    return solver
+    return StructuredSolver()
 
 
 _FACTORIES: dict[str, Callable[[], Solver]] = {
@@ -66,16 +58,14 @@ def get_solver(name: str) -> Solver:
     """The solver registered as ``name``.
 
     Raises:
-        SolverError: unknown name (code ``solver-unknown``) or the module cannot be imported
-            (code ``solver-missing``).
+        UnknownSolver: unknown name (a SolverError with code ``solver-unknown``).
+        SolverError: the solver cannot be imported (code ``solver-missing``).
     """
     if name in SOLVERS:
         return SOLVERS[name]
     factory = _FACTORIES.get(name)
     if factory is None:
-        raise SolverError(
-            f"unknown solver {name!r} (known: {', '.join(solver_names())})", code="solver-unknown"
-        )
+        raise UnknownSolver(f"unknown solver {name!r} (known: {', '.join(solver_names())})")
     try:
         solver = factory()
     except ImportError as e:

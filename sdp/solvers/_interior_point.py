@@ -62,10 +62,11 @@ from sdp.solvers.dense import DenseOps, Mat
 Mask = npt.NDArray[np.bool_]
 
 
-@dataclass
-class IpmSettings:
-    eps: float = 1e-7  # relative gap target (rho(t) - lower) / rho(t)
-    max_iters: int = 100
+@dataclass(frozen=True)
+class IpmTuning:
+    """The interior-point method's tuning knobs, typed (defaults: the measured best, see
+    docs/benchmarks.md). :class:`~sdp.solvers.structured.StructuredSolver` takes one."""
+
     sigma_min: float = 0.0
     sigma_fixed: float | None = None
     corrector: bool = True  # Mehrotra's second-order correction
@@ -75,6 +76,14 @@ class IpmSettings:
     z0_identity: bool = True  # Z_0 = z0_scale I / r; False: z0_scale X_0 / tr X_0,00
     shift0: float = 0.0  # S_0 = S(y_0) + shift0 max|diag S(y_0)| I (an infeasible start)
     rho_factor: float = 1.1  # start at rho = rho_factor * rho(t0)
+
+
+@dataclass(frozen=True)
+class IpmSettings(IpmTuning):
+    """One solve's settings: the tuning plus its targets and limits."""
+
+    eps: float = 1e-7  # relative gap target (rho(t) - lower) / rho(t)
+    max_iters: int = 100
     deadline: float | None = None  # time.perf_counter() value
     progress: Progress | None = None
     cancelled: Any = None  # optional zero-argument callable; True stops the solve
@@ -245,6 +254,157 @@ def _start(
     return _Iterate(rho, x, s_mat, rs, xinv, zmat, rz, z, pi)
 
 
+@dataclass
+class _Score:
+    """What one look at the iterate tells: the blocks of X and Z the Schur system needs, the
+    complementarity gap and mu, the relative gap to the dual estimate, and that estimate."""
+
+    xb: Any
+    zb: Any
+    tr_x00: float
+    cx: Array
+    gap: float
+    mu: float
+    rel_gap: float
+    lower: float | None
+
+
+@dataclass
+class _Best:
+    """The best scored multipliers so far (every iterate's t is scored by its exact rho)."""
+
+    t: Array
+    rho: float
+
+
+def _score(
+    lmi: StructuredLmi,
+    grp: Grouping,
+    sgn: Mask,
+    cur: _Iterate,
+    best: _Best,
+    nu: float,
+    pi_tol: float,
+    lower: float | None,
+) -> _Score:
+    """Score ``cur`` (updating ``best``) and measure its gaps.
+
+    rho(t) is exact for a feasible S (rho - 1 / lambda_max(X_00)), recomputed otherwise. The
+    relative gap compares the best rho with the weak-duality estimate of Z / tr Z_00 (positive
+    <Z, F_k>, a dual residual, charged at x_k: an estimate, not a bound) and the
+    complementarity gap <S, Z> / tr Z_00; it is infinite until Z gives an estimate.
+    """
+    ops = lmi.ops
+    xb, zb = rank2_blocks(lmi, cur.xinv), rank2_blocks(lmi, cur.zmat)
+    tr_x00, cx = constraint_values(ops, xb)
+    tr_z00, cz = constraint_values(ops, zb)
+    az = grp.vec(cz)
+    if cur.pi > 0:
+        rho_t = rho_for_multipliers(lmi, grp.expand(cur.x))
+    else:  # S = S(rho, t) > 0: rho(t) = rho - 1 / lambda_max(X_00)
+        rho_t = cur.rho - 1.0 / ops.eigvalsh_max(xb.y00)
+    if rho_t < best.rho:
+        best.t, best.rho = grp.expand(cur.x).copy(), rho_t
+    gap = ops.vdot(cur.s_mat, cur.zmat) + float(cur.x[sgn] @ cur.z[sgn])
+    mu = gap / nu
+    rel_gap = math.inf
+    if tr_z00 > 0 and cur.pi <= pi_tol and math.isfinite(best.rho):
+        bl = lmi.block(lmi.depth)
+        lower = ops.vdot(cur.zmat[bl, bl], lmi.wl_gram) - float(cur.x @ np.maximum(az, 0.0))
+        lower /= tr_z00
+        scale = abs(best.rho) or 1.0  # rho = 0 (e.g. a zero layer): absolute gap
+        rel_gap = max((best.rho - lower) / scale, gap / (tr_z00 * scale))
+    return _Score(xb, zb, tr_x00, cx, gap, mu, rel_gap, lower)
+
+
+def _stop_status(
+    sc: _Score, it: int, now: float, t_iter: float, settings: IpmSettings
+) -> str | None:
+    """optimal | None (iteration limit: inaccurate) | timeout | cancelled, or "" to go on."""
+    if sc.rel_gap <= settings.eps:
+        return "optimal"
+    if it >= settings.max_iters:
+        return None
+    if settings.deadline is not None and now + t_iter > settings.deadline:
+        return "timeout"
+    if settings.cancelled is not None and settings.cancelled():
+        return "cancelled"
+    return ""
+
+
+def _schur_system(
+    lmi: StructuredLmi, grp: Grouping, sgn: Mask, w: Array, cur: _Iterate, sc: _Score
+) -> tuple[SchurSystem, Array, Array, Array]:
+    """(Schur system, g = <X, F_k> + w_k/x_k, xs, base rhs) of the HKM direction at ``cur``.
+
+    ``xs`` is x where x >= 0 is imposed, else 1 (x only divides there); ``base`` is -c plus
+    the residual term -A(sym(Z (-pi I) X)) of an infeasible iterate.
+    """
+    m = len(cur.x)
+    m_rr, m_rt, m_tt = schur_matrix(lmi.ops, sc.zb, sc.xb)
+    h = np.empty((m + 1, m + 1))
+    h[0, 0] = m_rr
+    h[0, 1:] = h[1:, 0] = grp.vec(m_rt)
+    h[1:, 1:] = grp.mat(m_tt)
+    xs = np.where(sgn, cur.x, 1.0)  # x only divides where x >= 0 is imposed (w = 1)
+    h[1:, 1:][np.diag_indices(m)] += w * cur.z / xs
+    g = np.concatenate([[sc.tr_x00], grp.vec(sc.cx) + w / xs])
+    c = np.zeros(m + 1)
+    c[0] = 1.0
+    base = -c
+    if cur.pi > 0:  # the residual -pi I enters as -A(sym(Z (-pi I) X))
+        tr_zx, v_zx = sym_product_values(lmi, sc.zb, cur.zmat, sc.xb, cur.xinv)
+        base = base + cur.pi * np.concatenate([[tr_zx], grp.vec(v_zx)])
+    return SchurSystem(h), g, xs, base
+
+
+def _predictor_corrector(
+    lmi: StructuredLmi,
+    grp: Grouping,
+    sgn: Mask,
+    w: Array,
+    cur: _Iterate,
+    sc: _Score,
+    settings: IpmSettings,
+    warm: list[Any],
+) -> tuple[_Direction, float, bool]:
+    """(direction, sigma, float32 used): Mehrotra's predictor sets sigma, the corrector adds
+    the second-order terms sym(dZ_a dS_a X) and dx_a dz_a. ``warm`` holds the Lanczos start
+    vectors of the step-length searches for this iteration."""
+    ops = lmi.ops
+    schur, g, xs, base = _schur_system(lmi, grp, sgn, w, cur, sc)
+    gap, mu = sc.gap, sc.mu
+    # predictor (sigma = 0); its step lengths set sigma = (gap_aff / gap)^3 (Mehrotra)
+    # float32 products are 2.7x faster; their error (~1e-7 ||Z|| ||dS X||, and dS ~ S in the
+    # predictor) must stay far below the complementarity they steer: only while <S, Z> is
+    # large relative to ||S|| ||Z||
+    size = ops.norm(cur.s_mat) * ops.norm(cur.zmat)
+    low = gap > settings.float32_above * size
+    pred = _direction(lmi, grp, sgn, cur, schur, base, 0.0, None, low_precision=low)
+    a_p, a_d = _step_lengths(ops, sgn, cur, pred, 1.0, warm)
+    gap_aff = (  # <S + a_p dS, Z + a_d dZ> without n x n temporaries
+        gap
+        - float(cur.x[sgn] @ cur.z[sgn])
+        + a_d * ops.vdot(cur.s_mat, pred.dzm)
+        + a_p * ops.vdot(pred.ds, cur.zmat)
+        + a_p * a_d * ops.vdot(pred.ds, pred.dzm)
+        + float((cur.x + a_p * pred.dy[1:])[sgn] @ (cur.z + a_d * pred.dz)[sgn])
+    )
+    sigma = min(1.0, max(gap_aff / gap, 0.0) ** 3) if gap > 0 else 0.1
+    sigma = max(sigma, settings.sigma_min)
+    if settings.sigma_fixed is not None:
+        sigma = settings.sigma_fixed
+    if settings.corrector:  # the second-order terms sym(dZ_a dS_a X) and dx_a dz_a
+        corr = ops.sym(ops.matmul(pred.dzm, pred.k_mat, low_precision=low), 0.5)
+        corr_lin = np.where(sgn, pred.dy[1:] * pred.dz, 0.0)
+        tr_c, v_c = constraint_values_banded(lmi, corr)
+        rhs = base + sigma * mu * g - np.concatenate([[tr_c], grp.vec(v_c) + corr_lin / xs])
+        d = _direction(lmi, grp, sgn, cur, schur, rhs, sigma * mu, (corr, corr_lin))
+    else:
+        d = _direction(lmi, grp, sgn, cur, schur, base + sigma * mu * g, sigma * mu, None)
+    return d, sigma, low
+
+
 def solve_ipm(
     lmi: StructuredLmi, t0: Array, rho0: float, settings: IpmSettings, *, per_layer: bool
 ) -> IpmOutcome:
@@ -257,17 +417,12 @@ def solve_ipm(
     iterations on some deep nets (mnistfc-256x4/256x6, a 6x200 sigmoid net). Every
     iterate's t is scored by its exact smallest rho; the best is returned.
     """
-    ops = lmi.ops
     grp = Grouping(lmi, per_layer)
     w = grp.sign_needed(lmi)
     sgn = w > 0
     cur = _start(lmi, grp, sgn, t0, settings.rho_factor * rho0, settings)
-    m = len(cur.x)
     nu = float(lmi.n + w.sum())
-    c = np.zeros(m + 1)
-    c[0] = 1.0
-    bl = lmi.block(lmi.depth)
-    best_t, best_rho = grp.expand(cur.x).copy(), math.inf  # iteration 0 scores t0
+    best = _Best(grp.expand(cur.x).copy(), math.inf)  # iteration 0 scores t0
     pi_tol = 1e-12 * float(abs(cur.s_mat.diagonal()).max())
     lower: float | None = None
     status, it, rel_gap = "inaccurate", 0, math.inf
@@ -277,116 +432,68 @@ def solve_ipm(
     try:
         while True:
             now = time.perf_counter()
-            xb, zb = rank2_blocks(lmi, cur.xinv), rank2_blocks(lmi, cur.zmat)
-            tr_x00, cx = constraint_values(ops, xb)
-            tr_z00, cz = constraint_values(ops, zb)
-            az = grp.vec(cz)
-            if cur.pi > 0:
-                rho_t = rho_for_multipliers(lmi, grp.expand(cur.x))
-            else:  # S = S(rho, t) > 0: rho(t) = rho - 1 / lambda_max(X_00)
-                rho_t = cur.rho - 1.0 / ops.eigvalsh_max(xb.y00)
-            if rho_t < best_rho:
-                best_t, best_rho = grp.expand(cur.x).copy(), rho_t
-            gap = ops.vdot(cur.s_mat, cur.zmat) + float(cur.x[sgn] @ cur.z[sgn])
-            mu = gap / nu
-            rel_gap = math.inf
-            if tr_z00 > 0 and cur.pi <= pi_tol and math.isfinite(best_rho):
-                # weak duality with Z / tr Z_00 (positive <Z, F_k>, a dual residual, charged at
-                # x_k: an estimate, not a bound), and the complementarity gap <S, Z> / tr Z_00
-                lower = ops.vdot(cur.zmat[bl, bl], lmi.wl_gram) - float(cur.x @ np.maximum(az, 0.0))
-                lower /= tr_z00
-                scale = abs(best_rho) or 1.0  # rho = 0 (e.g. a zero layer): absolute gap
-                rel_gap = max((best_rho - lower) / scale, gap / (tr_z00 * scale))
+            sc = _score(lmi, grp, sgn, cur, best, nu, pi_tol, lower)
+            lower, rel_gap = sc.lower, sc.rel_gap
             entry = {
                 "iteration": it,
-                "rho": best_rho,
+                "rho": best.rho,
                 "gap": rel_gap,
-                "mu": mu,
+                "mu": sc.mu,
                 "pi": cur.pi,
                 **diag,
             }
             history.append(entry)
             if settings.progress is not None:
                 settings.progress({"phase": "solve", **entry})
-            if rel_gap <= settings.eps:
-                status = "optimal"
+            stop = _stop_status(sc, it, now, t_iter, settings)
+            if stop is None:
                 break
-            if it >= settings.max_iters:
+            if stop:
+                status = stop
                 break
-            if settings.deadline is not None and now + t_iter > settings.deadline:
-                status = "timeout"
-                break
-            if settings.cancelled is not None and settings.cancelled():
-                status = "cancelled"
-                break
-            m_rr, m_rt, m_tt = schur_matrix(ops, zb, xb)
-            h = np.empty((m + 1, m + 1))
-            h[0, 0] = m_rr
-            h[0, 1:] = h[1:, 0] = grp.vec(m_rt)
-            h[1:, 1:] = grp.mat(m_tt)
-            xs = np.where(sgn, cur.x, 1.0)  # x only divides where x >= 0 is imposed (w = 1)
-            h[1:, 1:][np.diag_indices(m)] += w * cur.z / xs
-            g = np.concatenate([[tr_x00], grp.vec(cx) + w / xs])
-            schur = SchurSystem(h)
             warm: list[Any] = [None, None]
-            base = -c
-            if cur.pi > 0:  # the residual -pi I enters as -A(sym(Z (-pi I) X))
-                tr_zx, v_zx = sym_product_values(lmi, zb, cur.zmat, xb, cur.xinv)
-                base = base + cur.pi * np.concatenate([[tr_zx], grp.vec(v_zx)])
-            # predictor (sigma = 0); its step lengths set sigma = (gap_aff / gap)^3 (Mehrotra)
-            # float32 products are 2.7x faster; their error (~1e-7 ||Z|| ||dS X||, and dS ~ S in the
-            # predictor) must stay far below the complementarity they steer: only while <S, Z> is
-            # large relative to ||S|| ||Z||
-            size = ops.norm(cur.s_mat) * ops.norm(cur.zmat)
-            low = gap > settings.float32_above * size
-            pred = _direction(lmi, grp, sgn, cur, schur, base, 0.0, None, low_precision=low)
-            a_p, a_d = _step_lengths(ops, sgn, cur, pred, 1.0, warm)
-            gap_aff = (  # <S + a_p dS, Z + a_d dZ> without n x n temporaries
-                gap
-                - float(cur.x[sgn] @ cur.z[sgn])
-                + a_d * ops.vdot(cur.s_mat, pred.dzm)
-                + a_p * ops.vdot(pred.ds, cur.zmat)
-                + a_p * a_d * ops.vdot(pred.ds, pred.dzm)
-                + float((cur.x + a_p * pred.dy[1:])[sgn] @ (cur.z + a_d * pred.dz)[sgn])
-            )
-            sigma = min(1.0, max(gap_aff / gap, 0.0) ** 3) if gap > 0 else 0.1
-            sigma = max(sigma, settings.sigma_min)
-            if settings.sigma_fixed is not None:
-                sigma = settings.sigma_fixed
-            if settings.corrector:  # the second-order terms sym(dZ_a dS_a X) and dx_a dz_a
-                corr = ops.sym(ops.matmul(pred.dzm, pred.k_mat, low_precision=low), 0.5)
-                corr_lin = np.where(sgn, pred.dy[1:] * pred.dz, 0.0)
-                tr_c, v_c = constraint_values_banded(lmi, corr)
-                rhs = base + sigma * mu * g - np.concatenate([[tr_c], grp.vec(v_c) + corr_lin / xs])
-                d = _direction(lmi, grp, sgn, cur, schur, rhs, sigma * mu, (corr, corr_lin))
-            else:
-                d = _direction(lmi, grp, sgn, cur, schur, base + sigma * mu * g, sigma * mu, None)
-            a_p, a_d = _step_lengths(ops, sgn, cur, d, settings.step_frac, warm)
-            a_p, rs_new = cholesky_step(ops, cur.s_mat, d.ds, a_p)
-            a_d, rz_new = cholesky_step(ops, cur.zmat, d.dzm, a_d)
+            d, sigma, low = _predictor_corrector(lmi, grp, sgn, w, cur, sc, settings, warm)
+            a_p, a_d = _step_lengths(lmi.ops, sgn, cur, d, settings.step_frac, warm)
+            a_p, rs_new = cholesky_step(lmi.ops, cur.s_mat, d.ds, a_p)
+            a_d, rz_new = cholesky_step(lmi.ops, cur.zmat, d.dzm, a_d)
             it += 1
             diag = {"a_p": a_p, "a_d": a_d, "sigma": sigma, "float32": float(low)}
             if lower is not None:
                 diag["lower"] = lower
             if rs_new is None or a_p == 0.0:
                 break  # no feasible progress in float64: keep the best iterate
-            cur.rho += a_p * d.dy[0]
-            cur.x = cur.x + a_p * d.dy[1:]
-            cur.s_mat += a_p * d.ds
-            cur.pi *= 1.0 - a_p
-            if 0.0 < cur.pi <= pi_tol:  # drop the vanishing residual: S = S(y) exactly from now on
-                snapped = ops.copy(cur.s_mat)
-                ops.add_diag(snapped, -cur.pi)
-                r_snap = ops.cholesky_upper(snapped)
-                if r_snap is not None:
-                    cur.s_mat, rs_new, cur.pi = snapped, r_snap, 0.0
-            cur.rs = rs_new
-            cur.xinv = ops.inverse_from_cholesky(rs_new)
-            if rz_new is not None:
-                cur.zmat += a_d * d.dzm
-                cur.z = cur.z + a_d * d.dz
-                cur.rz = rz_new
+            _advance(lmi.ops, cur, d, a_p, a_d, rs_new, rz_new, pi_tol)
             t_iter = time.perf_counter() - now
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):
         status = "inaccurate"  # numerical failure mid-solve: the best scored iterate stands
-    return IpmOutcome(best_t, best_rho, status, it, rel_gap, lower, history)
+    return IpmOutcome(best.t, best.rho, status, it, rel_gap, lower, history)
+
+
+def _advance(
+    ops: DenseOps,
+    cur: _Iterate,
+    d: _Direction,
+    a_p: float,
+    a_d: float,
+    rs_new: Mat,
+    rz_new: Mat | None,
+    pi_tol: float,
+) -> None:
+    """Take the step (a_p primal, a_d dual when Z stays PD) in place; the residual pi I
+    shrinks by (1 - a_p) and is dropped once it is below ``pi_tol`` (S = S(y) exactly)."""
+    cur.rho += a_p * d.dy[0]
+    cur.x = cur.x + a_p * d.dy[1:]
+    cur.s_mat += a_p * d.ds
+    cur.pi *= 1.0 - a_p
+    if 0.0 < cur.pi <= pi_tol:  # drop the vanishing residual: S = S(y) exactly from now on
+        snapped = ops.copy(cur.s_mat)
+        ops.add_diag(snapped, -cur.pi)
+        r_snap = ops.cholesky_upper(snapped)
+        if r_snap is not None:
+            cur.s_mat, rs_new, cur.pi = snapped, r_snap, 0.0
+    cur.rs = rs_new
+    cur.xinv = ops.inverse_from_cholesky(rs_new)
+    if rz_new is not None:
+        cur.zmat += a_d * d.dzm
+        cur.z = cur.z + a_d * d.dz
+        cur.rz = rz_new

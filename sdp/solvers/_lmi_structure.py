@@ -39,19 +39,24 @@ from sdp.certificate import Lmi
 from sdp.ir import Array
 from sdp.solvers.dense import DenseOps, Mat, NumpyOps
 
+INPUT_RTOL = 1e-13
+"""Singular values of W_0 at or below INPUT_RTOL * s_max are dropped by the input reduction
+(below the float64 noise of W_0 itself; certificates are verified on the unreduced LMI)."""
 
-def reduce_input(lmi: Lmi, *, rtol: float = 1e-13) -> Lmi:
-    """Exact input reduction (DESIGN §3.2): W_0 = U S V^T -> U_r S_r (n_1 x r).
+
+def reduce_input(lmi: Lmi, *, rtol: float = INPUT_RTOL) -> Lmi:
+    """Input reduction (design.md §3.2): W_0 = U S V^T -> U_r S_r (n_1 x r).
 
     Multipliers and the SDP optimum are unchanged: M's input block only sees W_0 through
     W_0^T (.) W_0 = V S U^T (.) U S V^T, whose nonzero spectrum equals that of S U^T (.) U S.
-    Returns ``lmi`` itself when W_0 has no more columns than its rank would give.
+    Keeps the singular values above ``rtol`` * s_max (``rtol`` 0: all of them, so r =
+    min(n_0, n_1)). Returns ``lmi`` itself when that leaves W_0 with as many columns.
     """
     w0 = lmi.weights[0]
     if w0.shape[1] <= 1:
         return lmi
     u, s, _ = linalg.svd(w0, full_matrices=False, lapack_driver="gesdd")
-    keep = s > rtol * (s[0] if s.size else 0.0)
+    keep = s > rtol * (s[0] if s.size else 0.0) if rtol > 0 else np.ones(s.shape, dtype=bool)
     r = max(int(keep.sum()), 1)
     if r >= w0.shape[1]:
         return lmi

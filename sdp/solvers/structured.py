@@ -24,13 +24,14 @@ Example:
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 import numpy as np
 
 from sdp.certificate import Lmi, certify_rho, layerwise_multipliers
 from sdp.errors import CertificateError, SolverError
 from sdp.ir import Array
-from sdp.solvers._interior_point import IpmSettings, solve_ipm
+from sdp.solvers._interior_point import IpmSettings, IpmTuning, solve_ipm
 from sdp.solvers._lmi_structure import StructuredLmi, reduce_input
 from sdp.solvers.base import LipSdpProblem, Solution, SolveOptions
 from sdp.solvers.dense import DenseOps, NumpyOps
@@ -96,6 +97,13 @@ def balance(lmi: Lmi) -> tuple[Lmi, Array]:
     return Lmi(tuple(ws), lmi.alpha, lmi.beta), d
 
 
+DEFAULT_EPS = 1e-6
+"""Relative duality gap target: 1e-6 in rho is 5e-7 in L, inside the certificate check's
+float margin; 1e-8 costs about two more n^3 iterations."""
+DEFAULT_MAX_ITERS = 200
+"""Iteration limit when the caller gives none (the solves in docs/benchmarks.md take 15-60)."""
+
+
 class StructuredSolver:
     """LipSDP by a structure-exploiting primal-dual interior-point method.
 
@@ -104,21 +112,27 @@ class StructuredSolver:
     torch on a GPU. Results are verified on the host in float64 either way. LMIs with fewer than
     ``min_size`` rows after the input reduction use the numpy backend.
 
-    ``options.eps`` is the relative gap target (rho(t) - dual bound <= eps rho(t));
-    ``options.timeout_s`` returns the best (strictly feasible) iterate when time runs out.
-    ``options.extra`` may hold ``"cancelled"`` (a zero-argument callable polled every
-    iteration) and tuning knobs of :class:`sdp.solvers._interior_point.IpmSettings`
-    (``"sigma_min"``, ``"sigma_fixed"``, ``"step_frac"``, ``"z0_scale"``, ``"z0_identity"``,
-    ``"shift0"``, ``"rho_factor"``, ``"corrector"``, ``"float32_above"``).
+    ``options.eps`` is the relative gap target (rho(t) - dual bound <= eps rho(t); default
+    :data:`DEFAULT_EPS`); ``options.max_iters`` the iteration limit (default
+    :data:`DEFAULT_MAX_ITERS`; the method converges in 15-60 iterations on the benchmarks);
+    ``options.timeout_s`` returns the best (strictly feasible) iterate when time runs out;
+    ``options.cancelled`` is polled every iteration. ``tuning``
+    (:class:`~sdp.solvers._interior_point.IpmTuning`) holds the method's knobs.
     Progress events carry the last step's diagnostics (``a_p``, ``a_d``, ``sigma``, ``lower``).
     """
 
     name = "structured"
     variants = frozenset({"neuron", "layer"})
 
-    def __init__(self, ops: DenseOps | None = None, *, min_size: int = 0) -> None:
+    default_eps = DEFAULT_EPS
+    default_max_iters = DEFAULT_MAX_ITERS
+
+    def __init__(
+        self, ops: DenseOps | None = None, *, min_size: int = 0, tuning: IpmTuning | None = None
+    ) -> None:
         self.ops: DenseOps = NumpyOps() if ops is None else ops
         self.min_size = int(min_size)
+        self.tuning = IpmTuning() if tuning is None else tuning
 
     def available(self) -> bool:
         return True
@@ -133,7 +147,7 @@ class StructuredSolver:
             rho = float(np.linalg.norm(w, 2) ** 2) if w.size else 0.0
             return Solution("optimal", (), rho, 0, time.perf_counter() - start)
         per_layer = problem.variant == "layer"
-        reduced, scales = balance(reduce_input(lmi))
+        reduced, scales = balance(lmi if problem.input_reduced else reduce_input(lmi))
         t_scale = np.concatenate(
             [np.full(n, scales[j + 1] ** 2) for j, n in enumerate(lmi.hidden_sizes)]
         )
@@ -153,23 +167,14 @@ class StructuredSolver:
         size = reduced.input_size + sum(reduced.hidden_sizes)
         ops = self.ops if size >= self.min_size else NumpyOps()
         deadline = None if options.timeout_s is None else start + float(options.timeout_s)
+        eps = self.default_eps if options.eps is None else options.eps
         settings = IpmSettings(
-            eps=max(float(options.eps), 1e-12),
-            sigma_min=float(options.extra.get("sigma_min", 0.0)),
-            sigma_fixed=None
-            if "sigma_fixed" not in options.extra
-            else float(options.extra["sigma_fixed"]),
-            step_frac=float(options.extra.get("step_frac", 0.95)),
-            z0_scale=float(options.extra.get("z0_scale", 100.0)),
-            rho_factor=float(options.extra.get("rho_factor", 1.1)),
-            corrector=bool(options.extra.get("corrector", True)),
-            z0_identity=bool(options.extra.get("z0_identity", True)),
-            shift0=float(options.extra.get("shift0", 0.0)),
-            float32_above=float(options.extra.get("float32_above", 1e-4)),
-            max_iters=min(int(options.max_iters), 200),
+            **asdict(self.tuning),
+            eps=max(float(eps), 1e-12),
+            max_iters=self.default_max_iters if options.max_iters is None else options.max_iters,
             deadline=deadline,
             progress=progress,
-            cancelled=options.extra.get("cancelled"),
+            cancelled=options.cancelled,
         )
         backend_error = None
         try:

@@ -1,6 +1,6 @@
 """``lipcert bound``, ``lipcert certify`` and ``lipcert verify``.
 
-Contract (DESIGN §5): ``--json`` prints one JSON object on stdout; progress goes to stderr;
+Contract (design.md §5): ``--json`` prints one JSON object on stdout; progress goes to stderr;
 errors print one line on stderr and exit non-zero (:func:`service.cli._common.fail`).
 """
 

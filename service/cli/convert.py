@@ -30,9 +30,9 @@ def convert(
 ) -> None:
     """Convert SOURCE into a lipcert/1 safetensors file that lipcert (and its API) imports."""
     from models.io import convert_lbdn_jl
+    from sdp.bounds.sandwich import sandwich_bound
     from sdp.errors import LipcertError
     from sdp.importers import load_model_file
-    from sdp.sandwich import sandwich_bound
 
     if from_ not in SOURCES:
         fail(f"unknown source format {from_!r}; expected one of {', '.join(SOURCES)}")

@@ -103,7 +103,7 @@ def train(
     from models.io import load_network, save_lbdn
     from models.lbdn import LBDN
     from models.train import TrainConfig, evaluate, split_holdout, train_classifier
-    from sdp.sandwich import sandwich_bound
+    from sdp.bounds.sandwich import sandwich_bound
 
     torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV, "2")))
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""Bound jobs: one protocol, two runners (DESIGN §5).
+"""Bound jobs: one protocol, two runners (design.md §1.6).
 
 - ``local`` (``LIPCERT_QUEUE_URL`` empty): :class:`~service.jobs.local.LocalRunner`, solver
   processes on this machine, job state in ``data_dir/jobs.sqlite``.

@@ -138,6 +138,8 @@ class JobRecord:
 def observe_solve_time(result: dict[str, Any]) -> None:
     """Record a succeeded job's wall time in the ``lipcert_bound_solve_seconds`` histogram."""
     try:
+        # imported here: solver processes import service.jobs.base and never record metrics,
+        # so they need not load prometheus_client
         from service.metrics import SOLVE_SECONDS
 
         timings = result.get("timings") or {}

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sdp.bounds.recheck import adopt_document
 from sdp.errors import LipcertError
 from service.diskspace import StorageFull
 from service.jobs.base import (
@@ -37,7 +38,6 @@ from service.jobs.base import (
     observe_solve_time,
 )
 from service.jobs.process import SolveProcess, supervise
-from service.jobs.recheck import adopt_document
 from service.jobs.store import JobStore, Owner
 from service.storage import ModelNotFound
 

@@ -41,6 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 
+from sdp.bounds.recheck import adopt_document
 from sdp.errors import LipcertError
 from service.diskspace import StorageFull
 from service.errors import QueueUnavailable
@@ -53,7 +54,6 @@ from service.jobs.base import (
     now_iso,
     observe_solve_time,
 )
-from service.jobs.recheck import adopt_document
 from service.jobs.redis_state import (
     ACTIVE_SET,
     QUEUE_NAME,

@@ -1,8 +1,10 @@
 """``POST /v1/models/{id}/bounds`` (start a bound job) and ``GET /v1/models/{id}/bounds``.
 
-A request is validated before anything is queued: unknown model -> 404, unknown or unsound
-method (``lipsdp-network``), unknown solver, or a method that cannot run on this network
-(sandwich on a plain net, LipSDP on a residual or too large net) -> 422 problem+json.
+A request is validated before anything is queued: unknown model -> 404, then sdp's own plan
+(:func:`sdp.bounds.plan.check_bound_request`, the one ``compute_bound`` runs in the job):
+unknown or unsound method (``lipsdp-network``), unknown solver, or a method that cannot run on
+this network (sandwich on a plain net, LipSDP on a residual or too large net) -> 422
+problem+json.
 Identical requests (same model, method, pairwise, solver) share one job: the answer is the
 in-flight or succeeded job (``reused: true``), still ``202`` with
 ``Location: /v1/jobs/{job_id}``.
@@ -16,7 +18,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from sdp.bounds import METHODS
-from sdp.errors import NotApplicable, UnsupportedMethod
+from sdp.bounds.plan import check_bound_request
 from sdp.solvers import solver_names
 from service.deps import RunnerDep, StorageDep, model_or_404
 from service.diskspace import StorageFull
@@ -40,13 +42,13 @@ class BoundRequest(BaseModel):
         default="auto",
         description="auto | naive | lipsdp-layer | lipsdp-neuron | sandwich",
         examples=["lipsdp-neuron"],
-        json_schema_extra={"enum": list(METHODS)},  # checked by validate_method (its message)
+        json_schema_extra={"enum": list(METHODS)},  # checked by check_bound_request
     )
     pairwise: StrictBool = Field(default=False, description="Also bound every class pair y, j.")
     solver: str | None = Field(
         default=None,
         description="SDP solver name (default: automatic).",
-        json_schema_extra={"enum": [*solver_names(), None]},  # checked by validate_solver
+        json_schema_extra={"enum": [*solver_names(), None]},  # checked by check_bound_request
     )
     timeout_s: float | None = Field(
         default=None,
@@ -57,48 +59,6 @@ class BoundRequest(BaseModel):
         "bound); when the limit is reached the solver process is killed and the job fails "
         "with code 'timeout'.",
     )
-
-
-def validate_method(method: str) -> None:
-    """Refuse unknown methods and the unsound LipSDP-Network variant before queuing."""
-    if method == "lipsdp-network":
-        raise UnsupportedMethod(
-            "lipsdp-network is not offered: coupled multipliers between neuron pairs are not "
-            "sound (Pauli et al., IEEE L-CSS 2021); use lipsdp-neuron"
-        )
-    if method not in METHODS:
-        raise UnsupportedMethod(f"unknown method {method!r} (known: {', '.join(METHODS)})")
-
-
-def validate_solver(solver: str | None) -> None:
-    if solver is None:
-        return
-    if solver not in solver_names():
-        raise ServiceError(
-            f"unknown solver {solver!r} (known: {', '.join(solver_names())})",
-            status=422,
-            code="solver-unknown",
-        )
-
-
-def check_applicable(net: Any, method: str, pairwise: bool) -> None:
-    """Refuse early what :func:`sdp.bounds.compute_bound` would refuse for this network.
-
-    The same checks run again inside the job (they are authoritative there); doing them here
-    answers 422 at once instead of a job that fails a few seconds later.
-    """
-    from sdp.bounds.lipsdp import check_size
-
-    if method == "sandwich" and net.sandwich is None:
-        raise NotApplicable("not a sandwich network (no sandwich parameters)")
-    lipsdp = method in ("lipsdp-neuron", "lipsdp-layer")
-    if (lipsdp or pairwise) and not net.is_chain:
-        raise NotApplicable(
-            "LipSDP and pairwise bounds need a chain; this residual network is bounded "
-            "compositionally (method naive or auto)"
-        )
-    if lipsdp or pairwise:
-        check_size(net)
 
 
 def _runner_or_503(runner: Any) -> Any:
@@ -124,9 +84,8 @@ def request_bound(
     full = storage.space_problem()
     if full is not None:
         raise StorageFull(full)
-    validate_method(body.method)
-    validate_solver(body.solver)
-    check_applicable(storage.load_network(model_id), body.method, body.pairwise)
+    net = storage.load_network(model_id)
+    check_bound_request(net, body.method, pairwise=body.pairwise, solver=body.solver)
     spec = JobSpec(
         model_id=model_id,
         method=body.method,

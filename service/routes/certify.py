@@ -108,7 +108,7 @@ async def certify(
     return_logits: bool = Query(False, description="For .npy and .npz bodies."),
     epsilon: float = Query(0.0, ge=0, description="For .npy and .npz bodies."),
 ) -> Response:
-    """radius = (margin - sqrt(2) E) / (sqrt(2) L) with L the chosen verified bound (DESIGN §4)
+    """radius = (margin - sqrt(2) E) / (sqrt(2) L) with L the chosen verified bound (design.md §4)
     and E a rigorous bound on the rounding error of the logits (tiny in float64);
     radius_pairwise = min_j (f_y - f_j - sqrt(2) E) / L_yj when the bound has pairwise constants.
     Without a verified bound: 409 with a hint. JSON bodies follow ``CertifyRequest``;

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Request, Response, UploadFile, status
 
+from sdp.bounds.sandwich import sandwich_bound
 from service.deps import RunnerDep, SettingsDep, StorageDep, model_or_404
 from service.errors import NotFound, QueueUnavailable
 from service.jobs.tasks import bound_document, json_safe
@@ -59,10 +60,8 @@ async def upload_model(
 
 
 def _store_sandwich_bound(storage: Storage, model_id: str, net: Any) -> None:
-    """Check the sandwich closed form (DESIGN §3.4) and store it when it verifies."""
+    """Check the sandwich closed form (design.md §3.4) and store it when it verifies."""
     try:
-        from sdp.sandwich import sandwich_bound
-
         result = sandwich_bound(net)
     except Exception as exc:  # not verifiable: the model is still usable with a LipSDP job
         log.warning("sandwich closed form of %s not stored: %s", model_id, exc)

@@ -29,7 +29,7 @@ from tests.service.test_api_models import BAD_UPLOADS
 
 pytestmark = pytest.mark.e2e
 
-LIPSDP_NEURON_RANDOM = 36.482  # DESIGN §6, published value (3 decimals)
+LIPSDP_NEURON_RANDOM = 36.482  # design.md §6, published value (3 decimals)
 
 
 def _free_port() -> int:

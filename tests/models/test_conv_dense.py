@@ -14,11 +14,12 @@ from torch import nn
 from models.conv_lbdn import ConvLBDN, conv_lbdn_config, conv_lbdn_to_bytes, load_conv_lbdn
 from models.empirical import empirical_lipschitz
 from models.io import METADATA_KEY
+from sdp.bounds.sandwich import sandwich_bound
 from sdp.errors import CertificateError, ModelRejected
 from sdp.importers import load_model
 from sdp.ir import Dense, Network
-from sdp.sandwich import config_json, sandwich_bound
-from sdp.sandwich_conv import conv_forward
+from sdp.sandwich.config import config_json
+from sdp.sandwich.conv import conv_forward
 
 torch.set_num_threads(1)
 F64 = torch.float64

@@ -15,10 +15,10 @@ from models.conv_lbdn import ConvLBDN, conv_lbdn_to_bytes, load_conv_lbdn
 from models.empirical import empirical_lipschitz
 from models.io import load_network
 from models.train import TrainConfig, train_classifier
+from sdp.bounds.sandwich import sandwich_bound
 from sdp.importers import load_model
-from sdp.sandwich import sandwich_bound
-from sdp.sandwich_conv import conv_forward
-from sdp.sandwich_conv import frequency_cayley as numpy_cayley
+from sdp.sandwich.conv import conv_forward
+from sdp.sandwich.conv import frequency_cayley as numpy_cayley
 from service.cli import app
 
 torch.set_num_threads(1)

@@ -19,9 +19,9 @@ from models.io import (
     save_lbdn,
 )
 from models.lbdn import LBDN
+from sdp.bounds.sandwich import sandwich_bound
 from sdp.certificate import Lmi, certify_multipliers
 from sdp.errors import ModelRejected
-from sdp.sandwich import sandwich_bound
 
 torch.set_num_threads(1)
 
@@ -106,7 +106,7 @@ def test_lipsdp_on_the_julia_export_is_at_most_five(julia_model):
 
     net = load_network(julia_model)
     lmi = Lmi.from_chain(net.chain())
-    # exact input reduction W_0 = U S V^T -> U S (DESIGN §3.2); T carries over unchanged
+    # exact input reduction W_0 = U S V^T -> U S (design.md §3.2); T carries over unchanged
     u, s, _ = np.linalg.svd(lmi.weights[0], full_matrices=False)
     reduced = Lmi((u * s, *lmi.weights[1:]), lmi.alpha, lmi.beta)
     sol = get_solver("structured").solve(LipSdpProblem(reduced, "neuron"), SolveOptions())

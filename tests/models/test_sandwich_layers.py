@@ -12,7 +12,8 @@ from torch import nn
 from models.empirical import empirical_lipschitz
 from models.lbdn import LBDN
 from models.sandwich import SandwichLinear, SandwichOutput, activation_spec, cayley
-from sdp.sandwich import sandwich_bound, sandwich_forward
+from sdp.bounds.sandwich import sandwich_bound
+from sdp.sandwich.dense import sandwich_forward
 
 torch.set_num_threads(1)
 F64 = torch.float64

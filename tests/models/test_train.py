@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from models.io import load_network
 from models.train import margin_offset, margins, offset_cross_entropy
-from sdp.sandwich import sandwich_bound
+from sdp.bounds.sandwich import sandwich_bound
 from service.cli import app
 
 torch.set_num_threads(1)

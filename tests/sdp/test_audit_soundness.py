@@ -50,7 +50,7 @@ ACTS: list[tuple[str, float]] = [
 
 
 def dense_m(lmi: Lmi, t: tuple[np.ndarray, ...], rho: float) -> np.ndarray:
-    """M(rho, T) built naively from A, B and the 2x2 block quadratic form (DESIGN §3.2)."""
+    """M(rho, T) built naively from A, B and the 2x2 block quadratic form (design.md §3.2)."""
     w, L = lmi.weights, lmi.depth
     n0, hs = lmi.input_size, lmi.hidden_sizes
     n = sum(hs)

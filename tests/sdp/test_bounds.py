@@ -10,8 +10,10 @@ from sdp.bounds import naive as naive_mod
 from sdp.certificate import Lmi, verify_certificate
 from sdp.errors import NotApplicable, UnsupportedMethod
 from sdp.ir import Activation, Conv2d, Dense, Network, Residual
+from sdp.sandwich.dense import plain_network
 from sdp.solvers import available_solvers
 from tests.sdp._nets import dense_network, mat_network, random_network
+from tests.sdp.sandwich_cases import random_params
 
 RANDOM_NEURON, RANDOM_LAYER, MNIST_NEURON = 36.482, 39.839, 24.366
 
@@ -69,7 +71,7 @@ def test_mnist_weights_published_value(fixtures_dir):
     assert any("SVD input reduction 784 -> 50" in n for n in res.notes)
     assert res.value >= MNIST_NEURON - 5e-4 and _rel(res.value, MNIST_NEURON) < 1e-3
     naive, _ = naive_bound(net)
-    assert naive == pytest.approx(31.50, abs=0.01)  # DESIGN §6 product of norms
+    assert naive == pytest.approx(31.50, abs=0.01)  # design.md §6 product of norms
 
 
 @pytest.mark.slow
@@ -228,8 +230,6 @@ def test_progress_events(random_net):
 
 
 def test_sandwich_network_auto_reports_the_smaller_of_closed_form_and_lipsdp():
-    from sdp.sandwich import plain_network, random_params
-
     params = random_params(np.random.default_rng(9), [5, 8, 6, 3], 3.0)
     net = plain_network(params)
     assert net.sandwich is not None
@@ -240,4 +240,4 @@ def test_sandwich_network_auto_reports_the_smaller_of_closed_form_and_lipsdp():
     assert res.value == min(closed.value, sdp_res.value)
     assert res.method == ("sandwich" if closed.value <= sdp_res.value else "lipsdp-neuron")
     assert any("time limit 120 s" in n for n in res.notes)  # which limit applied
-    assert sdp_res.value <= 3.0 * (1 + 1e-4)  # DESIGN §3.4: LipSDP on the plain net <= gamma
+    assert sdp_res.value <= 3.0 * (1 + 1e-4)  # design.md §3.4: LipSDP on the plain net <= gamma

@@ -39,6 +39,20 @@ def test_svd_reduction_keeps_rho_of_any_multipliers():
     assert certify_rho(small.lmi, t) == pytest.approx(certify_rho(lmi, t), rel=1e-9)
 
 
+def test_svd_reduction_rel_tol_is_what_its_docstring_says():
+    """rel_tol 0 (default) keeps every singular value, exact zeros included; rel_tol > 0
+    drops those at or below rel_tol * s_max."""
+    rng = np.random.default_rng(2)
+    w0 = rng.standard_normal((5, 2)) @ rng.standard_normal((2, 20))  # rank 2, n1 = 5 < n0 = 20
+    w1 = rng.standard_normal((3, 5))
+    lmi = Lmi((w0, w1), (np.zeros(5),), (np.ones(5),))
+    prob = LipSdpProblem(lmi, "neuron")
+    kept, inverse = SvdInputReduction().apply(prob)
+    assert inverse["rank"] == 5 and kept.lmi.input_size == 5
+    dropped, inverse = SvdInputReduction(rel_tol=1e-12).apply(prob)
+    assert inverse["rank"] == 2 and dropped.lmi.input_size == 2
+
+
 def test_linear_fold_merges_and_lifts():
     rng = np.random.default_rng(1)
     ws = [rng.standard_normal((4, 3)), rng.standard_normal((5, 4)), rng.standard_normal((2, 5))]

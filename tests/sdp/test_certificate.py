@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sdp.bounds.lipsdp import pairwise_bounds
 from sdp.certificate import (
     Certificate,
     Lmi,
@@ -12,8 +13,10 @@ from sdp.certificate import (
     certify_rho,
     layerwise_multipliers,
     verify_certificate,
+    verify_on,
 )
 from sdp.errors import CertificateError
+from sdp.ir import Activation, Dense, Network
 from tests.sdp._nets import random_network
 
 
@@ -66,3 +69,30 @@ def test_pairwise_output_map_certificate_bounds_the_difference():
     x, d = rng.standard_normal((500, 3)), 1e-3 * rng.standard_normal((500, 3))
     g = (net.forward(x + d) - net.forward(x)) @ row.T
     assert np.max(np.abs(g[:, 0]) / np.linalg.norm(d, axis=1)) <= np.sqrt(cert.rho)
+
+
+def test_verify_on_applies_the_certificates_output_map() -> None:
+    """verify_on builds the LMI of the network with the certificate's own output map: a
+    pairwise certificate verifies on the network, and the same (rho, T) without its map (what
+    verify_certificate on a hand-built LMI would check) is not taken for it."""
+    rng = np.random.default_rng(3)
+    net = Network(
+        (4,),
+        (
+            Dense(rng.standard_normal((6, 4)), np.zeros(6)),
+            Activation("relu"),
+            Dense(3.0 * rng.standard_normal((3, 6)), np.zeros(3)),
+        ),
+    )
+    _, certs, _ = pairwise_bounds(net, "neuron")
+    for cert in certs:
+        assert cert.output_map is not None
+        assert verify_on(net, cert)
+    # the same certificates checked on the LMI of f itself (the map forgotten) do not all hold
+    plain = Lmi.from_chain(net.chain())
+    assert not all(verify_certificate(plain, cert) for cert in certs)
+    widest = max(certs, key=lambda c: c.rho)
+    too_small = Certificate(widest.rho * 0.25, widest.multipliers, widest.output_map)
+    assert not verify_on(net, too_small)
+    wrong_shape = Certificate(widest.rho, (np.ones(5),), widest.output_map)
+    assert not verify_on(net, wrong_shape)

@@ -1,6 +1,6 @@
 """The ONNX importer follows ONNX semantics as onnxruntime computes them, or refuses.
 
-One group per soundness finding of the session-4 review (/tmp/review_sdp/REPORT.md, F1-F5):
+One group per soundness finding (F1-F5) of an earlier review of the importer:
 constant Cast to every target type, AveragePool dilations, Shape start/end, integer Div,
 training-mode Dropout; and the attribute allow-list that closes the class (an attribute a
 converter does not model is refused, naming node, op and attribute). onnxruntime is the

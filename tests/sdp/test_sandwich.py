@@ -1,4 +1,4 @@
-"""Closed-form maths of sandwich networks (numpy side, sdp.sandwich)."""
+"""Closed-form maths of sandwich networks (numpy side, sdp.sandwich and sdp.bounds.sandwich)."""
 
 from __future__ import annotations
 
@@ -9,23 +9,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sdp.bounds import compute_bound
+from sdp.bounds.sandwich import closed_form_lmi, explicit_certificate, sandwich_bound
 from sdp.certificate import Certificate, Lmi, certify_rho, verify_certificate
 from sdp.errors import CertificateError, ModelRejected, NotApplicable
 from sdp.ir import Activation, Dense, Network
-from sdp.sandwich import (
-    SandwichLayer,
-    SandwichParams,
-    cayley,
-    closed_form_lmi,
-    explicit_certificate,
+from sdp.sandwich.config import (
     network_from_safetensors,
     params_from_safetensors,
     params_to_safetensors,
+)
+from sdp.sandwich.dense import (
+    SandwichLayer,
+    SandwichParams,
+    cayley,
     plain_network,
-    random_params,
-    sandwich_bound,
     sandwich_forward,
 )
+from tests.sdp.sandwich_cases import random_params
 
 SIZES = [[5, 8, 6, 3], [20, 10, 10, 4], [2, 16, 16, 1], [30, 12, 3], [6, 4]]
 
@@ -154,6 +155,25 @@ def test_activations_outside_zero_one_are_not_applicable():
     params = random_params(np.random.default_rng(9), [4, 5, 2], 1.0, activation=Activation("gelu"))
     with pytest.raises(NotApplicable):
         sandwich_bound(plain_network(params))
+
+
+@pytest.mark.parametrize(
+    "activation", [Activation("gelu"), Activation("silu"), Activation("leaky_relu", 2.0)]
+)
+def test_auto_falls_back_when_the_closed_form_does_not_apply(activation, tmp_path):
+    """A sandwich file whose slopes leave [0, 1] is accepted by the importer; ``auto`` then
+    bounds it as a plain network (LipSDP / naive) instead of failing method-not-applicable,
+    and only the explicit method "sandwich" refuses it."""
+    params = random_params(np.random.default_rng(11), [4, 6, 5, 2], 1.5, activation=activation)
+    tensors, config = params_to_safetensors(params)
+    net = network_from_safetensors(tensors, config)
+    assert net.sandwich is not None
+    res = compute_bound(net, "auto")
+    assert res.verified and res.method in ("lipsdp-neuron", "naive")
+    assert any("sandwich check not applicable" in n for n in res.notes)
+    assert res.lower_bound <= res.value
+    with pytest.raises(NotApplicable):
+        compute_bound(net, "sandwich")
 
 
 def test_safetensors_config_round_trip():

@@ -8,13 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from sdp import sandwich_conv, sandwich_conv_check
+from sdp.bounds import sandwich as sandwich_check
+from sdp.bounds.sandwich import conv_sandwich_bound, frequency_lmis, layer_rho, sandwich_bound
 from sdp.certificate import Lmi, certify_rho, verify_certificate
 from sdp.errors import CertificateError, ModelRejected, NotApplicable
 from sdp.ir import Conv2d, Dense, Network
-from sdp.sandwich import SandwichLayer, network_from_safetensors, params_to_safetensors
-from sdp.sandwich import sandwich_bound as dense_entry_point
-from sdp.sandwich_conv import (
+from sdp.sandwich import conv as sandwich_conv
+from sdp.sandwich.config import network_from_safetensors, params_to_safetensors
+from sdp.sandwich.conv import (
     ConvSandwichLayer,
     ConvSandwichParams,
     conv_forward,
@@ -23,8 +24,8 @@ from sdp.sandwich_conv import (
     plain_network,
     space_to_depth,
 )
-from sdp.sandwich_conv_check import conv_sandwich_bound, frequency_lmis, layer_rho
-from sdp.sandwich_conv_io import random_conv_params
+from sdp.sandwich.dense import SandwichLayer, SandwichParams
+from tests.sdp.sandwich_cases import random_conv_params
 
 ARCHS = [
     ((1, 8, 8), [(2, 1), (3, 2)]),  # widening layers, stride 2
@@ -103,7 +104,7 @@ def test_export_is_the_circular_linear_map(as_conv, monkeypatch):
 def test_closed_form_check_verifies_gamma_and_matches_dense_lipsdp(shape, layers):
     p = _params(5, shape, layers, gamma=3.0)
     net = plain_network(p)
-    res = dense_entry_point(net)  # sdp.sandwich dispatches to the per-frequency check
+    res = sandwich_bound(net)  # dispatches on the parameters to the per-frequency check
     assert res.method == "sandwich" and res.verified
     assert res.certificate.meta["per_frequency"] and res.certificate.meta["closed_form_confirmed"]
     assert res.value <= 3.0 * (1 + 1e-6)
@@ -129,7 +130,7 @@ def test_check_on_conv2d_export(monkeypatch):
     res = conv_sandwich_bound(net)
     assert res.certificate.meta["closed_form_confirmed"]
     assert verify_certificate(Lmi.from_chain(net.chain()), res.certificate)
-    monkeypatch.setattr(sandwich_conv_check, "DENSE_VERIFY_MAX", 10)
+    monkeypatch.setattr(sandwich_check, "DENSE_VERIFY_MAX", 10)
     skipped = conv_sandwich_bound(net)
     assert skipped.certificate.meta["dense_verified"] is None
     assert skipped.value == res.value
@@ -193,8 +194,6 @@ def _config(p: ConvSandwichParams):
             }
         )
     head = SandwichLayer("sandwich_output", p.output.xy, p.output.b)
-    from sdp.sandwich import SandwichParams
-
     _, cfg = params_to_safetensors(SandwichParams(p.gamma, (head,), (head.in_features,)))
     tensors["o.XY"], tensors["o.b"] = head.xy, head.b
     out_spec = dict(cfg["layers"][0], tensors={"XY": "o.XY", "b": "o.b"})
@@ -215,7 +214,7 @@ def test_config_round_trip_and_rejections():
     net = network_from_safetensors(tensors, config)
     x = np.random.default_rng(0).standard_normal((3, 64))
     np.testing.assert_allclose(net.forward(x), plain_network(p).forward(x), atol=1e-13)
-    assert dense_entry_point(net).certificate.meta["closed_form_confirmed"]
+    assert sandwich_bound(net).certificate.meta["closed_form_confirmed"]
 
     def broken(**change):
         cfg = {**config, "layers": [dict(config["layers"][0], **change), *config["layers"][1:]]}
@@ -232,7 +231,7 @@ def test_config_round_trip_and_rejections():
         "layers": [dict(config["layers"][0], activation="gelu"), *config["layers"][1:]],
     }
     with pytest.raises(NotApplicable):  # slopes outside [0, 1]: no closed form
-        dense_entry_point(network_from_safetensors(tensors, gelu))
+        sandwich_bound(network_from_safetensors(tensors, gelu))
     big = {**config, "input_shape": [64, 256, 256]}
     big["layers"] = [dict(config["layers"][0], in_shape=[64, 256, 256], out_channels=512)]
     with pytest.raises(ModelRejected) as e:  # refused before any tensor is read or FFT done

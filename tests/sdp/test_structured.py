@@ -13,7 +13,7 @@ import scipy.io
 
 from sdp.certificate import Lmi, certify_multipliers, certify_rho, layerwise_multipliers
 from sdp.ir import Activation
-from sdp.solvers._interior_point import IpmSettings, solve_ipm
+from sdp.solvers._interior_point import IpmSettings, IpmTuning, solve_ipm
 from sdp.solvers._lmi_structure import (
     StructuredLmi,
     constraint_values,
@@ -42,7 +42,7 @@ ACTIVATIONS = [
 
 
 def reference_rho(lmi: Lmi, variant: str = "neuron") -> float:
-    """LipSDP optimum by CVXPY + Clarabel (tight), from DESIGN §3.2's dense formula:
+    """LipSDP optimum by CVXPY + Clarabel (tight), from design.md §3.2's dense formula:
     M = [A;B]^T [[-2abT, (a+b)T], [(a+b)T, -2T]] [A;B] + blkdiag(-rho I, 0.., W_L^T W_L)."""
     W, L = lmi.weights, lmi.depth
     n0, N = lmi.input_size, sum(lmi.hidden_sizes)
@@ -82,7 +82,7 @@ def reference_rho_blocks(lmi: Lmi) -> float:
     """LipSDP-Neuron optimum by CVXPY + Clarabel, built block by block (fast to canonicalise
     for wider nets): S = -M is block tridiagonal with diagonal blocks
     2 diag(t_{j-1}) + 2 W_j^T diag(a b t_j) W_j (rho I for the input, minus W_L^T W_L last)
-    and off-diagonal blocks -diag((a + b) t_j) W_j (DESIGN §3.2)."""
+    and off-diagonal blocks -diag((a + b) t_j) W_j (design.md §3.2)."""
     W, L = lmi.weights, lmi.depth
     sizes = [lmi.input_size, *lmi.hidden_sizes]
     rho = cp.Variable()
@@ -112,8 +112,10 @@ def reference_rho_blocks(lmi: Lmi) -> float:
     return float(rho.value)
 
 
-def solve_certified(lmi: Lmi, variant: str = "neuron", **kw: object) -> tuple[float, object]:
-    sol = SOLVER.solve(LipSdpProblem(lmi, variant), SolveOptions(**kw))  # type: ignore[arg-type]
+def solve_certified(
+    lmi: Lmi, variant: str = "neuron", solver: StructuredSolver = SOLVER, **kw: object
+) -> tuple[float, object]:
+    sol = solver.solve(LipSdpProblem(lmi, variant), SolveOptions(**kw))  # type: ignore[arg-type]
     assert sol.multipliers is not None
     rep = certify_multipliers(lmi, sol.multipliers)
     return rep.rho, sol
@@ -363,7 +365,7 @@ def test_zero_starting_multipliers_and_cancellation() -> None:
     out = solve_ipm(st, t0, 0.0, IpmSettings(eps=1e-9), per_layer=False)
     assert out.status == "optimal"
     assert certify_rho(lmi, np.split(out.t, [7])) == pytest.approx(reference_rho(lmi), rel=1e-5)
-    rho, sol = solve_certified(lmi, extra={"cancelled": lambda: True})
+    rho, sol = solve_certified(lmi, cancelled=lambda: True)
     assert sol.status == "cancelled" and sol.iterations == 0
     assert rho == pytest.approx(certify_rho(lmi, layerwise_multipliers(lmi)), rel=1e-6)
 
@@ -394,7 +396,8 @@ def test_float32_predictor_changes_nothing_but_speed() -> None:
     lmi = random_lmi([20, 30, 30, 30, 5], Activation("relu"), 17)
     events: list[dict[str, object]] = []
     rho_mixed, _ = solve_certified(lmi, eps=1e-9, progress=events.append)
-    rho_f64, _ = solve_certified(lmi, eps=1e-9, extra={"float32_above": math.inf})
+    f64 = StructuredSolver(tuning=IpmTuning(float32_above=math.inf))
+    rho_f64, _ = solve_certified(lmi, eps=1e-9, solver=f64)
     assert any(e.get("float32") == 1.0 for e in events)
     assert events[-1].get("float32") == 0.0
     assert rho_mixed == pytest.approx(rho_f64, rel=1e-7)
@@ -417,3 +420,42 @@ def test_deep_vnncomp_net_converges_without_stalling(fixtures_dir: object) -> No
     lower = sol.info["lower_bound"]
     assert lower <= rep.rho <= lower * (1 + 1e-4)
     assert rep.rho < certify_rho(lmi, layerwise_multipliers(lmi)) / 2
+
+
+def test_solvers_own_their_defaults_and_honour_max_iters() -> None:
+    """No tolerance or iteration cap is chosen by the caller: None means the solver's own
+    default, and an explicit max_iters is honoured (it was silently capped at 200)."""
+    from sdp.solvers.cvxpy_ import CvxpySolver
+
+    assert SOLVER.default_eps == 1e-6 and SOLVER.default_max_iters == 200
+    assert CvxpySolver("scs").default_eps == 1e-6 and CvxpySolver("clarabel").default_eps == 1e-8
+    lmi = random_lmi([20, 30, 30, 30, 5], Activation("relu"), 17)
+    _, capped = solve_certified(lmi, eps=1e-12, max_iters=3)
+    assert capped.iterations == 3 and capped.status == "inaccurate"
+    _, longer = solve_certified(lmi, eps=1e-12, max_iters=250)
+    assert longer.iterations > 3
+    with pytest.raises(ValueError):
+        SolveOptions(max_iters=0)
+    with pytest.raises(ValueError):
+        SolveOptions(eps=-1.0)
+
+
+def test_reduced_problems_are_not_reduced_twice() -> None:
+    """One reduction chain: SvdInputReduction marks its problem, and the structured solver
+    then solves it as given (the same multipliers as reducing inside the solver)."""
+    from sdp.bounds.reduction import SvdInputReduction
+    from sdp.solvers._lmi_structure import INPUT_RTOL
+
+    rng = np.random.default_rng(4)
+    lmi = random_lmi([40, 12, 8, 3], Activation("relu"), 4)
+    w0 = lmi.weights[0]
+    w0 = w0[:, :5] @ rng.standard_normal((5, 40))  # rank 5 < 12 hidden < 40 inputs
+    lmi = Lmi((w0, *lmi.weights[1:]), lmi.alpha, lmi.beta)
+    problem, inverse = SvdInputReduction(rel_tol=INPUT_RTOL).apply(LipSdpProblem(lmi))
+    assert problem.input_reduced and inverse["rank"] == 5 == problem.lmi.input_size
+    once = SOLVER.solve(problem, SolveOptions(eps=1e-9))
+    inside = SOLVER.solve(LipSdpProblem(lmi), SolveOptions(eps=1e-9))
+    assert once.info["reduced_input"] == inside.info["reduced_input"] == 5
+    rho_once = certify_multipliers(lmi, once.multipliers).rho
+    rho_inside = certify_multipliers(lmi, inside.multipliers).rho
+    assert rho_once == pytest.approx(rho_inside, rel=1e-6)

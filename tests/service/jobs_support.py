@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 LIPSDP_NEURON_RANDOM_WEIGHTS = 36.482
-"""LipSDP-Neuron bound of LipSDP's random_weights example (DESIGN §6)."""
+"""LipSDP-Neuron bound of LipSDP's random_weights example (design.md §6)."""
 
 
 LONG_SOLVE: dict[str, str] = {"method": "lipsdp-neuron", "solver": "scs"}

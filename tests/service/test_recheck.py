@@ -1,4 +1,4 @@
-"""The API re-proves a worker's bound document before storing it (service.jobs.recheck)."""
+"""The API re-proves a worker's bound document before storing it (sdp.bounds.recheck)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import scipy.io
 
 from sdp.bounds import compute_bound
+from sdp.bounds.recheck import adopt_document, recheck_document
 from sdp.errors import CertificateError
 from sdp.ir import Activation, Dense, Network
 from service.jobs.base import JobSpec
-from service.jobs.recheck import adopt_document, recheck_document
 from service.jobs.tasks import bound_document, json_safe
 
 

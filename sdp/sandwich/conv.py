@@ -1,5 +1,5 @@
 """Convolutional sandwich layers in numpy: per-frequency Cayley transform, the equivalent plain
-network (DESIGN §3.4, last paragraph).
+network (design.md §3.4, last paragraph).
 
 Derivation. A circular 2-D convolution on an m x m grid with c_in -> c_out channels is
 block-diagonalised by the unitary 2-D DFT F: for each frequency f = (f1, f2) it is a complex
@@ -27,7 +27,7 @@ constraint QC(T) = sum_pixels 2 dv^T T (du - dv) >= 0 holds for slopes in [0, 1]
 Psi^2 per channel, Parseval gives QC = sum_f 2 Re dv(f)^H Psi^2 (du(f) - dv(f)), and per
 frequency |dh(f)|^2 - |dh_out(f)|^2 - QC_f = |dh(f) - sqrt2 B^H Psi dv(f)|^2 >= 0.
 
-The closed-form check frequency by frequency is :mod:`sdp.sandwich_conv_check`.
+The closed-form check frequency by frequency is :mod:`sdp.bounds.sandwich`.
 
 Export. The plain network has W_j = (sqrt2 Psi_j^{-1} B_j S_j)(sqrt2 A_{j-1}^H Psi_{j-1}),
 a circular stride-s correlation y[o, i] = sum_x G[o, c, (x - s i) mod n] h[c, x] whose kernel G
@@ -44,14 +44,15 @@ Networks", ICML 2023 (sandwich layers and their convolutional, FFT-based version
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from sdp._blas import one_thread
-from sdp.ir import Activation, Array, Conv2d, Dense, Network
+from sdp.ir import Activation, Array, Conv2d, Dense, Network, Op
+from sdp.sandwich.dense import SandwichLayer
 
 CArray = npt.NDArray[np.complex128]
 SQRT2 = math.sqrt(2.0)
@@ -154,17 +155,17 @@ class ConvSandwichParams:
     """A conv LBDN: h_0 = sqrt(gamma) x, conv sandwich layers, flatten, optional dense sandwich
     layers, y = sqrt(gamma) B_L h + b_L.
 
-    ``output`` is a dense :class:`sdp.sandwich.SandwichLayer` of type "sandwich_output";
+    ``output`` is a dense :class:`sdp.sandwich.dense.SandwichLayer` of type "sandwich_output";
     ``dense`` holds dense ones of type "sandwich" (1-Lipschitz each, checked like the convs
     with T = Psi^2 on their own one-layer LMI).
     """
 
     gamma: float
     convs: tuple[ConvSandwichLayer, ...]
-    output: Any
+    output: SandwichLayer
     input_shape: tuple[int, int, int]
     claimed_gamma: float | None = None
-    dense: tuple[Any, ...] = ()
+    dense: tuple[SandwichLayer, ...] = ()
 
 
 def frequency_cayley(xy: Array, alpha: float | None, m: int) -> tuple[CArray, CArray]:
@@ -216,7 +217,7 @@ def _pre_adjoint(layer: ConvSandwichLayer, y: Array) -> Array:
     return depth_to_space(SQRT2 * freq_apply(bstar, y / layer.psi[:, None, None]), layer.stride)
 
 
-def plain_ops(params: ConvSandwichParams) -> tuple[Any, ...]:
+def plain_ops(params: ConvSandwichParams) -> tuple[Op, ...]:
     """Conv2d/Activation ops then the output Dense: the forward-equivalent plain network.
 
     Deterministic: BLAS runs on one thread (:mod:`sdp._blas`), the same bits in every process.
@@ -225,8 +226,8 @@ def plain_ops(params: ConvSandwichParams) -> tuple[Any, ...]:
         return _plain_ops(params)
 
 
-def _plain_ops(params: ConvSandwichParams) -> tuple[Any, ...]:
-    ops: list[Any] = []
+def _plain_ops(params: ConvSandwichParams) -> tuple[Op, ...]:
+    ops: list[Op] = []
     prev: ConvSandwichLayer | None = None
     for layer in params.convs:
         q, m, _ = layer.out_shape
@@ -256,12 +257,12 @@ def _plain_ops(params: ConvSandwichParams) -> tuple[Any, ...]:
     return tuple(ops)
 
 
-def layer_activation(layer: Any) -> Activation:
+def layer_activation(layer: SandwichLayer) -> Activation:
     """A dense hidden layer's activation (ReLU when the parameters leave it unset)."""
     return layer.activation or Activation("relu")
 
 
-def _flat_post_adjoint(prev: ConvSandwichLayer | None, gamma: float) -> Any:
+def _flat_post_adjoint(prev: ConvSandwichLayer | None, gamma: float) -> Callable[[Array], Array]:
     """rows (r, size) -> rows composed with the last conv layer's post map (flattened)."""
     if prev is None:
         return lambda rows: math.sqrt(gamma) * rows
@@ -271,7 +272,7 @@ def _flat_post_adjoint(prev: ConvSandwichLayer | None, gamma: float) -> Any:
     )
 
 
-def _dense_post_adjoint(a: Array, psi: Array) -> Any:
+def _dense_post_adjoint(a: Array, psi: Array) -> Callable[[Array], Array]:
     """rows -> rows (sqrt2 A^T Psi): the adjoint of a dense layer's h = sqrt2 A^T Psi v."""
     return lambda rows: SQRT2 * (rows @ a.T) * psi[None, :]
 

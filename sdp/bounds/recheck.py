@@ -1,10 +1,11 @@
-"""Re-check a bound document that came back from a worker before it is stored.
+"""Re-prove a bound document (the JSON form of a :class:`~sdp.bounds.result.BoundResult`)
+that came from elsewhere, e.g. a worker on another machine, before anyone serves it.
 
-A Redis worker may run on another machine; the API does not take its word for a bound.
-Every number that will be served is re-derived here from the network the API itself holds:
+The document is not taken at its word. Every number in it is re-derived from the network the
+caller holds (design.md §1.5):
 
-* LipSDP results: the certificate (rho, T) must pass :func:`sdp.certificate.verify_certificate`
-  on the API's own network, and the reported bound must be >= sqrt(rho);
+* LipSDP results: the certificate (rho, T) must pass :func:`sdp.certificate.verify_on` on
+  the caller's own network, and the reported bound must be >= sqrt(rho);
 * pairwise bounds: every pair (y, j) needs its own verified certificate with output map
   e_y - e_j, and the matrix entry must be >= its sqrt(rho);
 * sandwich and naive/compositional results are recomputed (closed form / norm products; no
@@ -24,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from sdp.certificate import Certificate, Lmi, verify_certificate
+from sdp.bounds.compute import compute_bound
+from sdp.certificate import Certificate, verify_on
 from sdp.errors import CertificateError
 from sdp.ir import Network
 
@@ -39,16 +41,13 @@ def _proven(net: Network, cert_doc: Any, output_map: np.ndarray | None = None) -
         cert.output_map is None or not np.array_equal(cert.output_map, output_map)
     ):
         raise CertificateError("pairwise certificate has the wrong output map")
-    lmi = Lmi.from_chain(net.chain(), output_map=cert.output_map)
-    if not verify_certificate(lmi, cert):
+    if not verify_on(net, cert):
         raise CertificateError("certificate does not verify on the stored network")
     return cert.lipschitz_bound
 
 
 def recheck_document(net: Network, doc: dict[str, Any]) -> None:
     """Raise :class:`CertificateError` unless every bound in ``doc`` is re-proven for ``net``."""
-    from sdp.bounds import compute_bound
-
     value = doc.get("lipschitz_bound")
     if not (doc.get("verified") and isinstance(value, float | int) and math.isfinite(value)):
         raise CertificateError("worker result is not a verified finite bound")
