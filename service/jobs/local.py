@@ -157,6 +157,7 @@ class LocalRunner:
             )
         )
         self._record(lambda: self.store.unregister(self.owner.id))
+        self.store.close()
 
     def _finish_unfinished(self) -> None:
         """Write the final state of jobs that ended while the store was full (StorageFull

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from service.diskspace import StorageFull
-from service.jobs.base import JobSpec
+from service.jobs.base import JobRecord, JobSpec
 from service.jobs.local import LocalRunner
+from service.jobs.store import JobStore
 from service.storage import Storage
 from tests.serve_process import Calls, serving, wait_job
 from tests.service.jobs_support import (
@@ -199,3 +200,21 @@ def test_a_job_that_ends_on_a_full_disk_is_failed_once_there_is_room(small_disk:
         runner.stop()
     assert ended_job["status"] == "failed", ended_job
     assert storage.list_bounds(model_id) == []
+
+
+def test_jobs_stay_readable_on_a_full_disk(small_disk: Path) -> None:
+    """Reading a job needs no new space: GET /v1/jobs/{id} answered 507 on a full disk
+    because each read opened the first connection again, which must recreate the WAL index
+    (``jobs.sqlite-shm``, 32 KiB)."""
+    store = JobStore(small_disk / "data" / "jobs.sqlite")
+    rec = JobRecord(id="j1", spec=JobSpec("m", "naive"))
+    store.insert(rec)
+    fill(small_disk / "filler.bin")
+    for _ in range(3):
+        got = store.get("j1")
+        assert got is not None and got.status == "queued"
+    assert store.status_counts()["queued"] == 1
+    with pytest.raises(StorageFull):  # writes still need room
+        store.insert(JobRecord(id="j2", spec=JobSpec("m", "naive")))
+    (small_disk / "filler.bin").unlink()
+    store.close()
