@@ -87,6 +87,10 @@ class LocalRunner:
         self.owner = Owner.this_process(uuid.uuid4().hex)
         self._beat_stop = threading.Event()
         self._registered = False
+        #: jobs of this runner that ended while the job store was full: their final state
+        #: (failed, with this error) is written by the heartbeat once there is room again,
+        #: else they would stay ``running`` for good (and be reused by identical requests)
+        self._unfinished: dict[str, dict[str, str]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -110,6 +114,7 @@ class LocalRunner:
                 # process was frozen): register again so that new jobs have a live owner
                 self.store.register(self.owner)
                 self._registered = True
+            self._finish_unfinished()
             stale = self.store.fail_orphaned(
                 self.lease_s,
                 "server-restarted",
@@ -152,6 +157,17 @@ class LocalRunner:
             )
         )
         self._record(lambda: self.store.unregister(self.owner.id))
+        self.store.close()
+
+    def _finish_unfinished(self) -> None:
+        """Write the final state of jobs that ended while the store was full (StorageFull
+        propagates while it still is; a job cancelled meanwhile keeps its status)."""
+        with self._lock:
+            pending = list(self._unfinished.items())
+        for job_id, error in pending:
+            self.store.finish(job_id, "failed", error=error)
+            with self._lock:
+                self._unfinished.pop(job_id, None)
 
     @staticmethod
     def _record(write: Callable[[], object]) -> None:
@@ -227,7 +243,13 @@ class LocalRunner:
                 else:
                     log.exception("job %s crashed the runner", job_id)
                     error = {"code": "internal-error", "detail": repr(exc)}
-                self._record(functools.partial(self.store.finish, job_id, "failed", error=error))
+                try:
+                    self.store.finish(job_id, "failed", error=error)
+                except StorageFull:  # still full: the heartbeat writes it when there is room
+                    with self._lock:
+                        self._unfinished[job_id] = error
+                except Exception:
+                    log.exception("job store not updated")
 
     def _run(self, job_id: str) -> None:
         try:

@@ -21,6 +21,7 @@ import json
 import os
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -117,8 +118,21 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._opened = False
+        #: one connection kept open for the store's life: with it, the WAL index (``-shm``)
+        #: stays in place between calls, so that reading a job needs no new disk space (a
+        #: fresh connection after the last one closed must recreate it: 507 on a full disk)
+        self._keeper: sqlite3.Connection | None = None
+        self._keeper_lock = threading.Lock()
+        self._closed = False
         with suppress(StorageFull):  # opened at the first use once there is room
             self._open()
+
+    def close(self) -> None:
+        """Close the kept connection (the last one to close checkpoints the WAL)."""
+        with self._keeper_lock:
+            keeper, self._keeper, self._closed = self._keeper, None, True
+        if keeper is not None:
+            keeper.close()
 
     def _open(self) -> None:
         if self._opened:
@@ -131,12 +145,27 @@ class JobStore:
                 with suppress(sqlite3.OperationalError):  # another process added it
                     db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
         self._opened = True
+        self._keep_open()
+
+    def _keep_open(self) -> None:
+        """Open the kept connection (best effort: on a full disk, again at the next use)."""
+        with self._keeper_lock:
+            if self._keeper is not None or self._closed:
+                return
+            keeper = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
+            try:
+                keeper.execute("SELECT COUNT(*) FROM owners").fetchall()  # maps the WAL index
+            except sqlite3.Error:
+                keeper.close()
+                return
+            self._keeper = keeper
 
     @contextmanager
     def _connect(self, opening: bool = False) -> Iterator[sqlite3.Connection]:
         """A fresh connection inside a transaction; a full disk raises StorageFull."""
         if not opening:
             self._open()
+            self._keep_open()
         db = sqlite3.connect(self.path, timeout=30.0)
         db.row_factory = sqlite3.Row
         try:

@@ -12,15 +12,25 @@ import errno
 import os
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from service.diskspace import StorageFull
+from service.jobs.base import JobRecord, JobSpec
+from service.jobs.local import LocalRunner
+from service.jobs.store import JobStore
 from service.storage import Storage
 from tests.serve_process import Calls, serving, wait_job
-from tests.service.jobs_support import big_random_net, random_weights
+from tests.service.jobs_support import (
+    big_random_net,
+    ended,
+    random_weights,
+    solving,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e]
 
@@ -165,3 +175,46 @@ def test_a_write_that_hits_the_full_disk_leaves_nothing_behind(small_disk: Path)
     assert list((small_disk / "data" / "models").iterdir()) == []
     (small_disk / "filler.bin").unlink()
     assert storage.list_models() == []
+
+
+def test_a_job_that_ends_on_a_full_disk_is_failed_once_there_is_room(small_disk: Path) -> None:
+    """A solve that ends (here: its time limit) while the disk is full cannot record its end;
+    once space is back the job must end ``failed``, not stay ``running`` for good (where an
+    identical request would reuse it forever)."""
+    data_dir = small_disk / "data"
+    storage = Storage(data_dir)
+    model_id = storage.save_model(big_random_net(), "big.mat").id
+    runner = LocalRunner(storage, data_dir, lease_s=0.6)
+    runner.start()
+    filler = small_disk / "filler.bin"
+    try:
+        job = runner.submit(JobSpec(model_id, "lipsdp-neuron", solver="scs", timeout_s=12.0))
+        running = wait_for(lambda: runner.get(job.id).to_dict(), solving)  # type: ignore[union-attr]
+        fill(filler)
+        assert running["status"] == "running", (running["error"], running["progress"])
+        wait_for(lambda: runner._procs, lambda procs: not procs, timeout_s=30)  # solve ended
+        time.sleep(0.5)  # its end was not recorded: the store is full
+        filler.unlink()
+        ended_job = wait_for(lambda: runner.get(job.id).to_dict(), ended, timeout_s=10)  # type: ignore[union-attr]
+    finally:
+        runner.stop()
+    assert ended_job["status"] == "failed", ended_job
+    assert storage.list_bounds(model_id) == []
+
+
+def test_jobs_stay_readable_on_a_full_disk(small_disk: Path) -> None:
+    """Reading a job needs no new space: GET /v1/jobs/{id} answered 507 on a full disk
+    because each read opened the first connection again, which must recreate the WAL index
+    (``jobs.sqlite-shm``, 32 KiB)."""
+    store = JobStore(small_disk / "data" / "jobs.sqlite")
+    rec = JobRecord(id="j1", spec=JobSpec("m", "naive"))
+    store.insert(rec)
+    fill(small_disk / "filler.bin")
+    for _ in range(3):
+        got = store.get("j1")
+        assert got is not None and got.status == "queued"
+    assert store.status_counts()["queued"] == 1
+    with pytest.raises(StorageFull):  # writes still need room
+        store.insert(JobRecord(id="j2", spec=JobSpec("m", "naive")))
+    (small_disk / "filler.bin").unlink()
+    store.close()
