@@ -39,3 +39,23 @@ def test_optimizer_writing_into_the_problem_cannot_shrink_the_ball():
     np.testing.assert_array_equal(res.certified, honest.certified)
     for i in np.flatnonzero(res.certified):
         assert _min_sampled_margin(net, x[i], res.prediction[i], eps[i], rng) > 0
+
+
+def test_bounds_of_an_input_do_not_depend_on_its_batch():
+    """CROWN re-bounded a neuron of every input when it was unstable in ANY input of the
+    batch: tighter boxes in a batch, so a certificate found in a batch failed verify_local
+    (and B = 1 gave another answer)."""
+    from sdp.local import verify_local
+
+    rng = np.random.default_rng(4)
+    net = dense_net(rng, [3, 5, 5, 5, 3], "leaky_relu", scale=3.0)
+    x = rng.normal(size=(3, 3))
+    eps = 0.3009242626931627
+    batch = certify_local(net, x, method="crown", epsilon=eps)
+    assert batch.certified is not None
+    for i in range(3):
+        alone = certify_local(net, x[i : i + 1], method="crown", epsilon=eps)
+        assert alone.certified is not None
+        assert alone.certified[0] == batch.certified[i]
+        if batch.certified[i]:
+            assert verify_local(net, x[i], batch.certificates[i])
