@@ -59,3 +59,18 @@ def test_bounds_of_an_input_do_not_depend_on_its_batch():
         assert alone.certified[0] == batch.certified[i]
         if batch.certified[i]:
             assert verify_local(net, x[i], batch.certificates[i])
+
+
+def test_bab_on_a_network_without_hidden_layers():
+    """bab on an affine network crashed with AssertionError (sdp-crown handled it)."""
+    from sdp.ir import Dense, Network
+    from sdp.local import verify_local
+
+    net = Network((2,), (Dense(np.array([[1.0, 0.0], [0.0, 1.0]]), np.zeros(2)),))
+    x = np.array([[1.0, 0.0]])
+    res = certify_local(net, x, method="bab", epsilon=0.5)
+    assert res.certified is not None and res.certified[0]
+    assert verify_local(net, x[0], res.certificates[0])
+    # the exact radius is 1 / sqrt 2: above it nothing may be certified
+    assert not certify_local(net, x, method="bab", epsilon=0.7072).certified[0]
+    assert 0.6 < certify_local(net, x, method="bab", time_budget_s=2.0).radius[0] <= 2**-0.5
