@@ -39,6 +39,7 @@ from sdp.local.sdp_crown import (
     decode_record,
     encode_record,
     geometry,
+    margin_lower_bounds,
 )
 
 BRANCHES = 24
@@ -107,6 +108,9 @@ def bab_margin_bounds(
     """(K,) rigorous lower bounds of f_y - f_j on the ball, the SDP-CROWN record and the
     split trees (per margin row index r, its leaves) of the rows that needed branching."""
     x0 = np.asarray(x0, dtype=np.float64)
+    if len(layers) == 1:  # no hidden layer: the margins are affine, nothing to split
+        res, rec = margin_lower_bounds(layers, x0, eps, label, iters=0)
+        return res, rec, {}
     rec = Record()
     geos = geometry(layers, x0, eps, record=rec)
     others, top, const = _rows(layers, label)
@@ -175,6 +179,10 @@ def recheck_bab(
 ) -> Array:
     """Recompute every bound from the record and the split trees (rigorous)."""
     x0 = np.asarray(x0, dtype=np.float64)
+    if len(layers) == 1:
+        if trees:
+            raise ValueError("bab payload splits a network without hidden layers")
+        return margin_lower_bounds(layers, x0, eps, label, stored=rec)[0]
     geos = geometry(layers, x0, eps, iters=0, stored=rec)
     others, top, const = _rows(layers, label)
     base, _ = _bound_rows(layers[:-1], geos, x0, eps, top, const, 0, 0.2, rec.final)

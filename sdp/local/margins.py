@@ -150,16 +150,18 @@ def alpha_crown(
     lower = np.maximum(lower, box_margins(st, c))
     if optimizer is not None and net is not None:
         acts = tuple(sorted(alphas))
+        # copies: the optimiser may write into what it is given (e.g. torch.from_numpy shares
+        # memory); st.x0 / st.eps / st.lo are what the re-check below is computed on
         problem = SlopeProblem(
             net,  # type: ignore[arg-type]
-            x0,
-            eps,
-            c,
+            x0.copy(),
+            eps.copy(),
+            c.copy(),
             acts,
-            tuple(st.lo[graph.nodes[k].parents[0]] for k in acts),
-            tuple(st.hi[graph.nodes[k].parents[0]] for k in acts),
-            tuple(alphas[k] for k in acts),
-            tuple(st.relax[k].alpha_mask for k in acts),
+            tuple(st.lo[graph.nodes[k].parents[0]].copy() for k in acts),
+            tuple(st.hi[graph.nodes[k].parents[0]].copy() for k in acts),
+            tuple(alphas[k].copy() for k in acts),
+            tuple(st.relax[k].alpha_mask.copy() for k in acts),
             tuple(st.relax[k].alpha_min for k in acts),
             tuple(st.relax[k].alpha_max for k in acts),
         )

@@ -292,10 +292,14 @@ def _feeds_act(g: Graph, idx: int) -> bool:
 
 
 def _needs_tightening(g: Graph, st: BallBounds, idx: int) -> np.ndarray:
-    """Neurons of node idx worth re-bounding (unstable in some batch element for ReLU-like
-    consumers; every neuron with a nonzero width otherwise)."""
+    """(B, n): neurons of node idx worth re-bounding, per input (unstable for ReLU-like
+    consumers; every neuron with a nonzero width otherwise).
+
+    Per input, not per batch: an input's bounds must not depend on the other inputs of its
+    batch, or a certificate found in a batch would not re-verify alone (verify_local).
+    """
     lo, hi = st.lo[idx], st.hi[idx]
-    need = np.zeros(lo.shape[1], dtype=bool)
+    need = np.zeros(lo.shape, dtype=bool)
     for cidx in g.consumers[idx]:
         nd = g.nodes[cidx]
         if nd.kind != "act":
@@ -303,9 +307,9 @@ def _needs_tightening(g: Graph, st: BallBounds, idx: int) -> np.ndarray:
         assert nd.op is not None
         name = getattr(nd.op, "name", "")
         if name in ("relu", "leaky_relu"):
-            need |= ((lo < 0) & (hi > 0)).any(axis=0)
+            need |= (lo < 0) & (hi > 0)
         elif name != "identity":
-            need |= (hi > lo).any(axis=0)
+            need |= hi > lo
     return need
 
 
@@ -389,11 +393,17 @@ def compute_bounds(
         st.hi.append(np.array(hi, dtype=np.float64))
         first = node.kind == "affine" and node.parents[0] == 0  # already exact on the ball
         if linear and node.kind != "input" and not first and _feeds_act(graph, node.index):
-            rows = np.flatnonzero(_needs_tightening(graph, st, node.index))
+            need = _needs_tightening(graph, st, node.index)
+            rows = np.flatnonzero(need.any(axis=0))
             if rows.size:
                 cl, ch = crown_node_bounds(st, node.index, rows, act_rule=act_rule)
-                st.lo[-1][:, rows] = np.maximum(st.lo[-1][:, rows], cl)
-                st.hi[-1][:, rows] = np.minimum(st.hi[-1][:, rows], ch)
+                sel = need[:, rows]
+                st.lo[-1][:, rows] = np.where(
+                    sel, np.maximum(st.lo[-1][:, rows], cl), st.lo[-1][:, rows]
+                )
+                st.hi[-1][:, rows] = np.where(
+                    sel, np.minimum(st.hi[-1][:, rows], ch), st.hi[-1][:, rows]
+                )
             if node_hook is not None:
                 node_hook(st, node.index)
     return st
