@@ -41,7 +41,10 @@ Example::
     from sdp.local import certify_local, verify_local
     res = certify_local(net, x, labels=y, epsilon=0.1)          # certified at eps per input
     res = certify_local(net, x, global_bound=312.4)             # largest radius per input
-    assert verify_local(net, x[0], res.certificates[0])
+    assert verify_local(net, x[0], res.certificates[0], lipschitz_bound=312.4)
+
+``global_bound`` must be a VERIFIED bound (e.g. a stored LipSDP certificate's); a ``global``
+certificate re-checks only against a bound the caller trusts (``lipschitz_bound``).
 """
 
 import sdp.local.sdp_crown_method  # noqa: F401  (registers "sdp-crown" and "bab")

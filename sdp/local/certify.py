@@ -363,14 +363,18 @@ def _next_probe(lo: float, f_lo: float, hi: float, f_hi: float, p0: float, f0: f
     return min(max(target, lo + 0.02 * w), hi - 0.02 * w)
 
 
-def verify_local(net: Network, x0: Array, cert: LocalCertificate) -> bool:
+def verify_local(
+    net: Network, x0: Array, cert: LocalCertificate, *, lipschitz_bound: float | None = None
+) -> bool:
     """Re-check a certificate independently: recompute its bounds in float64 with rounding.
 
     True iff the certificate's network and input hashes match and, for a local method, every
     recomputed lower bound of f_y - f_j (j != y) on the closed ball of radius cert.epsilon is
     > 0; for ``global`` iff epsilon <= the global radius (rounding-shrunk margin / (sqrt 2 L),
-    a claim about the open ball of radius epsilon); ``none`` certifies
-    nothing (True iff epsilon == 0).
+    a claim about the open ball of radius epsilon) for ``lipschitz_bound``, a VERIFIED l2
+    Lipschitz bound the caller trusts (the certificate's own ``global_bound`` is never taken
+    on its word: a global certificate without ``lipschitz_bound`` is refused); ``none``
+    certifies nothing (True iff epsilon == 0).
     """
     x = np.asarray(x0, dtype=np.float64).reshape(-1)
     if x.shape[0] != net.input_size or not np.isfinite(x).all():
@@ -387,10 +391,11 @@ def verify_local(net: Network, x0: Array, cert: LocalCertificate) -> bool:
     if y != cert.prediction:
         return False
     if cert.method == "global":
-        if cert.global_bound is None:
+        trusted = lipschitz_bound
+        if trusted is None or not (math.isfinite(trusted) and trusted > 0):
             return False
         err = logit_error_bound(net, 2.0**-53)(x[None])
-        r = certified_radius(logits, cert.global_bound, logit_error=err).radius[0]
+        r = certified_radius(logits, trusted, logit_error=err).radius[0]
         return bool(eps <= r)  # the global radius certifies the open ball of radius r
     try:
         m = get_method(cert.method)

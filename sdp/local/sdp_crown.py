@@ -594,8 +594,9 @@ def _first_geometry(layer: Layer, x0: Array, eps: float) -> Geometry:
     from sdp.rounding import row_norm_upper_bounds
 
     reach = upper(eps * row_norm_upper_bounds(layer.w), np.zeros(layer.w.shape[0]))
-    lo = lower(z.v, z.e + reach)
-    hi = upper(z.v, z.e + reach)
+    e = upper(z.e, reach)  # the float sum of two error terms could round below the exact one
+    lo = lower(z.v, e)
+    hi = upper(z.v, e)
     return Geometry(lo, hi, z.v.copy(), z.e)
 
 
@@ -609,15 +610,17 @@ def _ibp(layer: Layer, prev: Geometry, prev_layer: Layer) -> tuple[Array, Array]
     """Interval bounds of z = W phi(z_prev) + b from the previous box (rigorous)."""
     a_lo = prev_layer.phi(prev.lo)
     a_hi = prev_layer.phi(prev.hi)
-    slack = U * (np.abs(a_lo) + np.abs(a_hi)) + TINY  # leaky product rounding
-    a_lo, a_hi = a_lo - slack, a_hi + slack
+    slack = 2 * U * (np.abs(a_lo) + np.abs(a_hi)) + TINY  # leaky product rounding
+    # one more ulp outward: a_lo - slack may round back onto a_lo (a tie at half an ulp)
+    a_lo, a_hi = np.nextafter(a_lo - slack, -np.inf), np.nextafter(a_hi + slack, np.inf)
     mid = 0.5 * (a_lo + a_hi)
     rad = upper(np.maximum(mid - a_lo, a_hi - mid), np.zeros_like(mid))
     zm = matmul_exact(layer.w, mid[:, None])
     zr = matmul_exact(np.abs(layer.w), rad[:, None])
     zc = EReal(zm.v[:, 0], zm.e[:, 0]) + EReal.exact(layer.b)
     spread = upper(zr.v[:, 0], zr.e[:, 0])
-    return lower(zc.v, zc.e + spread), upper(zc.v, zc.e + spread)
+    e = upper(zc.e, spread)  # rounded up: the float sum of the two could undershoot
+    return lower(zc.v, e), upper(zc.v, e)
 
 
 def _pair_rows(w: Array, b: Array) -> tuple[EReal, EReal]:

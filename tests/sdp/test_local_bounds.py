@@ -227,7 +227,7 @@ def test_radius_search_and_certificates_verify():
     for i in range(6):
         cert = res.certificates[i]
         assert cert.epsilon == res.radius[i] and cert.method == res.radius_method[i]
-        assert verify_local(net, x[i], cert)
+        assert verify_local(net, x[i], cert, lipschitz_bound=100.0)
     # a tampered certificate fails: larger eps than the true robust radius, or another input
     i = int(np.argmax(res.radius))
     cert = res.certificates[i]
@@ -332,14 +332,19 @@ def test_global_floor_certificate_verifies_and_floor_holds():
     for i in range(3):
         c = res.certificates[i]
         assert res.radius[i] >= res.global_radius[i]
-        assert verify_local(net, x[i], c), c.method
+        assert verify_local(net, x[i], c, lipschitz_bound=1e6), c.method
     glob = [c for c in res.certificates if c.method == "global"]
     assert glob, "no certificate kept the global radius: the test would be vacuous"
     from dataclasses import replace
 
     c = glob[0]
     i = res.certificates.index(c)
-    assert not verify_local(net, x[i], replace(c, epsilon=c.epsilon * 2))
+    assert not verify_local(net, x[i], replace(c, epsilon=c.epsilon * 2), lipschitz_bound=1e6)
+    # the certificate's own global bound is not taken on its word (review finding): without a
+    # trusted bound, or with a tampered tiny one, a global certificate does not verify
+    assert not verify_local(net, x[i], c)
+    lying = replace(c, global_bound=1e-9, epsilon=c.epsilon * 10)
+    assert not verify_local(net, x[i], lying, lipschitz_bound=1e6)
 
 
 def test_extreme_but_valid_input_never_crashes_or_overclaims():
