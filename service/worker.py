@@ -182,12 +182,24 @@ class InferenceWorker:
         answer) in the same loop turns: the worker answers a micro-batch of 200 single-input
         requests at once, and the 200 continuations run back to back before the loop reads
         the next socket, so a health probe waited ~0.3-1 s under load (issue 15). A bounded
-        number in progress keeps each loop turn short; the worker still batches them."""
+        number in progress keeps each loop turn short; the worker still batches them.
+        A request that waits ``LIPCERT_BODY_WAIT_S`` without a slot gets 503 + Retry-After."""
         if self._slots is None:
             yield
             return
-        async with self._slots:
+        wait_s = self.settings.body_wait_s
+        try:  # a bounded wait: slots held by stalled clients never stall the others for long
+            await asyncio.wait_for(self._slots.acquire(), wait_s)
+        except TimeoutError:
+            raise ServiceBusy(
+                f"{self.settings.request_concurrency} certify requests are in progress; none "
+                f"ended within {wait_s:g} s",
+                headers={"Retry-After": "1"},
+            ) from None
+        try:
             yield
+        finally:
+            self._slots.release()
 
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 
+from service.bodies.budget import BUDGET_MIN_BYTES
 from service.bodies.certify import CertifyBody, CertifyOptions, decoder_for
 from service.bodies.media import (
     JSON_MEDIA_TYPE,
@@ -116,11 +117,23 @@ async def certify(
     optionally labels (``inputs.npy``, ``labels.npy``); both take the options as query
     parameters.
     ``Accept: application/x-npz`` returns the results as columns in an .npz archive."""
+    if 0 <= _declared_length(request) < BUDGET_MIN_BYTES:
+        # read a small body before taking a slot: a client that declares a body and sends it
+        # slowly (or never) must not hold one of the few slots while it trickles (review)
+        await request.body()
     async with worker.slot():
         with worker.request():
             return await _certify(
                 model_id, request, settings, storage, worker, bound, return_logits, epsilon
             )
+
+
+def _declared_length(request: Request) -> int:
+    """The request's Content-Length, or -1 (none, chunked or malformed)."""
+    try:
+        return int(request.headers.get("content-length", "-1"))
+    except ValueError:
+        return -1
 
 
 async def _certify(

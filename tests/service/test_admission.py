@@ -245,7 +245,7 @@ def test_certify_requests_beyond_the_concurrency_wait_and_health_does_not(
     answered meanwhile, and the second request runs once the first is done."""
     n0 = rw_weights[0].shape[1]
     buf = io.BytesIO()
-    np.save(buf, np.ones((4, n0), np.float32))
+    np.save(buf, np.ones((20_000, n0), np.float32))  # >= 64 KiB: streamed while holding a slot
     body = buf.getvalue()
     app = create_app(Settings(data_dir=tmp_path, device="cpu", request_concurrency=1))
 
@@ -266,6 +266,58 @@ def test_certify_requests_beyond_the_concurrency_wait_and_health_does_not(
             assert sent[0]["status"] == 200 and read == [True]
 
     asyncio.run(run())
+
+
+def test_clients_that_stall_their_small_bodies_hold_no_certify_slot(
+    tmp_path: Path, rw_weights: list[np.ndarray]
+) -> None:
+    """From a review: with LIPCERT_REQUEST_CONCURRENCY stalled clients (a declared 50-byte
+    JSON body that never comes) every other certify request waited until they timed out (120 s
+    by default), with no 503. A small body is now read before a slot is taken, and a request
+    that waits for a slot longer than LIPCERT_BODY_WAIT_S gets 503 + Retry-After."""
+    n0 = rw_weights[0].shape[1]
+    body = json.dumps({"inputs": [[0.5] * n0]}).encode()
+    app = create_app(
+        Settings(data_dir=tmp_path, device="cpu", request_concurrency=1, body_wait_s=0.5)
+    )
+
+    async def stalled() -> list[Any]:
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()  # never sends its body
+            return {}
+
+        headers = {"content-length": "50", "content-type": "application/json"}
+        return await app(http_scope(path, headers), receive, _ignore)
+
+    async def run() -> None:
+        nonlocal path
+        async with serving(app, rw_weights) as (http, path):
+            stall = [asyncio.create_task(stalled()) for _ in range(3)]
+            await asyncio.sleep(0.1)
+            t0 = time.monotonic()
+            ok = await http.post(path, content=body, headers={"content-type": "application/json"})
+            assert ok.status_code == 200, ok.text
+            assert time.monotonic() - t0 < 5  # not after the stalled clients' body timeout
+            # a slot held by a request in progress: the next one waits at most body_wait_s
+            gate = asyncio.Event()
+            npy = io.BytesIO()
+            np.save(npy, np.ones((20_000, n0), np.float32))  # >= 64 KiB: streamed in a slot
+            first = asyncio.create_task(post_in_halves(app, path, npy.getvalue(), NPY, gate))
+            await asyncio.sleep(0.1)
+            busy = await http.post(path, content=body, headers={"content-type": "application/json"})
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+            assert busy.json()["code"] == "service-busy"
+            gate.set()
+            assert (await first)[0]["status"] == 200
+            for task in stall:
+                task.cancel()
+
+    path = ""
+    asyncio.run(run())
+
+
+async def _ignore(message: dict[str, Any]) -> None:
+    return None
 
 
 async def _post_watching(app: Any, path: str, body: bytes, read: list[bool]) -> list[Any]:
