@@ -23,7 +23,8 @@ import numpy as np
 
 from sdp.ir import Network
 from sdp.local import LocalMethodName, LocalResult, SlopeOptimizer, certify_local
-from service.certification import Certified, check_label_count
+from service.bodies.arrays import check_label_count
+from service.certification import Certified
 from service.errors import InvalidInput
 from service.solver_device import gpu_driver_present
 
@@ -71,6 +72,24 @@ def check_epsilon(epsilon: Any, batch: int | None = None) -> float | np.ndarray 
     if not (math.isfinite(eps) and eps >= 0):
         raise InvalidInput("epsilon must be a finite number >= 0", code="invalid-epsilon")
     return eps
+
+
+def global_epsilon(epsilon: Any, method: str | None, time_budget_s: float | None) -> float:
+    """The eps of a global-mode request (0 when left out); InvalidInput for local-only
+    options."""
+    if method is not None or time_budget_s is not None:
+        raise InvalidInput(
+            "method and time_budget_s apply to mode local (the global bound is chosen with "
+            "`bound`)",
+            code="local-option-without-local-mode",
+        )
+    if isinstance(epsilon, list):
+        raise InvalidInput(
+            "one epsilon per input needs mode local; global mode takes one number",
+            code="invalid-epsilon",
+        )
+    eps = check_epsilon(epsilon)
+    return 0.0 if eps is None else float(eps)
 
 
 def local_options(
