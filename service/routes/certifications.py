@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -53,6 +53,9 @@ class CertificationRequest(BaseModel):
 
     inputs: list[Any] = Field(min_length=1, description="Batch of inputs (numbers only).")
     labels: list[StrictInt] | None = Field(default=None, description="One class per input.")
+    mode: Literal["local"] = Field(
+        default="local", description="Always local (accepted for bodies shared with POST /certify)."
+    )
     epsilon: float | list[float] | None = Field(
         default=None,
         description="Certify at this l2 eps (one number or one per input); left out, the "
