@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 import numpy as np
 
@@ -149,7 +149,7 @@ def run_local(
             x,
             labels=labels,
             epsilon=options.epsilon,
-            method=options.method,  # type: ignore[arg-type]
+            method=cast(LocalMethodName, options.method),
             global_bound=global_bound,
             time_budget_s=options.time_budget_s,
             optimizer=optimizer,

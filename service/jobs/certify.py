@@ -98,7 +98,7 @@ def batch_dir(data_dir: str | Path, batch_id: str) -> Path:
 def npz(arrays: dict[str, np.ndarray]) -> bytes:
     """An .npz archive (no pickles) of ``arrays``."""
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asanyarray(v) for k, v in arrays.items()})
+    np.savez(buf, allow_pickle=False, **{k: np.asanyarray(v) for k, v in arrays.items()})
     return buf.getvalue()
 
 

@@ -129,12 +129,13 @@ async def request_certification(
     ctype = body_media_type(request.scope)
     body = await request.body()
     labels: Any = None
+    eps: Any = epsilon  # JSON bodies: one number or one per input
     if is_json_media(ctype):
         req = await asyncio.to_thread(_json_request, body)
         x = await asyncio.to_thread(
             batch_inputs, as_array(req.inputs), rec.input_shape, settings.max_inputs
         )
-        labels, epsilon, method, bound = req.labels, req.epsilon, req.method, req.bound
+        labels, eps, method, bound = req.labels, req.epsilon, req.method, req.bound
         time_budget_s = req.time_budget_s
         chunk_rows, workers, timeout_s = req.chunk_rows, req.workers, req.timeout_s
         del req
@@ -148,7 +149,7 @@ async def request_certification(
         )
     hold_request_memory(request.scope, len(body) + x.nbytes)
     options = local_options(
-        method, epsilon, time_budget_s, batch=len(x), max_time_budget_s=settings.local_time_budget_s
+        method, eps, time_budget_s, batch=len(x), max_time_budget_s=settings.local_time_budget_s
     )
     if not rec.output_shape or int(rec.output_shape[0]) < 2:
         raise InvalidInput(
