@@ -13,7 +13,6 @@ rows or, with ``Accept: application/x-npz``, as columns of an .npz archive.
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 from typing import Any, Literal
 
@@ -22,15 +21,24 @@ import orjson
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from service.certification import Certified, as_array, batch_inputs, loads_json, result_rows
-from service.certify_media import JSON_MEDIA_TYPE, NPZ_MEDIA_TYPE, npz_bytes, prefers_npz
+from service.bodies.arrays import as_array, batch_inputs
+from service.bodies.budget import hold_request_memory
+from service.bodies.json_body import loads_json
+from service.bodies.media import (
+    JSON_MEDIA_TYPE,
+    NPZ_MEDIA_TYPE,
+    body_media_type,
+    is_json_media,
+    npz_bytes,
+    prefers_npz,
+)
+from service.certification import Certified, result_rows
 from service.deps import RunnerDep, SettingsDep, StorageDep, model_or_404
-from service.errors import InvalidInput, NotFound, ServiceError, UnsupportedMediaType
+from service.errors import InvalidInput, NotFound, ServiceError
 from service.jobs.base import JobSpec
 from service.jobs.certify import CertifyOptions, batch_dir, inputs_npz, read_npz
 from service.local_certify import check_labels, local_options, verified_global_bound
-from service.middleware import body_media_type, hold_request_memory, is_json_media
-from service.routes.certify import NPY_TYPES, local_floor_bound
+from service.routes.certify import local_floor_bound
 from service.routes.certify_local import read_local_body
 from service.routes.jobs import JobOut
 from service.schemas import PROBLEM_RESPONSES
@@ -127,10 +135,10 @@ async def request_certification(
     runner = _runner_or_503(runner)
     rec = model_or_404(storage, model_id)
     ctype = body_media_type(request.scope)
-    body = await request.body()
     labels: Any = None
     eps: Any = epsilon  # JSON bodies: one number or one per input
     if is_json_media(ctype):
+        body = await request.body()
         req = await asyncio.to_thread(_json_request, body)
         x = await asyncio.to_thread(
             batch_inputs, as_array(req.inputs), rec.input_shape, settings.max_inputs
@@ -139,15 +147,9 @@ async def request_certification(
         time_budget_s = req.time_budget_s
         chunk_rows, workers, timeout_s = req.chunk_rows, req.workers, req.timeout_s
         del req
-    elif ctype in NPY_TYPES or ctype == NPZ_MEDIA_TYPE:
-        reserve = functools.partial(hold_request_memory, request.scope)
-        x, labels = await asyncio.to_thread(read_local_body, body, ctype, rec, settings, reserve)
-    else:
-        raise UnsupportedMediaType(
-            f"content type {ctype!r} is not accepted; use application/json, application/x-npy "
-            "or application/x-npz"
-        )
-    hold_request_memory(request.scope, len(body) + x.nbytes)
+        hold_request_memory(request.scope, len(body) + x.nbytes)
+    else:  # .npy / .npz (415 for anything else)
+        x, labels = await read_local_body(request, ctype, rec, settings)
     options = local_options(
         method, eps, time_budget_s, batch=len(x), max_time_budget_s=settings.local_time_budget_s
     )
@@ -231,7 +233,7 @@ async def certification_result(
     cert = Certified(columns, summary)
     if prefers_npz(request.headers.get("accept")):
         flat = {k: v for k, v in summary.items() if _scalar(v)}
-        content = await asyncio.to_thread(npz_bytes, Certified(columns, {}), flat)
+        content = await asyncio.to_thread(npz_bytes, columns, flat)
         return Response(content, media_type=NPZ_MEDIA_TYPE, headers={"Vary": "Accept"})
     payload = {**summary, "results": result_rows(cert)}
     content = await asyncio.to_thread(orjson.dumps, payload)

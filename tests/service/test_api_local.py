@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.certify_media import NPZ_MEDIA_TYPE
+from service.bodies.media import NPZ_MEDIA_TYPE
 from service.local_certify import LocalOptions, certify_rows
 from tests.service.onnx_nets import assert_problem, mlp_onnx, norm_product
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from service.bodies.media import NPZ_MEDIA_TYPE
 from service.certification import Certified
-from service.certify_media import NPZ_MEDIA_TYPE
 from service.local_certify import LocalOptions, certify_rows
 from tests.service.jobs_support import ended, job_getter, wait_for
 from tests.service.onnx_nets import assert_problem, mlp_onnx, norm_product
