@@ -19,7 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 from models.local import TorchSlopeOptimizer, _Problem
 from sdp.importers import load_model
 from sdp.local import SlopeProblem, certify_local
+from sdp.local.alpha import IntermediateAlpha
 from sdp.local.graph import build_graph
+from sdp.local.margins import INTER_ITERATIONS
 from sdp.local.propagate import backward, compute_bounds
 from tests.service.jobs_support import tiny_residual_onnx
 
@@ -88,7 +90,12 @@ class Recording:
 
 def _rigorous(problem: SlopeProblem, alphas: list[np.ndarray]) -> np.ndarray:
     graph = build_graph(problem.net)
-    st = compute_bounds(graph, problem.x0, problem.eps)
+    hook = IntermediateAlpha(iterations=INTER_ITERATIONS)  # as sdp.local.margins.alpha_crown
+    st = compute_bounds(graph, problem.x0, problem.eps, node_hook=hook)
+    for k, lo, hi in zip(problem.act_nodes, problem.pre_lower, problem.pre_upper, strict=True):
+        parent = graph.nodes[k].parents[0]  # the same pre-activation bounds as the problem's
+        np.testing.assert_array_equal(st.lo[parent], lo)
+        np.testing.assert_array_equal(st.hi[parent], hi)
     init = {graph.output: problem.objective}
     c0 = np.zeros(problem.objective.shape[:2])
     return backward(st, init, c0, alphas=dict(zip(problem.act_nodes, alphas, strict=True))).lower
