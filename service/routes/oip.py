@@ -13,7 +13,8 @@ The body is read whatever its Content-Type (stock clients send none): with the
 ``Inference-Header-Content-Length`` header it is JSON followed by tensor bytes, else JSON.
 With ``parameters: {"mode": "local"}`` (optionally ``"method"``) the radius is each input's own
 largest certified l2 radius (:mod:`service.routes.certify_local`; at most
-LIPCERT_MAX_LOCAL_INPUTS inputs, no bound needed). Errors on every /v2 path are ``{"error": "<message>"}`` (:func:`service.errors.error_response`).
+LIPCERT_MAX_LOCAL_INPUTS inputs, no bound needed).
+Errors on every /v2 path are ``{"error": "<message>"}`` (:func:`service.errors.error_response`).
 """
 
 from __future__ import annotations
