@@ -28,7 +28,7 @@ from service.bodies.media import JSON_MEDIA_TYPE, NPY_MEDIA_TYPES, NPZ_MEDIA_TYP
 from service.bodies.npy import load_npy
 from service.bodies.npz import read_npz_body
 from service.certification import Certified, result_rows
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.errors import InvalidInput, ServiceError, UnsupportedMediaType
 from service.local_certify import (
     certify_rows,
     check_labels,
@@ -127,9 +127,10 @@ async def certify_local_rows(
 ) -> Certified:
     """The local certification of at most ``LIPCERT_MAX_LOCAL_INPUTS`` rows, off the loop."""
     if len(x) > settings.max_local_inputs:
-        raise PayloadTooLarge(
+        raise ServiceError(
             f"{len(x)} inputs; local certification takes at most {settings.max_local_inputs} "
             "per request",
+            status=413,
             code="local-batch-too-large",
             hint=f"POST /v1/models/{rec.id}/certifications runs larger batches as a job",
             jobs=f"/v1/models/{rec.id}/certifications",
