@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from service.jobs.base import JobSpec
-from service.jobs.tasks import THREAD_ENV, ModelSource, die_with_parent, load_network
 from service.local_certify import LocalOptions, certify_rows, device_optimizer, local_summary
 
 
@@ -169,15 +168,34 @@ def join_chunks(
 
 _POOL_STATE: dict[str, Any] = {}
 
+ModelSource = tuple[Any, ...]
+"""As :data:`service.jobs.tasks.ModelSource` (``("storage", data_dir, model_id)`` here)."""
+
+
+@dataclass(frozen=True)
+class JobProcess:
+    """What the job process gives its pool (from :mod:`service.jobs.tasks`, which imports this
+    module when it runs a certification: passed in, not imported back): how to load the
+    network, the thread variables to set, and how to die with the parent."""
+
+    load: Callable[[ModelSource], Any]
+    thread_env: tuple[str, ...]
+    die_with_parent: Callable[[], None]
+
 
 def _pool_init(
-    source: ModelSource, inputs_path: str, opts: dict[str, Any], threads: int, device: str
+    source: ModelSource,
+    inputs_path: str,
+    opts: dict[str, Any],
+    threads: int,
+    device: str,
+    proc: JobProcess,
 ) -> None:
     """A pool process: thread limits, die with the job process, load network and inputs once."""
-    for name in THREAD_ENV:
+    for name in proc.thread_env:
         os.environ[name] = str(threads)
-    die_with_parent()
-    _POOL_STATE["net"] = load_network(source)
+    proc.die_with_parent()
+    _POOL_STATE["net"] = proc.load(source)
     _POOL_STATE["inputs"] = read_npz(Path(inputs_path).read_bytes())
     _POOL_STATE["opts"] = CertifyOptions.from_dict(opts)
     _POOL_STATE["optimizer"] = device_optimizer(device)
@@ -196,13 +214,18 @@ def _tagged(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _chunk_results(
-    source: ModelSource, inputs_path: Path, opts: CertifyOptions, threads: int, device: str
+    source: ModelSource,
+    inputs_path: Path,
+    opts: CertifyOptions,
+    threads: int,
+    device: str,
+    proc: JobProcess,
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(start row, columns) of every chunk as it finishes: in this process for one worker,
     else on a spawned pool of ``opts.workers`` processes."""
     spans = opts.chunks()
     if opts.workers <= 1 or len(spans) <= 1:
-        net = load_network(source)
+        net = proc.load(source)
         inputs = read_npz(inputs_path.read_bytes())
         optimizer = device_optimizer(device)
         for a, b in spans:
@@ -213,7 +236,7 @@ def _chunk_results(
     # PR_SET_PDEATHSIG, and the pool is terminated when this generator ends).
     mp.current_process().daemon = False
     ctx = mp.get_context("spawn")
-    init = (source, str(inputs_path), opts.to_dict(), threads, device)
+    init = (source, str(inputs_path), opts.to_dict(), threads, device, proc)
     with ctx.Pool(min(opts.workers, len(spans)), initializer=_pool_init, initargs=init) as pool:
         yield from pool.imap_unordered(_pool_chunk, spans)
 
@@ -222,8 +245,9 @@ def run_certification(
     source: ModelSource,
     spec: JobSpec,
     progress: Callable[[dict[str, Any]], None],
-    threads: int = 1,
-    device: str = "auto",
+    threads: int,
+    device: str,
+    proc: JobProcess,
 ) -> dict[str, Any]:
     """Certify the job's batch (local runner), write ``result.npz``, return the summary."""
     if source[0] != "storage":
@@ -235,7 +259,8 @@ def run_certification(
     progress(_progress_info(0, len(spans), 0, opts.rows))
     parts: dict[int, dict[str, np.ndarray]] = {}
     done_rows = 0
-    for start, cols in _chunk_results(source, folder / "inputs.npz", opts, threads, device):
+    chunks = _chunk_results(source, folder / "inputs.npz", opts, threads, device, proc)
+    for start, cols in chunks:
         parts[start] = cols
         done_rows += len(cols["prediction"])
         progress(_progress_info(len(parts), len(spans), done_rows, opts.rows))

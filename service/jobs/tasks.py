@@ -111,9 +111,10 @@ def run_job(
     """A bound (:func:`run_bound`) or, for ``kind="certification"``, the local certification
     of a batch (:func:`service.jobs.certify.run_certification`)."""
     if spec.kind == "certification":
-        from service.jobs.certify import run_certification
+        from service.jobs.certify import JobProcess, run_certification
 
-        return run_certification(source, spec, progress, threads, device)
+        proc = JobProcess(load_network, THREAD_ENV, die_with_parent)
+        return run_certification(source, spec, progress, threads, device, proc)
     return run_bound(source, spec, progress, device)
 
 
