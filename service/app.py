@@ -29,7 +29,7 @@ from service.errors import install_error_handlers
 from service.jobs import JobRunner, create_runner
 from service.middleware import AccessLogMiddleware
 from service.parsing import ModelChecker
-from service.routes import bounds, certify, health, jobs, models, oip, status
+from service.routes import bounds, certifications, certify, health, jobs, models, oip, status
 from service.schemas import oip_error_responses, problem_responses
 from service.settings import Settings
 from service.storage import Storage
@@ -43,7 +43,8 @@ Certified l2 Lipschitz bounds (LipSDP, sandwich closed form) and certified robus
 1. `POST /v1/models` a model file (ONNX, safetensors, LipSDP .mat); the id comes from its sha256.
 2. `POST /v1/models/{id}/bounds` starts a bound job (`GET /v1/jobs/{job_id}` for its state).
 3. `POST /v1/models/{id}/certify` returns predictions, margins and radii
-   `margin / (sqrt(2) L)` using the smallest verified bound.
+   `margin / (sqrt(2) L)` using the smallest verified bound; with `"mode": "local"` each
+   input's own certified radius (larger batches: `POST /v1/models/{id}/certifications`).
 
 Errors are RFC 9457 `application/problem+json`; under `/v2` (Open Inference Protocol) they
 are the protocol's `{"error": "<message>"}`. When `LIPCERT_API_KEY` is set, every route
@@ -128,6 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router, **protected)
     app.include_router(bounds.router, **protected)
     app.include_router(jobs.router, **protected)
+    app.include_router(certifications.router, **protected)
     app.include_router(certify.router, **protected)
     app.include_router(oip.router, dependencies=[ApiKey], responses=oip_error_responses(401))
     app.include_router(status.router, **protected)

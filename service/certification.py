@@ -116,6 +116,20 @@ def rows_payload(cert: Certified) -> dict[str, Any]:
 
     Non-finite floats (not JSON) become null.
     """
+    s = cert.summary
+    return {
+        "lipschitz_bound": s["lipschitz_bound"],
+        "method": s["method"],
+        "bound_job_id": s["bound_job_id"],
+        "results": result_rows(cert),
+        "certified_accuracy": s["certified_accuracy"],
+        "accuracy": s["accuracy"],
+        "epsilon": s["epsilon"],
+    }
+
+
+def result_rows(cert: Certified) -> list[dict[str, Any]]:
+    """One JSON object per input from ``cert``'s columns (non-finite floats as null)."""
     columns: dict[str, list[Any]] = {}
     for name, col in cert.columns.items():
         if name == "logits":
@@ -125,19 +139,7 @@ def rows_payload(cert: Certified) -> dict[str, Any]:
         else:
             columns[name] = col.tolist()
     names = list(columns)
-    results = [
-        dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)
-    ]
-    s = cert.summary
-    return {
-        "lipschitz_bound": s["lipschitz_bound"],
-        "method": s["method"],
-        "bound_job_id": s["bound_job_id"],
-        "results": results,
-        "certified_accuracy": s["certified_accuracy"],
-        "accuracy": s["accuracy"],
-        "epsilon": s["epsilon"],
-    }
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
 def _column(a: np.ndarray) -> list[float | None]:

@@ -86,11 +86,30 @@ class CertifyRequest(BaseModel):
     )
     bound: str = Field(default="best", max_length=128, description='"best" or a bound job id.')
     return_logits: StrictBool = Field(default=False)
-    epsilon: float = Field(
-        default=0.0,
-        ge=0,
-        description="Radius for certified_accuracy: certified iff "
-        "prediction == label and radius > epsilon.",
+    epsilon: float | list[float] | None = Field(
+        default=None,
+        description="Global mode (default 0): the radius for certified_accuracy, certified "
+        "iff prediction == label and radius > epsilon. Local mode: certify every input at this "
+        "l2 eps (one number, or one per input); left out, the largest certified radius of "
+        "each input is searched.",
+    )
+    mode: Literal["global", "local"] = Field(
+        default="global",
+        description="global: radius = margin / (sqrt(2) L) from one verified Lipschitz bound "
+        "(fast); local: per-input bounds of the margins on the l2 ball (slower, much larger "
+        "radii for networks not trained to be Lipschitz; at most LIPCERT_MAX_LOCAL_INPUTS "
+        "inputs here, larger batches through POST /v1/models/{id}/certifications).",
+    )
+    method: str | None = Field(
+        default=None,
+        max_length=32,
+        description="Local mode: ibp | crown | alpha-crown | sdp-crown | bab | auto (default).",
+    )
+    time_budget_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Local mode: seconds per input for the radius search (at most "
+        "LIPCERT_LOCAL_TIME_BUDGET_S, the default).",
     )
 
 
@@ -101,23 +120,37 @@ class CertifiedInput(BaseModel):
     radius_pairwise: float | None = Field(
         default=None, description="min_j (f_y - f_j) / L_yj when pairwise bounds exist."
     )
+    radius_method: str | None = Field(
+        default=None,
+        description="Local mode: what certified `radius` (global, ibp, crown, alpha-crown, ...).",
+    )
+    global_radius: float | None = Field(
+        default=None, description="Local mode: margin / (sqrt(2) L) (0 without a bound)."
+    )
+    epsilon: float | None = Field(default=None, description="Local mode with epsilon.")
     label: int | None = None
     correct: bool | None = Field(default=None, description="label given: prediction == label.")
     certified: bool | None = Field(
-        default=None, description="label given: correct and radius > epsilon."
+        default=None,
+        description="Global mode, label given: correct and radius > epsilon. Local mode with "
+        "epsilon: certified at epsilon (and correct, when labels are given).",
     )
     logits: list[float] | None = None
 
 
 class CertifyResponse(BaseModel):
     model_id: str
-    lipschitz_bound: float
+    mode: Literal["global", "local"] = "global"
+    lipschitz_bound: float | None = Field(
+        description="The verified bound used (local mode: the radius floor; null without one)."
+    )
     method: str
     bound_job_id: str | None = None
     results: list[CertifiedInput]
     certified_accuracy: float | None = None
     accuracy: float | None = None
-    epsilon: float = 0.0
+    epsilon: float | None = 0.0
+    seconds: float | None = Field(default=None, description="Local mode: time certifying.")
     precision: str = Field(description="Dtype of the forward pass that produced the logits.")
 
 

@@ -100,6 +100,23 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="Time limit for parsing one uploaded model."
     )
     max_inputs: int = Field(default=65536, ge=1, description="Most inputs in one certify request.")
+    max_local_inputs: int = Field(
+        default=64,
+        ge=1,
+        description="Most inputs in one POST /certify with mode local (larger batches: the "
+        "certification job route).",
+    )
+    local_time_budget_s: float = Field(
+        default=5.0, gt=0, description="Largest (and default) local radius-search time per input."
+    )
+    certify_chunk_rows: int = Field(
+        default=64, ge=1, description="Inputs per chunk of a certification job."
+    )
+    certify_workers: int = Field(
+        default=1,
+        ge=1,
+        description="Local runner: processes that certify the chunks of one certification job.",
+    )
     torch_threads: int = Field(default=1, ge=1, description="torch.set_num_threads for inference.")
     cpu_dtype: Literal["float32", "float64"] = Field(
         default="float64", description="Inference dtype on CPU (CUDA always uses float64)."

@@ -280,7 +280,8 @@ def test_http_tour(readme_server: int) -> None:
 @pytest.mark.e2e
 def test_cli_commands() -> None:
     (cli,) = blocks("cli")
-    bound_doc, verify_doc, certify_doc, train_doc, sandwich_doc = _json_lines(_run_block(cli))
+    docs = _json_lines(_run_block(cli))
+    bound_doc, verify_doc, certify_doc, local_doc, train_doc, sandwich_doc = docs
     assert bound_doc["verified"] is True and bound_doc["method"] == "lipsdp-neuron"
     assert bound_doc["solve_time_s"] >= 0
     bound = bound_doc["lipschitz_bound"]
@@ -298,6 +299,12 @@ def test_cli_commands() -> None:
     assert used["verified"] is True
     assert lower <= used["lipschitz_bound"] <= _naive_bound() * (1 + 1e-6)
     _check_radii(certify_doc["results"], inputs, used["lipschitz_bound"])
+    # certify --mode local: per-input radii, floored by the same global radius
+    assert local_doc["mode"] == "local" and local_doc["bound"]["verified"] is True
+    for row, glob in zip(local_doc["results"], certify_doc["results"], strict=True):
+        assert row["prediction"] == glob["prediction"]
+        assert row["global_radius"] == pytest.approx(glob["radius"], rel=1e-9, abs=1e-15)
+        assert row["radius"] >= row["global_radius"]
     # train: an LBDN with gamma = 2, whose closed form the sandwich check confirms
     assert train_doc["gamma"] == 2.0 and train_doc["closed_form_confirmed"] is True
     assert sandwich_doc["method"] == "sandwich" and sandwich_doc["verified"] is True

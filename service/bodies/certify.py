@@ -36,6 +36,7 @@ from service.bodies.media import NPY_MEDIA_TYPES, NPZ_MEDIA_TYPE, is_json_media
 from service.bodies.npy_stream import FortranBody, NpyRows, RowBlock, infer_npy_body
 from service.bodies.npz import read_npz_body
 from service.errors import InvalidInput, UnsupportedMediaType
+from service.local_certify import global_epsilon
 from service.schemas import CertifyRequest
 
 T = TypeVar("T")
@@ -75,12 +76,26 @@ class CertifyBody:
 
 
 @dataclass(frozen=True)
+class LocalRows:
+    """A JSON body with ``"mode": "local"``: its rows (B, n0) and local options, not inferred
+    here (the route certifies them per input, :mod:`service.routes.certify_local`)."""
+
+    x: np.ndarray
+    labels: list[int] | None
+    bound: str
+    epsilon: Any
+    method: str | None
+    time_budget_s: float | None
+
+
+@dataclass(frozen=True)
 class Inferred:
-    """A decoded and inferred certify body."""
+    """A decoded and inferred certify body (``local``: a local-mode body, not inferred)."""
 
     logits: np.ndarray
     logit_error: np.ndarray
     options: CertifyOptions
+    local: LocalRows | None = None
 
 
 Decoder = Callable[[CertifyBody], Awaitable[Inferred]]
@@ -149,7 +164,15 @@ async def _json(body: CertifyBody) -> Inferred:
     """A :class:`CertifyRequest`; its options replace the query's."""
     data = await body.request.body()  # admitted at JSON_DECODE_FACTOR x its size (budget)
     req = await _off_loop_if_large(len(data), certify_request, data)
-    options = CertifyOptions(req.bound, req.return_logits, req.epsilon, req.labels)
+    if req.mode == "local":
+        x = await _off_loop_if_large(
+            len(data), _json_inputs, req, body.input_shape, body.max_inputs
+        )
+        hold_request_memory(body.request.scope, len(data) + x.nbytes)
+        rows = LocalRows(x, req.labels, req.bound, req.epsilon, req.method, req.time_budget_s)
+        return Inferred(np.empty((0, 0)), np.empty(0), body.options, rows)
+    epsilon = global_epsilon(req.epsilon, req.method, req.time_budget_s)
+    options = CertifyOptions(req.bound, req.return_logits, epsilon, req.labels)
     check_epsilon(options.epsilon)
     x = await _off_loop_if_large(len(data), _json_inputs, req, body.input_shape, body.max_inputs)
     del req  # the Python lists: only the array is kept

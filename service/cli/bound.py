@@ -134,16 +134,43 @@ def certify(
         "(what onnxruntime takes).",
     ),
     labels: Path | None = typer.Option(None, help="Labels as .npy (batch,)."),
-    method: str = typer.Option("auto", help=_METHOD_HELP),
+    method: str = typer.Option(
+        "auto", help=_METHOD_HELP + " (the global bound; with --mode local also none)"
+    ),
     pairwise: bool = typer.Option(False, help="Also use pairwise bounds L_yj (tighter radii)."),
     solver: str | None = typer.Option(None, help="Solver registry name."),
+    mode: str = typer.Option(
+        "global",
+        help="global: margin / (sqrt(2) L) from one Lipschitz bound; local: per-input bounds "
+        "on the l2 ball (largest certified radius, or certified at --epsilon).",
+    ),
+    epsilon: float | None = typer.Option(
+        None, help="With --mode local: certify at this l2 eps (adds `certified`)."
+    ),
+    local_method: str = typer.Option(
+        "auto", help="With --mode local: ibp|crown|alpha-crown|sdp-crown|bab|auto."
+    ),
+    time_budget: float = typer.Option(
+        10.0, help="With --mode local: seconds per input for the radius search."
+    ),
     json_out: bool = typer.Option(False, "--json"),
     tsv: Path | None = typer.Option(None, help="Write idx/label/predict/radius/correct TSV."),
-    plot: Path | None = typer.Option(None, help="Write a certified-accuracy-vs-radius PNG."),
+    plot: Path | None = typer.Option(
+        None, help="Write a certified-accuracy-vs-radius PNG (local: global and local curves)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Certified robustness radii margin / (sqrt(2) L) for each input."""
+    """Certified robustness radii: margin / (sqrt(2) L) (global) or per input (--mode local)."""
     from sdp.errors import LipcertError
+
+    if mode not in ("global", "local"):
+        fail(f"--mode must be global or local, not {mode!r}")
+    if mode == "global" and epsilon is not None:
+        fail("--epsilon needs --mode local")
+    if mode == "local":
+        from service.cli import local
+
+        options = local.local_options(local_method, epsilon, time_budget)
     from sdp.radius import certified_radius
     from sdp.rounding import logit_error_bound, unit_roundoff
 
@@ -158,9 +185,32 @@ def certify(
     x = np.asarray(x, dtype=np.float64)
     if x.size == 0 or x.size % net.input_size:
         fail(f"inputs of shape {x.shape} do not fit the network input {net.file_input_shape}")
+    if not np.isfinite(x).all():
+        fail("inputs contain NaN or infinity")
+    if y is not None and np.asarray(y).reshape(-1).shape[0] != x.size // net.input_size:
+        fail(f"{np.asarray(y).size} labels for {x.size // net.input_size} inputs")
+    if mode == "local":
+        bound_doc: dict[str, Any] | None = None
+        bound_summary = None
+        if method != "none":
+            try:
+                gb = _compute(net, method, False, solver, None, quiet, lower_bound=False)
+            except LipcertError as e:
+                fail(f"{e.code}: {e.detail}")
+            bound_summary = gb.summary()
+            bound_doc = {"lipschitz_bound": gb.value, "verified": gb.verified}
+        cert = local.run(net, x.reshape(-1, net.input_size), y, options, bound_doc)
+        local.report(
+            cert,
+            model=model,
+            bound_summary=bound_summary,
+            json_out=json_out,
+            tsv=tsv,
+            plot=plot,
+            finite=_finite,
+        )
+        return
     x = net.ir_inputs(x.reshape(-1, net.input_size))  # file layout -> the IR's (a permutation)
-    if y is not None and np.asarray(y).reshape(-1).shape[0] != x.shape[0]:
-        fail(f"{np.asarray(y).size} labels for {x.shape[0]} inputs")
     try:
         result = _compute(net, method, pairwise, solver, None, quiet, lower_bound=False)
         logits = net.forward(x)

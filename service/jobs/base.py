@@ -41,19 +41,30 @@ MODEL_DELETED = {
 CANCELLED = {"code": "cancelled", "detail": "cancelled by request"}
 
 
+JobKind = Literal["bound", "certification"]
+
+
 @dataclass(frozen=True)
 class JobSpec:
-    """What to compute: a bound of ``model_id`` by ``method`` (validated before queuing)."""
+    """What to compute: a bound of ``model_id`` by ``method`` (validated before queuing), or
+    with ``kind="certification"`` the per-input local certification of an uploaded batch by
+    the local ``method``; ``certify`` then holds its options
+    (:class:`service.jobs.certify.CertifyOptions` as a dict)."""
 
     model_id: str
     method: str = "auto"
     pairwise: bool = False
     solver: str | None = None
     timeout_s: float | None = None
+    kind: JobKind = "bound"
+    certify: dict[str, Any] | None = None
 
     def dedupe_key(self) -> str:
-        """sha256 of (model, method, pairwise, solver): equal keys share one job."""
+        """sha256 of (model, method, pairwise, solver): equal keys share one job. A
+        certification job is keyed by its own batch (a fresh id): never shared."""
         ident = json.dumps([self.model_id, self.method, self.pairwise, self.solver])
+        if self.kind != "bound":
+            ident = json.dumps([self.kind, ident, self.certify], sort_keys=True)
         return hashlib.sha256(ident.encode()).hexdigest()
 
     def can_join(self, running: JobRecord) -> bool:
@@ -80,6 +91,8 @@ class JobSpec:
             pairwise=bool(d.get("pairwise", False)),
             solver=None if d.get("solver") is None else str(d["solver"]),
             timeout_s=None if timeout is None else float(timeout),
+            kind="certification" if d.get("kind") == "certification" else "bound",
+            certify=dict(d["certify"]) if isinstance(d.get("certify"), dict) else None,
         )
 
 
@@ -116,6 +129,7 @@ class JobRecord:
         return {
             "id": self.id,
             "job_id": self.id,
+            "kind": self.spec.kind,
             "model_id": self.spec.model_id,
             "method": self.spec.method,
             "pairwise": self.spec.pairwise,

@@ -291,6 +291,9 @@ class LocalRunner:
                 self._procs.pop(job_id, None)
         if outcome.status == "succeeded" and outcome.result is not None:
             doc = dict(outcome.result, job_id=job_id, model_id=spec.model_id)
+            if spec.kind == "certification":  # per-input results: a file, not a bound
+                self.store.finish(job_id, "succeeded", result=doc)
+                return
             try:
                 # the solver process imported the file itself: a bound of another float64
                 # network (e.g. other BLAS settings) is re-proven on the one the API serves

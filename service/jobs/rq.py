@@ -189,6 +189,14 @@ class RqRunner:
             timeout = spec.timeout_s or self.default_timeout_s
             self.jobs.create(rec, model_sha256=sha, timeout_s=timeout)
             self.redis.set(key, rec.id, ex=KEEP_S)
+            if spec.kind == "certification":  # the batch, its chunks and the helper jobs
+                from service.jobs import certify, certify_rq
+
+                opts = certify.options_of(spec)
+                folder = certify.batch_dir(self.storage.data_dir, opts.batch_id)
+                inputs = (folder / "inputs.npz").read_bytes()
+                limit = -1 if timeout is None else int(timeout) + 120
+                certify_rq.submit(self.redis, self.queue, rec, inputs, limit, opts.workers)
         self.queue.enqueue_call(
             func=TASK,
             args=(rec.id,),
@@ -298,6 +306,10 @@ class RqRunner:
     def _persist(self, rec: JobRecord) -> None:
         """Save a succeeded job's result into storage once; drop ended jobs from the watch set."""
         result = rec.result if rec.status == "succeeded" else None
+        if rec.spec.kind == "certification":
+            result = None  # per-input results, not a bound: copied, not rechecked or saved
+            if rec.status == "succeeded" and not self._copy_certification(rec):
+                return
         if result is not None and self.redis.hsetnx(job_key(rec.id), "persisted", "1"):
             error: dict[str, str] | None = None
             model_id = rec.spec.model_id
@@ -324,6 +336,21 @@ class RqRunner:
             else:
                 observe_solve_time(result)
         self.redis.srem(ACTIVE_SET, rec.id)
+
+    def _copy_certification(self, rec: JobRecord) -> bool:
+        """Copy a succeeded certification job's columns into the data dir once; False when
+        it failed (tried again on the next read)."""
+        from service.jobs import certify_rq
+
+        if not self.redis.hsetnx(job_key(rec.id), "persisted", "1"):
+            return True
+        try:
+            certify_rq.persist_result(self.redis, self.storage, rec)
+        except Exception:
+            self.redis.hdel(job_key(rec.id), "persisted")
+            log.exception("copying the result of certification job %s failed", rec.id)
+            return False
+        return True
 
     def _reconcile(self, rec: JobRecord) -> None:
         """Fail/cancel an unfinished job whose RQ job ended or whose worker went silent."""

@@ -94,6 +94,10 @@ def run_bound_job(job_id: str) -> dict[str, Any]:
     if not raw or raw.get("status") != "queued":
         return {"status": raw.get("status", "missing")}
     spec = JobSpec.from_dict(json.loads(raw["spec"]))
+    if spec.kind == "certification":  # chunks shared with helper jobs, certified in the horse
+        from service.jobs.certify_rq import run_certification_job
+
+        return run_certification_job(job_id, conn, current.id)
     sha = raw["model_sha256"]
     timeout_s = float(raw["timeout_s"]) if raw.get("timeout_s") else spec.timeout_s
     data = conn.get(model_key(sha))

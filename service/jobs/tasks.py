@@ -101,6 +101,23 @@ def run_bound(
     return bound_document(result, net.content_hash(), spec.to_dict())
 
 
+def run_job(
+    source: ModelSource,
+    spec: JobSpec,
+    progress: Callable[[dict[str, Any]], None],
+    device: str = "auto",
+    threads: int = 1,
+) -> dict[str, Any]:
+    """A bound (:func:`run_bound`) or, for ``kind="certification"``, the local certification
+    of a batch (:func:`service.jobs.certify.run_certification`)."""
+    if spec.kind == "certification":
+        from service.jobs.certify import JobProcess, run_certification
+
+        proc = JobProcess(load_network, THREAD_ENV, die_with_parent)
+        return run_certification(source, spec, progress, threads, device, proc)
+    return run_bound(source, spec, progress, device)
+
+
 def json_safe(obj: Any) -> Any:
     """Plain JSON values only (numpy scalars -> float/int, non-finite -> None)."""
     if isinstance(obj, bool) or obj is None or isinstance(obj, str):
@@ -131,7 +148,7 @@ def error_document(exc: BaseException) -> dict[str, str]:
     return {"code": "internal-error", "detail": f"{type(exc).__name__}: {exc}"}
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: ask the kernel to SIGKILL this process when its parent dies (PR_SET_PDEATHSIG)."""
     if not sys.platform.startswith("linux"):
         return
@@ -148,14 +165,14 @@ def child_main(
     """Entry point of a solver process (spawned): limit threads, solve, report, exit."""
     for name in THREAD_ENV:
         os.environ[name] = str(threads)
-    _die_with_parent()
+    die_with_parent()
     job = JobSpec.from_dict(spec)
 
     def progress(info: dict[str, Any]) -> None:
         conn.send(("progress", json_safe(dict(info))))
 
     try:
-        doc = run_bound(source, job, progress, device)
+        doc = run_job(source, job, progress, device, threads)
     except BaseException as exc:
         conn.send(("error", error_document(exc)))
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Query, Request, Response
@@ -15,12 +15,15 @@ from service.bodies.media import (
     JSON_MEDIA_TYPE,
     NPZ_MEDIA_TYPE,
     body_media_type,
+    is_json_media,
     npz_bytes,
     prefers_npz,
 )
 from service.certification import certify_columns, rows_payload
 from service.deps import SettingsDep, StorageDep, WorkerDep, model_or_404
 from service.errors import NotFound, NoVerifiedBound
+from service.local_certify import global_epsilon
+from service.routes.certify_local import LocalQuery, certify_local_response, read_local_body
 from service.schemas import BODY_ERRORS, CertifyRequest, CertifyResponse, problem_responses
 from service.settings import Settings
 from service.storage import Storage
@@ -72,6 +75,14 @@ def pick_bound(storage: Storage, model_id: str, which: str) -> dict[str, Any]:
     return bound
 
 
+def local_floor_bound(storage: Storage, model_id: str, which: str) -> dict[str, Any] | None:
+    """The verified bound whose global radius floors local radii: ``best`` (None when the
+    model has none yet: local certification does not need one) or bound job ``which``."""
+    if which == "best":
+        return storage.best_bound(model_id)
+    return pick_bound(storage, model_id, which)
+
+
 #: Rows above which the radii and the response are computed off the event loop.
 INLINE_ROWS = 256
 
@@ -107,7 +118,14 @@ async def certify(
         "best", max_length=128, description="For .npy and .npz bodies: best or a job id."
     ),
     return_logits: bool = Query(False, description="For .npy and .npz bodies."),
-    epsilon: float = Query(0.0, ge=0, description="For .npy and .npz bodies."),
+    epsilon: float | None = Query(None, ge=0, description="For .npy and .npz bodies."),
+    mode: Literal["global", "local"] = Query("global", description="For .npy and .npz bodies."),
+    method: str | None = Query(
+        None, max_length=32, description="For .npy and .npz bodies, local mode."
+    ),
+    time_budget_s: float | None = Query(
+        None, gt=0, description="For .npy and .npz bodies, local mode."
+    ),
 ) -> Response:
     """radius = (margin - sqrt(2) E) / (sqrt(2) L) with L the chosen verified bound (design.md §4)
     and E a rigorous bound on the rounding error of the logits (tiny in float64);
@@ -116,7 +134,12 @@ async def certify(
     ``application/x-npy`` bodies carry the inputs, ``application/x-npz`` bodies the inputs and
     optionally labels (``inputs.npy``, ``labels.npy``); both take the options as query
     parameters.
-    ``Accept: application/x-npz`` returns the results as columns in an .npz archive."""
+    ``Accept: application/x-npz`` returns the results as columns in an .npz archive.
+
+    ``mode: local`` certifies each input on its own l2 ball instead
+    (:mod:`service.routes.certify_local`): at most ``LIPCERT_MAX_LOCAL_INPUTS`` inputs here,
+    larger batches as a job (``POST /v1/models/{id}/certifications``)."""
+    local = LocalQuery(mode == "local", epsilon, method, time_budget_s)
     if 0 <= _declared_length(request) < BUDGET_MIN_BYTES:
         # read a small body before taking a slot: a client that declares a body and sends it
         # slowly (or never) must not hold one of the few slots while it trickles (review)
@@ -124,7 +147,7 @@ async def certify(
     async with worker.slot():
         with worker.request():
             return await _certify(
-                model_id, request, settings, storage, worker, bound, return_logits, epsilon
+                model_id, request, settings, storage, worker, bound, return_logits, local
             )
 
 
@@ -144,13 +167,21 @@ async def _certify(
     worker: InferenceWorker,
     bound: str,
     return_logits: bool,
-    epsilon: float,
+    local: LocalQuery,
 ) -> Response:
     """The certify request itself (``certify`` counts it as in progress on the worker)."""
     rec = model_or_404(storage, model_id)
-    decode = decoder_for(body_media_type(request.scope))
+    media = body_media_type(request.scope)
+    decode = decoder_for(media)
     as_npz = prefers_npz(request.headers.get("accept"))
     chosen: dict[str, Any] = {}
+    if local.enabled and not is_json_media(media):  # .npy / .npz with ?mode=local
+        x, labels = await read_local_body(request, media, rec, settings)
+        floor = local_floor_bound(storage, model_id, bound)
+        return await certify_local_response(storage, settings, rec, x, labels, local, floor, as_npz)
+    epsilon = 0.0
+    if not is_json_media(media):
+        epsilon = global_epsilon(local.epsilon, local.method, local.time_budget_s)
 
     def choose_bound(which: str) -> None:
         chosen.update(pick_bound(storage, model_id, which))
@@ -165,6 +196,12 @@ async def _certify(
         choose_bound,
     )
     got = await decode(body)
+    if got.local is not None:  # a JSON body with "mode": "local"
+        query = LocalQuery(True, got.local.epsilon, got.local.method, got.local.time_budget_s)
+        floor = local_floor_bound(storage, model_id, got.local.bound)
+        return await certify_local_response(
+            storage, settings, rec, got.local.x, got.local.labels, query, floor, as_npz
+        )
     logits, logit_error, options = got.logits, got.logit_error, got.options
     extra = {"model_id": model_id, "precision": worker.dtype_name}
 

@@ -40,6 +40,11 @@ class JobOut(BaseModel):
 
     id: str
     job_id: str
+    kind: Literal["bound", "certification"] = Field(
+        default="bound",
+        description="bound: a Lipschitz bound job; certification: a local certification job "
+        "(its per-input results at GET /v1/jobs/{id}/result).",
+    )
     model_id: str
     method: str
     pairwise: bool

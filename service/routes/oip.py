@@ -11,6 +11,9 @@ enlarges it), each as JSON or binary as the request asks.
 
 The body is read whatever its Content-Type (stock clients send none): with the
 ``Inference-Header-Content-Length`` header it is JSON followed by tensor bytes, else JSON.
+With ``parameters: {"mode": "local"}`` (optionally ``"method"``) the radius is each input's own
+largest certified l2 radius (:mod:`service.routes.certify_local`; at most
+LIPCERT_MAX_LOCAL_INPUTS inputs, no bound needed).
 Errors on every /v2 path are ``{"error": "<message>"}`` (:func:`service.errors.error_response`).
 """
 
@@ -43,6 +46,7 @@ from service.oip_binary import (
     wants_binary,
 )
 from service.routes.certify import pick_bound
+from service.routes.certify_local import LocalQuery, certify_local_rows
 from service.schemas import (
     ModelReady,
     OipInferRequest,
@@ -344,9 +348,22 @@ async def _infer(
         raise InvalidInput(f"unknown outputs {unknown}; available: {list(OUTPUTS)}")
     default_binary = wants_binary(req.parameters, False, key="binary_data_output")
     flags = {o.name: wants_binary(o.parameters, default_binary) for o in req.outputs or []}
-    bound = pick_bound(storage, rec.id, "best")
+    params = req.parameters or {}
+    mode = params.get("mode", "global")
+    if mode not in ("global", "local"):
+        raise InvalidInput(f"parameters.mode must be global or local, not {mode!r}")
+    if mode == "local":  # per-input radii; the best verified bound (if any) is their floor
+        bound = storage.best_bound(rec.id)
+        query = LocalQuery(True, method=params.get("method"))
+        local = await certify_local_rows(storage, settings, rec, x, None, query, bound)
+    else:
+        bound = pick_bound(storage, rec.id, "best")
     logits, err = await worker.infer_bounded(rec.id, x)
-    pred, _, radius, _ = radii(logits, float(bound["lipschitz_bound"]), logit_error=err)
+    if mode == "local":
+        pred, radius = local.columns["prediction"], local.columns["radius"]
+    else:
+        assert bound is not None  # pick_bound raised otherwise
+        pred, _, radius, _ = radii(logits, float(bound["lipschitz_bound"]), logit_error=err)
     tensors = {
         "logits": OutputTensor("logits", "FP64", logits),
         "prediction": OutputTensor("prediction", "INT64", pred.astype(np.int64)),
@@ -359,8 +376,9 @@ async def _infer(
         "model_version": VERSION,
         "id": req.id,
         "parameters": {
-            "lipschitz_bound": float(bound["lipschitz_bound"]),
-            "bound_method": str(bound.get("method", "")),
+            "mode": mode,
+            "lipschitz_bound": None if bound is None else float(bound["lipschitz_bound"]),
+            "bound_method": None if bound is None else str(bound.get("method", "")),
         },
     }
     outputs = [(tensors[name], flags.get(name, default_binary)) for name in wanted]

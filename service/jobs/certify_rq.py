@@ -1,0 +1,264 @@
+"""Certification jobs on RQ: every worker that helps takes chunks from one Redis list.
+
+Keys (next to the job hash of :mod:`service.jobs.redis_state`)::
+
+    lipcert:cert:<id>:inputs     the batch (inputs.npz bytes, see service.jobs.certify)
+    lipcert:cert:<id>:todo       list of chunk indices not yet taken
+    lipcert:cert:<id>:claims     hash chunk index -> RQ job id of whoever certifies it
+    lipcert:cert:<id>:chunk:<k>  the columns of chunk k (npz bytes)
+    lipcert:cert:<id>:done       number of chunks finished
+    lipcert:cert:<id>:result     the columns of the whole batch, once the job succeeded
+
+The API (:func:`submit`) stores the batch, fills ``todo`` and enqueues the job itself plus
+helper jobs (:func:`help_certification`), one per further worker. The job's own work horse
+(:func:`run_certification_job`, called by :func:`service.jobs.rq_task.run_bound_job`) marks
+it running, heartbeats, takes chunks like every helper, then waits for the chunks taken by
+others, puts a chunk whose helper's RQ job ended without it back into ``todo`` (a helper
+that died), joins the chunks and finishes the job. Cancelling the job stops its horse;
+helpers stop after their current chunk. The API copies the result into its data dir when
+it sees the job succeeded (:func:`persist_result`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from service.jobs.base import ACTIVE, JobRecord, JobSpec, now_iso
+from service.jobs.certify import (
+    CertifyOptions,
+    batch_dir,
+    certify_chunk,
+    join_chunks,
+    npz,
+    options_of,
+    read_npz,
+    write_result,
+)
+from service.jobs.redis_state import PREFIX, RedisJobs, model_key
+from service.jobs.tasks import error_document, json_safe, load_network
+from service.local_certify import device_optimizer
+
+log = logging.getLogger("lipcert.jobs")
+
+HELPER_TASK = "service.jobs.certify_rq.help_certification"
+KEEP_S = 7 * 24 * 3600
+POLL_S = 0.2
+HEARTBEAT_S = 1.0
+
+
+def key(job_id: str, what: str) -> str:
+    return f"{PREFIX}cert:{job_id}:{what}"
+
+
+def submit(
+    redis: Any, queue: Any, rec: JobRecord, inputs: bytes, timeout: int, workers: int
+) -> None:
+    """Store the batch and the chunk list of a just-created job, enqueue the helpers.
+
+    Helpers: one fewer than ``max(options.workers, registered workers)``, at most one per
+    further chunk (the job's own horse certifies too)."""
+    from rq import Worker
+
+    opts = options_of(rec.spec)
+    chunks = len(opts.chunks())
+    with redis.pipeline() as p:
+        p.set(key(rec.id, "inputs"), inputs, ex=KEEP_S)
+        p.delete(key(rec.id, "todo"))
+        p.rpush(key(rec.id, "todo"), *range(chunks))
+        p.expire(key(rec.id, "todo"), KEEP_S)
+        p.execute()
+    registered = len(Worker.all(queue=queue))
+    helpers = min(chunks - 1, max(opts.workers, registered, workers) - 1)
+    for i in range(max(0, helpers)):
+        queue.enqueue_call(
+            func=HELPER_TASK,
+            args=(rec.id,),
+            job_id=f"{rec.id}-help-{i}",
+            timeout=timeout,
+            result_ttl=3600,
+            failure_ttl=KEEP_S,
+            description=f"lipcert certification {rec.id} helper {i}",
+        )
+
+
+class _Chunks:
+    """Takes chunks from the job's list and certifies them (network and batch loaded once)."""
+
+    def __init__(self, conn: Any, jobs: RedisJobs, job_id: str, me: str) -> None:
+        self.conn = conn
+        self.jobs = jobs
+        self.job_id = job_id
+        self.me = me
+        raw = jobs.raw(job_id)
+        self.spec = JobSpec.from_dict(json.loads(raw["spec"]))
+        self.opts: CertifyOptions = options_of(self.spec)
+        self.sha = raw["model_sha256"]
+        self._net: Any = None
+        self._inputs: dict[str, np.ndarray] | None = None
+        self._optimizer = device_optimizer(os.environ.get("LIPCERT_DEVICE", "auto"))
+
+    def _load(self) -> tuple[Any, dict[str, np.ndarray]]:
+        if self._net is None or self._inputs is None:
+            data = self.conn.get(model_key(self.sha))
+            batch = self.conn.get(key(self.job_id, "inputs"))
+            if data is None or batch is None:
+                raise RuntimeError("the model or the batch is no longer in Redis")
+            self._net = load_network(("bytes", self.sha, data))
+            self._inputs = read_npz(batch)
+        return self._net, self._inputs
+
+    def work(self) -> int:
+        """Certify chunks until none are left or the job ended; how many this call did."""
+        done = 0
+        spans = self.opts.chunks()
+        while self.jobs.status(self.job_id) in ACTIVE:
+            raw = self.conn.lpop(key(self.job_id, "todo"))
+            if raw is None:
+                return done
+            k = int(raw)
+            self.conn.hset(key(self.job_id, "claims"), str(k), self.me)
+            net, inputs = self._load()
+            cols = certify_chunk(net, inputs, self.opts, *spans[k], self._optimizer)
+            cols["worker"] = np.array(f"{socket.gethostname()}:{os.getppid()}")  # the worker
+            with self.conn.pipeline() as p:  # MULTI: the chunk, its release and the count
+                p.set(key(self.job_id, f"chunk:{k}"), npz(cols), ex=KEEP_S)
+                p.hdel(key(self.job_id, "claims"), str(k))
+                p.incr(key(self.job_id, "done"))
+                p.expire(key(self.job_id, "done"), KEEP_S)
+                p.execute()
+            done += 1
+        return done
+
+    def done(self) -> int:
+        return int(self.conn.get(key(self.job_id, "done")) or 0)
+
+    def requeue_lost(self) -> None:
+        """Put back the chunks whose helper's RQ job ended without finishing them."""
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+
+        for k, owner in self.conn.hgetall(key(self.job_id, "claims")).items():
+            owner_id = owner.decode() if isinstance(owner, bytes) else str(owner)
+            if owner_id == self.me:
+                continue
+            try:
+                status = str(Job.fetch(owner_id, connection=self.conn).get_status().value)
+            except NoSuchJobError:
+                status = "missing"
+            ended = status in ("failed", "stopped", "canceled", "finished", "missing")
+            if ended and self.conn.hdel(key(self.job_id, "claims"), k):
+                log.warning("certification %s: chunk %s of %s requeued", self.job_id, k, owner_id)
+                self.conn.rpush(key(self.job_id, "todo"), k)
+
+
+def _fail(jobs: RedisJobs, job_id: str, exc: BaseException) -> None:
+    jobs.finish(job_id, "failed", error=error_document(exc), finished_at=now_iso())
+
+
+def help_certification(job_id: str) -> dict[str, Any]:
+    """RQ task of a helper: certify chunks of job ``job_id`` while there are any."""
+    from rq import get_current_job
+
+    current = get_current_job()
+    if current is None:
+        raise RuntimeError("help_certification must run inside an RQ worker")
+    jobs = RedisJobs(current.connection)
+    if jobs.status(job_id) not in ACTIVE:
+        return {"chunks": 0}
+    try:
+        done = _Chunks(current.connection, jobs, job_id, current.id).work()
+    except Exception as exc:
+        _fail(jobs, job_id, exc)
+        raise
+    return {"chunks": done}
+
+
+def _progress(opts: CertifyOptions, done: int, start: float) -> dict[str, Any]:
+    chunks = len(opts.chunks())
+    rows = min(opts.rows, done * opts.chunk_rows)
+    return {
+        "phase": "certify",
+        "chunks_done": done,
+        "chunks": chunks,
+        "inputs_done": rows,
+        "inputs": opts.rows,
+        "fraction": rows / opts.rows if opts.rows else 1.0,
+        "elapsed_s": time.perf_counter() - start,
+        "updated_at": time.time(),
+    }
+
+
+def run_certification_job(job_id: str, conn: Any, rq_job_id: str) -> dict[str, Any]:
+    """The job's own horse: certify, wait for the helpers' chunks, join, finish."""
+    jobs = RedisJobs(conn)
+    worker = {
+        "runner": "rq",
+        "host": socket.gethostname(),
+        "worker": os.environ.get("RQ_WORKER_ID", ""),
+        "horse_pid": os.getpid(),
+    }
+    if not jobs.transition(
+        job_id,
+        ("queued",),
+        status="running",
+        started_at=now_iso(),
+        worker=worker,
+        heartbeat=repr(time.time()),
+    ):
+        return {"status": jobs.status(job_id) or "missing"}
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            jobs.heartbeat(job_id)
+
+    beater = threading.Thread(target=beat, name="lipcert-cert-heartbeat", daemon=True)
+    beater.start()
+    start = time.perf_counter()
+    try:
+        chunks = _Chunks(conn, jobs, job_id, rq_job_id)
+        total = len(chunks.opts.chunks())
+        while jobs.status(job_id) == "running":
+            chunks.work()
+            done = chunks.done()
+            jobs.transition(job_id, ("running",), progress=_progress(chunks.opts, done, start))
+            if done >= total:
+                break
+            chunks.requeue_lost()
+            time.sleep(POLL_S)
+        if jobs.status(job_id) != "running":
+            return {"status": jobs.status(job_id)}
+        parts = []
+        for k in range(total):
+            data = conn.get(key(job_id, f"chunk:{k}"))
+            if data is None:
+                raise RuntimeError(f"chunk {k} of the batch is missing from Redis")
+            parts.append(read_npz(data))
+        columns, doc = join_chunks(parts, chunks.opts, time.perf_counter() - start)
+        conn.set(key(job_id, "result"), npz(columns), ex=KEEP_S)
+        doc = json_safe(dict(doc, job_id=job_id, model_id=chunks.spec.model_id))
+        jobs.finish(job_id, "succeeded", result=doc, finished_at=now_iso())
+        conn.delete(key(job_id, "inputs"), *[key(job_id, f"chunk:{k}") for k in range(total)])
+        return {"status": "succeeded"}
+    except Exception as exc:
+        _fail(jobs, job_id, exc)
+        return {"status": "failed"}
+    finally:
+        stop.set()
+        beater.join(timeout=5)
+
+
+def persist_result(redis: Any, storage: Any, rec: JobRecord) -> None:
+    """API side: the succeeded job's columns into ``data_dir/certifications/<batch>/``."""
+    data = redis.get(key(rec.id, "result"))
+    if data is None:
+        raise RuntimeError(f"the result of certification job {rec.id} is not in Redis")
+    write_result(batch_dir(storage.data_dir, options_of(rec.spec).batch_id), read_npz(data))
