@@ -1,9 +1,12 @@
 """``compute_bound``: one entry point that dispatches to a bound method and adds the lower bound.
 
 Methods: ``naive`` (product of rigorous layer norms; compositional for residual nets),
-``lipsdp-neuron`` / ``lipsdp-layer`` (certified LipSDP), ``sandwich`` (closed-form check,
+``lipsdp-neuron`` / ``lipsdp-layer`` (certified LipSDP), ``eclipse-fast`` (LipSDP-Neuron
+multipliers chosen layer by layer in closed form, certified; linear in depth,
+:mod:`sdp.bounds.eclipse`), ``sandwich`` (closed-form check,
 :func:`sdp.bounds.sandwich.sandwich_bound`), ``auto`` (the smallest of the sandwich closed form
-if the net is one, LipSDP-Neuron for a chain small enough, and naive/compositional).
+if the net is one, LipSDP-Neuron for a chain small enough, eclipse-fast for a chain too large
+for it, and naive/compositional).
 ``lipsdp-network`` is refused: coupling multipliers between neuron pairs is unsound (Pauli,
 Koch, Berberich, Kohler, Allgower, "Training robust neural networks using Lipschitz bounds",
 IEEE L-CSS 2021, counterexample).
@@ -16,6 +19,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from sdp.bounds.eclipse import check_eclipse_size, eclipse_fast_bound
 from sdp.bounds.lipsdp import check_size, lipsdp_bound, pairwise_bounds
 from sdp.bounds.lower import empirical_lower_bound
 from sdp.bounds.naive import naive_bound
@@ -29,6 +33,9 @@ from sdp.solvers.base import Progress, Variant
 AUTO_HIDDEN_CAP = 2_000
 """auto runs LipSDP-Neuron only up to this many hidden neurons (the structured solver needs
 about a minute at 1 600 on 2 cores, docs/benchmarks.md; the timeout below bounds the rest)."""
+AUTO_ECLIPSE_WIDTH = 1_024
+"""auto runs eclipse-fast (on chains too large for LipSDP) only up to this hidden layer width
+(cost ~ width^3 per layer: a few seconds per layer at this width on one core)."""
 AUTO_TIMEOUT_S = 120.0
 """auto's solver time limit when the caller gives none (the certificate covers a timeout)."""
 
@@ -78,7 +85,7 @@ def _auto(net: Network, **kw: Any) -> BoundResult:
     try:
         check_size(net, hidden_cap=AUTO_HIDDEN_CAP)
     except NotApplicable as e:
-        return _noted(best, *notes, f"auto: {e.detail}; {best.method} bound used")
+        return _auto_deep(net, best, *notes, f"auto: {e.detail}")
     if kw.get("timeout_s") is None:
         kw = {**kw, "timeout_s": AUTO_TIMEOUT_S}
         notes.append(
@@ -90,6 +97,26 @@ def _auto(net: Network, **kw: Any) -> BoundResult:
         return _noted(res, *notes)
     return _noted(
         best, *notes, f"auto: LipSDP gave {res.value:.6g} >= {best.method}; {best.method} used"
+    )
+
+
+def _auto_deep(net: Network, best: BoundResult, *notes: str) -> BoundResult:
+    """A chain too large for LipSDP: the smaller of ``best`` and eclipse-fast (if it applies)."""
+    try:
+        check_eclipse_size(net, width_cap=AUTO_ECLIPSE_WIDTH)
+        res = eclipse_fast_bound(net)
+    except NotApplicable as e:
+        return _noted(
+            best,
+            *notes,
+            f"auto: eclipse-fast not applicable ({e.detail}); {best.method} bound used",
+        )
+    if res.verified and res.value <= best.value:
+        return _noted(res, *notes, "auto: eclipse-fast used")
+    return _noted(
+        best,
+        *notes,
+        f"auto: eclipse-fast gave {res.value:.6g} >= {best.method}; {best.method} used",
     )
 
 
@@ -111,7 +138,7 @@ def compute_bound(
 
     Args:
         net: the network IR.
-        method: auto | naive | lipsdp-layer | lipsdp-neuron | sandwich.
+        method: auto | naive | lipsdp-layer | lipsdp-neuron | eclipse-fast | sandwich.
         pairwise: also bound Lip(f_y - f_j) for every class pair (LipSDP, chains only).
         solver: solver registry name (``sdp.solvers``); None picks one.
         timeout_s: solver time limit per LMI (the layer-wise certificate covers a timeout).
@@ -135,6 +162,11 @@ def compute_bound(
         res = _sandwich(net)
     elif method == "auto":
         res = _auto(net, **kw)
+    elif method == "eclipse-fast":
+        res = eclipse_fast_bound(net)
+        naive = _naive(net).value
+        if res.value > naive:
+            res = replace(res, notes=(*res.notes, f"looser than the naive bound {naive:.6g}"))
     else:
         res = _lipsdp(net, "neuron" if method == "lipsdp-neuron" else "layer", **kw)
         naive = _naive(net).value

@@ -6,17 +6,19 @@ would refuse is answered at once, with the same error).
 unknown methods (:class:`~sdp.errors.UnsupportedMethod`), unknown solver names
 (:class:`~sdp.errors.UnknownSolver`), and methods that cannot run on this network
 (:class:`~sdp.errors.NotApplicable`: sandwich without sandwich parameters, LipSDP or pairwise
-bounds on a residual network or on a chain too large for LipSDP).
+bounds on a residual network or on a chain too large for LipSDP; eclipse-fast on a residual
+network or a chain with a hidden layer too wide).
 """
 
 from __future__ import annotations
 
+from sdp.bounds.eclipse import check_eclipse_size
 from sdp.bounds.lipsdp import check_size
 from sdp.errors import NotApplicable, UnknownSolver, UnsupportedMethod
 from sdp.ir import Network
 from sdp.solvers import solver_names
 
-METHODS = ("auto", "naive", "lipsdp-layer", "lipsdp-neuron", "sandwich")
+METHODS = ("auto", "naive", "lipsdp-layer", "lipsdp-neuron", "eclipse-fast", "sandwich")
 """The bound methods offered (``lipsdp-network`` is refused, see :func:`check_method`)."""
 
 
@@ -52,6 +54,8 @@ def check_applicable(net: Network, method: str, pairwise: bool) -> None:
             "LipSDP and pairwise bounds need a chain; this residual network is bounded "
             "compositionally (method naive or auto)"
         )
+    if method == "eclipse-fast":
+        check_eclipse_size(net)
     if lipsdp or pairwise:
         check_size(net)
 
