@@ -4,7 +4,7 @@ Reference: Y. Xu and S. Sivaranjani, "ECLipsE: Efficient Compositional Lipschitz
 Estimation for Deep Neural Networks", NeurIPS 2024 (the idea: the LipSDP LMI of a chain is
 block tridiagonal, so it is feasible iff a sequence of per-layer Schur complements stays
 positive definite; choosing the multipliers of one layer at a time makes the cost linear in
-depth). The derivation below is ours, in the notation of :mod:`sdp.certificate`.
+depth). The derivation below is ours, in the notation of :mod:`sdp.certificate` (design.md §3.2).
 
 Derivation. -M(rho, T) is block tridiagonal over (x, z_1, ..., z_L) with, for D_j =
 diag(a_j b_j), C_j = diag(a_j + b_j) W_j and T_j = diag(t_j),
