@@ -3,7 +3,8 @@
 Methods: ``naive`` (product of rigorous layer norms; compositional for residual nets),
 ``lipsdp-neuron`` / ``lipsdp-layer`` (certified LipSDP), ``eclipse-fast`` (LipSDP-Neuron
 multipliers chosen layer by layer in closed form, certified; linear in depth,
-:mod:`sdp.bounds.eclipse`), ``sandwich`` (closed-form check,
+:mod:`sdp.bounds.eclipse`), ``eclipse`` (the same with a small SDP per layer, small chains),
+``sandwich`` (closed-form check,
 :func:`sdp.bounds.sandwich.sandwich_bound`), ``auto`` (the smallest of the sandwich closed form
 if the net is one, LipSDP-Neuron for a chain small enough, eclipse-fast for a chain too large
 for it, and naive/compositional).
@@ -19,7 +20,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from sdp.bounds.eclipse import check_eclipse_size, eclipse_fast_bound
+from sdp.bounds.eclipse import check_eclipse_size, eclipse_bound, eclipse_fast_bound
 from sdp.bounds.lipsdp import check_size, lipsdp_bound, pairwise_bounds
 from sdp.bounds.lower import empirical_lower_bound
 from sdp.bounds.naive import naive_bound
@@ -35,7 +36,8 @@ AUTO_HIDDEN_CAP = 2_000
 about a minute at 1 600 on 2 cores, docs/benchmarks.md; the timeout below bounds the rest)."""
 AUTO_ECLIPSE_WIDTH = 1_024
 """auto runs eclipse-fast (on chains too large for LipSDP) only up to this hidden layer width
-(cost ~ width^3 per layer: a few seconds per layer at this width on one core)."""
+(cost ~ width^3 per layer: a few seconds per layer at this width on one core). The per-layer
+SDP variant ``eclipse`` is never run by auto (one SDP per layer: too slow for its purpose)."""
 AUTO_TIMEOUT_S = 120.0
 """auto's solver time limit when the caller gives none (the certificate covers a timeout)."""
 
@@ -138,7 +140,7 @@ def compute_bound(
 
     Args:
         net: the network IR.
-        method: auto | naive | lipsdp-layer | lipsdp-neuron | eclipse-fast | sandwich.
+        method: auto | naive | lipsdp-layer | lipsdp-neuron | eclipse-fast | eclipse | sandwich.
         pairwise: also bound Lip(f_y - f_j) for every class pair (LipSDP, chains only).
         solver: solver registry name (``sdp.solvers``); None picks one.
         timeout_s: solver time limit per LMI (the layer-wise certificate covers a timeout).
@@ -162,8 +164,8 @@ def compute_bound(
         res = _sandwich(net)
     elif method == "auto":
         res = _auto(net, **kw)
-    elif method == "eclipse-fast":
-        res = eclipse_fast_bound(net)
+    elif method in ("eclipse-fast", "eclipse"):
+        res = eclipse_bound(net, "fast" if method == "eclipse-fast" else "sdp")
         naive = _naive(net).value
         if res.value > naive:
             res = replace(res, notes=(*res.notes, f"looser than the naive bound {naive:.6g}"))

@@ -81,3 +81,25 @@ def test_deep_chain_100_by_80_is_fast_and_auto_uses_it() -> None:
     naive = compute_bound(net, "naive", lower_bound=False).value
     assert res.value < naive * 1e-6  # random deep nets: many orders of magnitude tighter
     assert elapsed < 60  # generous (takes ~1 s); the speed target itself is in bench_deep.py
+
+
+@pytest.mark.parametrize(("sizes", "act", "param", "seed"), CASES[:3])
+def test_eclipse_per_layer_sdp_is_verified_and_between_lipsdp_and_naive(
+    sizes, act, param, seed
+) -> None:
+    net = random_network(np.random.default_rng(seed), sizes, act, param)
+    res = compute_bound(net, "eclipse", lower_bound=False)
+    assert res.verified and res.method == "eclipse"
+    assert verify_on(net, res.certificate)
+    # one multiplier per neuron (not forced equal within a layer)
+    assert len(res.certificate.multipliers) == len(sizes) - 2
+    opt = compute_bound(net, "lipsdp-neuron", lower_bound=False).value
+    naive = compute_bound(net, "naive", lower_bound=False).value
+    assert opt * (1 - 1e-9) <= res.value <= naive
+
+
+def test_eclipse_per_layer_sdp_is_capped_to_small_chains() -> None:
+    net = random_network(np.random.default_rng(10), [8, 100, 8, 3])
+    with pytest.raises(NotApplicable):
+        compute_bound(net, "eclipse", lower_bound=False)
+    assert compute_bound(net, "eclipse-fast", lower_bound=False).verified
