@@ -40,7 +40,8 @@ class BoundRequest(BaseModel):
 
     method: str = Field(
         default="auto",
-        description="auto | naive | lipsdp-layer | lipsdp-neuron | sandwich",
+        description="auto | naive | lipsdp-layer | lipsdp-neuron | eclipse-fast | eclipse | "
+        "sandwich",
         examples=["lipsdp-neuron"],
         json_schema_extra={"enum": list(METHODS)},  # checked by check_bound_request
     )
