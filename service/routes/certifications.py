@@ -41,7 +41,7 @@ from service.local_certify import check_labels, local_options, verified_global_b
 from service.routes.certify import local_floor_bound
 from service.routes.certify_local import read_local_body
 from service.routes.jobs import JobOut
-from service.schemas import PROBLEM_RESPONSES
+from service.schemas import BODY_ERRORS, problem_responses
 
 router = APIRouter(prefix="/v1", tags=["certify"])
 """Included by :func:`service.app.create_app` behind the API-key dependency."""
@@ -106,11 +106,31 @@ def _json_request(body: bytes) -> CertificationRequest:
         raise InvalidInput(f"{where}: {err['msg']}", code="validation-error") from None
 
 
+_REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": CertificationRequest.model_json_schema()},
+            "application/x-npy": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "A .npy array of inputs; options as query parameters.",
+            },
+            NPZ_MEDIA_TYPE: {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "An .npz archive with inputs.npy and optionally labels.npy; "
+                "options as query parameters.",
+            },
+        },
+    }
+}
+
+
 @router.post(
     "/models/{model_id}/certifications",
     status_code=202,
     response_model=JobOut,
-    responses=PROBLEM_RESPONSES,
+    responses=problem_responses(400, 404, 415, 422, 507, *BODY_ERRORS),
+    openapi_extra=_REQUEST_BODY,
     summary="Start a local certification job for a batch of inputs",
 )
 async def request_certification(
@@ -215,7 +235,7 @@ def _result_columns(storage: Any, runner: Any, job_id: str) -> tuple[Any, dict[s
 @router.get(
     "/jobs/{job_id}/result",
     responses={
-        **PROBLEM_RESPONSES,
+        **problem_responses(404, 409, 422),
         200: {
             "description": "Per-input results of a succeeded certification job: JSON rows, "
             "or with `Accept: application/x-npz` the same fields as columns.",

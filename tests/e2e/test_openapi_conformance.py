@@ -68,6 +68,7 @@ parameters = {{ model_id = "{mid}", model_version = "1" }}
 [[operations]]
 include-name = [
     "POST /v1/models/{{model_id}}/certify",
+    "POST /v1/models/{{model_id}}/certifications",
     "POST /v2/models/{{model_id}}/infer",
     "POST /v2/models/{{model_id}}/versions/{{model_version}}/infer",
 ]
