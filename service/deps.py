@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
-from service.errors import NotFound, Unauthorized
+from service.errors import NotFound, ServiceError, Unauthorized
 from service.settings import Settings
 from service.storage import ModelRecord, Storage
 from service.worker import InferenceWorker
@@ -63,6 +63,13 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 WorkerDep = Annotated[InferenceWorker, Depends(get_worker)]
 RunnerDep = Annotated[Any, Depends(get_runner)]
 ApiKey = Depends(require_api_key)
+
+
+def runner_or_503(runner: Any) -> Any:
+    """The job runner, or 503 ``no-runner`` when the app has none."""
+    if runner is None:
+        raise ServiceError("the job runner is not available", status=503, code="no-runner")
+    return runner
 
 
 def model_or_404(storage: Storage, model_id: str) -> ModelRecord:

@@ -58,14 +58,7 @@ def conv_params_from_safetensors(
         raise _reject("a conv sandwich input_shape must be [channels, n, n]")
     c0, n0, n1 = (_int(v, "input_shape entry") for v in shape)
     input_shape = (c0, n0, n1)
-    top = config.get("tensors", {}) or {}
-    if not isinstance(top, Mapping):
-        raise _reject("tensors must be an object")
-    gamma = claimed
-    if "log_gamma" in top:
-        gamma = math.exp(float(_tensor(tensors, top["log_gamma"], (1,), "log_gamma")[0]))
-        if not (math.isfinite(gamma) and gamma > 0):
-            raise _reject("log_gamma gives a non-finite scale")
+    gamma = _scale(tensors, config, claimed)
     specs = config.get("layers")
     assert isinstance(specs, list)
     cur = input_shape
@@ -146,6 +139,20 @@ def _reject(detail: str, code: str = "invalid-config") -> ModelRejected:
     return ModelRejected(detail, code=code)
 
 
+def _scale(tensors: Mapping[str, Any], config: Mapping[str, Any], claimed: float) -> float:
+    """The network's scale: exp(log_gamma) when ``config["tensors"]`` names that tensor, else
+    the claimed gamma (dense and conv sandwich files alike)."""
+    top = config.get("tensors", {}) or {}
+    if not isinstance(top, Mapping):
+        raise _reject("tensors must be an object")
+    if "log_gamma" not in top:
+        return claimed
+    gamma = math.exp(float(_tensor(tensors, top["log_gamma"], (1,), "log_gamma")[0]))
+    if not (math.isfinite(gamma) and gamma > 0):
+        raise _reject("log_gamma gives a non-finite scale")
+    return gamma
+
+
 def _tensor(tensors: Mapping[str, Any], name: Any, shape: tuple[int, ...], what: str) -> Array:
     if not isinstance(name, str) or name not in tensors:
         raise _reject(f"{what}: tensor {name!r} is missing", "missing-tensor")
@@ -203,14 +210,7 @@ def params_from_safetensors(
     if not isinstance(shape_raw, list) or not shape_raw:
         raise _reject("input_shape must be a non-empty list")
     input_shape = tuple(_int(v, "input_shape entry") for v in shape_raw)
-    top = config.get("tensors", {}) or {}
-    if not isinstance(top, Mapping):
-        raise _reject("tensors must be an object")
-    gamma = claimed
-    if "log_gamma" in top:
-        gamma = math.exp(float(_tensor(tensors, top["log_gamma"], (1,), "log_gamma")[0]))
-        if not (math.isfinite(gamma) and gamma > 0):
-            raise _reject("log_gamma gives a non-finite scale")
+    gamma = _scale(tensors, config, claimed)
     specs = config.get("layers")
     if not isinstance(specs, list) or not specs:
         raise _reject("layers must be a non-empty list")

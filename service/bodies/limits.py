@@ -83,7 +83,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = _content_length(scope)
+        length = content_length(scope)
         if self.api_key and _has_body(scope, length) and not self._key_sent(scope):
             await _send_problem(scope, receive, send, BodyWithoutKey())
             return
@@ -183,7 +183,8 @@ def _has_body(scope: Scope, length: int | None) -> bool:
     return bool(length) or header(scope, b"transfer-encoding") is not None
 
 
-def _content_length(scope: Scope) -> int | None:
+def content_length(scope: Scope) -> int | None:
+    """The declared Content-Length, or None (none, chunked or not a number)."""
     try:
         return int(header(scope, b"content-length") or "")
     except ValueError:

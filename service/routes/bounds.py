@@ -20,9 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sdp.bounds import METHODS
 from sdp.bounds.plan import check_bound_request
 from sdp.solvers import solver_names
-from service.deps import RunnerDep, StorageDep, model_or_404
+from service.deps import RunnerDep, StorageDep, model_or_404, runner_or_503
 from service.diskspace import StorageFull
-from service.errors import ServiceError
 from service.jobs.base import JobSpec
 from service.routes.jobs import JobOut
 from service.schemas import BODY_ERRORS, problem_responses
@@ -62,12 +61,6 @@ class BoundRequest(BaseModel):
     )
 
 
-def _runner_or_503(runner: Any) -> Any:
-    if runner is None:
-        raise ServiceError("the job runner is not available", status=503, code="no-runner")
-    return runner
-
-
 @router.post(
     "/models/{model_id}/bounds",
     status_code=202,
@@ -94,7 +87,7 @@ def request_bound(
         solver=body.solver,
         timeout_s=body.timeout_s,
     )
-    rec = _runner_or_503(runner).submit(spec)
+    rec = runner_or_503(runner).submit(spec)
     response.headers["Location"] = f"/v1/jobs/{rec.id}"
     return rec.to_dict()
 

@@ -33,7 +33,7 @@ from service.bodies.media import (
     prefers_npz,
 )
 from service.certification import Certified, result_rows
-from service.deps import RunnerDep, SettingsDep, StorageDep, model_or_404
+from service.deps import RunnerDep, SettingsDep, StorageDep, model_or_404, runner_or_503
 from service.errors import InvalidInput, NotFound, ServiceError
 from service.jobs.base import JobSpec
 from service.jobs.certify import CertifyOptions, batch_dir, inputs_npz, read_npz
@@ -91,12 +91,6 @@ class CertificationRequest(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S)
 
 
-def _runner_or_503(runner: Any) -> Any:
-    if runner is None:
-        raise ServiceError("the job runner is not available", status=503, code="no-runner")
-    return runner
-
-
 def _json_request(body: bytes) -> CertificationRequest:
     try:
         return CertificationRequest.model_validate(loads_json(body))
@@ -152,7 +146,7 @@ async def request_certification(
 
     Bad input (shape, NaN, labels, eps < 0 or not one per input, unknown method) is refused
     here with 422 problem+json before anything is queued."""
-    runner = _runner_or_503(runner)
+    runner = runner_or_503(runner)
     rec = model_or_404(storage, model_id)
     ctype = body_media_type(request.scope)
     labels: Any = None
@@ -210,7 +204,7 @@ async def request_certification(
 
 
 def _result_columns(storage: Any, runner: Any, job_id: str) -> tuple[Any, dict[str, Any]]:
-    rec = _runner_or_503(runner).get(job_id)
+    rec = runner_or_503(runner).get(job_id)
     if rec is None:
         raise NotFound(f"no job with id {job_id!r}", code="job-not-found")
     if rec.spec.kind != "certification":

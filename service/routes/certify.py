@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from service.bodies.budget import BUDGET_MIN_BYTES
 from service.bodies.certify import CertifyBody, CertifyOptions, decoder_for
+from service.bodies.limits import content_length
 from service.bodies.media import (
     JSON_MEDIA_TYPE,
     NPZ_MEDIA_TYPE,
@@ -140,7 +141,8 @@ async def certify(
     (:mod:`service.routes.certify_local`): at most ``LIPCERT_MAX_LOCAL_INPUTS`` inputs here,
     larger batches as a job (``POST /v1/models/{id}/certifications``)."""
     local = LocalQuery(mode == "local", epsilon, method, time_budget_s)
-    if 0 <= _declared_length(request) < BUDGET_MIN_BYTES:
+    declared = content_length(request.scope)
+    if declared is not None and 0 <= declared < BUDGET_MIN_BYTES:
         # read a small body before taking a slot: a client that declares a body and sends it
         # slowly (or never) must not hold one of the few slots while it trickles (review)
         await request.body()
@@ -149,14 +151,6 @@ async def certify(
             return await _certify(
                 model_id, request, settings, storage, worker, bound, return_logits, local
             )
-
-
-def _declared_length(request: Request) -> int:
-    """The request's Content-Length, or -1 (none, chunked or malformed)."""
-    try:
-        return int(request.headers.get("content-length", "-1"))
-    except ValueError:
-        return -1
 
 
 async def _certify(
