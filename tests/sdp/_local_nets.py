@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import math
 
+import mpmath
 import numpy as np
 
 from sdp.ir import Activation, Conv2d, Dense, Network, Residual
 
 ACT_NAMES = ["relu", "leaky_relu", "tanh", "sigmoid", "elu", "softplus", "gelu", "silu", "identity"]
+
+
+def mp_phi(phi: Activation, x):
+    """phi(x) in mpmath (the exact reference of the local-bound tests)."""
+    n, p = phi.name, mpmath.mpf(phi.param)
+    if n == "relu":
+        return max(x, mpmath.mpf(0))
+    if n == "leaky_relu":
+        return x if x >= 0 else p * x
+    if n == "tanh":
+        return mpmath.tanh(x)
+    if n == "sigmoid":
+        return 1 / (1 + mpmath.exp(-x))
+    if n == "elu":
+        return x if x > 0 else p * mpmath.expm1(x)
+    if n == "softplus":
+        return mpmath.log1p(mpmath.exp(x))
+    if n == "gelu":
+        return x * (1 + mpmath.erf(x / mpmath.sqrt(2))) / 2
+    if n == "silu":
+        return x / (1 + mpmath.exp(-x))
+    return x
 
 
 def act(name: str) -> Activation:

@@ -9,37 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sdp.errors import UnsupportedMethod
-from sdp.ir import Activation, Conv2d, Network
+from sdp.ir import Conv2d, Network
 from sdp.local import certify_local, verify_local
 from sdp.local.graph import build_graph
 from sdp.local.margins import alpha_crown, get_method, objective_rows
 from sdp.local.propagate import compute_bounds, crown_node_bounds
-from tests.sdp._local_nets import ACT_NAMES, conv_net, dense_net, residual_net
+from tests.sdp._local_nets import ACT_NAMES, conv_net, dense_net, mp_phi, residual_net
 
 mpmath.mp.dps = 60
 
 # ---------------------------------------------------------------- exact reference evaluation
-
-
-def mp_phi(phi: Activation, x):
-    n, p = phi.name, mpmath.mpf(phi.param)
-    if n == "relu":
-        return max(x, mpmath.mpf(0))
-    if n == "leaky_relu":
-        return x if x >= 0 else p * x
-    if n == "tanh":
-        return mpmath.tanh(x)
-    if n == "sigmoid":
-        return 1 / (1 + mpmath.exp(-x))
-    if n == "elu":
-        return x if x > 0 else p * mpmath.expm1(x)
-    if n == "softplus":
-        return mpmath.log1p(mpmath.exp(x))
-    if n == "gelu":
-        return x * (1 + mpmath.erf(x / mpmath.sqrt(2))) / 2
-    if n == "silu":
-        return x / (1 + mpmath.exp(-x))
-    return x
 
 
 def mp_forward(net: Network, x: np.ndarray) -> list:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from sdp.ir import Activation
 from sdp.local.relax import derivative_range, relax
+from tests.sdp._local_nets import mp_phi
 
 mpmath.mp.dps = 60
 
@@ -31,25 +32,7 @@ ACTS = [
 
 
 def exact_phi(phi: Activation, z) -> mpmath.mpf:
-    x = mpmath.mpf(z)
-    n, p = phi.name, mpmath.mpf(phi.param)
-    if n == "relu":
-        return max(x, mpmath.mpf(0))
-    if n == "leaky_relu":
-        return x if x >= 0 else p * x
-    if n == "tanh":
-        return mpmath.tanh(x)
-    if n == "sigmoid":
-        return 1 / (1 + mpmath.exp(-x))
-    if n == "elu":
-        return x if x > 0 else p * mpmath.expm1(x)
-    if n == "softplus":
-        return mpmath.log1p(mpmath.exp(x))
-    if n == "gelu":
-        return x * (1 + mpmath.erf(x / mpmath.sqrt(2))) / 2
-    if n == "silu":
-        return x / (1 + mpmath.exp(-x))
-    return x
+    return mp_phi(phi, mpmath.mpf(z))
 
 
 def check(phi: Activation, l: np.ndarray, u: np.ndarray, samples: int = 9) -> None:
