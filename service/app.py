@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -52,11 +51,6 @@ except health checks and docs needs the `X-API-Key` header.
 """
 
 
-async def _maybe_await(value: Any) -> None:
-    if inspect.isawaitable(value):
-        await value
-
-
 def _reimport_stale_models(storage: Storage, checker: ModelChecker) -> None:
     """Re-import models of an older importer under the upload checker's limits; a full disk
     leaves them for the next start (their bounds stay unused meanwhile), never stops it."""
@@ -93,13 +87,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.worker = worker
         runner: JobRunner = create_runner(settings, storage)
         app.state.runner = runner
-        if hasattr(runner, "start"):
-            await _maybe_await(runner.start())
+        runner.start()
         try:
             yield
         finally:
-            if hasattr(runner, "stop"):
-                await _maybe_await(runner.stop())
+            runner.stop()
             worker.stop()
 
     app = FastAPI(
