@@ -297,6 +297,8 @@ def install_error_handlers(app: FastAPI) -> None:
             if allowed is not None:
                 headers["Allow"] = ", ".join(allowed)
         code = getattr(exc, "code", None)  # the middleware's body errors carry their own
+        if getattr(exc, "close", False) is True:  # a body error that leaves its body unread
+            headers["Connection"] = "close"
         return error_response(
             request,
             exc.status_code,

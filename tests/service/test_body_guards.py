@@ -139,6 +139,9 @@ def test_a_body_that_stops_arriving_gets_408(make_client, rw_onnx) -> None:
     sent = _call(client.app, f"/v1/models/{mid}/certify", NPY, [part])
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
     assert b'"request-timeout"' in sent[1]["body"]
+    # raised inside the route (it was reading the body): the rest of the body is never read,
+    # so the answer closes the connection, as the guard's own 408 does
+    assert (b"connection", b"close") in sent[0]["headers"]
 
 
 def test_the_body_timeout_does_not_time_the_rest_of_the_request() -> None:
