@@ -281,9 +281,10 @@ class Storage:
         imports to *now*; a bound whose network hash differs (e.g. from before an importer
         fix that changed what a file computes) is never used again.
 
-        A file the importer now refuses (or that is gone) is kept but marked: ``status``
-        ``unimportable`` with the refusal's ``{code, detail}`` in ``problem``, and no network
-        hash, so none of its bounds is used. Returns ``{model id: "ok" | problem code}``."""
+        A file the importer now refuses (or that is gone or unreadable) is kept but marked:
+        ``status`` ``unimportable`` with the refusal's ``{code, detail}`` in ``problem``, and
+        no network hash, so none of its bounds is used.
+        Returns ``{model id: "ok" | problem code}``."""
         outcome: dict[str, str] = {}
         for model_id in self.stale_models():
             rec = self.get_model(model_id)
@@ -298,6 +299,11 @@ class Storage:
                 problem = {"code": "model-file-missing", "detail": "the stored file is gone"}
             except LipcertError as exc:
                 problem = {"code": exc.code, "detail": exc.detail}
+            except OSError as exc:  # unreadable (permissions, I/O error): marked, start goes on
+                problem = {
+                    "code": "model-file-unreadable",
+                    "detail": f"{type(exc).__name__}: {exc}",
+                }
             with self._connect() as db:
                 db.execute(
                     "UPDATE models SET input_shape = COALESCE(?, input_shape), input_layout = ?,"

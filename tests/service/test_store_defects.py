@@ -19,6 +19,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -145,6 +146,30 @@ def test_a_checker_refusal_marks_instead_of_importing_in_process(
     rec = storage.get_model(mid)
     assert rec is not None and rec.status == "unimportable"
     assert rec.problem is not None and rec.problem["code"] == "parse-timeout"
+
+
+def test_an_unreadable_stored_file_is_marked_and_start_up_goes_on(
+    tmp_path: Path, rw_weights: list
+) -> None:
+    """Another OSError than a missing file (here: a directory where the file should be)
+    marks the model instead of stopping the re-import of the others (review)."""
+    storage = Storage(tmp_path)
+    ids = [
+        storage.save_model(mlp_onnx(w), f"m{i}.onnx").id
+        for i, w in enumerate((rw_weights, [np.asarray(a) * 2.0 for a in rw_weights]))
+    ]
+    broken = storage.get_model(ids[0])
+    assert broken is not None
+    path = tmp_path / "models" / f"{broken.sha256}.bin"
+    path.unlink()
+    path.mkdir()  # reading it raises IsADirectoryError
+    with sqlite3.connect(storage.db_path) as db:
+        db.execute("UPDATE models SET importer_version = 0")
+    outcome = storage.reimport_stale_models(ModelChecker(60.0).parse)
+    assert outcome == {ids[0]: "model-file-unreadable", ids[1]: "ok"}
+    rec = storage.get_model(ids[0])
+    assert rec is not None and rec.status == "unimportable"
+    assert rec.problem is not None and "IsADirectoryError" in rec.problem["detail"]
 
 
 def test_a_bound_is_stored_only_with_its_running_jobs_success(
