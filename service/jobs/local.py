@@ -17,6 +17,7 @@ ended failed or cancelled - e.g. cancelled through another server - never stores
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import queue
@@ -35,6 +36,7 @@ from service.jobs.base import (
     MODEL_DELETED,
     JobRecord,
     JobSpec,
+    JobStatus,
     observe_solve_time,
 )
 from service.jobs.process import SolveProcess, supervise
@@ -90,7 +92,8 @@ class LocalRunner:
         #: jobs of this runner that ended while the job store was full: their final state
         #: (failed, with this error) is written by the heartbeat once there is room again,
         #: else they would stay ``running`` for good (and be reused by identical requests)
-        self._unfinished: dict[str, dict[str, str]] = {}
+        #: job id -> (final status, error) of jobs that ended while the job store was full
+        self._unfinished: dict[str, tuple[JobStatus, dict[str, str]]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -164,8 +167,8 @@ class LocalRunner:
         propagates while it still is; a job cancelled meanwhile keeps its status)."""
         with self._lock:
             pending = list(self._unfinished.items())
-        for job_id, error in pending:
-            self.store.finish(job_id, "failed", error=error)
+        for job_id, (status, error) in pending:
+            self.store.finish(job_id, status, error=error)
             with self._lock:
                 self._unfinished.pop(job_id, None)
 
@@ -195,7 +198,13 @@ class LocalRunner:
         return rec
 
     def get(self, job_id: str) -> JobRecord | None:
-        return self.store.get(job_id)
+        rec = self.store.get(job_id)
+        with self._lock:
+            ended = self._unfinished.get(job_id)
+        if rec is None or rec.terminal or ended is None:
+            return rec
+        status, error = ended  # not written yet (full disk): answered as it ended
+        return dataclasses.replace(rec, status=status, error=error)
 
     def cancel(self, job_id: str, error: dict[str, str] = CANCELLED) -> JobRecord | None:
         """Cancel: a queued job never starts; a running job's solver process is killed now."""
@@ -208,8 +217,25 @@ class LocalRunner:
             proc = self._procs.get(job_id)
         if proc is not None:
             proc.terminate()  # the supervising thread closes its pipe
-        self.store.finish(job_id, "cancelled", error=error)
-        return self.store.get(job_id)
+        try:
+            self._finish_on_full_disk(job_id, "cancelled", error)
+        except StorageFull as exc:  # cancelled all the same; written once there is room
+            log.warning("job %s cancelled; recorded when there is room: %s", job_id, exc.detail)
+            with self._lock:
+                self._unfinished[job_id] = ("cancelled", error)
+        return self.get(job_id)
+
+    def _finish_on_full_disk(self, job_id: str, status: JobStatus, error: dict[str, str]) -> None:
+        """End a job in the store; on a full disk the storage's reserve file is given up for
+        the write (as for deleting a model). Raises StorageFull when that is not enough."""
+        try:
+            self.store.finish(job_id, status, error=error)
+        except StorageFull:
+            reserve = getattr(self.storage, "reserve", None)
+            if reserve is None or not reserve.release():
+                raise
+            log.warning("disk full: released the reserve to end job %s", job_id)
+            self.store.finish(job_id, status, error=error)
 
     def cancel_model(self, model_id: str) -> list[str]:
         ids = self.store.active_ids(model_id)
@@ -247,7 +273,7 @@ class LocalRunner:
                     self.store.finish(job_id, "failed", error=error)
                 except StorageFull:  # still full: the heartbeat writes it when there is room
                     with self._lock:
-                        self._unfinished[job_id] = error
+                        self._unfinished[job_id] = ("failed", error)
                 except Exception:
                     log.exception("job store not updated")
 

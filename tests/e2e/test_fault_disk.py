@@ -202,6 +202,35 @@ def test_a_job_that_ends_on_a_full_disk_is_failed_once_there_is_room(small_disk:
     assert storage.list_bounds(model_id) == []
 
 
+@pytest.mark.parametrize("reserve_mb", [1, 0])
+def test_a_job_can_be_cancelled_on_a_full_disk(small_disk: Path, reserve_mb: int) -> None:
+    """DELETE /v1/jobs/{id} answered 507 on a full disk (review). With a reserve file, it is
+    given up for the write; without one, the job is cancelled all the same (its solver
+    killed, answered and read back as cancelled) and the store says so once there is room."""
+    data_dir = small_disk / "data"
+    storage = Storage(data_dir, reserve_bytes=reserve_mb << 20)
+    model_id = storage.save_model(big_random_net(), "big.mat").id
+    runner = LocalRunner(storage, data_dir, lease_s=0.6)
+    runner.start()
+    filler = small_disk / "filler.bin"
+    try:
+        job = runner.submit(JobSpec(model_id, "lipsdp-neuron", solver="scs", timeout_s=60.0))
+        wait_for(lambda: runner.get(job.id).to_dict(), solving)  # type: ignore[union-attr]
+        fill(filler)
+        cancelled = runner.cancel(job.id)
+        assert cancelled is not None and cancelled.status == "cancelled"
+        assert cancelled.error == {"code": "cancelled", "detail": "cancelled by request"}
+        wait_for(lambda: runner._procs, lambda procs: not procs, timeout_s=30)  # solver killed
+        again = runner.get(job.id)
+        assert again is not None and again.status == "cancelled"
+        filler.unlink()
+        stored = wait_for(lambda: runner.store.get(job.id).to_dict(), ended, timeout_s=10)  # type: ignore[union-attr]
+    finally:
+        runner.stop()
+    assert stored["status"] == "cancelled" and stored["error"]["code"] == "cancelled"
+    assert storage.list_bounds(model_id) == []
+
+
 def test_jobs_stay_readable_on_a_full_disk(small_disk: Path) -> None:
     """Reading a job needs no new space: GET /v1/jobs/{id} answered 507 on a full disk
     because each read opened the first connection again, which must recreate the WAL index
