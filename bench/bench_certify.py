@@ -187,6 +187,7 @@ def server_stages(x: np.ndarray, threads: int, dtype: str, repeats: int) -> dict
     from service.bodies.media import npz_bytes
     from service.bodies.npy import load_npy
     from service.certification import certify_columns, rows_payload
+    from service.documents import StoredBound
     from service.settings import Settings
     from service.storage import Storage
     from service.worker import InferenceWorker
@@ -198,7 +199,7 @@ def server_stages(x: np.ndarray, threads: int, dtype: str, repeats: int) -> dict
         worker = InferenceWorker(storage, Settings(data_dir=d, device="cpu", cpu_dtype=dtype))
         worker.dtype_name = dtype
         module = worker._module(rec.id)
-        bound = {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
+        bound = StoredBound(1.0, method="naive", verified=True)
         buf = io.BytesIO()
         np.save(buf, x)
         body = buf.getvalue()

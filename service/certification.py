@@ -15,22 +15,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from sdp.radius import certified_radius
+from sdp.radius import RadiusResult, certified_radius
 from service.bodies.arrays import check_label_count
+from service.documents import JsonValue, StoredBound, strict_json
 from service.errors import InvalidInput
 
 
-def radii(
+def radius_result(
     logits: np.ndarray,
-    lipschitz: float,
-    pairwise: Any = None,
+    bound: StoredBound,
+    *,
+    labels: np.ndarray | None = None,
     logit_error: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """(prediction, margin, radius, radius_pairwise) for logits (B, K), via sdp.radius.
+) -> RadiusResult:
+    """sdp's :func:`~sdp.radius.certified_radius` of logits (B, K) under a stored ``bound``
+    (its scalar L and, when it has a well-formed K x K one, its pairwise matrix).
 
     ``logit_error`` bounds ||logits - exact logits||_2 per row (shrinks the margins).
     """
@@ -39,18 +41,13 @@ def radii(
             "the model has a single output; certified radii need at least two classes",
             code="not-a-classifier",
         )
+    lipschitz = bound.lipschitz_bound
     if not (math.isfinite(lipschitz) and lipschitz > 0):
         raise InvalidInput(f"the stored bound {lipschitz!r} cannot give radii", code="bad-bound")
-    pw = None if pairwise is None else np.asarray(pairwise, dtype=np.float64)
-    if pw is not None and pw.shape != (logits.shape[1],) * 2:
-        pw = None  # a malformed pairwise matrix is ignored, the scalar bound still holds
-    out = certified_radius(logits, lipschitz, pairwise=pw, logit_error=logit_error)
-    rpw = None if pw is None else np.asarray(out.radius_pairwise, dtype=np.float64)
-    return (
-        np.asarray(out.prediction, dtype=np.int64),
-        np.asarray(out.margin, dtype=np.float64),
-        np.asarray(out.radius, dtype=np.float64),
-        rpw,
+    # a malformed pairwise matrix is ignored, the scalar bound still holds
+    pairwise = bound.pairwise_matrix(logits.shape[1])
+    return certified_radius(
+        logits, lipschitz, labels=labels, pairwise=pairwise, logit_error=logit_error
     )
 
 
@@ -64,19 +61,21 @@ class Certified:
     epsilon. Both response media types (per-row JSON, columnar .npz) are rendered from it."""
 
     columns: dict[str, np.ndarray]
-    summary: dict[str, Any]
+    summary: dict[str, JsonValue]
 
 
 def certify_columns(
     logits: np.ndarray,
-    bound: dict[str, Any],
+    bound: StoredBound,
     *,
     labels: list[int] | None,
     return_logits: bool,
     epsilon: float,
     logit_error: np.ndarray | None = None,
 ) -> Certified:
-    """Predictions, margins and radii of a batch (see :func:`radii`) with the summary."""
+    """Predictions, margins and radii of a batch (:func:`radius_result`) with the summary;
+    with labels, ``correct`` is sdp's and ``certified`` means correct with a best radius
+    (the larger of the global and pairwise one) above ``epsilon``."""
     b, k = logits.shape
     y = None
     if labels is not None:
@@ -84,26 +83,27 @@ def certify_columns(
         if any(not 0 <= int(v) < k for v in labels):
             raise InvalidInput(f"labels must be class indices in [0, {k})")
         y = np.asarray(labels, dtype=np.int64)
-    lip = float(bound["lipschitz_bound"])
-    pred, margin, radius, rpw = radii(logits, lip, bound.get("pairwise"), logit_error)
-    columns: dict[str, np.ndarray] = {"prediction": pred, "margin": margin, "radius": radius}
-    if rpw is not None:
-        columns["radius_pairwise"] = rpw
+    out = radius_result(logits, bound, labels=y, logit_error=logit_error)
+    columns: dict[str, np.ndarray] = {
+        "prediction": np.asarray(out.prediction, dtype=np.int64),
+        "margin": np.asarray(out.margin, dtype=np.float64),
+        "radius": np.asarray(out.radius, dtype=np.float64),
+    }
+    if out.radius_pairwise is not None:
+        columns["radius_pairwise"] = np.asarray(out.radius_pairwise, dtype=np.float64)
     accuracy = certified_accuracy = None
-    if y is not None:
-        ok = y == pred
-        best = np.maximum(radius, rpw) if rpw is not None else radius
-        cert = ok & (best > epsilon)
+    if y is not None and out.correct is not None:
+        cert = out.correct & (np.asarray(out.best_radius) > epsilon)
         columns["label"] = y
-        columns["correct"] = ok
+        columns["correct"] = out.correct
         columns["certified"] = cert
-        accuracy, certified_accuracy = int(ok.sum()) / b, int(cert.sum()) / b
+        accuracy, certified_accuracy = int(out.correct.sum()) / b, int(cert.sum()) / b
     if return_logits:
         columns["logits"] = np.asarray(logits, dtype=np.float64)
-    summary = {
-        "lipschitz_bound": lip,
-        "method": str(bound.get("method", "")),
-        "bound_job_id": bound.get("job_id"),
+    summary: dict[str, JsonValue] = {
+        "lipschitz_bound": bound.lipschitz_bound,
+        "method": bound.method,
+        "bound_job_id": bound.job_id,
         "certified_accuracy": certified_accuracy,
         "accuracy": accuracy,
         "epsilon": epsilon,
@@ -111,7 +111,7 @@ def certify_columns(
     return Certified(columns, summary)
 
 
-def rows_payload(cert: Certified) -> dict[str, Any]:
+def rows_payload(cert: Certified) -> dict[str, object]:
     """The default JSON answer: the summary with one result object per input.
 
     Non-finite floats (not JSON) become null.
@@ -128,9 +128,9 @@ def rows_payload(cert: Certified) -> dict[str, Any]:
     }
 
 
-def result_rows(cert: Certified) -> list[dict[str, Any]]:
+def result_rows(cert: Certified) -> list[dict[str, JsonValue]]:
     """One JSON object per input from ``cert``'s columns (non-finite floats as null)."""
-    columns: dict[str, list[Any]] = {}
+    columns: dict[str, list[JsonValue]] = {}
     for name, col in cert.columns.items():
         if name == "logits":
             columns[name] = [_column(row) for row in col]
@@ -142,13 +142,10 @@ def result_rows(cert: Certified) -> list[dict[str, Any]]:
     return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
-def _column(a: np.ndarray) -> list[float | None]:
-    """Floats as a list; non-finite values (not JSON) as None."""
+def _column(a: np.ndarray) -> list[JsonValue]:
+    """Floats as a list; non-finite values (not JSON) as None (:func:`strict_json`, which
+    all-finite columns skip: they are most of them)."""
+    values: list[JsonValue] = np.asarray(a, dtype=np.float64).tolist()
     if np.isfinite(a).all():
-        return list(np.asarray(a, dtype=np.float64).tolist())
-    return [_num(v) for v in a]
-
-
-def _num(v: float) -> float | None:
-    f = float(v)
-    return f if math.isfinite(f) else None
+        return values
+    return [strict_json(v) for v in values]

@@ -25,6 +25,7 @@ from sdp.ir import Network
 from sdp.local import LocalMethodName, LocalResult, SlopeOptimizer, certify_local
 from service.bodies.arrays import check_label_count
 from service.certification import Certified
+from service.documents import StoredBound
 from service.errors import InvalidInput
 from service.solver_device import gpu_driver_present
 
@@ -116,14 +117,9 @@ def local_options(
     return LocalOptions(name, check_epsilon(epsilon, batch), budget)
 
 
-def verified_global_bound(bound: dict[str, Any] | None) -> float | None:
+def verified_global_bound(bound: StoredBound | None) -> float | None:
     """L of a stored verified bound (the radius floor), or None without one."""
-    if not bound or bound.get("verified") is not True:
-        return None
-    value = bound.get("lipschitz_bound")
-    if isinstance(value, int | float) and math.isfinite(value) and value > 0:
-        return float(value)
-    return None
+    return None if bound is None else bound.usable_lipschitz
 
 
 def run_local(
@@ -234,7 +230,7 @@ def certify_rows(
     x_file: np.ndarray,
     labels: np.ndarray | None,
     options: LocalOptions,
-    bound: dict[str, Any] | None,
+    bound: StoredBound | None,
     optimizer: SlopeOptimizer | None = None,
 ) -> Certified:
     """:func:`run_local` + :func:`local_columns` with ``bound`` (a stored bound or None) as
@@ -246,7 +242,7 @@ def certify_rows(
         columns,
         method=options.method,
         lipschitz=lip,
-        bound_job_id=None if bound is None else bound.get("job_id"),
+        bound_job_id=None if bound is None else bound.job_id,
         seconds=time.perf_counter() - start,
     )
     return Certified(columns, summary)

@@ -1,4 +1,4 @@
-"""Content-addressed model store and bound results: SQLite (WAL) metadata + files under data_dir.
+r"""Content-addressed model store and bound results: SQLite (WAL) metadata + files under data_dir.
 
 Layout::
 
@@ -12,8 +12,8 @@ with ``created=False``). ``input_shape`` is the shape of one input *as the file 
 network's IR input is that permuted (``ir_input_shape``, ``input_permutation``: the
 :class:`sdp.ir.InputLayout`, stored as JSON in ``models.input_layout``; SQL NULL only on rows
 written before that column existed, which :class:`Storage` fills in when it opens the
-database). Bound results are JSON documents (``BoundResult.summary()`` plus
-``job_id``/``certificate`` as the job runner chooses) indexed by model, method and value.
+database). Bound results are :class:`service.documents.StoredBound`\ s, kept as their JSON documents
+(``StoredBound.to_json``) indexed by model, method and value.
 Only results with ``verified`` true are ever returned by :meth:`Storage.best_bound`.
 
 Models recorded by another importer version are re-imported by
@@ -43,7 +43,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +51,7 @@ from sdp.errors import LipcertError
 from sdp.importers import IMPORTER_VERSION, detect_format, load_model
 from sdp.ir import InputLayout, Network
 from service.diskspace import Reserve, StorageFull, free_bytes, full_detail, is_disk_full
+from service.documents import StoredBound
 
 log = logging.getLogger("lipcert.storage")
 
@@ -184,17 +185,6 @@ def count_layers(net: Network) -> int:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _clean_json(obj: Any) -> Any:
-    """Replace non-finite floats by None so the stored JSON is strict."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean_json(v) for v in obj]
-    return obj
 
 
 class Storage:
@@ -603,26 +593,24 @@ class Storage:
 
     # -- bounds -----------------------------------------------------------------------------
 
-    def save_bound(self, model_id: str, result: dict[str, Any]) -> bool:
-        """Store one bound result (``BoundResult.summary()``-shaped dict, optional ``job_id``);
-        False (nothing stored) when the model is gone, e.g. deleted while its job ran.
+    def save_bound(self, model_id: str, bound: StoredBound) -> bool:
+        """Store one bound; False (nothing stored) when the model is gone, e.g. deleted while
+        its job ran. Raises ValueError for a bound without a finite ``lipschitz_bound``.
 
-        The bound is recorded for the network it was computed on: ``result["network_hash"]``
-        (or its certificate's), else the model's current one. Only bounds of the network the
+        The bound is recorded for the network it was computed on (its ``network_hash``, or
+        its certificate's), else the model's current one. Only bounds of the network the
         model imports to now are ever returned."""
-        doc = _bound_doc(result)
+        doc = _bound_doc(bound)
         with self._connect() as db:  # one statement: atomic with delete_model
             cur = db.execute(_INSERT_BOUND, _bound_params(model_id, doc))
         return cur.rowcount == 1
 
-    def save_job_bound(
-        self, model_id: str, result: dict[str, Any], guard: JobGuard
-    ) -> JobBoundOutcome:
+    def save_job_bound(self, model_id: str, bound: StoredBound, guard: JobGuard) -> JobBoundOutcome:
         """:meth:`save_bound` and the job's terminal transition in one transaction: the job
         store (``guard.db_path``) is attached and ``guard.sql`` must change exactly one row
         (the job is still running and still this runner's); otherwise nothing is stored, so
         a job that ended failed or cancelled never leaves a bound behind."""
-        doc = _bound_doc(result)
+        doc = _bound_doc(bound)
         if not self._opened:
             self._open()
         db = self._thread_db()
@@ -640,15 +628,15 @@ class Storage:
         finally:
             db.execute("DETACH DATABASE guard")
 
-    def list_bounds(self, model_id: str) -> list[dict[str, Any]]:
+    def list_bounds(self, model_id: str) -> list[StoredBound]:
         """All stored results of a model's current network, oldest first."""
         with self._connect() as db:
             rows = db.execute(
                 f"SELECT result FROM bounds WHERE {_CURRENT} ORDER BY seq", (model_id,)
             ).fetchall()
-        return [json.loads(r["result"]) for r in rows]
+        return [_stored(r["result"]) for r in rows]
 
-    def best_bound(self, model_id: str) -> dict[str, Any] | None:
+    def best_bound(self, model_id: str) -> StoredBound | None:
         """The smallest verified bound of the model's current network, or None."""
         with self._connect() as db:
             row = db.execute(
@@ -656,9 +644,9 @@ class Storage:
                 " ORDER BY value, seq LIMIT 1",
                 (model_id,),
             ).fetchone()
-        return None if row is None else json.loads(row["result"])
+        return None if row is None else _stored(row["result"])
 
-    def bound_for_job(self, model_id: str, job_id: str) -> dict[str, Any] | None:
+    def bound_for_job(self, model_id: str, job_id: str) -> StoredBound | None:
         """The result a given job stored for this model's current network, or None."""
         with self._connect() as db:
             row = db.execute(
@@ -666,7 +654,7 @@ class Storage:
                 " ORDER BY seq DESC LIMIT 1",
                 (model_id, job_id),
             ).fetchone()
-        return None if row is None else json.loads(row["result"])
+        return None if row is None else _stored(row["result"])
 
 
 _INSERT_BOUND = (
@@ -676,28 +664,31 @@ _INSERT_BOUND = (
 )
 
 
-def _bound_doc(result: dict[str, Any]) -> dict[str, Any]:
-    """The strict-JSON document of a bound result; ValueError without a finite bound."""
-    doc: dict[str, Any] = _clean_json(dict(result))
-    doc.setdefault("created_at", _now())
-    value = doc.get("lipschitz_bound")
-    if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+def _bound_doc(bound: StoredBound) -> StoredBound:
+    """``bound`` with its storage time; ValueError without a finite bound."""
+    value = bound.lipschitz_bound
+    if not math.isfinite(value) or value < 0:
         raise ValueError(f"bound result has no finite lipschitz_bound: {value!r}")
-    return doc
+    return bound if bound.created_at is not None else replace(bound, created_at=_now())
 
 
-def _bound_params(model_id: str, doc: dict[str, Any]) -> tuple[Any, ...]:
+def _bound_params(model_id: str, bound: StoredBound) -> tuple[object, ...]:
     return (
         model_id,
-        doc.get("job_id"),
-        str(doc.get("method", "")),
-        float(doc["lipschitz_bound"]),
-        1 if doc.get("verified") is True else 0,
-        doc["created_at"],
-        json.dumps(doc),
-        _recorded_hash(doc),
+        bound.job_id,
+        bound.method,
+        bound.lipschitz_bound,
+        1 if bound.verified else 0,
+        bound.created_at,
+        json.dumps(bound.to_json()),
+        bound.recorded_hash,
         model_id,
     )
+
+
+def _stored(text: str) -> StoredBound:
+    """A ``bounds.result`` row as the bound it describes."""
+    return StoredBound.from_json(json.loads(text), clean=False)  # written strict
 
 
 def _fsync_dir(path: Path) -> None:
@@ -714,13 +705,6 @@ def _fsync_dir(path: Path) -> None:
 _CURRENT = (
     "model_id = ? AND network_hash = (SELECT network_hash FROM models WHERE id = bounds.model_id)"
 )
-
-
-def _recorded_hash(doc: dict[str, Any]) -> str | None:
-    """The network a bound document says it was computed on (None: not recorded)."""
-    cert = doc.get("certificate")
-    cert_hash = cert.get("network_hash") if isinstance(cert, dict) else None
-    return doc.get("network_hash") or cert_hash or None
 
 
 def _layout_json(net: Network) -> str:

@@ -7,7 +7,6 @@ errors print one line on stderr and exit non-zero (:func:`service.cli._common.fa
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from service.cli._common import fail
+from service.documents import StoredBound, strict_json
 
 _METHOD_HELP = "auto, naive, lipsdp-layer, lipsdp-neuron, eclipse-fast, eclipse or sandwich."
 
@@ -68,17 +68,6 @@ def _compute(
     )
 
 
-def _finite(obj: Any) -> Any:
-    """JSON cannot carry inf/nan: map them to None."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def bound(
     model: Path = typer.Argument(..., help="ONNX, safetensors or LipSDP .mat file."),
     method: str = typer.Option("auto", help=_METHOD_HELP),
@@ -113,7 +102,7 @@ def bound(
     summary["model"] = str(model)
     summary["network_hash"] = net.content_hash()
     if json_out:
-        sys.stdout.write(json.dumps(_finite(summary)) + "\n")
+        sys.stdout.write(json.dumps(strict_json(summary)) + "\n")
         return
     table = Table(title=f"lipcert bound: {model.name}", show_header=False)
     for key in ("lipschitz_bound", "method", "verified", "solver", "lower_bound", "gap_ratio"):
@@ -190,7 +179,7 @@ def certify(
     if y is not None and np.asarray(y).reshape(-1).shape[0] != x.size // net.input_size:
         fail(f"{np.asarray(y).size} labels for {x.size // net.input_size} inputs")
     if mode == "local":
-        bound_doc: dict[str, Any] | None = None
+        floor: StoredBound | None = None
         bound_summary = None
         if method != "none":
             try:
@@ -198,8 +187,8 @@ def certify(
             except LipcertError as e:
                 fail(f"{e.code}: {e.detail}")
             bound_summary = gb.summary()
-            bound_doc = {"lipschitz_bound": gb.value, "verified": gb.verified}
-        cert = local.run(net, x.reshape(-1, net.input_size), y, options, bound_doc)
+            floor = StoredBound.from_result(gb, net.content_hash())
+        cert = local.run(net, x.reshape(-1, net.input_size), y, options, floor)
         local.report(
             cert,
             model=model,
@@ -207,7 +196,6 @@ def certify(
             json_out=json_out,
             tsv=tsv,
             plot=plot,
-            finite=_finite,
         )
         return
     x = net.ir_inputs(x.reshape(-1, net.input_size))  # file layout -> the IR's (a permutation)
@@ -251,7 +239,7 @@ def certify(
         out["certified_accuracy"] = float(np.mean([r["certified"] for r in rows]))
         out["epsilon"] = 0.0
     if json_out:
-        sys.stdout.write(json.dumps(_finite(out)) + "\n")
+        sys.stdout.write(json.dumps(strict_json(out)) + "\n")
         return
     table = Table(title=f"L = {result.value:.6g} ({result.method})")
     for col in ("idx", "label", "predict", "margin", "radius", "correct"):

@@ -20,6 +20,7 @@ from rich.table import Table
 from sdp.errors import LipcertError
 from service.certification import Certified, result_rows
 from service.cli._common import fail
+from service.documents import StoredBound, strict_json
 from service.errors import InvalidInput
 from service.local_certify import LocalOptions, certify_rows, check_epsilon, device_optimizer
 
@@ -44,7 +45,7 @@ def run(
     x: np.ndarray,
     y: np.ndarray | None,
     options: LocalOptions,
-    bound: dict[str, Any] | None,
+    bound: StoredBound | None,
 ) -> Certified:
     """Certify the file-layout rows ``x``; CLI errors for bad input."""
     labels = None
@@ -121,7 +122,6 @@ def report(
     json_out: bool,
     tsv: Path | None,
     plot: Path | None,
-    finite: Any,
 ) -> None:
     """Write the TSV/plot and print the JSON object or a table."""
     if tsv is not None:
@@ -135,7 +135,7 @@ def report(
         out = {**cert.summary, "bound": bound_summary, "results": rows}
         if cert.summary.get("accuracy") is not None:
             out["clean_accuracy"] = cert.summary["accuracy"]
-        sys.stdout.write(json.dumps(finite(out)) + "\n")
+        sys.stdout.write(json.dumps(strict_json(out)) + "\n")
         return
     lip = cert.summary.get("lipschitz_bound")
     floor = "no global bound" if lip is None else f"global L = {lip:.6g}"

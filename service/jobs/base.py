@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from service.documents import StoredBound
+
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
@@ -149,17 +151,16 @@ class JobRecord:
         }
 
 
-def observe_solve_time(result: dict[str, Any]) -> None:
+def observe_solve_time(bound: StoredBound) -> None:
     """Record a succeeded job's wall time in the ``lipcert_bound_solve_seconds`` histogram."""
     try:
         # imported here: solver processes import service.jobs.base and never record metrics,
         # so they need not load prometheus_client
         from service.metrics import SOLVE_SECONDS
 
-        timings = result.get("timings") or {}
-        seconds = timings.get("total_s", result.get("solve_time_s"))
+        seconds = bound.timings.get("total_s", bound.solve_time_s)
         if isinstance(seconds, int | float):
-            SOLVE_SECONDS.labels(str(result.get("method", "?"))).observe(float(seconds))
+            SOLVE_SECONDS.labels(bound.method or "?").observe(float(seconds))
     except Exception:  # metrics never break a job
         pass
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from service.documents import StoredBound
 from service.jobs.base import JobSpec
 from service.local_certify import LocalOptions, certify_rows, device_optimizer, local_summary
 
@@ -74,11 +75,11 @@ class CertifyOptions:
         step = max(1, self.chunk_rows)
         return [(a, min(a + step, self.rows)) for a in range(0, self.rows, step)]
 
-    def bound(self) -> dict[str, Any] | None:
+    def bound(self) -> StoredBound | None:
         """The floor bound as :func:`service.local_certify.certify_rows` takes it."""
         if self.lipschitz is None:
             return None
-        return {"lipschitz_bound": self.lipschitz, "verified": True, "job_id": self.bound_job_id}
+        return StoredBound(self.lipschitz, verified=True, job_id=self.bound_job_id)
 
 
 def options_of(spec: JobSpec) -> CertifyOptions:

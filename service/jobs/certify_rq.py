@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from service.documents import strict_json_object
 from service.jobs.base import ACTIVE, JobRecord, JobSpec, now_iso
 from service.jobs.certify import (
     CertifyOptions,
@@ -43,7 +44,7 @@ from service.jobs.certify import (
     write_result,
 )
 from service.jobs.redis_state import PREFIX, RedisJobs, model_key
-from service.jobs.tasks import error_document, json_safe, load_network
+from service.jobs.tasks import error_document, load_network
 from service.local_certify import device_optimizer
 
 log = logging.getLogger("lipcert.jobs")
@@ -160,7 +161,7 @@ class _Chunks:
 
 
 def _fail(jobs: RedisJobs, job_id: str, exc: BaseException) -> None:
-    jobs.finish(job_id, "failed", error=error_document(exc), finished_at=now_iso())
+    jobs.finish(job_id, "failed", error=error_document(exc).to_json(), finished_at=now_iso())
 
 
 def help_certification(job_id: str) -> dict[str, Any]:
@@ -244,8 +245,8 @@ def run_certification_job(job_id: str, conn: Any, rq_job_id: str) -> dict[str, A
             parts.append(read_npz(data))
         columns, doc = join_chunks(parts, chunks.opts, time.perf_counter() - start)
         conn.set(key(job_id, "result"), npz(columns), ex=KEEP_S)
-        doc = json_safe(dict(doc, job_id=job_id, model_id=chunks.spec.model_id))
-        jobs.finish(job_id, "succeeded", result=doc, finished_at=now_iso())
+        summary = strict_json_object(dict(doc, job_id=job_id, model_id=chunks.spec.model_id))
+        jobs.finish(job_id, "succeeded", result=summary, finished_at=now_iso())
         conn.delete(key(job_id, "inputs"), *[key(job_id, f"chunk:{k}") for k in range(total)])
         return {"status": "succeeded"}
     except Exception as exc:

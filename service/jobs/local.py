@@ -28,9 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sdp.bounds.recheck import adopt_document
 from sdp.errors import LipcertError
 from service.diskspace import StorageFull
+from service.documents import StoredBound
+from service.jobs.adopt import adopt_bound
 from service.jobs.base import (
     CANCELLED,
     MODEL_DELETED,
@@ -315,15 +316,17 @@ class LocalRunner:
             proc.kill()  # already gone after supervise(); not when marking running failed
             with self._lock:
                 self._procs.pop(job_id, None)
-        if outcome.status == "succeeded" and outcome.result is not None:
-            doc = dict(outcome.result, job_id=job_id, model_id=spec.model_id)
+        if outcome.status == "succeeded" and isinstance(outcome.result, dict):
             if spec.kind == "certification":  # per-input results: a file, not a bound
-                self.store.finish(job_id, "succeeded", result=doc)
+                summary = dict(outcome.result, job_id=job_id, model_id=spec.model_id)
+                self.store.finish(job_id, "succeeded", result=summary)
                 return
+            bound = StoredBound.from_json(outcome.result).for_job(job_id, spec.model_id)
             try:
                 # the solver process imported the file itself: a bound of another float64
                 # network (e.g. other BLAS settings) is re-proven on the one the API serves
-                doc = adopt_document(self.storage.load_network(spec.model_id), doc, trusted=True)
+                net = self.storage.load_network(spec.model_id)
+                bound = adopt_bound(bound, net, trusted=True)
             except ModelNotFound:
                 self.store.finish(job_id, "failed", error=MODEL_DELETED)
                 return
@@ -331,9 +334,9 @@ class LocalRunner:
                 error = {"code": "unverified-result", "detail": f"result rejected: {exc}"}
                 self.store.finish(job_id, "failed", error=error)
                 return
-            guard = self.store.success_guard(job_id, self.owner.id, doc)
+            guard = self.store.success_guard(job_id, self.owner.id, bound.to_json())
             try:
-                stored = self.storage.save_job_bound(spec.model_id, doc, guard)
+                stored = self.storage.save_job_bound(spec.model_id, bound, guard)
             except StorageFull as exc:
                 self.store.finish(job_id, "failed", error={**STORAGE_FULL, "detail": exc.detail})
                 return
@@ -346,7 +349,7 @@ class LocalRunner:
             if stored == "model-deleted":
                 self.store.finish(job_id, "failed", error=MODEL_DELETED)
             elif stored == "stored":
-                observe_solve_time(doc)
+                observe_solve_time(bound)
             # "job-ended": cancelled or failed meanwhile (here or by another server): no bound
         elif outcome.status == "failed":
             self.store.finish(job_id, "failed", error=outcome.error)

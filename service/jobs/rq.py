@@ -41,10 +41,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 
-from sdp.bounds.recheck import adopt_document
 from sdp.errors import LipcertError
 from service.diskspace import StorageFull
+from service.documents import StoredBound
 from service.errors import QueueUnavailable
+from service.jobs.adopt import adopt_bound
 from service.jobs.base import (
     ACTIVE,
     CANCELLED,
@@ -313,12 +314,13 @@ class RqRunner:
         if result is not None and self.redis.hsetnx(job_key(rec.id), "persisted", "1"):
             error: dict[str, str] | None = None
             model_id = rec.spec.model_id
+            bound = StoredBound.from_json(result)
             try:
                 if self.storage.get_model(model_id) is None:
                     error = MODEL_DELETED
                 else:
-                    result = adopt_document(self.storage.load_network(model_id), result)
-                    if not self.storage.save_bound(model_id, result):
+                    bound = adopt_bound(bound, self.storage.load_network(model_id))
+                    if not self.storage.save_bound(model_id, bound):
                         error = MODEL_DELETED
             except LipcertError as exc:  # a worker's word is not a certificate
                 log.warning("job %s: worker result rejected: %s", rec.id, exc)
@@ -334,7 +336,7 @@ class RqRunner:
                     rec.id, ("succeeded",), status="failed", error=error, result="null"
                 )
             else:
-                observe_solve_time(result)
+                observe_solve_time(bound)
         self.redis.srem(ACTIVE_SET, rec.id)
 
     def _copy_certification(self, rec: JobRecord) -> bool:

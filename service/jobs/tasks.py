@@ -9,22 +9,21 @@ Messages go back to the supervising process over a pipe::
     ("result",   bound document)                                      once, on success
     ("error",    {"code": ..., "detail": ...})                        once, on failure
 
-The bound document is ``BoundResult.summary()`` with ``certificate`` replaced by the full
-certificate (``Certificate.to_json()``: rho and the multipliers T as lists), so a stored
-bound can be re-checked later without a solver (:func:`sdp.certificate.verify_certificate`).
+The bound document is :meth:`service.documents.StoredBound.to_json` (with the full
+certificate: rho and the multipliers T as lists), so a stored bound can be re-checked later
+without a solver (:func:`sdp.certificate.verify_on`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
-import math
 import os
 import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from service.documents import JobError, JsonValue, StoredBound, strict_json
 from service.jobs.base import JobSpec
 from service.storage import ModelNotFound, Storage
 
@@ -55,34 +54,14 @@ def load_network(source: ModelSource) -> Any:
     raise ValueError(f"unknown model source {source[0]!r}")
 
 
-def bound_document(
-    result: Any, network_hash: str, request: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The document stored for a bound: ``result.summary()`` + the full certificate(s) + the
-    content hash of the network that was bounded (a stored bound is only used while its model
-    imports to that network: :class:`service.storage.Storage`) + the request that asked for it
-    (a job's spec; None for the closed form checked at upload)."""
-    doc: dict[str, Any] = result.summary()
-    doc["network_hash"] = network_hash
-    if result.certificate is not None:
-        doc["certificate"] = json.loads(result.certificate.to_json())
-    if result.pairwise_certificates:
-        doc["pairwise_certificates"] = [
-            json.loads(c.to_json()) for c in result.pairwise_certificates
-        ]
-    if request is not None:
-        doc["request"] = request
-    return doc
-
-
 def run_bound(
     source: ModelSource,
     spec: JobSpec,
     progress: Callable[[dict[str, Any]], None],
     device: str = "auto",
-) -> dict[str, Any]:
+) -> StoredBound:
     """Load the model, run :func:`sdp.bounds.compute_bound` (the structured solver on
-    ``device``) and return the bound document."""
+    ``device``) and return the bound (:meth:`StoredBound.from_result`)."""
     from sdp.bounds import compute_bound
     from service.solver_device import use_solver_device
 
@@ -98,7 +77,7 @@ def run_bound(
         timeout_s=solver_timeout,
         progress=progress,
     )
-    return bound_document(result, net.content_hash(), spec.to_dict())
+    return StoredBound.from_result(result, net.content_hash(), spec.to_dict())
 
 
 def run_job(
@@ -107,45 +86,27 @@ def run_job(
     progress: Callable[[dict[str, Any]], None],
     device: str = "auto",
     threads: int = 1,
-) -> dict[str, Any]:
-    """A bound (:func:`run_bound`) or, for ``kind="certification"``, the local certification
-    of a batch (:func:`service.jobs.certify.run_certification`)."""
+) -> JsonValue:
+    """The JSON answer of a job: a bound's document (:func:`run_bound`) or, for
+    ``kind="certification"``, the summary of a batch's local certification
+    (:func:`service.jobs.certify.run_certification`)."""
     if spec.kind == "certification":
         from service.jobs.certify import JobProcess, run_certification
 
         proc = JobProcess(load_network, THREAD_ENV, die_with_parent)
-        return run_certification(source, spec, progress, threads, device, proc)
-    return run_bound(source, spec, progress, device)
+        return strict_json(run_certification(source, spec, progress, threads, device, proc))
+    return run_bound(source, spec, progress, device).to_json()
 
 
-def json_safe(obj: Any) -> Any:
-    """Plain JSON values only (numpy scalars -> float/int, non-finite -> None)."""
-    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
-        return obj
-    if isinstance(obj, int):
-        return obj
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "tolist"):  # numpy scalars and arrays
-        return json_safe(obj.tolist())
-    try:
-        x = float(obj)
-    except (TypeError, ValueError):
-        return str(obj)
-    return x if math.isfinite(x) else None
-
-
-def error_document(exc: BaseException) -> dict[str, str]:
-    """``{code, detail}`` for a failure: sdp error codes kept, anything else ``internal-error``."""
+def error_document(exc: BaseException) -> JobError:
+    """The job error of a failure: sdp error codes kept, anything else ``internal-error``."""
     from sdp.errors import LipcertError
 
     if isinstance(exc, LipcertError):
-        return {"code": exc.code, "detail": exc.detail}
+        return JobError(exc.code, exc.detail)
     if isinstance(exc, ModelNotFound):  # only the store's own miss, not any KeyError
-        return {"code": "model-not-found", "detail": f"model {exc} is not stored"}
-    return {"code": "internal-error", "detail": f"{type(exc).__name__}: {exc}"}
+        return JobError("model-not-found", f"model {exc} is not stored")
+    return JobError("internal-error", f"{type(exc).__name__}: {exc}")
 
 
 def die_with_parent() -> None:
@@ -169,13 +130,13 @@ def child_main(
     job = JobSpec.from_dict(spec)
 
     def progress(info: dict[str, Any]) -> None:
-        conn.send(("progress", json_safe(dict(info))))
+        conn.send(("progress", strict_json(info)))
 
     try:
         doc = run_job(source, job, progress, device, threads)
     except BaseException as exc:
-        conn.send(("error", error_document(exc)))
+        conn.send(("error", error_document(exc).to_json()))
     else:
-        conn.send(("result", json_safe(doc)))
+        conn.send(("result", doc))
     finally:
         conn.close()

@@ -22,6 +22,7 @@ from sdp.bounds.plan import check_bound_request
 from sdp.solvers import solver_names
 from service.deps import RunnerDep, StorageDep, model_or_404, runner_or_503
 from service.diskspace import StorageFull
+from service.documents import JsonValue, StoredBound
 from service.jobs.base import JobSpec
 from service.routes.jobs import JobOut
 from service.schemas import BODY_ERRORS, problem_responses
@@ -92,25 +93,9 @@ def request_bound(
     return rec.to_dict()
 
 
-def certificate_summary(doc: dict[str, Any]) -> dict[str, Any]:
-    """A stored bound with its certificate shortened to rho, layer count and network hash."""
-    out = dict(doc)
-    cert = out.get("certificate")
-    if isinstance(cert, dict) and "multipliers" in cert:
-        out["certificate"] = {
-            "format": cert.get("format"),
-            "rho": cert.get("rho"),
-            "layers": len(cert.get("multipliers") or []),
-            "network_hash": cert.get("network_hash"),
-        }
-    if "pairwise_certificates" in out:
-        out["pairwise_certificates"] = len(out["pairwise_certificates"] or [])
-    return out
-
-
 class BoundList(BaseModel):
     model_id: str
-    bounds: list[dict[str, Any]]
+    bounds: list[dict[str, Any]]  # StoredBound.to_json() / .summarised()
     best: dict[str, Any] | None
 
 
@@ -120,14 +105,21 @@ class BoundList(BaseModel):
     response_model=BoundList,
     responses=problem_responses(404, 422),
 )
-def list_bounds(model_id: str, storage: StorageDep, full: bool = False) -> dict[str, Any]:
+def list_bounds(model_id: str, storage: StorageDep, full: bool = False) -> BoundList:
     """Every verified bound stored for the model, oldest first, and the best (smallest) one.
 
     Certificates are summarised unless ``full=true`` (then rho and the multipliers T are
     included, so the bound can be re-checked without a solver).
     """
     model_or_404(storage, model_id)
-    docs = [d for d in storage.list_bounds(model_id) if d.get("verified") is True]
-    shown = docs if full else [certificate_summary(d) for d in docs]
-    best = min(shown, key=lambda d: d["lipschitz_bound"], default=None)
-    return {"model_id": model_id, "bounds": shown, "best": best}
+    verified = [b for b in storage.list_bounds(model_id) if b.verified]
+    best = min(verified, key=lambda b: b.lipschitz_bound, default=None)
+
+    def shown(b: StoredBound) -> dict[str, JsonValue]:
+        return b.to_json() if full else b.summarised()
+
+    return BoundList(
+        model_id=model_id,
+        bounds=[shown(b) for b in verified],
+        best=None if best is None else shown(best),
+    )

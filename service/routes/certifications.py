@@ -184,7 +184,7 @@ async def request_certification(
         epsilon=None if per_input or options.epsilon is None else float(options.epsilon),
         per_input_epsilon=per_input,
         lipschitz=verified_global_bound(floor),
-        bound_job_id=None if floor is None else floor.get("job_id"),
+        bound_job_id=None if floor is None else floor.job_id,
     )
     eps_column = options.epsilon if per_input else None
     data = await asyncio.to_thread(inputs_npz, x, y, eps_column)  # type: ignore[arg-type]

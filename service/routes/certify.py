@@ -22,6 +22,7 @@ from service.bodies.media import (
 )
 from service.certification import certify_columns, rows_payload
 from service.deps import SettingsDep, StorageDep, WorkerDep, model_or_404
+from service.documents import StoredBound
 from service.errors import NotFound, NoVerifiedBound
 from service.local_certify import global_epsilon
 from service.routes.certify_local import LocalQuery, certify_local_response, read_local_body
@@ -57,7 +58,7 @@ _REQUEST_BODY = {
 }
 
 
-def pick_bound(storage: Storage, model_id: str, which: str) -> dict[str, Any]:
+def pick_bound(storage: Storage, model_id: str, which: str) -> StoredBound:
     """The verified bound to use: ``best`` or the result of bound job ``which``."""
     if which == "best":
         bound = storage.best_bound(model_id)
@@ -71,12 +72,12 @@ def pick_bound(storage: Storage, model_id: str, which: str) -> dict[str, Any]:
     bound = storage.bound_for_job(model_id, which)
     if bound is None:
         raise NotFound(f"no bound of this model from job {which!r}", code="bound-not-found")
-    if bound.get("verified") is not True:
+    if not bound.verified:
         raise NoVerifiedBound(f"the bound from job {which!r} is not verified")
     return bound
 
 
-def local_floor_bound(storage: Storage, model_id: str, which: str) -> dict[str, Any] | None:
+def local_floor_bound(storage: Storage, model_id: str, which: str) -> StoredBound | None:
     """The verified bound whose global radius floors local radii: ``best`` (None when the
     model has none yet: local certification does not need one) or bound job ``which``."""
     if which == "best":
@@ -168,7 +169,7 @@ async def _certify(
     media = body_media_type(request.scope)
     decode = decoder_for(media)
     as_npz = prefers_npz(request.headers.get("accept"))
-    chosen: dict[str, Any] = {}
+    chosen: list[StoredBound] = []  # set by the decoder, before the logits
     if local.enabled and not is_json_media(media):  # .npy / .npz with ?mode=local
         x, labels = await read_local_body(request, media, rec, settings)
         floor = local_floor_bound(storage, model_id, bound)
@@ -178,7 +179,7 @@ async def _certify(
         epsilon = global_epsilon(local.epsilon, local.method, local.time_budget_s)
 
     def choose_bound(which: str) -> None:
-        chosen.update(pick_bound(storage, model_id, which))
+        chosen.append(pick_bound(storage, model_id, which))
 
     body = CertifyBody(
         request,
@@ -202,7 +203,7 @@ async def _certify(
     def render() -> bytes:
         cert = certify_columns(
             logits,
-            chosen,
+            chosen[-1],
             labels=options.labels,
             return_logits=options.return_logits,
             epsilon=options.epsilon,

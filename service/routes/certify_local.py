@@ -28,6 +28,7 @@ from service.bodies.media import JSON_MEDIA_TYPE, NPY_MEDIA_TYPES, NPZ_MEDIA_TYP
 from service.bodies.npy import load_npy
 from service.bodies.npz import read_npz_body
 from service.certification import Certified, result_rows
+from service.documents import StoredBound
 from service.errors import InvalidInput, ServiceError, UnsupportedMediaType
 from service.local_certify import (
     certify_rows,
@@ -105,7 +106,7 @@ async def certify_local_response(
     x: np.ndarray,
     labels: list[int] | None,
     query: LocalQuery,
-    bound: dict[str, Any] | None,
+    bound: StoredBound | None,
     as_npz: bool,
 ) -> Response:
     """Certify the rows ``x`` (the model file's layout) locally and render the answer."""
@@ -123,7 +124,7 @@ async def certify_local_rows(
     x: np.ndarray,
     labels: list[int] | None,
     query: LocalQuery,
-    bound: dict[str, Any] | None,
+    bound: StoredBound | None,
 ) -> Certified:
     """The local certification of at most ``LIPCERT_MAX_LOCAL_INPUTS`` rows, off the loop."""
     if len(x) > settings.max_local_inputs:

@@ -10,9 +10,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Request, Response, UploadFile, status
 
 from sdp.bounds.sandwich import sandwich_bound
+from sdp.ir import Network
 from service.deps import RunnerDep, SettingsDep, StorageDep, model_or_404
+from service.documents import StoredBound
 from service.errors import NotFound, QueueUnavailable
-from service.jobs.tasks import bound_document, json_safe
 from service.schemas import BODY_ERRORS, ModelInfo, ModelList, problem_responses
 from service.storage import ID_LENGTH, ModelRecord, Storage
 
@@ -59,7 +60,7 @@ async def upload_model(
     return rec
 
 
-def _store_sandwich_bound(storage: Storage, model_id: str, net: Any) -> None:
+def _store_sandwich_bound(storage: Storage, model_id: str, net: Network) -> None:
     """Check the sandwich closed form (design.md §3.4) and store it when it verifies."""
     try:
         result = sandwich_bound(net)
@@ -67,8 +68,9 @@ def _store_sandwich_bound(storage: Storage, model_id: str, net: Any) -> None:
         log.warning("sandwich closed form of %s not stored: %s", model_id, exc)
         return
     if result.verified:  # with its certificate (rho, T), so ?full=true can show it
-        doc = bound_document(result, net.content_hash())
-        storage.save_bound(model_id, {**json_safe(doc), "job_id": None, "source": "upload"})
+        storage.save_bound(
+            model_id, StoredBound.from_result(result, net.content_hash(), source="upload")
+        )
 
 
 @router.get("", response_model=ModelList, summary="List stored models")

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from service.bodies.arrays import as_array, batch_inputs, check_finite
 from service.bodies.budget import JSON_DECODE_FACTOR, hold_request_memory
 from service.bodies.json_body import loads_json
-from service.certification import radii
+from service.certification import radius_result
 from service.deps import SettingsDep, StorageDep, WorkerDep, model_or_404
 from service.errors import InvalidInput, NotFound, UnsupportedMediaType
 from service.oip_binary import (
@@ -363,7 +363,8 @@ async def _infer(
         pred, radius = local.columns["prediction"], local.columns["radius"]
     else:
         assert bound is not None  # pick_bound raised otherwise
-        pred, _, radius, _ = radii(logits, float(bound["lipschitz_bound"]), logit_error=err)
+        out = radius_result(logits, bound, logit_error=err)  # the global radius only
+        pred, radius = np.asarray(out.prediction), np.asarray(out.radius, dtype=np.float64)
     tensors = {
         "logits": OutputTensor("logits", "FP64", logits),
         "prediction": OutputTensor("prediction", "INT64", pred.astype(np.int64)),
@@ -377,8 +378,8 @@ async def _infer(
         "id": req.id,
         "parameters": {
             "mode": mode,
-            "lipschitz_bound": None if bound is None else float(bound["lipschitz_bound"]),
-            "bound_method": None if bound is None else str(bound.get("method", "")),
+            "lipschitz_bound": None if bound is None else bound.lipschitz_bound,
+            "bound_method": None if bound is None else bound.method,
         },
     }
     outputs = [(tensors[name], flags.get(name, default_binary)) for name in wanted]

@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.documents import StoredBound
 from service.local_certify import LocalOptions
 from service.settings import Settings
 from tests.e2e.test_rq import worker_process
@@ -47,7 +48,7 @@ def test_two_rq_workers_share_the_chunks(
     weights = small_net(widths=(4, 32, 32, 3))
     mid = client.post("/v1/models", files={"file": ("n.onnx", mlp_onnx(weights))}).json()["id"]
     lip = norm_product(weights)
-    bound = {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "j-naive"}
+    bound = StoredBound(lip, method="naive", verified=True, job_id="j-naive")
     client.app.state.storage.save_bound(mid, bound)  # type: ignore[attr-defined]
     x = np.random.default_rng(8).normal(size=(40, 4))
     net = client.app.state.storage.load_network(mid)  # type: ignore[attr-defined]

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from service.documents import StoredBound
 from tests.service.onnx_nets import mlp_onnx
 
 
@@ -76,6 +77,9 @@ async def serving(app: Any, weights: list[np.ndarray]) -> AsyncIterator[tuple[An
             up = await http.post("/v1/models", files={"file": ("m.onnx", mlp_onnx(weights))})
             mid = up.json()["id"]
             app.state.storage.save_bound(
-                mid, {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
+                mid,
+                StoredBound.from_json(
+                    {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
+                ),
             )
             yield http, f"/v1/models/{mid}/certify"

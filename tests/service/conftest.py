@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.documents import StoredBound
 from service.settings import Settings
 from tests.service.onnx_nets import lipsdp_weights, mlp_onnx, norm_product
 
@@ -55,6 +56,9 @@ def model(client: TestClient, rw_onnx: bytes, rw_weights: list[np.ndarray]) -> t
     mid = client.post("/v1/models", files={"file": ("rw.onnx", rw_onnx)}).json()["id"]
     lip = norm_product([w.astype(np.float32) for w in rw_weights])
     client.app.state.storage.save_bound(
-        mid, {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "job-naive"}
+        mid,
+        StoredBound.from_json(
+            {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "job-naive"}
+        ),
     )
     return str(mid), lip

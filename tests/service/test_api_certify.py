@@ -14,6 +14,7 @@ import pytest
 
 from service import metrics
 from service.app import create_app
+from service.documents import StoredBound
 from service.settings import Settings
 from tests.service.onnx_nets import assert_oip_error, assert_problem, mlp_onnx
 
@@ -139,9 +140,14 @@ def test_labels_certified_accuracy_and_bound_by_job(client, model) -> None:
 def test_best_bound_is_the_smallest_verified(client, model) -> None:
     mid, lip = model
     storage = client.app.state.storage
-    storage.save_bound(mid, {"lipschitz_bound": lip / 100, "method": "x", "verified": False})
     storage.save_bound(
-        mid, {"lipschitz_bound": lip / 2, "method": "lipsdp-neuron", "verified": True}
+        mid, StoredBound.from_json({"lipschitz_bound": lip / 100, "method": "x", "verified": False})
+    )
+    storage.save_bound(
+        mid,
+        StoredBound.from_json(
+            {"lipschitz_bound": lip / 2, "method": "lipsdp-neuron", "verified": True}
+        ),
     )
     body = client.post(f"/v1/models/{mid}/certify", json={"inputs": [[0.3, 0.1]]}).json()
     assert body["lipschitz_bound"] == pytest.approx(lip / 2)
@@ -153,12 +159,14 @@ def test_pairwise_radius(client, model) -> None:
     pw = [[0.0, lip / 3], [lip / 3, 0.0]]
     client.app.state.storage.save_bound(
         mid,
-        {
-            "lipschitz_bound": lip / 1.01,
-            "method": "lipsdp-neuron",
-            "verified": True,
-            "pairwise": pw,
-        },
+        StoredBound.from_json(
+            {
+                "lipschitz_bound": lip / 1.01,
+                "method": "lipsdp-neuron",
+                "verified": True,
+                "pairwise": pw,
+            }
+        ),
     )
     item = client.post(f"/v1/models/{mid}/certify", json={"inputs": [[0.3, -0.7]]}).json()[
         "results"
@@ -232,7 +240,7 @@ def test_too_many_inputs(make_client, rw_onnx) -> None:
     client = make_client(max_inputs=4)
     mid = client.post("/v1/models", files={"file": ("rw.onnx", rw_onnx)}).json()["id"]
     client.app.state.storage.save_bound(
-        mid, {"lipschitz_bound": 1e3, "method": "naive", "verified": True}
+        mid, StoredBound.from_json({"lipschitz_bound": 1e3, "method": "naive", "verified": True})
     )
     assert_problem(client.post(f"/v1/models/{mid}/certify", json={"inputs": [[0, 0]] * 5}), 422)
 
@@ -320,7 +328,10 @@ def test_200_concurrent_requests_are_batched_and_correct(tmp_path, rw_onnx, rw_w
                 up = await c.post("/v1/models", files={"file": ("rw.onnx", rw_onnx)})
                 mid = up.json()["id"]
                 app.state.storage.save_bound(
-                    mid, {"lipschitz_bound": 1e3, "method": "naive", "verified": True}
+                    mid,
+                    StoredBound.from_json(
+                        {"lipschitz_bound": 1e3, "method": "naive", "verified": True}
+                    ),
                 )
                 before = _batched_count()
                 resps = await asyncio.gather(
@@ -350,7 +361,7 @@ def test_full_queue_is_503_with_retry_after(make_client, rw_onnx) -> None:
     client = make_client(queue_size=1)
     mid = client.post("/v1/models", files={"file": ("rw.onnx", rw_onnx)}).json()["id"]
     client.app.state.storage.save_bound(
-        mid, {"lipschitz_bound": 1e3, "method": "naive", "verified": True}
+        mid, StoredBound.from_json({"lipschitz_bound": 1e3, "method": "naive", "verified": True})
     )
     worker = client.app.state.worker
     worker.stop()  # nothing drains the queue now
@@ -365,7 +376,7 @@ def test_single_output_model_is_422_not_500(client) -> None:
     data = mlp_onnx([rng.normal(size=(3, 2)), rng.normal(size=(1, 3))])
     mid = client.post("/v1/models", files={"file": ("one.onnx", data)}).json()["id"]
     client.app.state.storage.save_bound(
-        mid, {"lipschitz_bound": 10.0, "method": "naive", "verified": True}
+        mid, StoredBound.from_json({"lipschitz_bound": 10.0, "method": "naive", "verified": True})
     )
     r = client.post(f"/v1/models/{mid}/certify", json={"inputs": [[0.1, 0.2]]})
     assert_problem(r, 422, "not-a-classifier")

@@ -20,6 +20,7 @@ import pytest
 
 from sdp.importers import load_model
 from sdp.rounding import logit_error_bound, unit_roundoff
+from service.documents import StoredBound
 from service.storage import Storage
 from service.worker import ROUNDING_SAFETY
 from tests.sdp.test_importers_input_layout import conv_net_onnx, ort_logits
@@ -55,7 +56,10 @@ def model(client, nhwc) -> tuple[str, float]:
     mid = r.json()["id"]
     lip = _naive_bound(net)
     client.app.state.storage.save_bound(
-        mid, {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "j"}
+        mid,
+        StoredBound.from_json(
+            {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "j"}
+        ),
     )
     return mid, lip
 

@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.bodies.media import NPZ_MEDIA_TYPE
+from service.documents import StoredBound
 from service.local_certify import LocalOptions, certify_rows
 from tests.service.onnx_nets import assert_problem, mlp_onnx, norm_product
 
@@ -36,7 +37,10 @@ def local_model(client: TestClient) -> tuple[str, float, np.ndarray, np.ndarray]
     mid = client.post("/v1/models", files={"file": ("n.onnx", mlp_onnx(weights))}).json()["id"]
     lip = norm_product(weights)
     client.app.state.storage.save_bound(  # type: ignore[attr-defined]
-        mid, {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "j-naive"}
+        mid,
+        StoredBound.from_json(
+            {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "j-naive"}
+        ),
     )
     x = np.random.default_rng(1).normal(size=(6, 4))
     logits = client.app.state.storage.load_network(mid).forward(x)  # type: ignore[attr-defined]

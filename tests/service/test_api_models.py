@@ -8,6 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from service.documents import StoredBound
 from tests.service.onnx_nets import assert_problem, mlp_onnx
 
 
@@ -48,12 +49,12 @@ def test_models_and_bounds_survive_restart(make_client, rw_onnx) -> None:
     first = make_client()
     mid = upload(first, rw_onnx).json()["id"]
     first.app.state.storage.save_bound(
-        mid, {"lipschitz_bound": 99.0, "method": "naive", "verified": True}
+        mid, StoredBound.from_json({"lipschitz_bound": 99.0, "method": "naive", "verified": True})
     )
     first.__exit__(None, None, None)
     second = make_client()
     assert second.get(f"/v1/models/{mid}").status_code == 200
-    assert second.app.state.storage.best_bound(mid)["lipschitz_bound"] == 99.0
+    assert second.app.state.storage.best_bound(mid).lipschitz_bound == 99.0
 
 
 def test_mat_upload(client, fixtures_dir) -> None:

@@ -25,9 +25,9 @@ def test_sandwich_upload_is_certifiable_immediately(client) -> None:
     assert info["kind"] == "sandwich" and info["format"] == "safetensors"
     mid = info["id"]
     bounds = client.app.state.storage.list_bounds(mid)
-    assert len(bounds) == 1 and bounds[0]["method"] == "sandwich"
-    assert bounds[0]["verified"] is True
-    lip = bounds[0]["lipschitz_bound"]
+    assert len(bounds) == 1 and bounds[0].method == "sandwich"
+    assert bounds[0].verified is True
+    lip = bounds[0].lipschitz_bound
     # verified sqrt(rho) for the explicit multipliers: at most gamma, and not the lying 0.01
     assert 2.4 <= lip <= 2.5 * (1 + 1e-6)
     x = np.random.default_rng(0).normal(size=(4, 6))

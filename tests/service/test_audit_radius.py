@@ -18,6 +18,7 @@ import pytest
 from sdp.ir import Activation, Dense, Network
 from sdp.radius import certified_radius
 from sdp.rounding import logit_error_bound, unit_roundoff
+from service.documents import StoredBound
 from tests.service.onnx_nets import mlp_onnx
 
 N = 64
@@ -52,7 +53,10 @@ def test_service_radius_never_exceeds_the_exact_boundary_distance(make_client, d
     mid = client.post("/v1/models", files={"file": ("lin.onnx", mlp_onnx([W]))}).json()["id"]
     lip = float(np.linalg.norm(W, 2)) * (1 + 1e-12)
     client.app.state.storage.save_bound(
-        mid, {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "j"}
+        mid,
+        StoredBound.from_json(
+            {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "j"}
+        ),
     )
     x = _near_boundary_inputs(W[0], 40)
     body = client.post(f"/v1/models/{mid}/certify", json={"inputs": x.tolist()}).json()
@@ -199,7 +203,10 @@ def test_overflowing_logits_certify_nothing(make_client) -> None:
     client = make_client()
     mid = client.post("/v1/models", files={"file": ("lin.onnx", mlp_onnx([w]))}).json()["id"]
     client.app.state.storage.save_bound(
-        mid, {"lipschitz_bound": 3.0, "method": "naive", "verified": True, "job_id": "j"}
+        mid,
+        StoredBound.from_json(
+            {"lipschitz_bound": 3.0, "method": "naive", "verified": True, "job_id": "j"}
+        ),
     )
     r = client.post(f"/v1/models/{mid}/certify", json={"inputs": [[1e308, 1e308]], "labels": [0]})
     assert r.status_code == 200, r.text

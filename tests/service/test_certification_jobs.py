@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from service.bodies.media import NPZ_MEDIA_TYPE
 from service.certification import Certified
+from service.documents import StoredBound
 from service.local_certify import LocalOptions, certify_rows
 from tests.service.jobs_support import ended, job_getter, wait_for
 from tests.service.onnx_nets import assert_problem, mlp_onnx, norm_product
@@ -45,7 +46,10 @@ def _upload(client: TestClient, seed: int = 0) -> tuple[str, float]:
     mid = client.post("/v1/models", files={"file": ("n.onnx", mlp_onnx(weights))}).json()["id"]
     lip = norm_product(weights)
     client.app.state.storage.save_bound(  # type: ignore[attr-defined]
-        mid, {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "j-naive"}
+        mid,
+        StoredBound.from_json(
+            {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "j-naive"}
+        ),
     )
     return str(mid), lip
 
@@ -76,7 +80,7 @@ def test_job_in_chunks_on_a_process_pool_equals_the_library(pooled: TestClient) 
     last = [json.loads(line[6:]) for line in events.splitlines() if line.startswith("data: ")]
     assert any(d.get("chunks_done") == 5 for d in last)
 
-    bound = {"lipschitz_bound": lip, "verified": True, "job_id": "j-naive"}
+    bound = StoredBound(lip, verified=True, job_id="j-naive")
     ref = chunked_reference(net, x, y, LocalOptions("crown", 0.1, 5.0), bound, 5)
     rows = pooled.get(f"/v1/jobs/{job['id']}/result").json()
     assert [r["certified"] for r in rows["results"]] == ref.columns["certified"].tolist()

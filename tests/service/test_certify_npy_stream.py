@@ -17,6 +17,7 @@ import pytest
 from service import metrics
 from service.app import create_app
 from service.bodies.npy_stream import FortranBody, NpyRows, RowBlock
+from service.documents import StoredBound
 from service.errors import InvalidInput
 from service.settings import Settings
 from tests.service.onnx_nets import mlp_onnx, norm_product
@@ -154,7 +155,10 @@ def test_chunked_upload_runs_in_blocks_and_matches_the_network(tmp_path) -> None
                     "id"
                 ]
                 app.state.storage.save_bound(
-                    mid, {"lipschitz_bound": lip, "method": "naive", "verified": True}
+                    mid,
+                    StoredBound.from_json(
+                        {"lipschitz_bound": lip, "method": "naive", "verified": True}
+                    ),
                 )
                 hdr = {"content-type": "application/x-npy", "accept": "application/x-npz"}
                 path = f"/v1/models/{mid}/certify?return_logits=true"

@@ -15,6 +15,7 @@ import pytest
 
 from sdp.rounding import row_norm_upper_bounds
 from service.bodies.media import NPZ_MEDIA_TYPE, prefers_npz
+from service.documents import StoredBound
 from tests.service.onnx_nets import assert_problem, mlp_onnx, norm_product
 
 NPZ = {"accept": NPZ_MEDIA_TYPE}
@@ -49,7 +50,10 @@ def model3(client, net3):
     onnx_bytes, lip = net3
     mid = client.post("/v1/models", files={"file": ("net3.onnx", onnx_bytes)}).json()["id"]
     client.app.state.storage.save_bound(
-        mid, {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "job-3"}
+        mid,
+        StoredBound.from_json(
+            {"lipschitz_bound": lip, "method": "naive", "verified": True, "job_id": "job-3"}
+        ),
     )
     return mid, lip, onnx_bytes
 
@@ -130,13 +134,15 @@ def test_npy_body_npz_answer_with_pairwise(client, model3) -> None:
     np.fill_diagonal(pw, 0.0)
     client.app.state.storage.save_bound(
         mid,
-        {
-            "lipschitz_bound": lip * 0.9,
-            "method": "lipsdp-neuron",
-            "verified": True,
-            "pairwise": pw.tolist(),
-            "job_id": "job-pw",
-        },
+        StoredBound.from_json(
+            {
+                "lipschitz_bound": lip * 0.9,
+                "method": "lipsdp-neuron",
+                "verified": True,
+                "pairwise": pw.tolist(),
+                "job_id": "job-pw",
+            }
+        ),
     )
     x = np.random.default_rng(1).normal(size=(64, 4)).astype(np.float32)
     path = f"/v1/models/{mid}/certify?bound=job-pw&return_logits=true"

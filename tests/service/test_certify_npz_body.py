@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from service.bodies.media import NPZ_MEDIA_TYPE
+from service.documents import StoredBound
 from tests.service.onnx_nets import assert_problem
 
 NPZ_BODY = {"content-type": NPZ_MEDIA_TYPE}
@@ -169,7 +170,7 @@ def test_bad_npz_bodies_are_problems(make_client, rw_onnx, name) -> None:
     client = make_client(max_upload_mb=0.5)
     mid = client.post("/v1/models", files={"file": ("rw.onnx", rw_onnx)}).json()["id"]
     client.app.state.storage.save_bound(
-        mid, {"lipschitz_bound": 10.0, "method": "naive", "verified": True}
+        mid, StoredBound.from_json({"lipschitz_bound": 10.0, "method": "naive", "verified": True})
     )
     body, code, reason = _bodies()[name]
     r = client.post(f"/v1/models/{mid}/certify", content=body, headers=NPZ_BODY)

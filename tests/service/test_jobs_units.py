@@ -3,6 +3,7 @@ path, bounded concurrency, and the Redis state script (real redis-server)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -13,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.documents import strict_json
 from service.jobs.base import JobRecord, JobSpec
 from service.jobs.local import LocalRunner
 from service.jobs.process import SolveProcess, supervise
 from service.jobs.store import JobStore
-from service.jobs.tasks import json_safe
 from service.storage import Storage
 from tests.redis_server import redis_server
 from tests.service.jobs_support import LONG_SOLVE, big_random_net, wait_for, wait_pid_gone
@@ -56,10 +57,13 @@ def test_store_transitions_first_terminal_wins(tmp_path: Path) -> None:
     assert [r.id for r in store.find_reusable(a.spec.dedupe_key())] == ["b"]
 
 
-def test_json_safe_makes_plain_json() -> None:
-    out = json_safe({"a": np.float64(1.5), "b": np.arange(3), "c": math.nan, "d": (np.int64(2),)})
-    assert out == {"a": 1.5, "b": [0, 1, 2], "c": None, "d": [2]}
-    assert type(out["b"][0]) is int
+def test_strict_json_makes_plain_json() -> None:
+    out = strict_json(
+        {"a": np.float64(1.5), "b": np.arange(3), "c": math.nan, "d": (np.int64(2),), 3: -math.inf}
+    )
+    assert out == {"a": 1.5, "b": [0, 1, 2], "c": None, "d": [2], "3": None}
+    assert isinstance(out, dict) and isinstance(out["b"], list) and type(out["b"][0]) is int
+    assert json.loads(json.dumps(out, allow_nan=False)) == out
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import orjson
 
 from service.app import create_app
 from service.bodies.limits import BodyLimitMiddleware
+from service.documents import StoredBound
 from service.settings import Settings
 from tests.service.asgi_calls import post_in_halves
 from tests.service.onnx_nets import assert_oip_error, assert_problem, mlp_onnx
@@ -218,7 +219,10 @@ def test_the_json_part_of_a_binary_body_is_counted_at_the_json_weight(
                 up = await http.post("/v1/models", files={"file": ("m.onnx", mlp_onnx(rw_weights))})
                 mid = up.json()["id"]
                 app.state.storage.save_bound(
-                    mid, {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
+                    mid,
+                    StoredBound.from_json(
+                        {"lipschitz_bound": 1.0, "method": "naive", "verified": True}
+                    ),
                 )
                 gate = asyncio.Event()
                 held = asyncio.create_task(

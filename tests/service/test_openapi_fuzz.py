@@ -11,6 +11,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from service.app import create_app
+from service.documents import StoredBound
 from service.settings import Settings
 from tests.service.onnx_nets import lipsdp_weights, mlp_onnx
 
@@ -26,7 +27,7 @@ def test_no_server_errors(tmp_path: Path, fixtures_dir: Path) -> None:
     rec = app.state.storage.save_model(mlp_onnx(weights), "rw.onnx")
     lip = float(np.prod([np.linalg.norm(w, 2) for w in weights]))
     app.state.storage.save_bound(
-        rec.id, {"lipschitz_bound": lip, "method": "naive", "verified": True}
+        rec.id, StoredBound.from_json({"lipschitz_bound": lip, "method": "naive", "verified": True})
     )
     seen = []
     for result in schema.get_all_operations():

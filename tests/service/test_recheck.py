@@ -13,8 +13,8 @@ from sdp.bounds import compute_bound
 from sdp.bounds.recheck import adopt_document, recheck_document
 from sdp.errors import CertificateError
 from sdp.ir import Activation, Dense, Network
+from service.documents import StoredBound
 from service.jobs.base import JobSpec
-from service.jobs.tasks import bound_document, json_safe
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,8 @@ def net(fixtures_dir) -> Network:
 def _doc(net: Network, method: str, pairwise: bool = False) -> dict:
     res = compute_bound(net, method, pairwise=pairwise, lower_bound=False)
     spec = JobSpec(model_id="m", method=method, pairwise=pairwise)
-    doc = bound_document(res, net.content_hash(), spec.to_dict())
-    return json.loads(json.dumps(json_safe(doc)))
+    doc = StoredBound.from_result(res, net.content_hash(), spec.to_dict()).to_json()
+    return json.loads(json.dumps(doc))  # strict JSON: what travels through Redis
 
 
 def test_honest_documents_pass(net: Network) -> None:

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from service.documents import StoredBound
 from service.parsing import ModelChecker
 from service.storage import Storage
 from tests.service.old_store import OLD_TABLES
@@ -34,18 +35,33 @@ def test_best_bound_ignores_unverified_and_survives_reopen(tmp_path, onnx_bytes)
     s = Storage(tmp_path)
     mid = s.save_model(onnx_bytes).id
     assert s.best_bound(mid) is None
-    s.save_bound(mid, {"lipschitz_bound": 40.0, "method": "lipsdp-layer", "verified": True})
-    s.save_bound(mid, {"lipschitz_bound": 1.0, "method": "x", "verified": False})
     s.save_bound(
-        mid, {"lipschitz_bound": 36.5, "method": "lipsdp-neuron", "verified": True, "job_id": "j"}
+        mid,
+        StoredBound.from_json(
+            {"lipschitz_bound": 40.0, "method": "lipsdp-layer", "verified": True}
+        ),
+    )
+    s.save_bound(
+        mid, StoredBound.from_json({"lipschitz_bound": 1.0, "method": "x", "verified": False})
+    )
+    s.save_bound(
+        mid,
+        StoredBound.from_json(
+            {"lipschitz_bound": 36.5, "method": "lipsdp-neuron", "verified": True, "job_id": "j"}
+        ),
     )
     with pytest.raises(ValueError):
-        s.save_bound(mid, {"lipschitz_bound": float("nan"), "method": "x", "verified": True})
+        s.save_bound(
+            mid,
+            StoredBound.from_json(
+                {"lipschitz_bound": float("nan"), "method": "x", "verified": True}
+            ),
+        )
     reopened = Storage(tmp_path)
-    assert reopened.best_bound(mid)["lipschitz_bound"] == 36.5
-    assert reopened.bound_for_job(mid, "j")["method"] == "lipsdp-neuron"
+    assert reopened.best_bound(mid).lipschitz_bound == 36.5
+    assert reopened.bound_for_job(mid, "j").method == "lipsdp-neuron"
     assert reopened.bound_for_job(mid, "other") is None
-    assert [b["lipschitz_bound"] for b in reopened.list_bounds(mid)] == [40.0, 1.0, 36.5]
+    assert [b.lipschitz_bound for b in reopened.list_bounds(mid)] == [40.0, 1.0, 36.5]
     net = reopened.load_network(mid)
     assert net.input_size == 2 and net.output_size == 2
     assert reopened.delete_model(mid)
@@ -66,7 +82,9 @@ def test_concurrent_writers(tmp_path, onnx_bytes) -> None:
             for i in range(20):
                 s.save_bound(
                     mid,
-                    {"lipschitz_bound": 100.0 + k * 20 + i, "method": "naive", "verified": True},
+                    StoredBound.from_json(
+                        {"lipschitz_bound": 100.0 + k * 20 + i, "method": "naive", "verified": True}
+                    ),
                 )
         except BaseException as exc:
             errors.append(exc)
@@ -78,7 +96,7 @@ def test_concurrent_writers(tmp_path, onnx_bytes) -> None:
         t.join()
     assert errors == []
     assert len(s.list_bounds(mid)) == 80
-    assert s.best_bound(mid)["lipschitz_bound"] == 100.0
+    assert s.best_bound(mid).lipschitz_bound == 100.0
 
 
 def test_a_bound_for_a_deleted_model_is_not_stored(tmp_path, onnx_bytes) -> None:
@@ -87,9 +105,9 @@ def test_a_bound_for_a_deleted_model_is_not_stored(tmp_path, onnx_bytes) -> None
     s = Storage(tmp_path)
     mid = s.save_model(onnx_bytes).id
     doc = {"lipschitz_bound": 40.0, "method": "lipsdp-layer", "verified": True}
-    assert s.save_bound(mid, doc) is True
+    assert s.save_bound(mid, StoredBound.from_json(doc)) is True
     assert s.delete_model(mid)
-    assert s.save_bound(mid, doc) is False
+    assert s.save_bound(mid, StoredBound.from_json(doc)) is False
     assert s.save_model(onnx_bytes).id == mid  # the same bytes again: the same id, no bounds
     assert s.list_bounds(mid) == [] and s.best_bound(mid) is None
 
@@ -132,13 +150,15 @@ def test_bounds_of_another_network_are_never_used(tmp_path, onnx_bytes) -> None:
     assert s.best_bound(mid) is None  # not re-imported yet: no bound is trusted
     assert s.reimport_stale_models(ModelChecker(60.0).parse) == {mid: "ok"}
     best = s.best_bound(mid)
-    assert best is not None and best["job_id"] == "current"
-    assert [b["job_id"] for b in s.list_bounds(mid)] == ["current"]
+    assert best is not None and best.job_id == "current"
+    assert [b.job_id for b in s.list_bounds(mid)] == ["current"]
     assert s.bound_for_job(mid, "stale") is None and s.bound_for_job(mid, "none") is None
     # new bounds: recorded for the network they name, else for the model's current one
     other = {"lipschitz_bound": 0.5, "method": "x", "verified": True, "network_hash": "f" * 64}
-    assert s.save_bound(mid, other)
-    assert s.save_bound(mid, {"lipschitz_bound": 30.0, "method": "naive", "verified": True})
+    assert s.save_bound(mid, StoredBound.from_json(other))
+    assert s.save_bound(
+        mid, StoredBound.from_json({"lipschitz_bound": 30.0, "method": "naive", "verified": True})
+    )
     best = s.best_bound(mid)
-    assert best is not None and best["lipschitz_bound"] == 30.0
+    assert best is not None and best.lipschitz_bound == 30.0
     assert Storage(tmp_path).best_bound(mid) == best  # reopened: nothing re-imported again

@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 
 from sdp.importers import IMPORTER_VERSION
 from service.app import create_app
+from service.documents import StoredBound
 from service.jobs.base import JobRecord, JobSpec
 from service.jobs.local import LocalRunner
 from service.jobs.store import JobStore, Owner
@@ -46,12 +47,12 @@ from tests.service.onnx_nets import mlp_onnx
 
 
 def test_only_the_stores_own_miss_is_model_not_found(tmp_path: Path) -> None:
-    assert error_document(KeyError("weights"))["code"] == "internal-error"
-    assert error_document(ModelNotFound("abc"))["code"] == "model-not-found"
+    assert error_document(KeyError("weights")).code == "internal-error"
+    assert error_document(ModelNotFound("abc")).code == "model-not-found"
     Storage(tmp_path)
     with pytest.raises(ModelNotFound) as exc:
         load_network(("storage", str(tmp_path), "0123456789abcdef"))
-    assert error_document(exc.value)["code"] == "model-not-found"
+    assert error_document(exc.value).code == "model-not-found"
 
 
 def _squat(storage: Storage, data: bytes) -> str:
@@ -190,7 +191,7 @@ def test_a_bound_is_stored_only_with_its_running_jobs_success(
 
     def save(job_id: str) -> str:
         guard = store.success_guard(job_id, me.id, {**doc, "job_id": job_id})
-        return storage.save_job_bound(mid, {**doc, "job_id": job_id}, guard)
+        return storage.save_job_bound(mid, StoredBound.from_json({**doc, "job_id": job_id}), guard)
 
     assert save("cancelled") == "job-ended"
     assert save("theirs") == "job-ended"  # not ours: nothing stored, its status unchanged
@@ -198,7 +199,7 @@ def test_a_bound_is_stored_only_with_its_running_jobs_success(
     assert save("done") == "stored"
     assert store.get("done").status == "succeeded"  # type: ignore[union-attr]
     assert save("done") == "job-ended"  # once
-    assert [b["job_id"] for b in storage.list_bounds(mid)] == ["done"]
+    assert [b.job_id for b in storage.list_bounds(mid)] == ["done"]
     # only dead owners' jobs are failed: "other" never registered a live process
     store.register(other)
     assert store.fail_orphaned(30.0, "server-restarted", "x") == 0
