@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from service.documents import StoredBound
+from service.documents import CANCELLED, JobError, StoredBound
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -32,15 +32,6 @@ def now_iso() -> str:
     """UTC time as ISO 8601 with milliseconds, e.g. ``2026-11-25T15:42:58.123Z``."""
     t = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
-
-
-#: The error of a job whose model was deleted before its bound could be stored.
-MODEL_DELETED = {
-    "code": "model-deleted",
-    "detail": "the model was deleted while the job ran; its bound was not stored",
-}
-#: The error of a job cancelled through ``DELETE /v1/jobs/{id}``.
-CANCELLED = {"code": "cancelled", "detail": "cancelled by request"}
 
 
 JobKind = Literal["bound", "certification"]
@@ -105,8 +96,9 @@ class JobRecord:
     ``progress`` holds the solver's last report (``phase``, ``iteration``, ``residual``, ...;
     ``phase`` is ``done`` once the job succeeded, while a failed or cancelled job keeps the
     phase it ended in);
-    ``result`` the stored bound document when ``succeeded``; ``error`` ``{code, detail}`` when
-    ``failed`` (``code`` is ``timeout``, ``server-restarted``, ``worker-lost``, an
+    ``result`` the stored bound document (``StoredBound.to_json``; a batch's summary for a
+    certification job) when ``succeeded``; ``error`` (:class:`~service.documents.JobError`)
+    when ``failed`` (``code`` is ``timeout``, ``server-restarted``, ``worker-lost``, an
     :mod:`sdp.errors` code, ...) or ``cancelled``.
     """
 
@@ -115,7 +107,7 @@ class JobRecord:
     status: JobStatus = "queued"
     progress: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
+    error: JobError | None = None
     created_at: str = field(default_factory=now_iso)
     started_at: str | None = None
     finished_at: str | None = None
@@ -142,7 +134,7 @@ class JobRecord:
             if self.status == "succeeded"
             else self.progress,
             "result": self.result,
-            "error": self.error,
+            "error": None if self.error is None else self.error.to_json(),
             "created_at": self.created_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
@@ -184,7 +176,7 @@ class JobRunner(Protocol):
 
     def get(self, job_id: str) -> JobRecord | None: ...
 
-    def cancel(self, job_id: str, error: dict[str, str] = CANCELLED) -> JobRecord | None: ...
+    def cancel(self, job_id: str, error: JobError = CANCELLED) -> JobRecord | None: ...
 
     def cancel_model(self, model_id: str) -> list[str]:
         """Cancel the unfinished jobs of a deleted model (error ``model-deleted``); their ids."""

@@ -161,7 +161,7 @@ class _Chunks:
 
 
 def _fail(jobs: RedisJobs, job_id: str, exc: BaseException) -> None:
-    jobs.finish(job_id, "failed", error=error_document(exc).to_json(), finished_at=now_iso())
+    jobs.finish(job_id, "failed", error=error_document(exc), finished_at=now_iso())
 
 
 def help_certification(job_id: str) -> dict[str, Any]:

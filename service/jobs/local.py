@@ -30,11 +30,9 @@ from typing import Any
 
 from sdp.errors import LipcertError
 from service.diskspace import StorageFull
-from service.documents import StoredBound
+from service.documents import CANCELLED, MODEL_DELETED, STORAGE_FULL, JobError, StoredBound
 from service.jobs.adopt import adopt_bound
 from service.jobs.base import (
-    CANCELLED,
-    MODEL_DELETED,
     JobRecord,
     JobSpec,
     JobStatus,
@@ -51,8 +49,6 @@ PROGRESS_WRITE_S = 0.3
 
 STATUS_CHECK_S = 1.0
 """How often a supervising thread re-reads its job's status (a cancel by another server)."""
-
-STORAGE_FULL = {"code": "storage-full", "detail": "the data dir is full: the bound was not stored"}
 
 
 class LocalRunner:
@@ -94,7 +90,7 @@ class LocalRunner:
         #: (failed, with this error) is written by the heartbeat once there is room again,
         #: else they would stay ``running`` for good (and be reused by identical requests)
         #: job id -> (final status, error) of jobs that ended while the job store was full
-        self._unfinished: dict[str, tuple[JobStatus, dict[str, str]]] = {}
+        self._unfinished: dict[str, tuple[JobStatus, JobError]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -145,7 +141,7 @@ class LocalRunner:
         with self._lock:
             self._stopping = True
             procs = list(self._procs.items())
-        stopped = {"code": "server-stopped", "detail": "server stopped during the solve"}
+        stopped = JobError("server-stopped", "server stopped during the solve")
         for job_id, proc in procs:
             proc.terminate()  # the supervising thread closes its pipe
             self._record(functools.partial(self.store.finish, job_id, "failed", error=stopped))
@@ -207,7 +203,7 @@ class LocalRunner:
         status, error = ended  # not written yet (full disk): answered as it ended
         return dataclasses.replace(rec, status=status, error=error)
 
-    def cancel(self, job_id: str, error: dict[str, str] = CANCELLED) -> JobRecord | None:
+    def cancel(self, job_id: str, error: JobError = CANCELLED) -> JobRecord | None:
         """Cancel: a queued job never starts; a running job's solver process is killed now."""
         with self._lock:
             rec = self.store.get(job_id)
@@ -226,7 +222,7 @@ class LocalRunner:
                 self._unfinished[job_id] = ("cancelled", error)
         return self.get(job_id)
 
-    def _finish_on_full_disk(self, job_id: str, status: JobStatus, error: dict[str, str]) -> None:
+    def _finish_on_full_disk(self, job_id: str, status: JobStatus, error: JobError) -> None:
         """End a job in the store; on a full disk the storage's reserve file is given up for
         the write (as for deleting a model). Raises StorageFull when that is not enough."""
         try:
@@ -266,10 +262,10 @@ class LocalRunner:
             except Exception as exc:  # keep the pool alive; the job records why
                 if isinstance(exc, StorageFull):  # e.g. it could not be marked running
                     log.warning("job %s: %s", job_id, exc.detail)
-                    error = {**STORAGE_FULL, "detail": exc.detail}
+                    error = STORAGE_FULL.with_detail(exc.detail)
                 else:
                     log.exception("job %s crashed the runner", job_id)
-                    error = {"code": "internal-error", "detail": repr(exc)}
+                    error = JobError("internal-error", repr(exc))
                 try:
                     self.store.finish(job_id, "failed", error=error)
                 except StorageFull:  # still full: the heartbeat writes it when there is room
@@ -331,20 +327,18 @@ class LocalRunner:
                 self.store.finish(job_id, "failed", error=MODEL_DELETED)
                 return
             except LipcertError as exc:
-                error = {"code": "unverified-result", "detail": f"result rejected: {exc}"}
+                error = JobError("unverified-result", f"result rejected: {exc}")
                 self.store.finish(job_id, "failed", error=error)
                 return
             guard = self.store.success_guard(job_id, self.owner.id, bound.to_json())
             try:
                 stored = self.storage.save_job_bound(spec.model_id, bound, guard)
             except StorageFull as exc:
-                self.store.finish(job_id, "failed", error={**STORAGE_FULL, "detail": exc.detail})
+                self.store.finish(job_id, "failed", error=STORAGE_FULL.with_detail(exc.detail))
                 return
             except Exception as exc:
                 log.exception("storing the bound of job %s failed", job_id)
-                self.store.finish(
-                    job_id, "failed", error={"code": "storage-error", "detail": str(exc)}
-                )
+                self.store.finish(job_id, "failed", error=JobError("storage-error", str(exc)))
                 return
             if stored == "model-deleted":
                 self.store.finish(job_id, "failed", error=MODEL_DELETED)

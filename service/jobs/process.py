@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from service.documents import JobError, JsonValue
 from service.jobs.base import JobSpec
 from service.jobs.tasks import THREAD_ENV, ModelSource, child_main
 
@@ -50,8 +51,8 @@ class Outcome:
     """How a supervised solve ended: ``succeeded`` (result), ``failed`` (error), ``cancelled``."""
 
     status: str
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
+    result: JsonValue = None
+    error: JobError | None = None
 
 
 class SolveProcess:
@@ -141,32 +142,32 @@ def supervise(
                 elif kind == "result":
                     return Outcome("succeeded", result=payload)
                 elif kind == "error":
-                    return Outcome("failed", error=payload)
+                    return Outcome("failed", error=JobError.from_json(payload))
             if on_tick is not None:
                 on_tick()
             if cancelled():
                 proc.kill()
-                return Outcome("cancelled", error={"code": "cancelled", "detail": "cancelled"})
+                return Outcome("cancelled", error=JobError("cancelled", "cancelled"))
             if deadline is not None and time.monotonic() > deadline:
                 proc.kill()
                 return Outcome(
                     "failed",
-                    error={"code": "timeout", "detail": f"timeout: no result within {timeout_s} s"},
+                    error=JobError("timeout", f"timeout: no result within {timeout_s} s"),
                 )
             if not proc.alive():
                 for kind, payload in proc.messages(0.05):  # a result sent just before exit
                     if kind == "result":
                         return Outcome("succeeded", result=payload)
                     if kind == "error":
-                        return Outcome("failed", error=payload)
+                        return Outcome("failed", error=JobError.from_json(payload))
                 proc.process.join(timeout=5)
                 code = proc.process.exitcode
                 return Outcome(
                     "failed",
-                    error={
-                        "code": "solver-crashed",
-                        "detail": f"solver process exited without a result (exit code {code})",
-                    },
+                    error=JobError(
+                        "solver-crashed",
+                        f"solver process exited without a result (exit code {code})",
+                    ),
                 )
     finally:
         proc.kill()

@@ -19,6 +19,7 @@ import json
 import time
 from typing import Any
 
+from service.documents import JobError
 from service.jobs.base import JobRecord, JobSpec
 
 PREFIX = "lipcert:"
@@ -98,7 +99,7 @@ class RedisJobs:
         status: str,
         *,
         result: dict[str, Any] | None = None,
-        error: dict[str, Any] | None = None,
+        error: JobError | None = None,
         finished_at: str,
     ) -> bool:
         """queued/running -> ``status`` (first terminal transition wins)."""
@@ -106,7 +107,7 @@ class RedisJobs:
         if result is not None:
             fields["result"] = result
         if error is not None:
-            fields["error"] = error
+            fields["error"] = error.to_json()
         return self.transition(job_id, ("queued", "running"), **fields)
 
     def heartbeat(self, job_id: str) -> None:
@@ -124,7 +125,7 @@ def record_from_hash(raw: dict[str, str]) -> JobRecord:
         status=raw["status"],  # type: ignore[arg-type]
         progress=load("progress") or {},
         result=load("result"),
-        error=load("error"),
+        error=JobError.from_json(load("error")),
         created_at=raw.get("created_at", ""),
         started_at=raw.get("started_at") or None,
         finished_at=raw.get("finished_at") or None,

@@ -43,13 +43,11 @@ from rq import Queue
 
 from sdp.errors import LipcertError
 from service.diskspace import StorageFull
-from service.documents import StoredBound
+from service.documents import CANCELLED, MODEL_DELETED, STORAGE_FULL, JobError, StoredBound
 from service.errors import QueueUnavailable
 from service.jobs.adopt import adopt_bound
 from service.jobs.base import (
     ACTIVE,
-    CANCELLED,
-    MODEL_DELETED,
     JobRecord,
     JobSpec,
     now_iso,
@@ -225,12 +223,12 @@ class RqRunner:
             rec = self.jobs.get(job_id) or rec
         return rec
 
-    def cancel(self, job_id: str, error: dict[str, str] = CANCELLED) -> JobRecord | None:
+    def cancel(self, job_id: str, error: JobError = CANCELLED) -> JobRecord | None:
         """Mark cancelled, cancel the queued RQ job or stop (kill) the running one."""
         with self._redis():
             return self._cancel(job_id, error)
 
-    def _cancel(self, job_id: str, error: dict[str, str]) -> JobRecord | None:
+    def _cancel(self, job_id: str, error: JobError) -> JobRecord | None:
         from rq.command import send_stop_job_command
         from rq.exceptions import InvalidJobOperation, NoSuchJobError
         from rq.job import Job
@@ -312,7 +310,7 @@ class RqRunner:
             if rec.status == "succeeded" and not self._copy_certification(rec):
                 return
         if result is not None and self.redis.hsetnx(job_key(rec.id), "persisted", "1"):
-            error: dict[str, str] | None = None
+            error: JobError | None = None
             model_id = rec.spec.model_id
             bound = StoredBound.from_json(result)
             try:
@@ -324,16 +322,16 @@ class RqRunner:
                         error = MODEL_DELETED
             except LipcertError as exc:  # a worker's word is not a certificate
                 log.warning("job %s: worker result rejected: %s", rec.id, exc)
-                error = {"code": "unverified-result", "detail": f"worker result rejected: {exc}"}
+                error = JobError("unverified-result", f"worker result rejected: {exc}")
             except StorageFull as exc:  # as in the local runner: failed, retry when freed
-                error = {"code": "storage-full", "detail": exc.detail}
+                error = STORAGE_FULL.with_detail(exc.detail)
             except Exception:
                 self.redis.hdel(job_key(rec.id), "persisted")
                 log.exception("saving the result of job %s failed", rec.id)
                 return
             if error is not None:
                 self.jobs.transition(
-                    rec.id, ("succeeded",), status="failed", error=error, result="null"
+                    rec.id, ("succeeded",), status="failed", error=error.to_json(), result="null"
                 )
             else:
                 observe_solve_time(bound)
@@ -371,10 +369,10 @@ class RqRunner:
             if self.jobs.status(rec.id) not in ACTIVE:
                 return
             if status in ("stopped", "canceled"):
-                err = {"code": "cancelled", "detail": f"RQ job {status}"}
+                err = JobError("cancelled", f"RQ job {status}")
                 self.jobs.finish(rec.id, "cancelled", error=err, finished_at=now_iso())
             else:
-                err = {"code": "worker-failed", "detail": _rq_reason(job, status)}
+                err = JobError("worker-failed", _rq_reason(job, status))
                 self.jobs.finish(rec.id, "failed", error=err, finished_at=now_iso())
             return
         if rec.status == "running":
@@ -383,12 +381,12 @@ class RqRunner:
             since = max(float(beat), self._reachable_since) if beat else self._reachable_since
             age = time.time() - since
             if age > self.heartbeat_timeout_s:
-                err = {
-                    "code": "worker-lost",
-                    "detail": f"worker {rec.worker.get('worker') or '?'} on "
+                err = JobError(
+                    "worker-lost",
+                    f"worker {rec.worker.get('worker') or '?'} on "
                     f"{rec.worker.get('host') or '?'} stopped sending heartbeats "
                     f"({age:.0f} s > {self.heartbeat_timeout_s:g} s): it died or lost Redis",
-                }
+                )
                 self.jobs.finish(rec.id, "failed", error=err, finished_at=now_iso())
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service.documents import JobError
 from service.jobs.base import JobSpec, now_iso
 from service.jobs.process import SolveProcess, supervise
 from service.jobs.redis_state import RedisJobs, model_key
@@ -102,8 +103,8 @@ def run_bound_job(job_id: str) -> dict[str, Any]:
     timeout_s = float(raw["timeout_s"]) if raw.get("timeout_s") else spec.timeout_s
     data = conn.get(model_key(sha))
     if data is None:
-        error = {"code": "model-missing", "detail": f"model bytes {sha[:16]} not in Redis"}
-        jobs.finish(job_id, "failed", error=error, finished_at=now_iso())
+        missing = JobError("model-missing", f"model bytes {sha[:16]} not in Redis")
+        jobs.finish(job_id, "failed", error=missing, finished_at=now_iso())
         return {"status": "failed"}
 
     parent = os.getppid()
@@ -136,21 +137,21 @@ def run_bound_job(job_id: str) -> dict[str, Any]:
         on_tick=state.tick,
         cancelled=state.should_stop,
     )
-    finish: dict[str, Any]
+    result: dict[str, object] | None = None
+    error: JobError | None = None
     if state.orphaned:
-        error = {"code": "worker-died", "detail": "the worker process died during the solve"}
-        finish = {"status": "failed", "error": error}
-    elif outcome.status == "succeeded" and outcome.result is not None:
-        doc = dict(outcome.result, job_id=job_id, model_id=spec.model_id)
-        finish = {"status": "succeeded", "result": doc}
+        error = JobError("worker-died", "the worker process died during the solve")
+        status = "failed"
+    elif outcome.status == "succeeded" and isinstance(outcome.result, dict):
+        status, result = "succeeded", dict(outcome.result, job_id=job_id, model_id=spec.model_id)
     elif outcome.status == "failed":
-        finish = {"status": "failed", "error": outcome.error}
+        status, error = "failed", outcome.error
     else:
         return {"status": outcome.status}  # cancelled: the API recorded it
 
     def write() -> None:
         state.tick(force=True)
-        jobs.finish(job_id, finished_at=now_iso(), **finish)
+        jobs.finish(job_id, status, result=result, error=error, finished_at=now_iso())
 
     write_when_reachable(write, f"the outcome of job {job_id}")
     return {"status": outcome.status}

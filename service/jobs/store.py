@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from service.diskspace import StorageFull, full_detail, is_disk_full
+from service.documents import JobError
 from service.jobs.base import JobRecord, JobSpec, now_iso
 from service.storage import JobGuard
 
@@ -223,7 +224,7 @@ class JobStore:
             cur = db.execute(
                 "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?"
                 f" WHERE {_ACTIVE_SQL} AND (owner IS NULL OR {owned_by_dead})",
-                (json.dumps({"code": code, "detail": detail}), now_iso(), *dead),
+                (json.dumps(JobError(code, detail).to_json()), now_iso(), *dead),
             )
             if dead:
                 db.execute(f"DELETE FROM owners WHERE id IN ({marks})", dead)
@@ -307,7 +308,7 @@ class JobStore:
         status: str,
         *,
         result: dict[str, Any] | None = None,
-        error: dict[str, Any] | None = None,
+        error: JobError | None = None,
     ) -> bool:
         """Active -> ``status``; False when the job had already ended."""
         with self._connect() as db:
@@ -317,7 +318,7 @@ class JobStore:
                 (
                     status,
                     None if result is None else json.dumps(result),
-                    None if error is None else json.dumps(error),
+                    None if error is None else json.dumps(error.to_json()),
                     now_iso(),
                     job_id,
                 ),
@@ -355,7 +356,7 @@ class JobStore:
             cur = db.execute(
                 "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?"
                 f" WHERE owner = ? AND {_ACTIVE_SQL}",
-                (json.dumps({"code": code, "detail": detail}), now_iso(), owner_id),
+                (json.dumps(JobError(code, detail).to_json()), now_iso(), owner_id),
             )
         return cur.rowcount
 
@@ -367,7 +368,7 @@ def _record(row: sqlite3.Row) -> JobRecord:
         status=row["status"],
         progress=json.loads(row["progress"] or "{}"),
         result=None if row["result"] is None else json.loads(row["result"]),
-        error=None if row["error"] is None else json.loads(row["error"]),
+        error=None if row["error"] is None else JobError.from_json(json.loads(row["error"])),
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],

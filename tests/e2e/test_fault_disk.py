@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from service.diskspace import StorageFull
+from service.documents import JobError
 from service.jobs.base import JobRecord, JobSpec
 from service.jobs.local import LocalRunner
 from service.jobs.store import JobStore
@@ -219,7 +220,7 @@ def test_a_job_can_be_cancelled_on_a_full_disk(small_disk: Path, reserve_mb: int
         fill(filler)
         cancelled = runner.cancel(job.id)
         assert cancelled is not None and cancelled.status == "cancelled"
-        assert cancelled.error == {"code": "cancelled", "detail": "cancelled by request"}
+        assert cancelled.error == JobError("cancelled", "cancelled by request")
         wait_for(lambda: runner._procs, lambda procs: not procs, timeout_s=30)  # solver killed
         again = runner.get(job.id)
         assert again is not None and again.status == "cancelled"

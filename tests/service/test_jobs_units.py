@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.documents import strict_json
+from service.documents import JobError, strict_json
 from service.jobs.base import JobRecord, JobSpec
 from service.jobs.local import LocalRunner
 from service.jobs.process import SolveProcess, supervise
@@ -44,7 +44,7 @@ def test_store_transitions_first_terminal_wins(tmp_path: Path) -> None:
         store.insert(rec)  # no owner: rows from before owners, failed by any restart
     assert store.mark_running("a", {"pid": 1})
     assert not store.mark_running("a", {"pid": 2})  # only from queued
-    assert store.finish("a", "cancelled", error={"code": "cancelled"})
+    assert store.finish("a", "cancelled", error=JobError("cancelled", ""))
     assert not store.finish("a", "succeeded", result={"lipschitz_bound": 1.0})
     got = store.get("a")
     assert got is not None and got.status == "cancelled" and got.result is None
@@ -53,7 +53,7 @@ def test_store_transitions_first_terminal_wins(tmp_path: Path) -> None:
     assert store.finish("b", "succeeded", result={"lipschitz_bound": 2.0})
     # restart: queued/running jobs fail, ended ones are untouched
     assert store.fail_orphaned(30.0, "server-restarted", "server restarted") == 1
-    assert store.get("c").error == {"code": "server-restarted", "detail": "server restarted"}  # type: ignore[union-attr]
+    assert store.get("c").error == JobError("server-restarted", "server restarted")  # type: ignore[union-attr]
     assert [r.id for r in store.find_reusable(a.spec.dedupe_key())] == ["b"]
 
 
@@ -81,7 +81,7 @@ def test_solver_process_reports_errors_with_their_codes(
     proc = SolveProcess(("storage", str(tmp_path), model_id), JobSpec(model_id, method))
     outcome = supervise(proc, timeout_s=120, on_progress=lambda _: None, cancelled=lambda: False)
     assert outcome.status == "failed"
-    assert outcome.error is not None and outcome.error["code"] == code
+    assert outcome.error is not None and outcome.error.code == code
     assert wait_pid_gone(proc.pid or 0)
 
 
@@ -125,7 +125,7 @@ def test_redis_state_transitions_are_conditional(redis_conn: object) -> None:
     assert jobs.transition("j1", ("queued",), status="running", worker={"pid": 3})
     jobs.heartbeat("j1")
     assert float(jobs.raw("j1")["heartbeat"]) == pytest.approx(time.time(), abs=5)
-    assert jobs.finish("j1", "cancelled", error={"code": "cancelled"}, finished_at="t")
+    assert jobs.finish("j1", "cancelled", error=JobError("cancelled", ""), finished_at="t")
     assert not jobs.finish("j1", "succeeded", result={"lipschitz_bound": 1.0}, finished_at="t")
     got = jobs.get("j1")
     assert got is not None and got.status == "cancelled" and got.result is None
@@ -234,7 +234,7 @@ def test_solver_process_puts_the_solver_on_the_requested_device(tmp_path: Path) 
         )
     else:
         assert cuda.status == "failed" and cuda.error is not None
-        assert cuda.error["code"] == "device-unavailable"
+        assert cuda.error.code == "device-unavailable"
 
 
 def test_in_flight_jobs_are_joined_only_with_the_same_time_limit() -> None:
@@ -277,7 +277,7 @@ def test_rq_result_for_a_deleted_model_fails_the_job(tmp_path: Path, rw_weights)
         storage.delete_model(model_id)
         got = runner.get("j1")  # the API side stores a finished job's result here
         assert got is not None and got.status == "failed", got
-        assert got.error is not None and got.error["code"] == "model-deleted"
+        assert got.error is not None and got.error.code == "model-deleted"
         assert storage.list_bounds(model_id) == []
 
 
@@ -290,10 +290,12 @@ def test_rq_cancel_model_cancels_only_that_models_unfinished_jobs(tmp_path: Path
         for job_id, model_id in (("a", "m1"), ("b", "m2"), ("c", "m1")):
             rec = JobRecord(id=job_id, spec=JobSpec(model_id, "naive"))
             runner.jobs.create(rec, model_sha256="0" * 64, timeout_s=5.0)
-        assert runner.jobs.finish("c", "cancelled", error={"code": "cancelled"}, finished_at="t")
+        assert runner.jobs.finish(
+            "c", "cancelled", error=JobError("cancelled", ""), finished_at="t"
+        )
         assert runner.cancel_model("m1") == ["a"]
         got = runner.jobs.get("a")
         assert got is not None and got.status == "cancelled"
-        assert got.error is not None and got.error["code"] == "model-deleted"
+        assert got.error is not None and got.error.code == "model-deleted"
         other = runner.jobs.get("b")
         assert other is not None and other.status == "queued"

@@ -12,6 +12,7 @@ import pytest
 from fastapi import FastAPI, Query
 from fastapi.testclient import TestClient
 
+from service.documents import JobError
 from service.jobs.base import JobRecord, JobSpec
 from service.jobs.store import JobStore
 from service.routes.status import CERTIFY_PATH, certify_modes
@@ -54,7 +55,7 @@ def test_job_store_active_is_oldest_first_and_limited(tmp_path: Path) -> None:
     ]
     for rec in reversed(recs):
         store.insert(rec)
-    store.finish(recs[1].id, "cancelled", error={"code": "cancelled", "detail": "x"})
+    store.finish(recs[1].id, "cancelled", error=JobError("cancelled", "x"))
     assert [r.id for r in store.active()] == [recs[0].id, recs[2].id, recs[3].id]
     assert [r.id for r in store.active(limit=2)] == [recs[0].id, recs[2].id]
 
@@ -117,6 +118,8 @@ def test_rq_runner_active_jobs(tmp_path: Path) -> None:
         for k, job_id in enumerate(("b", "a", "c")):
             rec = JobRecord(id=job_id, spec=JobSpec(f"m{k}"), created_at=f"2026-01-0{3 - k}")
             runner.jobs.create(rec, model_sha256="0" * 64, timeout_s=5.0)
-        assert runner.jobs.finish("a", "cancelled", error={"code": "cancelled"}, finished_at="t")
+        assert runner.jobs.finish(
+            "a", "cancelled", error=JobError("cancelled", ""), finished_at="t"
+        )
         assert [r.id for r in runner.active_jobs()] == ["c", "b"]  # oldest first
         assert [r.id for r in runner.active_jobs(limit=1)] == ["c"]

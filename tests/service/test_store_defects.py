@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 
 from sdp.importers import IMPORTER_VERSION
 from service.app import create_app
-from service.documents import StoredBound
+from service.documents import JobError, StoredBound
 from service.jobs.base import JobRecord, JobSpec
 from service.jobs.local import LocalRunner
 from service.jobs.store import JobStore, Owner
@@ -187,7 +187,7 @@ def test_a_bound_is_stored_only_with_its_running_jobs_success(
             JobRecord(id=job_id, spec=JobSpec(mid)), owner="other" if job_id == "theirs" else "me"
         )
         store.mark_running(job_id, {})
-    store.finish("cancelled", "cancelled", error={"code": "cancelled"})
+    store.finish("cancelled", "cancelled", error=JobError("cancelled", ""))
 
     def save(job_id: str) -> str:
         guard = store.success_guard(job_id, me.id, {**doc, "job_id": job_id})
