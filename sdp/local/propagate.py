@@ -29,7 +29,9 @@ the closed ball, assuming activation library functions accurate to 16 ulps (see 
 
 Intermediate bounds: every node that feeds an activation gets CROWN bounds (objective rows
 +-e_i; an affine node starts from +-W directly), intersected with its interval bounds; for
-ReLU-like consumers only the neurons unstable in some batch element are re-bounded.
+ReLU-like consumers only the neurons unstable for that input are re-bounded, input by input
+(design.md §4.1.2: per-input rows, skipped all-zero columns, 2-D GEMMs, and a dense first
+layer concretised through its Gram matrix W W^T, :func:`_concretise_gram`).
 
 Extension point: :func:`backward` takes ``act_rule``, a callable that may replace the default
 CROWN step of any activation node (``(node, rel, lam, alpha) -> ActStep | None``; None keeps the
@@ -108,6 +110,19 @@ class ActStep:
     err: Array
 
 
+@dataclass(frozen=True, eq=False)
+class RowLines:
+    """Per-row lines of one activation node, (B, m, n) each (or broadcastable), that replace
+    the node's relaxation in :func:`backward`: s_lo v + t_lo <= phi(v) <= s_up v + t_up must
+    hold in exact arithmetic on the node's pre-activation bounds for every row (build them
+    with :func:`sdp.local.relax.line_intercepts`, which is rigorous for any slopes)."""
+
+    lower_slope: Array
+    lower_icpt: Array
+    upper_slope: Array
+    upper_icpt: Array
+
+
 ActRule = Callable[[Node, Relaxation, Array, "Array | None", BallBounds], ActStep | None]
 
 
@@ -118,7 +133,13 @@ class BackwardResult:
     lam_act: dict[int, Array] | None = None  # act node -> (B, m, n) multipliers on its output
 
 
-def crown_act_step(rel: Relaxation, lam: Array, alpha: Array | None, vmax: Array) -> ActStep:
+def crown_act_step(
+    rel: Relaxation,
+    lam: Array,
+    alpha: Array | None,
+    vmax: Array,
+    lines: RowLines | None = None,
+) -> ActStep:
     """The default step: lower line where lam >= 0, upper line where lam < 0.
 
     ``alpha`` (B, m, n) or None replaces the lower slope of ``rel.alpha_mask`` neurons (clipped
@@ -127,8 +148,17 @@ def crown_act_step(rel: Relaxation, lam: Array, alpha: Array | None, vmax: Array
     Neurons whose two lines are both 0 z + 0 in every input of the batch (stably inactive
     ReLUs) and that have no alpha give mu = 0 and no constant: only the other columns are
     computed (the sums then have fewer terms than n, so the error bounds still hold).
+    ``lines`` (per-row sound lines) replaces the relaxation altogether.
     """
     b, m, n = lam.shape
+    if lines is not None:
+        pos = lam >= 0
+        mu = lam * np.where(pos, lines.lower_slope, lines.upper_slope)
+        ci = lam * np.where(pos, lines.lower_icpt, lines.upper_icpt)
+        const = ci.sum(axis=-1)
+        err = 2.0 * (U * np.einsum("bmn,bn->bm", np.abs(mu), vmax) + ETA * vmax.sum(-1)[:, None])
+        err = err + err_scale(n) * np.abs(ci).sum(axis=-1) + (n + 2) * ETA
+        return ActStep(mu, const, err)
     live = np.any(
         (rel.lower_slope != 0)
         | (rel.upper_slope != 0)
@@ -179,6 +209,7 @@ def backward(
     act_rule: ActRule | None = None,
     box_at: int | None = None,
     record: bool = False,
+    lines: dict[int, RowLines] | None = None,
 ) -> BackwardResult:
     """Rigorous lower bounds of sum_k init[k]^T z_k + c0 over the balls.
 
@@ -190,6 +221,7 @@ def backward(
         act_rule: optional replacement of activation steps (module docstring).
         box_at: concretise with the interval box of this node instead of going further (IBP).
         record: keep the multipliers (for gradients of alpha).
+        lines: act node -> per-row sound lines (optimised tangents of smooth activations).
     """
     g = st.graph
     pending: dict[int, Array] = {}
@@ -263,7 +295,8 @@ def backward(
             p = node.parents[0]
             step = None if act_rule is None else act_rule(node, rel, lam, alpha, st)
             if step is None:
-                step = crown_act_step(rel, lam, alpha, st.zmax(p))
+                ln = None if lines is None else lines.get(idx)
+                step = crown_act_step(rel, lam, alpha, st.zmax(p), ln)
             c = c + step.const
             cabs = cabs + np.abs(step.const)
             e = e + step.err
