@@ -161,3 +161,19 @@ def test_bad_inputs_are_one_line_errors(files: dict[str, Path], name: str, needl
         "none",
     )
     assert needle in _one_line_error(proc)
+
+
+def test_big_batch_table_is_summarised(files: dict[str, Path]) -> None:
+    """A terminal gets at most 200 rows and a summary line; --json still has every row."""
+    d = files["dir"]
+    x = np.random.default_rng(1).normal(size=(250, 4))
+    np.save(d / "big.npy", x)
+    args = ("certify", files["model"], "--inputs", d / "big.npy", "--mode", "local")
+    args += ("--epsilon", "0.05", "--local-method", "crown", "--method", "none")
+    table = run(*args)
+    assert table.returncode == 0, table.stderr
+    assert "50 more rows not shown" in table.stdout
+    assert "250 inputs; certified" in table.stdout
+    assert "\n│ 200 " not in table.stdout and "\n│ 199 " in table.stdout
+    out = json.loads(run(*args, "--json").stdout)
+    assert len(out["results"]) == 250

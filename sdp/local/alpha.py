@@ -13,6 +13,10 @@ relaxed network evaluated at the minimiser x*_r = x0 - eps Lambda_x / ||Lambda_x
 stage (Danskin's theorem), so d bound / d alpha_{k,i} = Lambda_{k,i} v_{k,i}(x*_r) where
 Lambda_{k,i} >= 0 (lower line in use) and v is the pre-activation of the relaxed forward pass
 from x*_r, z_k = s z + t with the lines selected by the sign of Lambda_k.
+
+Sigmoid and tanh (:func:`optimise_tangents`, design.md §4.1.2): the tangent points of their
+lower and upper lines are optimised the same way, per row, within the ranges where the
+tangents are valid; the chosen slopes get rigorous intercepts and one rigorous pass.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sdp.ir import Array
-from sdp.local.propagate import BallBounds, backward, node_objective, single
+from sdp.ir import Activation, Array
+from sdp.local.propagate import BallBounds, RowLines, backward, node_objective, single
+from sdp.local.relax import OPTIMISABLE, _deriv, deriv2, line_intercepts, tangent_ranges
 
 
 def _relaxed_forward(
@@ -31,6 +36,7 @@ def _relaxed_forward(
     lam_act: dict[int, Array],
     alphas: dict[int, Array],
     top: int,
+    lines: dict[int, RowLines] | None = None,
 ) -> dict[int, Array]:
     """Pre-activation values v (B, m, n) of every act node below ``top`` from x*_r, per row."""
     g = st.graph
@@ -53,8 +59,13 @@ def _relaxed_forward(
             if lam is None:
                 lam = np.ones_like(v)
             pos = lam >= 0
-            s = np.where(pos, sl, rel.upper_slope[:, None, :])
-            t = np.where(pos, rel.lower_icpt[:, None, :], rel.upper_icpt[:, None, :])
+            ln = None if lines is None else lines.get(node.index)
+            if ln is not None:
+                s = np.where(pos, ln.lower_slope, ln.upper_slope)
+                t = np.where(pos, ln.lower_icpt, ln.upper_icpt)
+            else:
+                s = np.where(pos, sl, rel.upper_slope[:, None, :])
+                t = np.where(pos, rel.lower_icpt[:, None, :], rel.upper_icpt[:, None, :])
             vals[node.index] = s * v + t
         elif node.kind == "add":
             a_, b_ = node.parents
@@ -120,6 +131,187 @@ def optimise_alphas(
             step = lr * mh / (np.sqrt(vh) + tiny)
             alphas[k] = np.clip(alphas[k] + step, rel.alpha_min, rel.alpha_max)
     return best, best_alpha
+
+
+def tangent_nodes(st: BallBounds, top: int) -> list[int]:
+    """Act nodes below ``top`` whose lines alpha-CROWN optimises by tangent point."""
+    return [
+        nd.index
+        for nd in st.graph.act_nodes()
+        if nd.index <= top and nd.index in st.relax and getattr(nd.op, "name", "") in OPTIMISABLE
+    ]
+
+
+def rigorous_lines(st: BallBounds, k: int, s_lo: Array, s_up: Array) -> RowLines:
+    """Sound per-row lines of act node k for any float slopes (B, m, n): where a slope equals
+    the relaxation's, its (rigorous) intercept is reused; elsewhere the intercept is a rigorous
+    bound of min / max of phi(z) - s z on the node's pre-activation interval
+    (:func:`sdp.local.relax.line_intercepts`)."""
+    node = st.graph.nodes[k]
+    phi = node.op
+    assert isinstance(phi, Activation)
+    p = node.parents[0]
+    rel = st.relax[k]
+    shape = s_lo.shape
+    l = np.broadcast_to(st.lo[p][:, None, :], shape)
+    u = np.broadcast_to(st.hi[p][:, None, :], shape)
+    out = []
+    for s, s_rel, t_rel, which in (
+        (s_lo, rel.lower_slope, rel.lower_icpt, 0),
+        (s_up, rel.upper_slope, rel.upper_icpt, 1),
+    ):
+        t = np.array(np.broadcast_to(t_rel[:, None, :], shape))
+        new = s != s_rel[:, None, :]
+        if new.any():
+            t[new] = line_intercepts(phi, l[new], u[new], s[new], s[new])[which]
+        out.append(t)
+    return RowLines(s_lo, out[0], s_up, out[1])
+
+
+def optimise_tangents(
+    st: BallBounds,
+    init: dict[int, Array],
+    c0: Array,
+    *,
+    alphas: dict[int, Array] | None = None,
+    base: Array | None = None,
+    iterations: int = 20,
+    lr: float = 0.2,
+) -> tuple[Array, dict[int, tuple[Array, Array]], dict[int, RowLines]]:
+    """Optimised tangent lines of sigmoid / tanh nodes (alpha-CROWN for general activations,
+    Xu et al., ICLR 2021; lines of Zhang et al., NeurIPS 2018), per objective row.
+
+    The variables are the tangent points d of the lower and upper lines of every neuron with a
+    valid tangent range (:func:`sdp.local.relax.tangent_ranges`), started at CROWN's choice and
+    moved by projected Adam (steps scaled by the range width) on the float bound with the
+    tangent lines phi(d) + phi'(d) (v - d). Gradient (as for ReLU slopes, Danskin): the bound
+    is the relaxed network at x*_r, so d bound / d d_i = lam_i phi''(d_i) (v_i(x*_r) - d_i)
+    for the line in use (lower where lam_i >= 0). Every float iterate is only a candidate: the
+    best one per row (by its float bound) gets rigorous intercepts for its slopes phi'(d)
+    (:func:`rigorous_lines`) and one rigorous :func:`backward`; rows whose rigorous bound is
+    not above ``base`` (B, m) (e.g. the CROWN bound with the same ``alphas``) keep the
+    relaxation's lines. Returns the rigorous bounds (B, m) of the chosen lines, their slopes
+    (lower, upper) per node, (B, m, n) each, and the lines; ``alphas`` (ReLU-like nodes)
+    are held fixed.
+    """
+    b, m = c0.shape
+    top = max(init)
+    nodes = tangent_nodes(st, top)
+    slopes: dict[int, tuple[Array, Array]] = {}
+    if not nodes:
+        return backward(st, init, c0, alphas=alphas).lower, slopes, {}
+    rng_: dict[int, tuple[Array, Array, Array, Array]] = {}
+    okm: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    d_lo: dict[int, Array] = {}
+    d_up: dict[int, Array] = {}
+    for k in nodes:
+        p = st.graph.nodes[k].parents[0]
+        phi = st.graph.nodes[k].op
+        assert isinstance(phi, Activation)
+        l, u = st.lo[p], st.hi[p]
+        a_lo, b_lo, a_up, b_up = tangent_ranges(phi, l, u)
+        ok_lo, ok_up = np.isfinite(a_lo) & np.isfinite(b_lo), np.isfinite(a_up) & np.isfinite(b_up)
+        a_lo, b_lo = np.where(ok_lo, a_lo, 0.0), np.where(ok_lo, b_lo, 0.0)
+        a_up, b_up = np.where(ok_up, a_up, 0.0), np.where(ok_up, b_up, 0.0)
+        rng_[k] = (a_lo, b_lo, a_up, b_up)
+        okm[k] = (ok_lo, ok_up)
+        # CROWN's choice: midpoint on the convex / concave side, the far end of a mixed range
+        mid = 0.5 * l + 0.5 * u
+        s0_lo = np.where(u <= 0, mid, b_lo)
+        s0_up = np.where(l >= 0, mid, a_up)
+        d_lo[k] = np.repeat(s0_lo[:, None, :], m, axis=1)
+        d_up[k] = np.repeat(s0_up[:, None, :], m, axis=1)
+
+    def float_lines(k: int) -> RowLines:
+        rel = st.relax[k]
+        phi = st.graph.nodes[k].op
+        assert isinstance(phi, Activation)
+        ok_lo, ok_up = okm[k]
+        out = []
+        for d, ok, s_rel, t_rel in (
+            (d_lo[k], ok_lo, rel.lower_slope, rel.lower_icpt),
+            (d_up[k], ok_up, rel.upper_slope, rel.upper_icpt),
+        ):
+            sl = _deriv(phi, d)
+            t = phi(d) - sl * d
+            out.append(np.where(ok[:, None, :], sl, s_rel[:, None, :]))
+            out.append(np.where(ok[:, None, :], t, t_rel[:, None, :]))
+        return RowLines(out[0], out[1], out[2], out[3])
+
+    best = np.full((b, m), -np.inf)
+    best_d = {k: (d_lo[k].copy(), d_up[k].copy()) for k in nodes}
+    mom = {k: (np.zeros_like(d_lo[k]), np.zeros_like(d_up[k])) for k in nodes}
+    vel = {k: (np.zeros_like(d_lo[k]), np.zeros_like(d_up[k])) for k in nodes}
+    b1, b2, tiny = 0.9, 0.999, 1e-12
+    for it in range(iterations + 1):
+        lines = {k: float_lines(k) for k in nodes}
+        res = backward(st, init, c0, alphas=alphas, record=True, lines=lines)
+        better = res.lower > best
+        if better.any():
+            best = np.where(better, res.lower, best)
+            for k in nodes:
+                bl, bu = best_d[k]
+                best_d[k] = (
+                    np.where(better[:, :, None], d_lo[k], bl),
+                    np.where(better[:, :, None], d_up[k], bu),
+                )
+        if it == iterations:
+            break
+        assert res.lam_x is not None and res.lam_act is not None
+        pre = _relaxed_forward(st, res.lam_x, res.lam_act, alphas or {}, top, lines)
+        for k in nodes:
+            phi = st.graph.nodes[k].op
+            assert isinstance(phi, Activation)
+            lam = res.lam_act[k]
+            a_lo, b_lo, a_up, b_up = rng_[k]
+            ok_lo, ok_up = okm[k]
+            new = []
+            for j, (d, ok, lo_, hi_, sel) in enumerate(
+                (
+                    (d_lo[k], ok_lo, a_lo, b_lo, lam >= 0),
+                    (d_up[k], ok_up, a_up, b_up, lam < 0),
+                )
+            ):
+                grad = np.where(sel & ok[:, None, :], lam * deriv2(phi, d) * (pre[k] - d), 0.0)
+                mk, vk = mom[k][j], vel[k][j]
+                mk[...] = b1 * mk + (1 - b1) * grad
+                vk[...] = b2 * vk + (1 - b2) * grad * grad
+                mh = mk / (1 - b1 ** (it + 1))
+                vh = vk / (1 - b2 ** (it + 1))
+                width = (hi_ - lo_)[:, None, :]
+                step = lr * width * mh / (np.sqrt(vh) + tiny)
+                new.append(np.clip(d + step, lo_[:, None, :], hi_[:, None, :]))
+            d_lo[k], d_up[k] = new[0], new[1]
+    rig: dict[int, RowLines] = {}
+    for k in nodes:
+        phi = st.graph.nodes[k].op
+        assert isinstance(phi, Activation)
+        rel = st.relax[k]
+        ok_lo, ok_up = okm[k]
+        bl, bu = best_d[k]
+        s_lo = np.where(ok_lo[:, None, :], _deriv(phi, bl), rel.lower_slope[:, None, :])
+        s_up = np.where(ok_up[:, None, :], _deriv(phi, bu), rel.upper_slope[:, None, :])
+        slopes[k] = (np.asarray(s_lo), np.asarray(s_up))
+        rig[k] = rigorous_lines(st, k, *slopes[k])
+    lower = backward(st, init, c0, alphas=alphas, lines=rig).lower
+    if base is None:
+        return lower, slopes, rig
+    keep = (lower <= base)[:, :, None]
+    if not keep.any():
+        return lower, slopes, rig
+    for k in nodes:  # rows not improved: the relaxation's own lines (its slopes and intercepts)
+        rel = st.relax[k]
+        ln = rig[k]
+        s_lo = np.where(keep, rel.lower_slope[:, None, :], ln.lower_slope)
+        s_up = np.where(keep, rel.upper_slope[:, None, :], ln.upper_slope)
+        slopes[k] = (s_lo, s_up)
+        rig[k] = RowLines(
+            s_lo,
+            np.where(keep, rel.lower_icpt[:, None, :], ln.lower_icpt),
+            s_up,
+            np.where(keep, rel.upper_icpt[:, None, :], ln.upper_icpt),
+        )
+    return backward(st, init, c0, alphas=alphas, lines=rig).lower, slopes, rig
 
 
 # Per input b: target node -> (rows, {act node: (2 r, n) alphas}); rows r of the target node

@@ -15,9 +15,16 @@ import numpy as np
 
 from sdp.errors import UnsupportedMethod
 from sdp.ir import Array
-from sdp.local.alpha import InterAlphas, IntermediateAlpha, optimise_alphas
+from sdp.local.alpha import (
+    InterAlphas,
+    IntermediateAlpha,
+    optimise_alphas,
+    optimise_tangents,
+    rigorous_lines,
+    tangent_nodes,
+)
 from sdp.local.graph import Graph
-from sdp.local.propagate import BallBounds, backward, compute_bounds
+from sdp.local.propagate import BallBounds, RowLines, backward, compute_bounds
 from sdp.local.types import SlopeOptimizer, SlopeProblem
 
 Payload = tuple[tuple[str, Array], ...]
@@ -147,6 +154,14 @@ def alpha_crown(
     c0 = np.zeros(c.shape[:2])
     init = {graph.output: c}
     lower, alphas = optimise_alphas(st, init, c0, iterations=iterations)
+    rig: dict[int, RowLines] | None = None
+    slopes: dict[int, tuple[Array, Array]] = {}
+    if tangent_nodes(st, graph.output):
+        # rigorous bounds of the chosen lines (optimised tangents where they beat CROWN's):
+        # exactly what _alpha_recheck recomputes from the stored slopes
+        lower, slopes, rig = optimise_tangents(
+            st, init, c0, alphas=alphas, base=lower, iterations=iterations
+        )
     lower = np.maximum(lower, box_margins(st, c))
     if optimizer is not None and net is not None:
         acts = tuple(sorted(alphas))
@@ -173,7 +188,7 @@ def alpha_crown(
             arr = np.asarray(a, dtype=np.float64)
             ok = arr.shape == alphas[k].shape and bool(np.isfinite(arr).all())
             cand[k] = arr if ok else alphas[k]  # candidates only; clipped in backward
-        theirs = backward(st, init, c0, alphas=cand).lower  # recomputed, never trusted
+        theirs = backward(st, init, c0, alphas=cand, lines=rig).lower  # recomputed, not trusted
         theirs = np.maximum(theirs, box_margins(st, c))
         better = theirs > lower
         lower = np.where(better, theirs, lower)
@@ -181,6 +196,11 @@ def alpha_crown(
             alphas[k] = np.where(better[:, :, None], cand[k], alphas[k])
     payloads = tuple(
         tuple((f"alpha:{k}", alphas[k][i]) for k in sorted(alphas))
+        + tuple(
+            (f"{tag}:{k}", slopes[k][j][i])
+            for k in sorted(slopes)
+            for j, tag in enumerate(("slo", "sup"))
+        )
         + _encode_inter(hook.found[i] if hook.found else {})
         for i in range(len(pred))
     )
@@ -237,18 +257,32 @@ def _alpha_recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload
     st = compute_bounds(graph, xs, es, node_hook=hook)
     c = objective_rows(np.array([y]), graph.output_size)
     alphas: dict[int, Array] = {}
+    tangents: dict[int, dict[str, Array]] = {}
     for key, arr in payload:
         kind, _, idx = key.partition(":")
         if kind in ("irows", "ialpha"):
             continue
         node = int(idx)
+        if kind in ("slo", "sup"):
+            ok_node = node in st.relax and node in tangent_nodes(st, graph.output)
+            a = np.asarray(arr, dtype=np.float64)
+            shape = (c.shape[1], graph.nodes[node].size) if ok_node else None
+            if a.shape != shape or not np.isfinite(a).all():
+                raise ValueError(f"bad tangent payload entry {key!r}")
+            tangents.setdefault(node, {})[kind] = a[None]
+            continue
         if kind != "alpha" or node not in st.relax:
             raise ValueError(f"unknown alpha-crown payload entry {key!r}")
         a = np.asarray(arr, dtype=np.float64)
         if a.shape != (c.shape[1], graph.nodes[node].size) or not np.isfinite(a).all():
             raise ValueError(f"alpha payload {key!r} has shape {a.shape}")
         alphas[node] = a[None]
-    res = backward(st, {graph.output: c}, np.zeros(c.shape[:2]), alphas=alphas)
+    rig: dict[int, RowLines] | None = None
+    if tangents:
+        if any(len(v) != 2 for v in tangents.values()):
+            raise ValueError("tangent payload needs both slo and sup per node")
+        rig = {k: rigorous_lines(st, k, v["slo"], v["sup"]) for k, v in tangents.items()}
+    res = backward(st, {graph.output: c}, np.zeros(c.shape[:2]), alphas=alphas, lines=rig)
     return _finish(np.maximum(res.lower, box_margins(st, c)), np.array([y]))[0]
 
 

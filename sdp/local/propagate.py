@@ -29,7 +29,9 @@ the closed ball, assuming activation library functions accurate to 16 ulps (see 
 
 Intermediate bounds: every node that feeds an activation gets CROWN bounds (objective rows
 +-e_i; an affine node starts from +-W directly), intersected with its interval bounds; for
-ReLU-like consumers only the neurons unstable in some batch element are re-bounded.
+ReLU-like consumers only the neurons unstable for that input are re-bounded, input by input
+(design.md §4.1.2: per-input rows, skipped all-zero columns, 2-D GEMMs, and a dense first
+layer concretised through its Gram matrix W W^T, :func:`_concretise_gram`).
 
 Extension point: :func:`backward` takes ``act_rule``, a callable that may replace the default
 CROWN step of any activation node (``(node, rel, lam, alpha) -> ActStep | None``; None keeps the
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -64,6 +67,7 @@ class BallBounds:
     hi: list[Array] = field(default_factory=list)
     relax: dict[int, Relaxation] = field(default_factory=dict)  # act node -> lines
     _absw: dict[int, Array] = field(default_factory=dict)
+    _centre: dict[int, tuple[Array, Array]] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -80,6 +84,18 @@ class BallBounds:
             self._absw[node.index] = q
         return q
 
+    def centre(self, node: Node) -> tuple[Array, Array]:
+        """(y0, ey0) for an affine node on the input: y0 = fl(W x0 + b) (B, n) and ey0 >= its
+        rounding error |y0 - (W x0 + b)| entrywise (Higham §3.5, doubled), cached."""
+        got = self._centre.get(node.index)
+        if got is None:
+            t = node.terms_forward
+            y0 = node.linear(self.x0) + node.full_bias
+            ey = 2.0 * err_scale(t) * (node.abs_linear(np.abs(self.x0)) + np.abs(node.full_bias))
+            got = (np.asarray(y0), np.asarray(ey + (t + 2) * ETA))
+            self._centre[node.index] = got
+        return got
+
 
 @dataclass(frozen=True, eq=False)
 class ActStep:
@@ -94,6 +110,19 @@ class ActStep:
     err: Array
 
 
+@dataclass(frozen=True, eq=False)
+class RowLines:
+    """Per-row lines of one activation node, (B, m, n) each (or broadcastable), that replace
+    the node's relaxation in :func:`backward`: s_lo v + t_lo <= phi(v) <= s_up v + t_up must
+    hold in exact arithmetic on the node's pre-activation bounds for every row (build them
+    with :func:`sdp.local.relax.line_intercepts`, which is rigorous for any slopes)."""
+
+    lower_slope: Array
+    lower_icpt: Array
+    upper_slope: Array
+    upper_icpt: Array
+
+
 ActRule = Callable[[Node, Relaxation, Array, "Array | None", BallBounds], ActStep | None]
 
 
@@ -104,25 +133,70 @@ class BackwardResult:
     lam_act: dict[int, Array] | None = None  # act node -> (B, m, n) multipliers on its output
 
 
-def crown_act_step(rel: Relaxation, lam: Array, alpha: Array | None, vmax: Array) -> ActStep:
+def crown_act_step(
+    rel: Relaxation,
+    lam: Array,
+    alpha: Array | None,
+    vmax: Array,
+    lines: RowLines | None = None,
+) -> ActStep:
     """The default step: lower line where lam >= 0, upper line where lam < 0.
 
     ``alpha`` (B, m, n) or None replaces the lower slope of ``rel.alpha_mask`` neurons (clipped
     to [alpha_min, alpha_max], where the line alpha z is valid).
+
+    Neurons whose two lines are both 0 z + 0 in every input of the batch (stably inactive
+    ReLUs) and that have no alpha give mu = 0 and no constant: only the other columns are
+    computed (the sums then have fewer terms than n, so the error bounds still hold).
+    ``lines`` (per-row sound lines) replaces the relaxation altogether.
     """
-    sl = rel.lower_slope[:, None, :]
+    b, m, n = lam.shape
+    if lines is not None:
+        pos = lam >= 0
+        mu = lam * np.where(pos, lines.lower_slope, lines.upper_slope)
+        ci = lam * np.where(pos, lines.lower_icpt, lines.upper_icpt)
+        const = ci.sum(axis=-1)
+        err = 2.0 * (U * np.einsum("bmn,bn->bm", np.abs(mu), vmax) + ETA * vmax.sum(-1)[:, None])
+        err = err + err_scale(n) * np.abs(ci).sum(axis=-1) + (n + 2) * ETA
+        return ActStep(mu, const, err)
+    live = np.any(
+        (rel.lower_slope != 0)
+        | (rel.upper_slope != 0)
+        | (rel.lower_icpt != 0)
+        | (rel.upper_icpt != 0)
+        | (rel.alpha_mask if alpha is not None else False),
+        axis=0,
+    )
+    cols = None if live.all() else np.flatnonzero(live)
+    if cols is not None and cols.size > 0.75 * n:
+        cols = None
+
+    def pick(a: Array) -> Array:
+        return a if cols is None else a[..., cols]
+
+    sl = pick(rel.lower_slope)[:, None, :]
     if alpha is not None:
-        a = np.clip(alpha, rel.alpha_min, rel.alpha_max)
-        sl = np.where(rel.alpha_mask[:, None, :], a, sl)
-    pos = lam >= 0
-    slope = np.where(pos, sl, rel.upper_slope[:, None, :])
-    icpt = np.where(pos, rel.lower_icpt[:, None, :], rel.upper_icpt[:, None, :])
-    mu = lam * slope
-    n = lam.shape[-1]
-    ci = lam * icpt
+        a = np.clip(pick(alpha), rel.alpha_min, rel.alpha_max)
+        sl = np.where(pick(rel.alpha_mask)[:, None, :], a, sl)
+    lc = pick(lam)
+    pos = lc >= 0
+    slope = np.where(pos, sl, pick(rel.upper_slope)[:, None, :])
+    mu_c = lc * slope
+    lo_i, up_i = pick(rel.lower_icpt), pick(rel.upper_icpt)
+    if not lo_i.any():  # ReLU-like: only the upper line has an intercept
+        ci = np.minimum(lc, 0.0) * up_i[:, None, :]
+    else:
+        ci = lc * np.where(pos, lo_i[:, None, :], up_i[:, None, :])
+    k = mu_c.shape[-1]
     const = ci.sum(axis=-1)
-    err = 2.0 * (U * np.einsum("bmn,bn->bm", np.abs(mu), vmax) + ETA * vmax.sum(-1)[:, None])
-    err = err + err_scale(n) * np.abs(ci).sum(axis=-1) + (n + 2) * ETA
+    vm = pick(vmax)
+    err = 2.0 * (U * np.einsum("bmn,bn->bm", np.abs(mu_c), vm) + ETA * vm.sum(-1)[:, None])
+    err = err + err_scale(k) * np.abs(ci).sum(axis=-1) + (k + 2) * ETA
+    if cols is None:
+        mu = mu_c
+    else:
+        mu = np.zeros((b, m, n))
+        mu[..., cols] = mu_c
     return ActStep(mu, const, err)
 
 
@@ -135,6 +209,7 @@ def backward(
     act_rule: ActRule | None = None,
     box_at: int | None = None,
     record: bool = False,
+    lines: dict[int, RowLines] | None = None,
 ) -> BackwardResult:
     """Rigorous lower bounds of sum_k init[k]^T z_k + c0 over the balls.
 
@@ -146,6 +221,7 @@ def backward(
         act_rule: optional replacement of activation steps (module docstring).
         box_at: concretise with the interval box of this node instead of going further (IBP).
         record: keep the multipliers (for gradients of alpha).
+        lines: act node -> per-row sound lines (optimised tangents of smooth activations).
     """
     g = st.graph
     pending: dict[int, Array] = {}
@@ -203,6 +279,14 @@ def backward(
             lower = down(total, np.abs(lin) + np.abs(en) + np.abs(c) + etot)
             pending.clear()
             return BackwardResult(lower, lam_x if record else None, lam_act if record else None)
+        if node.kind == "affine" and not record and box_at not in (idx, 0) and _gram_ok(node):
+            lin, en, eg = _concretise_gram(st, node, lam)
+            e = e + eg
+            etot = 2.0 * (e + err_scale(len(g.nodes) + 2) * cabs)
+            total = lin - en + c - etot
+            lower = down(total, np.abs(lin) + np.abs(en) + np.abs(c) + etot)
+            pending.clear()
+            return BackwardResult(lower)
         if node.kind == "act":
             rel = st.relax[idx]
             if record:
@@ -211,7 +295,8 @@ def backward(
             p = node.parents[0]
             step = None if act_rule is None else act_rule(node, rel, lam, alpha, st)
             if step is None:
-                step = crown_act_step(rel, lam, alpha, st.zmax(p))
+                ln = None if lines is None else lines.get(idx)
+                step = crown_act_step(rel, lam, alpha, st.zmax(p), ln)
             c = c + step.const
             cabs = cabs + np.abs(step.const)
             e = e + step.err
@@ -224,7 +309,7 @@ def backward(
             e = e + err_scale(t) * np.einsum("bmn,bn->bm", al, q)
             e = e + t * ETA * st.zmax(p).sum(-1)[:, None]
             bias = node.full_bias
-            cb = lam @ bias
+            cb = np.asarray(lam @ bias)
             e = e + err_scale(node.size) * (al @ np.abs(bias)) + (node.size + 2) * ETA
             c = c + cb
             cabs = cabs + np.abs(cb)
@@ -250,30 +335,95 @@ def row_norms_up(node: Node) -> Array:
     return row_norm_upper_bounds(op.weight)
 
 
+@lru_cache(maxsize=16)
+def _row_norms_cached(node: Node) -> Array:
+    return row_norms_up(node)
+
+
 def _transpose_sparse(node: Node, lam: Array) -> Array:
     """W^T lam, skipping the columns of lam that are zero everywhere (stably inactive ReLUs).
 
     Dropping exact zeros from a sum leaves fewer terms than ``terms_transpose``, so the error
-    bound used for the full product still holds.
+    bound used for the full product still holds. Dense products run as one 2-D GEMM over all
+    (input, row) pairs (a stacked 3-D matmul is several times slower for few rows per input).
     """
     op = node.op
     if isinstance(op, Dense):
-        nz = np.flatnonzero(np.any(lam != 0, axis=tuple(range(lam.ndim - 1))))
-        if nz.size < 0.75 * op.out_features:
-            return np.asarray(lam[..., nz] @ op.weight[nz])
+        lead = lam.shape[:-1]
+        flat = lam.reshape(-1, lam.shape[-1])
+        nz = np.flatnonzero(np.any(flat != 0, axis=0))
+        sparse = nz.size < 0.75 * op.out_features
+        out = flat[:, nz] @ op.weight[nz] if sparse else flat @ op.weight
+        return np.asarray(out).reshape(*lead, op.in_features)
     return node.transpose(lam)
+
+
+def _gram_ok(node: Node) -> bool:
+    """Concretise at this node through its Gram matrix: a dense layer on the input with fewer
+    outputs than inputs (then W W^T is smaller than W)."""
+    op = node.op
+    return node.parents[0] == 0 and isinstance(op, Dense) and op.out_features < op.in_features
+
+
+@lru_cache(maxsize=16)
+def _gram(node: Node) -> tuple[Array, float]:
+    """(Gf, rho) for the first dense layer W (n1, n0): Gf = fl(W W^T) and rho >= the largest
+    row sum of M = err_scale(n0) |W| |W|^T + 2.1 err_scale(n1) |Gf|, so that for every float
+    vector L with k <= n1 nonzeros, L^T (W W^T) L <= fl(L^T Gf L) + ||L||^2 rho in exact
+    arithmetic (|Gf - W W^T| <= gamma_n0 |W||W|^T; the two nested k-term sums of
+    fl(L^T Gf L) err by at most 2 gamma_{k+1} |L|^T |Gf| |L|; a symmetric non-negative
+    matrix's largest eigenvalue is at most its largest row sum). Cached per node."""
+    op = node.op
+    assert isinstance(op, Dense)
+    w = op.weight
+    n1, n0 = w.shape
+    gf = w @ w.T
+    aw = np.abs(w)
+    m = err_scale(n0) * (aw @ aw.T) + 2.1 * err_scale(n1) * np.abs(gf)
+    rho = float(widen_up(np.max(m.sum(axis=1)), n1))
+    return np.asarray(gf), rho * (1.0 + 16 * U) + n1 * ETA
+
+
+def _concretise_gram(st: BallBounds, node: Node, lam: Array) -> tuple[Array, Array, Array]:
+    """Exact-ball minimum of lam^T (W x + b) for the first dense layer, via its Gram matrix.
+
+    min over ||x - x0|| <= eps of lam^T (W x + b) = lam^T y0* - eps ||W^T lam||_2 with
+    y0* = W x0 + b exactly (Cauchy-Schwarz); ||W^T lam||^2 = lam^T (W W^T) lam is bounded with
+    :func:`_gram` (so W^T lam, n0 wide, is never formed). Returns (lin, en, err) (B, m):
+    lin = fl(lam^T y0), en >= eps ||W^T lam|| (exact), err >= |lin - lam^T y0*|; the bound is
+    lin - en - err. Only the columns of lam that are nonzero somewhere are used (exact zeros).
+    """
+    b, m, n1 = lam.shape
+    y0, ey0 = st.centre(node)
+    flat = lam.reshape(b * m, n1)
+    nz = np.flatnonzero(np.any(flat != 0, axis=0))
+    k = int(nz.size)
+    gf, rho = _gram(node)
+    lc = lam[..., nz]
+    yc, ec = y0[:, nz], ey0[:, nz]
+    alc = np.abs(lc)
+    lin = np.einsum("bmn,bn->bm", lc, yc)
+    err = err_scale(k) * np.einsum("bmn,bn->bm", alc, np.abs(yc))
+    err = err + np.einsum("bmn,bn->bm", alc, ec) * (1.0 + err_scale(k)) + 2 * (k + 2) * ETA
+    fc = lc.reshape(b * m, k)
+    q = np.einsum("pk,pk->p", fc @ gf[np.ix_(nz, nz)], fc).reshape(b, m)
+    l2 = widen_up(np.einsum("pk,pk->p", fc, fc).reshape(b, m), k)
+    sq = q + l2 * rho
+    sq = np.maximum(up(sq, np.abs(q) + l2 * rho + (k + 2) ** 2 * ETA), 0.0)
+    nrm = np.sqrt(sq)
+    nrm = up(nrm, nrm)
+    en = st.eps[:, None] * nrm
+    en = up(en, en)
+    return lin, en, err
 
 
 def _affine_ibp(st: BallBounds, node: Node) -> tuple[Array, Array]:
     p = node.parents[0]
     t = node.terms_forward
-    if p == 0:  # exact ball bounds: W x0 + b -+ eps ||W_i||_2
-        x0 = st.x0
-        mid = node.linear(x0) + node.full_bias
-        r = st.eps[:, None] * row_norms_up(node)[None, :]
+    if p == 0:  # exact ball bounds: W x0 + b -+ eps ||W_i||_2 (row norms computed once)
+        mid, err = st.centre(node)
+        r = st.eps[:, None] * _row_norms_cached(node)[None, :]
         r = up(r, r)
-        err = 2.0 * err_scale(t) * (node.abs_linear(np.abs(x0)) + np.abs(node.full_bias))
-        err = err + (t + 2) * ETA
         mag = np.abs(mid) + r + err
         return down(mid - r - err, mag), up(mid + r + err, mag)
     lo, hi = st.lo[p], st.hi[p]
@@ -322,9 +472,12 @@ def node_objective(st: BallBounds, idx: int, sel: np.ndarray) -> tuple[dict[int,
     node = st.graph.nodes[idx]
     b, k = st.batch, sel.size
     if node.kind == "affine":
-        unit = np.zeros((k, node.size))
-        unit[np.arange(k), sel] = 1.0
-        w = node.transpose(unit)
+        if isinstance(node.op, Dense):
+            w = node.op.weight[sel]
+        else:
+            unit = np.zeros((k, node.size))
+            unit[np.arange(k), sel] = 1.0
+            w = node.transpose(unit)
         bias = node.full_bias[sel]
         c0 = np.broadcast_to(np.concatenate([bias, -bias])[None], (b, 2 * k))
         return {node.parents[0]: np.concatenate([w, -w])[None]}, np.array(c0)
@@ -334,15 +487,46 @@ def node_objective(st: BallBounds, idx: int, sel: np.ndarray) -> tuple[dict[int,
 
 
 def crown_node_bounds(
-    st: BallBounds, idx: int, rows: np.ndarray, *, act_rule: ActRule | None = None
+    st: BallBounds,
+    idx: int,
+    rows: np.ndarray,
+    *,
+    act_rule: ActRule | None = None,
+    need: np.ndarray | None = None,
 ) -> tuple[Array, Array]:
-    """CROWN lower and upper bounds of z_idx[rows] over the balls, (B, len(rows)) each."""
+    """CROWN lower and upper bounds of z_idx[rows] over the balls, (B, len(rows)) each.
+
+    ``need`` (B, len(rows)) bool: bound only these (input, row) pairs (the others get -inf /
+    +inf). Without an ``act_rule`` the inputs are bounded one by one, each with only its own
+    rows: then the backward pass drops the columns that are zero for that input (its stably
+    inactive neurons) and concretises the first dense layer through its Gram matrix, which is
+    much cheaper than the rows of the whole batch on the full width. The rigorous error terms
+    are those of :func:`backward` in every case (any batch composition gives a sound bound).
+    """
     g = st.graph
     b = st.batch
     r = rows.size
-    lows = np.empty((b, r))
-    highs = np.empty((b, r))
+    lows = np.full((b, r), -np.inf)
+    highs = np.full((b, r), np.inf)
     width = max(nd.size for nd in g.nodes)
+    if act_rule is None:
+        for nd in g.nodes[: idx + 1]:  # fill the |W| |z|max caches once for the whole batch
+            if nd.kind == "affine" and nd.index < idx:
+                st.absw_zmax(nd)
+        for bi in range(b):
+            pos = np.arange(r) if need is None else np.flatnonzero(need[bi])
+            if pos.size == 0:
+                continue
+            sub = single(st, bi)
+            chunk = max(1, _CHUNK_ELEMS // max(1, 2 * width))
+            for s in range(0, pos.size, chunk):
+                ps = pos[s : s + chunk]
+                k = ps.size
+                init, c0 = node_objective(sub, idx, rows[ps])
+                res = backward(sub, init, c0)
+                lows[bi, ps] = res.lower[0, :k]
+                highs[bi, ps] = -res.lower[0, k:]
+        return lows, highs
     chunk = max(1, _CHUNK_ELEMS // max(1, 2 * b * width))
     for s in range(0, r, chunk):
         sel = rows[s : s + chunk]
@@ -396,8 +580,8 @@ def compute_bounds(
             need = _needs_tightening(graph, st, node.index)
             rows = np.flatnonzero(need.any(axis=0))
             if rows.size:
-                cl, ch = crown_node_bounds(st, node.index, rows, act_rule=act_rule)
                 sel = need[:, rows]
+                cl, ch = crown_node_bounds(st, node.index, rows, act_rule=act_rule, need=sel)
                 st.lo[-1][:, rows] = np.where(
                     sel, np.maximum(st.lo[-1][:, rows], cl), st.lo[-1][:, rows]
                 )
@@ -426,5 +610,12 @@ def single(st: BallBounds, b: int) -> BallBounds:
         for k, r in st.relax.items()
     }
     return BallBounds(
-        st.graph, st.x0[sl], st.eps[sl], [a[sl] for a in st.lo], [a[sl] for a in st.hi], rel
+        st.graph,
+        st.x0[sl],
+        st.eps[sl],
+        [a[sl] for a in st.lo],
+        [a[sl] for a in st.hi],
+        rel,
+        {k: a[sl] for k, a in st._absw.items()},
+        {k: (y[sl], e[sl]) for k, (y, e) in st._centre.items()},
     )

@@ -195,33 +195,93 @@ def _relu_like(l: Array, u: Array, p: float) -> Relaxation:
 
 
 PIECES = 24
-"""Sub-intervals of [l, u] on which the intercepts of smooth activations are bounded."""
+"""Uniform sub-intervals of [l, u] on which the intercepts of smooth activations are bounded
+(plus tiny pieces around the points where phi' = a, where they are known in closed form)."""
+PIECES_STATIONARY = 8
+"""Uniform pieces where the stationary points are known (monotone pieces are then exact)."""
+_STAT_REL = 1e-7
+_CLOSED_FORM = ("sigmoid", "tanh", "softplus", "elu")
+
+
+def stationary_points(phi: Activation, a: Array) -> tuple[Array, Array]:
+    """Float estimates (z1, z2) of the points with phi'(z) = a (NaN where there is none or no
+    closed form): sigmoid, tanh (+-z), softplus, elu. Only used to place grid points; the
+    bounds never rely on their accuracy."""
+    n = phi.name
+    nan = np.full(a.shape, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if n == "sigmoid":
+            z = 2.0 * np.arctanh(np.sqrt(1.0 - 4.0 * a))
+        elif n == "tanh":
+            z = np.arctanh(np.sqrt(1.0 - a))
+        elif n == "softplus":
+            return np.log(a / (1.0 - a)), nan
+        elif n == "elu" and phi.param > 0:
+            return np.log(a / phi.param), nan
+        else:
+            return nan, nan
+    z = np.where((a > 0) & np.isfinite(z), z, np.nan)
+    return z, -z
 
 
 def _piece_extremes(phi: Activation, l: Array, u: Array, a: Array) -> tuple[Array, Array]:
     """Rigorous (lower bound of min, upper bound of max) of g(z) = phi(z) - a z on [l, u].
 
-    [l, u] is cut into ``PIECES`` sub-intervals [p_k, p_k+1] (p_0 = l, p_N = u, a monotone
-    float grid, so they cover [l, u] exactly). On each, with centre c, radius r >= half its width
-    and phi' in [d_lo, d_hi] there, g(z) is within r max(0, a - d_lo, d_hi - a) of g(c) (mean
-    value). The slack vanishes quadratically with the piece width where g' ~ 0.
+    [l, u] is cut at a monotone float grid (p_0 = l, p_N = u, so the pieces cover [l, u]
+    exactly): ``PIECES`` uniform pieces (``PIECES_STATIONARY`` where z* is known) plus points
+    +-1e-7 (1 + |z*|) around the float estimates z* of the points where g' = 0
+    (:func:`stationary_points`). On a piece [p, q] with w >= q - p, centre c, radius r and
+    g' in [al, be] (from a rigorous enclosure of phi' there), each of these bounds min g
+    (mean value theorem):
+
+        g(p) + min(al, 0) w,   g(q) - max(be, 0) w,   g(c) - r max(-al, be, 0);
+
+    the best one is taken (the maximum; mirrored for max g). On pieces where g is monotone the
+    first two are the exact endpoint values; the only mean-value slack left is on the tiny
+    pieces at the stationary points, second order in their width.
     """
-    n = PIECES
+    l, u, a = np.broadcast_arrays(l, u, a)
+    # the grid of an element depends only on that element (never on the rest of the array),
+    # so a neuron's intercept is the same in any batch (certificates re-check bit for bit)
+    closed = phi.name in _CLOSED_FORM
+    stat = list(stationary_points(phi, a)) if closed else []
+    n = PIECES_STATIONARY if closed else PIECES
     f = np.linspace(0.0, 1.0, n + 1).reshape((-1,) + (1,) * l.ndim)
-    grid = l[None] + f * (u - l)[None]
+    pts = [l[None] + f * (u - l)[None]]
+    for z in stat:
+        z = np.where(np.isfinite(z), z, np.nan)
+        d = _STAT_REL * (1.0 + np.abs(z))
+        for q in (z - d, z + d):
+            pts.append(np.where(np.isnan(q), l, np.clip(q, l, u))[None])
+    grid = np.sort(np.concatenate(pts), axis=0) if closed else pts[0]
     grid[0], grid[-1] = l, u
     grid = np.minimum(np.maximum.accumulate(grid, axis=0), u[None])
     pl, pu = grid[:-1], grid[1:]
     c = 0.5 * pl + 0.5 * pu
     r = np.maximum(up(pu - c, np.abs(pu) + np.abs(c)), up(c - pl, np.abs(c) + np.abs(pl)))
     r = np.maximum(r, 0.0)
+    w = np.maximum(up(pu - pl, np.abs(pu) + np.abs(pl)), 0.0)
     d_lo, d_hi = derivative_range(phi, pl, pu)
+    a_ = a[None]
+    al = down(d_lo - a_, np.abs(d_lo) + np.abs(a_))  # <= inf g' on the piece
+    be = up(d_hi - a_, np.abs(d_hi) + np.abs(a_))  # >= sup g'
+    g_lo, g_hi = _value_bounds(phi, grid)
+    gv_lo, gv_hi = g_lo[:-1], g_hi[:-1]  # at p
+    gw_lo, gw_hi = g_lo[1:], g_hi[1:]  # at q
     v_lo, v_hi = _value_bounds(phi, c)
-    ac = a[None] * c
-    spread = np.maximum(np.maximum(a[None] - d_lo, d_hi - a[None]), 0.0) * r
+    ap, aq, ac = a_ * pl, a_ * pu, a_ * c
+    neg = np.minimum(al, 0.0) * w  # <= 0
+    pos = np.maximum(be, 0.0) * w  # >= 0
+    spread = np.maximum(np.maximum(-al, be), 0.0) * r
     spread = up(spread, spread)
-    lo = down(v_lo - ac - spread, np.abs(v_lo) + np.abs(ac) + spread).min(axis=0)
-    hi = up(v_hi - ac + spread, np.abs(v_hi) + np.abs(ac) + spread).max(axis=0)
+    lo1 = down(gv_lo - ap + neg, np.abs(gv_lo) + np.abs(ap) + np.abs(neg))
+    lo2 = down(gw_lo - aq - pos, np.abs(gw_lo) + np.abs(aq) + pos)
+    lo3 = down(v_lo - ac - spread, np.abs(v_lo) + np.abs(ac) + spread)
+    hi1 = up(gv_hi - ap + pos, np.abs(gv_hi) + np.abs(ap) + pos)
+    hi2 = up(gw_hi - aq - neg, np.abs(gw_hi) + np.abs(aq) + np.abs(neg))
+    hi3 = up(v_hi - ac + spread, np.abs(v_hi) + np.abs(ac) + spread)
+    lo = np.maximum(np.maximum(lo1, lo2), lo3).min(axis=0)
+    hi = np.minimum(np.minimum(hi1, hi2), hi3).max(axis=0)
     return lo, hi
 
 
@@ -274,6 +334,70 @@ def _slopes(phi: Activation, l: Array, u: Array) -> tuple[Array, Array]:
     s_lo = np.clip(np.nan_to_num(s_lo), g_lo, g_hi)
     s_up = np.clip(np.nan_to_num(s_up), g_lo, g_hi)
     return np.asarray(s_lo), np.asarray(s_up)
+
+
+OPTIMISABLE = ("sigmoid", "tanh")
+"""Activations whose bounding lines alpha-CROWN optimises by their tangent points."""
+
+
+def deriv2(phi: Activation, z: Array) -> Array:
+    """phi''(z) in float for sigmoid and tanh (a gradient only)."""
+    if phi.name == "sigmoid":
+        s = special.expit(z)
+        return np.asarray(s * (1.0 - s) * (1.0 - 2.0 * s))
+    t = np.tanh(z)
+    return np.asarray(-2.0 * t * (1.0 - t * t))
+
+
+def tangent_ranges(phi: Activation, l: Array, u: Array) -> tuple[Array, Array, Array, Array]:
+    """Ranges [a_lo, b_lo] and [a_up, b_up] of tangent points d whose tangent lines bound the
+    S-shaped phi (sigmoid, tanh: convex on z <= 0, concave on z >= 0) from below / above on
+    [l, u] (Zhang et al., CROWN, NeurIPS 2018, §3.3; optimised as in Xu et al., ICLR 2021):
+
+    - lower: u <= 0: any d in [l, u] (convex); l < 0 < u: d in [l, d_l], d_l <= 0 the tangent
+      point of the line through (u, phi(u)), when the tangent at l passes below it; else none;
+    - upper: mirrored (l >= 0: [l, u]; l < 0 < u: [d_u, u]).
+
+    NaN where no tangent is valid (those lines stay fixed). Float estimates only: the
+    intercepts of whatever slope phi'(d) is used are bounded rigorously (:func:`line_intercepts`).
+    """
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+
+        def h_lo(d: Array) -> Array:
+            return np.asarray(phi(u) - phi(d) - _deriv(phi, d) * (u - d))
+
+        def h_up(d: Array) -> Array:
+            return np.asarray(phi(d) - phi(l) - _deriv(phi, d) * (d - l))
+
+        mixed = (l < 0) & (u > 0)
+        lm, um = np.where(mixed, l, -1.0), np.where(mixed, u, 1.0)
+        d_l = _bisect(h_lo, lm, np.zeros_like(lm))
+        d_u = _bisect(h_up, np.zeros_like(um), um)
+        ok_l = mixed & (h_lo(lm) >= 0)
+        ok_u = mixed & (h_up(um) >= 0)
+    nan = np.full(l.shape, np.nan)
+    a_lo = np.where(u <= 0, l, np.where(ok_l, l, nan))
+    b_lo = np.where(u <= 0, u, np.where(ok_l, np.minimum(d_l, 0.0), nan))
+    a_up = np.where(l >= 0, l, np.where(ok_u, np.maximum(d_u, 0.0), nan))
+    b_up = np.where(l >= 0, u, np.where(ok_u, u, nan))
+    wide = u > l
+    return (
+        np.where(wide, a_lo, nan),
+        np.where(wide, b_lo, nan),
+        np.where(wide, a_up, nan),
+        np.where(wide, b_up, nan),
+    )
+
+
+def line_intercepts(
+    phi: Activation, l: Array, u: Array, s_lo: Array, s_up: Array
+) -> tuple[Array, Array]:
+    """Rigorous intercepts for ANY float slopes (arrays broadcast together): t_lo <= min and
+    t_up >= max of phi(z) - s z over [l, u] (:func:`_piece_extremes`), so that
+    s_lo z + t_lo <= phi(z) <= s_up z + t_up on [l, u] in exact arithmetic."""
+    t_lo, _ = _piece_extremes(phi, l, u, s_lo)
+    _, t_up = _piece_extremes(phi, l, u, s_up)
+    return t_lo, t_up
 
 
 def _generic(phi: Activation, l: Array, u: Array) -> Relaxation:

@@ -24,6 +24,9 @@ from service.documents import StoredBound, strict_json
 from service.errors import InvalidInput
 from service.local_certify import LocalOptions, certify_rows, check_epsilon, device_optimizer
 
+MAX_TABLE_ROWS = 200
+"""Rows of the terminal table; more inputs are summarised (``--json`` / ``--tsv`` have all)."""
+
 
 def local_options(method: str, epsilon: float | None, time_budget: float) -> LocalOptions:
     """Options from the command line (one-line CLI error when they are bad)."""
@@ -145,7 +148,7 @@ def report(
         cols.append("certified")
     for col in cols:
         table.add_column(col)
-    for r in rows:
+    for r in rows[:MAX_TABLE_ROWS]:
         cells = [
             str(r["index"]),
             str(r.get("label", "")),
@@ -158,4 +161,33 @@ def report(
         if "epsilon" in cert.columns:
             cells.append(str(r["certified"]))
         table.add_row(*cells)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if len(rows) > MAX_TABLE_ROWS:
+        console.print(
+            f"... {len(rows) - MAX_TABLE_ROWS} more rows not shown (--json or --tsv FILE for all)"
+        )
+    console.print(summary_line(cert))
+
+
+def summary_line(cert: Certified) -> str:
+    """One line for a terminal: inputs, certified count, median radius, accuracies, time."""
+    c = cert.columns
+    n = len(c["prediction"])
+    radius = np.asarray(c["radius"], dtype=np.float64)
+    parts = [f"{n} inputs"]
+    if "certified" in c and "epsilon" in c and "correct" not in c:
+        k = int(np.asarray(c["certified"]).sum())
+        parts.append(f"certified {k}/{n} ({100.0 * k / max(n, 1):.1f}%)")
+    if n:
+        parts.append(f"median radius {float(np.median(radius)):.4g}")
+    acc = cert.summary.get("accuracy")
+    if acc is not None:
+        parts.append(f"clean accuracy {100.0 * acc:.1f}%")
+    cacc = cert.summary.get("certified_accuracy")
+    if cacc is not None:
+        parts.append(f"certified accuracy {100.0 * cacc:.1f}%")
+    sec = cert.summary.get("seconds")
+    if sec is not None:
+        parts.append(f"{sec:.1f} s")
+    return "; ".join(parts)
