@@ -47,6 +47,7 @@ Example::
 certificate re-checks only against a bound the caller trusts (``lipschitz_bound``).
 """
 
+import sdp.local.beta_crown  # registers "beta-crown"
 import sdp.local.sdp_crown_method  # noqa: F401  (registers "sdp-crown" and "bab")
 from sdp.local.certify import certify_local, verify_local
 from sdp.local.types import (

@@ -34,7 +34,7 @@ from sdp.local.types import LocalCertificate, LocalResult, SlopeOptimizer
 from sdp.radius import certified_radius
 from sdp.rounding import logit_error_bound
 
-_METHODS = ("ibp", "crown", "alpha-crown", "sdp-crown", "bab", "auto")
+_METHODS = ("ibp", "crown", "alpha-crown", "sdp-crown", "bab", "beta-crown", "auto")
 _RTOL = 1e-3
 _MAX_PROBES = 40
 
