@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdp.errors import NotApplicable
-from sdp.ir import Activation, Array
+from sdp.ir import Activation, Array, Dense
 from sdp.local.alpha import IntermediateAlpha, optimise_alphas
 from sdp.local.graph import Graph
 from sdp.local.margins import (
@@ -101,6 +101,7 @@ class Chain:
     pre: tuple[int, ...]
     act: tuple[int, ...]
     slope: tuple[float, ...]
+    gram: Array | None = None  # W_1 W_1^T for a dense first layer (float search only)
 
     @property
     def split(self) -> tuple[bool, ...]:
@@ -127,7 +128,13 @@ def chain_of(graph: Graph) -> Chain:
             pre.append(nd.parents[0])
             act.append(nd.index)
             slope.append(p)
-    return Chain(graph, tuple(pre), tuple(act), tuple(slope))
+    first = graph.nodes[1] if len(graph.nodes) > 1 else None
+    gram = None
+    if first is not None and first.kind == "affine" and isinstance(first.op, Dense):
+        w = first.op.weight
+        if w.shape[0] < w.shape[1]:
+            gram = np.asarray(w @ w.T)
+    return Chain(graph, tuple(pre), tuple(act), tuple(slope), gram)
 
 
 def applies(graph: Graph) -> bool:
@@ -151,6 +158,8 @@ class Domains:
     beta: list[Array]
     sgn: list[Array]  # int8: +1 z >= 0, -1 z <= 0, 0 not split
     bound: Array  # (D,)
+    c: Array  # (D, K) the margin row of each domain
+    row: np.ndarray  # (D,) its index j
 
     @property
     def size(self) -> int:
@@ -164,6 +173,8 @@ class Domains:
             [a[idx] for a in self.beta],
             [a[idx] for a in self.sgn],
             self.bound[idx],
+            self.c[idx],
+            self.row[idx],
         )
 
     @staticmethod
@@ -180,35 +191,51 @@ class Domains:
             join("beta"),
             join("sgn"),
             np.concatenate([p.bound for p in parts]),
+            np.concatenate([p.c for p in parts]),
+            np.concatenate([p.row for p in parts]),
         )
 
 
-def _lines(l: Array, u: Array, a: Array, p: float) -> tuple[Array, Array, Array, np.ndarray]:
-    """(lower slope, upper slope, upper intercept, unstable) of relu-like lines on [l, u]."""
-    unst = (l < 0) & (u > 0)
-    w = np.where(unst, u - l, 1.0)
-    su = np.where(unst, (u - p * l) / w, np.where(l >= 0, 1.0, p))
-    tu = np.where(unst, (p - su) * l, 0.0)
-    sl = np.where(unst, a, np.where(l >= 0, 1.0, p))
-    return sl, su, tu, unst
+Lines = list[tuple[Array, Array, Array, np.ndarray]]
+
+
+def lines_of(ch: Chain, d: Domains) -> Lines:
+    """Per act: (stable lower slope, upper slope, upper intercept, unstable) of each domain."""
+    out = []
+    for k in range(len(ch.act)):
+        l, u, p = d.lo[k], d.hi[k], ch.slope[k]
+        unst = (l < 0) & (u > 0)
+        w = np.where(unst, u - l, 1.0)
+        su = np.where(unst, (u - p * l) / w, np.where(l >= 0, 1.0, p))
+        tu = np.where(unst, (p - su) * l, 0.0)
+        out.append((np.where(l >= 0, 1.0, p), su, tu, unst))
+    return out
 
 
 @dataclass(eq=False)
 class _Pass:
     bound: Array
-    lam_x: Array
+    lam_base: Array  # multipliers on the base node (the input, or z_1 with a Gram matrix)
     lam_act: list[Array]
     slope: list[Array]
     icpt: list[Array]
     pos: list[np.ndarray]
+    quad: Array  # ||lam_x||_2 (D,)
+    glam: Array | None  # G lam_base (Gram form) or None
 
 
-def float_bound(ch: Chain, c: Array, x0: Array, eps: float, d: Domains) -> _Pass:
-    """Float lower bound of c^T f - sum beta s z over B with each domain's lines (a guide)."""
+def float_bound(ch: Chain, x0: Array, eps: float, d: Domains, lines: Lines | None = None) -> _Pass:
+    """Float lower bound of c^T f - sum beta s z over B with each domain's lines (a guide).
+
+    With a dense first layer z_1 = W_1 x + b_1 the input stage stays in z_1's space:
+    lam_x = W_1^T mu, so lam_x^T x0 = mu^T W_1 x0 and ||lam_x|| = sqrt(mu^T G mu), G = W_1 W_1^T.
+    """
     g = ch.graph
     n = d.size
     kmap = {a: k for k, a in enumerate(ch.act)}
-    lam = np.broadcast_to(c, (n, c.size)).copy()
+    if lines is None:
+        lines = lines_of(ch, d)
+    lam = np.array(d.c)
     const = np.zeros(n)
     nk = len(ch.act)
     lam_act: list[Array] = [np.zeros(0)] * nk
@@ -219,33 +246,49 @@ def float_bound(ch: Chain, c: Array, x0: Array, eps: float, d: Domains) -> _Pass
         nd = g.nodes[idx]
         if nd.kind == "affine":
             const += lam @ nd.full_bias
+            if idx == 1 and ch.gram is not None:
+                break
             lam = nd.transpose(lam)
         else:
             k = kmap[idx]
-            sl, su, tu, _ = _lines(d.lo[k], d.hi[k], d.alpha[k], ch.slope[k])
+            fixed, su, tu, unst = lines[k]
             ps = lam >= 0
-            s = np.where(ps, sl, su)
+            s = np.where(ps, np.where(unst, d.alpha[k], fixed), su)
             t = np.where(ps, 0.0, tu)
             lam_act[k], slope[k], icpt[k], pos[k] = lam, s, t, ps
             const += (lam * t).sum(axis=1)
             lam = lam * s - d.beta[k] * d.sgn[k]
-    nrm = np.linalg.norm(lam, axis=1)
-    bound = lam @ x0 - eps * nrm + const
-    return _Pass(bound, lam, lam_act, slope, icpt, pos)
+    if ch.gram is not None:
+        glam = lam @ ch.gram
+        nrm = np.sqrt(np.maximum((lam * glam).sum(axis=1), 0.0))
+        lin = lam @ g.nodes[1].linear(x0)
+    else:
+        glam = None
+        nrm = np.linalg.norm(lam, axis=1)
+        lin = lam @ x0
+    bound = lin - eps * nrm + const
+    return _Pass(bound, lam, lam_act, slope, icpt, pos, nrm, glam)
 
 
-def _minimisers(x0: Array, eps: float, lam_x: Array) -> Array:
-    nrm = np.linalg.norm(lam_x, axis=1, keepdims=True)
-    return np.asarray(x0[None, :] - eps * lam_x / np.where(nrm > 0, nrm, 1.0))
+def _minimisers(ch: Chain, x0: Array, eps: float, pas: _Pass) -> Array:
+    """The base node's value at the minimising input x* = x0 - eps lam_x / ||lam_x||."""
+    inv = eps / np.where(pas.quad > 0, pas.quad, 1.0)[:, None]
+    if pas.glam is None:
+        return np.asarray(x0[None, :] - inv * pas.lam_base)
+    first = ch.graph.nodes[1]
+    return np.asarray((first.linear(x0) + first.full_bias)[None, :] - inv * pas.glam)
 
 
-def _relaxed_pre(ch: Chain, xs: Array, pas: _Pass) -> list[Array]:
-    """Pre-activations of the relaxed network (each domain's lines) from xs (D, n0)."""
+def _base(ch: Chain) -> int:
+    return 1 if ch.gram is not None else 0
+
+
+def _relaxed_pre(ch: Chain, v: Array, pas: _Pass) -> list[Array]:
+    """Pre-activations of the relaxed network (each domain's lines) from the base values v."""
     g = ch.graph
     kmap = {a: k for k, a in enumerate(ch.act)}
-    v = xs
     pre: list[Array] = [np.zeros(0)] * len(ch.act)
-    for nd in g.nodes[1 : g.output]:
+    for nd in g.nodes[_base(ch) + 1 : g.output]:
         if nd.kind == "affine":
             v = nd.linear(v) + nd.full_bias
         else:
@@ -255,22 +298,20 @@ def _relaxed_pre(ch: Chain, xs: Array, pas: _Pass) -> list[Array]:
     return pre
 
 
-def _true_margin(ch: Chain, c: Array, xs: Array) -> Array:
+def _true_margin(ch: Chain, c: Array, v: Array) -> Array:
+    """c_d^T f(x_d) per domain d (float) from the base node's values v."""
     g = ch.graph
     kmap = {a: k for k, a in enumerate(ch.act)}
-    v = xs
-    for nd in g.nodes[1:]:
+    for nd in g.nodes[_base(ch) + 1 :]:
         if nd.kind == "affine":
             v = nd.linear(v) + nd.full_bias
         else:
             p = ch.slope[kmap[nd.index]]
             v = np.where(v >= 0, v, p * v)
-    return np.asarray(v @ c)
+    return np.asarray((v * c).sum(axis=1))
 
 
-def optimise(
-    ch: Chain, c: Array, x0: Array, eps: float, d: Domains, iters: int
-) -> tuple[Domains, Array]:
+def optimise(ch: Chain, x0: Array, eps: float, d: Domains, iters: int) -> tuple[Domains, Array]:
     """Projected Adam on alpha (in [p, 1]) and beta (>= 0); the best iterate per domain.
 
     Also returns the minimising inputs x* of the last pass (candidate counterexamples)."""
@@ -284,16 +325,17 @@ def optimise(
     mb = [np.zeros_like(b) for b in beta]
     vb = [np.zeros_like(b) for b in beta]
     b1, b2 = 0.9, 0.999
-    xs = np.zeros((d.size, x0.size))
+    xs = np.zeros(0)
+    lines = lines_of(ch, d)
     for it in range(iters + 1):
-        cur = Domains(d.lo, d.hi, alpha, beta, d.sgn, d.bound)
-        pas = float_bound(ch, c, x0, eps, cur)
+        cur = Domains(d.lo, d.hi, alpha, beta, d.sgn, d.bound, d.c, d.row)
+        pas = float_bound(ch, x0, eps, cur, lines)
         better = pas.bound > best
         best = np.where(better, pas.bound, best)
         for k in range(len(alpha)):
             best_a[k][better] = alpha[k][better]
             best_b[k][better] = beta[k][better]
-        xs = _minimisers(x0, eps, pas.lam_x)
+        xs = _minimisers(ch, x0, eps, pas)
         if it == iters or bool(np.all(best > THRESHOLD)):
             break
         pre = _relaxed_pre(ch, xs, pas)
@@ -301,8 +343,7 @@ def optimise(
         lr_b = LR_BETA * 0.98**it
         t = it + 1
         for k in range(len(alpha)):
-            unst = (d.lo[k] < 0) & (d.hi[k] > 0)
-            ga = np.where(pas.pos[k] & unst, pas.lam_act[k] * pre[k], 0.0)
+            ga = np.where(pas.pos[k] & lines[k][3], pas.lam_act[k] * pre[k], 0.0)
             gb = -d.sgn[k] * pre[k]
             ma[k] = b1 * ma[k] + (1 - b1) * ga
             va[k] = b2 * va[k] + (1 - b2) * ga * ga
@@ -312,7 +353,7 @@ def optimise(
             sb = lr_b * (mb[k] / (1 - b1**t)) / (np.sqrt(vb[k] / (1 - b2**t)) + 1e-12)
             alpha[k] = np.clip(alpha[k] + sa, ch.slope[k], 1.0)
             beta[k] = np.where(d.sgn[k] != 0, np.maximum(beta[k] + sb, 0.0), 0.0)
-    out = Domains(d.lo, d.hi, best_a, best_b, d.sgn, best)
+    out = Domains(d.lo, d.hi, best_a, best_b, d.sgn, best, d.c, d.row)
     return out, xs
 
 
@@ -325,6 +366,8 @@ def _children(d: Domains, k_of: np.ndarray, i_of: np.ndarray, side: np.ndarray) 
         [a.copy() for a in d.beta],
         [a.copy() for a in d.sgn],
         d.bound.copy(),
+        d.c,
+        d.row,
     )
     rows = np.arange(d.size)
     for k in range(len(d.lo)):
@@ -338,13 +381,14 @@ def _children(d: Domains, k_of: np.ndarray, i_of: np.ndarray, side: np.ndarray) 
     return out
 
 
-def branch(ch: Chain, c: Array, x0: Array, eps: float, d: Domains) -> Domains | None:
+def branch(ch: Chain, x0: Array, eps: float, d: Domains) -> Domains | None:
     """Split every domain on its FSB-chosen neuron: 2 D children (None: nothing to split)."""
-    pas = float_bound(ch, c, x0, eps, d)
     scores = []
+    lines = lines_of(ch, d)
+    pas = float_bound(ch, x0, eps, d, lines)
     for k in range(len(d.lo)):
         l, u = d.lo[k], d.hi[k]
-        _, _, tu, unst = _lines(l, u, d.alpha[k], ch.slope[k])
+        _, _, tu, unst = lines[k]
         ok = unst & (d.sgn[k] == 0) & ch.split[k]
         lam = pas.lam_act[k]
         sc = -np.minimum(lam, 0.0) * tu + 1e-3 * np.abs(lam) * np.minimum(u, -l)
@@ -364,7 +408,7 @@ def branch(ch: Chain, c: Array, x0: Array, eps: float, d: Domains) -> Domains | 
     is_ = np.repeat(i_of.reshape(-1), 2)
     side = np.tile(np.array([1, -1], dtype=np.int8), n * top)
     kids = _children(rep, ks, is_, side)
-    val = float_bound(ch, c, x0, eps, kids).bound.reshape(n, top, 2).min(axis=2)
+    val = float_bound(ch, x0, eps, kids).bound.reshape(n, top, 2).min(axis=2)
     val = np.where(valid, val, -np.inf)
     pick = np.argmax(val, axis=1)
     kk = np.repeat(k_of[np.arange(n), pick], 2)
@@ -373,10 +417,9 @@ def branch(ch: Chain, c: Array, x0: Array, eps: float, d: Domains) -> Domains | 
     return _children(two, kk, ii, np.tile(np.array([1, -1], dtype=np.int8), n))
 
 
-def search_row(
-    ch: Chain, c: Array, x0: Array, eps: float, root: Domains, deadline: float
-) -> Domains | None:
-    """Float branch and bound of one row: the leaves (all float-positive), or None."""
+def search(ch: Chain, x0: Array, eps: float, root: Domains, deadline: float) -> Domains | None:
+    """Float branch and bound of the root domains (one per margin row, all rows in one batch):
+    the leaves (all float-positive), or None (budget spent, or a counterexample)."""
     open_ = root
     leaves: list[Domains] = []
     n_leaves = 0
@@ -385,11 +428,11 @@ def search_row(
             return None
         order = np.argsort(open_.bound)
         now, rest = open_.take(order[:BATCH]), open_.take(order[BATCH:])
-        kids = branch(ch, c, x0, eps, now)
+        kids = branch(ch, x0, eps, now)
         if kids is None:
             return None
-        kids, xs = optimise(ch, c, x0, eps, kids, ITERATIONS)
-        if bool(np.any(_true_margin(ch, c, xs) < 0)):
+        kids, xs = optimise(ch, x0, eps, kids, ITERATIONS)
+        if bool(np.any(_true_margin(ch, kids.c, xs) < 0)):
             return None  # a real counterexample in the ball
         done = kids.bound > THRESHOLD
         if done.any():
@@ -413,17 +456,18 @@ def leaf_bounds(
 ) -> Array:
     """Rigorous lower bounds (L,) of c^T f on each leaf (+inf for an empty leaf).
 
-    ``root`` holds rigorous bounds of one input's ball (batch 1); ``sgn``/``alpha``/``beta``
-    are (L, n_k) per act node of the chain.
+    ``root`` holds rigorous bounds of one input's ball (batch 1); ``c`` the objective row
+    (K,) or one per leaf (L, K); ``sgn``/``alpha``/``beta`` are (L, n_k) per act node.
     """
     g = ch.graph
     n_leaf = sgn[0].shape[0] if sgn else 1
     rep = np.zeros(n_leaf, dtype=np.intp)
+    c = np.broadcast_to(c, (n_leaf, g.output_size))
     lo = [np.array(a[rep]) for a in root.lo]
     hi = [np.array(a[rep]) for a in root.hi]
     empty = np.zeros(n_leaf, dtype=bool)
     rels = {}
-    init: dict[int, Array] = {g.output: np.broadcast_to(c, (n_leaf, 1, c.size))}
+    init: dict[int, Array] = {g.output: c[:, None, :]}
     alphas: dict[int, Array] = {}
     for k, (p, a) in enumerate(zip(ch.pre, ch.act, strict=True)):
         s = sgn[k]
@@ -487,13 +531,18 @@ def _root(
     return st, _finish(lower, pred), alphas, hook, c
 
 
-def _root_domain(ch: Chain, st1: BallBounds, alphas: dict[int, Array], b: int, j: int) -> Domains:
-    lo = [np.array(st1.lo[p]) for p in ch.pre]
-    hi = [np.array(st1.hi[p]) for p in ch.pre]
+def _root_domains(
+    ch: Chain, st1: BallBounds, alphas: dict[int, Array], b: int, c: Array, lower: Array
+) -> Domains:
+    """One root domain per margin row j with lower[j] <= 0 (input b; ``c`` its (K, K) rows)."""
+    rows = np.flatnonzero(lower <= 0)
+    n = rows.size
+    lo = [np.repeat(np.array(st1.lo[p]), n, axis=0) for p in ch.pre]
+    hi = [np.repeat(np.array(st1.hi[p]), n, axis=0) for p in ch.pre]
     al = []
     for k, a in enumerate(ch.act):
         if a in alphas:
-            al.append(np.array(alphas[a][b, j][None]))
+            al.append(np.array(alphas[a][b, rows]))
         else:
             al.append(np.where(hi[k] >= -lo[k], 1.0, ch.slope[k]))
     return Domains(
@@ -502,7 +551,9 @@ def _root_domain(ch: Chain, st1: BallBounds, alphas: dict[int, Array], b: int, j
         al,
         [np.zeros_like(x) for x in lo],
         [np.zeros(x.shape, dtype=np.int8) for x in lo],
-        np.full(1, -np.inf),
+        np.array(lower[rows]),
+        np.array(c[rows]),
+        rows,
     )
 
 
@@ -516,22 +567,20 @@ def _compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBou
             _encode_inter(hook.found[b] if hook.found else {})
         )
         deadline = t0 + BUDGET_S * (b + 1)
-        rows = np.flatnonzero(lower[b] <= 0)
         extra: list[tuple[str, Array]] = []
-        if rows.size and np.all(np.isfinite(lower[b][rows])):
+        neg = lower[b] <= 0
+        if neg.any() and np.all(np.isfinite(lower[b][neg])):
             st1 = single(st, b)
-            for j in rows[np.argsort(lower[b][rows])]:  # most negative first
-                root = _root_domain(ch, st1, alphas, b, int(j))
-                root.bound[:] = lower[b, j]
-                leaves = search_row(ch, c[b, j], x0[b], float(eps[b]), root, deadline)
-                if leaves is None:
-                    break
-                val = leaf_bounds(ch, st1, c[b, j], leaves.sgn, leaves.alpha, leaves.beta)
-                low = float(np.min(val))
-                if not low > 0:
-                    break
-                lower[b, j] = max(lower[b, j], low)
-                extra += _encode_leaves(int(j), leaves)
+            roots = _root_domains(ch, st1, alphas, b, c[b], lower[b])
+            leaves = search(ch, x0[b], float(eps[b]), roots, deadline)
+            if leaves is not None:
+                val = leaf_bounds(ch, st1, leaves.c, leaves.sgn, leaves.alpha, leaves.beta)
+                for j in roots.row:
+                    mine = leaves.row == j
+                    low = float(np.min(val[mine])) if mine.any() else -np.inf
+                    if low > 0:
+                        lower[b, j] = max(lower[b, j], low)
+                        extra += _encode_leaves(int(j), leaves.take(np.flatnonzero(mine)))
         payloads.append(base + tuple(extra))
     return MarginBounds(lower, tuple(payloads))
 
