@@ -446,19 +446,29 @@ def search(ch: Chain, x0: Array, eps: float, root: Domains, deadline: float) -> 
 # ------------------------------------------------------------------------ rigorous leaves
 
 
-def leaf_bounds(
+@dataclass(frozen=True, eq=False)
+class LeafProblem:
+    """The rigorous backward pass of L leaves: bounds valid on each leaf (root intervals
+    clipped by its splits, relaxations rebuilt), the objective ``{output: c, pre_k: -beta s}``,
+    the alphas, and which leaves are empty (a split contradicting the root intervals)."""
+
+    bounds: BallBounds
+    init: dict[int, Array]
+    alphas: dict[int, Array]
+    empty: np.ndarray
+
+
+def leaf_problem(
     ch: Chain,
     root: BallBounds,
     c: Array,
     sgn: list[Array],
     alpha: list[Array],
     beta: list[Array],
-) -> Array:
-    """Rigorous lower bounds (L,) of c^T f on each leaf (+inf for an empty leaf).
-
-    ``root`` holds rigorous bounds of one input's ball (batch 1); ``c`` the objective row
-    (K,) or one per leaf (L, K); ``sgn``/``alpha``/``beta`` are (L, n_k) per act node.
-    """
+) -> LeafProblem:
+    """See :class:`LeafProblem`; ``root`` holds rigorous bounds of one input's ball (batch 1),
+    ``c`` the objective row (K,) or one per leaf (L, K), ``sgn``/``alpha``/``beta`` (L, n_k) per
+    act node (negative or non-finite beta count as 0)."""
     g = ch.graph
     n_leaf = sgn[0].shape[0] if sgn else 1
     rep = np.zeros(n_leaf, dtype=np.intp)
@@ -483,8 +493,23 @@ def leaf_bounds(
             init[p] = mult[:, None, :]
         alphas[a] = alpha[k][:, None, :]
     st = BallBounds(g, root.x0[rep], root.eps[rep], lo, hi, rels)
-    low = backward(st, init, np.zeros((n_leaf, 1)), alphas=alphas).lower[:, 0]
-    return np.where(empty, np.inf, low)
+    return LeafProblem(st, init, alphas, empty)
+
+
+def leaf_bounds(
+    ch: Chain,
+    root: BallBounds,
+    c: Array,
+    sgn: list[Array],
+    alpha: list[Array],
+    beta: list[Array],
+) -> Array:
+    """Rigorous lower bounds (L,) of c^T f on each leaf (+inf for an empty leaf): one
+    :func:`sdp.local.propagate.backward` pass of :func:`leaf_problem` (bound (*) above)."""
+    lp = leaf_problem(ch, root, c, sgn, alpha, beta)
+    n_leaf = lp.empty.shape[0]
+    low = backward(lp.bounds, lp.init, np.zeros((n_leaf, 1)), alphas=lp.alphas).lower[:, 0]
+    return np.where(lp.empty, np.inf, low)
 
 
 def covers(sgn: Array) -> bool:
