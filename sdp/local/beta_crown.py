@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import sdp.local.sdp_crown_method  # noqa: F401  (registers sdp-crown first: auto order)
 from sdp.errors import NotApplicable
 from sdp.ir import Activation, Array, Dense
 from sdp.local.alpha import IntermediateAlpha, optimise_alphas
