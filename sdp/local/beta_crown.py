@@ -84,6 +84,10 @@ MAX_DOMAINS = 20000
 """Open domains plus leaves per row before giving up."""
 THRESHOLD = 1e-7
 """A float bound above this makes a leaf (the rigorous bound is recomputed anyway)."""
+CROWN_PROBES = 10
+"""CROWN bisection steps that start the radius search."""
+RADIUS_STEP = 1.25
+RADIUS_RTOL = 0.01
 ROOT_INTER_ITERATIONS = 10
 ROOT_ITERATIONS = 20
 LR_ALPHA = 0.1
@@ -418,30 +422,33 @@ def branch(ch: Chain, x0: Array, eps: float, d: Domains) -> Domains | None:
     return _children(two, kk, ii, np.tile(np.array([1, -1], dtype=np.int8), n))
 
 
-def search(ch: Chain, x0: Array, eps: float, root: Domains, deadline: float) -> Domains | None:
+def search(
+    ch: Chain, x0: Array, eps: float, root: Domains, deadline: float
+) -> tuple[Domains | None, str]:
     """Float branch and bound of the root domains (one per margin row, all rows in one batch):
-    the leaves (all float-positive), or None (budget spent, or a counterexample)."""
+    the leaves (all float-positive) and "ok", or None and why ("timeout", "counterexample":
+    the margin is negative at a point of the ball, "no-split")."""
     open_ = root
     leaves: list[Domains] = []
     n_leaves = 0
     while open_.size:
         if time.perf_counter() > deadline or open_.size + n_leaves > MAX_DOMAINS:
-            return None
+            return None, "timeout"
         order = np.argsort(open_.bound)
         now, rest = open_.take(order[:BATCH]), open_.take(order[BATCH:])
         kids = branch(ch, x0, eps, now)
         if kids is None:
-            return None
+            return None, "no-split"
         kids, xs = optimise(ch, x0, eps, kids, ITERATIONS)
         if bool(np.any(_true_margin(ch, kids.c, xs) < 0)):
-            return None  # a real counterexample in the ball
+            return None, "counterexample"
         done = kids.bound > THRESHOLD
         if done.any():
             leaves.append(kids.take(np.flatnonzero(done)))
             n_leaves += int(done.sum())
         left = kids.take(np.flatnonzero(~done))
         open_ = Domains.cat([left, rest]) if rest.size else left
-    return Domains.cat(leaves) if leaves else None
+    return (Domains.cat(leaves), "ok") if leaves else (None, "no-split")
 
 
 # ------------------------------------------------------------------------ rigorous leaves
@@ -583,32 +590,101 @@ def _root_domains(
     )
 
 
+def _branch_input(
+    ch: Chain,
+    st: BallBounds,
+    lower: Array,
+    alphas: dict[int, Array],
+    hook: IntermediateAlpha,
+    c: Array,
+    x0: Array,
+    eps: Array,
+    b: int,
+    deadline: float,
+) -> tuple[Payload, str]:
+    """Branch and bound of input b's rows still <= 0 in ``lower`` (updated in place); its
+    payload (alpha-CROWN's and the leaves of every row proven) and the search status."""
+    base: Payload = tuple((f"alpha:{k}", alphas[k][b]) for k in sorted(alphas)) + (
+        _encode_inter(hook.found[b] if hook.found else {})
+    )
+    neg = lower[b] <= 0
+    if not neg.any():
+        return base, "ok"
+    if not np.all(np.isfinite(lower[b][neg])):
+        return base, "no-split"
+    st1 = single(st, b)
+    roots = _root_domains(ch, st1, alphas, b, c[b], lower[b])
+    leaves, status = search(ch, x0[b], float(eps[b]), roots, deadline)
+    extra: list[tuple[str, Array]] = []
+    if leaves is not None:
+        val = leaf_bounds(ch, st1, leaves.c, leaves.sgn, leaves.alpha, leaves.beta)
+        for j in roots.row:
+            mine = leaves.row == j
+            low = float(np.min(val[mine])) if mine.any() else -np.inf
+            if low > 0:
+                lower[b, j] = max(lower[b, j], low)
+                extra += _encode_leaves(int(j), leaves.take(np.flatnonzero(mine)))
+    return base + tuple(extra), status
+
+
 def _compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBounds:
     t0 = time.perf_counter()
     ch = chain_of(graph)
     st, lower, alphas, hook, c = _root(graph, x0, eps, pred)
-    payloads: list[Payload] = []
-    for b in range(x0.shape[0]):
-        base: Payload = tuple((f"alpha:{k}", alphas[k][b]) for k in sorted(alphas)) + (
-            _encode_inter(hook.found[b] if hook.found else {})
-        )
-        deadline = t0 + BUDGET_S * (b + 1)
-        extra: list[tuple[str, Array]] = []
-        neg = lower[b] <= 0
-        if neg.any() and np.all(np.isfinite(lower[b][neg])):
-            st1 = single(st, b)
-            roots = _root_domains(ch, st1, alphas, b, c[b], lower[b])
-            leaves = search(ch, x0[b], float(eps[b]), roots, deadline)
-            if leaves is not None:
-                val = leaf_bounds(ch, st1, leaves.c, leaves.sgn, leaves.alpha, leaves.beta)
-                for j in roots.row:
-                    mine = leaves.row == j
-                    low = float(np.min(val[mine])) if mine.any() else -np.inf
-                    if low > 0:
-                        lower[b, j] = max(lower[b, j], low)
-                        extra += _encode_leaves(int(j), leaves.take(np.flatnonzero(mine)))
-        payloads.append(base + tuple(extra))
+    payloads = [
+        _branch_input(ch, st, lower, alphas, hook, c, x0, eps, b, t0 + BUDGET_S * (b + 1))[0]
+        for b in range(x0.shape[0])
+    ]
     return MarginBounds(lower, tuple(payloads))
+
+
+def _search_radius(
+    graph: Graph, x0: Array, pred: np.ndarray, lo: Array, budget: float
+) -> tuple[Array, Array, tuple[Payload, ...]]:
+    """Largest radius certified by beta-crown per input, above ``lo`` (certified already).
+
+    A start from CROWN (batched bisection, cheap), then per input beta-crown probes: up by
+    ``RADIUS_STEP`` while certified, bisection once refused, each probe with at least 1 s or
+    40% of what is left of the input's ``budget`` seconds. Every reported radius is a full
+    rigorous evaluation (its certificate); a refused probe (timeout or counterexample) is only
+    an upper end of the bracket."""
+    t0 = time.perf_counter()
+    ch = chain_of(graph)
+    b = x0.shape[0]
+    crown = get_method("crown")
+    c_lo = np.zeros(b)
+    c_hi = np.full(b, np.inf)
+    probe = np.where(lo > 0, 2.0 * lo, 0.1)
+    for _ in range(CROWN_PROBES):
+        ok = np.all(crown.compute(graph, x0, probe, pred).lower > 0, axis=1)
+        c_lo = np.where(ok, probe, c_lo)
+        c_hi = np.where(ok, c_hi, probe)
+        probe = np.where(np.isinf(c_hi), 2.0 * probe, 0.5 * (c_lo + c_hi))
+    radius = np.zeros(b)
+    lower = np.full((b, graph.output_size), -np.inf)
+    payloads: list[Payload] = [() for _ in range(b)]
+    for i in range(b):
+        deadline = t0 + budget * (i + 1)
+        r_lo, r_hi = 0.0, np.inf
+        eps = max(float(c_lo[i]), float(lo[i]))
+        if eps <= 0:
+            eps = 0.5 * float(c_hi[i]) if np.isfinite(c_hi[i]) else 1e-3
+        while deadline - time.perf_counter() > 0.1 * budget:
+            left = deadline - time.perf_counter()
+            st, low, alphas, hook, c = _root(graph, x0[i : i + 1], np.array([eps]), pred[i : i + 1])
+            stop = min(deadline, time.perf_counter() + max(1.0, 0.4 * left))
+            pay, _ = _branch_input(
+                ch, st, low, alphas, hook, c, x0[i : i + 1], np.array([eps]), 0, stop
+            )
+            if np.all(low[0] > 0):
+                r_lo = eps
+                radius[i], lower[i], payloads[i] = eps, low[0], pay
+            else:
+                r_hi = eps
+            if r_hi - r_lo <= RADIUS_RTOL * max(r_lo, 1e-12):
+                break
+            eps = RADIUS_STEP * eps if np.isinf(r_hi) else 0.5 * (r_lo + r_hi)
+    return radius, lower, tuple(payloads)
 
 
 def _encode_leaves(j: int, d: Domains) -> list[tuple[str, Array]]:
@@ -685,4 +761,6 @@ def _recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload) -> A
     return base
 
 
-register_method(MarginMethod("beta-crown", _compute, _recheck, applies=applies))
+register_method(
+    MarginMethod("beta-crown", _compute, _recheck, applies=applies, search=_search_radius)
+)
