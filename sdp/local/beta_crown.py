@@ -48,15 +48,16 @@ stored intermediate alphas, checks that the leaves cover the ball (a complete sp
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import numpy as np
 
 import sdp.local.sdp_crown_method  # noqa: F401  (registers sdp-crown first: auto order)
 from sdp.errors import NotApplicable
 from sdp.ir import Activation, Array, Dense
-from sdp.local.alpha import IntermediateAlpha, optimise_alphas
-from sdp.local.graph import Graph
+from sdp.local.alpha import InterAlphas, IntermediateAlpha
+from sdp.local.graph import Graph, Node
 from sdp.local.margins import (
     MarginBounds,
     MarginMethod,
@@ -69,7 +70,7 @@ from sdp.local.margins import (
     objective_rows,
     register_method,
 )
-from sdp.local.propagate import BallBounds, backward, compute_bounds, single
+from sdp.local.propagate import BallBounds, backward, compute_bounds, node_objective, single
 from sdp.local.relax import relax
 
 BUDGET_S = 1.0
@@ -91,6 +92,7 @@ RADIUS_RTOL = 0.01
 ROOT_INTER_ITERATIONS = 10
 ROOT_ITERATIONS = 20
 LR_ALPHA = 0.1
+LR_ROOT = 0.5
 LR_BETA = 0.05
 
 
@@ -138,8 +140,13 @@ def chain_of(graph: Graph) -> Chain:
     if first is not None and first.kind == "affine" and isinstance(first.op, Dense):
         w = first.op.weight
         if w.shape[0] < w.shape[1]:
-            gram = np.asarray(w @ w.T)
+            gram = _GRAMS.get(first)
+            if gram is None:
+                gram = _GRAMS[first] = np.asarray(w @ w.T)
     return Chain(graph, tuple(pre), tuple(act), tuple(slope), gram)
+
+
+_GRAMS: weakref.WeakKeyDictionary[Node, Array] = weakref.WeakKeyDictionary()
 
 
 def applies(graph: Graph) -> bool:
@@ -207,7 +214,7 @@ Lines = list[tuple[Array, Array, Array, np.ndarray]]
 def lines_of(ch: Chain, d: Domains) -> Lines:
     """Per act: (stable lower slope, upper slope, upper intercept, unstable) of each domain."""
     out = []
-    for k in range(len(ch.act)):
+    for k in range(len(d.lo)):
         l, u, p = d.lo[k], d.hi[k], ch.slope[k]
         unst = (l < 0) & (u > 0)
         w = np.where(unst, u - l, 1.0)
@@ -229,9 +236,17 @@ class _Pass:
     glam: Array | None  # G lam_base (Gram form) or None
 
 
-def float_bound(ch: Chain, x0: Array, eps: float, d: Domains, lines: Lines | None = None) -> _Pass:
+def float_bound(
+    ch: Chain,
+    x0: Array,
+    eps: float,
+    d: Domains,
+    lines: Lines | None = None,
+    top: int | None = None,
+) -> _Pass:
     """Float lower bound of c^T f - sum beta s z over B with each domain's lines (a guide).
 
+    ``top`` (default the output): the node whose value d.c multiplies (an intermediate bound).
     With a dense first layer z_1 = W_1 x + b_1 the input stage stays in z_1's space:
     lam_x = W_1^T mu, so lam_x^T x0 = mu^T W_1 x0 and ||lam_x|| = sqrt(mu^T G mu), G = W_1 W_1^T.
     """
@@ -247,7 +262,7 @@ def float_bound(ch: Chain, x0: Array, eps: float, d: Domains, lines: Lines | Non
     slope: list[Array] = [np.zeros(0)] * nk
     icpt: list[Array] = [np.zeros(0)] * nk
     pos: list[np.ndarray] = [np.zeros(0, dtype=bool)] * nk
-    for idx in range(g.output, 0, -1):
+    for idx in range(g.output if top is None else top, 0, -1):
         nd = g.nodes[idx]
         if nd.kind == "affine":
             const += lam @ nd.full_bias
@@ -288,12 +303,12 @@ def _base(ch: Chain) -> int:
     return 1 if ch.gram is not None else 0
 
 
-def _relaxed_pre(ch: Chain, v: Array, pas: _Pass) -> list[Array]:
+def _relaxed_pre(ch: Chain, v: Array, pas: _Pass, top: int | None = None) -> list[Array]:
     """Pre-activations of the relaxed network (each domain's lines) from the base values v."""
     g = ch.graph
     kmap = {a: k for k, a in enumerate(ch.act)}
     pre: list[Array] = [np.zeros(0)] * len(ch.act)
-    for nd in g.nodes[_base(ch) + 1 : g.output]:
+    for nd in g.nodes[_base(ch) + 1 : g.output if top is None else top]:
         if nd.kind == "affine":
             v = nd.linear(v) + nd.full_bias
         else:
@@ -316,10 +331,21 @@ def _true_margin(ch: Chain, c: Array, v: Array) -> Array:
     return np.asarray((v * c).sum(axis=1))
 
 
-def optimise(ch: Chain, x0: Array, eps: float, d: Domains, iters: int) -> tuple[Domains, Array]:
+def optimise(
+    ch: Chain,
+    x0: Array,
+    eps: float,
+    d: Domains,
+    iters: int,
+    *,
+    top: int | None = None,
+    stop_at: float | None = THRESHOLD,
+    lr: float = LR_ALPHA,
+) -> tuple[Domains, Array]:
     """Projected Adam on alpha (in [p, 1]) and beta (>= 0); the best iterate per domain.
 
-    Also returns the minimising inputs x* of the last pass (candidate counterexamples)."""
+    Stops early once every bound is above ``stop_at``. Also returns the base node's values at
+    the minimising inputs x* of the last pass (candidate counterexamples)."""
     alpha = [a.copy() for a in d.alpha]
     beta = [b.copy() for b in d.beta]
     best = np.full(d.size, -np.inf)
@@ -332,31 +358,34 @@ def optimise(ch: Chain, x0: Array, eps: float, d: Domains, iters: int) -> tuple[
     b1, b2 = 0.9, 0.999
     xs = np.zeros(0)
     lines = lines_of(ch, d)
+    split = [bool(np.any(sg != 0)) for sg in d.sgn]
     for it in range(iters + 1):
         cur = Domains(d.lo, d.hi, alpha, beta, d.sgn, d.bound, d.c, d.row)
-        pas = float_bound(ch, x0, eps, cur, lines)
+        pas = float_bound(ch, x0, eps, cur, lines, top)
         better = pas.bound > best
         best = np.where(better, pas.bound, best)
         for k in range(len(alpha)):
             best_a[k][better] = alpha[k][better]
             best_b[k][better] = beta[k][better]
         xs = _minimisers(ch, x0, eps, pas)
-        if it == iters or bool(np.all(best > THRESHOLD)):
+        if it == iters or (stop_at is not None and bool(np.all(best > stop_at))):
             break
-        pre = _relaxed_pre(ch, xs, pas)
-        lr_a = LR_ALPHA * 0.98**it
+        pre = _relaxed_pre(ch, xs, pas, top)
+        lr_a = lr * 0.98**it
         lr_b = LR_BETA * 0.98**it
         t = it + 1
         for k in range(len(alpha)):
             ga = np.where(pas.pos[k] & lines[k][3], pas.lam_act[k] * pre[k], 0.0)
-            gb = -d.sgn[k] * pre[k]
             ma[k] = b1 * ma[k] + (1 - b1) * ga
             va[k] = b2 * va[k] + (1 - b2) * ga * ga
+            sa = lr_a * (ma[k] / (1 - b1**t)) / (np.sqrt(va[k] / (1 - b2**t)) + 1e-12)
+            alpha[k] = np.clip(alpha[k] + sa, ch.slope[k], 1.0)
+            if not split[k]:
+                continue
+            gb = -d.sgn[k] * pre[k]
             mb[k] = b1 * mb[k] + (1 - b1) * gb
             vb[k] = b2 * vb[k] + (1 - b2) * gb * gb
-            sa = lr_a * (ma[k] / (1 - b1**t)) / (np.sqrt(va[k] / (1 - b2**t)) + 1e-12)
             sb = lr_b * (mb[k] / (1 - b1**t)) / (np.sqrt(vb[k] / (1 - b2**t)) + 1e-12)
-            alpha[k] = np.clip(alpha[k] + sa, ch.slope[k], 1.0)
             beta[k] = np.where(d.sgn[k] != 0, np.maximum(beta[k] + sb, 0.0), 0.0)
     out = Domains(d.lo, d.hi, best_a, best_b, d.sgn, best, d.c, d.row)
     return out, xs
@@ -550,16 +579,102 @@ def covers(sgn: Array) -> bool:
 # ------------------------------------------------------------------------ the method
 
 
+def _default_alpha(ch: Chain, lo: list[Array], hi: list[Array]) -> list[Array]:
+    """CROWN's adaptive lower slopes: 1 where u >= -l, the negative slope p otherwise."""
+    return [np.where(h >= -lw, 1.0, p) for lw, h, p in zip(lo, hi, ch.slope, strict=False)]
+
+
+@dataclass(eq=False)
+class FastIntermediateAlpha:
+    """A ``node_hook`` of :func:`sdp.local.propagate.compute_bounds` like
+    :class:`sdp.local.alpha.IntermediateAlpha` (same ``found`` records, replayed by it in
+    ``verify_local``): the alphas of the +-e_i rows of the unstable neurons are optimised by
+    the float search's Adam (Gram form, no rigorous pass per step), then ONE rigorous
+    backward pass with the best alphas gives the bounds, used where tighter."""
+
+    ch: Chain
+    iterations: int = ROOT_INTER_ITERATIONS
+    found: list[InterAlphas] = field(default_factory=list)
+
+    def __call__(self, st: BallBounds, idx: int) -> None:
+        ch = self.ch
+        if not self.found:
+            self.found = [{} for _ in range(st.batch)]
+        if idx not in ch.pre:
+            return
+        n_act = sum(1 for a in ch.act if a < idx)
+        if n_act == 0:
+            return
+        for b in range(st.batch):
+            sub = single(st, b)
+            lo_i, hi_i = st.lo[idx][b], st.hi[idx][b]
+            rows = np.flatnonzero((lo_i < 0) & (hi_i > 0))
+            r = rows.size
+            if r == 0:
+                continue
+            unit = np.zeros((2 * r, st.graph.nodes[idx].size))
+            unit[np.arange(r), rows] = 1.0
+            unit[r + np.arange(r), rows] = -1.0
+            rep = np.zeros(2 * r, dtype=np.intp)
+            lo = [np.array(sub.lo[ch.pre[k]][rep]) for k in range(n_act)]
+            hi = [np.array(sub.hi[ch.pre[k]][rep]) for k in range(n_act)]
+            d = Domains(
+                lo,
+                hi,
+                _default_alpha(ch, lo, hi),
+                [np.zeros_like(a) for a in lo],
+                [np.zeros(a.shape, dtype=np.int8) for a in lo],
+                np.full(2 * r, -np.inf),
+                unit,
+                np.arange(2 * r),
+            )
+            best, _ = optimise(
+                ch,
+                st.x0[b],
+                float(st.eps[b]),
+                d,
+                self.iterations,
+                top=idx,
+                stop_at=None,
+                lr=LR_ROOT,
+            )
+            found = {ch.act[k]: best.alpha[k] for k in range(n_act)}
+            init, c0 = node_objective(sub, idx, rows)
+            lower = backward(sub, init, c0, alphas={a: v[None] for a, v in found.items()}).lower
+            self.found[b][idx] = (rows, found)
+            st.lo[idx][b, rows] = np.maximum(st.lo[idx][b, rows], lower[0, :r])
+            st.hi[idx][b, rows] = np.minimum(st.hi[idx][b, rows], -lower[0, r:])
+
+
 def _root(
     graph: Graph, x0: Array, eps: Array, pred: np.ndarray
-) -> tuple[BallBounds, Array, dict[int, Array], IntermediateAlpha, Array]:
-    """alpha-CROWN (as :func:`sdp.local.margins.alpha_crown`), keeping its bounds and alphas."""
-    hook = IntermediateAlpha(iterations=ROOT_INTER_ITERATIONS)
+) -> tuple[BallBounds, Array, dict[int, Array], FastIntermediateAlpha, Array]:
+    """alpha-CROWN at the root: intermediate bounds by :class:`FastIntermediateAlpha`, the
+    margins' slopes by the float search's Adam, then one rigorous pass (and IBP's margins)."""
+    ch = chain_of(graph)
+    hook = FastIntermediateAlpha(ch)
     st = compute_bounds(graph, x0, eps, node_hook=hook)
-    c = objective_rows(pred, graph.output_size)
-    lower, alphas = optimise_alphas(
-        st, {graph.output: c}, np.zeros(c.shape[:2]), iterations=ROOT_ITERATIONS
-    )
+    k_out = graph.output_size
+    c = objective_rows(pred, k_out)
+    alphas = {a: np.zeros((x0.shape[0], k_out, graph.nodes[a].size)) for a in ch.act}
+    for b in range(x0.shape[0]):
+        rep = np.zeros(k_out, dtype=np.intp)
+        lo = [np.array(st.lo[p][b][None][rep]) for p in ch.pre]
+        hi = [np.array(st.hi[p][b][None][rep]) for p in ch.pre]
+        d = Domains(
+            lo,
+            hi,
+            _default_alpha(ch, lo, hi),
+            [np.zeros_like(a) for a in lo],
+            [np.zeros(a.shape, dtype=np.int8) for a in lo],
+            np.full(k_out, -np.inf),
+            c[b],
+            np.arange(k_out),
+        )
+        best, _ = optimise(ch, x0[b], float(eps[b]), d, ROOT_ITERATIONS, stop_at=None, lr=LR_ROOT)
+        for k, a in enumerate(ch.act):
+            alphas[a][b] = best.alpha[k]
+    lower = backward(st, {graph.output: c}, np.zeros(c.shape[:2]), alphas=alphas).lower
     lower = np.maximum(lower, box_margins(st, c))
     return st, _finish(lower, pred), alphas, hook, c
 
@@ -595,7 +710,7 @@ def _branch_input(
     st: BallBounds,
     lower: Array,
     alphas: dict[int, Array],
-    hook: IntermediateAlpha,
+    hook: FastIntermediateAlpha,
     c: Array,
     x0: Array,
     eps: Array,
