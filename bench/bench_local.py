@@ -18,6 +18,8 @@ numbers. Example::
 
     PYTHONPATH=. python bench/bench_local.py --quick            # 10 images, 256x2 only, crown
     PYTHONPATH=. python bench/bench_local.py --nets 256x2,256x6 --methods crown,auto --radius
+    PYTHONPATH=. python bench/bench_local.py --nets 256x2 --methods crown,alpha-crown,beta-crown \
+        --radius --radius-methods beta-crown --global-method lipsdp-neuron
 """
 
 from __future__ import annotations
@@ -188,7 +190,7 @@ def run_case(key: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             cert = np.asarray(res.certified, bool) & np.asarray(res.correct, bool)
             row["certified"].append(float(np.mean(cert)))
             row["unsound"] += int(np.sum(cert & broken[e]))
-        if args.radius:
+        if args.radius and (args.radius_methods is None or method in args.radius_methods):
             t = time.perf_counter()
             res = certify_local(
                 net, xi, labels=y, method=method, global_bound=lip, time_budget_s=args.time_budget
@@ -243,6 +245,9 @@ def main() -> None:
     p.add_argument("--eps", default=",".join(map(str, EPS)))
     p.add_argument("--time-budget", type=float, default=10.0)
     p.add_argument("--radius", action="store_true", help="also the largest-radius search")
+    p.add_argument(
+        "--radius-methods", help="comma list: the radius search only for these (default: all)"
+    )
     p.add_argument("--global-method", default="auto")
     p.add_argument("--global-timeout", type=float, default=300.0)
     p.add_argument("--restarts", type=int, default=5)
@@ -257,6 +262,8 @@ def main() -> None:
         args.global_method = "naive"
     args.eps = [float(v) for v in str(args.eps).split(",")]
     args.methods = [m for m in str(args.methods).split(",") if m]
+    if args.radius_methods is not None:
+        args.radius_methods = [m for m in str(args.radius_methods).split(",") if m]
     torch.set_num_threads(1)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
