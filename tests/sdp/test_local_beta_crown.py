@@ -256,3 +256,19 @@ def test_mnistfc_256x2_beyond_alpha_crown_and_no_attack(fixtures_dir):
     assert np.all(pgd_min_margin(net, x, b.prediction, np.full(2, 0.5)) > 0)
     for i in range(2):
         assert verify_local(net, x[i], b.certificates[i])
+
+
+@pytest.mark.slow
+def test_mnistfc_256x2_radius_search_no_attack_inside(fixtures_dir):
+    """The beta-crown radius search on 3 test images: radii above alpha-CROWN's, every one
+    verified, and no PGD attack (full ball) inside any of them."""
+    path = fixtures_dir / "vnncomp2021" / "benchmarks" / "mnistfc" / "mnist-net_256x2.onnx"
+    net = load_model_file(path)
+    x = _mnist(fixtures_dir, [1, 3, 4])
+    res = certify_local(net, x, method="beta-crown", time_budget_s=4.0, global_bound=312.416)
+    assert set(res.radius_method) == {"beta-crown"}
+    assert np.all(res.radius > 20 * res.global_radius)
+    m = pgd_min_margin(net, x, res.prediction, res.radius * (1 - 1e-9), steps=60, restarts=4)
+    assert np.all(m > 0), (m, res.radius)
+    for i in range(3):
+        assert verify_local(net, x[i], res.certificates[i])
