@@ -600,8 +600,8 @@ class FastIntermediateAlpha:
         ch = self.ch
         if not self.found:
             self.found = [{} for _ in range(st.batch)]
-        if idx not in ch.pre:
-            return
+        if idx not in ch.pre or ch.slope[ch.pre.index(idx)] >= 1.0:
+            return  # not relu-like (identity): nothing unstable to tighten
         n_act = sum(1 for a in ch.act if a < idx)
         if n_act == 0:
             return

@@ -18,7 +18,7 @@ from sdp.local.alpha import IntermediateAlpha
 from sdp.local.graph import build_graph
 from sdp.local.margins import _decode_inter, objective_rows
 from sdp.local.propagate import compute_bounds
-from tests.sdp._local_nets import dense_net, mp_phi
+from tests.sdp._local_nets import conv_net, dense_net, mp_phi
 from tests.sdp.test_local_attack import check_no_attack, pgd_min_margin
 
 mpmath.mp.dps = 60
@@ -231,6 +231,13 @@ def test_pgd_inside_beta_crown_radius_random_dense(name, depth):
     rng = np.random.default_rng(400 + depth * 7 + (name == "relu"))
     net = dense_net(rng, [8] + [16] * depth + [4], name, scale=1.5)
     check_no_attack(net, rng.normal(size=(3, 8)), method="beta-crown", budget=1.0)
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu"])
+def test_pgd_inside_beta_crown_radius_conv(name):
+    rng = np.random.default_rng(11)
+    net = conv_net(rng, name)
+    check_no_attack(net, rng.normal(size=(3, net.input_size)), method="beta-crown", budget=1.0)
 
 
 def _mnist(fixtures_dir, idx):
