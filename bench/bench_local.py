@@ -18,6 +18,8 @@ numbers. Example::
 
     PYTHONPATH=. python bench/bench_local.py --quick            # 10 images, 256x2 only, crown
     PYTHONPATH=. python bench/bench_local.py --nets 256x2,256x6 --methods crown,auto --radius
+    PYTHONPATH=. python bench/bench_local.py --nets 256x2 --methods crown,alpha-crown,beta-crown \
+        --radius --radius-methods beta-crown --global-method lipsdp-neuron
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from models.io import convert_lbdn_jl
 from models.runtime import TorchNetwork
 from sdp.bounds import compute_bound
 from sdp.importers import load_model_file
-from sdp.local import certify_local
+from sdp.local import beta_crown, certify_local
 from sdp.radius import certified_radius
 from sdp.rounding import logit_error_bound, unit_roundoff
 
@@ -188,7 +190,7 @@ def run_case(key: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             cert = np.asarray(res.certified, bool) & np.asarray(res.correct, bool)
             row["certified"].append(float(np.mean(cert)))
             row["unsound"] += int(np.sum(cert & broken[e]))
-        if args.radius:
+        if args.radius and (args.radius_methods is None or method in args.radius_methods):
             t = time.perf_counter()
             res = certify_local(
                 net, xi, labels=y, method=method, global_bound=lip, time_budget_s=args.time_budget
@@ -243,12 +245,20 @@ def main() -> None:
     p.add_argument("--eps", default=",".join(map(str, EPS)))
     p.add_argument("--time-budget", type=float, default=10.0)
     p.add_argument("--radius", action="store_true", help="also the largest-radius search")
+    p.add_argument(
+        "--radius-methods", help="comma list: the radius search only for these (default: all)"
+    )
     p.add_argument("--global-method", default="auto")
     p.add_argument("--global-timeout", type=float, default=300.0)
     p.add_argument("--restarts", type=int, default=5)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument(
         "--quick", action="store_true", help="10 images, 256x2, crown, naive global, 2 restarts"
+    )
+    p.add_argument(
+        "--cpu-clock",
+        action="store_true",
+        help="beta-crown's budgets in this process's CPU seconds (a shared, loaded machine)",
     )
     p.add_argument("--json", type=Path, help="write the raw numbers here")
     args = p.parse_args()
@@ -257,7 +267,11 @@ def main() -> None:
         args.global_method = "naive"
     args.eps = [float(v) for v in str(args.eps).split(",")]
     args.methods = [m for m in str(args.methods).split(",") if m]
+    if args.radius_methods is not None:
+        args.radius_methods = [m for m in str(args.radius_methods).split(",") if m]
     torch.set_num_threads(1)
+    if args.cpu_clock:
+        beta_crown.CLOCK = time.process_time
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for key in [k for k in args.nets.split(",") if k]:

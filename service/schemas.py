@@ -103,7 +103,8 @@ class CertifyRequest(BaseModel):
     method: str | None = Field(
         default=None,
         max_length=32,
-        description="Local mode: ibp | crown | alpha-crown | sdp-crown | bab | auto (default).",
+        description="Local mode: ibp | crown | alpha-crown | sdp-crown | bab | beta-crown | "
+        "auto (default).",
     )
     time_budget_s: float | None = Field(
         default=None,

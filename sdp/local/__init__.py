@@ -18,6 +18,10 @@ certified on B iff every bound is > 0 (design.md §4.1):
   relu / leaky relu / identity chains (dense or conv).
 * ``bab``: branch and bound on the unstable ReLUs of the last hidden layer over sdp-crown
   (:mod:`sdp.local.bab`); not part of ``auto`` (expensive).
+* ``beta-crown``: branch and bound on the unstable ReLUs of every layer, split constraints
+  by optimised Lagrange multipliers (Wang et al., "Beta-CROWN", NeurIPS 2021), every leaf
+  re-checked rigorously (:mod:`sdp.local.beta_crown`); relu / leaky relu chains, in ``auto``
+  after sdp-crown (``BUDGET_S`` seconds per input and eps).
 * ``auto``: crown, then alpha-crown, then methods registered by other modules
   (:func:`sdp.local.margins.register_method`), cheapest first, on what is still uncertified
   (methods whose ``applies(graph)`` is false are skipped).
@@ -47,7 +51,7 @@ Example::
 certificate re-checks only against a bound the caller trusts (``lipschitz_bound``).
 """
 
-import sdp.local.sdp_crown_method  # noqa: F401  (registers "sdp-crown" and "bab")
+import sdp.local.beta_crown  # noqa: F401  (registers "sdp-crown", "bab", then "beta-crown")
 from sdp.local.certify import certify_local, verify_local
 from sdp.local.types import (
     LocalCertificate,

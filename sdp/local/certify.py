@@ -34,7 +34,7 @@ from sdp.local.types import LocalCertificate, LocalResult, SlopeOptimizer
 from sdp.radius import certified_radius
 from sdp.rounding import logit_error_bound
 
-_METHODS = ("ibp", "crown", "alpha-crown", "sdp-crown", "bab", "auto")
+_METHODS = ("ibp", "crown", "alpha-crown", "sdp-crown", "bab", "beta-crown", "auto")
 _RTOL = 1e-3
 _MAX_PROBES = 40
 
@@ -305,6 +305,13 @@ def _search(
     guess = np.where(np.isfinite(d.min(axis=1)), d.min(axis=1), 1.0)
     for mi, m in enumerate(chain):
         lo = np.array([states[i].lo for i in live])
+        if m.search is not None:  # the method's own search (every radius a full evaluation)
+            left = max(0.0, deadline - time.perf_counter()) / live.size
+            rad, low, pays = m.search(graph, x[live], pred[live], lo, left)
+            for q, i in enumerate(live):
+                if rad[q] > states[i].lo:
+                    states[i] = _State(float(rad[q]), m.name, low[q], pays[q], True)
+            continue
         hi = np.full(live.size, np.inf)
         # f = smallest margin lower bound at lo / hi (guides the next probe; heuristic only)
         f_lo = margin[live].astype(np.float64)

@@ -38,19 +38,25 @@ class MarginBounds:
 
 MarginFn = Callable[[Graph, Array, Array, np.ndarray], MarginBounds]
 RecheckFn = Callable[[Graph, Array, float, int, Payload], Array]
+SearchFn = Callable[
+    [Graph, Array, np.ndarray, Array, float], tuple[Array, Array, tuple[Payload, ...]]
+]
 
 
 @dataclass(frozen=True)
 class MarginMethod:
     """``compute(graph, x0, eps, pred)`` -> MarginBounds; ``recheck(graph, x0 (n0,), eps, y,
     payload)`` -> (K,) rigorous lower bounds recomputed from the payload; ``applies(graph)``
-    (None: always) says whether ``auto`` may run it (``compute`` raises NotApplicable else)."""
+    (None: always) says whether ``auto`` may run it (``compute`` raises NotApplicable else).
+    ``search(graph, x0, pred, lo, budget_s)`` (optional) replaces the generic radius search:
+    per input a radius it certified (<= lo: nothing new), its (K,) bounds and payload."""
 
     name: str
     compute: MarginFn
     recheck: RecheckFn
     in_auto: bool = True
     applies: Callable[[Graph], bool] | None = None
+    search: SearchFn | None = None
 
 
 _REGISTRY: dict[str, MarginMethod] = {}

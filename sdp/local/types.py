@@ -10,7 +10,7 @@ import numpy as np
 
 from sdp.ir import Array, Network
 
-LocalMethodName = Literal["ibp", "crown", "alpha-crown", "sdp-crown", "bab", "auto"]
+LocalMethodName = Literal["ibp", "crown", "alpha-crown", "sdp-crown", "bab", "beta-crown", "auto"]
 
 
 @dataclass(frozen=True, eq=False)

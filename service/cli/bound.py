@@ -137,7 +137,7 @@ def certify(
         None, help="With --mode local: certify at this l2 eps (adds `certified`)."
     ),
     local_method: str = typer.Option(
-        "auto", help="With --mode local: ibp|crown|alpha-crown|sdp-crown|bab|auto."
+        "auto", help="With --mode local: ibp|crown|alpha-crown|sdp-crown|bab|beta-crown|auto."
     ),
     time_budget: float = typer.Option(
         10.0, help="With --mode local: seconds per input for the radius search."

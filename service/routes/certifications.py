@@ -70,7 +70,9 @@ class CertificationRequest(BaseModel):
         "largest certified radius of each input is searched.",
     )
     method: str | None = Field(
-        default=None, max_length=32, description="ibp|crown|alpha-crown|sdp-crown|bab|auto."
+        default=None,
+        max_length=32,
+        description="ibp|crown|alpha-crown|sdp-crown|bab|beta-crown|auto.",
     )
     time_budget_s: float | None = Field(
         default=None, gt=0, description="Radius search: seconds per input (at most the server's)."

@@ -105,6 +105,7 @@ def test_local_radius_search_never_below_the_global_radius(
             "alpha-crown",
             "sdp-crown",
             "bab",
+            "beta-crown",
         )
         assert row["prediction"] == g["prediction"]
 
