@@ -105,7 +105,7 @@ class BlockCholesky:
             x[rest, bk] = -row.T
             xkk = _inv_from_factor(self.diag[k])
             xkk += row[:, : o[k + 2] - o[k + 1]] @ g.T  # + G_k X_{k+1,k+1} G_k^T
-            x[bk, bk] = xkk
+            x[bk, bk] = (xkk + xkk.T) / 2  # exactly symmetric
         return x
 
     def solve_upper(self, v: Array) -> Array:
@@ -116,7 +116,7 @@ class BlockCholesky:
             rhs = v[o[k] : o[k + 1]]
             if k + 1 < len(self.diag):
                 rhs = rhs - self.upper[k] @ out[o[k + 1] : o[k + 2]]
-            out[o[k] : o[k + 1]] = linalg.solve_triangular(self.diag[k], rhs, check_finite=False)
+            out[o[k] : o[k + 1]] = _trsolve(self.diag[k], rhs, 0)
         return out
 
     def solve_upper_transposed(self, v: Array) -> Array:
@@ -127,10 +127,17 @@ class BlockCholesky:
             rhs = v[o[k] : o[k + 1]]
             if k > 0:
                 rhs = rhs - self.upper[k - 1].T @ out[o[k - 1] : o[k]]
-            out[o[k] : o[k + 1]] = linalg.solve_triangular(
-                self.diag[k], rhs, trans="T", check_finite=False
-            )
+            out[o[k] : o[k + 1]] = _trsolve(self.diag[k], rhs, 1)
         return out
+
+
+def _trsolve(r: Array, b: Array, trans: int) -> Array:
+    """R^{-1} b (trans 0) or R^{-T} b (trans 1) by LAPACK trtrs (scipy's solve_triangular
+    wrapper costs more than the solve itself at these sizes, inside Lanczos loops)."""
+    x, info = lapack.dtrtrs(r, b, lower=0, trans=trans)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dtrtrs failed ({info})")
+    return x
 
 
 def _inv_from_factor(r: Array) -> Array:

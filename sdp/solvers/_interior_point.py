@@ -51,11 +51,11 @@ from sdp.solvers._lmi_structure import (
     StructuredLmi,
     constraint_values,
     constraint_values_banded,
+    linear_part_times,
     rank2_blocks,
     rho_for_multipliers,
     schur_matrix,
     sym_product_values,
-    times_linear_part,
 )
 from sdp.solvers.base import Progress
 from sdp.solvers.dense import DenseOps, Mat, NumpyOps
@@ -72,6 +72,7 @@ class IpmTuning:
     sigma_fixed: float | None = None
     corrector: bool = True  # Mehrotra's second-order correction
     float32_above: float = 1e-4  # predictor products in float32 while <S,Z> > this |S| |Z|
+    float32_step: bool = False  # the corrected direction's Z dS X too, under the same test
     step_frac: float = 0.95  # fraction of the step to the boundary
     z0_scale: float = 100.0  # tr Z_0,00 = z0_scale (the dual constraint asks for 1)
     z0_identity: bool = True  # Z_0 = z0_scale I / r; False: z0_scale X_0 / tr X_0,00
@@ -169,13 +170,14 @@ def _direction(
     grp: Grouping,
     sgn: Mask,
     cur: _Iterate,
+    xw: Mat,
     h: SchurSystem,
     rhs: Array,
     sig_mu: float,
     corr: tuple[Array, Array] | None,
     low_precision: bool = False,
 ) -> _Direction:
-    """HKM step for the Schur system h dy = rhs:
+    """HKM step for the Schur system h dy = rhs (``xw`` = X W~ from :func:`rank2_blocks`):
 
     dS = F(dy) - pi I,  dZ = sig_mu X - Z - sym(Z dS X) - C,  dz = sig_mu/x - z - (z dx + c)/x,
     with Mehrotra's corrector (C, c) = (sym(dZ_a dS_a X), dx_a dz_a) when given. The
@@ -185,7 +187,7 @@ def _direction(
     ops = lmi.ops
     dy = h.solve(rhs)
     dt = grp.expand(dy[1:])
-    k_mat = times_linear_part(lmi, cur.xinv, dy[0], dt).T  # F(dy) X (X, F symmetric)
+    k_mat = linear_part_times(lmi, cur.xinv, xw, dy[0], dt)  # F(dy) X
     if cur.pi > 0:
         k_mat -= cur.pi * cur.xinv
     dzm = ops.sym(ops.matmul(cur.zmat, k_mat, low_precision), -0.5)  # -sym(Z dS X)
@@ -395,7 +397,8 @@ def _predictor_corrector(
     # large relative to ||S|| ||Z||
     size = ops.norm(cur.s_mat) * ops.norm(cur.zmat)
     low = gap > settings.float32_above * size
-    pred = _direction(lmi, grp, sgn, cur, schur, base, 0.0, None, low_precision=low)
+    low_step = low and settings.float32_step
+    pred = _direction(lmi, grp, sgn, cur, sc.xb.yw, schur, base, 0.0, None, low_precision=low)
     a_p, a_d = _step_lengths(ops, primal_ops(lmi), sgn, cur, pred, 1.0, warm)
     gap_aff = (  # <S + a_p dS, Z + a_d dZ> without n x n temporaries
         gap
@@ -414,9 +417,12 @@ def _predictor_corrector(
         corr_lin = np.where(sgn, pred.dy[1:] * pred.dz, 0.0)
         tr_c, v_c = constraint_values_banded(lmi, corr)
         rhs = base + sigma * mu * g - np.concatenate([[tr_c], grp.vec(v_c) + corr_lin / xs])
-        d = _direction(lmi, grp, sgn, cur, schur, rhs, sigma * mu, (corr, corr_lin))
+        d = _direction(
+            lmi, grp, sgn, cur, sc.xb.yw, schur, rhs, sigma * mu, (corr, corr_lin), low_step
+        )
     else:
-        d = _direction(lmi, grp, sgn, cur, schur, base + sigma * mu * g, sigma * mu, None)
+        rhs = base + sigma * mu * g
+        d = _direction(lmi, grp, sgn, cur, sc.xb.yw, schur, rhs, sigma * mu, None, low_step)
     return d, sigma, low
 
 

@@ -157,21 +157,29 @@ class StructuredLmi:
         return s
 
 
-def times_linear_part(lmi: StructuredLmi, y: Mat, rho: float, t: Array) -> Mat:
-    """Y @ (rho E_0 + sum_i t_i A_i) using the block-tridiagonal sparsity: O(n sum n_j n_{j+1})."""
-    out = lmi.ops.zeros_like(y)
-    out[:, : lmi.r] = rho * y[:, : lmi.r]
-    td = lmi.ops.asarray(t)
+def linear_part_times(lmi: StructuredLmi, y: Mat, yw: Mat, rho: float, t: Array) -> Mat:
+    """(rho E_0 + sum_i t_i A_i) @ Y for symmetric Y, given yw = Y W~ (:func:`rank2_blocks`).
+
+    Row blocks only (contiguous): with s_j = -(a_j + b_j) t_j, block row z_{j+1} gets
+    s_j o (W_j Y_j) + 2 t_j o Y_{j+1} and block row j gets W_j^T (s_j o Y_{j+1})
+    (+ 2 W_j^T (a_j b_j t_j o W_j Y_j) where a_j b_j != 0), o scaling rows; W_j Y_j is
+    (Y W~)^T, already known, so one n_j x n_{j+1} x n product per layer: O(n sum n_j n_{j+1}).
+    """
+    ops = lmi.ops
+    out = ops.zeros_like(y)
+    out[: lmi.r, :] = rho * y[: lmi.r, :]
+    td = ops.asarray(t)
     for j in range(lmi.depth):
         w, lay = lmi.weights[j], lmi.layer(j)
         lo, hi = lmi.block(j), lmi.block(j + 1)
         tj = td[lay]
+        sj = -((lmi.a[lay] + lmi.b[lay]) * tj)
+        wy = yw[:, lay].T  # W_j Y[block j, :] (Y symmetric)
+        out[hi, :] += sj[:, None] * wy
+        out[hi, :] += (2 * tj)[:, None] * y[hi, :]
+        out[lo, :] += w.T @ (sj[:, None] * y[hi, :])
         if lmi.ab_layers[j]:
-            out[:, lo] += 2 * ((y[:, lo] @ w.T) * (lmi.a[lay] * lmi.b[lay] * tj)) @ w
-        c = -((lmi.a[lay] + lmi.b[lay]) * tj)[:, None] * w  # block (hi, lo) of the sum
-        out[:, lo] += y[:, hi] @ c
-        out[:, hi] += y[:, lo] @ c.T
-        out[:, hi] += y[:, hi] * (2 * tj)
+            out[lo, :] += 2 * (w.T @ ((lmi.a[lay] * lmi.b[lay] * tj)[:, None] * wy))
     return out
 
 
