@@ -177,7 +177,7 @@ def _direction(
     corr: tuple[Array, Array] | None,
     low_precision: bool = False,
 ) -> _Direction:
-    """HKM step for the Schur system h dy = rhs (``xw`` = X W~ from :func:`rank2_blocks`):
+    """HKM step for the Schur system h dy = rhs (``xw`` = W~^T X from :func:`rank2_blocks`):
 
     dS = F(dy) - pi I,  dZ = sig_mu X - Z - sym(Z dS X) - C,  dz = sig_mu/x - z - (z dx + c)/x,
     with Mehrotra's corrector (C, c) = (sym(dZ_a dS_a X), dx_a dz_a) when given. The
@@ -398,7 +398,7 @@ def _predictor_corrector(
     size = ops.norm(cur.s_mat) * ops.norm(cur.zmat)
     low = gap > settings.float32_above * size
     low_step = low and settings.float32_step
-    pred = _direction(lmi, grp, sgn, cur, sc.xb.yw, schur, base, 0.0, None, low_precision=low)
+    pred = _direction(lmi, grp, sgn, cur, sc.xb.wy, schur, base, 0.0, None, low_precision=low)
     a_p, a_d = _step_lengths(ops, primal_ops(lmi), sgn, cur, pred, 1.0, warm)
     gap_aff = (  # <S + a_p dS, Z + a_d dZ> without n x n temporaries
         gap
@@ -418,11 +418,11 @@ def _predictor_corrector(
         tr_c, v_c = constraint_values_banded(lmi, corr)
         rhs = base + sigma * mu * g - np.concatenate([[tr_c], grp.vec(v_c) + corr_lin / xs])
         d = _direction(
-            lmi, grp, sgn, cur, sc.xb.yw, schur, rhs, sigma * mu, (corr, corr_lin), low_step
+            lmi, grp, sgn, cur, sc.xb.wy, schur, rhs, sigma * mu, (corr, corr_lin), low_step
         )
     else:
         rhs = base + sigma * mu * g
-        d = _direction(lmi, grp, sgn, cur, sc.xb.yw, schur, rhs, sigma * mu, None, low_step)
+        d = _direction(lmi, grp, sgn, cur, sc.xb.wy, schur, rhs, sigma * mu, None, low_step)
     return d, sigma, low
 
 

@@ -261,8 +261,8 @@ def test_schur_matrix_is_the_log_det_hessian() -> None:
     y = rng.standard_normal((st.n, st.n))
     y += y.T
     dense = st.assemble(0.7, t, constant=False) @ y
-    yw = rank2_blocks(st, y).yw
-    np.testing.assert_allclose(linear_part_times(st, y, yw, 0.7, t), dense, atol=1e-10)
+    wy = rank2_blocks(st, y).wy
+    np.testing.assert_allclose(linear_part_times(st, y, wy, 0.7, t), dense, atol=1e-10)
 
 
 @pytest.mark.parametrize(
