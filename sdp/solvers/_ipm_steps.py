@@ -6,13 +6,13 @@ multipliers, the Cholesky check of a matrix step, and the Schur system solve
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from scipy import linalg
 
 from sdp.ir import Array
-from sdp.solvers.dense import DenseOps, Mat
+from sdp.solvers.dense import Mat
 
 
 def step_ratio(v: Array, dv: Array) -> float:
@@ -43,7 +43,14 @@ class SchurSystem:
         return np.asarray(linalg.cho_solve(self.factor, rhs * self.dsc)) * self.dsc
 
 
-def cholesky_step(ops: DenseOps, base: Mat, d: Mat, alpha: float) -> tuple[float, Mat | None]:
+class Factorizer(Protocol):
+    """What :func:`cholesky_step` needs: a dense backend, or the block-tridiagonal primal
+    algebra (:class:`sdp.solvers._block_tridiag.BlockTridiagOps`)."""
+
+    def cholesky_upper(self, a: Mat) -> Any: ...
+
+
+def cholesky_step(ops: Factorizer, base: Mat, d: Mat, alpha: float) -> tuple[float, Any]:
     """Shrink alpha until base + alpha d is positive definite; returns (alpha, its factor)."""
     for _ in range(30):
         r = ops.cholesky_upper(base + alpha * d)

@@ -18,7 +18,7 @@ unknowns (rho, t) only needs rank-2 projections (o = elementwise product):
     M_{rho rho} = <Z_00, X_00>,      <X, A_i> = 2 u_i^T X v_i,
 
 with Y_uv = U^T Y V (N x N). Those come from three N x N blocks of Y: Y_hh (hidden rows and
-columns), Y W~ restricted to hidden rows, and W~^T Y W~ (W~ = [w_1..w_N] is block sparse), so
+columns), W~^T Y restricted to hidden columns, and W~^T Y W~ (W~ = [w_1..w_N] is block sparse), so
 a Schur matrix costs O(n sum_j n_j n_{j+1} + N^2) on top of the dense inverse, n = r + N.
 With Z = X it is the Hessian of -log det S (checked against finite differences in the tests).
 
@@ -157,21 +157,29 @@ class StructuredLmi:
         return s
 
 
-def times_linear_part(lmi: StructuredLmi, y: Mat, rho: float, t: Array) -> Mat:
-    """Y @ (rho E_0 + sum_i t_i A_i) using the block-tridiagonal sparsity: O(n sum n_j n_{j+1})."""
-    out = lmi.ops.zeros_like(y)
-    out[:, : lmi.r] = rho * y[:, : lmi.r]
-    td = lmi.ops.asarray(t)
+def linear_part_times(lmi: StructuredLmi, y: Mat, wy: Mat, rho: float, t: Array) -> Mat:
+    """(rho E_0 + sum_i t_i A_i) @ Y for symmetric Y, given wy = W~^T Y (:func:`rank2_blocks`).
+
+    Row blocks only (contiguous): with s_j = -(a_j + b_j) t_j, block row z_{j+1} gets
+    s_j o (W_j Y_j) + 2 t_j o Y_{j+1} and block row j gets W_j^T (s_j o Y_{j+1})
+    (+ 2 W_j^T (a_j b_j t_j o W_j Y_j) where a_j b_j != 0), o scaling rows; W_j Y_j is a row
+    block of W~^T Y, already known, so one n_j x n_{j+1} x n product per layer.
+    """
+    ops = lmi.ops
+    out = ops.zeros_like(y)
+    out[: lmi.r, :] = rho * y[: lmi.r, :]
+    td = ops.asarray(t)
     for j in range(lmi.depth):
         w, lay = lmi.weights[j], lmi.layer(j)
         lo, hi = lmi.block(j), lmi.block(j + 1)
         tj = td[lay]
+        sj = -((lmi.a[lay] + lmi.b[lay]) * tj)
+        wyj = wy[lay, :]  # W_j Y[block j, :]
+        out[hi, :] += sj[:, None] * wyj
+        out[hi, :] += (2 * tj)[:, None] * y[hi, :]
+        out[lo, :] += w.T @ (sj[:, None] * y[hi, :])
         if lmi.ab_layers[j]:
-            out[:, lo] += 2 * ((y[:, lo] @ w.T) * (lmi.a[lay] * lmi.b[lay] * tj)) @ w
-        c = -((lmi.a[lay] + lmi.b[lay]) * tj)[:, None] * w  # block (hi, lo) of the sum
-        out[:, lo] += y[:, hi] @ c
-        out[:, hi] += y[:, lo] @ c.T
-        out[:, hi] += y[:, hi] * (2 * tj)
+            out[lo, :] += 2 * (w.T @ ((lmi.a[lay] * lmi.b[lay] * tj)[:, None] * wyj))
     return out
 
 
@@ -186,29 +194,32 @@ class Rank2Blocks:
     u0: Mat
     v0: Mat
     y00: Mat
-    yw: Mat  # Y W~ (n x N): gives Y U = Y[:, hidden] - yw diag(a), Y V likewise
+    wy: Mat  # W~^T Y (N x n): gives U^T Y = Y[hidden, :] - diag(a) wy, V^T Y likewise
 
 
 def rank2_blocks(lmi: StructuredLmi, y: Mat) -> Rank2Blocks:
-    """Projections of Y on u_i = e_i - a_i w_i and v_i = e_i - b_i w_i (module doc)."""
+    """Projections of Y on u_i = e_i - a_i w_i and v_i = e_i - b_i w_i (module doc).
+
+    Built from row blocks (contiguous): W~^T Y by layers, then W~^T Y W~ from its column
+    blocks as a transposed BLAS operand."""
     r, n, N, L = lmi.r, lmi.n, lmi.num_neurons, lmi.depth
     hid = slice(r, n)
-    yw = lmi.ops.empty((n, N))  # Y W~
+    wy = lmi.ops.empty((N, n))  # W~^T Y
     for j in range(L):
-        yw[:, lmi.layer(j)] = y[:, lmi.block(j)] @ lmi.weights[j].T
+        wy[lmi.layer(j), :] = lmi.weights[j] @ y[lmi.block(j), :]
     p_ww = lmi.ops.empty((N, N))  # W~^T Y W~
     for j in range(L):
-        p_ww[lmi.layer(j), :] = lmi.weights[j] @ yw[lmi.block(j), :]
-    p_ew = yw[hid, :]  # e_i^T Y w_j
+        p_ww[lmi.layer(j), :] = lmi.weights[j] @ wy[:, lmi.block(j)].T
+    p_we = wy[:, hid]  # (k, i): w_k^T Y e_i
     p_ee = y[hid, hid]
     a, b = lmi.a, lmi.b
-    qb = p_ew * b[None, :]
-    uv = p_ee - qb
-    vv = uv - qb.T
+    qb = p_we if lmi.all_b_one else b[:, None] * p_we  # (b o W~^T Y E)_ki
+    uv = p_ee - qb.T
+    vv = uv - qb
     vv += p_ww if lmi.all_b_one else (b[:, None] * b[None, :]) * p_ww
     if lmi.any_a:  # not for ReLU-like slopes [0, b]: saves four N x N passes
-        qa = p_ew * a[None, :]
-        uv -= qa.T
+        qa = a[:, None] * p_we
+        uv -= qa
         uv += (a[:, None] * b[None, :]) * p_ww
         uu = p_ee - qa
         uu -= qa.T
@@ -216,8 +227,8 @@ def rank2_blocks(lmi: StructuredLmi, y: Mat) -> Rank2Blocks:
     else:
         uu = p_ee  # a view of Y: the blocks are used before Y changes
     y_e = y[hid, :r]
-    y_w = yw[:r, :].T
-    return Rank2Blocks(uu, vv, uv, y_e - a[:, None] * y_w, y_e - b[:, None] * y_w, y[:r, :r], yw)
+    y_w = wy[:, :r]
+    return Rank2Blocks(uu, vv, uv, y_e - a[:, None] * y_w, y_e - b[:, None] * y_w, y[:r, :r], wy)
 
 
 def schur_matrix(ops: DenseOps, zb: Rank2Blocks, xb: Rank2Blocks) -> tuple[float, Array, Array]:
@@ -228,8 +239,7 @@ def schur_matrix(ops: DenseOps, zb: Rank2Blocks, xb: Rank2Blocks) -> tuple[float
     """
     m = zb.vv * xb.uu
     m += zb.uu * xb.vv
-    m += zb.uv.T * xb.uv
-    m += zb.uv * xb.uv.T
+    m += ops.sym(zb.uv * xb.uv.T, 1.0)  # P + P^T, P = Z_uv o X_uv^T (P^T = Z_uv^T o X_uv)
     m_rt = ops.rowdot(zb.u0, xb.v0) + ops.rowdot(zb.v0, xb.u0)
     return float((zb.y00 * xb.y00).sum()), ops.to_numpy(m_rt), ops.to_numpy(m)
 
@@ -262,14 +272,14 @@ def sym_product_values(
 ) -> tuple[float, Array]:
     """(<E_0, sym(ZX)>, <A_i, sym(ZX)>) without forming ZX, sym(Y) = (Y + Y^T) / 2.
 
-    <A_i, sym(ZX)> = (Z u_i).(X v_i) + (X u_i).(Z v_i), with the columns Y U and Y V read off
-    Y[:, hidden] and Y W~ (kept by :func:`rank2_blocks`): O(n N).
+    <A_i, sym(ZX)> = (Z u_i).(X v_i) + (X u_i).(Z v_i), with the rows U^T Y and V^T Y read
+    off Y[hidden, :] and W~^T Y (kept by :func:`rank2_blocks`): O(n N).
     """
     ops, hid = lmi.ops, slice(lmi.r, lmi.n)
-    a, b = lmi.a[None, :], lmi.b[None, :]
-    zh, xh = z[:, hid], x[:, hid]
-    vals = ops.rowdot((zh - zb.yw * a).T, (xh - xb.yw * b).T)
-    vals += ops.rowdot((xh - xb.yw * a).T, (zh - zb.yw * b).T)
+    a, b = lmi.a[:, None], lmi.b[:, None]
+    zh, xh = z[hid, :], x[hid, :]
+    vals = ops.rowdot(zh - a * zb.wy, xh - b * xb.wy)
+    vals += ops.rowdot(xh - a * xb.wy, zh - b * zb.wy)
     return float((z[: lmi.r, :] * x[: lmi.r, :]).sum()), ops.to_numpy(vals)
 
 

@@ -18,11 +18,11 @@ from sdp.solvers._lmi_structure import (
     StructuredLmi,
     constraint_values,
     constraint_values_banded,
+    linear_part_times,
     rank2_blocks,
     reduce_input,
     schur_matrix,
     sym_product_values,
-    times_linear_part,
 )
 from sdp.solvers.base import LipSdpProblem, SolveOptions, Solver
 from sdp.solvers.dense import cholesky_upper, inverse_from_cholesky, max_step
@@ -257,10 +257,12 @@ def test_schur_matrix_is_the_log_det_hessian() -> None:
         e[k] = h if k == 0 else h * t[k - 1] / rho
         fd[:, k] = (grad(rho + e[0], t + e[1:]) - grad(rho - e[0], t - e[1:])) / (2 * e[k])
     np.testing.assert_allclose(hess, fd, rtol=1e-5, atol=1e-9 * np.abs(hess).max())
-    # and the structured product equals the dense one
+    # and the structured product equals the dense one (symmetric Y, as X and Z)
     y = rng.standard_normal((st.n, st.n))
-    dense = y @ st.assemble(0.7, t, constant=False)
-    np.testing.assert_allclose(times_linear_part(st, y, 0.7, t), dense, atol=1e-10)
+    y += y.T
+    dense = st.assemble(0.7, t, constant=False) @ y
+    wy = rank2_blocks(st, y).wy
+    np.testing.assert_allclose(linear_part_times(st, y, wy, 0.7, t), dense, atol=1e-10)
 
 
 @pytest.mark.parametrize(
