@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from sdp import certificate
 from sdp.bounds import compute_bound, empirical_lower_bound
 from sdp.bounds.eclipse import eclipse_multipliers
 from sdp.bounds.eclipse_refine import (
@@ -162,3 +163,16 @@ def test_refused_on_residual_networks() -> None:
     net, _ = _residual_net(np.random.default_rng(0))
     with pytest.raises(NotApplicable):
         check_bound_request(net, "eclipse-refined")
+
+
+def test_certify_rho_lanczos_candidate_is_the_dense_one(monkeypatch) -> None:
+    net = random_network(np.random.default_rng(9), [1_100, 40, 30, 4])  # input block > 1000
+    lmi = Lmi.from_chain(net.chain())
+    k, tp = eclipse_multipliers(lmi)
+    t = tuple(1.01 * k * x for x in tp)
+    fast = certify_rho(lmi, t)
+    monkeypatch.setattr(certificate, "LANCZOS_MIN_DIM", 10**9)  # the dense eigvalsh path
+    dense = certify_rho(lmi, t)
+    assert fast == pytest.approx(dense, rel=1e-9)
+    for rho in (fast, dense):
+        assert verify_certificate(lmi, Certificate(rho=rho, multipliers=t))
