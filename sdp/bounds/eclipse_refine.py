@@ -83,7 +83,7 @@ MEMORY, LINE_TRIALS, BACKTRACK, ARMIJO, CURVATURE_TOL = 10, 12, 0.3, 1e-4, 1e-12
 s^T y a pair needs (relative to |s| |y|) to enter the memory."""
 CERTIFY_SCALES = (1.0, 1.0 + 1e-4, 1.0 + 1e-2)
 """Scalings k of the refined T tried, in order, by the certificate check."""
-CERTIFY_COST_SAFETY, CALIBRATION_N = 1.5, 600
+CERTIFY_COST_SAFETY, CALIBRATION_N, LANCZOS_MATVECS = 1.5, 600, 150
 """The certificate check's estimated cost is its flop count over the rate of one
 CALIBRATION_N-square matrix product, times this safety factor."""
 LANCZOS_TOL = 1e-10
@@ -497,14 +497,15 @@ def _certify_scaled(lmi: Lmi, t: tuple[Array, ...]) -> tuple[float, tuple[Array,
 
 def certify_cost_s(sizes: list[int], n_in: int, n_out: int) -> float:
     """Rough seconds of one dense :func:`certify_rho` here: its flop count (block Cholesky,
-    couplings, the input block's product, eigvalsh and Cholesky) over a measured matrix
+    couplings, the input block's product, Lanczos and Cholesky) over a measured matrix
     product rate, times CERTIFY_COST_SAFETY."""
     flops = 0.0
     nxt = n_out
     for n in reversed(sizes):
         flops += n**3 / 3 + nxt * n * n + nxt * nxt * n
         nxt = n
-    flops += nxt * nxt * n_in + n_in * n_in * nxt + 4.5 * n_in**3
+    # input block: triangular solve, product, Lanczos (~LANCZOS_MATVECS products), Cholesky
+    flops += nxt * nxt * n_in + n_in * n_in * nxt + n_in**3 / 3 + 2 * LANCZOS_MATVECS * n_in**2
     a = np.ones((CALIBRATION_N, CALIBRATION_N))
     t = time.perf_counter()
     a @ a
