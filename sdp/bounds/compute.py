@@ -5,9 +5,11 @@ Methods: ``naive`` (product of rigorous layer norms; compositional for residual 
 multipliers chosen layer by layer in closed form, certified; linear in depth,
 :mod:`sdp.bounds.eclipse`), ``eclipse`` (the same with a small SDP per layer, small chains),
 ``sandwich`` (closed-form check,
-:func:`sdp.bounds.sandwich.sandwich_bound`), ``auto`` (the smallest of the sandwich closed form
-if the net is one, LipSDP-Neuron for a chain small enough, eclipse-fast for a chain too large
-for it, and naive/compositional).
+:func:`sdp.bounds.sandwich.sandwich_bound`), ``eclipse-refined`` (per-neuron multipliers refined
+on the sparse LMI of a conv chain, :mod:`sdp.bounds.eclipse_refine`), ``auto`` (the smallest of
+the sandwich closed form if the net is one, LipSDP-Neuron for a chain small enough,
+eclipse-refined for a conv chain too large for it, eclipse-fast for another chain too large,
+and naive/compositional).
 ``lipsdp-network`` is refused: coupling multipliers between neuron pairs is unsound (Pauli,
 Koch, Berberich, Kohler, Allgower, "Training robust neural networks using Lipschitz bounds",
 IEEE L-CSS 2021, counterexample).
@@ -21,6 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from sdp.bounds.eclipse import check_eclipse_size, eclipse_bound, eclipse_fast_bound
+from sdp.bounds.eclipse_refine import check_refine_size, eclipse_refined_bound, refine_fits
 from sdp.bounds.lipsdp import check_size, lipsdp_bound, pairwise_bounds
 from sdp.bounds.lower import empirical_lower_bound
 from sdp.bounds.naive import naive_bound
@@ -28,7 +31,7 @@ from sdp.bounds.plan import check_bound_request
 from sdp.bounds.result import BoundResult
 from sdp.bounds.sandwich import sandwich_bound
 from sdp.errors import LipcertError, NotApplicable
-from sdp.ir import Network
+from sdp.ir import Conv2d, Network
 from sdp.solvers.base import Progress, Variant
 
 AUTO_HIDDEN_CAP = 2_000
@@ -40,6 +43,8 @@ AUTO_ECLIPSE_WIDTH = 1_024
 SDP variant ``eclipse`` is never run by auto (one SDP per layer: too slow for its purpose)."""
 AUTO_TIMEOUT_S = 120.0
 """auto's solver time limit when the caller gives none (the certificate covers a timeout)."""
+AUTO_REFINE_SHARE = 0.85
+"""Share of auto's time limit given to eclipse-refined (the rest: the empirical lower bound)."""
 
 
 def _naive(net: Network) -> BoundResult:
@@ -87,6 +92,8 @@ def _auto(net: Network, **kw: Any) -> BoundResult:
     try:
         check_size(net, hidden_cap=AUTO_HIDDEN_CAP)
     except NotApplicable as e:
+        if any(isinstance(a, Conv2d) for a in net.chain().affines):
+            return _auto_conv(net, best, kw.get("timeout_s"), *notes, f"auto: {e.detail}")
         return _auto_deep(net, best, *notes, f"auto: {e.detail}")
     if kw.get("timeout_s") is None:
         kw = {**kw, "timeout_s": AUTO_TIMEOUT_S}
@@ -99,6 +106,28 @@ def _auto(net: Network, **kw: Any) -> BoundResult:
         return _noted(res, *notes)
     return _noted(
         best, *notes, f"auto: LipSDP gave {res.value:.6g} >= {best.method}; {best.method} used"
+    )
+
+
+def _auto_conv(
+    net: Network, best: BoundResult, timeout_s: float | None, *notes: str
+) -> BoundResult:
+    """A conv chain too large for LipSDP: the smaller of ``best`` and eclipse-refined, run
+    within AUTO_REFINE_SHARE of the time limit when it fits there (else :func:`_auto_deep`)."""
+    limit = (AUTO_TIMEOUT_S if timeout_s is None else timeout_s) * AUTO_REFINE_SHARE
+    try:
+        check_refine_size(net)
+        if not refine_fits(net, limit):
+            raise NotApplicable(f"its certificate check would not fit in {limit:.3g} s")
+        res = eclipse_refined_bound(net, timeout_s=limit)
+    except NotApplicable as e:
+        return _auto_deep(net, best, *notes, f"auto: eclipse-refined skipped ({e.detail})")
+    if res.verified and res.value <= best.value:
+        return _noted(res, *notes, f"auto: eclipse-refined used (time limit {limit:.3g} s)")
+    return _noted(
+        best,
+        *notes,
+        f"auto: eclipse-refined gave {res.value:.6g} >= {best.method}; {best.method} used",
     )
 
 
@@ -140,7 +169,8 @@ def compute_bound(
 
     Args:
         net: the network IR.
-        method: auto | naive | lipsdp-layer | lipsdp-neuron | eclipse-fast | eclipse | sandwich.
+        method: auto | naive | lipsdp-layer | lipsdp-neuron | eclipse-fast | eclipse |
+            eclipse-refined | sandwich.
         pairwise: also bound Lip(f_y - f_j) for every class pair (LipSDP, chains only).
         solver: solver registry name (``sdp.solvers``); None picks one.
         timeout_s: solver time limit per LMI (the layer-wise certificate covers a timeout).
@@ -164,8 +194,11 @@ def compute_bound(
         res = _sandwich(net)
     elif method == "auto":
         res = _auto(net, **kw)
-    elif method in ("eclipse-fast", "eclipse"):
-        res = eclipse_bound(net, "fast" if method == "eclipse-fast" else "sdp")
+    elif method in ("eclipse-fast", "eclipse", "eclipse-refined"):
+        if method == "eclipse-refined":
+            res = eclipse_refined_bound(net, timeout_s=timeout_s)
+        else:
+            res = eclipse_bound(net, "fast" if method == "eclipse-fast" else "sdp")
         naive = _naive(net).value
         if res.value > naive:
             res = replace(res, notes=(*res.notes, f"looser than the naive bound {naive:.6g}"))

@@ -4,8 +4,9 @@ that came from elsewhere, e.g. a worker on another machine, before anyone serves
 The document is not taken at its word. Every number in it is re-derived from the network the
 caller holds (design.md §1.5):
 
-* LipSDP results: the certificate (rho, T) must pass :func:`sdp.certificate.verify_on` on
-  the caller's own network, and the reported bound must be >= sqrt(rho);
+* LipSDP and ECLipsE results (the methods with a certificate): the certificate (rho, T) must
+  pass :func:`sdp.certificate.verify_on` on the caller's own network, and the reported bound
+  must be >= sqrt(rho);
 * pairwise bounds: every pair (y, j) needs its own verified certificate with output map
   e_y - e_j, and the matrix entry must be >= its sqrt(rho);
 * sandwich and naive/compositional results are recomputed (closed form / norm products; no
@@ -30,6 +31,9 @@ from sdp.certificate import Certificate, verify_on
 from sdp.errors import CertificateError
 from sdp.ir import Network
 
+CERTIFIED_PREFIXES = ("lipsdp", "eclipse")
+"""Methods whose bound is sqrt(rho) of a LipSDP-Neuron certificate (lipsdp-*, eclipse,
+eclipse-fast, eclipse-refined): re-proven by the certificate, never by a recomputation."""
 REL_TOL = 1e-9
 """A reported value may sit this much (relative) below a recomputed deterministic bound."""
 
@@ -52,9 +56,9 @@ def recheck_document(net: Network, doc: dict[str, Any]) -> None:
     if not (doc.get("verified") and isinstance(value, float | int) and math.isfinite(value)):
         raise CertificateError("worker result is not a verified finite bound")
     method = str(doc.get("method", ""))
-    if method.startswith("lipsdp"):
+    if method.startswith(CERTIFIED_PREFIXES):
         if doc.get("certificate") is None:
-            raise CertificateError("LipSDP result without its certificate")
+            raise CertificateError(f"{method} result without its certificate")
         proven = _proven(net, doc["certificate"])
     else:
         recompute = "sandwich" if method == "sandwich" else "naive"

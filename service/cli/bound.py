@@ -19,7 +19,9 @@ from rich.table import Table
 from service.cli._common import fail
 from service.documents import StoredBound, strict_json
 
-_METHOD_HELP = "auto, naive, lipsdp-layer, lipsdp-neuron, eclipse-fast, eclipse or sandwich."
+_METHOD_HELP = (
+    "auto, naive, lipsdp-layer, lipsdp-neuron, eclipse-fast, eclipse, eclipse-refined or sandwich."
+)
 
 
 def _load(model: Path) -> Any:
