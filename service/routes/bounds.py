@@ -40,7 +40,7 @@ class BoundRequest(BaseModel):
     method: str = Field(
         default="auto",
         description="auto | naive | lipsdp-layer | lipsdp-neuron | eclipse-fast | eclipse | "
-        "sandwich",
+        "sandwich | lipsdp-dag",
         examples=["lipsdp-neuron"],
         json_schema_extra={"enum": list(METHODS)},  # checked by check_bound_request
     )
