@@ -43,6 +43,9 @@ AUTO_ECLIPSE_WIDTH = 1_024
 SDP variant ``eclipse`` is never run by auto (one SDP per layer: too slow for its purpose)."""
 AUTO_TIMEOUT_S = 120.0
 """auto's solver time limit when the caller gives none (the certificate covers a timeout)."""
+AUTO_DAG_TIMEOUT_S = 300.0
+"""auto's time limit for lipsdp-dag on residual networks when the caller gives none (issue 13's
+goal for resnet_4b; checked between stages, docs/benchmarks.md)."""
 
 
 def _naive(net: Network) -> BoundResult:
@@ -86,7 +89,7 @@ def _auto(net: Network, **kw: Any) -> BoundResult:
     naive = _naive(net)
     best = naive if closed is None or naive.value < closed.value else closed
     if not net.is_chain:
-        limit = kw.get("timeout_s") or AUTO_TIMEOUT_S
+        limit = kw.get("timeout_s") or AUTO_DAG_TIMEOUT_S
         return _auto_residual(net, best, limit, *notes)
     try:
         check_size(net, hidden_cap=AUTO_HIDDEN_CAP)
