@@ -243,3 +243,24 @@ def test_conv_matrix_is_the_unrolled_convolution(ci, co, hw, k, stride, pad, dil
     w = rng.standard_normal((co, ci // groups, k, k))
     conv = Conv2d(w, np.zeros(co), (ci, *hw), (stride, stride), pad, dil, groups)
     assert np.array_equal(conv_matrix(conv), conv.matrix())
+
+
+def test_output_reading_the_input_directly() -> None:
+    # y = W3 (x + W2 relu(W1 x)): the output's sources are the input and the hidden node
+    rng = np.random.default_rng(12)
+    w1, w2, w3 = (
+        rng.standard_normal((8, 4)),
+        rng.standard_normal((4, 8)),
+        rng.standard_normal((3, 4)),
+    )
+    block = Residual((Dense(w1, np.zeros(8)), Activation("relu"), Dense(w2, np.zeros(4))))
+    net = Network((4,), (block, Dense(w3, np.zeros(3))))
+    res = dag_bound(net)
+    assert verify_dag_on(net, res.certificate)
+    comp = compute_bound(net, "naive", lower_bound=False).value
+    assert empirical_lower_bound(net, starts=16) <= res.value <= comp
+    # the Jacobian at any point is a lower bound: W3 (I + W2 diag(W1 x > 0) W1)
+    for x in rng.standard_normal((50, 4)):
+        d = (w1 @ x > 0).astype(float)
+        piece = w3 @ (np.eye(4) + w2 @ (d[:, None] * w1))
+        assert np.linalg.norm(piece, 2) <= res.value
