@@ -35,8 +35,9 @@ inside a block: cost ~ sum over blocks of (block width)^3, linear in depth.
 Multipliers (:func:`dag_multipliers`). Forward elimination from the input at rho = 1 keeps the
 Cholesky factor of the Schur complement P_F onto the "frontier" F (eliminated-so-far nodes that
 are still sources of a later node or of the output). Adding node k with couplings B_k =
-diag(a+b) A_k,F gives the Schur complement 2 T_k - T_k B_k P_F^{-1} B_k^T T_k; with one scalar
-t_k = 1 / lambda_max(B_k P_F^{-1} B_k^T) (ECLipsE-Fast's choice) it is >= t_k I > 0, so the
+diag(a+b) A_k,F gives the Schur complement 2 T_k - T_k K_k T_k, K_k = B_k P_F^{-1} B_k^T; with
+one scalar t_k = 1 / lambda_max(K_k) (ECLipsE-Fast's choice, "scalar") or per neuron
+t_i = 1 / (|K_k| 1)_i ("rowsum", since K <= diag(|K| 1)) it is >= T diag(1/t) T > 0, so the
 recursion never fails, whatever the depth. Nodes that no later node reads are dropped from
 the front of the factor (the trailing block of a Cholesky factor is the factor of the Schur
 complement). Own terms are left out of the choice (they are PSD when a b >= 0 and only help).
@@ -50,7 +51,10 @@ the input and O the output map (low rank), Woodbury gives the smallest rho in cl
 with Z = C^T H^{-1} C - G_00,own, V = C^T H^{-1} O^T, Gamma = O H^{-1} O^T, all read off one
 elimination of H with a pseudo-node for the output. rho(k) is convex in k (the feasible (rho, k)
 form a convex set), so a grid and golden section find its minimum cheaply; these values are
-estimates only. The chosen k is then certified.
+estimates only. The chosen k is then certified. The search runs on LMIs up to
+SEARCH_DIM_CAP rows; on larger ones k is taken just above k* (where the optimum sat on
+resnet_2b / 4b). On small LMIs both stage choices are tried and a certified coordinate
+descent on one log-scale per node follows (:func:`_block_descent`).
 
 Verification (:func:`certify_dag`, :func:`verify_dag`). The certificate is (rho, T). The check
 builds G(T) in float64, runs the backward block Cholesky over the nodes (fill only among the
@@ -271,9 +275,11 @@ def _lam_max(k: Array) -> float:
     return float(linalg.eigvalsh(k, subset_by_index=[n - 1, n - 1])[0]) if n else 0.0
 
 
-def dag_multipliers(lmi: DagLmi) -> tuple[float, tuple[Array, ...]]:
+def dag_multipliers(lmi: DagLmi, stage: str = "rowsum") -> tuple[float, tuple[Array, ...]]:
     """(k*, T') of the forward recursion (module docstring): (k*, k* T') is an unverified
-    LipSDP-Neuron point of the DAG's LMI. NotApplicable when some a b < 0."""
+    LipSDP-Neuron point of the DAG's LMI. ``stage``: "scalar" (ECLipsE-Fast's t_k = 1 /
+    lambda_max(K_k)) or "rowsum" (per neuron, t_i = 1 / (|K_k| 1)_i). NotApplicable when some
+    a b < 0."""
     if any(np.any(n.alpha * n.beta < 0) for n in lmi.nodes):
         raise NotApplicable("lipsdp-dag needs slope bounds with a*b >= 0 on every neuron")
     last = lmi.last_use()
@@ -290,14 +296,11 @@ def dag_multipliers(lmi: DagLmi) -> tuple[float, tuple[Array, ...]]:
         else:
             y = linalg.solve_triangular(factor, bt, lower=True, check_finite=False)
             gain = y.T @ y
-        # an estimate is enough: with lam within a factor 2 of lambda_max(K) the Schur
-        # complement 2 t I - t^2 K stays positive definite
-        lam = _lam_max_sym((gain + gain.T) / 2, tol=1e-10)
-        tau = 1.0 / lam if lam > 0 and math.isfinite(lam) else 1.0
-        if not math.isfinite(tau) or tau <= 0:
+        tau = _stage(gain, stage)
+        if not np.all(np.isfinite(tau)) or np.any(tau <= 0):
             raise LipcertError("lipsdp-dag: stage multiplier is not finite", code="dag-failed")
-        t.append(np.full(node.size, tau))
-        schur = -(tau * tau) * gain
+        t.append(tau)
+        schur = -(tau[:, None] * gain * tau[None, :])
         schur[np.diag_indices_from(schur)] += 2 * tau
         l_kk = linalg.cholesky(schur, lower=True, check_finite=False)
         # drop the frontier's leading nodes that no node after k reads
@@ -309,7 +312,7 @@ def dag_multipliers(lmi: DagLmi) -> tuple[float, tuple[Array, ...]]:
         n_keep, n_k = keep.shape[0], node.size
         new = np.zeros((n_keep + n_k, n_keep + n_k))
         new[:n_keep, :n_keep] = keep
-        new[n_keep:, :n_keep] = -tau * y[off:].T
+        new[n_keep:, :n_keep] = -(tau[:, None] * y[off:].T)
         new[n_keep:, n_keep:] = l_kk
         factor = new
         unit = False
@@ -317,6 +320,23 @@ def dag_multipliers(lmi: DagLmi) -> tuple[float, tuple[Array, ...]]:
     bt = _couplings_t(lmi, frontier, lmi.output, None)
     y = bt if unit else linalg.solve_triangular(factor, bt, lower=True, check_finite=False)
     return _lam_max(y.T @ y), tuple(t)
+
+
+def _stage(gain: Array, stage: str) -> Array:
+    """Multipliers t of one node from its gain K = B P^{-1} B^T; both choices keep the Schur
+    complement 2T - T K T >= T diag(r) T > 0 (r = 1/t): "scalar" since K <= lambda_max I,
+    "rowsum" since K <= diag((|K| 1)_i) (for any w > 0, diag((|K| w)_i / w_i) - K is PSD:
+    diagonally dominant after scaling by w). An estimate of lambda_max is enough: within a
+    factor 2 the complement stays positive definite."""
+    n = gain.shape[0]
+    if stage == "scalar":
+        lam = _lam_max_sym((gain + gain.T) / 2, tol=1e-10)
+        return np.full(n, 1.0 / lam if lam > 0 and math.isfinite(lam) else 1.0)
+    r = np.abs(gain) @ np.ones(n)
+    r_max = float(r.max(initial=0.0))
+    if not (math.isfinite(r_max) and r_max > 0):
+        return np.ones(n)
+    return 1.0 / np.maximum(r, 1e-6 * r_max)  # a neuron with no coupling: like the others
 
 
 def _couplings_t(
@@ -654,8 +674,46 @@ def dag_bound(net: Network, *, time_limit_s: float | None = None) -> BoundResult
     check_dag_size(net)
     t0 = time.perf_counter()
     lmi = DagLmi.from_network(net)
-    k_star, t_prime = dag_multipliers(lmi)
+    small = lmi.dimension <= DESCENT_DIM_CAP
+    best = None
+    for stage in ("rowsum", "scalar") if small else ("rowsum",):
+        cand = _certified_stage(lmi, stage, t0, time_limit_s)
+        if cand is not None and (best is None or cand[0] < best[0]):
+            best = cand
     t1 = time.perf_counter()
+    if best is None:
+        raise LipcertError("lipsdp-dag multipliers did not certify", code="dag-unverified")
+    if small:
+        best = _block_descent(lmi, best[:2], t0, time_limit_s) + best[2:]
+    rho, mults, k_star, tries = best
+    cert = Certificate(
+        rho=rho,
+        multipliers=mults,
+        network_hash=net.content_hash(),
+        meta={"method": METHOD, "structure": "dag", "closed_form_rho": k_star},
+    )
+    # certify_dag has factorised all of -M(rho, T) - cI at this rho: that is the verification
+    # (verify_dag would repeat the same factorisation)
+    t2 = time.perf_counter()
+    return BoundResult(
+        value=cert.lipschitz_bound,
+        method=METHOD,
+        verified=True,
+        certificate=cert,
+        timings={"solve_s": t1 - t0, "descent_s": t2 - t1, "total_s": t2 - t0},
+        notes=(
+            "LipSDP-Neuron over the network's DAG, skip paths inside the LMI (design.md §3.6); "
+            f"ECLipsE-Fast-style multipliers, certified by block Cholesky ({tries} tries); "
+            f"recursion's rho {k_star:.9g}, certified {cert.rho:.9g}",
+        ),
+    )
+
+
+def _certified_stage(
+    lmi: DagLmi, stage: str, t0: float, time_limit_s: float | None
+) -> tuple[float, tuple[Array, ...], float, int] | None:
+    """(certified rho, T, k*, tries) for the forward recursion with ``stage``, or None."""
+    k_star, t_prime = dag_multipliers(lmi, stage)
     _check_time(t0, time_limit_s, "after the multipliers")
     if lmi.dimension <= SEARCH_DIM_CAP:
         k_best = _scale_search(lmi, t_prime, k_star)
@@ -663,47 +721,13 @@ def dag_bound(net: Network, *, time_limit_s: float | None = None) -> BoundResult
     else:
         cands = [k_star * (1 + 1e-3 * 10**i) for i in range(CERTIFY_TRIES - 1)]
     cands.append(k_star)
-    t2 = time.perf_counter()
-    best: tuple[float, tuple[Array, ...]] | None = None
     tries = 0
     for k in cands:
         _check_time(t0, time_limit_s, "certification")
         tries += 1
         mults = tuple(k * ti for ti in t_prime)
         try:
-            rho = certify_dag(lmi, mults)
+            return certify_dag(lmi, mults), mults, k_star, tries
         except CertificateError:
             continue
-        best = (rho, mults)
-        break
-    if best is None:
-        raise LipcertError("lipsdp-dag multipliers did not certify", code="dag-unverified")
-    if lmi.dimension <= DESCENT_DIM_CAP:
-        best = _block_descent(lmi, best, t0, time_limit_s)
-    cert = Certificate(
-        rho=best[0],
-        multipliers=best[1],
-        network_hash=net.content_hash(),
-        meta={"method": METHOD, "structure": "dag", "closed_form_rho": k_star},
-    )
-    # certify_dag has factorised all of -M(rho, T) - cI at this rho: that is the verification
-    # (verify_dag would repeat the same factorisation)
-    verified = True
-    t3 = time.perf_counter()
-    return BoundResult(
-        value=cert.lipschitz_bound,
-        method=METHOD,
-        verified=verified,
-        certificate=cert,
-        timings={
-            "solve_s": t1 - t0,
-            "scale_s": t2 - t1,
-            "verify_s": t3 - t2,
-            "total_s": t3 - t0,
-        },
-        notes=(
-            "LipSDP-Neuron over the network's DAG, skip paths inside the LMI (design.md §3.6); "
-            f"ECLipsE-Fast-style multipliers, certified by block Cholesky ({tries} tries); "
-            f"recursion's rho {k_star:.9g}, certified {cert.rho:.9g}",
-        ),
-    )
+    return None
