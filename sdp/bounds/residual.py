@@ -485,7 +485,8 @@ def _factorise(lmi: DagLmi, t: Sequence[Array]) -> _Reduced:
     shifts = {}
     for k in range(1, len(lmi.nodes) + 1):
         diag = np.abs(np.diag(blocks[(k, k)]))
-        shifts[k] = rel * diag + rows[k] + _TINY
+        # + 2u |G_ii|: the rounding of adding 2 t_k to own or output terms on the diagonal
+        shifts[k] = (rel + 2 * _U) * diag + rows[k] + _TINY
     _eliminate(blocks, range(len(lmi.nodes), 0, -1), shifts)
     g00 = blocks.get((0, 0), np.zeros((lmi.input_size, lmi.input_size)))
     # rows[0] is in the scaling s_0 = 1 (any positive s is valid): the input block's
