@@ -110,3 +110,23 @@ def test_certify_refuses_pickled_npy(fixtures_dir, tmp_path):
     model = fixtures_dir / "lipsdp" / "random_weights.mat"
     line = _one_line_error(run("certify", model, "--inputs", tmp_path / "x.npy", "--json"))
     assert "pickle" in line.lower()
+
+
+def test_verify_a_residual_networks_dag_certificate(tmp_path):
+    from tests.service.jobs_support import tiny_residual_onnx
+
+    model = tmp_path / "tiny_residual.onnx"
+    model.write_bytes(tiny_residual_onnx())
+    cert = tmp_path / "dag.json"
+    proc = run("bound", model, "--method", "lipsdp-dag", "--json", "--save-cert", cert)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["method"] == "lipsdp-dag" and out["lower_bound"] <= out["lipschitz_bound"]
+    ok = run("verify", cert, model, "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["lipschitz_bound"] == pytest.approx(out["lipschitz_bound"])
+    data = json.loads(cert.read_text())
+    data["rho"] *= 0.99
+    bad = tmp_path / "tampered.json"
+    bad.write_text(json.dumps(data))
+    assert "does NOT verify" in _one_line_error(run("verify", bad, model))

@@ -6,10 +6,11 @@ multipliers chosen layer by layer in closed form, certified; linear in depth,
 :mod:`sdp.bounds.eclipse`), ``eclipse`` (the same with a small SDP per layer, small chains),
 ``sandwich`` (closed-form check,
 :func:`sdp.bounds.sandwich.sandwich_bound`), ``eclipse-refined`` (per-neuron multipliers refined
-on the sparse LMI of a conv chain, :mod:`sdp.bounds.eclipse_refine`), ``auto`` (the smallest of
-the sandwich closed form if the net is one, LipSDP-Neuron for a chain small enough,
-eclipse-refined for a conv chain too large for it, eclipse-fast for another chain too large,
-and naive/compositional).
+on the sparse LMI of a conv chain, :mod:`sdp.bounds.eclipse_refine`), ``lipsdp-dag`` (LipSDP-Neuron
+over the network's DAG with the skip paths inside the LMI, certified; :mod:`sdp.bounds.residual`),
+``auto`` (the smallest of the sandwich closed form if the net is one, LipSDP-Neuron for a chain
+small enough, eclipse-refined for a conv chain too large for it, eclipse-fast for another chain
+too large, lipsdp-dag for a residual network within the time limit, and naive/compositional).
 ``lipsdp-network`` is refused: coupling multipliers between neuron pairs is unsound (Pauli,
 Koch, Berberich, Kohler, Allgower, "Training robust neural networks using Lipschitz bounds",
 IEEE L-CSS 2021, counterexample).
@@ -28,6 +29,7 @@ from sdp.bounds.lipsdp import check_size, lipsdp_bound, pairwise_bounds
 from sdp.bounds.lower import empirical_lower_bound
 from sdp.bounds.naive import naive_bound
 from sdp.bounds.plan import check_bound_request
+from sdp.bounds.residual import check_dag_size, dag_bound
 from sdp.bounds.result import BoundResult
 from sdp.bounds.sandwich import sandwich_bound
 from sdp.errors import LipcertError, NotApplicable
@@ -45,6 +47,9 @@ AUTO_TIMEOUT_S = 120.0
 """auto's solver time limit when the caller gives none (the certificate covers a timeout)."""
 AUTO_REFINE_SHARE = 0.85
 """Share of auto's time limit given to eclipse-refined (the rest: the empirical lower bound)."""
+AUTO_DAG_TIMEOUT_S = 300.0
+"""auto's time limit for lipsdp-dag on residual networks when the caller gives none (issue 13's
+goal for resnet_4b; checked between stages, docs/benchmarks.md)."""
 
 
 def _naive(net: Network) -> BoundResult:
@@ -88,7 +93,8 @@ def _auto(net: Network, **kw: Any) -> BoundResult:
     naive = _naive(net)
     best = naive if closed is None or naive.value < closed.value else closed
     if not net.is_chain:
-        return _noted(best, *notes, "auto: residual network -> compositional")
+        limit = kw.get("timeout_s") or AUTO_DAG_TIMEOUT_S
+        return _auto_residual(net, best, limit, *notes)
     try:
         check_size(net, hidden_cap=AUTO_HIDDEN_CAP)
     except NotApplicable as e:
@@ -151,6 +157,23 @@ def _auto_deep(net: Network, best: BoundResult, *notes: str) -> BoundResult:
     )
 
 
+def _auto_residual(net: Network, best: BoundResult, limit: float, *notes: str) -> BoundResult:
+    """A residual network: the smaller of ``best`` (compositional) and lipsdp-dag, when that
+    applies and finishes within ``limit`` seconds (checked between its stages)."""
+    try:
+        check_dag_size(net)
+        res = dag_bound(net, time_limit_s=limit)
+    except LipcertError as e:  # too large, mixed-sign slopes, over the time limit
+        return _noted(
+            best, *notes, f"auto: lipsdp-dag not used ({e.detail}); {best.method} bound used"
+        )
+    if res.verified and res.value <= best.value:
+        return _noted(res, *notes, f"auto: lipsdp-dag used (time limit {limit:g} s)")
+    return _noted(
+        best, *notes, f"auto: lipsdp-dag gave {res.value:.6g} >= {best.method}; {best.method} used"
+    )
+
+
 def _noted(res: BoundResult, *notes: str) -> BoundResult:
     return replace(res, notes=(*res.notes, *notes)) if notes else res
 
@@ -170,7 +193,7 @@ def compute_bound(
     Args:
         net: the network IR.
         method: auto | naive | lipsdp-layer | lipsdp-neuron | eclipse-fast | eclipse |
-            eclipse-refined | sandwich.
+            eclipse-refined | sandwich | lipsdp-dag.
         pairwise: also bound Lip(f_y - f_j) for every class pair (LipSDP, chains only).
         solver: solver registry name (``sdp.solvers``); None picks one.
         timeout_s: solver time limit per LMI (the layer-wise certificate covers a timeout).
@@ -194,9 +217,11 @@ def compute_bound(
         res = _sandwich(net)
     elif method == "auto":
         res = _auto(net, **kw)
-    elif method in ("eclipse-fast", "eclipse", "eclipse-refined"):
+    elif method in ("eclipse-fast", "eclipse", "eclipse-refined", "lipsdp-dag"):
         if method == "eclipse-refined":
             res = eclipse_refined_bound(net, timeout_s=timeout_s)
+        elif method == "lipsdp-dag":
+            res = dag_bound(net, time_limit_s=timeout_s)
         else:
             res = eclipse_bound(net, "fast" if method == "eclipse-fast" else "sdp")
         naive = _naive(net).value

@@ -8,7 +8,8 @@ unknown methods (:class:`~sdp.errors.UnsupportedMethod`), unknown solver names
 (:class:`~sdp.errors.NotApplicable`: sandwich without sandwich parameters, LipSDP or pairwise
 bounds on a residual network or on a chain too large for LipSDP; eclipse-fast on a residual
 network or a chain with a hidden layer too wide, or too large for eclipse; eclipse-refined on
-a residual network or a chain over its caps).
+a residual network or a chain over its caps; lipsdp-dag on a network whose dense LMI blocks
+would be too large).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from sdp.bounds.eclipse import SDP_HIDDEN_CAP, SDP_WIDTH_CAP, check_eclipse_size
 from sdp.bounds.eclipse_refine import check_refine_size
 from sdp.bounds.lipsdp import check_size
+from sdp.bounds.residual import check_dag_size
 from sdp.errors import NotApplicable, UnknownSolver, UnsupportedMethod
 from sdp.ir import Network
 from sdp.solvers import solver_names
@@ -29,6 +31,7 @@ METHODS = (
     "eclipse",
     "eclipse-refined",
     "sandwich",
+    "lipsdp-dag",
 )
 """The bound methods offered (``lipsdp-network`` is refused, see :func:`check_method`)."""
 
@@ -71,6 +74,8 @@ def check_applicable(net: Network, method: str, pairwise: bool) -> None:
         check_eclipse_size(net, width_cap=SDP_WIDTH_CAP, hidden_cap=SDP_HIDDEN_CAP)
     if method == "eclipse-refined":
         check_refine_size(net)
+    if method == "lipsdp-dag":
+        check_dag_size(net)
     if lipsdp or pairwise:
         check_size(net)
 

@@ -5,8 +5,8 @@ The document is not taken at its word. Every number in it is re-derived from the
 caller holds (design.md §1.5):
 
 * LipSDP and ECLipsE results (the methods with a certificate): the certificate (rho, T) must
-  pass :func:`sdp.certificate.verify_on` on the caller's own network, and the reported bound
-  must be >= sqrt(rho);
+  pass :func:`sdp.certificate.verify_on` on the caller's own network (``lipsdp-dag``:
+  :func:`sdp.bounds.residual.verify_dag_on`), and the reported bound must be >= sqrt(rho);
 * pairwise bounds: every pair (y, j) needs its own verified certificate with output map
   e_y - e_j, and the matrix entry must be >= its sqrt(rho);
 * sandwich and naive/compositional results are recomputed (closed form / norm products; no
@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from sdp.bounds.compute import compute_bound
+from sdp.bounds.residual import METHOD as DAG_METHOD
+from sdp.bounds.residual import verify_dag_on
 from sdp.certificate import Certificate, verify_on
 from sdp.errors import CertificateError
 from sdp.ir import Network
@@ -38,14 +40,17 @@ REL_TOL = 1e-9
 """A reported value may sit this much (relative) below a recomputed deterministic bound."""
 
 
-def _proven(net: Network, cert_doc: Any, output_map: np.ndarray | None = None) -> float:
-    """sqrt(rho) of a certificate document, after verifying it on ``net``."""
+def _proven(
+    net: Network, cert_doc: Any, output_map: np.ndarray | None = None, *, dag: bool = False
+) -> float:
+    """sqrt(rho) of a certificate document, after verifying it on ``net`` (``dag``: as a
+    ``lipsdp-dag`` certificate of the network's DAG)."""
     cert = Certificate.from_json(json.dumps(cert_doc))
     if output_map is not None and (
         cert.output_map is None or not np.array_equal(cert.output_map, output_map)
     ):
         raise CertificateError("pairwise certificate has the wrong output map")
-    if not verify_on(net, cert):
+    if not (verify_dag_on(net, cert) if dag else verify_on(net, cert)):
         raise CertificateError("certificate does not verify on the stored network")
     return cert.lipschitz_bound
 
@@ -59,7 +64,7 @@ def recheck_document(net: Network, doc: dict[str, Any]) -> None:
     if method.startswith(CERTIFIED_PREFIXES):
         if doc.get("certificate") is None:
             raise CertificateError(f"{method} result without its certificate")
-        proven = _proven(net, doc["certificate"])
+        proven = _proven(net, doc["certificate"], dag=method == DAG_METHOD)
     else:
         recompute = "sandwich" if method == "sandwich" else "naive"
         proven = compute_bound(net, recompute, lower_bound=False).value * (1 - REL_TOL)

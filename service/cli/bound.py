@@ -20,7 +20,8 @@ from service.cli._common import fail
 from service.documents import StoredBound, strict_json
 
 _METHOD_HELP = (
-    "auto, naive, lipsdp-layer, lipsdp-neuron, eclipse-fast, eclipse, eclipse-refined or sandwich."
+    "auto, naive, lipsdp-layer, lipsdp-neuron, eclipse-fast, eclipse, eclipse-refined, sandwich"
+    " or lipsdp-dag."
 )
 
 
@@ -264,6 +265,7 @@ def verify(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Re-check a stored certificate against MODEL without a solver."""
+    from sdp.bounds.residual import verify_dag_on
     from sdp.certificate import Certificate, Lmi, verify_certificate
     from sdp.errors import LipcertError
 
@@ -272,8 +274,11 @@ def verify(
         net = _load(model)
         if c.network_hash and c.network_hash != net.content_hash():
             fail("certificate was issued for a different network (content hash differs)")
-        lmi = Lmi.from_chain(net.chain(), output_map=c.output_map)
-        ok = verify_certificate(lmi, c)
+        if net.is_chain and c.meta.get("structure") != "dag":
+            lmi = Lmi.from_chain(net.chain(), output_map=c.output_map)
+            ok = verify_certificate(lmi, c)
+        else:  # a lipsdp-dag certificate (residual networks, design.md §3.6)
+            ok = verify_dag_on(net, c)
     except LipcertError as e:
         fail(f"{e.code}: {e.detail}")
     except (OSError, ValueError) as e:

@@ -41,7 +41,7 @@ class BoundRequest(BaseModel):
     method: str = Field(
         default="auto",
         description="auto | naive | lipsdp-layer | lipsdp-neuron | eclipse-fast | eclipse | "
-        "eclipse-refined | sandwich",
+        "eclipse-refined | sandwich | lipsdp-dag",
         examples=["lipsdp-neuron"],
         json_schema_extra={"enum": list(METHODS)},  # checked by check_bound_request
     )
