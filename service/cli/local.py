@@ -182,10 +182,10 @@ def summary_line(cert: Certified) -> str:
     if n:
         parts.append(f"median radius {float(np.median(radius)):.4g}")
     acc = cert.summary.get("accuracy")
-    if acc is not None:
+    if isinstance(acc, int | float):
         parts.append(f"clean accuracy {100.0 * acc:.1f}%")
     cacc = cert.summary.get("certified_accuracy")
-    if cacc is not None:
+    if isinstance(cacc, int | float):
         parts.append(f"certified accuracy {100.0 * cacc:.1f}%")
     sec = cert.summary.get("seconds")
     if sec is not None:
