@@ -30,6 +30,7 @@ from sdp.bounds.residual import (
 )
 from sdp.certificate import Lmi, certify_rho
 from sdp.errors import CertificateError, LipcertError, NotApplicable
+from sdp.importers import load_model
 from sdp.ir import Activation, Conv2d, Dense, Network, Residual
 from tests.sdp._nets import random_network
 
@@ -264,3 +265,15 @@ def test_output_reading_the_input_directly() -> None:
         d = (w1 @ x > 0).astype(float)
         piece = w3 @ (np.eye(4) + w2 @ (d[:, None] * w1))
         assert np.linalg.norm(piece, 2) <= res.value
+
+
+@pytest.mark.slow
+def test_resnet_2b_fixture_below_the_compositional_product(fixtures_dir) -> None:
+    # the real cifar10_resnet net of issue 13 (about a minute on a loaded core)
+    path = fixtures_dir / "vnncomp2021/benchmarks/cifar10_resnet/onnx/resnet_2b.onnx"
+    net = load_model(path.read_bytes())
+    res = dag_bound(net)
+    comp = compute_bound(net, "naive", lower_bound=False).value
+    low = empirical_lower_bound(net, starts=4)
+    assert low <= res.value < comp / 5
+    assert res.certificate.meta["structure"] == "dag"
