@@ -238,7 +238,14 @@ def _walk(ops: tuple[Op, ...], value: _Value, n0: int, nodes: list[DagNode]) -> 
 
 
 def check_dag_size(net: Network) -> None:
-    """NotApplicable when the DAG's dense blocks would be too large (no unrolling done)."""
+    """NotApplicable when the DAG's dense blocks would be too large (no unrolling done) or an
+    activation has slopes of both signs (a b < 0: GELU, SiLU, leaky ReLU with a < 0)."""
+    mixed = sorted({op.name for op in _activations(net.ops) if math.prod(op.slope_bounds) < 0})
+    if mixed:
+        raise NotApplicable(
+            f"lipsdp-dag needs slope bounds with a*b >= 0; {', '.join(mixed)} has slopes of "
+            "both signs (use naive)"
+        )
     widths: list[int] = []
     entries, _ = _count(net.ops, net.input_size, widths)
     widest = max(widths, default=0)
@@ -248,6 +255,16 @@ def check_dag_size(net: Network) -> None:
             f"{entries} dense block entries; caps {NODE_WIDTH_CAP} / {ENTRY_CAP})",
             code="too-large-for-lipsdp-dag",
         )
+
+
+def _activations(ops: tuple[Op, ...]) -> list[Activation]:
+    out: list[Activation] = []
+    for op in ops:
+        if isinstance(op, Activation):
+            out.append(op)
+        elif isinstance(op, Residual):
+            out += _activations(op.body) + _activations(op.shortcut)
+    return out
 
 
 def _count(ops: tuple[Op, ...], n: int, widths: list[int]) -> tuple[int, int]:
