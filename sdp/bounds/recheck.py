@@ -4,9 +4,9 @@ that came from elsewhere, e.g. a worker on another machine, before anyone serves
 The document is not taken at its word. Every number in it is re-derived from the network the
 caller holds (design.md §1.5):
 
-* LipSDP results: the certificate (rho, T) must pass :func:`sdp.certificate.verify_on` on
-  the caller's own network (``lipsdp-dag``: :func:`sdp.bounds.residual.verify_dag_on`), and
-  the reported bound must be >= sqrt(rho);
+* LipSDP results (eclipse-fast / eclipse included): the certificate (rho, T) must pass
+  :func:`sdp.certificate.verify_on` on the caller's own network (``lipsdp-dag``:
+  :func:`sdp.bounds.residual.verify_dag_on`), and the reported bound must be >= sqrt(rho);
 * pairwise bounds: every pair (y, j) needs its own verified certificate with output map
   e_y - e_j, and the matrix entry must be >= its sqrt(rho);
 * sandwich and naive/compositional results are recomputed (closed form / norm products; no
@@ -58,7 +58,8 @@ def recheck_document(net: Network, doc: dict[str, Any]) -> None:
     if not (doc.get("verified") and isinstance(value, float | int) and math.isfinite(value)):
         raise CertificateError("worker result is not a verified finite bound")
     method = str(doc.get("method", ""))
-    if method.startswith("lipsdp"):
+    if method.startswith("lipsdp") or method in ("eclipse-fast", "eclipse"):
+        # eclipse results are LipSDP-Neuron certificates too (below the naive product)
         if doc.get("certificate") is None:
             raise CertificateError("LipSDP result without its certificate")
         proven = _proven(net, doc["certificate"], dag=method == DAG_METHOD)

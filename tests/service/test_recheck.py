@@ -37,7 +37,7 @@ def _doc(net: Network, method: str, pairwise: bool = False) -> dict:
 
 
 def test_honest_documents_pass(net: Network) -> None:
-    for method in ("lipsdp-neuron", "naive"):
+    for method in ("lipsdp-neuron", "naive", "eclipse-fast"):
         recheck_document(net, _doc(net, method))
     recheck_document(net, _doc(net, "lipsdp-neuron", pairwise=True))
 
