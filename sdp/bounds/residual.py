@@ -601,8 +601,9 @@ def _scale_estimator(lmi: DagLmi, t_prime: Sequence[Array]) -> tuple[Array, Arra
 
 def _scale_search(lmi: DagLmi, t_prime: Sequence[Array], k_star: float) -> float:
     """The k minimising the estimated rho(k T') (an estimate; the caller certifies it)."""
-    if any(j == 0 for j, _ in lmi.output):
-        return k_star  # an output read straight from the input: no pseudo-node split; keep k*
+    if any(j == 0 for j, _ in lmi.output) or not (math.isfinite(k_star) and k_star > 0):
+        return k_star  # an output read straight from the input (no pseudo-node split), or a
+        # zero output map (nothing to search): keep k*
     z, v, gam = _scale_estimator(lmi, t_prime)
     g_max = max(_lam_max((gam + gam.T) / 2), 0.0)
     start: list[Array] = []  # Lanczos warm start: the top eigenvector moves little with k
