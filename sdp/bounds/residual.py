@@ -238,7 +238,14 @@ def _walk(ops: tuple[Op, ...], value: _Value, n0: int, nodes: list[DagNode]) -> 
 
 
 def check_dag_size(net: Network) -> None:
-    """NotApplicable when the DAG's dense blocks would be too large (no unrolling done)."""
+    """NotApplicable when the DAG's dense blocks would be too large (no unrolling done) or an
+    activation has slopes of both signs (a b < 0: GELU, SiLU, leaky ReLU with a < 0)."""
+    mixed = sorted({op.name for op in _activations(net.ops) if math.prod(op.slope_bounds) < 0})
+    if mixed:
+        raise NotApplicable(
+            f"lipsdp-dag needs slope bounds with a*b >= 0; {', '.join(mixed)} has slopes of "
+            "both signs (use naive)"
+        )
     widths: list[int] = []
     entries, _ = _count(net.ops, net.input_size, widths)
     widest = max(widths, default=0)
@@ -248,6 +255,16 @@ def check_dag_size(net: Network) -> None:
             f"{entries} dense block entries; caps {NODE_WIDTH_CAP} / {ENTRY_CAP})",
             code="too-large-for-lipsdp-dag",
         )
+
+
+def _activations(ops: tuple[Op, ...]) -> list[Activation]:
+    out: list[Activation] = []
+    for op in ops:
+        if isinstance(op, Activation):
+            out.append(op)
+        elif isinstance(op, Residual):
+            out += _activations(op.body) + _activations(op.shortcut)
+    return out
 
 
 def _count(ops: tuple[Op, ...], n: int, widths: list[int]) -> tuple[int, int]:
@@ -584,8 +601,9 @@ def _scale_estimator(lmi: DagLmi, t_prime: Sequence[Array]) -> tuple[Array, Arra
 
 def _scale_search(lmi: DagLmi, t_prime: Sequence[Array], k_star: float) -> float:
     """The k minimising the estimated rho(k T') (an estimate; the caller certifies it)."""
-    if any(j == 0 for j, _ in lmi.output):
-        return k_star  # an output read straight from the input: no pseudo-node split; keep k*
+    if any(j == 0 for j, _ in lmi.output) or not (math.isfinite(k_star) and k_star > 0):
+        return k_star  # an output read straight from the input (no pseudo-node split), or a
+        # zero output map (nothing to search): keep k*
     z, v, gam = _scale_estimator(lmi, t_prime)
     g_max = max(_lam_max((gam + gam.T) / 2), 0.0)
     start: list[Array] = []  # Lanczos warm start: the top eigenvector moves little with k

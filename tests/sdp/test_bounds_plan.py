@@ -23,9 +23,10 @@ def _chain() -> Network:
     )
 
 
-def _residual() -> Network:
+def _residual(act: str = "relu") -> Network:
     rng = np.random.default_rng(1)
-    block = Residual((Dense(rng.standard_normal((3, 3)), np.zeros(3)), Activation("relu")))
+    phi = Activation(act)  # type: ignore[arg-type]
+    block = Residual((Dense(rng.standard_normal((3, 3)), np.zeros(3)), phi))
     return Network((3,), (block, Dense(rng.standard_normal((2, 3)), np.zeros(2))))
 
 
@@ -38,6 +39,7 @@ def _residual() -> Network:
         (_chain(), "sandwich", {}, NotApplicable, "method-not-applicable"),
         (_residual(), "lipsdp-neuron", {}, NotApplicable, "method-not-applicable"),
         (_residual(), "naive", {"pairwise": True}, NotApplicable, "method-not-applicable"),
+        (_residual("gelu"), "lipsdp-dag", {}, NotApplicable, "method-not-applicable"),
     ],
 )
 def test_plan_and_compute_bound_refuse_alike(net, method, kw, error, code) -> None:

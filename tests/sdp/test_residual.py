@@ -30,6 +30,7 @@ from sdp.bounds.residual import (
 )
 from sdp.certificate import Lmi, certify_rho
 from sdp.errors import CertificateError, LipcertError, NotApplicable
+from sdp.importers import load_model
 from sdp.ir import Activation, Conv2d, Dense, Network, Residual
 from tests.sdp._nets import random_network
 
@@ -264,3 +265,75 @@ def test_output_reading_the_input_directly() -> None:
         d = (w1 @ x > 0).astype(float)
         piece = w3 @ (np.eye(4) + w2 @ (d[:, None] * w1))
         assert np.linalg.norm(piece, 2) <= res.value
+
+
+@pytest.mark.slow
+def test_resnet_2b_fixture_below_the_compositional_product(fixtures_dir) -> None:
+    # the real cifar10_resnet net of issue 13 (about a minute on a loaded core)
+    path = fixtures_dir / "vnncomp2021/benchmarks/cifar10_resnet/onnx/resnet_2b.onnx"
+    net = load_model(path.read_bytes())
+    res = dag_bound(net)
+    comp = compute_bound(net, "naive", lower_bound=False).value
+    low = empirical_lower_bound(net, starts=4)
+    assert low <= res.value < comp / 5
+    assert res.certificate.meta["structure"] == "dag"
+
+
+_FUZZ_ACTS = [
+    ("relu", 0.0),
+    ("leaky_relu", 0.1),
+    ("leaky_relu", 3.0),
+    ("tanh", 0.0),
+    ("sigmoid", 0.0),
+    ("elu", 2.5),
+    ("softplus", 0.0),
+    ("identity", 0.0),
+]
+
+
+def _random_residual(rng: np.random.Generator) -> Network:
+    """Random residual nets: nested blocks, linear-only bodies, projection shortcuts, a block
+    right at the input, trailing activations."""
+    n = int(rng.integers(1, 5))
+    n0 = n
+
+    def dense(o: int, i: int) -> Dense:
+        w = rng.standard_normal((o, i)) * rng.uniform(0.3, 1.5) / np.sqrt(i)
+        return Dense(w, 0.3 * rng.standard_normal(o))
+
+    def act() -> Activation:
+        name, p = _FUZZ_ACTS[int(rng.integers(len(_FUZZ_ACTS)))]
+        return Activation(name, p)  # type: ignore[arg-type]
+
+    ops: list = []
+    for _ in range(int(rng.integers(1, 4))):
+        kind = int(rng.integers(4))
+        m = int(rng.integers(2, 6))
+        if kind == 0:  # plain layer
+            ops += [dense(m, n), act()]
+            n = m
+        elif kind == 1:  # identity block
+            ops.append(Residual((dense(m, n), act(), dense(n, m))))
+        elif kind == 2:  # projection block, linear body
+            ops.append(Residual((dense(m, n),), (dense(m, n),)))
+            n = m
+        else:  # nested block
+            inner = Residual((dense(m, n), act(), dense(n, m)))
+            ops.append(Residual((inner, act(), dense(n, n))))
+        if rng.random() < 0.5:
+            ops.append(act())
+    ops.append(dense(int(rng.integers(1, 4)), n))
+    return Network((n0,), tuple(ops))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_residual_nets_are_above_strong_lower_bounds(seed: int) -> None:
+    from tests.sdp.test_audit_soundness import strong_lower_bound
+
+    net = _random_residual(np.random.default_rng(1000 + seed))
+    res = dag_bound(net)
+    assert verify_dag_on(net, res.certificate)
+    low = strong_lower_bound(net, seed)
+    assert res.value >= low * (1 - 1e-9)
+    comp = compute_bound(net, "naive", lower_bound=False).value
+    assert res.value <= comp * 1.5  # never wildly off the compositional product either
