@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from service.documents import JobError
@@ -98,14 +99,14 @@ class RedisJobs:
         job_id: str,
         status: str,
         *,
-        result: dict[str, Any] | None = None,
+        result: Mapping[str, object] | None = None,
         error: JobError | None = None,
         finished_at: str,
     ) -> bool:
         """queued/running -> ``status`` (first terminal transition wins)."""
-        fields: dict[str, Any] = {"status": status, "finished_at": finished_at}
+        fields: dict[str, object] = {"status": status, "finished_at": finished_at}
         if result is not None:
-            fields["result"] = result
+            fields["result"] = dict(result)
         if error is not None:
             fields["error"] = error.to_json()
         return self.transition(job_id, ("queued", "running"), **fields)

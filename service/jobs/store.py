@@ -23,14 +23,14 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.diskspace import StorageFull, full_detail, is_disk_full
-from service.documents import JobError
+from service.documents import JobError, JsonObject
 from service.jobs.base import JobRecord, JobSpec, now_iso
 from service.storage import JobGuard
 
@@ -237,7 +237,7 @@ class JobStore:
             ).fetchall()
         return [str(r["id"]) for r in rows]
 
-    def success_guard(self, job_id: str, owner_id: str, result: dict[str, Any]) -> JobGuard:
+    def success_guard(self, job_id: str, owner_id: str, result: JsonObject) -> JobGuard:
         """The running -> succeeded transition of ``job_id``, only while ``owner_id`` owns
         it, for :meth:`service.storage.Storage.save_job_bound` (one transaction)."""
         return JobGuard(
@@ -307,7 +307,7 @@ class JobStore:
         job_id: str,
         status: str,
         *,
-        result: dict[str, Any] | None = None,
+        result: Mapping[str, object] | None = None,
         error: JobError | None = None,
     ) -> bool:
         """Active -> ``status``; False when the job had already ended."""
@@ -317,7 +317,7 @@ class JobStore:
                 f" WHERE id = ? AND {_ACTIVE_SQL}",
                 (
                     status,
-                    None if result is None else json.dumps(result),
+                    None if result is None else json.dumps(dict(result)),
                     None if error is None else json.dumps(error.to_json()),
                     now_iso(),
                     job_id,
