@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sdp._blas import one_thread
 from sdp.errors import UnsupportedMethod
 from sdp.ir import Array
 from sdp.local.alpha import (
@@ -117,11 +118,14 @@ def _ibp(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBounds:
 
 def _crown(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBounds:
     """CROWN; each margin's bound is the larger of the linear and the interval bound (both are
-    sound; the linear one is not always the tighter at large eps)."""
-    st = compute_bounds(graph, x0, eps)
-    c = objective_rows(pred, graph.output_size)
-    res = backward(st, {graph.output: c}, np.zeros(c.shape[:2]))
-    lower = np.maximum(res.lower, box_margins(st, c))
+    sound; the linear one is not always the tighter at large eps). BLAS runs on one thread:
+    the products are small (per input, or a few rows per input), threads only add
+    synchronisation (design.md §4.1.2); parallelism comes from processes (jobs in chunks)."""
+    with one_thread():
+        st = compute_bounds(graph, x0, eps)
+        c = objective_rows(pred, graph.output_size)
+        res = backward(st, {graph.output: c}, np.zeros(c.shape[:2]))
+        lower = np.maximum(res.lower, box_margins(st, c))
     return MarginBounds(_finish(lower, pred), tuple(() for _ in pred))
 
 

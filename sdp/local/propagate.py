@@ -47,6 +47,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from sdp._blas import one_thread
 from sdp.ir import Array, Conv2d, Dense
 from sdp.local.fp import ETA, U, down, err_scale, sum_down, sum_up, up, widen_up
 from sdp.local.graph import Graph, Node
@@ -513,19 +514,8 @@ def crown_node_bounds(
         for nd in g.nodes[: idx + 1]:  # fill the |W| |z|max caches once for the whole batch
             if nd.kind == "affine" and nd.index < idx:
                 st.absw_zmax(nd)
-        for bi in range(b):
-            pos = np.arange(r) if need is None else np.flatnonzero(need[bi])
-            if pos.size == 0:
-                continue
-            sub = single(st, bi)
-            chunk = max(1, _CHUNK_ELEMS // max(1, 2 * width))
-            for s in range(0, pos.size, chunk):
-                ps = pos[s : s + chunk]
-                k = ps.size
-                init, c0 = node_objective(sub, idx, rows[ps])
-                res = backward(sub, init, c0)
-                lows[bi, ps] = res.lower[0, :k]
-                highs[bi, ps] = -res.lower[0, k:]
+        with one_thread():  # small per-input GEMMs: BLAS threads only add synchronisation
+            _per_input_rows(st, idx, rows, need, lows, highs, width)
         return lows, highs
     chunk = max(1, _CHUNK_ELEMS // max(1, 2 * b * width))
     for s in range(0, r, chunk):
@@ -536,6 +526,32 @@ def crown_node_bounds(
         lows[:, s : s + k] = res.lower[:, :k]
         highs[:, s : s + k] = -res.lower[:, k:]
     return lows, highs
+
+
+def _per_input_rows(
+    st: BallBounds,
+    idx: int,
+    rows: np.ndarray,
+    need: np.ndarray | None,
+    lows: Array,
+    highs: Array,
+    width: int,
+) -> None:
+    """The per-input CROWN passes of :func:`crown_node_bounds` (results written in place)."""
+    r = rows.size
+    chunk = max(1, _CHUNK_ELEMS // max(1, 2 * width))
+    for bi in range(st.batch):
+        pos = np.arange(r) if need is None else np.flatnonzero(need[bi])
+        if pos.size == 0:
+            continue
+        sub = single(st, bi)
+        for s in range(0, pos.size, chunk):
+            ps = pos[s : s + chunk]
+            k = ps.size
+            init, c0 = node_objective(sub, idx, rows[ps])
+            res = backward(sub, init, c0)
+            lows[bi, ps] = res.lower[0, :k]
+            highs[bi, ps] = -res.lower[0, k:]
 
 
 def compute_bounds(
