@@ -25,7 +25,9 @@ sigma = (gap after the predictor step / gap)^3 and the corrector uses C = sym(dZ
 c = dx_a dz_a. M is built in O(N^2) from rank-2 projections of Z and X; one iteration costs
 three dense n x n products, Cholesky factors of S and Z and the inverse of S. The corrector
 cuts the iteration count about 3x (mnistfc-256x2: 17 instead of 54). Step lengths use the
-smallest eigenvalue of R^{-T} dS R^{-1} (Lanczos), then a Cholesky check. While the
+smallest eigenvalue of R^{-T} dS R^{-1} (Lanczos), then a Cholesky check. On the numpy
+backend S's factor, inverse and step length use its block-tridiagonal structure
+(:func:`primal_ops`, :mod:`sdp.solvers._block_tridiag`); Z is dense. While the
 complementarity <S, Z> is large relative to |S| |Z|, the predictor's two products run in
 float32 (2.7x faster here): they only set sigma and C, and any symmetric C keeps the
 corrected equations exact. So does the corrected direction's product (``float32_step``):

@@ -393,8 +393,9 @@ def test_lanczos_step_length_matches_the_dense_one() -> None:
 
 
 def test_float32_predictor_changes_nothing_but_speed() -> None:
-    """Early predictor products run in float32; the certified answer equals the all-float64
-    run's (relative 1e-7) and the float32 phase really happened."""
+    """Early predictor products (and the corrected direction's, ``float32_step``) run in
+    float32; the certified answer equals the all-float64 run's (relative 1e-7) and the float32
+    phase really happened."""
     lmi = random_lmi([20, 30, 30, 30, 5], Activation("relu"), 17)
     events: list[dict[str, object]] = []
     rho_mixed, _ = solve_certified(lmi, eps=1e-9, progress=events.append)
@@ -403,6 +404,10 @@ def test_float32_predictor_changes_nothing_but_speed() -> None:
     assert any(e.get("float32") == 1.0 for e in events)
     assert events[-1].get("float32") == 0.0
     assert rho_mixed == pytest.approx(rho_f64, rel=1e-7)
+    # only the predictor's products in float32 (the corrected direction in float64)
+    pred_only = StructuredSolver(tuning=IpmTuning(float32_step=False))
+    rho_pred, _ = solve_certified(lmi, eps=1e-9, solver=pred_only)
+    assert rho_mixed == pytest.approx(rho_pred, rel=1e-7)
 
 
 @pytest.mark.slow
