@@ -291,12 +291,17 @@ def certify_rho(lmi: Lmi, multipliers: Sequence[Array], *, rel_margin: float = R
     if n > LANCZOS_MIN_DIM:
         # candidate from Lanczos (a Ritz value, <= lambda_max); the Cholesky below is the proof,
         # and if the candidate was too low it fails and the full eigvalsh path runs
-        guess = max(float(sparse_linalg.eigsh(f.q, k=1, which="LA", tol=1e-12, ncv=40)[0][0]), 0.0)
-        cand = (guess + _input_shift(f, guess)) * (1 + rel_margin) + float(
-            np.finfo(np.float64).tiny
-        )
-        if _final_block_ok(f, cand):
-            return float(cand)
+        try:
+            top = float(sparse_linalg.eigsh(f.q, k=1, which="LA", tol=1e-12, ncv=40)[0][0])
+        except sparse_linalg.ArpackError:  # no convergence: the dense path below decides
+            top = -math.inf
+        if math.isfinite(top):
+            guess = max(top, 0.0)
+            cand = (guess + _input_shift(f, guess)) * (1 + rel_margin) + float(
+                np.finfo(np.float64).tiny
+            )
+            if _final_block_ok(f, cand):
+                return float(cand)
     lam = float(linalg.eigvalsh(f.q, subset_by_index=[n - 1, n - 1])[0])
     rho = max(lam, 0.0)
     for _ in range(8):

@@ -87,6 +87,9 @@ CERTIFY_COST_SAFETY, CALIBRATION_N, LANCZOS_MATVECS = 1.5, 600, 150
 """The certificate check's estimated cost is its flop count over the rate of one
 CALIBRATION_N-square matrix product, times this safety factor."""
 LANCZOS_TOL = 1e-10
+FIT_SHARE = 0.6
+"""auto runs the method only when its certificate check is estimated at most this share of
+the time it is given (:func:`refine_fits`)."""
 
 
 def conv_sparse(conv: Conv2d) -> sparse.csr_matrix:
@@ -422,6 +425,8 @@ def refine(
         d *= min(1.0, MAX_STEP / max(float(np.abs(d).max()), 1e-300))
         step, new = 1.0, None
         for _ in range(LINE_TRIALS):
+            if time.perf_counter() >= deadline:
+                break
             trial = problem.evaluate(split(np.exp(s + step * d)), v0=cur.x, k=EIGS)
             if trial is not None:
                 f_new, g_new = log_grad(trial, mu)
@@ -430,7 +435,7 @@ def refine(
                     break
             step *= BACKTRACK
         if new is None:
-            if mu <= MU_MIN * best.rho:
+            if mu <= MU_MIN * best.rho or time.perf_counter() >= deadline:
                 break
             mu *= MU_SHRINK
             f, g = log_grad(cur, mu)
@@ -600,6 +605,6 @@ def _result(
 
 def refine_fits(net: Network, limit_s: float) -> bool:
     """Whether the certificate check of ``net`` (estimated by :func:`certify_cost_s`) takes at
-    most half of ``limit_s``: the start and some descent need the rest."""
+    most FIT_SHARE of ``limit_s``: the start and some descent need the rest."""
     sizes = net.chain().hidden_sizes
-    return certify_cost_s(sizes, net.input_size, net.output_size) <= limit_s / 2
+    return certify_cost_s(sizes, net.input_size, net.output_size) <= FIT_SHARE * limit_s
