@@ -178,6 +178,15 @@ def _noted(res: BoundResult, *notes: str) -> BoundResult:
     return replace(res, notes=(*res.notes, *notes)) if notes else res
 
 
+def _lower_bound_limit(method: str, timeout_s: float | None, elapsed_s: float) -> float | None:
+    """auto's time for the empirical lower bound: what its limit leaves, at least the share
+    ``1 - AUTO_REFINE_SHARE`` of it (other methods: no limit)."""
+    if method != "auto":
+        return None
+    limit = AUTO_TIMEOUT_S if timeout_s is None else timeout_s
+    return max(limit - elapsed_s, (1.0 - AUTO_REFINE_SHARE) * limit)
+
+
 def compute_bound(
     net: Network,
     method: str = "auto",
@@ -249,7 +258,9 @@ def compute_bound(
         if progress is not None:
             progress({"phase": "lower_bound"})
         t1 = time.perf_counter()
-        low = empirical_lower_bound(net)
+        low = empirical_lower_bound(
+            net, time_limit_s=_lower_bound_limit(method, timeout_s, t1 - t0)
+        )
         timings["lower_bound_s"] = time.perf_counter() - t1
         # a measured ratio above the bound: never report it (1e-6 covers the ratio's own
         # rounding, ~ eps |f| / step, unless logits are ~1e6 times the Lipschitz constant)

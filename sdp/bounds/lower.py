@@ -10,6 +10,9 @@ steps of random-search refinement of the best start.
 
 from __future__ import annotations
 
+import math
+import time
+
 import numpy as np
 from scipy import special
 
@@ -85,9 +88,17 @@ def vector_jacobian(net: Network, x: Array, u: Array) -> Array:
     return _vjp(net.ops, x, u)
 
 
-def _top_directions(net: Network, x: Array, iters: int, rng: np.random.Generator) -> Array:
+def _top_directions(
+    net: Network,
+    x: Array,
+    iters: int,
+    rng: np.random.Generator,
+    deadline: float = math.inf,
+) -> Array:
     v = rng.standard_normal(x.shape)
     for _ in range(iters):
+        if time.perf_counter() > deadline:  # any direction gives a valid ratio
+            break
         v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-300)
         v = vector_jacobian(net, x, jacobian_vector(net, x, v))
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-300)
@@ -107,12 +118,16 @@ def empirical_lower_bound(
     scale: float = 1.0,
     seed: int = 0,
     step: float = 1e-4,
+    time_limit_s: float | None = None,
 ) -> float:
     """max over sampled pairs of ||f(x) - f(x')|| / ||x - x'||: a sound lower bound on Lip(f).
 
     Starts are N(0, scale^2) and U[0, scale] inputs (half each); directions come from power
-    iteration on J^T J; the best start is refined by random search around it.
+    iteration on J^T J; the best start is refined by random search around it. With
+    ``time_limit_s`` the power iterations and the refinement stop at that deadline (every
+    measured ratio is a lower bound, so stopping early only loosens it).
     """
+    deadline = math.inf if time_limit_s is None else time.perf_counter() + time_limit_s
     rng = np.random.default_rng(seed)
     n = net.input_size
     half = max(starts // 2, 1)
@@ -120,14 +135,16 @@ def empirical_lower_bound(
         [scale * rng.standard_normal((half, n)), scale * rng.uniform(size=(starts - half, n))]
     )
     h = step * max(scale, 1e-12)
-    v = _top_directions(net, x, iters, rng)
+    v = _top_directions(net, x, iters, rng, deadline)
     r = _ratios(net, x, v, h)
     best = int(np.argmax(r))
     best_x, best_r = x[best : best + 1], float(r[best])
     radius = 0.3 * scale
     for _ in range(refine_steps):
+        if time.perf_counter() > deadline:
+            break
         cand = best_x + radius * rng.standard_normal((8, n)) / np.sqrt(n)
-        vc = _top_directions(net, cand, iters // 2 + 1, rng)
+        vc = _top_directions(net, cand, iters // 2 + 1, rng, deadline)
         rc = _ratios(net, cand, vc, h)
         i = int(np.argmax(rc))
         if rc[i] > best_r:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdp.bounds.compute import compute_bound
+from sdp.bounds.compute import AUTO_REFINE_SHARE, AUTO_TIMEOUT_S, _lower_bound_limit, compute_bound
 from sdp.bounds.linear_fold import LinearFold
-from sdp.bounds.lower import activation_derivative, jacobian_vector, vector_jacobian
+from sdp.bounds.lower import (
+    activation_derivative,
+    empirical_lower_bound,
+    jacobian_vector,
+    vector_jacobian,
+)
 from sdp.bounds.reduction import SvdInputReduction
 from sdp.certificate import Lmi, certify_rho, layerwise_multipliers
 from sdp.errors import SolverError
@@ -116,3 +121,21 @@ def test_a_zero_layer_gives_a_verified_tiny_bound_not_a_crash(zero: int, method:
     res = compute_bound(dense_network(ws, "tanh"), method, pairwise=True)
     assert res.verified and 0.0 <= res.value < 1e-6, (res.value, res.notes)
     assert res.pairwise is not None and np.all(res.pairwise < 1e-6)
+
+
+def test_lower_bound_stops_at_its_deadline_with_a_valid_ratio():
+    """A spent time limit skips power iteration and refinement: the answer is then the ratio of
+    the random starts and directions alone (the same draws as iters=0, refine_steps=0)."""
+    net = random_network(np.random.default_rng(3), [6, 12, 12, 3], "relu")
+    spent = empirical_lower_bound(net, time_limit_s=0.0)
+    assert spent == empirical_lower_bound(net, iters=0, refine_steps=0)
+    full = empirical_lower_bound(net)
+    assert 0.0 < spent <= full <= compute_bound(net, "naive", lower_bound=False).value
+
+
+def test_auto_gives_the_lower_bound_what_its_limit_leaves():
+    share = (1.0 - AUTO_REFINE_SHARE) * AUTO_TIMEOUT_S
+    assert _lower_bound_limit("auto", None, 10.0) == pytest.approx(AUTO_TIMEOUT_S - 10.0)
+    assert _lower_bound_limit("auto", None, AUTO_TIMEOUT_S) == pytest.approx(share)
+    assert _lower_bound_limit("auto", 20.0, 1.0) == pytest.approx(19.0)
+    assert _lower_bound_limit("lipsdp-neuron", 20.0, 1.0) is None
