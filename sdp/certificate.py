@@ -56,9 +56,9 @@ from sdp.ir import Array, Chain, Network
 
 _U = np.finfo(np.float64).eps / 2
 REL_MARGIN = 1e-9
+"""Relative safety margin added to every certified rho (on top of the float shift)."""
 LANCZOS_MIN_DIM = 1_000
 """Input blocks larger than this get their lambda_max candidate from Lanczos first."""
-"""Relative safety margin added to every certified rho (on top of the float shift)."""
 
 
 def _gamma(n: int) -> float:
@@ -164,6 +164,8 @@ class Certificate:
             if d.get("format") != "lipcert-certificate/1":
                 raise ValueError("not a lipcert certificate")
             om = d.get("output_map")
+            if om is not None and np.ndim(om) != 2:
+                raise ValueError("output_map must be a 2-D row block")
             return cls(
                 rho=float(d["rho"]),
                 multipliers=tuple(np.asarray(t, dtype=np.float64) for t in d["multipliers"]),
@@ -270,9 +272,18 @@ def _final_block_ok(f: _Factorisation, rho: float) -> bool:
     blk[np.diag_indices_from(blk)] += rho - _input_shift(f, rho)
     try:
         linalg.cholesky(blk, lower=False)
-    except linalg.LinAlgError:
+    except (linalg.LinAlgError, ValueError):  # ValueError: a non-finite entry
         return False
     return True
+
+
+def output_map_fits(output_map: Array | None, output_size: int) -> bool:
+    """True iff ``output_map`` is None or a finite 2-D row block P with ``output_size``
+    columns (a 1-D P would broadcast into the wrong LMI block and prove another function)."""
+    if output_map is None:
+        return True
+    p = np.asarray(output_map)
+    return p.ndim == 2 and p.shape[1] == output_size and bool(np.isfinite(p).all())
 
 
 def certify_rho(lmi: Lmi, multipliers: Sequence[Array], *, rel_margin: float = REL_MARGIN) -> float:
@@ -337,7 +348,7 @@ def verify_on(net: Network, cert: Certificate) -> bool:
     The certificate's ``network_hash`` is not compared: the verification itself is the proof,
     whatever network the certificate was computed on.
     """
-    if not net.is_chain:
+    if not net.is_chain or not output_map_fits(cert.output_map, net.output_size):
         return False
     try:
         lmi = Lmi.from_chain(net.chain(), output_map=cert.output_map)

@@ -46,6 +46,9 @@ def _proven(
     """sqrt(rho) of a certificate document, after verifying it on ``net`` (``dag``: as a
     ``lipsdp-dag`` certificate of the network's DAG)."""
     cert = Certificate.from_json(json.dumps(cert_doc))
+    if output_map is None and cert.output_map is not None:
+        # a certificate of P f is no bound of f (P = 1e-3 I would scale any bound down)
+        raise CertificateError("certificate of the bound has an output map")
     if output_map is not None and (
         cert.output_map is None or not np.array_equal(cert.output_map, output_map)
     ):

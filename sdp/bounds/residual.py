@@ -78,7 +78,7 @@ from scipy import linalg, sparse
 from scipy.sparse import linalg as sparse_linalg
 
 from sdp.bounds.result import BoundResult
-from sdp.certificate import REL_MARGIN, Certificate
+from sdp.certificate import REL_MARGIN, Certificate, output_map_fits
 from sdp.errors import CertificateError, LipcertError, NotApplicable
 from sdp.ir import Activation, Array, Conv2d, Dense, Network, Op, Residual
 
@@ -573,6 +573,8 @@ def verify_dag(lmi: DagLmi, cert: Certificate) -> bool:
 def verify_dag_on(net: Network, cert: Certificate) -> bool:
     """True iff ``cert`` (a ``lipsdp-dag`` certificate) proves its bound on ``net`` itself, with
     the certificate's own output map; False (never an exception) on any mismatch."""
+    if not output_map_fits(cert.output_map, net.output_size):
+        return False
     try:
         lmi = DagLmi.from_network(net, output_map=cert.output_map)
     except (ValueError, NotApplicable):

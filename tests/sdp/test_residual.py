@@ -28,7 +28,7 @@ from sdp.bounds.residual import (
     verify_dag,
     verify_dag_on,
 )
-from sdp.certificate import Lmi, certify_rho
+from sdp.certificate import Certificate, Lmi, certify_rho, verify_on
 from sdp.errors import CertificateError, LipcertError, NotApplicable
 from sdp.importers import load_model
 from sdp.ir import Activation, Conv2d, Dense, Network, Residual
@@ -337,3 +337,29 @@ def test_random_residual_nets_are_above_strong_lower_bounds(seed: int) -> None:
     assert res.value >= low * (1 - 1e-9)
     comp = compute_bound(net, "naive", lower_bound=False).value
     assert res.value <= comp * 1.5  # never wildly off the compositional product either
+
+
+def test_a_one_dimensional_output_map_is_refused() -> None:
+    """p = (1, -1) as a 1-D array would enter the LMI as the scalar ||p||^2 instead of p p^T
+    and prove a far too small rho for p^T f (here f = (x, -x), Lip(p^T f) = 2)."""
+    net = Network(
+        (1,),
+        (
+            Dense(np.array([[1.0], [-1.0]]), np.zeros(2)),
+            Activation("identity"),
+            Dense(np.eye(2), np.zeros(2)),
+        ),
+    )
+    doc = {
+        "format": "lipcert-certificate/1",
+        "rho": 1e-6,
+        "multipliers": [[10.0, 10.0]],
+        "meta": {"structure": "dag"},
+    }
+    with pytest.raises(CertificateError):
+        Certificate.from_json(json.dumps({**doc, "output_map": [1.0, -1.0]}))
+    flat = Certificate(rho=1e-6, multipliers=(np.full(2, 10.0),), output_map=np.array([1.0, -1.0]))
+    assert not verify_dag_on(net, flat)
+    assert not verify_on(net, flat)
+    honest = Certificate.from_json(json.dumps({**doc, "output_map": [[1.0, -1.0]]}))
+    assert not verify_dag_on(net, honest)  # rho = 1e-6 < 4 = Lip(p^T f)^2

@@ -90,3 +90,17 @@ def test_adopt_records_a_reproven_document_under_the_api_network(net: Network) -
     far = Network(net.input_shape, (Dense(2 * net.ops[0].weight, net.ops[0].bias), *net.ops[1:]))
     with pytest.raises(CertificateError):  # a bound that does not hold there is never adopted
         adopt_document(far, doc, trusted=True)
+
+
+@pytest.mark.parametrize("method", ["lipsdp-neuron", "eclipse-fast"])
+def test_certificate_of_a_scaled_output_is_no_bound_of_the_network(net: Network, method) -> None:
+    """A certificate of P f with P = s I proves sqrt(rho) s-times smaller than Lip(f): as the
+    certificate of the bound itself it must be refused (the output map is the pairwise one's)."""
+    doc = _doc(net, method)
+    cert, s = doc["certificate"], 1e-3
+    cert["output_map"] = (s * np.eye(net.output_size)).tolist()
+    cert["rho"] *= s * s
+    cert["multipliers"] = [(np.asarray(t) * s * s).tolist() for t in cert["multipliers"]]
+    doc["lipschitz_bound"] = doc["lipschitz_bound"] * s
+    with pytest.raises(CertificateError, match="output map"):
+        recheck_document(net, doc)
