@@ -21,6 +21,7 @@ it sees the job succeeded (:func:`persist_result`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -283,11 +284,27 @@ def split_chunks(data: bytes | None, chunks: int) -> list[dict[str, np.ndarray] 
     return parts
 
 
+def trusted_floor(storage: Any, model_id: str, opts: CertifyOptions) -> CertifyOptions:
+    """``opts`` with the floor bound L taken from the API's own storage (the bound that job
+    ``bound_job_id`` stored for this model), not from the spec in Redis; no floor when that
+    bound is gone (sound: radii only shrink)."""
+    if opts.lipschitz is None:
+        return opts
+    stored = None
+    finder = getattr(storage, "bound_for_job", None)
+    if opts.bound_job_id is not None and finder is not None:
+        stored = finder(model_id, opts.bound_job_id)
+    lip = None if stored is None else stored.usable_lipschitz
+    if lip != opts.lipschitz:
+        log.warning("certification floor L %s replaced by the stored %s", opts.lipschitz, lip)
+    return dataclasses.replace(opts, lipschitz=lip)
+
+
 def persist_result(redis: Any, storage: Any, rec: JobRecord) -> dict[str, Any]:
     """API side: re-check the workers' certificates on the API's own network and inputs
     (:mod:`service.jobs.certify_check`), write the rebuilt columns into
     ``data_dir/certifications/<batch>/`` and return the job's summary (from those columns)."""
-    opts = options_of(rec.spec)
+    opts = trusted_floor(storage, rec.spec.model_id, options_of(rec.spec))
     folder = batch_dir(storage.data_dir, opts.batch_id)
     inputs = read_npz((folder / "inputs.npz").read_bytes())
     net = storage.load_network(rec.spec.model_id)

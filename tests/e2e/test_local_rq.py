@@ -22,7 +22,7 @@ from service.documents import StoredBound
 from service.jobs import certify_rq
 from service.jobs.base import JobSpec, now_iso
 from service.jobs.certify import certify_chunk, npz, options_of, read_npz
-from service.jobs.redis_state import RedisJobs, model_key
+from service.jobs.redis_state import RedisJobs, job_key, model_key
 from service.jobs.tasks import load_network
 from service.local_certify import LocalOptions
 from service.settings import Settings
@@ -116,7 +116,11 @@ def test_a_rogue_workers_chunk_is_not_trusted(client: TestClient, redis_url: str
     conn = Redis.from_url(redis_url)
     jobs = RedisJobs(conn)
     raw = jobs.raw(job_id)
-    opts = options_of(JobSpec.from_dict(json.loads(raw["spec"])))
+    spec = JobSpec.from_dict(json.loads(raw["spec"]))
+    opts = options_of(spec)
+    # the rogue also shrinks the floor bound in the job's spec (the API uses its stored one)
+    forged = dict(spec.certify or {}, lipschitz=opts.lipschitz / 1000)
+    conn.hset(job_key(job_id), "spec", json.dumps(dict(spec.to_dict(), certify=forged)))
     net = load_network(("bytes", raw["model_sha256"], conn.get(model_key(raw["model_sha256"]))))
     inputs = read_npz(conn.get(certify_rq.key(job_id, "inputs")))
     parts = [certify_chunk(net, inputs, opts, a, b, certificates=True) for a, b in opts.chunks()]
