@@ -87,9 +87,7 @@ def read_certificates(arrays: dict[str, np.ndarray], rows: int) -> list[LocalCer
     out: list[LocalCertificate | None] = []
     for i in range(rows):
         try:
-            pay = tuple(
-                (n, np.asarray(a, dtype=np.float64)) for _, n, a in sorted(payloads.get(i, []))
-            )
+            pay = tuple((n, np.asarray(a)) for _, n, a in sorted(payloads.get(i, [])))
             g = float(glob[i])
             out.append(
                 LocalCertificate(

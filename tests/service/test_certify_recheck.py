@@ -48,7 +48,10 @@ def _worker_parts(
 COLUMNS = ("prediction", "margin", "radius", "radius_method", "global_radius", "certified")
 
 
-@pytest.mark.parametrize(("method", "epsilon"), [("crown", None), ("alpha-crown", 0.05)])
+@pytest.mark.parametrize(
+    ("method", "epsilon"),
+    [("crown", None), ("alpha-crown", 0.05), ("beta-crown", 0.1), ("bab", 0.1), ("ibp", None)],
+)
 def test_honest_chunks_are_reproduced(method: str, epsilon: float | None) -> None:
     net, inputs, opts = _setup(method, epsilon)
     parts = _worker_parts(net, inputs, opts)
