@@ -142,6 +142,31 @@ def _evaluate(
     return ok, res.lower, res.payloads
 
 
+def forward_margins(
+    net: Network, x: Array, global_bound: float | None, classes: int
+) -> tuple[np.ndarray, Array, Array]:
+    """(prediction, rigorous margin, global radius floor) of the rows ``x`` (B, n0).
+
+    margin = f_y - max_{j != y} f_j - sqrt(2) E (E: the rounding bound of the computed logits,
+    -inf where it is not finite); the floor is max(m - sqrt 2 E, 0) / (sqrt 2 L) for a VERIFIED
+    ``global_bound`` L (:func:`sdp.radius.certified_radius`), else 0 (design.md §4.1). The
+    forward pass runs on the whole batch (another batch size may round differently).
+    """
+    b = x.shape[0]
+    logits = net.forward(x) if b else np.zeros((0, classes))
+    err = logit_error_bound(net, 2.0**-53)(x) if b else np.zeros(0)
+    rr = certified_radius(logits, global_bound or 1.0, logit_error=err) if b else None
+    pred = np.argmax(logits, axis=1).astype(np.int64) if b else np.zeros(0, np.int64)
+    top = logits[np.arange(b), pred]
+    others = logits.copy()
+    others[np.arange(b), pred] = -np.inf
+    margin_raw = top - others.max(axis=1) if b else np.zeros(0)
+    margin = np.where(np.isfinite(err), margin_raw - math.sqrt(2.0) * err * (1 + 1e-12), -np.inf)
+    grad = np.zeros(b) if rr is None else rr.radius
+    glob = grad if global_bound is not None else np.zeros(b)
+    return pred, np.asarray(margin, dtype=np.float64), np.asarray(glob, dtype=np.float64)
+
+
 def certify_local(
     net: Network,
     inputs: Array,
@@ -199,17 +224,7 @@ def certify_local(
         raise ValueError("local certification needs at least two logits")
     if method == "auto":
         chain = [m for m in chain if m.applies is None or m.applies(graph)]
-    logits = net.forward(x) if b else np.zeros((0, graph.output_size))
-    err = logit_error_bound(net, 2.0**-53)(x) if b else np.zeros(0)
-    rr = certified_radius(logits, global_bound or 1.0, logit_error=err) if b else None
-    pred = np.argmax(logits, axis=1).astype(np.int64) if b else np.zeros(0, np.int64)
-    top = logits[np.arange(b), pred]
-    others = logits.copy()
-    others[np.arange(b), pred] = -np.inf
-    margin_raw = top - others.max(axis=1) if b else np.zeros(0)
-    margin = np.where(np.isfinite(err), margin_raw - math.sqrt(2.0) * err * (1 + 1e-12), -np.inf)
-    grad = np.zeros(b) if rr is None else rr.radius
-    glob = grad if global_bound is not None else np.zeros(b)
+    pred, margin, glob = forward_margins(net, x, global_bound, graph.output_size)
     h = net.content_hash()
     states = [
         _State(float(glob[i]), "global" if glob[i] > 0 else "none", None, (), False)

@@ -21,8 +21,10 @@ it sees the job succeeded (:func:`persist_result`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -43,6 +45,7 @@ from service.jobs.certify import (
     read_npz,
     write_result,
 )
+from service.jobs.certify_check import recheck_batch
 from service.jobs.redis_state import PREFIX, RedisJobs, model_key
 from service.jobs.tasks import error_document, load_network
 from service.local_certify import device_optimizer
@@ -127,7 +130,9 @@ class _Chunks:
             k = int(raw)
             self.conn.hset(key(self.job_id, "claims"), str(k), self.me)
             net, inputs = self._load()
-            cols = certify_chunk(net, inputs, self.opts, *spans[k], self._optimizer)
+            cols = certify_chunk(
+                net, inputs, self.opts, *spans[k], self._optimizer, certificates=True
+            )
             cols["worker"] = np.array(f"{socket.gethostname()}:{os.getppid()}")  # the worker
             with self.conn.pipeline() as p:  # MULTI: the chunk, its release and the count
                 p.set(key(self.job_id, f"chunk:{k}"), npz(cols), ex=KEEP_S)
@@ -237,16 +242,20 @@ def run_certification_job(job_id: str, conn: Any, rq_job_id: str) -> dict[str, A
             time.sleep(POLL_S)
         if jobs.status(job_id) != "running":
             return {"status": jobs.status(job_id)}
-        parts = []
+        bundle: dict[str, np.ndarray] = {}
         for k in range(total):
             data = conn.get(key(job_id, f"chunk:{k}"))
             if data is None:
                 raise RuntimeError(f"chunk {k} of the batch is missing from Redis")
-            parts.append(read_npz(data))
-        columns, doc = join_chunks(parts, chunks.opts, time.perf_counter() - start)
-        conn.set(key(job_id, "result"), npz(columns), ex=KEEP_S)
-        summary = strict_json_object(dict(doc, job_id=job_id, model_id=chunks.spec.model_id))
-        jobs.finish(job_id, "succeeded", result=summary, finished_at=now_iso())
+            bundle.update({f"c{k}/{name}": arr for name, arr in read_npz(data).items()})
+        conn.set(key(job_id, "result"), npz(bundle), ex=KEEP_S)
+        # the summary is the API's, from the certificates it re-checks (persist_result)
+        pending = {
+            "kind": "certification",
+            "rechecked": False,
+            "wall_s": time.perf_counter() - start,
+        }
+        jobs.finish(job_id, "succeeded", result=pending, finished_at=now_iso())
         conn.delete(key(job_id, "inputs"), *[key(job_id, f"chunk:{k}") for k in range(total)])
         return {"status": "succeeded"}
     except Exception as exc:
@@ -257,9 +266,63 @@ def run_certification_job(job_id: str, conn: Any, rq_job_id: str) -> dict[str, A
         beater.join(timeout=5)
 
 
-def persist_result(redis: Any, storage: Any, rec: JobRecord) -> None:
-    """API side: the succeeded job's columns into ``data_dir/certifications/<batch>/``."""
-    data = redis.get(key(rec.id, "result"))
-    if data is None:
-        raise RuntimeError(f"the result of certification job {rec.id} is not in Redis")
-    write_result(batch_dir(storage.data_dir, options_of(rec.spec).batch_id), read_npz(data))
+def split_chunks(data: bytes | None, chunks: int) -> list[dict[str, np.ndarray] | None]:
+    """The per-chunk arrays of a worker's result bundle (``c<k>/<name>``); None for a chunk
+    that is missing, and for all of them when the bundle is not a readable npz."""
+    parts: list[dict[str, np.ndarray] | None] = [None] * chunks
+    try:
+        arrays = read_npz(data) if data is not None else {}
+    except Exception as exc:  # a worker's bytes: anything unreadable is no result
+        log.warning("unreadable certification result from a worker: %s", exc)
+        return parts
+    for name, arr in arrays.items():
+        head, _, rest = name.partition("/")
+        if head[:1] == "c" and head[1:].isdigit() and rest and int(head[1:]) < chunks:
+            k = int(head[1:])
+            parts[k] = parts[k] or {}
+            parts[k][rest] = arr  # type: ignore[index]
+    return parts
+
+
+def trusted_floor(storage: Any, model_id: str, opts: CertifyOptions) -> CertifyOptions:
+    """``opts`` with the floor bound L taken from the API's own storage (the bound that job
+    ``bound_job_id`` stored for this model), not from the spec in Redis; no floor when that
+    bound is gone (sound: radii only shrink)."""
+    if opts.lipschitz is None:
+        return opts
+    stored = None
+    finder = getattr(storage, "bound_for_job", None)
+    if opts.bound_job_id is not None and finder is not None:
+        stored = finder(model_id, opts.bound_job_id)
+    lip = None if stored is None else stored.usable_lipschitz
+    if lip != opts.lipschitz:
+        log.warning("certification floor L %s replaced by the stored %s", opts.lipschitz, lip)
+    return dataclasses.replace(opts, lipschitz=lip)
+
+
+def persist_result(redis: Any, storage: Any, rec: JobRecord) -> dict[str, Any]:
+    """API side: re-check the workers' certificates on the API's own network and inputs
+    (:mod:`service.jobs.certify_check`), write the rebuilt columns into
+    ``data_dir/certifications/<batch>/`` and return the job's summary (from those columns)."""
+    opts = trusted_floor(storage, rec.spec.model_id, options_of(rec.spec))
+    folder = batch_dir(storage.data_dir, opts.batch_id)
+    inputs = read_npz((folder / "inputs.npz").read_bytes())
+    net = storage.load_network(rec.spec.model_id)
+    t0 = time.perf_counter()
+    parts = split_chunks(redis.get(key(rec.id, "result")), len(opts.chunks()))
+    checked, refused = recheck_batch(net, inputs, opts, parts)
+    recheck_s = time.perf_counter() - t0
+    wall = (rec.result or {}).get("wall_s")
+    wall_s = float(wall) if isinstance(wall, int | float) and math.isfinite(wall) else 0.0
+    columns, doc = join_chunks(checked, opts, wall_s)
+    write_result(folder, columns)
+    return strict_json_object(
+        dict(
+            doc,
+            job_id=rec.id,
+            model_id=rec.spec.model_id,
+            rechecked=True,
+            refused_certificates=refused,
+            recheck_s=recheck_s,
+        )
+    )

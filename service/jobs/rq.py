@@ -28,6 +28,7 @@ RQ's ``send_stop_job_command``, which SIGKILLs the horse's whole process group.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -221,6 +222,11 @@ class RqRunner:
         if rec.terminal:
             self._persist(rec)
             rec = self.jobs.get(job_id) or rec
+        if rec.status == "succeeded" and (rec.result or {}).get("rechecked") is False:
+            # a certification job whose workers' certificates the API has not re-checked
+            # yet (another request is at it, or it failed and is retried on the next read)
+            progress = dict(rec.progress, phase="recheck")
+            return dataclasses.replace(rec, status="running", result=None, progress=progress)
         return rec
 
     def cancel(self, job_id: str, error: JobError = CANCELLED) -> JobRecord | None:
@@ -345,11 +351,21 @@ class RqRunner:
         if not self.redis.hsetnx(job_key(rec.id), "persisted", "1"):
             return True
         try:
-            certify_rq.persist_result(self.redis, self.storage, rec)
+            if self.storage.get_model(rec.spec.model_id) is None:
+                self.jobs.transition(
+                    rec.id,
+                    ("succeeded",),
+                    status="failed",
+                    error=MODEL_DELETED.to_json(),
+                    result="null",
+                )
+                return True
+            summary = certify_rq.persist_result(self.redis, self.storage, rec)
         except Exception:
             self.redis.hdel(job_key(rec.id), "persisted")
-            log.exception("copying the result of certification job %s failed", rec.id)
+            log.exception("re-checking the result of certification job %s failed", rec.id)
             return False
+        self.jobs.transition(rec.id, ("succeeded",), result=summary)
         return True
 
     def _reconcile(self, rec: JobRecord) -> None:
