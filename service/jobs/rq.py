@@ -105,6 +105,8 @@ class RqRunner:
         self._thread: threading.Thread | None = None
         self._down: str | None = None
         self._reachable_since = time.time()
+        self._rechecking: set[str] = set()
+        self._rechecking_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -313,6 +315,9 @@ class RqRunner:
         result = rec.result if rec.status == "succeeded" else None
         if rec.spec.kind == "certification":
             result = None  # per-input results, not a bound: copied, not rechecked or saved
+            if rec.status == "succeeded" and (rec.result or {}).get("rechecked") is False:
+                self._recheck_in_background(rec)
+                return
             if rec.status == "succeeded" and not self._copy_certification(rec):
                 return
         if result is not None and self.redis.hsetnx(job_key(rec.id), "persisted", "1"):
@@ -342,6 +347,24 @@ class RqRunner:
             else:
                 observe_solve_time(bound)
         self.redis.srem(ACTIVE_SET, rec.id)
+
+    def _recheck_in_background(self, rec: JobRecord) -> None:
+        """Re-check a certification job's certificates on a thread of its own (about one CROWN
+        pass per input: minutes for a large job), so that no request waits for it; readers
+        see the job running in phase ``recheck`` meanwhile."""
+        with self._rechecking_lock:
+            if rec.id in self._rechecking:
+                return
+            self._rechecking.add(rec.id)
+
+        def run() -> None:
+            try:
+                self._copy_certification(rec)
+            finally:
+                with self._rechecking_lock:
+                    self._rechecking.discard(rec.id)
+
+        threading.Thread(target=run, name=f"lipcert-recheck-{rec.id[:8]}", daemon=True).start()
 
     def _copy_certification(self, rec: JobRecord) -> bool:
         """Copy a succeeded certification job's columns into the data dir once; False when

@@ -135,7 +135,11 @@ def test_a_rogue_workers_chunk_is_not_trusted(client: TestClient, redis_url: str
     pending = {"kind": "certification", "rechecked": False, "wall_s": 1.0}
     assert jobs.finish(job_id, "succeeded", result=pending, finished_at=now_iso())
 
-    job = client.get(f"/v1/jobs/{job_id}").json()
+    first = client.get(f"/v1/jobs/{job_id}").json()  # the re-check runs on its own thread
+    assert first["status"] in ("running", "succeeded"), first
+    if first["status"] == "running":
+        assert first["progress"]["phase"] == "recheck", first
+    job = wait_for(job_getter(client, job_id), ended, timeout_s=120)
     assert job["status"] == "succeeded", job
     assert job["result"]["rechecked"] is True
     assert job["result"]["refused_certificates"] == 1, job["result"]
