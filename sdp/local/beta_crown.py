@@ -78,9 +78,9 @@ BUDGET_S = 1.0
 """Seconds per input (root included) for one certify-at-eps answer."""
 BATCH = 96
 """Open domains branched per round."""
-FSB_TOP = 6
+FSB_TOP = 3
 """Candidate neurons per domain scored by their children's bounds (FSB)."""
-ITERATIONS = 12
+ITERATIONS = 6
 """Adam steps on alpha and beta per round."""
 MAX_DOMAINS = 20000
 """Open domains plus leaves per row before giving up."""
