@@ -145,6 +145,8 @@ def chain_of(graph: Graph) -> Chain:
             pre.append(nd.parents[0])
             act.append(nd.index)
             slope.append(p)
+    if not any(p < 1.0 for p in slope):
+        raise NotApplicable("beta-crown needs a hidden ReLU-like layer to split")
     first = graph.nodes[1] if len(graph.nodes) > 1 else None
     gram = None
     if first is not None and first.kind == "affine" and isinstance(first.op, Dense):
@@ -318,7 +320,7 @@ def _relaxed_pre(ch: Chain, v: Array, pas: _Pass, top: int | None = None) -> lis
     g = ch.graph
     kmap = {a: k for k, a in enumerate(ch.act)}
     pre: list[Array] = [np.zeros(0)] * len(ch.act)
-    for nd in g.nodes[_base(ch) + 1 : g.output if top is None else top]:
+    for nd in g.nodes[_base(ch) + 1 : g.output + 1 if top is None else top]:
         if nd.kind == "affine":
             v = nd.linear(v) + nd.full_bias
         else:

@@ -322,6 +322,8 @@ def _search(
         lo = np.array([states[i].lo for i in live])
         if m.search is not None:  # the method's own search (every radius a full evaluation)
             left = max(0.0, deadline - time.perf_counter()) / live.size
+            if left <= 0.0:  # the earlier methods spent the budget
+                continue
             rad, low, pays = m.search(graph, x[live], pred[live], lo, left)
             for q, i in enumerate(live):
                 if rad[q] > states[i].lo:
