@@ -11,9 +11,10 @@ floor: it is always certified (open ball) and the search only looks above it.
 Radius search per input (vectorised over a batch; every probe is a full rigorous evaluation):
 a first guess is the linearisation distance min_j m_j / ||grad m_j(x0)||, then the probe is
 doubled / halved until bracketed [lo certified, hi not], then bisected until
-hi - lo <= rtol * lo or the time budget (``time_budget_s`` per input) is spent. Methods run
-cheapest first (crown, then alpha-crown, then registered ones), each starting from the radius
-the previous one certified. The reported radius is always a certified one (``lo``).
+hi - lo <= rtol * lo or the time budget (``time_budget_s`` per input) is spent. A method with
+its own search (beta-crown) runs first with the whole budget; the others then run cheapest
+first (crown, then alpha-crown, then registered ones), each starting from the radius already
+certified. The reported radius is always a certified one (``lo``).
 """
 
 from __future__ import annotations
@@ -309,6 +310,9 @@ def _search(
 ) -> None:
     t0 = time.perf_counter()
     deadline = t0 + budget * len(idx)
+    # a method with its own search (beta-crown: a CROWN bisection, then branch-and-bound
+    # probes) gets the budget first; the bisections of the others only ever raise its radii
+    chain = sorted(chain, key=lambda m: m.search is None)
     live = idx[margin[idx] > 0]
     if live.size == 0:
         return
