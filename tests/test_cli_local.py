@@ -54,13 +54,17 @@ def test_radius_search_json_tsv_plot(files: dict[str, Path]) -> None:
     out = json.loads(proc.stdout)
     assert out["mode"] == "local" and out["bound"]["method"] == "naive"
     assert len(out["results"]) == 5
+    labels = [0, 1, 2, 0, 1]
     for row in out["results"]:
         assert {"prediction", "margin", "radius", "radius_method", "global_radius"} <= set(row)
         assert row["radius"] >= row["global_radius"] > 0  # the naive bound is verified
         assert "certified" in row  # labels: correct and radius > 0
+        assert row["correct"] == (row["prediction"] == row["label"])
+    assert [r["label"] for r in out["results"]] == labels  # as global mode's rows
     tsv = (d / "r.tsv").read_text().splitlines()
     assert tsv[0].split("\t")[:5] == ["idx", "label", "predict", "radius", "radius_method"]
     assert len(tsv) == 6
+    assert [int(line.split("\t")[1]) for line in tsv[1:]] == labels
     assert (d / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
