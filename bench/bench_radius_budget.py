@@ -17,7 +17,6 @@ Example (what docs/benchmarks.md records)::
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from mnist_data import mnist_test
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT.parent / "shared" / "fixtures"
@@ -40,8 +40,7 @@ def child(args: argparse.Namespace) -> None:
     if args.cpu_clock:
         beta_crown.CLOCK = time.process_time
     net = load_model_file(NET_256X2)
-    with gzip.open(FIX / "mnist" / "t10k-images-idx3-ubyte.gz") as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16)[: args.n * 784].reshape(-1, 784) / 255.0
+    x = mnist_test(args.n)[0]
     certify_local(net, x[:1], epsilon=0.01, method="crown")  # imports, caches: untimed
     t, c = time.perf_counter(), time.process_time()
     res = certify_local(net, x, method=args.method, time_budget_s=args.budget, global_bound=312.416)
