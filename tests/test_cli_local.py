@@ -69,7 +69,7 @@ def test_radius_search_json_tsv_plot(files: dict[str, Path]) -> None:
 
 
 def test_certify_at_epsilon(files: dict[str, Path]) -> None:
-    proc = run(
+    args = (
         "certify",
         files["model"],
         "--inputs",
@@ -82,27 +82,14 @@ def test_certify_at_epsilon(files: dict[str, Path]) -> None:
         "crown",
         "--method",
         "none",
-        "--json",
     )
+    proc = run(*args, "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["lipschitz_bound"] is None and out["epsilon"] == 0.05
     assert all(isinstance(r["certified"], bool) for r in out["results"])
     assert all(r["epsilon"] == 0.05 for r in out["results"])
-    table = run(
-        "certify",
-        files["model"],
-        "--inputs",
-        files["x"],
-        "--mode",
-        "local",
-        "--epsilon",
-        "0.05",
-        "--local-method",
-        "crown",
-        "--method",
-        "none",
-    )
+    table = run(*args)
     assert table.returncode == 0 and "certified" in table.stdout
 
 
