@@ -776,7 +776,7 @@ def _search_radius(
     rigorous evaluation (its certificate); a refused probe (timeout or counterexample) is only
     an upper end of the bracket. Input i ends by start + (i + 1) ``budget`` (the CROWN start
     included): a CROWN step or probe is not begun when the last one's time says it would end
-    later, and a probe's branch and bound stops early by the last probe's overrun."""
+    later, and a probe's branch and bound stops early by the largest overrun seen."""
     t0 = _now()
     ch = chain_of(graph)
     b = x0.shape[0]
@@ -797,7 +797,7 @@ def _search_radius(
     radius = np.zeros(b)
     lower = np.full((b, graph.output_size), -np.inf)
     payloads: list[Payload] = [() for _ in range(b)]
-    root_s = over = 0.0  # the last probe's root pass and its overrun past its stop (leaves)
+    root_s = over = 0.0  # the last probe's root pass; the largest overrun of a stop (round, leaves)
     for i in range(b):
         deadline = t0 + budget * (i + 1)
         r_lo, r_hi = 0.0, np.inf
@@ -813,7 +813,7 @@ def _search_radius(
             pay, _ = _branch_input(
                 ch, st, low, alphas, hook, c, x0[i : i + 1], np.array([eps]), 0, stop
             )
-            over = max(0.0, _now() - stop)
+            over = max(over, _now() - stop)
             if np.all(low[0] > 0):
                 r_lo = eps
                 radius[i], lower[i], payloads[i] = eps, low[0], pay
