@@ -12,11 +12,11 @@ the re-check, the bundle size per input, and how many certificates were refused 
 from __future__ import annotations
 
 import argparse
-import gzip
 import time
 from pathlib import Path
 
 import numpy as np
+from mnist_data import mnist_test
 
 from sdp.bounds import naive_bound
 from sdp.importers.limits import Limits
@@ -37,8 +37,7 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=2.0)
     args = ap.parse_args()
     net = load_onnx(MODEL.read_bytes(), Limits())
-    with gzip.open(FIX / "mnist" / "t10k-images-idx3-ubyte.gz") as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16)[: args.n * 784].reshape(-1, 784) / 255.0
+    x = mnist_test(args.n)[0]
     opts = CertifyOptions.new(
         rows=args.n,
         chunk_rows=args.chunk,

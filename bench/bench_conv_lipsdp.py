@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from machine_info import git_commit, run_line
 
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures"
 OVAL = FIXTURES / "vnncomp2021" / "benchmarks" / "oval21" / "nets"
@@ -84,10 +85,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    print(f"commit {commit}, {platform.machine()}, load average {os.getloadavg()}")
+    commit = git_commit()
+    print(run_line(), flush=True)
     rows = []
     for name in args.nets:
         for method in args.methods:

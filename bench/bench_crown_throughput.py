@@ -21,7 +21,6 @@ Example (what docs/benchmarks.md records)::
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -30,19 +29,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from mnist_data import mnist_test
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT.parent / "shared" / "fixtures"
 NET_256X2 = FIX / "vnncomp2021" / "benchmarks" / "mnistfc" / "mnist-net_256x2.onnx"
 NET_SIG = FIX / "vnncomp2021" / "benchmarks" / "eran" / "nets" / "ffnnSIGMOID__Point_6x200.onnx"
-
-
-def mnist(count: int) -> tuple[np.ndarray, np.ndarray]:
-    with gzip.open(FIX / "mnist" / "t10k-images-idx3-ubyte.gz") as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784)[:count]
-    with gzip.open(FIX / "mnist" / "t10k-labels-idx1-ubyte.gz") as f:
-        y = np.frombuffer(f.read(), np.uint8, offset=8)[:count]
-    return x.astype(np.float64) / 255.0, y.astype(np.int64)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -52,7 +44,7 @@ def worker(args: argparse.Namespace) -> None:
 
     if args.worker == "throughput":
         net = load_model_file(NET_256X2)
-        x, y = mnist(args.n)
+        x, y = mnist_test(args.n)
         t0 = time.perf_counter()
         res = certify_local(net, x, labels=y, epsilon=args.eps, method="crown")
         dt = time.perf_counter() - t0
@@ -64,7 +56,7 @@ def worker(args: argparse.Namespace) -> None:
         }
     else:
         net = load_model_file(NET_SIG)
-        x, y = mnist(10 * args.sigmoid_n)
+        x, y = mnist_test(10 * args.sigmoid_n)
         ok = np.argmax(net.forward(x), axis=1) == y
         x, y = x[ok][: args.sigmoid_n], y[ok][: args.sigmoid_n]
         out = {}

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine_info import git_commit, run_line
 
 from sdp.bounds import compute_bound, empirical_lower_bound
 from sdp.certificate import verify_on
@@ -93,10 +92,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    print(f"commit {commit}, {platform.machine()}, load average {os.getloadavg()}")
+    commit = git_commit()
+    print(run_line(), flush=True)
     rows = []
     for shape in args.shapes:
         depth, width = (int(x) for x in shape.split("x"))

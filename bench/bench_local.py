@@ -25,7 +25,6 @@ numbers. Example::
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import re
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from mnist_data import mnist_test
 
 from models.io import convert_lbdn_jl
 from models.runtime import TorchNetwork
@@ -74,14 +74,6 @@ CASES = {
     "oval-wide": Case("oval21 cifar_wide_kw", "oval21/nets/cifar_wide_kw.onnx", "cifar", None),
     "lbdn": Case("LBDN 784-64-64-10 (gamma 5)", "lbdn", "mnist", (0.0, 1.0)),
 }
-
-
-def mnist(count: int) -> tuple[np.ndarray, np.ndarray]:
-    with gzip.open(FIX / "mnist" / "t10k-images-idx3-ubyte.gz") as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784)[:count]
-    with gzip.open(FIX / "mnist" / "t10k-labels-idx1-ubyte.gz") as f:
-        y = np.frombuffer(f.read(), np.uint8, offset=8)[:count]
-    return x.astype(np.float64) / 255.0, y.astype(np.int64)
 
 
 def cifar_from_vnnlib(net_file: str) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +140,7 @@ def pgd_broken(
 def run_case(key: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     case = CASES[key]
     net = load_case(case, tmp)
-    x, y = mnist(2000) if case.data == "mnist" else cifar_from_vnnlib(case.path)
+    x, y = mnist_test(2000) if case.data == "mnist" else cifar_from_vnnlib(case.path)
     xi = net.ir_inputs(x)
     pred = np.argmax(net.forward(xi), axis=1)
     keep = np.flatnonzero(pred == y)[: args.n]

@@ -11,7 +11,6 @@ certifies the first ``--n`` MNIST test images on mnistfc-256x2 (largest-radius s
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import shutil
 import signal
@@ -22,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from fastapi.testclient import TestClient
+from mnist_data import mnist_test
 from redis import Redis
 from rq import Worker
 
@@ -96,8 +95,7 @@ def main() -> None:
     ap.add_argument("--method", default="crown")
     ap.add_argument("--time-budget", type=float, default=2.0)
     args = ap.parse_args()
-    with gzip.open(FIX / "mnist" / "t10k-images-idx3-ubyte.gz") as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16)[: args.n * 784].reshape(-1, 784) / 255.0
+    x = mnist_test(args.n)[0]
     times: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         redis, url = start_redis(Path(tmp))

@@ -20,10 +20,11 @@ import json
 import multiprocessing as mp
 import os
 import resource
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from machine_info import run_line
 
 from sdp.bounds import compute_bound, empirical_lower_bound
 from sdp.bounds.residual import verify_dag_on
@@ -71,17 +72,7 @@ def main() -> None:
     ap.add_argument("--reverify", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    print(
-        f"commit {commit}, load {os.getloadavg()}, threads",
-        {
-            v: os.environ.get(v)
-            for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-        },
-        flush=True,
-    )
+    print(run_line(), flush=True)
     ctx = mp.get_context("spawn")
     rows = []
     for name in args.nets:

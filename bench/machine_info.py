@@ -57,6 +57,14 @@ def version(name: str) -> str:
         return "not installed"
 
 
+def run_line() -> str:
+    """One line for a benchmark's output: commit, machine, load average and thread settings
+    (the :func:`main` header is for docs/benchmarks.md; this goes above each run's numbers)."""
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    threads = ", ".join(f"{v}={os.environ.get(v, 'unset')}" for v in THREAD_VARS)
+    return f"commit {git_commit()}, {platform.machine()}, load average {load}, {threads}"
+
+
 def main() -> None:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = [

@@ -167,12 +167,13 @@ def check_labels(labels: Any, batch: int, classes: int) -> np.ndarray | None:
     return y.astype(np.int64)
 
 
-def local_columns(result: LocalResult) -> dict[str, np.ndarray]:
-    """Per-input columns of one local certification.
+def local_columns(result: LocalResult, labels: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Per-input columns of one local certification of inputs with ``labels`` (or None).
 
     prediction, margin, radius, radius_method, global_radius; with an epsilon: epsilon (per
-    input) and certified (certified at eps and, with labels, correct); with labels: correct,
-    and certified (correct and certified at eps; in a radius search: correct and radius > 0).
+    input) and certified (certified at eps and, with labels, correct); with labels: label
+    (int64, as in global mode, :func:`service.certification.certify_columns`), correct, and
+    certified (correct and certified at eps; in a radius search: correct and radius > 0).
     """
     columns: dict[str, np.ndarray] = {
         "prediction": np.asarray(result.prediction, dtype=np.int64),
@@ -185,6 +186,8 @@ def local_columns(result: LocalResult) -> dict[str, np.ndarray]:
     if result.epsilon is not None and result.certified is not None:
         columns["epsilon"] = np.asarray(result.epsilon, dtype=np.float64)
         robust = np.asarray(result.certified, dtype=bool)
+    if labels is not None:
+        columns["label"] = np.asarray(labels, dtype=np.int64).reshape(-1)
     if result.correct is not None:
         columns["correct"] = np.asarray(result.correct, dtype=bool)
         robust = robust & columns["correct"]
@@ -237,7 +240,7 @@ def certify_rows(
     the radius floor."""
     lip = verified_global_bound(bound)
     start = time.perf_counter()
-    columns = local_columns(run_local(net, x_file, labels, options, lip, optimizer))
+    columns = local_columns(run_local(net, x_file, labels, options, lip, optimizer), labels)
     summary = local_summary(
         columns,
         method=options.method,

@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Local runner: processes that certify the chunks of one certification job.",
     )
+    recheck_workers: int = Field(
+        default=2,
+        ge=1,
+        description="RQ runner: threads (shared by all jobs) that re-check the certificates of "
+        "finished certification jobs.",
+    )
     torch_threads: int = Field(default=1, ge=1, description="torch.set_num_threads for inference.")
     cpu_dtype: Literal["float32", "float64"] = Field(
         default="float64", description="Inference dtype on CPU (CUDA always uses float64)."

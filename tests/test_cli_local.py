@@ -54,18 +54,22 @@ def test_radius_search_json_tsv_plot(files: dict[str, Path]) -> None:
     out = json.loads(proc.stdout)
     assert out["mode"] == "local" and out["bound"]["method"] == "naive"
     assert len(out["results"]) == 5
+    labels = [0, 1, 2, 0, 1]
     for row in out["results"]:
         assert {"prediction", "margin", "radius", "radius_method", "global_radius"} <= set(row)
         assert row["radius"] >= row["global_radius"] > 0  # the naive bound is verified
         assert "certified" in row  # labels: correct and radius > 0
+        assert row["correct"] == (row["prediction"] == row["label"])
+    assert [r["label"] for r in out["results"]] == labels  # as global mode's rows
     tsv = (d / "r.tsv").read_text().splitlines()
     assert tsv[0].split("\t")[:5] == ["idx", "label", "predict", "radius", "radius_method"]
     assert len(tsv) == 6
+    assert [int(line.split("\t")[1]) for line in tsv[1:]] == labels
     assert (d / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_certify_at_epsilon(files: dict[str, Path]) -> None:
-    proc = run(
+    args = (
         "certify",
         files["model"],
         "--inputs",
@@ -78,27 +82,14 @@ def test_certify_at_epsilon(files: dict[str, Path]) -> None:
         "crown",
         "--method",
         "none",
-        "--json",
     )
+    proc = run(*args, "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["lipschitz_bound"] is None and out["epsilon"] == 0.05
     assert all(isinstance(r["certified"], bool) for r in out["results"])
     assert all(r["epsilon"] == 0.05 for r in out["results"])
-    table = run(
-        "certify",
-        files["model"],
-        "--inputs",
-        files["x"],
-        "--mode",
-        "local",
-        "--epsilon",
-        "0.05",
-        "--local-method",
-        "crown",
-        "--method",
-        "none",
-    )
+    table = run(*args)
     assert table.returncode == 0 and "certified" in table.stdout
 
 

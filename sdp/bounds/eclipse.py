@@ -59,6 +59,7 @@ import time
 import numpy as np
 from scipy import linalg
 
+from sdp.bounds.golden import golden_section
 from sdp.bounds.lipsdp import UNROLL_CAP, unrolled_size
 from sdp.bounds.result import BoundResult
 from sdp.certificate import Certificate, Lmi, certify_rho, verify_certificate
@@ -236,18 +237,7 @@ def _best_scaling(
     if not math.isfinite(values[i]):
         return None
     lo, hi = logs[max(i - 1, 0)], logs[min(i + 1, len(logs) - 1)]
-    g = (math.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = evaluate(a), evaluate(b)
-    for _ in range(GOLDEN_STEPS):
-        if fa <= fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = evaluate(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = evaluate(b)
+    golden_section(evaluate, lo, hi, GOLDEN_STEPS)  # evaluate keeps the best certified one
     return best
 
 

@@ -77,6 +77,7 @@ import numpy as np
 from scipy import linalg, sparse
 from scipy.sparse import linalg as sparse_linalg
 
+from sdp.bounds.golden import golden_section
 from sdp.bounds.result import BoundResult
 from sdp.certificate import REL_MARGIN, Certificate, output_map_fits
 from sdp.errors import CertificateError, LipcertError, NotApplicable
@@ -627,23 +628,8 @@ def _scale_search(lmi: DagLmi, t_prime: Sequence[Array], k_star: float) -> float
     vals = [rho(x) for x in logs]
     i = int(np.argmin(vals))
     lo, hi = logs[max(i - 1, 0)], logs[min(i + 1, len(logs) - 1)]
-    g = (math.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = rho(a), rho(b)
-    best_x, best_v = logs[i], vals[i]
-    for _ in range(GOLDEN_STEPS):
-        if fa <= fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = rho(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = rho(b)
-        for x, fx in ((a, fa), (b, fb)):
-            if fx < best_v:
-                best_x, best_v = x, fx
-    return math.exp(best_x)
+    x, fx = golden_section(rho, lo, hi, GOLDEN_STEPS)
+    return math.exp(x if fx < vals[i] else logs[i])
 
 
 def _block_descent(

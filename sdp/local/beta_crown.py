@@ -774,7 +774,9 @@ def _search_radius(
     ``RADIUS_STEP`` while certified, bisection once refused, each probe with at least 1 s or
     40% of what is left of the input's ``budget`` seconds. Every reported radius is a full
     rigorous evaluation (its certificate); a refused probe (timeout or counterexample) is only
-    an upper end of the bracket."""
+    an upper end of the bracket. Input i ends by start + (i + 1) ``budget`` (the CROWN start
+    included): a CROWN step or probe is not begun when the last one's time says it would end
+    later, and a probe's branch and bound stops early by the largest overrun seen."""
     t0 = _now()
     ch = chain_of(graph)
     b = x0.shape[0]
@@ -782,27 +784,36 @@ def _search_radius(
     c_lo = np.zeros(b)
     c_hi = np.full(b, np.inf)
     probe = np.where(lo > 0, 2.0 * lo, 0.1)
+    step = 0.0  # seconds of the last CROWN step
     for _ in range(CROWN_PROBES):
+        if _now() + step > t0 + budget * b:
+            break
+        t = _now()
         ok = np.all(crown.compute(graph, x0, probe, pred).lower > 0, axis=1)
+        step = _now() - t
         c_lo = np.where(ok, probe, c_lo)
         c_hi = np.where(ok, c_hi, probe)
         probe = np.where(np.isinf(c_hi), 2.0 * probe, 0.5 * (c_lo + c_hi))
     radius = np.zeros(b)
     lower = np.full((b, graph.output_size), -np.inf)
     payloads: list[Payload] = [() for _ in range(b)]
+    root_s = over = 0.0  # the last probe's root pass; the largest overrun of a stop (round, leaves)
     for i in range(b):
         deadline = t0 + budget * (i + 1)
         r_lo, r_hi = 0.0, np.inf
         eps = max(float(c_lo[i]), float(lo[i]))
         if eps <= 0:
             eps = 0.5 * float(c_hi[i]) if np.isfinite(c_hi[i]) else 1e-3
-        while deadline - _now() > 0.1 * budget:
+        while deadline - _now() > max(0.1 * budget, root_s + over):
             left = deadline - _now()
+            t = _now()
             st, low, alphas, hook, c = _root(graph, x0[i : i + 1], np.array([eps]), pred[i : i + 1])
-            stop = min(deadline, _now() + max(1.0, 0.4 * left))
+            root_s = _now() - t
+            stop = min(deadline - over, _now() + max(1.0, 0.4 * left))
             pay, _ = _branch_input(
                 ch, st, low, alphas, hook, c, x0[i : i + 1], np.array([eps]), 0, stop
             )
+            over = max(over, _now() - stop)
             if np.all(low[0] > 0):
                 r_lo = eps
                 radius[i], lower[i], payloads[i] = eps, low[0], pay

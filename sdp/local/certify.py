@@ -11,7 +11,8 @@ floor: it is always certified (open ball) and the search only looks above it.
 Radius search per input (vectorised over a batch; every probe is a full rigorous evaluation):
 a first guess is the linearisation distance min_j m_j / ||grad m_j(x0)||, then the probe is
 doubled / halved until bracketed [lo certified, hi not], then bisected until
-hi - lo <= rtol * lo or the time budget (``time_budget_s`` per input) is spent. A method with
+hi - lo <= rtol * lo or the time budget (``time_budget_s`` per input, start-up included) is
+spent; a probe that the last probe's time says would end past it is not begun. A method with
 its own search (beta-crown) runs first with the whole budget; the others then run cheapest
 first (crown, then alpha-crown, then registered ones), each starting from the radius already
 certified. The reported radius is always a certified one (``lo``).
@@ -201,7 +202,12 @@ def certify_local(
     Raises:
         ValueError: NaN/inf inputs, wrong shapes, epsilon < 0 or not finite, bad labels.
         UnsupportedMethod: an unknown or unavailable method.
+
+    Budget: a radius search returns within about ``time_budget_s`` seconds per input (wall
+    clock), start-up included: the batches of the first k inputs end by start + k *
+    time_budget_s, and no probe starts that the last one's time says would end later.
     """
+    start = time.perf_counter()
     x = _check_inputs(net, inputs)
     b = x.shape[0]
     chain = _methods(method)
@@ -235,7 +241,8 @@ def certify_local(
     for s in range(0, b, batch_size):
         idx = np.arange(s, min(b, s + batch_size))
         if eps_arr is None:
-            _search(net, graph, x, pred, margin, idx, chain, states, time_budget_s, optimizer)
+            deadline = start + time_budget_s * (s + idx.size)  # earlier batches' savings carry
+            _search(net, graph, x, pred, margin, idx, chain, states, deadline, optimizer)
         else:
             assert certified is not None
             _at_eps(net, graph, x, pred, margin, idx, chain, states, eps_arr, certified, optimizer)
@@ -305,18 +312,21 @@ def _search(
     idx: np.ndarray,
     chain: list[MarginMethod],
     states: list[_State],
-    budget: float,
+    deadline: float,
     optimizer: SlopeOptimizer | None,
 ) -> None:
-    t0 = time.perf_counter()
-    deadline = t0 + budget * len(idx)
+    """Raise ``states[idx]`` to the largest radii certified by ``chain`` before ``deadline``
+    (a ``time.perf_counter`` time): a probe starts only while the last probe's time still
+    fits (before the first: the margin-gradient pass's, one backward pass, less than a probe)."""
     # a method with its own search (beta-crown: a CROWN bisection, then branch-and-bound
     # probes) gets the budget first; the bisections of the others only ever raise its radii
     chain = sorted(chain, key=lambda m: m.search is None)
     live = idx[margin[idx] > 0]
     if live.size == 0:
         return
+    t = time.perf_counter()
     gn = _margin_gradients(graph, x[live], pred[live])
+    last = time.perf_counter() - t  # seconds of the last probe (so far: the gradient pass)
     raw = margin[live][:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         d = np.where(gn > 0, raw / gn, np.inf)
@@ -342,10 +352,12 @@ def _search(
         probe = np.where(probe > 0, probe, 1e-3)
         for _ in range(_MAX_PROBES):
             act = np.flatnonzero(hi - lo > _RTOL * np.maximum(lo, 1e-12))
-            if act.size == 0 or time.perf_counter() > deadline:
+            t = time.perf_counter()
+            if act.size == 0 or t + last > deadline:
                 break
             ids = live[act]
             ok, lower, payloads = _evaluate(m, graph, x[ids], probe[act], pred[ids], net, optimizer)
+            last = time.perf_counter() - t
             fmin = np.min(np.where(np.isnan(lower), -np.inf, lower), axis=1)
             for j, a in enumerate(act):
                 i = live[a]
@@ -358,7 +370,7 @@ def _search(
                 probe[a] = _next_probe(lo[a], f_lo[a], hi[a], f_hi[a], p0[a], f0[a])
                 if hi[a] < 1e-9:
                     hi[a] = lo[a]  # nothing certifiable above 1e-9: stop
-        if time.perf_counter() > deadline:
+        if time.perf_counter() + last > deadline:
             break
 
 

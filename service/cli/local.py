@@ -2,7 +2,8 @@
 
 Prints, per input, ``prediction``, ``margin``, ``radius`` (the largest certified l2 radius
 found, never below the global radius margin / (sqrt(2) L)), ``radius_method`` and
-``global_radius``; with ``--epsilon`` it certifies at that eps and adds ``certified``.
+``global_radius``; with ``--epsilon`` it certifies at that eps and adds ``certified``; with
+``--labels`` it adds ``label`` and ``correct`` (as global mode does).
 """
 
 from __future__ import annotations

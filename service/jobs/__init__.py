@@ -28,6 +28,7 @@ def create_runner(settings: Any, storage: Any) -> JobRunner:
             settings.queue_url,
             default_timeout_s=timeout,
             heartbeat_timeout_s=float(getattr(settings, "worker_heartbeat_timeout_s", 30.0)),
+            recheck_workers=int(getattr(settings, "recheck_workers", 2)),
         )
     from service.jobs.local import LocalRunner
 

@@ -145,7 +145,7 @@ def certify_chunk(
     lip = verified_global_bound(opts.bound())
     t0 = time.perf_counter()
     res = run_local(net, inputs["x"][start:stop], labels, options, lip, optimizer)
-    cols = {**local_columns(res), "seconds": np.array(time.perf_counter() - t0)}
+    cols = {**local_columns(res, labels), "seconds": np.array(time.perf_counter() - t0)}
     if certificates:
         cols.update(certificate_arrays(res.certificates))
     return cols

@@ -179,7 +179,7 @@ def recheck_chunk(
         correct=None if labels is None else (pred == labels),
         certificates=(),
     )
-    return ChunkCheck(local_columns(result), refused)
+    return ChunkCheck(local_columns(result, labels), refused)
 
 
 def recheck_batch(

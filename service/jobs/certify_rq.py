@@ -205,20 +205,7 @@ def _progress(opts: CertifyOptions, done: int, start: float) -> dict[str, Any]:
 def run_certification_job(job_id: str, conn: Any, rq_job_id: str) -> dict[str, Any]:
     """The job's own horse: certify, wait for the helpers' chunks, join, finish."""
     jobs = RedisJobs(conn)
-    worker = {
-        "runner": "rq",
-        "host": socket.gethostname(),
-        "worker": os.environ.get("RQ_WORKER_ID", ""),
-        "horse_pid": os.getpid(),
-    }
-    if not jobs.transition(
-        job_id,
-        ("queued",),
-        status="running",
-        started_at=now_iso(),
-        worker=worker,
-        heartbeat=repr(time.time()),
-    ):
+    if not jobs.start(job_id):
         return {"status": jobs.status(job_id) or "missing"}
     stop = threading.Event()
 

@@ -16,12 +16,14 @@ worker's "succeeded" cannot overwrite the API's "cancelled" and vice versa.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from service.documents import JobError
-from service.jobs.base import JobRecord, JobSpec
+from service.jobs.base import JobRecord, JobSpec, now_iso
 
 PREFIX = "lipcert:"
 QUEUE_NAME = "lipcert-bounds"
@@ -93,6 +95,26 @@ class RedisJobs:
         for name, value in fields.items():
             args += [name, value if isinstance(value, str) else json.dumps(value)]
         return bool(self._transition(keys=[job_key(job_id)], args=args))
+
+    def start(self, job_id: str, **worker: Any) -> bool:
+        """queued -> running in this RQ work-horse: ``worker`` records the runner, host, RQ
+        worker id and horse pid (plus the given fields), with started_at and a first
+        heartbeat; True when applied (False: cancelled or taken meanwhile)."""
+        who = {
+            "runner": "rq",
+            "host": socket.gethostname(),
+            "worker": os.environ.get("RQ_WORKER_ID", ""),
+            "horse_pid": os.getpid(),
+            **worker,
+        }
+        return self.transition(
+            job_id,
+            ("queued",),
+            status="running",
+            started_at=now_iso(),
+            worker=who,
+            heartbeat=repr(time.time()),
+        )
 
     def finish(
         self,

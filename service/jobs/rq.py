@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from redis import Redis
@@ -90,6 +91,7 @@ class RqRunner:
         default_timeout_s: float | None = None,
         heartbeat_timeout_s: float = 30.0,
         reconcile_s: float = 1.0,
+        recheck_workers: int = 2,
     ) -> None:
         self.storage = storage
         # bounded waits: a request never hangs on a dead Redis, it answers 503
@@ -107,6 +109,8 @@ class RqRunner:
         self._reachable_since = time.time()
         self._rechecking: set[str] = set()
         self._rechecking_lock = threading.Lock()
+        self.recheck_workers = max(1, int(recheck_workers))
+        self._recheck_pool: ThreadPoolExecutor | None = None  # made on first use
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -122,6 +126,10 @@ class RqRunner:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        with self._rechecking_lock:
+            pool, self._recheck_pool = self._recheck_pool, None
+        if pool is not None:  # queued re-checks are dropped (not begun: the next read retries)
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.reconcile_s):
@@ -349,22 +357,25 @@ class RqRunner:
         self.redis.srem(ACTIVE_SET, rec.id)
 
     def _recheck_in_background(self, rec: JobRecord) -> None:
-        """Re-check a certification job's certificates on a thread of its own (about one CROWN
-        pass per input: minutes for a large job), so that no request waits for it; readers
-        see the job running in phase ``recheck`` meanwhile."""
+        """Re-check a certification job's certificates on the runner's re-check pool
+        (``recheck_workers`` threads shared by all jobs; about one CROWN pass per input:
+        minutes for a large job), so that no request waits for it; readers see the job
+        running in phase ``recheck`` meanwhile, queued or at work."""
         with self._rechecking_lock:
             if rec.id in self._rechecking:
                 return
+            if self._recheck_pool is None:
+                self._recheck_pool = ThreadPoolExecutor(
+                    self.recheck_workers, thread_name_prefix="lipcert-recheck"
+                )
             self._rechecking.add(rec.id)
+            future = self._recheck_pool.submit(self._copy_certification, rec)
 
-        def run() -> None:
-            try:
-                self._copy_certification(rec)
-            finally:
-                with self._rechecking_lock:
-                    self._rechecking.discard(rec.id)
+        def done(_: Future[bool]) -> None:  # also when cancelled by stop(): a read retries it
+            with self._rechecking_lock:
+                self._rechecking.discard(rec.id)
 
-        threading.Thread(target=run, name=f"lipcert-recheck-{rec.id[:8]}", daemon=True).start()
+        future.add_done_callback(done)
 
     def _copy_certification(self, rec: JobRecord) -> bool:
         """Copy a succeeded certification job's columns into the data dir once; False when

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 from typing import Any
 
@@ -110,22 +109,7 @@ def run_bound_job(job_id: str) -> dict[str, Any]:
     parent = os.getppid()
     device = os.environ.get("LIPCERT_DEVICE", "auto")
     proc = SolveProcess(("bytes", sha, data), spec, threads=solver_threads(), device=device)
-    worker = {
-        "runner": "rq",
-        "host": socket.gethostname(),
-        "worker": os.environ.get("RQ_WORKER_ID", ""),
-        "horse_pid": os.getpid(),
-        "pid": proc.pid,
-    }
-    started = jobs.transition(
-        job_id,
-        ("queued",),
-        status="running",
-        started_at=now_iso(),
-        worker=worker,
-        heartbeat=repr(time.time()),
-    )
-    if not started:
+    if not jobs.start(job_id, pid=proc.pid):
         proc.kill()
         return {"status": jobs.raw(job_id).get("status", "missing")}
 

@@ -135,7 +135,7 @@ def test_a_rogue_workers_chunk_is_not_trusted(client: TestClient, redis_url: str
     pending = {"kind": "certification", "rechecked": False, "wall_s": 1.0}
     assert jobs.finish(job_id, "succeeded", result=pending, finished_at=now_iso())
 
-    first = client.get(f"/v1/jobs/{job_id}").json()  # the re-check runs on its own thread
+    first = client.get(f"/v1/jobs/{job_id}").json()  # the re-check runs on the re-check pool
     assert first["status"] in ("running", "succeeded"), first
     if first["status"] == "running":
         assert first["progress"]["phase"] == "recheck", first

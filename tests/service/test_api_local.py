@@ -77,6 +77,7 @@ def test_local_at_epsilon_matches_the_library(client: TestClient, local_model: A
     assert [g["certified"] for g in got] == ref.columns["certified"].tolist()
     assert [g["radius"] for g in got] == ref.columns["radius"].tolist()
     assert [g["correct"] for g in got] == (ref.columns["prediction"] == y).tolist()
+    assert [g["label"] for g in got] == y.tolist()  # as global mode's rows
     assert not got[0]["certified"] and not got[1]["certified"]  # misclassified: never counted
     assert body["accuracy"] == pytest.approx(4 / 6)
     assert body["certified_accuracy"] == pytest.approx(sum(g["certified"] for g in got) / 6)
@@ -124,6 +125,7 @@ def test_one_epsilon_per_input_and_npz_both_ways(client: TestClient, local_model
     with np.load(io.BytesIO(r.content), allow_pickle=False) as z:
         assert z["radius"].shape == (len(x),) and z["radius_method"].dtype.kind == "U"
         assert (z["radius"] >= z["global_radius"]).all()
+        assert z["label"].dtype == np.int64 and z["label"].tolist() == y.tolist()
     r = client.post(
         f"/v1/models/{mid}/certify",
         json={"inputs": x.tolist(), "mode": "local", "epsilon": eps.tolist(), "method": "crown"},
@@ -133,6 +135,7 @@ def test_one_epsilon_per_input_and_npz_both_ways(client: TestClient, local_model
     assert [g["certified"] for g in r.json()["results"]] == ref.columns["certified"].tolist()
     assert [g["epsilon"] for g in r.json()["results"]] == eps.tolist()
     assert r.json()["epsilon"] is None  # not one common eps
+    assert all("label" not in g for g in r.json()["results"])  # no labels, no label column
 
 
 def test_npy_body_local(client: TestClient, local_model: Any) -> None:

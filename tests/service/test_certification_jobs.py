@@ -85,6 +85,7 @@ def test_job_in_chunks_on_a_process_pool_equals_the_library(pooled: TestClient) 
     rows = pooled.get(f"/v1/jobs/{job['id']}/result").json()
     assert [r["certified"] for r in rows["results"]] == ref.columns["certified"].tolist()
     assert [r["radius"] for r in rows["results"]] == ref.columns["radius"].tolist()
+    assert [r["label"] for r in rows["results"]] == y.tolist()
     assert rows["certified_accuracy"] == ref.columns["certified"].mean()
     assert rows["accuracy"] == ref.columns["correct"].mean() == res["accuracy"]
     assert rows["lipschitz_bound"] == pytest.approx(lip)
@@ -94,6 +95,7 @@ def test_job_in_chunks_on_a_process_pool_equals_the_library(pooled: TestClient) 
     with np.load(io.BytesIO(z.content), allow_pickle=False) as arrays:
         np.testing.assert_array_equal(arrays["prediction"], ref.columns["prediction"])
         np.testing.assert_array_equal(arrays["margin"], ref.columns["margin"])
+        np.testing.assert_array_equal(arrays["label"], y)
         assert float(arrays["certified_accuracy"]) == rows["certified_accuracy"]
 
 

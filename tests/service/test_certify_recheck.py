@@ -45,7 +45,16 @@ def _worker_parts(
     return [certify_chunk(net, inputs, opts, a, b, certificates=True) for a, b in opts.chunks()]
 
 
-COLUMNS = ("prediction", "margin", "radius", "radius_method", "global_radius", "certified")
+COLUMNS = (
+    "prediction",
+    "margin",
+    "radius",
+    "radius_method",
+    "global_radius",
+    "label",
+    "correct",
+    "certified",
+)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -299,3 +299,74 @@ def test_rq_cancel_model_cancels_only_that_models_unfinished_jobs(tmp_path: Path
         assert got.error is not None and got.error.code == "model-deleted"
         other = runner.jobs.get("b")
         assert other is not None and other.status == "queued"
+
+
+@pytest.mark.redis
+def test_rq_rechecks_share_a_bounded_pool(tmp_path: Path) -> None:
+    """Finished certification jobs are re-checked on ``recheck_workers`` shared threads, one
+    re-check per job however often it is read, the others wait in phase ``recheck``; stop()
+    drops the queued ones (a later read starts them again). The re-check itself is replaced
+    by one that waits for the test (the real one, minutes on a large job, is tested in
+    tests/e2e/test_local_rq.py): what is checked here is only how many run at once."""
+    from service.jobs.rq import RqRunner
+
+    gate = threading.Event()
+    lock = threading.Lock()
+    running: list[str] = []
+    peak = [0]
+    ran: list[str] = []
+
+    class HeldRecheck(RqRunner):
+        def _copy_certification(self, rec: JobRecord) -> bool:
+            with lock:
+                running.append(rec.id)
+                peak[0] = max(peak[0], len(running))
+            gate.wait(30)
+            with lock:
+                running.remove(rec.id)
+                ran.append(rec.id)
+            return True
+
+    def _until(cond: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not cond():
+            assert time.monotonic() < deadline, (running, ran)
+            time.sleep(0.02)
+
+    def finished_jobs(runner: RqRunner, ids: list[str]) -> None:
+        for job_id in ids:
+            spec = JobSpec("m", "crown", kind="certification", certify={})
+            runner.jobs.create(JobRecord(id=job_id, spec=spec), model_sha256="0" * 64, timeout_s=5)
+            pending = {"kind": "certification", "rechecked": False}
+            assert runner.jobs.finish(job_id, "succeeded", result=pending, finished_at="t")
+
+    with redis_server(tmp_path) as url:
+        runner = HeldRecheck(Storage(tmp_path / "data"), url, recheck_workers=2)
+        ids = [f"c{i}" for i in range(5)]
+        finished_jobs(runner, ids)
+        for _ in range(2):
+            for job_id in ids:
+                got = runner.get(job_id)
+                assert got is not None and got.status == "running", got
+                assert got.progress["phase"] == "recheck" and got.result is None
+        _until(lambda: len(running) == 2)
+        time.sleep(0.2)  # a third thread would start now
+        assert peak[0] == 2 and ran == []
+        gate.set()
+        _until(lambda: len(ran) == 5)
+        assert sorted(ran) == ids and peak[0] == 2  # each job once, never more than two
+        _until(lambda: not runner._rechecking)
+
+        gate.clear()
+        ran.clear()
+        more = [f"d{i}" for i in range(4)]
+        finished_jobs(runner, more)
+        for job_id in more:
+            runner.get(job_id)
+        _until(lambda: len(running) == 2)
+        runner.stop()  # the two queued ones are dropped, the two at work finish
+        gate.set()
+        _until(lambda: len(ran) == 2)
+        _until(lambda: not runner._rechecking)
+        time.sleep(0.2)
+        assert len(ran) == 2 and not running
