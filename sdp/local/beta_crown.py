@@ -71,19 +71,32 @@ from sdp.local.margins import (
     objective_rows,
     register_method,
 )
-from sdp.local.propagate import BallBounds, backward, compute_bounds, node_objective, single
+from sdp.local.propagate import (
+    BallBounds,
+    _affine_ibp,
+    backward,
+    compute_bounds,
+    crown_node_bounds,
+    node_objective,
+    single,
+)
 from sdp.local.relax import relax
 
 BUDGET_S = 1.0
 """Seconds per input (root included) for one certify-at-eps answer."""
 BATCH = 96
 """Open domains branched per round."""
+BATCH_DEEP = 16
+"""Open domains branched per round with intermediate bounds recomputed (3+ hidden layers):
+each child costs about one CROWN pass, so fewer per round keeps best-first order."""
 FSB_TOP = 3
 """Candidate neurons per domain scored by their children's bounds (FSB)."""
 ITERATIONS = 6
 """Adam steps on alpha and beta per round."""
 MAX_DOMAINS = 20000
 """Open domains plus leaves per row before giving up."""
+REFRESH = True
+"""Recompute the intermediate bounds on each sub-domain (:func:`leaf_intervals`)."""
 THRESHOLD = 1e-7
 """A float bound above this makes a leaf (the rigorous bound is recomputed anyway)."""
 CROWN_PROBES = 10
@@ -463,23 +476,52 @@ def branch(ch: Chain, x0: Array, eps: float, d: Domains) -> Domains | None:
     return _children(two, kk, ii, np.tile(np.array([1, -1], dtype=np.int8), n))
 
 
+def refresh(ch: Chain, st1: BallBounds, d: Domains) -> tuple[Domains, np.ndarray]:
+    """The domains with their pre-activation intervals recomputed on each sub-domain by
+    :func:`leaf_intervals` (rigorous, so the float search branches on what the leaf check
+    will see), and which of them are empty."""
+    st, empty = leaf_intervals(ch, st1, d.sgn)
+    lo = [np.array(st.lo[p]) for p in ch.pre]
+    hi = [np.array(st.hi[p]) for p in ch.pre]
+    return Domains(lo, hi, d.alpha, d.beta, d.sgn, d.bound, d.c, d.row), empty
+
+
 def search(
-    ch: Chain, x0: Array, eps: float, root: Domains, deadline: float
+    ch: Chain,
+    x0: Array,
+    eps: float,
+    root: Domains,
+    deadline: float,
+    st1: BallBounds | None = None,
 ) -> tuple[Domains | None, str]:
     """Float branch and bound of the root domains (one per margin row, all rows in one batch):
     the leaves (all float-positive) and "ok", or None and why ("timeout", "counterexample":
-    the margin is negative at a point of the ball, "no-split")."""
+    the margin is negative at a point of the ball, "no-split"). With the root bounds ``st1``
+    (one input) each child's intermediate intervals are recomputed (:func:`refresh`); an
+    empty child is a leaf (bound +inf)."""
     open_ = root
     leaves: list[Domains] = []
     n_leaves = 0
+    batch = BATCH if st1 is None or len(ch.pre) <= 2 else BATCH_DEEP
     while open_.size:
         if _now() > deadline or open_.size + n_leaves > MAX_DOMAINS:
             return None, "timeout"
         order = np.argsort(open_.bound)
-        now, rest = open_.take(order[:BATCH]), open_.take(order[BATCH:])
+        now, rest = open_.take(order[:batch]), open_.take(order[batch:])
         kids = branch(ch, x0, eps, now)
         if kids is None:
             return None, "no-split"
+        if st1 is not None:
+            kids, empty = refresh(ch, st1, kids)
+            if empty.any():
+                gone = kids.take(np.flatnonzero(empty))
+                gone.bound = np.full(gone.size, np.inf)
+                leaves.append(gone)
+                n_leaves += gone.size
+                kids = kids.take(np.flatnonzero(~empty))
+                if kids.size == 0:
+                    open_ = rest
+                    continue
         kids, xs = optimise(ch, x0, eps, kids, ITERATIONS)
         if bool(np.any(_true_margin(ch, kids.c, xs) < 0)):
             return None, "counterexample"
@@ -507,6 +549,65 @@ class LeafProblem:
     empty: np.ndarray
 
 
+def leaf_intervals(ch: Chain, root: BallBounds, sgn: list[Array]) -> tuple[BallBounds, np.ndarray]:
+    """Rigorous bounds of every node on each leaf D (batch L), and which leaves are empty.
+
+    A function of the root bounds and the leaf's split signs only (so ``verify_local``
+    re-derives it; nothing stored is trusted). Node by node, in order: the root interval
+    (valid on D ⊂ B), intersected for a later affine node with its interval propagation from
+    the leaf's bounds so far, and, for the pre-activations of every layer after the leaf's
+    first split layer, with CROWN bounds (:func:`sdp.local.propagate.crown_node_bounds`, rows
+    of the neurons still unstable on the leaf) computed through the leaf's relaxations, in
+    which each split neuron's interval is clipped to its side and so its relaxation is exact
+    (Xu et al., "Fast and Complete", ICLR 2021, sec. 3: intermediate bounds recomputed in
+    each sub-domain); split neurons are then clipped, [max(l, 0), u] / [l, min(u, 0)]. Every
+    bound holds for all x in D by induction over the nodes (CROWN's bound holds wherever the
+    intervals it relaxed on hold). A leaf with lo > hi somewhere is empty (no point of B
+    satisfies its splits)."""
+    g = ch.graph
+    n_leaf = sgn[0].shape[0] if sgn else 1
+    rep = np.zeros(n_leaf, dtype=np.intp)
+    st = BallBounds(g, np.array(root.x0[rep]), np.array(root.eps[rep]))
+    kmap = {p: k for k, p in enumerate(ch.pre)}
+    has = np.stack([np.any(s != 0, axis=1) for s in sgn], axis=1)  # (L, n_act)
+    first = np.where(has.any(axis=1), np.argmax(has, axis=1), len(ch.pre))
+    empty = np.zeros(n_leaf, dtype=bool)
+    for node in g.nodes:
+        idx = node.index
+        rlo, rhi = root.lo[idx][rep], root.hi[idx][rep]
+        if node.kind == "affine" and node.parents[0] != 0:
+            blo, bhi = _affine_ibp(st, node)
+            lo, hi = np.maximum(blo, rlo), np.minimum(bhi, rhi)
+        elif node.kind == "act":
+            op = node.op
+            assert isinstance(op, Activation)
+            p = node.parents[0]
+            rel = relax(op, st.lo[p], np.maximum(st.hi[p], st.lo[p]))
+            st.relax[idx] = rel
+            lo, hi = np.maximum(rel.post_lo, rlo), np.minimum(rel.post_hi, rhi)
+        else:  # the input and the first affine layer: the root's (exact on the ball)
+            lo, hi = np.array(rlo), np.array(rhi)
+        st.lo.append(np.array(lo, dtype=np.float64))
+        st.hi.append(np.array(hi, dtype=np.float64))
+        k = kmap.get(idx)
+        if k is None:
+            continue
+        if ch.split[k] and node.kind == "affine" and node.parents[0] != 0:
+            need = (st.lo[idx] < 0) & (st.hi[idx] > 0) & (first < k)[:, None] & ~empty[:, None]
+            rows = np.flatnonzero(need.any(axis=0))
+            if rows.size:
+                sel = need[:, rows]
+                cl, cu = crown_node_bounds(st, idx, rows, need=sel)
+                cur_lo, cur_hi = st.lo[idx][:, rows], st.hi[idx][:, rows]
+                st.lo[idx][:, rows] = np.where(sel, np.maximum(cur_lo, cl), cur_lo)
+                st.hi[idx][:, rows] = np.where(sel, np.minimum(cur_hi, cu), cur_hi)
+        s = sgn[k]
+        st.lo[idx] = np.where(s > 0, np.maximum(st.lo[idx], 0.0), st.lo[idx])
+        st.hi[idx] = np.where(s < 0, np.minimum(st.hi[idx], 0.0), st.hi[idx])
+        empty |= np.any(~(st.lo[idx] <= st.hi[idx]), axis=1)
+    return st, empty
+
+
 def leaf_problem(
     ch: Chain,
     root: BallBounds,
@@ -517,31 +618,20 @@ def leaf_problem(
 ) -> LeafProblem:
     """See :class:`LeafProblem`; ``root`` holds rigorous bounds of one input's ball (batch 1),
     ``c`` the objective row (K,) or one per leaf (L, K), ``sgn``/``alpha``/``beta`` (L, n_k) per
-    act node (negative or non-finite beta count as 0)."""
+    act node (negative or non-finite beta count as 0). The leaf bounds are
+    :func:`leaf_intervals` (intermediate bounds recomputed on each leaf)."""
     g = ch.graph
-    n_leaf = sgn[0].shape[0] if sgn else 1
-    rep = np.zeros(n_leaf, dtype=np.intp)
+    st, empty = leaf_intervals(ch, root, sgn)
+    n_leaf = empty.shape[0]
     c = np.broadcast_to(c, (n_leaf, g.output_size))
-    lo = [np.array(a[rep]) for a in root.lo]
-    hi = [np.array(a[rep]) for a in root.hi]
-    empty = np.zeros(n_leaf, dtype=bool)
-    rels = {}
     init: dict[int, Array] = {g.output: c[:, None, :]}
     alphas: dict[int, Array] = {}
     for k, (p, a) in enumerate(zip(ch.pre, ch.act, strict=True)):
-        s = sgn[k]
-        lo[p] = np.where(s > 0, np.maximum(lo[p], 0.0), lo[p])
-        hi[p] = np.where(s < 0, np.minimum(hi[p], 0.0), hi[p])
-        empty |= np.any(lo[p] > hi[p], axis=1)
-        op = g.nodes[a].op
-        assert isinstance(op, Activation)
-        rels[a] = relax(op, lo[p], np.maximum(hi[p], lo[p]))
         b = np.maximum(np.nan_to_num(beta[k], nan=0.0, posinf=0.0, neginf=0.0), 0.0)
-        mult = -(b * s)
+        mult = -(b * sgn[k])
         if np.any(mult != 0):
             init[p] = mult[:, None, :]
         alphas[a] = alpha[k][:, None, :]
-    st = BallBounds(g, root.x0[rep], root.eps[rep], lo, hi, rels)
     return LeafProblem(st, init, alphas, empty)
 
 
@@ -741,7 +831,7 @@ def _branch_input(
         return base, "no-split"
     st1 = single(st, b)
     roots = _root_domains(ch, st1, alphas, b, c[b], lower[b])
-    leaves, status = search(ch, x0[b], float(eps[b]), roots, deadline)
+    leaves, status = search(ch, x0[b], float(eps[b]), roots, deadline, st1 if REFRESH else None)
     extra: list[tuple[str, Array]] = []
     if leaves is not None:
         val = leaf_bounds(ch, st1, leaves.c, leaves.sgn, leaves.alpha, leaves.beta)
@@ -755,13 +845,29 @@ def _branch_input(
 
 
 def _compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBounds:
+    """beta-crown at one eps per input. The batch has ``BUDGET_S`` seconds per input in all:
+    CROWN first for every input (what it certifies is done: its payload is empty, which the
+    re-check replays as CROWN); then, most promising first (CROWN's worst margin bound), the
+    alpha-CROWN root of each other input, followed by its branch and bound with an equal share
+    of what is left of the batch's budget (time an input leaves unused passes to the next).
+    The roots always run, so beta-crown never reports less than alpha-crown's root."""
     t0 = _now()
     ch = chain_of(graph)
-    st, lower, alphas, hook, c = _root(graph, x0, eps, pred)
-    payloads = [
-        _branch_input(ch, st, lower, alphas, hook, c, x0, eps, b, t0 + BUDGET_S * (b + 1))[0]
-        for b in range(x0.shape[0])
-    ]
+    n = x0.shape[0]
+    lower = np.array(get_method("crown").compute(graph, x0, eps, pred).lower)
+    payloads: list[Payload] = [() for _ in range(n)]
+    todo = np.flatnonzero(~np.all(lower > 0, axis=1))
+    worst = np.nan_to_num(lower[todo].min(axis=1), nan=-np.inf)
+    todo = todo[np.argsort(-worst, kind="stable")]
+    end = t0 + BUDGET_S * n
+    for pos, b in enumerate(todo):
+        sl = slice(int(b), int(b) + 1)
+        st, low, alphas, hook, c = _root(graph, x0[sl], eps[sl], pred[sl])
+        share = max(end - _now(), 0.0) / (todo.size - pos)
+        payloads[b], _ = _branch_input(
+            ch, st, low, alphas, hook, c, x0[sl], eps[sl], 0, _now() + share
+        )
+        lower[b] = low[0]
     return MarginBounds(lower, tuple(payloads))
 
 
