@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import sdp.local.sdp_crown_method  # noqa: F401  (registers sdp-crown first: auto order)
+from sdp._blas import one_thread
 from sdp.errors import NotApplicable
 from sdp.ir import Activation, Array, Dense
 from sdp.local.alpha import InterAlphas, IntermediateAlpha
@@ -476,11 +477,13 @@ def branch(ch: Chain, x0: Array, eps: float, d: Domains) -> Domains | None:
     return _children(two, kk, ii, np.tile(np.array([1, -1], dtype=np.int8), n))
 
 
-def refresh(ch: Chain, st1: BallBounds, d: Domains) -> tuple[Domains, np.ndarray]:
+def refresh(
+    ch: Chain, st1: BallBounds, d: Domains, inter: InterAlphas | None = None
+) -> tuple[Domains, np.ndarray]:
     """The domains with their pre-activation intervals recomputed on each sub-domain by
     :func:`leaf_intervals` (rigorous, so the float search branches on what the leaf check
     will see), and which of them are empty."""
-    st, empty = leaf_intervals(ch, st1, d.sgn)
+    st, empty = leaf_intervals(ch, st1, d.sgn, inter)
     lo = [np.array(st.lo[p]) for p in ch.pre]
     hi = [np.array(st.hi[p]) for p in ch.pre]
     return Domains(lo, hi, d.alpha, d.beta, d.sgn, d.bound, d.c, d.row), empty
@@ -493,6 +496,7 @@ def search(
     root: Domains,
     deadline: float,
     st1: BallBounds | None = None,
+    inter: InterAlphas | None = None,
 ) -> tuple[Domains | None, str]:
     """Float branch and bound of the root domains (one per margin row, all rows in one batch):
     the leaves (all float-positive) and "ok", or None and why ("timeout", "counterexample":
@@ -512,7 +516,7 @@ def search(
         if kids is None:
             return None, "no-split"
         if st1 is not None:
-            kids, empty = refresh(ch, st1, kids)
+            kids, empty = refresh(ch, st1, kids, inter)
             if empty.any():
                 gone = kids.take(np.flatnonzero(empty))
                 gone.bound = np.full(gone.size, np.inf)
@@ -549,7 +553,56 @@ class LeafProblem:
     empty: np.ndarray
 
 
-def leaf_intervals(ch: Chain, root: BallBounds, sgn: list[Array]) -> tuple[BallBounds, np.ndarray]:
+def _alpha_rows(
+    ch: Chain,
+    st: BallBounds,
+    idx: int,
+    rows: np.ndarray,
+    need: np.ndarray,
+    got: tuple[np.ndarray, dict[int, Array]],
+) -> tuple[Array, Array]:
+    """Bounds of z_idx[rows] on each leaf (where ``need``; -inf / +inf elsewhere) by one
+    rigorous backward pass per leaf with the root's intermediate alphas ``got`` of those rows
+    (CROWN's slopes for a row or an act node without any)."""
+    stored, al = got
+    pos = {int(r): i for i, r in enumerate(np.asarray(stored).reshape(-1))}
+    n_st = len(pos)
+    b, r = need.shape
+    lows = np.full((b, r), -np.inf)
+    highs = np.full((b, r), np.inf)
+    for nd in st.graph.nodes[:idx]:  # the |W| |z|max caches, once for all leaves
+        if nd.kind == "affine":
+            st.absw_zmax(nd)
+    acts = [a for a in ch.act if a < idx]
+    with one_thread():
+        for bi in range(b):
+            mine = np.flatnonzero(need[bi])
+            if mine.size == 0:
+                continue
+            sub = single(st, bi)
+            sel = rows[mine]
+            init, c0 = node_objective(sub, idx, sel)
+            alphas: dict[int, Array] = {}
+            for a in acts:
+                base = st.relax[a].lower_slope[bi]
+                obj = np.broadcast_to(base, (2 * sel.size, base.shape[0])).copy()
+                arr = al.get(a)
+                if arr is not None and arr.shape == (2 * n_st, base.shape[0]):
+                    for j, i in enumerate(sel):
+                        q = pos.get(int(i))
+                        if q is not None:
+                            obj[j] = arr[q]
+                            obj[sel.size + j] = arr[n_st + q]
+                alphas[a] = obj[None]
+            low = backward(sub, init, c0, alphas=alphas).lower[0]
+            lows[bi, mine] = low[: sel.size]
+            highs[bi, mine] = -low[sel.size :]
+    return lows, highs
+
+
+def leaf_intervals(
+    ch: Chain, root: BallBounds, sgn: list[Array], inter: InterAlphas | None = None
+) -> tuple[BallBounds, np.ndarray]:
     """Rigorous bounds of every node on each leaf D (batch L), and which leaves are empty.
 
     A function of the root bounds and the leaf's split signs only (so ``verify_local``
@@ -563,7 +616,13 @@ def leaf_intervals(ch: Chain, root: BallBounds, sgn: list[Array]) -> tuple[BallB
     each sub-domain); split neurons are then clipped, [max(l, 0), u] / [l, min(u, 0)]. Every
     bound holds for all x in D by induction over the nodes (CROWN's bound holds wherever the
     intervals it relaxed on hold). A leaf with lo > hi somewhere is empty (no point of B
-    satisfies its splits)."""
+    satisfies its splits).
+
+    ``inter``: the root's intermediate alphas (``node -> (rows, {act: (2 r, n) alphas})``, as
+    alpha-CROWN found them and the payload stores them); the recomputed rows use the lower
+    slopes of their row there (any slope in [p, 1] is sound; ``backward`` clips), CROWN's
+    own where a row has none. Without them a deep net's recomputed bounds are mostly looser
+    than the root's alpha-CROWN bounds and change little."""
     g = ch.graph
     n_leaf = sgn[0].shape[0] if sgn else 1
     rep = np.zeros(n_leaf, dtype=np.intp)
@@ -597,7 +656,11 @@ def leaf_intervals(ch: Chain, root: BallBounds, sgn: list[Array]) -> tuple[BallB
             rows = np.flatnonzero(need.any(axis=0))
             if rows.size:
                 sel = need[:, rows]
-                cl, cu = crown_node_bounds(st, idx, rows, need=sel)
+                got = None if inter is None else inter.get(idx)
+                if got is None:
+                    cl, cu = crown_node_bounds(st, idx, rows, need=sel)
+                else:
+                    cl, cu = _alpha_rows(ch, st, idx, rows, sel, got)
                 cur_lo, cur_hi = st.lo[idx][:, rows], st.hi[idx][:, rows]
                 st.lo[idx][:, rows] = np.where(sel, np.maximum(cur_lo, cl), cur_lo)
                 st.hi[idx][:, rows] = np.where(sel, np.minimum(cur_hi, cu), cur_hi)
@@ -615,13 +678,14 @@ def leaf_problem(
     sgn: list[Array],
     alpha: list[Array],
     beta: list[Array],
+    inter: InterAlphas | None = None,
 ) -> LeafProblem:
     """See :class:`LeafProblem`; ``root`` holds rigorous bounds of one input's ball (batch 1),
     ``c`` the objective row (K,) or one per leaf (L, K), ``sgn``/``alpha``/``beta`` (L, n_k) per
     act node (negative or non-finite beta count as 0). The leaf bounds are
     :func:`leaf_intervals` (intermediate bounds recomputed on each leaf)."""
     g = ch.graph
-    st, empty = leaf_intervals(ch, root, sgn)
+    st, empty = leaf_intervals(ch, root, sgn, inter)
     n_leaf = empty.shape[0]
     c = np.broadcast_to(c, (n_leaf, g.output_size))
     init: dict[int, Array] = {g.output: c[:, None, :]}
@@ -642,10 +706,11 @@ def leaf_bounds(
     sgn: list[Array],
     alpha: list[Array],
     beta: list[Array],
+    inter: InterAlphas | None = None,
 ) -> Array:
     """Rigorous lower bounds (L,) of c^T f on each leaf (+inf for an empty leaf): one
     :func:`sdp.local.propagate.backward` pass of :func:`leaf_problem` (bound (*) above)."""
-    lp = leaf_problem(ch, root, c, sgn, alpha, beta)
+    lp = leaf_problem(ch, root, c, sgn, alpha, beta, inter)
     n_leaf = lp.empty.shape[0]
     low = backward(lp.bounds, lp.init, np.zeros((n_leaf, 1)), alphas=lp.alphas).lower[:, 0]
     return np.where(lp.empty, np.inf, low)
@@ -831,10 +896,13 @@ def _branch_input(
         return base, "no-split"
     st1 = single(st, b)
     roots = _root_domains(ch, st1, alphas, b, c[b], lower[b])
-    leaves, status = search(ch, x0[b], float(eps[b]), roots, deadline, st1 if REFRESH else None)
+    inter = hook.found[b] if hook.found else None
+    leaves, status = search(
+        ch, x0[b], float(eps[b]), roots, deadline, st1 if REFRESH else None, inter
+    )
     extra: list[tuple[str, Array]] = []
     if leaves is not None:
-        val = leaf_bounds(ch, st1, leaves.c, leaves.sgn, leaves.alpha, leaves.beta)
+        val = leaf_bounds(ch, st1, leaves.c, leaves.sgn, leaves.alpha, leaves.beta, inter)
         for j in roots.row:
             mine = leaves.row == j
             low = float(np.min(val[mine])) if mine.any() else -np.inf
@@ -983,13 +1051,14 @@ def _recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload) -> A
         return base
     if y in trees:
         raise ValueError("beta-crown payload splits the predicted class's row")
-    hook = IntermediateAlpha(given=[_decode_inter(graph, plain)])
+    inter = _decode_inter(graph, plain)
+    hook = IntermediateAlpha(given=[inter])
     st = compute_bounds(graph, x, e, node_hook=hook)
     c = objective_rows(np.array([y]), graph.output_size)[0]
     for j, (sgn, alpha, beta) in trees.items():
         if not covers(np.concatenate(sgn, axis=1).astype(np.int8)):
             raise ValueError("beta-crown leaves do not cover the ball")
-        val = leaf_bounds(ch, st, c[j], [s.astype(np.int8) for s in sgn], alpha, beta)
+        val = leaf_bounds(ch, st, c[j], [s.astype(np.int8) for s in sgn], alpha, beta, inter)
         base[j] = max(base[j], float(np.min(val)))
     return base
 
