@@ -98,6 +98,11 @@ MAX_DOMAINS = 20000
 """Open domains plus leaves per row before giving up."""
 REFRESH = True
 """Recompute the intermediate bounds on each sub-domain (:func:`leaf_intervals`)."""
+LAYER_BIAS = 10.0
+"""With 3+ splittable layers and ``REFRESH``: FSB candidates from the earliest layers first
+(:func:`branch`). On mnistfc-256x6 (eps 0.3, test image 14) the worst open bound went from
+-2.67 to -0.42 in 5 rounds with it, to -1.58 in 45 rounds without (splits in the last
+layer, whose bounds stayed loose: 173 of 256 neurons unstable, 47 with it)."""
 THRESHOLD = 1e-7
 """A float bound above this makes a leaf (the rigorous bound is recomputed anyway)."""
 CROWN_PROBES = 10
@@ -441,8 +446,14 @@ def _children(d: Domains, k_of: np.ndarray, i_of: np.ndarray, side: np.ndarray) 
     return out
 
 
-def branch(ch: Chain, x0: Array, eps: float, d: Domains) -> Domains | None:
-    """Split every domain on its FSB-chosen neuron: 2 D children (None: nothing to split)."""
+def branch(
+    ch: Chain, x0: Array, eps: float, d: Domains, bias: float | None = None
+) -> Domains | None:
+    """Split every domain on its FSB-chosen neuron: 2 D children (None: nothing to split).
+
+    ``bias``: the BaBSR scores of act layer k are multiplied by bias^(K - 1 - k), so the FSB
+    candidates come from the earliest layers first (with intermediate bounds recomputed per
+    sub-domain an early split tightens every later layer, which the score does not see)."""
     scores = []
     lines = lines_of(ch, d)
     pas = float_bound(ch, x0, eps, d, lines)
@@ -452,6 +463,8 @@ def branch(ch: Chain, x0: Array, eps: float, d: Domains) -> Domains | None:
         ok = unst & (d.sgn[k] == 0) & ch.split[k]
         lam = pas.lam_act[k]
         sc = -np.minimum(lam, 0.0) * tu + 1e-3 * np.abs(lam) * np.minimum(u, -l)
+        if bias is not None:
+            sc = sc * bias ** (len(d.lo) - 1 - k)
         scores.append(np.where(ok, sc, -np.inf))
     flat = np.concatenate(scores, axis=1)
     offs = np.cumsum([0] + [s.shape[1] for s in scores])
@@ -506,13 +519,21 @@ def search(
     open_ = root
     leaves: list[Domains] = []
     n_leaves = 0
-    batch = BATCH if st1 is None or len(ch.pre) <= 2 else BATCH_DEEP
+    deep = st1 is not None and sum(ch.split) > 2
+    batch = BATCH_DEEP if deep else BATCH
+    bias = LAYER_BIAS if deep else None
+    per_kid = 0.0  # seconds per child in the last round (deep nets: a round must fit)
     while open_.size:
-        if _now() > deadline or open_.size + n_leaves > MAX_DOMAINS:
+        t_round = _now()
+        if t_round > deadline or open_.size + n_leaves > MAX_DOMAINS:
             return None, "timeout"
+        take = batch
+        if deep:  # a first round of 4 measures the cost of a child
+            guess = (deadline - t_round) / (2.0 * per_kid) if per_kid > 0 else 4
+            take = int(max(1, min(batch, guess)))
         order = np.argsort(open_.bound)
-        now, rest = open_.take(order[:batch]), open_.take(order[batch:])
-        kids = branch(ch, x0, eps, now)
+        now, rest = open_.take(order[:take]), open_.take(order[take:])
+        kids = branch(ch, x0, eps, now, bias)
         if kids is None:
             return None, "no-split"
         if st1 is not None:
@@ -529,6 +550,7 @@ def search(
         kids, xs = optimise(ch, x0, eps, kids, ITERATIONS)
         if bool(np.any(_true_margin(ch, kids.c, xs) < 0)):
             return None, "counterexample"
+        per_kid = (_now() - t_round) / max(1, 2 * now.size)
         done = kids.bound > THRESHOLD
         if done.any():
             leaves.append(kids.take(np.flatnonzero(done)))
