@@ -16,30 +16,38 @@ s_{k,i} z_{k,i}(x) >= 0, so for the margin row c
 and the right-hand side is bounded from below over B by one CROWN backward pass whose
 objective has the extra multipliers -beta s on the pre-activation nodes. On D the split neuron
 is stable, so its relaxation is exact: its pre-activation interval is clipped to [max(l, 0), u]
-or [l, min(u, 0)] (every other interval of the root is valid on D ⊂ B). The bound is a concave
+or [l, min(u, 0)] (every other interval of the root is valid on D ⊂ B), and the layers after
+the leaf's first split get their bounds recomputed on D (:func:`leaf_intervals`; Xu et al.,
+"Fast and Complete: Enabling Complete Neural Network Verification with Rapid and Massively
+Parallel Incomplete Verifiers", ICLR 2021, sec. 3). The bound is a concave
 function of beta and, for fixed signs of the multipliers, of the lower slopes alpha; both are
 optimised per leaf by projected Adam with gradients from the relaxed forward pass at the
 minimising input x* = x0 - eps Lam_x / ||Lam_x|| (Danskin): d/d alpha_{k,i} = Lam_{k,i}
 v_{k,i}(x*) where the lower line is in use, d/d beta_{k,i} = -s_{k,i} v_{k,i}(x*).
 
-Algorithm per input and margin row (what alpha-CROWN left <= 0, the most negative row first):
-the root is alpha-CROWN (intermediate bounds tightened by alpha-CROWN rows,
-:class:`sdp.local.alpha.IntermediateAlpha`; final slopes optimised), then best-first rounds on
+Algorithm per input and margin row (what CROWN, then alpha-CROWN left <= 0, the most
+negative row first; inputs in order of CROWN's worst bound, each with an equal share of what
+is left of the batch's budget): the root is alpha-CROWN (intermediate bounds tightened by
+alpha-CROWN rows, :class:`sdp.local.alpha.IntermediateAlpha`; final slopes optimised), then
+best-first rounds on
 a batch of open domains: choose one neuron per domain (filtered smart branching, FSB: the
 ``FSB_TOP`` neurons of largest BaBSR intercept score -min(Lam, 0) t_up (the intercept the
 upper line costs, Bunel et al., "Branch and Bound for Piecewise Linear Neural Network
 Verification", JMLR 2020), each scored by the cheap bound of its two children with the
 parent's alpha and beta, the best worst child wins; De Palma et al., "Improved Branch and Bound
 for Neural Network Verification via Lagrangian Decomposition", 2021), optimise alpha and beta of
-all children at once (one batched numpy pass per step over every domain), keep the children
-whose float bound is positive as leaves, until every domain is a leaf (certified), the budget
-is spent or a point x* of some domain is a real counterexample (not certifiable).
+all children at once (one batched numpy pass per step over every domain) after recomputing
+their intermediate bounds (on 3+ splittable layers the earliest layers are split first, see
+``LAYER_BIAS``), keep the children whose float bound is positive as leaves, until every
+domain is a leaf (certified), the budget is spent or a point x* of some domain is a real
+counterexample (not certifiable).
 
 Soundness in floating point. The float search only proposes leaves; each leaf's bound is then
 recomputed in float64 by the rigorous :func:`sdp.local.propagate.backward` (Neumaier-Shcherbina
-error absorption, outward rounding; design.md §4.1) with the rigorous root intervals clipped by
-the leaf's splits, the objective ``{output: c, pre_k: -beta s}`` and the leaf's alphas; an empty
-leaf (a split contradicting the root intervals) is +inf. The row's bound is the larger of
+error absorption, outward rounding; design.md §4.1) with the leaf's rigorous intervals
+(:func:`leaf_intervals`, a function of the root bounds and the leaf's signs only), the
+objective ``{output: c, pre_k: -beta s}`` and the leaf's alphas; an empty leaf (contradictory
+intervals) is +inf. The row's bound is the larger of
 alpha-CROWN's and the minimum over the leaves. ``verify_local`` recomputes the root from the
 stored intermediate alphas, checks that the leaves cover the ball (a complete split tree,
 :func:`covers`) and recomputes every leaf.
