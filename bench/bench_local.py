@@ -41,8 +41,11 @@ from mnist_data import mnist_test
 from models.io import convert_lbdn_jl
 from models.runtime import TorchNetwork
 from sdp.bounds import compute_bound
+from sdp.errors import NotApplicable
 from sdp.importers import load_model_file
 from sdp.local import beta_crown, certify_local
+from sdp.local.graph import build_graph
+from sdp.local.margins import get_method
 from sdp.radius import certified_radius
 from sdp.rounding import logit_error_bound, unit_roundoff
 
@@ -165,23 +168,37 @@ def run_case(key: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     tnet = TorchNetwork.from_network(net, dtype=torch.float64, file_layout=False)
     broken = {e: pgd_broken(tnet, xi, y, e, case.box, args.restarts, args.steps) for e in args.eps}
     out["pgd_unbroken"] = [float(np.mean(~broken[e])) for e in args.eps]
+    graph = build_graph(net)
+    out["skipped"] = []
     for method in args.methods:
+        check = get_method(method).applies if method != "auto" else None
+        if check is not None and not check(graph):
+            print(f"note: {method} does not apply to {case.name}: skipped", flush=True)
+            out["skipped"].append(method)
+            continue
         row: dict[str, Any] = {"certified": [], "seconds_per_input": [], "unsound": 0}
         for e in args.eps:
             t = time.perf_counter()
-            res = certify_local(
-                net,
-                xi,
-                labels=y,
-                epsilon=e,
-                method=method,
-                global_bound=lip,
-                time_budget_s=args.time_budget,
-            )
+            try:
+                res = certify_local(
+                    net,
+                    xi,
+                    labels=y,
+                    epsilon=e,
+                    method=method,
+                    global_bound=lip,
+                    time_budget_s=args.time_budget,
+                )
+            except NotApplicable as exc:  # a method refusing this net (e.g. its activation)
+                print(f"note: {method} does not apply to {case.name}: {exc}", flush=True)
+                out["skipped"].append(method)
+                break
             row["seconds_per_input"].append((time.perf_counter() - t) / len(xi))
             cert = np.asarray(res.certified, bool) & np.asarray(res.correct, bool)
             row["certified"].append(float(np.mean(cert)))
             row["unsound"] += int(np.sum(cert & broken[e]))
+        if method in out["skipped"]:
+            continue
         if args.radius and (args.radius_methods is None or method in args.radius_methods):
             t = time.perf_counter()
             res = certify_local(
@@ -194,6 +211,7 @@ def run_case(key: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def markdown(res: dict[str, Any], methods: list[str]) -> str:
+    methods = [m for m in methods if m in res]  # skipped: not applicable to this net
     g = res["global"]
     lip = "none" if g["L"] is None else f"{g['L']:.4g}"
     head = ["l2 eps", f"global L = {lip} ({g['method']})", *methods, "PGD ceiling"]
@@ -221,6 +239,8 @@ def markdown(res: dict[str, Any], methods: list[str]) -> str:
                 f"({r['radius_seconds_per_input']:.3g} s/input)"
             )
         lines.append(f"\n{m}: unsound answers {r['unsound']}{extra}")
+    for m in res.get("skipped", []):
+        lines.append(f"\n{m}: not applicable to this network (skipped)")
     lines.append(f"global: median radius {g['median_radius']:.3g}")
     return "\n".join(lines)
 

@@ -122,10 +122,11 @@ def _leaves(net, x0, eps, cert):
     plain = tuple((k, v) for k, v in cert.payload if not k.startswith("bc:"))
     bcp = tuple((k, v) for k, v in cert.payload if k.startswith("bc:"))
     trees = BC._decode_leaves(ch, bcp, graph.output_size)
-    hook = IntermediateAlpha(given=[_decode_inter(graph, plain)])
+    inter = _decode_inter(graph, plain)
+    hook = IntermediateAlpha(given=[inter])
     st = compute_bounds(graph, x0[None], np.array([eps]), node_hook=hook)
     c = objective_rows(np.array([cert.prediction]), graph.output_size)[0]
-    return ch, st, c, trees
+    return ch, st, c, trees, inter
 
 
 def test_covers_checks_the_split_tree():
@@ -147,7 +148,7 @@ def test_leaf_bounds_equal_exact_recomputation_and_hold_at_points(name):
     cases = _branched(net, x, [0.3, 0.45, 0.6, 0.8])
     assert cases, "no certificate branched: the test would be vacuous"
     for x0, eps, cert in cases[:3]:
-        ch, st, c, trees = _leaves(net, x0, eps, cert)
+        ch, st, c, trees, inter = _leaves(net, x0, eps, cert)
         y = cert.prediction
         pts = []
         for _ in range(25):  # points of the ball, some on its sphere
@@ -156,8 +157,8 @@ def test_leaf_bounds_equal_exact_recomputation_and_hold_at_points(name):
         exact_pts = [mp_pre_and_margin(net, p, y) for p in pts]
         for j, (sgn, alpha, beta) in trees.items():
             s8 = [s.astype(np.int8) for s in sgn]
-            lp = BC.leaf_problem(ch, st, c[j], s8, alpha, beta)
-            got = BC.leaf_bounds(ch, st, c[j], s8, alpha, beta)
+            lp = BC.leaf_problem(ch, st, c[j], s8, alpha, beta, inter)
+            got = BC.leaf_bounds(ch, st, c[j], s8, alpha, beta, inter)
             assert np.all(got > 0) and cert.lower_bounds[j] > 0
             for i in range(min(len(got), 4)):
                 ex = mp_leaf_value(lp, i)
