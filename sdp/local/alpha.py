@@ -26,8 +26,26 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sdp.ir import Activation, Array
-from sdp.local.propagate import BallBounds, RowLines, backward, node_objective, single
-from sdp.local.relax import OPTIMISABLE, _deriv, deriv2, line_intercepts, tangent_ranges
+from sdp.local.graph import Node
+from sdp.local.propagate import (
+    ActRule,
+    ActStep,
+    BallBounds,
+    RowLines,
+    backward,
+    crown_act_step,
+    node_objective,
+    single,
+)
+from sdp.local.relax import (
+    OPTIMISABLE,
+    Relaxation,
+    _deriv,
+    deriv2,
+    line_extremes,
+    line_intercepts,
+    tangent_ranges,
+)
 
 
 def _relaxed_forward(
@@ -177,6 +195,7 @@ def optimise_tangents(
     base: Array | None = None,
     iterations: int = 20,
     lr: float = 0.2,
+    rigorous: bool = True,
 ) -> tuple[Array, dict[int, tuple[Array, Array]], dict[int, RowLines]]:
     """Optimised tangent lines of sigmoid / tanh nodes (alpha-CROWN for general activations,
     Xu et al., ICLR 2021; lines of Zhang et al., NeurIPS 2018), per objective row.
@@ -192,7 +211,8 @@ def optimise_tangents(
     not above ``base`` (B, m) (e.g. the CROWN bound with the same ``alphas``) keep the
     relaxation's lines. Returns the rigorous bounds (B, m) of the chosen lines, their slopes
     (lower, upper) per node, (B, m, n) each, and the lines; ``alphas`` (ReLU-like nodes)
-    are held fixed.
+    are held fixed. ``rigorous=False`` returns the best FLOAT bounds and their slopes only
+    (no lines): a proposal for the caller to bound rigorously (:func:`tangent_rule`).
     """
     b, m = c0.shape
     top = max(init)
@@ -292,7 +312,10 @@ def optimise_tangents(
         s_lo = np.where(ok_lo[:, None, :], _deriv(phi, bl), rel.lower_slope[:, None, :])
         s_up = np.where(ok_up[:, None, :], _deriv(phi, bu), rel.upper_slope[:, None, :])
         slopes[k] = (np.asarray(s_lo), np.asarray(s_up))
-        rig[k] = rigorous_lines(st, k, *slopes[k])
+        if rigorous:
+            rig[k] = rigorous_lines(st, k, *slopes[k])
+    if not rigorous:
+        return best, slopes, rig
     lower = backward(st, init, c0, alphas=alphas, lines=rig).lower
     if base is None:
         return lower, slopes, rig
@@ -314,49 +337,154 @@ def optimise_tangents(
     return backward(st, init, c0, alphas=alphas, lines=rig).lower, slopes, rig
 
 
+TANGENT_PIECES = 2
+"""Uniform grid pieces of the intercepts in :func:`tangent_rule` (the stationary points of
+sigmoid / tanh are bracketed anyway; fewer pieces only cost tightness where their float
+estimate fails, never soundness)."""
+
+
+def tangent_rule(slopes: dict[int, tuple[Array, Array]], uniform: int = TANGENT_PIECES) -> ActRule:
+    """An ``act_rule`` for :func:`sdp.local.propagate.backward` with per-row slopes (lower,
+    upper), (B, m, n) each, of the act nodes in ``slopes``: each multiplier uses the slope of
+    the line it needs (lower where lam >= 0, upper where lam < 0), and only that line's
+    intercept is bounded rigorously (:func:`sdp.local.relax.line_extremes`; the relaxation's
+    own intercept where the slope is the relaxation's). Half the work of
+    :func:`rigorous_lines`, which bounds both lines of every entry; sound for any finite
+    slopes (the intercept makes any slope a valid line)."""
+
+    def rule(
+        node: Node, rel: Relaxation, lam: Array, alpha: Array | None, st: BallBounds
+    ) -> ActStep | None:
+        sl = slopes.get(node.index)
+        if sl is None:
+            return None
+        phi = node.op
+        assert isinstance(phi, Activation)
+        p = node.parents[0]
+        pos = lam >= 0
+        s_rel = np.where(pos, rel.lower_slope[:, None, :], rel.upper_slope[:, None, :])
+        s = np.where(lam == 0, s_rel, np.where(pos, sl[0], sl[1]))
+        t = np.where(pos, rel.lower_icpt[:, None, :], rel.upper_icpt[:, None, :])
+        new = s != s_rel
+        if new.any():
+            l = np.broadcast_to(st.lo[p][:, None, :], s.shape)[new]
+            u = np.broadcast_to(st.hi[p][:, None, :], s.shape)[new]
+            t_lo, t_up = line_extremes(phi, l, u, s[new], uniform=uniform)
+            t[new] = np.where(pos[new], t_lo, t_up)
+        return crown_act_step(rel, lam, None, st.zmax(p), RowLines(s, t, s, t))
+
+    return rule
+
+
 # Per input b: target node -> (rows, {act node: (2 r, n) alphas}); rows r of the target node
 # get +-e_i objectives (first r rows: lower bounds of z_i, last r: of -z_i).
 InterAlphas = dict[int, tuple[np.ndarray, dict[int, Array]]]
+
+# Per input b: target node -> (objective rows o (q,), {act node: (lower slopes, upper slopes),
+# (q, n) each}); o in [0, 2 n_t): o < n_t is +e_o (a lower bound of z_o), o >= n_t is
+# -e_(o - n_t) (an upper bound of z_(o - n_t)).
+InterLines = dict[int, tuple[np.ndarray, dict[int, tuple[Array, Array]]]]
+
+
+def signed_objective(st: BallBounds, idx: int, obj: np.ndarray) -> tuple[dict[int, Array], Array]:
+    """Objective rows of node idx for signed row codes ``obj`` (see :data:`InterLines`):
+    o < n is +e_o, o >= n is -e_(o - n); the rows of :func:`node_objective`, reordered."""
+    n = st.graph.nodes[idx].size
+    neur = np.unique(obj % n)
+    init, c0 = node_objective(st, idx, neur)
+    pos = np.searchsorted(neur, obj % n) + np.where(obj >= n, neur.size, 0)
+    return {k: v[:, pos] for k, v in init.items()}, c0[:, pos]
 
 
 @dataclass(eq=False)
 class IntermediateAlpha:
     """A ``node_hook`` for :func:`sdp.local.propagate.compute_bounds`: tightens the bounds of
-    every node that feeds an activation with alpha-CROWN rows, input by input.
+    every node that feeds an activation with optimised rows, input by input.
 
-    ``given`` (per input) replays stored alphas (one rigorous backward pass, for verification);
-    otherwise the rows of neurons unstable under a ReLU-like consumer are optimised for
-    ``iterations`` steps and the best alphas are kept in ``found``. Each row's bound only
+    - ReLU-like consumers: alpha-CROWN rows (Xu et al., ICLR 2021) for the neurons unstable
+      there, ``iterations`` steps; the best alphas are kept in ``found``.
+    - Sigmoid / tanh consumers (``tangent_iterations`` > 0): the tangent points of every
+      sigmoid / tanh node below are optimised per objective row +-e_i of every neuron of
+      nonzero width (:func:`optimise_tangents`; design.md §4.1.3); the rows whose rigorous
+      bound beats the current one are kept in ``found_lines`` with their slopes.
+
+    ``given`` / ``given_lines`` (per input) replay stored alphas / slopes (one rigorous
+    backward pass each, for verification) instead of optimising. Each row's bound only
     replaces the current one where it is tighter, so the result is never looser than CROWN.
     """
 
     iterations: int = 10
     given: list[InterAlphas] | None = None
     found: list[InterAlphas] = field(default_factory=list)
+    tangent_iterations: int = 0
+    given_lines: list[InterLines] | None = None
+    found_lines: list[InterLines] = field(default_factory=list)
 
     def __call__(self, st: BallBounds, idx: int) -> None:
         if not self.found:
             self.found = [{} for _ in range(st.batch)]
+        if not self.found_lines:
+            self.found_lines = [{} for _ in range(st.batch)]
         for b in range(st.batch):
             sub = single(st, b)
-            if self.given is not None:
-                if idx not in self.given[b]:
-                    continue
-                rows, alph = self.given[b][idx]
-                init, c0 = node_objective(sub, idx, rows)
-                lower = backward(sub, init, c0, alphas={k: a[None] for k, a in alph.items()}).lower
-            else:
-                rows = self._rows(st, idx, b)
-                if rows.size == 0:
-                    continue
-                init, c0 = node_objective(sub, idx, rows)
-                lower, best = optimise_alphas(sub, init, c0, iterations=self.iterations)
-                if not best:
-                    continue
-                self.found[b][idx] = (rows, {k: a[0] for k, a in best.items()})
+            self._alphas(st, sub, idx, b)
+            self._tangents(st, sub, idx, b)
+
+    def _alphas(self, st: BallBounds, sub: BallBounds, idx: int, b: int) -> None:
+        if self.given is not None:
+            if idx not in self.given[b]:
+                return
+            rows, alph = self.given[b][idx]
+            init, c0 = node_objective(sub, idx, rows)
+            lower = backward(sub, init, c0, alphas={k: a[None] for k, a in alph.items()}).lower
+        else:
+            rows = self._rows(st, idx, b)
+            if rows.size == 0:
+                return
+            init, c0 = node_objective(sub, idx, rows)
+            lower, best = optimise_alphas(sub, init, c0, iterations=self.iterations)
+            if not best:
+                return
+            self.found[b][idx] = (rows, {k: a[0] for k, a in best.items()})
+        r = rows.size
+        st.lo[idx][b, rows] = np.maximum(st.lo[idx][b, rows], lower[0, :r])
+        st.hi[idx][b, rows] = np.minimum(st.hi[idx][b, rows], -lower[0, r:])
+
+    def _tangents(self, st: BallBounds, sub: BallBounds, idx: int, b: int) -> None:
+        n = st.graph.nodes[idx].size
+        if self.given_lines is not None:
+            if idx not in self.given_lines[b]:
+                return
+            obj, sl = self.given_lines[b][idx]
+        else:
+            if self.tangent_iterations <= 0:
+                return
+            rows = self._tangent_rows(st, idx, b)
+            if rows.size == 0:
+                return
+            init, c0 = node_objective(sub, idx, rows)
+            if not tangent_nodes(sub, max(init)):
+                return
+            cur = np.concatenate([st.lo[idx][b, rows], -st.hi[idx][b, rows]])
+            got, slopes, _ = optimise_tangents(
+                sub, init, c0, iterations=self.tangent_iterations, rigorous=False
+            )
+            # float proposals that beat the current (rigorous) bound; only they are bounded
+            keep = np.flatnonzero(got[0] > cur + 1e-9 * (1.0 + np.abs(cur)))
+            if keep.size == 0:
+                return
             r = rows.size
-            st.lo[idx][b, rows] = np.maximum(st.lo[idx][b, rows], lower[0, :r])
-            st.hi[idx][b, rows] = np.minimum(st.hi[idx][b, rows], -lower[0, r:])
+            obj = np.where(keep < r, rows[keep % r], rows[keep % r] + n)
+            sl = {k: (lo[0, keep], up[0, keep]) for k, (lo, up) in slopes.items()}
+            self.found_lines[b][idx] = (obj, sl)
+        # the rigorous bound of the kept rows: exactly what verification replays
+        init, c0 = signed_objective(sub, idx, obj)
+        rule = tangent_rule({k: (lo[None], up[None]) for k, (lo, up) in sl.items()})
+        lower = backward(sub, init, c0, act_rule=rule).lower[0]
+        low = obj < n
+        i_lo, i_up = obj[low], obj[~low] - n
+        st.lo[idx][b, i_lo] = np.maximum(st.lo[idx][b, i_lo], lower[low])
+        st.hi[idx][b, i_up] = np.minimum(st.hi[idx][b, i_up], -lower[~low])
 
     @staticmethod
     def _rows(st: BallBounds, idx: int, b: int) -> np.ndarray:
@@ -369,6 +497,17 @@ class IntermediateAlpha:
             return np.zeros(0, dtype=np.intp)
         lo, hi = st.lo[idx][b], st.hi[idx][b]
         return np.flatnonzero((lo < 0) & (hi > 0))
+
+    @staticmethod
+    def _tangent_rows(st: BallBounds, idx: int, b: int) -> np.ndarray:
+        g = st.graph
+        smooth = any(
+            g.nodes[c].kind == "act" and getattr(g.nodes[c].op, "name", "") in OPTIMISABLE
+            for c in g.consumers[idx]
+        )
+        if not smooth:
+            return np.zeros(0, dtype=np.intp)
+        return np.flatnonzero(st.hi[idx][b] > st.lo[idx][b])
 
 
 _RELU_LIKE = ("relu", "leaky_relu")

@@ -18,6 +18,7 @@ from sdp.errors import UnsupportedMethod
 from sdp.ir import Array
 from sdp.local.alpha import (
     InterAlphas,
+    InterLines,
     IntermediateAlpha,
     optimise_alphas,
     optimise_tangents,
@@ -26,6 +27,7 @@ from sdp.local.alpha import (
 )
 from sdp.local.graph import Graph
 from sdp.local.propagate import BallBounds, RowLines, backward, compute_bounds
+from sdp.local.relax import OPTIMISABLE
 from sdp.local.types import SlopeOptimizer, SlopeProblem
 
 Payload = tuple[tuple[str, Array], ...]
@@ -144,6 +146,9 @@ def _recheck_plain(name: str) -> RecheckFn:
 
 ALPHA_ITERATIONS = 20
 INTER_ITERATIONS = 10
+TANGENT_INTER_ITERATIONS = 10
+"""Adam steps on the tangent points of the intermediate rows of sigmoid / tanh networks
+(design.md §4.1.3)."""
 
 
 def alpha_crown(
@@ -158,7 +163,9 @@ def alpha_crown(
 ) -> MarginBounds:
     """alpha-CROWN: intermediate bounds tightened by per-neuron alphas (input by input), then
     the final margins optimised; the payload stores every alpha used (for ``recheck``)."""
-    hook = IntermediateAlpha(iterations=INTER_ITERATIONS)
+    hook = IntermediateAlpha(
+        iterations=INTER_ITERATIONS, tangent_iterations=TANGENT_INTER_ITERATIONS
+    )
     st = compute_bounds(graph, x0, eps, node_hook=hook)
     c = objective_rows(pred, graph.output_size)
     c0 = np.zeros(c.shape[:2])
@@ -212,6 +219,7 @@ def alpha_crown(
             for j, tag in enumerate(("slo", "sup"))
         )
         + _encode_inter(hook.found[i] if hook.found else {})
+        + _encode_inter_lines(hook.found_lines[i] if hook.found_lines else {})
         for i in range(len(pred))
     )
     return MarginBounds(_finish(lower, pred), payloads)
@@ -257,20 +265,76 @@ def _decode_inter(graph: Graph, payload: Payload) -> InterAlphas:
     return out
 
 
+def _encode_inter_lines(found: InterLines) -> Payload:
+    out: list[tuple[str, Array]] = []
+    for t in sorted(found):
+        obj, sl = found[t]
+        out.append((f"trows:{t}", np.asarray(obj, dtype=np.float64)))
+        for k in sorted(sl):
+            out.append((f"tslo:{t}:{k}", sl[k][0]))
+            out.append((f"tsup:{t}:{k}", sl[k][1]))
+    return tuple(out)
+
+
+def _decode_inter_lines(graph: Graph, payload: Payload) -> InterLines:
+    """The intermediate tangent slopes of a payload, validated (shapes, finite values, row
+    codes, act nodes that are sigmoid / tanh below their target); any finite slope gives a
+    sound line (its intercept is recomputed rigorously), so nothing else needs trusting."""
+    rows: dict[int, np.ndarray] = {}
+    sl: dict[int, dict[int, dict[str, Array]]] = {}
+    for key, arr in payload:
+        parts = key.split(":")
+        if parts[0] == "trows" and len(parts) == 2:
+            t = int(parts[1])
+            r = np.asarray(arr, dtype=np.float64).reshape(-1)
+            if not (0 <= t < len(graph.nodes)) or not np.all(np.isfinite(r)):
+                raise ValueError(f"bad payload entry {key!r}")
+            if np.any(r != np.round(r)) or r.size == 0:
+                raise ValueError(f"bad payload entry {key!r}")
+            ri = r.astype(np.intp)
+            if ri.min() < 0 or ri.max() >= 2 * graph.nodes[t].size:
+                raise ValueError(f"bad payload entry {key!r}")
+            rows[t] = ri
+        elif parts[0] in ("tslo", "tsup") and len(parts) == 3:
+            t, k = int(parts[1]), int(parts[2])
+            ok = 0 < k < t < len(graph.nodes) and graph.nodes[k].kind == "act"
+            if not ok or getattr(graph.nodes[k].op, "name", "") not in OPTIMISABLE:
+                raise ValueError(f"bad payload entry {key!r}")
+            a = np.asarray(arr, dtype=np.float64)
+            if a.ndim != 2 or a.shape[1] != graph.nodes[k].size or not np.isfinite(a).all():
+                raise ValueError(f"bad payload entry {key!r}")
+            sl.setdefault(t, {}).setdefault(k, {})[parts[0]] = a
+    out: InterLines = {}
+    for t in sl:
+        if t not in rows:
+            raise ValueError(f"tangent slopes of node {t} without rows")
+    for t, r in rows.items():
+        per = sl.get(t, {})
+        pairs: dict[int, tuple[Array, Array]] = {}
+        for k, v in per.items():
+            if set(v) != {"tslo", "tsup"} or any(a.shape[0] != r.size for a in v.values()):
+                raise ValueError(f"tangent slopes of node {t} do not match its rows")
+            pairs[k] = (v["tslo"], v["tsup"])
+        out[t] = (r, pairs)
+    return out
+
+
 def _alpha_compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBounds:
     return alpha_crown(graph, x0, eps, pred)
 
 
 def _alpha_recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload) -> Array:
     xs, es = _single(x0, eps)
-    hook = IntermediateAlpha(given=[_decode_inter(graph, payload)])
+    hook = IntermediateAlpha(
+        given=[_decode_inter(graph, payload)], given_lines=[_decode_inter_lines(graph, payload)]
+    )
     st = compute_bounds(graph, xs, es, node_hook=hook)
     c = objective_rows(np.array([y]), graph.output_size)
     alphas: dict[int, Array] = {}
     tangents: dict[int, dict[str, Array]] = {}
     for key, arr in payload:
         kind, _, idx = key.partition(":")
-        if kind in ("irows", "ialpha"):
+        if kind in ("irows", "ialpha", "trows", "tslo", "tsup"):
             continue
         node = int(idx)
         if kind in ("slo", "sup"):

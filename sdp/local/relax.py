@@ -224,11 +224,14 @@ def stationary_points(phi: Activation, a: Array) -> tuple[Array, Array]:
     return z, -z
 
 
-def _piece_extremes(phi: Activation, l: Array, u: Array, a: Array) -> tuple[Array, Array]:
+def _piece_extremes(
+    phi: Activation, l: Array, u: Array, a: Array, uniform: int | None = None
+) -> tuple[Array, Array]:
     """Rigorous (lower bound of min, upper bound of max) of g(z) = phi(z) - a z on [l, u].
 
     [l, u] is cut at a monotone float grid (p_0 = l, p_N = u, so the pieces cover [l, u]
-    exactly): ``PIECES`` uniform pieces (``PIECES_STATIONARY`` where z* is known) plus points
+    exactly): ``PIECES`` uniform pieces (``PIECES_STATIONARY`` where z* is known, or
+    ``uniform`` if given: any number >= 1 is sound, fewer are cheaper) plus points
     +-1e-7 (1 + |z*|) around the float estimates z* of the points where g' = 0
     (:func:`stationary_points`). On a piece [p, q] with w >= q - p, centre c, radius r and
     g' in [al, be] (from a rigorous enclosure of phi' there), each of these bounds min g
@@ -246,6 +249,8 @@ def _piece_extremes(phi: Activation, l: Array, u: Array, a: Array) -> tuple[Arra
     closed = phi.name in _CLOSED_FORM
     stat = list(stationary_points(phi, a)) if closed else []
     n = PIECES_STATIONARY if closed else PIECES
+    if uniform is not None:
+        n = max(1, int(uniform))
     f = np.linspace(0.0, 1.0, n + 1).reshape((-1,) + (1,) * l.ndim)
     pts = [l[None] + f * (u - l)[None]]
     for z in stat:
@@ -398,6 +403,18 @@ def line_intercepts(
     t_lo, _ = _piece_extremes(phi, l, u, s_lo)
     _, t_up = _piece_extremes(phi, l, u, s_up)
     return t_lo, t_up
+
+
+def line_extremes(
+    phi: Activation, l: Array, u: Array, s: Array, *, uniform: int | None = None
+) -> tuple[Array, Array]:
+    """Rigorous (t_lo, t_up) with t_lo <= min and t_up >= max of phi(z) - s z over [l, u]
+    for one float slope per element (:func:`_piece_extremes`): s z + t_lo is a sound lower
+    line and s z + t_up a sound upper line. ``uniform``: uniform pieces of the grid (default:
+    ``PIECES_STATIONARY`` / ``PIECES``); sound for any count, tight where the stationary
+    points are known in closed form (sigmoid, tanh, softplus, elu), as the grid then
+    brackets them whatever the uniform pieces."""
+    return _piece_extremes(phi, l, u, s, uniform)
 
 
 def _generic(phi: Activation, l: Array, u: Array) -> Relaxation:
