@@ -13,7 +13,7 @@ multipliers give a (looser) certificate, with a note.
 Solver choice when none is named: "structured" when registered and available; else Clarabel
 (interior point, exact to 1e-8) when the reduced LMI has at most ``CLARABEL_MAX_DIM`` rows, since
 its dense PSD scaling makes it slow beyond that; else SCS. Each solver uses its own default
-tolerance (``default_eps``: 1e-6 for SCS and the structured solver, 1e-8 for Clarabel).
+tolerance (``default_eps``: 1e-5 for the structured solver, 1e-6 for SCS, 1e-8 for Clarabel).
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ from sdp.ir import Array
 from sdp.solvers._block_tridiag import BlockTridiagOps
 from sdp.solvers._ipm_steps import SchurSystem, cholesky_step, step_ratio
 from sdp.solvers._lmi_structure import (
+    Rank2Blocks,
     StructuredLmi,
     constraint_values,
     constraint_values_banded,
@@ -82,6 +83,7 @@ class IpmTuning:
     step_frac: float = 0.95  # fraction of the step to the boundary
     z0_scale: float = 100.0  # tr Z_0,00 = z0_scale (the dual constraint asks for 1)
     z0_identity: bool = True  # Z_0 = z0_scale I / r; False: z0_scale X_0 / tr X_0,00
+    newton_start_depth: int = 4  # Z_0 from the barrier Newton step (dual feasible) up to it
     shift0: float = 0.0  # S_0 = S(y_0) + shift0 max|diag S(y_0)| I (an infeasible start)
     rho_factor: float = 1.1  # start at rho = rho_factor * rho(t0)
 
@@ -242,8 +244,10 @@ def _step_lengths(
 def _start(
     lmi: StructuredLmi, grp: Grouping, sgn: Mask, t0: Array, rho: float, settings: IpmSettings
 ) -> _Iterate:
-    """S0 = S(rho, t0) (+ pi I if that is not PD, or if settings.shift0 asks for it),
-    Z0 = z0_scale I / r (or z0_scale X0 / tr X0_00), z0 = mu0 / x0 where x >= 0 is imposed.
+    """S0 = S(rho, t0) (+ pi I if that is not PD, or if settings.shift0 asks for it) and the
+    dual start: :func:`newton_dual_start` on nets of depth <= ``newton_start_depth``, else
+    (or if that fails) Z0 = z0_scale I / r (or z0_scale X0 / tr X0_00), z0 = mu0 / x0 where
+    x >= 0 is imposed.
 
     Per layer, x0 is the layer's largest t0. Sign-constrained entries are floored at 1e-8
     times the largest |x0| (a zero would make z0 and the barrier terms infinite).
@@ -264,6 +268,10 @@ def _start(
     if rs is None:
         raise ValueError("could not build a positive definite starting S")
     xinv = sops.inverse_from_cholesky(rs)
+    if lmi.depth <= settings.newton_start_depth:
+        dual = newton_dual_start(lmi, grp, sgn, x, xinv)
+        if dual is not None:
+            return _Iterate(rho, x, s_mat, rs, xinv, dual.zmat, dual.rz, dual.z, pi)
     if settings.z0_identity:
         mu0 = settings.z0_scale / lmi.r
         zmat = mu0 * ops.eye(lmi.n)
@@ -275,6 +283,89 @@ def _start(
         raise ValueError("could not build a positive definite starting Z")
     z = np.where(sgn, mu0 / np.where(sgn, x, 1.0), 0.0)
     return _Iterate(rho, x, s_mat, rs, xinv, zmat, rz, z, pi)
+
+
+def _schur_matrix(
+    lmi: StructuredLmi, grp: Grouping, zb: Rank2Blocks, xb: Rank2Blocks, diag: Array
+) -> Array:
+    """The (m+1) x (m+1) matrix [tr(F_k Z F_l X)] in the unknowns (rho, x), plus ``diag`` on
+    the multipliers' diagonal."""
+    m_rr, m_rt, m_tt = schur_matrix(lmi.ops, zb, xb)
+    m = len(diag)
+    h = np.empty((m + 1, m + 1))
+    h[0, 0] = m_rr
+    h[0, 1:] = h[1:, 0] = grp.vec(m_rt)
+    h[1:, 1:] = grp.mat(m_tt)
+    h[1:, 1:][np.diag_indices(m)] += diag
+    return h
+
+
+@dataclass
+class DualStart:
+    """A dual starting point: Z (backend), its upper Cholesky factor, z (host), mu, and the
+    fraction theta of the Newton correction taken (1: dual feasible)."""
+
+    zmat: Mat
+    rz: Mat
+    z: Array
+    mu: float
+    theta: float
+
+
+def newton_dual_start(
+    lmi: StructuredLmi, grp: Grouping, sgn: Mask, x: Array, xinv: Mat, frac: float = 0.9
+) -> DualStart | None:
+    """The dual estimate of the barrier's Newton step at S = S(y) (X = S^{-1}) as a start.
+
+    With the barrier phi(y) = -log det S(y) - sum_w log x_k, its gradient -g
+    (g_k = <X, F_k> + w_k / x_k) and Hessian H (H_kl = tr(F_k X F_l X) + w_k delta_kl / x_k^2,
+    the Schur matrix with Z = X), the Newton step of rho / mu + phi is H dy = g - c / mu
+    (c = e_rho), and with dS = F(dy)
+
+        Z = mu (X - X dS X) = mu X (S - dS) X,   z = mu (1 / x - dx / x^2)
+
+    satisfies <Z, F_k> + w_k z_k = mu (g - H dy)_k = c_k: tr Z_00 = 1 and every other dual
+    equation hold exactly, and Z > 0 iff S - dS > 0 (the dual matrix of DSDP: Benson, Ye &
+    Zhang, "Solving large-scale sparse semidefinite programs for combinatorial
+    optimization", SIAM J. Optim. 10, 2000). mu minimises the Newton decrement
+    (g - c / mu)^T H^{-1} (g - c / mu): 1 / mu = (H^{-1} g)_rho / (H^{-1})_rho,rho, the
+    central-path point nearest S in the barrier's metric, so Z is as centred as the step
+    allows. Where S - dS is not PD, only the fraction theta = frac * (largest step keeping Z
+    and z positive) of the correction is taken (dual residual (1 - theta) (mu g - c)).
+    Measured (docs/benchmarks.md): mnistfc-256x2 14 iterations instead of 19, 256x4 17
+    instead of 20; on deeper nets (256x6, ERAN 9x200) the dual steps stall, so the solver
+    uses it up to a depth (:class:`IpmTuning` ``newton_start_depth``). None if mu <= 0 or no
+    PD Z is found.
+    """
+    ops = lmi.ops
+    w = sgn.astype(np.float64)
+    xs = np.where(sgn, x, 1.0)
+    xb = rank2_blocks(lmi, xinv)
+    tr_x00, cx = constraint_values(ops, xb)
+    h = _schur_matrix(lmi, grp, xb, xb, w / xs**2)
+    g = np.concatenate([[tr_x00], grp.vec(cx) + w / xs])
+    schur = SchurSystem(h)
+    e_rho = np.zeros(len(g))
+    e_rho[0] = 1.0
+    hg, hc = schur.solve(g), schur.solve(e_rho)
+    if not (hg[0] > 0 and hc[0] > 0 and math.isfinite(hg[0] / hc[0])):
+        return None
+    mu = hc[0] / hg[0]
+    dy = hg - hc / mu
+    k_mat = linear_part_times(lmi, xinv, xb.wy, dy[0], grp.expand(dy[1:]))  # dS X
+    corr = ops.sym(ops.matmul(xinv, k_mat), -0.5 * mu)  # -mu X dS X
+    base = mu * xinv
+    r_base = ops.cholesky_upper(base)
+    if r_base is None:
+        return None
+    z_max, _ = ops.max_step(r_base, corr)
+    theta = min(1.0, frac * z_max, frac * step_ratio(x[sgn], -dy[1:][sgn]))
+    theta, rz = cholesky_step(ops, base, corr, theta)
+    if rz is None:
+        return None
+    base += theta * corr
+    z = np.where(sgn, mu * (1.0 / xs - theta * dy[1:] / xs**2), 0.0)
+    return DualStart(base, rz, z, mu, theta)
 
 
 @dataclass
@@ -363,16 +454,10 @@ def _schur_system(
     ``xs`` is x where x >= 0 is imposed, else 1 (x only divides there); ``base`` is -c plus
     the residual term -A(sym(Z (-pi I) X)) of an infeasible iterate.
     """
-    m = len(cur.x)
-    m_rr, m_rt, m_tt = schur_matrix(lmi.ops, sc.zb, sc.xb)
-    h = np.empty((m + 1, m + 1))
-    h[0, 0] = m_rr
-    h[0, 1:] = h[1:, 0] = grp.vec(m_rt)
-    h[1:, 1:] = grp.mat(m_tt)
     xs = np.where(sgn, cur.x, 1.0)  # x only divides where x >= 0 is imposed (w = 1)
-    h[1:, 1:][np.diag_indices(m)] += w * cur.z / xs
+    h = _schur_matrix(lmi, grp, sc.zb, sc.xb, w * cur.z / xs)
     g = np.concatenate([[sc.tr_x00], grp.vec(sc.cx) + w / xs])
-    c = np.zeros(m + 1)
+    c = np.zeros(len(cur.x) + 1)
     c[0] = 1.0
     base = -c
     if cur.pi > 0:  # the residual -pi I enters as -A(sym(Z (-pi I) X))
@@ -438,11 +523,14 @@ def solve_ipm(
     """Primal-dual path following with Mehrotra's predictor-corrector (HKM direction).
 
     Starts at y = (rho_factor rho0, t0), S = S(y) (+ pi I if needed: an infeasible start whose
-    residual shrinks by (1 - a_p) per step) and a dual Z = z0_scale I / r that is infeasible
-    but large: tr Z_00 = z0_scale (default 100) instead of 1. Measured (docs/benchmarks.md): with
-    tr Z_00 = 1, or with the centred Z = c S^{-1}, the dual steps stay short for 30-50
-    iterations on some deep nets (mnistfc-256x4/256x6, a 6x200 sigmoid net). Every
-    iterate's t is scored by its exact smallest rho; the best is returned.
+    residual shrinks by (1 - a_p) per step). The dual start on nets of depth at most
+    ``newton_start_depth`` (default 4) is the barrier Newton step's dual estimate
+    (:func:`newton_dual_start`: centred and dual feasible up to a fraction); on deeper nets
+    Z = z0_scale I / r, infeasible but large: tr Z_00 = z0_scale (default 100) instead of 1.
+    Measured (docs/benchmarks.md): the Newton start saves 3-6 iterations up to depth 4
+    (mnistfc-256x2: 14 instead of 19) but stalls on 256x6 and ERAN 9x200; there, as with
+    tr Z_00 = 1 or the centred Z = c S^{-1}, the dual steps stay short for 20-50 iterations.
+    Every iterate's t is scored by its exact smallest rho; the best is returned.
     """
     grp = Grouping(lmi, per_layer)
     w = grp.sign_needed(lmi)

@@ -27,14 +27,19 @@ class SchurSystem:
 
     def __init__(self, h: Array) -> None:
         self.dsc = 1.0 / np.sqrt(np.maximum(np.diagonal(h), 1e-300))
-        self.hs = h * self.dsc[:, None] * self.dsc[None, :]
+        self.hs = h * self.dsc[:, None]
+        self.hs *= self.dsc[None, :]
         self.factor: Any = None
-        k = len(h)
+        if not np.all(np.isfinite(self.hs)):
+            return  # least squares (which then raises on the non-finite entries)
+        diag = np.diagonal(self.hs).copy()
         for reg in (0.0, 1e-13, 1e-11, 1e-9, 1e-7):
+            a = self.hs.copy()
+            a[np.diag_indices_from(a)] = diag + reg
             try:
-                self.factor = linalg.cho_factor(self.hs + reg * np.eye(k), check_finite=True)
+                self.factor = linalg.cho_factor(a, overwrite_a=True, check_finite=False)
                 break
-            except (linalg.LinAlgError, ValueError):
+            except linalg.LinAlgError:
                 continue
 
     def solve(self, rhs: Array) -> Array:
