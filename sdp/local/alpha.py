@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import special
 
 from sdp.ir import Activation, Array
 from sdp.local.graph import Node
@@ -151,6 +152,27 @@ def optimise_alphas(
     return best, best_alpha
 
 
+def _derivs012(phi: Activation, d: Array) -> tuple[Array, Array, Array]:
+    """(phi, phi', phi'') at d for sigmoid / tanh from one transcendental evaluation (float:
+    the optimiser's lines and gradients only; sigma' = s (1 - s), sigma'' = sigma' (1 - 2 s);
+    tanh' = 1 - t^2, tanh'' = -2 t tanh')."""
+    if phi.name == "sigmoid":
+        f = np.asarray(special.expit(d))
+        d1 = f * (1.0 - f)
+        return f, d1, d1 * (1.0 - 2.0 * f)
+    if phi.name == "tanh":
+        f = np.tanh(d)
+        d1 = 1.0 - f * f
+        return f, d1, -2.0 * f * d1
+    return np.asarray(phi(d)), _deriv(phi, d), deriv2(phi, d)
+
+
+def _f32(a: Array) -> Array:
+    """Round to float32 and back (exact in float64; non-finite values stay non-finite)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(a, dtype=np.float32).astype(np.float64)
+
+
 def tangent_nodes(st: BallBounds, top: int) -> list[int]:
     """Act nodes below ``top`` whose lines alpha-CROWN optimises by tangent point."""
     return [
@@ -242,20 +264,24 @@ def optimise_tangents(
         d_lo[k] = np.repeat(s0_lo[:, None, :], m, axis=1)
         d_up[k] = np.repeat(s0_up[:, None, :], m, axis=1)
 
+    curv: dict[int, tuple[Array, Array]] = {}  # phi''(d) of the current lines (gradients)
+
     def float_lines(k: int) -> RowLines:
         rel = st.relax[k]
         phi = st.graph.nodes[k].op
         assert isinstance(phi, Activation)
         ok_lo, ok_up = okm[k]
-        out = []
+        out, dd = [], []
         for d, ok, s_rel, t_rel in (
             (d_lo[k], ok_lo, rel.lower_slope, rel.lower_icpt),
             (d_up[k], ok_up, rel.upper_slope, rel.upper_icpt),
         ):
-            sl = _deriv(phi, d)
-            t = phi(d) - sl * d
+            f, sl, f2 = _derivs012(phi, d)
+            t = f - sl * d
             out.append(np.where(ok[:, None, :], sl, s_rel[:, None, :]))
             out.append(np.where(ok[:, None, :], t, t_rel[:, None, :]))
+            dd.append(f2)
+        curv[k] = (dd[0], dd[1])
         return RowLines(out[0], out[1], out[2], out[3])
 
     best = np.full((b, m), -np.inf)
@@ -292,7 +318,7 @@ def optimise_tangents(
                     (d_up[k], ok_up, a_up, b_up, lam < 0),
                 )
             ):
-                grad = np.where(sel & ok[:, None, :], lam * deriv2(phi, d) * (pre[k] - d), 0.0)
+                grad = np.where(sel & ok[:, None, :], lam * curv[k][j] * (pre[k] - d), 0.0)
                 mk, vk = mom[k][j], vel[k][j]
                 mk[...] = b1 * mk + (1 - b1) * grad
                 vk[...] = b2 * vk + (1 - b2) * grad * grad
@@ -343,14 +369,20 @@ sigmoid / tanh are bracketed anyway; fewer pieces only cost tightness where thei
 estimate fails, never soundness)."""
 
 
-def tangent_rule(slopes: dict[int, tuple[Array, Array]], uniform: int = TANGENT_PIECES) -> ActRule:
+def tangent_rule(
+    slopes: dict[int, tuple[Array, Array]],
+    uniform: int = TANGENT_PIECES,
+    used: dict[int, Array] | None = None,
+) -> ActRule:
     """An ``act_rule`` for :func:`sdp.local.propagate.backward` with per-row slopes (lower,
     upper), (B, m, n) each, of the act nodes in ``slopes``: each multiplier uses the slope of
-    the line it needs (lower where lam >= 0, upper where lam < 0), and only that line's
-    intercept is bounded rigorously (:func:`sdp.local.relax.line_extremes`; the relaxation's
-    own intercept where the slope is the relaxation's). Half the work of
-    :func:`rigorous_lines`, which bounds both lines of every entry; sound for any finite
-    slopes (the intercept makes any slope a valid line)."""
+    the line it needs (lower where lam >= 0, upper where lam < 0; the relaxation's where
+    lam = 0), and only that line's intercept is bounded rigorously
+    (:func:`sdp.local.relax.line_extremes`; the relaxation's own intercept where the slope is
+    the relaxation's). Half the work of :func:`rigorous_lines`, which bounds both lines of
+    every entry; sound for any finite slopes (the intercept makes any slope a valid line).
+    ``used`` (if given) receives the slopes actually used per node: passed back as both
+    (lower, upper), they reproduce the same pass exactly (the certificate stores only them)."""
 
     def rule(
         node: Node, rel: Relaxation, lam: Array, alpha: Array | None, st: BallBounds
@@ -371,6 +403,8 @@ def tangent_rule(slopes: dict[int, tuple[Array, Array]], uniform: int = TANGENT_
             u = np.broadcast_to(st.hi[p][:, None, :], s.shape)[new]
             t_lo, t_up = line_extremes(phi, l, u, s[new], uniform=uniform)
             t[new] = np.where(pos[new], t_lo, t_up)
+        if used is not None:
+            used[node.index] = s
         return crown_act_step(rel, lam, None, st.zmax(p), RowLines(s, t, s, t))
 
     return rule
@@ -380,10 +414,10 @@ def tangent_rule(slopes: dict[int, tuple[Array, Array]], uniform: int = TANGENT_
 # get +-e_i objectives (first r rows: lower bounds of z_i, last r: of -z_i).
 InterAlphas = dict[int, tuple[np.ndarray, dict[int, Array]]]
 
-# Per input b: target node -> (objective rows o (q,), {act node: (lower slopes, upper slopes),
-# (q, n) each}); o in [0, 2 n_t): o < n_t is +e_o (a lower bound of z_o), o >= n_t is
-# -e_(o - n_t) (an upper bound of z_(o - n_t)).
-InterLines = dict[int, tuple[np.ndarray, dict[int, tuple[Array, Array]]]]
+# Per input b: target node -> (objective rows o (q,), {act node: slopes (q, n) in float32});
+# o in [0, 2 n_t): o < n_t is +e_o (a lower bound of z_o), o >= n_t is -e_(o - n_t) (an upper
+# bound of z_(o - n_t)); each slope is that of the line the row uses (:func:`tangent_rule`).
+InterLines = dict[int, tuple[np.ndarray, dict[int, Array]]]
 
 
 def signed_objective(st: BallBounds, idx: int, obj: np.ndarray) -> tuple[dict[int, Array], Array]:
@@ -452,11 +486,9 @@ class IntermediateAlpha:
 
     def _tangents(self, st: BallBounds, sub: BallBounds, idx: int, b: int) -> None:
         n = st.graph.nodes[idx].size
-        if self.given_lines is not None:
-            if idx not in self.given_lines[b]:
-                return
-            obj, sl = self.given_lines[b][idx]
-        else:
+        if self.given_lines is not None and idx not in self.given_lines[b]:
+            return
+        if self.given_lines is None:
             if self.tangent_iterations <= 0:
                 return
             rows = self._tangent_rows(st, idx, b)
@@ -475,12 +507,23 @@ class IntermediateAlpha:
                 return
             r = rows.size
             obj = np.where(keep < r, rows[keep % r], rows[keep % r] + n)
-            sl = {k: (lo[0, keep], up[0, keep]) for k, (lo, up) in slopes.items()}
-            self.found_lines[b][idx] = (obj, sl)
-        # the rigorous bound of the kept rows: exactly what verification replays
-        init, c0 = signed_objective(sub, idx, obj)
-        rule = tangent_rule({k: (lo[None], up[None]) for k, (lo, up) in sl.items()})
-        lower = backward(sub, init, c0, act_rule=rule).lower[0]
+            # float32 slopes (half the payload; any slope is sound): the pass below uses
+            # exactly the stored values, and records the one line each entry uses
+            sl2 = {k: (_f32(lo[0, keep]), _f32(up[0, keep])) for k, (lo, up) in slopes.items()}
+            init, c0 = signed_objective(sub, idx, obj)
+            used: dict[int, Array] = {}
+            rule = tangent_rule({k: (a[None], c[None]) for k, (a, c) in sl2.items()}, used=used)
+            lower = backward(sub, init, c0, act_rule=rule).lower[0]
+            self.found_lines[b][idx] = (
+                obj,
+                {k: used[k][0].astype(np.float32) for k in sl2 if k in used},
+            )
+        else:
+            obj, sl = self.given_lines[b][idx]
+            # exactly the pass above: the stored slopes are those each entry used
+            init, c0 = signed_objective(sub, idx, obj)
+            rule = tangent_rule({k: (a[None], a[None]) for k, a in sl.items()})
+            lower = backward(sub, init, c0, act_rule=rule).lower[0]
         low = obj < n
         i_lo, i_up = obj[low], obj[~low] - n
         st.lo[idx][b, i_lo] = np.maximum(st.lo[idx][b, i_lo], lower[low])

@@ -270,9 +270,7 @@ def _encode_inter_lines(found: InterLines) -> Payload:
     for t in sorted(found):
         obj, sl = found[t]
         out.append((f"trows:{t}", np.asarray(obj, dtype=np.float64)))
-        for k in sorted(sl):
-            out.append((f"tslo:{t}:{k}", sl[k][0]))
-            out.append((f"tsup:{t}:{k}", sl[k][1]))
+        out.extend((f"tsl:{t}:{k}", np.asarray(sl[k], dtype=np.float32)) for k in sorted(sl))
     return tuple(out)
 
 
@@ -281,21 +279,18 @@ def _decode_inter_lines(graph: Graph, payload: Payload) -> InterLines:
     codes, act nodes that are sigmoid / tanh below their target); any finite slope gives a
     sound line (its intercept is recomputed rigorously), so nothing else needs trusting."""
     rows: dict[int, np.ndarray] = {}
-    sl: dict[int, dict[int, dict[str, Array]]] = {}
+    sl: dict[int, dict[int, Array]] = {}
     for key, arr in payload:
         parts = key.split(":")
         if parts[0] == "trows" and len(parts) == 2:
             t = int(parts[1])
             r = np.asarray(arr, dtype=np.float64).reshape(-1)
-            if not (0 <= t < len(graph.nodes)) or not np.all(np.isfinite(r)):
+            if not (0 <= t < len(graph.nodes)) or r.size == 0 or not np.isfinite(r).all():
                 raise ValueError(f"bad payload entry {key!r}")
-            if np.any(r != np.round(r)) or r.size == 0:
+            if np.any(r != np.round(r)) or r.min() < 0 or r.max() >= 2 * graph.nodes[t].size:
                 raise ValueError(f"bad payload entry {key!r}")
-            ri = r.astype(np.intp)
-            if ri.min() < 0 or ri.max() >= 2 * graph.nodes[t].size:
-                raise ValueError(f"bad payload entry {key!r}")
-            rows[t] = ri
-        elif parts[0] in ("tslo", "tsup") and len(parts) == 3:
+            rows[t] = r.astype(np.intp)
+        elif parts[0] == "tsl" and len(parts) == 3:
             t, k = int(parts[1]), int(parts[2])
             ok = 0 < k < t < len(graph.nodes) and graph.nodes[k].kind == "act"
             if not ok or getattr(graph.nodes[k].op, "name", "") not in OPTIMISABLE:
@@ -303,19 +298,15 @@ def _decode_inter_lines(graph: Graph, payload: Payload) -> InterLines:
             a = np.asarray(arr, dtype=np.float64)
             if a.ndim != 2 or a.shape[1] != graph.nodes[k].size or not np.isfinite(a).all():
                 raise ValueError(f"bad payload entry {key!r}")
-            sl.setdefault(t, {}).setdefault(k, {})[parts[0]] = a
+            sl.setdefault(t, {})[k] = a
+    if any(t not in rows for t in sl):
+        raise ValueError("tangent slopes without their rows")
     out: InterLines = {}
-    for t in sl:
-        if t not in rows:
-            raise ValueError(f"tangent slopes of node {t} without rows")
     for t, r in rows.items():
         per = sl.get(t, {})
-        pairs: dict[int, tuple[Array, Array]] = {}
-        for k, v in per.items():
-            if set(v) != {"tslo", "tsup"} or any(a.shape[0] != r.size for a in v.values()):
-                raise ValueError(f"tangent slopes of node {t} do not match its rows")
-            pairs[k] = (v["tslo"], v["tsup"])
-        out[t] = (r, pairs)
+        if any(a.shape[0] != r.size for a in per.values()):
+            raise ValueError(f"tangent slopes of node {t} do not match its rows")
+        out[t] = (r, per)
     return out
 
 
@@ -334,7 +325,7 @@ def _alpha_recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload
     tangents: dict[int, dict[str, Array]] = {}
     for key, arr in payload:
         kind, _, idx = key.partition(":")
-        if kind in ("irows", "ialpha", "trows", "tslo", "tsup"):
+        if kind in ("irows", "ialpha", "trows", "tsl"):
             continue
         node = int(idx)
         if kind in ("slo", "sup"):

@@ -100,6 +100,13 @@ def test_intermediate_tangents_tighten_and_hold(name):
         )
     assert gain > 1.05, "the intermediate optimisation never helped: vacuous"
     assert any(hook.found_lines[b] for b in range(2))
+    # verification replays the stored slopes to the same bounds, bit for bit
+    again = compute_bounds(
+        graph, x0, eps, node_hook=IntermediateAlpha(given_lines=hook.found_lines)
+    )
+    for idx in pre:
+        assert np.array_equal(again.lo[idx], tight.lo[idx])
+        assert np.array_equal(again.hi[idx], tight.hi[idx])
     for b in range(2):
         # random points of the ball and its sphere, and an attack on every neuron's bounds
         d = rng.normal(size=(400, 6))
@@ -167,7 +174,7 @@ def test_certificates_with_intermediate_tangents_replay_and_resist_forgery():
     assert verify_local(net, x[i], cert)
     # forged slopes: the intercepts are recomputed, so verification can only get harder
     forged = replace(
-        cert, payload=tuple((k, a * 1.7 if k.startswith("tslo:") else a) for k, a in cert.payload)
+        cert, payload=tuple((k, a * 1.7 if k.startswith("tsl:") else a) for k, a in cert.payload)
     )
     if verify_local(net, x[i], forged):
         d = rng.normal(size=(3000, 10))
@@ -175,8 +182,8 @@ def test_certificates_with_intermediate_tangents_replay_and_resist_forgery():
         assert np.all(np.argmax(net.forward(x[i] + d), axis=1) == cert.prediction)
     # malformed entries are refused, not trusted
     for bad in (
-        lambda k, a: a * np.nan if k.startswith("tsup:") else a,
-        lambda k, a: a[:-1] if k.startswith("tslo:") else a,
+        lambda k, a: a * np.nan if k.startswith("tsl:") else a,
+        lambda k, a: a[:-1] if k.startswith("tsl:") else a,
         lambda k, a: a + 1e6 if k.startswith("trows:") else a,
     ):
         broken = replace(cert, payload=tuple((k, bad(k, a)) for k, a in cert.payload))
