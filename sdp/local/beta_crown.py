@@ -597,8 +597,10 @@ def _alpha_rows(
     rigorous backward pass per leaf with the root's intermediate alphas ``got`` of those rows
     (CROWN's slopes for a row or an act node without any)."""
     stored, al = got
-    pos = {int(r): i for i, r in enumerate(np.asarray(stored).reshape(-1))}
-    n_st = len(pos)
+    stored = np.asarray(stored, dtype=np.intp).reshape(-1)
+    n_st = stored.size
+    pos = np.full(st.graph.nodes[idx].size, -1, dtype=np.intp)
+    pos[stored] = np.arange(n_st)  # a row's place among the stored rows (-1: none)
     b, r = need.shape
     lows = np.full((b, r), -np.inf)
     highs = np.full((b, r), np.inf)
@@ -613,22 +615,22 @@ def _alpha_rows(
                 continue
             sub = single(st, bi)
             sel = rows[mine]
+            m = sel.size
             init, c0 = node_objective(sub, idx, sel)
+            q = pos[sel]
+            has = np.flatnonzero(q >= 0)
             alphas: dict[int, Array] = {}
             for a in acts:
                 base = st.relax[a].lower_slope[bi]
-                obj = np.broadcast_to(base, (2 * sel.size, base.shape[0])).copy()
+                obj = np.broadcast_to(base, (2 * m, base.shape[0])).copy()
                 arr = al.get(a)
                 if arr is not None and arr.shape == (2 * n_st, base.shape[0]):
-                    for j, i in enumerate(sel):
-                        q = pos.get(int(i))
-                        if q is not None:
-                            obj[j] = arr[q]
-                            obj[sel.size + j] = arr[n_st + q]
+                    obj[has] = arr[q[has]]
+                    obj[m + has] = arr[n_st + q[has]]
                 alphas[a] = obj[None]
             low = backward(sub, init, c0, alphas=alphas).lower[0]
-            lows[bi, mine] = low[: sel.size]
-            highs[bi, mine] = -low[sel.size :]
+            lows[bi, mine] = low[:m]
+            highs[bi, mine] = -low[m:]
     return lows, highs
 
 
