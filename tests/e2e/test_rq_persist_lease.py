@@ -20,7 +20,9 @@ from service.jobs import certify_rq
 from service.jobs.base import JobSpec, now_iso
 from service.jobs.certify import certify_chunk, npz, options_of, read_npz
 from service.jobs.redis_state import CLAIMED, DONE, HELD, RedisJobs, job_key, model_key
+from service.jobs.rq import RqRunner
 from service.jobs.tasks import load_network
+from service.storage import Storage
 from tests.redis_server import redis_server
 from tests.serve_process import Calls, ServeProcess, wait_job
 from tests.service.onnx_nets import mlp_onnx
@@ -63,6 +65,19 @@ def test_one_lease_holder_at_a_time(redis_url: str) -> None:
     assert jobs.claim_persist("k", "b", 60) == HELD
     jobs.release_persist("k", "a")
     assert jobs.claim_persist("k", "b", 60) == CLAIMED
+
+
+def test_the_holder_renews_its_lease_while_it_works(redis_url: str, tmp_path: Path) -> None:
+    runner = RqRunner(Storage(tmp_path / "data"), redis_url, persist_lease_s=0.6)
+    jobs = runner.jobs
+    runner.redis.hset(job_key("j"), mapping={"id": "j", "status": "succeeded"})
+    assert jobs.claim_persist("j", "a", runner.persist_lease_s) == CLAIMED
+    with runner._renewing("j", "a"):
+        for _ in range(15):  # 1.5 s, 2.5 leases long: never free for another replica
+            time.sleep(0.1)
+            assert jobs.claim_persist("j", "b", 5) == HELD
+    time.sleep(0.7)  # "a" died without finishing: its lease runs out
+    assert jobs.claim_persist("j", "b", 5) == CLAIMED
 
 
 @pytest.mark.slow  # two server starts: 15-40 s on the loaded 2-core machine
