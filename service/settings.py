@@ -123,6 +123,13 @@ class Settings(BaseSettings):
         description="RQ runner: threads (shared by all jobs) that re-check the certificates of "
         "finished certification jobs.",
     )
+    persist_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="RQ runner: lease of the API replica that saves a finished job's result "
+        "(re-checks a certification job's certificates), renewed every third of it; an API "
+        "killed meanwhile is taken over by the next reader this long after its last renewal.",
+    )
     torch_threads: int = Field(default=1, ge=1, description="torch.set_num_threads for inference.")
     cpu_dtype: Literal["float32", "float64"] = Field(
         default="float64", description="Inference dtype on CPU (CUDA always uses float64)."

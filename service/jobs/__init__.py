@@ -29,6 +29,7 @@ def create_runner(settings: Any, storage: Any) -> JobRunner:
             default_timeout_s=timeout,
             heartbeat_timeout_s=float(getattr(settings, "worker_heartbeat_timeout_s", 30.0)),
             recheck_workers=int(getattr(settings, "recheck_workers", 2)),
+            persist_lease_s=float(getattr(settings, "persist_lease_s", 30.0)),
         )
     from service.jobs.local import LocalRunner
 

@@ -7,8 +7,12 @@ with only the job id. Workers write progress, a heartbeat and the outcome into t
 
 The API side keeps the truth honest:
 
-- a succeeded job's bound document is saved into this server's storage once
-  (``persisted`` flag, set with HSETNX so several API replicas save it once),
+- a succeeded job's bound document (a certification job's re-checked columns) is saved
+  into this server's storage once, by one API replica at a time under a lease that it
+  renews while it works (:meth:`RedisJobs.claim_persist`); an API process killed meanwhile
+  stops renewing, and once the lease expires (``persist_lease_s``) the next read, in any
+  replica or the restarted one, takes the work over; ``persisted`` is set for good only
+  with the saved result,
 - a job RQ reports failed/stopped (e.g. "work-horse terminated unexpectedly") is failed or
   cancelled here with RQ's reason,
 - a running job whose heartbeat is older than ``heartbeat_timeout_s`` is failed with
@@ -31,6 +35,8 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -57,6 +63,8 @@ from service.jobs.base import (
 )
 from service.jobs.redis_state import (
     ACTIVE_SET,
+    CLAIMED,
+    DONE,
     QUEUE_NAME,
     RedisJobs,
     dedupe_key,
@@ -92,6 +100,7 @@ class RqRunner:
         heartbeat_timeout_s: float = 30.0,
         reconcile_s: float = 1.0,
         recheck_workers: int = 2,
+        persist_lease_s: float = 30.0,
     ) -> None:
         self.storage = storage
         # bounded waits: a request never hangs on a dead Redis, it answers 503
@@ -110,6 +119,7 @@ class RqRunner:
         self._rechecking: set[str] = set()
         self._rechecking_lock = threading.Lock()
         self.recheck_workers = max(1, int(recheck_workers))
+        self.persist_lease_s = float(persist_lease_s)
         self._recheck_pool: ThreadPoolExecutor | None = None  # made on first use
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -328,7 +338,16 @@ class RqRunner:
                 return
             if rec.status == "succeeded" and not self._copy_certification(rec):
                 return
-        if result is not None and self.redis.hsetnx(job_key(rec.id), "persisted", "1"):
+        if result is not None:
+            owner = self._owner()
+            claim = self.jobs.claim_persist(rec.id, owner, self.persist_lease_s)
+            if claim != DONE and (claim != CLAIMED or not self._save_bound(rec, result, owner)):
+                return  # another replica holds the lease, or saving failed: a read retries
+        self.redis.srem(ACTIVE_SET, rec.id)
+
+    def _save_bound(self, rec: JobRecord, result: dict[str, Any], owner: str) -> bool:
+        """Save a succeeded job's bound under ``owner``'s lease; False when it failed."""
+        with self._renewing(rec.id, owner):
             error: JobError | None = None
             model_id = rec.spec.model_id
             bound = StoredBound.from_json(result)
@@ -345,16 +364,43 @@ class RqRunner:
             except StorageFull as exc:  # as in the local runner: failed, retry when freed
                 error = STORAGE_FULL.with_detail(exc.detail)
             except Exception:
-                self.redis.hdel(job_key(rec.id), "persisted")
+                self.jobs.release_persist(rec.id, owner)
                 log.exception("saving the result of job %s failed", rec.id)
-                return
-            if error is not None:
-                self.jobs.transition(
-                    rec.id, ("succeeded",), status="failed", error=error.to_json(), result="null"
-                )
-            else:
-                observe_solve_time(bound)
-        self.redis.srem(ACTIVE_SET, rec.id)
+                return False
+        if error is not None:
+            failed = {"status": "failed", "error": error.to_json(), "result": "null"}
+            self.jobs.finish_persist(rec.id, owner, ("succeeded",), **failed)
+        elif self.jobs.finish_persist(rec.id, owner):
+            observe_solve_time(bound)
+        return True
+
+    def _owner(self) -> str:
+        """A fresh claimant name for one lease (host, pid, and a unique tag)."""
+        return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+    @contextlib.contextmanager
+    def _renewing(self, job_id: str, owner: str) -> Iterator[None]:
+        """Renew ``owner``'s lease on ``job_id`` every third of ``persist_lease_s`` while
+        the body runs (a thread: Python switches threads every few ms, and numpy releases
+        the GIL, so a CPU-bound re-check does not starve it)."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.persist_lease_s / 3):
+                try:
+                    if not self.jobs.renew_persist(job_id, owner, self.persist_lease_s):
+                        log.warning("job %s: the lease on saving its result was lost", job_id)
+                        return
+                except Exception:  # Redis away: the lease may lapse, a reader then retries
+                    log.warning("job %s: renewing the lease failed", job_id, exc_info=True)
+
+        thread = threading.Thread(target=renew, name="lipcert-persist-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _recheck_in_background(self, rec: JobRecord) -> None:
         """Re-check a certification job's certificates on the runner's re-check pool
@@ -378,28 +424,28 @@ class RqRunner:
         future.add_done_callback(done)
 
     def _copy_certification(self, rec: JobRecord) -> bool:
-        """Copy a succeeded certification job's columns into the data dir once; False when
-        it failed (tried again on the next read)."""
+        """Re-check a succeeded certification job's certificates and copy its columns into
+        the data dir once (under the saving lease, see the module docstring); False when it
+        failed or another replica is at it (a later read tries again)."""
         from service.jobs import certify_rq
 
-        if not self.redis.hsetnx(job_key(rec.id), "persisted", "1"):
-            return True
+        owner = self._owner()
+        claim = self.jobs.claim_persist(rec.id, owner, self.persist_lease_s)
+        if claim != CLAIMED:
+            return claim == DONE
         try:
-            if self.storage.get_model(rec.spec.model_id) is None:
-                self.jobs.transition(
-                    rec.id,
-                    ("succeeded",),
-                    status="failed",
-                    error=MODEL_DELETED.to_json(),
-                    result="null",
-                )
-                return True
-            summary = certify_rq.persist_result(self.redis, self.storage, rec)
+            with self._renewing(rec.id, owner):
+                if self.storage.get_model(rec.spec.model_id) is None:
+                    failed = {"status": "failed", "error": MODEL_DELETED.to_json()}
+                    self.jobs.finish_persist(rec.id, owner, ("succeeded",), **failed, result="null")
+                    return True
+                summary = certify_rq.persist_result(self.redis, self.storage, rec)
         except Exception:
-            self.redis.hdel(job_key(rec.id), "persisted")
+            self.jobs.release_persist(rec.id, owner)
             log.exception("re-checking the result of certification job %s failed", rec.id)
             return False
-        self.jobs.transition(rec.id, ("succeeded",), result=summary)
+        # False: the lease lapsed and another replica took over; it writes the same columns
+        self.jobs.finish_persist(rec.id, owner, ("succeeded",), result=summary)
         return True
 
     def _reconcile(self, rec: JobRecord) -> None:
