@@ -43,7 +43,7 @@ from models.runtime import TorchNetwork
 from sdp.bounds import compute_bound
 from sdp.errors import NotApplicable
 from sdp.importers import load_model_file
-from sdp.local import beta_crown, certify_local
+from sdp.local import certify_local, clock
 from sdp.local.graph import build_graph
 from sdp.local.margins import get_method
 from sdp.radius import certified_radius
@@ -283,7 +283,7 @@ def main() -> None:
         args.radius_methods = [m for m in str(args.radius_methods).split(",") if m]
     torch.set_num_threads(1)
     if args.cpu_clock:
-        beta_crown.CLOCK = time.process_time
+        clock.CLOCK = time.process_time
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for key in [k for k in args.nets.split(",") if k]:

@@ -55,9 +55,7 @@ stored intermediate alphas, checks that the leaves cover the ball (a complete sp
 
 from __future__ import annotations
 
-import time
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +64,7 @@ import sdp.local.sdp_crown_method  # noqa: F401  (registers sdp-crown first: aut
 from sdp._blas import one_thread
 from sdp.errors import NotApplicable
 from sdp.ir import Activation, Array, Dense
+from sdp.local import clock
 from sdp.local.alpha import InterAlphas, IntermediateAlpha
 from sdp.local.graph import Graph, Node
 from sdp.local.margins import (
@@ -123,13 +122,7 @@ CROWN_PROBES = 10
 """CROWN bisection steps that start the radius search."""
 RADIUS_STEP = 1.25
 RADIUS_RTOL = 0.01
-CLOCK: Callable[[], float] = time.perf_counter
-"""The clock of the budgets (wall clock; a benchmark on a shared machine may set
-``time.process_time`` to measure the budget in this process's CPU seconds)."""
-
-
-def _now() -> float:
-    return CLOCK()
+_now = clock.now  # the budgets' clock (sdp.local.clock: wall, or CPU seconds in a benchmark)
 
 
 ROOT_INTER_ITERATIONS = 10

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from sdp.errors import UnsupportedMethod
 from sdp.ir import Array, Network
+from sdp.local import clock
 from sdp.local.graph import Graph, build_graph
 from sdp.local.margins import MarginMethod, auto_chain, get_method
 from sdp.local.relax import _deriv
@@ -207,7 +207,7 @@ def certify_local(
     clock), start-up included: the batches of the first k inputs end by start + k *
     time_budget_s, and no probe starts that the last one's time says would end later.
     """
-    start = time.perf_counter()
+    start = clock.now()
     x = _check_inputs(net, inputs)
     b = x.shape[0]
     chain = _methods(method)
@@ -316,7 +316,7 @@ def _search(
     optimizer: SlopeOptimizer | None,
 ) -> None:
     """Raise ``states[idx]`` to the largest radii certified by ``chain`` before ``deadline``
-    (a ``time.perf_counter`` time): a probe starts only while the last probe's time still
+    (a :func:`sdp.local.clock.now` time): a probe starts only while the last probe's time still
     fits (before the first: the margin-gradient pass's, one backward pass, less than a probe)."""
     # a method with its own search (beta-crown: a CROWN bisection, then branch-and-bound
     # probes) gets the budget first; the bisections of the others only ever raise its radii
@@ -324,9 +324,9 @@ def _search(
     live = idx[margin[idx] > 0]
     if live.size == 0:
         return
-    t = time.perf_counter()
+    t = clock.now()
     gn = _margin_gradients(graph, x[live], pred[live])
-    last = time.perf_counter() - t  # seconds of the last probe (so far: the gradient pass)
+    last = clock.now() - t  # seconds of the last probe (so far: the gradient pass)
     raw = margin[live][:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         d = np.where(gn > 0, raw / gn, np.inf)
@@ -335,7 +335,7 @@ def _search(
     for mi, m in enumerate(chain):
         lo = np.array([states[i].lo for i in live])
         if m.search is not None:  # the method's own search (every radius a full evaluation)
-            left = max(0.0, deadline - time.perf_counter()) / live.size
+            left = max(0.0, deadline - clock.now()) / live.size
             if left <= 0.0:  # the earlier methods spent the budget
                 continue
             rad, low, pays = m.search(graph, x[live], pred[live], lo, left)
@@ -352,12 +352,12 @@ def _search(
         probe = np.where(probe > 0, probe, 1e-3)
         for _ in range(_MAX_PROBES):
             act = np.flatnonzero(hi - lo > _RTOL * np.maximum(lo, 1e-12))
-            t = time.perf_counter()
+            t = clock.now()
             if act.size == 0 or t + last > deadline:
                 break
             ids = live[act]
             ok, lower, payloads = _evaluate(m, graph, x[ids], probe[act], pred[ids], net, optimizer)
-            last = time.perf_counter() - t
+            last = clock.now() - t
             fmin = np.min(np.where(np.isnan(lower), -np.inf, lower), axis=1)
             for j, a in enumerate(act):
                 i = live[a]
@@ -370,7 +370,7 @@ def _search(
                 probe[a] = _next_probe(lo[a], f_lo[a], hi[a], f_hi[a], p0[a], f0[a])
                 if hi[a] < 1e-9:
                     hi[a] = lo[a]  # nothing certifiable above 1e-9: stop
-        if time.perf_counter() + last > deadline:
+        if clock.now() + last > deadline:
             break
 
 
