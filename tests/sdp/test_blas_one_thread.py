@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import types
 
 import numpy as np
@@ -41,3 +42,36 @@ def test_libraries_are_rescanned_only_after_imports():
         assert _blas._blas_controller() is not first
     finally:
         del sys.modules[name]
+
+
+def test_one_thread_holds_while_another_thread_leaves():
+    """Threads overlap (request threads, the re-check pool): A enters, B enters, A leaves;
+    B must still run on one thread (A restoring its saved count would give B's network
+    derivation another BLAS split, so other last bits and another content hash)."""
+    a_in, b_in, a_out, b_seen = (threading.Event() for _ in range(4))
+    seen: list[list[int]] = []
+
+    def a() -> None:
+        with one_thread():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b() -> None:
+        a_in.wait(10)
+        with one_thread():
+            b_in.set()
+            a_out.wait(10)
+            seen.append(_blas_threads())
+        b_seen.set()
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        ts = [threading.Thread(target=f) for f in (a, b)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(20)
+        after = _blas_threads()
+    assert b_seen.is_set() and seen == [[1] * len(before)]
+    assert after == before
