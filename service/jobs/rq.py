@@ -417,9 +417,12 @@ class RqRunner:
             self._rechecking.add(rec.id)
             future = self._recheck_pool.submit(self._copy_certification, rec)
 
-        def done(_: Future[bool]) -> None:  # also when cancelled by stop(): a read retries it
+        def done(fut: Future[bool]) -> None:  # also when cancelled by stop(): a read retries it
             with self._rechecking_lock:
                 self._rechecking.discard(rec.id)
+            exc = None if fut.cancelled() else fut.exception()
+            if exc is not None:  # e.g. Redis lost while claiming: a later read retries it
+                log.error("re-checking certification job %s failed", rec.id, exc_info=exc)
 
         future.add_done_callback(done)
 
