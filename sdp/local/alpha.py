@@ -21,6 +21,7 @@ tangents are valid; the chosen slopes get rigorous intercepts and one rigorous p
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -531,26 +532,25 @@ class IntermediateAlpha:
 
     @staticmethod
     def _rows(st: BallBounds, idx: int, b: int) -> np.ndarray:
-        g = st.graph
-        relu_like = any(
-            g.nodes[c].kind == "act" and getattr(g.nodes[c].op, "name", "") in _RELU_LIKE
-            for c in g.consumers[idx]
-        )
-        if not relu_like:
+        if not _feeds(st, idx, _RELU_LIKE):
             return np.zeros(0, dtype=np.intp)
         lo, hi = st.lo[idx][b], st.hi[idx][b]
         return np.flatnonzero((lo < 0) & (hi > 0))
 
     @staticmethod
     def _tangent_rows(st: BallBounds, idx: int, b: int) -> np.ndarray:
-        g = st.graph
-        smooth = any(
-            g.nodes[c].kind == "act" and getattr(g.nodes[c].op, "name", "") in OPTIMISABLE
-            for c in g.consumers[idx]
-        )
-        if not smooth:
+        if not _feeds(st, idx, OPTIMISABLE):
             return np.zeros(0, dtype=np.intp)
         return np.flatnonzero(st.hi[idx][b] > st.lo[idx][b])
+
+
+def _feeds(st: BallBounds, idx: int, names: Collection[str]) -> bool:
+    """Whether node ``idx`` feeds an activation node named in ``names``."""
+    g = st.graph
+    return any(
+        g.nodes[c].kind == "act" and getattr(g.nodes[c].op, "name", "") in names
+        for c in g.consumers[idx]
+    )
 
 
 _RELU_LIKE = ("relu", "leaky_relu")
