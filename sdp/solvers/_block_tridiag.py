@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 from scipy.linalg import lapack
-from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
 from sdp.ir import Array
+from sdp.solvers._lanczos import smallest_eigenpair
+from sdp.solvers.dense import LANCZOS_TOL
 
 
 @dataclass
@@ -188,8 +189,9 @@ class BlockTridiagOps:
     ) -> tuple[float, Array | None]:
         """1 / max(0, -lambda_min(R^{-T} D R^{-1})) (inf if D >= 0) and the eigenvector.
 
-        Ritz values lie inside the spectrum, so the loose tolerance errs towards a longer step,
-        which the caller's Cholesky check then shortens (as :func:`sdp.solvers.dense.max_step`).
+        Lanczos (:func:`sdp.solvers._lanczos.smallest_eigenpair`) to the same tolerance as
+        :func:`sdp.solvers.dense.max_step`; the Ritz value lies inside the spectrum, so it errs
+        towards a longer step, which the caller's Cholesky check then shortens.
         """
         n = self.offsets[-1]
         blocks = BlockTridiag.from_dense(d, self.offsets)
@@ -198,16 +200,11 @@ class BlockTridiagOps:
         if n > self.dense_max:
 
             def mv(v: Array) -> Array:
-                return fac.solve_upper_transposed(blocks.matvec(fac.solve_upper(v.ravel())))
+                return fac.solve_upper_transposed(blocks.matvec(fac.solve_upper(v)))
 
-            op = LinearOperator((n, n), matvec=mv, dtype=np.float64)
-            try:
-                vals, vecs = eigsh(
-                    op, k=1, which="SA", tol=1e-3, ncv=min(n - 1, 24), v0=v0, maxiter=15
-                )
-                lam, vec = float(vals[0]), vecs[:, 0]
-            except (ArpackNoConvergence, ArpackError):
-                lam = None
+            pair = smallest_eigenpair(mv, n, v0, tol=LANCZOS_TOL)
+            if pair is not None:
+                lam, vec = pair
         if lam is None:  # small, or Lanczos did not converge: dense eigenvalue
             c = fac.solve_upper_transposed(blocks.matvec(fac.solve_upper(np.eye(n))))
             lam = float(linalg.eigvalsh((c + c.T) / 2, subset_by_index=[0, 0])[0])

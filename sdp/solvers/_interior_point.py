@@ -162,6 +162,7 @@ class _Iterate:
     rz: Mat  # upper Cholesky factor of Z
     z: Array
     pi: float  # primal residual S(rho, x) - S = -pi I
+    xb: Rank2Blocks | None = None  # rank2_blocks(X) if already known (the Newton start's)
 
 
 @dataclass
@@ -184,6 +185,7 @@ def _direction(
     sig_mu: float,
     corr: tuple[Array, Array] | None,
     low_precision: bool = False,
+    low_x: tuple[Mat, Mat] | None = None,
 ) -> _Direction:
     """HKM step for the Schur system h dy = rhs (``xw`` = W~^T X from :func:`rank2_blocks`):
 
@@ -191,11 +193,14 @@ def _direction(
     with Mehrotra's corrector (C, c) = (sym(dZ_a dS_a X), dx_a dz_a) when given. The
     predictor's product Z dS X may run in float32 (``low_precision``): it only steers sigma and
     the corrector term, which may be any symmetric matrix (the corrected equations stay exact).
+    With ``low_precision``, ``low_x`` (float32 X and W~^T X, :func:`_low_x`) makes dS X a
+    float32 product too: it only enters the float32 product and the corrector's.
     """
     ops = lmi.ops
     dy = h.solve(rhs)
     dt = grp.expand(dy[1:])
-    k_mat = linear_part_times(lmi, cur.xinv, xw, dy[0], dt)  # F(dy) X
+    x_k, xw_k = low_x if low_precision and low_x is not None else (cur.xinv, xw)
+    k_mat = linear_part_times(lmi, x_k, xw_k, dy[0], dt)  # F(dy) X
     if cur.pi > 0:
         k_mat -= cur.pi * cur.xinv
     dzm = ops.sym(ops.matmul(cur.zmat, k_mat, low_precision), -0.5)  # -sym(Z dS X)
@@ -271,7 +276,7 @@ def _start(
     if lmi.depth <= settings.newton_start_depth:
         dual = newton_dual_start(lmi, grp, sgn, x, xinv)
         if dual is not None:
-            return _Iterate(rho, x, s_mat, rs, xinv, dual.zmat, dual.rz, dual.z, pi)
+            return _Iterate(rho, x, s_mat, rs, xinv, dual.zmat, dual.rz, dual.z, pi, dual.xb)
     if settings.z0_identity:
         mu0 = settings.z0_scale / lmi.r
         zmat = mu0 * ops.eye(lmi.n)
@@ -310,6 +315,7 @@ class DualStart:
     z: Array
     mu: float
     theta: float
+    xb: Rank2Blocks  # rank2_blocks(X) at the start, which the first iteration reuses
 
 
 def newton_dual_start(
@@ -365,7 +371,7 @@ def newton_dual_start(
         return None
     base += theta * corr
     z = np.where(sgn, mu * (1.0 / xs - theta * dy[1:] / xs**2), 0.0)
-    return DualStart(base, rz, z, mu, theta)
+    return DualStart(base, rz, z, mu, theta, xb)
 
 
 @dataclass
@@ -409,7 +415,8 @@ def _score(
     complementarity gap <S, Z> / tr Z_00; it is infinite until Z gives an estimate.
     """
     ops = lmi.ops
-    xb, zb = rank2_blocks(lmi, cur.xinv), rank2_blocks(lmi, cur.zmat)
+    xb = rank2_blocks(lmi, cur.xinv) if cur.xb is None else cur.xb
+    zb = rank2_blocks(lmi, cur.zmat)
     tr_x00, cx = constraint_values(ops, xb)
     tr_z00, cz = constraint_values(ops, zb)
     az = grp.vec(cz)
@@ -466,6 +473,16 @@ def _schur_system(
     return SchurSystem(h), g, xs, base
 
 
+def _low_x(lmi: StructuredLmi, xinv: Mat, xw: Mat) -> tuple[Mat, Mat] | None:
+    """float32 copies of X and W~^T X for the low-precision products dS X (numpy backend,
+    finite copies only; else None and dS X stays float64)."""
+    if not isinstance(lmi.ops, NumpyOps):
+        return None
+    with np.errstate(over="ignore"):
+        x32, xw32 = xinv.astype(np.float32), xw.astype(np.float32)
+    return (x32, xw32) if np.isfinite(x32).all() and np.isfinite(xw32).all() else None
+
+
 def _predictor_corrector(
     lmi: StructuredLmi,
     grp: Grouping,
@@ -489,7 +506,8 @@ def _predictor_corrector(
     size = ops.norm(cur.s_mat) * ops.norm(cur.zmat)
     low = gap > settings.float32_above * size
     low_step = low and settings.float32_step
-    pred = _direction(lmi, grp, sgn, cur, sc.xb.wy, schur, base, 0.0, None, low_precision=low)
+    low_x = _low_x(lmi, cur.xinv, sc.xb.wy) if low else None
+    pred = _direction(lmi, grp, sgn, cur, sc.xb.wy, schur, base, 0.0, None, low, low_x)
     a_p, a_d = _step_lengths(ops, primal_ops(lmi), sgn, cur, pred, 1.0, warm)
     gap_aff = (  # <S + a_p dS, Z + a_d dZ> without n x n temporaries
         gap
@@ -509,11 +527,11 @@ def _predictor_corrector(
         tr_c, v_c = constraint_values_banded(lmi, corr)
         rhs = base + sigma * mu * g - np.concatenate([[tr_c], grp.vec(v_c) + corr_lin / xs])
         d = _direction(
-            lmi, grp, sgn, cur, sc.xb.wy, schur, rhs, sigma * mu, (corr, corr_lin), low_step
+            lmi, grp, sgn, cur, sc.xb.wy, schur, rhs, sigma * mu, (corr, corr_lin), low_step, low_x
         )
     else:
         rhs = base + sigma * mu * g
-        d = _direction(lmi, grp, sgn, cur, sc.xb.wy, schur, rhs, sigma * mu, None, low_step)
+        d = _direction(lmi, grp, sgn, cur, sc.xb.wy, schur, rhs, sigma * mu, None, low_step, low_x)
     return d, sigma, low
 
 
@@ -610,6 +628,7 @@ def _advance(
             cur.s_mat, rs_new, cur.pi = snapped, r_snap, 0.0
     cur.rs = rs_new
     cur.xinv = sops.inverse_from_cholesky(rs_new)
+    cur.xb = None
     if rz_new is not None:
         cur.zmat += a_d * d.dzm
         cur.z = cur.z + a_d * d.dz

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy import linalg
@@ -113,6 +114,11 @@ class StructuredLmi:
     def depth(self) -> int:
         return len(self.weights) - 1
 
+    @cached_property
+    def weights32(self) -> tuple[Array, ...]:
+        """float32 copies of the weights (numpy backend only: low-precision products)."""
+        return tuple(np.asarray(w, dtype=np.float32) for w in self.weights)
+
     @property
     def n(self) -> int:
         return self.offsets[-1]
@@ -163,23 +169,30 @@ def linear_part_times(lmi: StructuredLmi, y: Mat, wy: Mat, rho: float, t: Array)
     Row blocks only (contiguous): with s_j = -(a_j + b_j) t_j, block row z_{j+1} gets
     s_j o (W_j Y_j) + 2 t_j o Y_{j+1} and block row j gets W_j^T (s_j o Y_{j+1})
     (+ 2 W_j^T (a_j b_j t_j o W_j Y_j) where a_j b_j != 0), o scaling rows; W_j Y_j is a row
-    block of W~^T Y, already known, so one n_j x n_{j+1} x n product per layer.
+    block of W~^T Y, already known, so one n_j x n_{j+1} x n product per layer. A float32
+    numpy ``y`` (with float32 ``wy``) gives a float32 product (the interior point's
+    low-precision directions), with float32 copies of the weights.
     """
     ops = lmi.ops
+    low = isinstance(y, np.ndarray) and y.dtype == np.float32
+    weights = lmi.weights32 if low else lmi.weights
     out = ops.zeros_like(y)
     out[: lmi.r, :] = rho * y[: lmi.r, :]
-    td = ops.asarray(t)
+    if low:
+        td, a, b = (np.asarray(v, dtype=np.float32) for v in (t, lmi.a_host, lmi.b_host))
+    else:
+        td, a, b = ops.asarray(t), lmi.a, lmi.b
     for j in range(lmi.depth):
-        w, lay = lmi.weights[j], lmi.layer(j)
+        w, lay = weights[j], lmi.layer(j)
         lo, hi = lmi.block(j), lmi.block(j + 1)
         tj = td[lay]
-        sj = -((lmi.a[lay] + lmi.b[lay]) * tj)
+        sj = -((a[lay] + b[lay]) * tj)
         wyj = wy[lay, :]  # W_j Y[block j, :]
         out[hi, :] += sj[:, None] * wyj
         out[hi, :] += (2 * tj)[:, None] * y[hi, :]
         out[lo, :] += w.T @ (sj[:, None] * y[hi, :])
         if lmi.ab_layers[j]:
-            out[lo, :] += 2 * (w.T @ ((lmi.a[lay] * lmi.b[lay] * tj)[:, None] * wyj))
+            out[lo, :] += 2 * (w.T @ ((a[lay] * b[lay] * tj)[:, None] * wyj))
     return out
 
 

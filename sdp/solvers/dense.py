@@ -25,9 +25,9 @@ from typing import Any, Protocol
 import numpy as np
 from scipy import linalg
 from scipy.linalg import lapack
-from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
 from sdp.ir import Array
+from sdp.solvers._lanczos import smallest_eigenpair
 
 Mat = Any
 """A backend matrix or vector (numpy array for :class:`NumpyOps`, torch tensor for TorchOps)."""
@@ -143,40 +143,42 @@ def sym_inplace(a: Array, scale: float) -> Array:
 
 
 _DENSE_MAX = 300  # max_step: dense eigenvalue below this size, Lanczos above
-_LANCZOS_RESTARTS = 15  # then the dense eigenvalue (seen: ARPACK looping for minutes)
+LANCZOS_TOL = 1e-4  # max_step: Ritz residual / |Ritz value| (smallest_eigenpair)
 
 
 def max_step(r: Array, d: Array, v0: Array | None = None) -> tuple[float, Array | None]:
     """Largest alpha with R^T R + alpha D >= 0: 1 / max(0, -lambda_min(R^{-T} D R^{-1})).
 
-    Above ``_DENSE_MAX`` rows by Lanczos (ARPACK), started from ``v0`` if given (the previous
-    call's eigenvector: predictor and corrector directions are close); returns that vector.
-    Ritz values lie inside the spectrum, so a loose tolerance errs towards a longer step, which
-    the caller's Cholesky check then shortens. The Lanczos products run on float32 copies of R
-    and D (half the memory traffic of these bandwidth-bound triangular solves; their ~1e-7
-    relative error is far inside the 1e-3 tolerance, and the step is checked in float64).
+    Above ``_DENSE_MAX`` rows by Lanczos (:func:`sdp.solvers._lanczos.smallest_eigenpair`),
+    started from ``v0`` if given (the previous call's eigenvector: predictor and corrector
+    directions are close); returns that vector. The Ritz value lies inside the spectrum, so the
+    tolerance errs towards a longer step, which the caller's Cholesky check then shortens. The
+    Lanczos products run on float32 copies of R and D (half the memory traffic of these
+    bandwidth-bound triangular solves; their ~1e-7 relative error is far inside the 1e-4
+    tolerance, and the step is checked in float64). LAPACK reads R in Fortran order: a
+    C-ordered R is passed as the lower factor R^T (the same memory; no copy per solve).
     """
     n = d.shape[0]
     vec: Array | None = None
     lam: float | None = None
     if n > _DENSE_MAX:
-        r32, d32 = r.astype(np.float32), d.astype(np.float32)
+        r32, d32 = r.astype(np.float32), d.astype(np.float32)  # astype keeps the order
+        # LAPACK wants Fortran order: R itself, or R^T (lower) if R is C-ordered
+        tri, lower, trans = (r32, 0, (0, 1)) if r32.flags.f_contiguous else (r32.T, 1, (1, 0))
 
         def mv(v: Array) -> Array:
-            w, info1 = lapack.strtrs(r32, v.astype(np.float32), lower=0, trans=0)
-            out, info2 = lapack.strtrs(r32, d32 @ w, lower=0, trans=1)
+            w, info1 = lapack.strtrs(tri, v.astype(np.float32), lower=lower, trans=trans[0])
+            out, info2 = lapack.strtrs(tri, d32 @ w, lower=lower, trans=trans[1])
             if info1 or info2:
                 raise np.linalg.LinAlgError("strtrs failed")
             return out.astype(np.float64)
 
-        op = LinearOperator((n, n), matvec=mv, dtype=np.float64)
         try:
-            vals, vecs = eigsh(
-                op, k=1, which="SA", tol=1e-3, ncv=min(n - 1, 24), v0=v0, maxiter=_LANCZOS_RESTARTS
-            )
-            lam, vec = float(vals[0]), vecs[:, 0]
-        except (ArpackNoConvergence, ArpackError, np.linalg.LinAlgError):
-            lam = None  # clustered spectrum or a failed float32 solve: dense eigenvalue below
+            pair = smallest_eigenpair(mv, n, v0, tol=LANCZOS_TOL)
+        except np.linalg.LinAlgError:
+            pair = None  # a failed float32 solve: dense eigenvalue below
+        if pair is not None:
+            lam, vec = pair
     if lam is None:
         b = linalg.solve_triangular(r, d, trans="T", check_finite=False)
         c = linalg.solve_triangular(r, b.T, trans="T", check_finite=False)
@@ -185,7 +187,7 @@ def max_step(r: Array, d: Array, v0: Array | None = None) -> tuple[float, Array 
 
 
 class NumpyOps:
-    """The CPU backend: numpy arrays, LAPACK factorisations, ARPACK step lengths."""
+    """The CPU backend: numpy arrays, LAPACK factorisations, Lanczos step lengths."""
 
     name = "numpy"
 
@@ -229,7 +231,8 @@ class NumpyOps:
     def matmul(self, a: Array, b: Array, low_precision: bool = False) -> Array:
         if low_precision:
             with np.errstate(over="ignore", invalid="ignore"):
-                out = (a.astype(np.float32) @ b.astype(np.float32)).astype(np.float64)
+                f32 = np.float32
+                out = (a.astype(f32, copy=False) @ b.astype(f32, copy=False)).astype(np.float64)
             if np.isfinite(out).all():
                 return out
         return a @ b
