@@ -80,6 +80,7 @@ class IpmTuning:
     corrector: bool = True  # Mehrotra's second-order correction
     float32_above: float = 1e-4  # predictor products in float32 while <S,Z> > this |S| |Z|
     float32_step: bool = True  # the corrected direction's Z dS X too, under the same test
+    float32_projections: bool = True  # the rank-2 projections' products too (same test)
     step_frac: float = 0.95  # fraction of the step to the boundary
     z0_scale: float = 100.0  # tr Z_0,00 = z0_scale (the dual constraint asks for 1)
     z0_identity: bool = True  # Z_0 = z0_scale I / r; False: z0_scale X_0 / tr X_0,00
@@ -377,7 +378,8 @@ def newton_dual_start(
 @dataclass
 class _Score:
     """What one look at the iterate tells: the blocks of X and Z the Schur system needs, the
-    complementarity gap and mu, the relative gap to the dual estimate, and that estimate."""
+    complementarity gap and mu, the relative gap to the dual estimate, that estimate, and
+    whether this iteration's products may run in float32 (``low``)."""
 
     xb: Any
     zb: Any
@@ -387,6 +389,7 @@ class _Score:
     mu: float
     rel_gap: float
     lower: float | None
+    low: bool
 
 
 @dataclass
@@ -406,6 +409,7 @@ def _score(
     nu: float,
     pi_tol: float,
     lower: float | None,
+    settings: IpmTuning,
 ) -> _Score:
     """Score ``cur`` (updating ``best``) and measure its gaps.
 
@@ -413,20 +417,33 @@ def _score(
     relative gap compares the best rho with the weak-duality estimate of Z / tr Z_00 (positive
     <Z, F_k>, a dual residual, charged at x_k: an estimate, not a bound) and the
     complementarity gap <S, Z> / tr Z_00; it is infinite until Z gives an estimate.
+
+    While <S, Z> > ``float32_above`` |S| |Z| (``low``) the predictor's products run in float32
+    and, with ``float32_projections``, so do the products behind the rank-2 projections of X
+    and Z (numpy backend): they only feed the Schur matrix, whose ~1e-7 relative error only
+    perturbs the direction (the primal step stays exact and any dual residual it leaves is
+    aimed at by the next Newton step, whose right-hand side does not involve A(Z)). The
+    constraint values <X, F_k>, <Z, F_k> come from the float64 bands then.
     """
     ops = lmi.ops
-    xb = rank2_blocks(lmi, cur.xinv) if cur.xb is None else cur.xb
-    zb = rank2_blocks(lmi, cur.zmat)
-    tr_x00, cx = constraint_values(ops, xb)
-    tr_z00, cz = constraint_values(ops, zb)
+    gap = ops.vdot(cur.s_mat, cur.zmat) + float(cur.x[sgn] @ cur.z[sgn])
+    low = gap > settings.float32_above * ops.norm(cur.s_mat) * ops.norm(cur.zmat)
+    low_proj = low and settings.float32_projections and isinstance(ops, NumpyOps)
+    xb = rank2_blocks(lmi, cur.xinv, low_precision=low_proj) if cur.xb is None else cur.xb
+    zb = rank2_blocks(lmi, cur.zmat, low_precision=low_proj)
+    if low_proj:
+        tr_x00, cx = constraint_values_banded(lmi, cur.xinv)
+        tr_z00, cz = constraint_values_banded(lmi, cur.zmat)
+    else:
+        tr_x00, cx = constraint_values(ops, xb)
+        tr_z00, cz = constraint_values(ops, zb)
     az = grp.vec(cz)
     if cur.pi > 0:
         rho_t = rho_for_multipliers(lmi, grp.expand(cur.x))
     else:  # S = S(rho, t) > 0: rho(t) = rho - 1 / lambda_max(X_00)
-        rho_t = cur.rho - 1.0 / ops.eigvalsh_max(xb.y00)
+        rho_t = cur.rho - 1.0 / ops.eigvalsh_max(cur.xinv[: lmi.r, : lmi.r])
     if rho_t < best.rho:
         best.t, best.rho = grp.expand(cur.x).copy(), rho_t
-    gap = ops.vdot(cur.s_mat, cur.zmat) + float(cur.x[sgn] @ cur.z[sgn])
     mu = gap / nu
     rel_gap = math.inf
     if tr_z00 > 0 and cur.pi <= pi_tol and math.isfinite(best.rho):
@@ -435,7 +452,7 @@ def _score(
         lower /= tr_z00
         scale = abs(best.rho) or 1.0  # rho = 0 (e.g. a zero layer): absolute gap
         rel_gap = max((best.rho - lower) / scale, gap / (tr_z00 * scale))
-    return _Score(xb, zb, tr_x00, cx, gap, mu, rel_gap, lower)
+    return _Score(xb, zb, tr_x00, cx, gap, mu, rel_gap, lower, low)
 
 
 def _stop_status(
@@ -503,8 +520,7 @@ def _predictor_corrector(
     # float32 products are 2.7x faster; their error (~1e-7 ||Z|| ||dS X||, and dS ~ S in the
     # predictor) must stay far below the complementarity they steer: only while <S, Z> is
     # large relative to ||S|| ||Z||
-    size = ops.norm(cur.s_mat) * ops.norm(cur.zmat)
-    low = gap > settings.float32_above * size
+    low = sc.low
     low_step = low and settings.float32_step
     low_x = _low_x(lmi, cur.xinv, sc.xb.wy) if low else None
     pred = _direction(lmi, grp, sgn, cur, sc.xb.wy, schur, base, 0.0, None, low, low_x)
@@ -563,10 +579,11 @@ def solve_ipm(
     history: list[dict[str, float]] = []
     t_iter = 0.0
     diag: dict[str, float] = {"a_p": 0.0, "a_d": 0.0, "sigma": 0.0}
+    warm: list[Any] = [None, None]
     try:
         while True:
             now = time.perf_counter()
-            sc = _score(lmi, grp, sgn, cur, best, nu, pi_tol, lower)
+            sc = _score(lmi, grp, sgn, cur, best, nu, pi_tol, lower, settings)
             lower, rel_gap = sc.lower, sc.rel_gap
             entry = {
                 "iteration": it,
@@ -585,7 +602,6 @@ def solve_ipm(
             if stop:
                 status = stop
                 break
-            warm: list[Any] = [None, None]
             d, sigma, low = _predictor_corrector(lmi, grp, sgn, w, cur, sc, settings, warm)
             a_p, a_d = _step_lengths(lmi.ops, sops, sgn, cur, d, settings.step_frac, warm)
             a_p, rs_new = cholesky_step(sops, cur.s_mat, d.ds, a_p)

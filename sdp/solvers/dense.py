@@ -143,7 +143,7 @@ def sym_inplace(a: Array, scale: float) -> Array:
 
 
 _DENSE_MAX = 300  # max_step: dense eigenvalue below this size, Lanczos above
-LANCZOS_TOL = 1e-4  # max_step: Ritz residual / |Ritz value| (smallest_eigenpair)
+LANCZOS_TOL = 1e-3  # max_step: Ritz residual / |Ritz value| (smallest_eigenpair)
 
 
 def max_step(r: Array, d: Array, v0: Array | None = None) -> tuple[float, Array | None]:
