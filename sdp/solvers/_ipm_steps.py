@@ -12,7 +12,8 @@ import numpy as np
 from scipy import linalg
 
 from sdp.ir import Array
-from sdp.solvers.dense import Mat
+from sdp.solvers._block_tridiag import BlockTridiagOps
+from sdp.solvers.dense import Mat, NumpyOps
 
 
 def step_ratio(v: Array, dv: Array) -> float:
@@ -56,9 +57,15 @@ class Factorizer(Protocol):
 
 
 def cholesky_step(ops: Factorizer, base: Mat, d: Mat, alpha: float) -> tuple[float, Any]:
-    """Shrink alpha until base + alpha d is positive definite; returns (alpha, its factor)."""
+    """Shrink alpha until base + alpha d is positive definite; returns (alpha, its factor).
+
+    The numpy backends factor the sum without the generic temporaries
+    (``cholesky_upper_of_step``: in place for dense, from the bands for block-tridiagonal)."""
     for _ in range(30):
-        r = ops.cholesky_upper(base + alpha * d)
+        if isinstance(ops, (NumpyOps, BlockTridiagOps)):
+            r = ops.cholesky_upper_of_step(base, d, alpha)
+        else:
+            r = ops.cholesky_upper(base + alpha * d)
         if r is not None:
             return alpha, r
         alpha *= 0.7

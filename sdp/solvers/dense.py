@@ -23,6 +23,7 @@ import math
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 from scipy import linalg
 from scipy.linalg import lapack
 
@@ -106,8 +107,20 @@ class DenseOps(Protocol):
 
 
 def cholesky_upper(s: Array) -> Array | None:
-    """Upper Cholesky factor R (S = R^T R) via LAPACK, or None if S is not positive definite."""
-    r, info = lapack.dpotrf(s, lower=0, clean=1, overwrite_a=0)
+    """Upper Cholesky factor R (S = R^T R) via LAPACK, or None if S is not positive definite.
+
+    S is symmetric, so a C-ordered S is passed as S^T, its Fortran-ordered self: LAPACK then
+    gets a plain copy instead of a transposing one (8.8 instead of 10.4 ms at n = 768)."""
+    r, info = lapack.dpotrf(s.T if s.flags.c_contiguous else s, lower=0, clean=1, overwrite_a=0)
+    return r if info == 0 else None
+
+
+def cholesky_upper_of_step(base: Array, d: Array, alpha: float) -> Array | None:
+    """:func:`cholesky_upper` of the symmetric base + alpha d, factored in place in one
+    temporary (no copy for LAPACK: 6.5 instead of 10.3 ms at n = 768, measured)."""
+    a = np.multiply(d, alpha)
+    a += base
+    r, info = lapack.dpotrf(a.T if a.flags.c_contiguous else a, lower=0, clean=1, overwrite_a=1)
     return r if info == 0 else None
 
 
@@ -146,6 +159,36 @@ _DENSE_MAX = 300  # max_step: dense eigenvalue below this size, Lanczos above
 LANCZOS_TOL = 1e-3  # max_step: Ritz residual / |Ritz value| (smallest_eigenpair)
 
 
+def lanczos_step(
+    r: npt.NDArray[np.floating[Any]], d: Array, v0: Array | None = None
+) -> tuple[float | None, Array | None]:
+    """(1 / max(0, -lambda_min(R^{-T} D R^{-1})), Ritz vector) by float32 Lanczos products
+    (:func:`max_step`), or (None, None) if Lanczos fails (the caller decides densely).
+
+    LAPACK reads R in Fortran order: a C-ordered R is passed as the lower factor R^T (the
+    same memory; no copy per solve). ``astype`` keeps the order and copies nothing when R is
+    float32 already."""
+    n = d.shape[0]
+    r32, d32 = r.astype(np.float32, copy=False), d.astype(np.float32)
+    tri, lower, trans = (r32, 0, (0, 1)) if r32.flags.f_contiguous else (r32.T, 1, (1, 0))
+
+    def mv(v: Array) -> Array:
+        w, info1 = lapack.strtrs(tri, v.astype(np.float32), lower=lower, trans=trans[0])
+        out, info2 = lapack.strtrs(tri, d32 @ w, lower=lower, trans=trans[1])
+        if info1 or info2:
+            raise np.linalg.LinAlgError("strtrs failed")
+        return out.astype(np.float64)
+
+    try:
+        pair = smallest_eigenpair(mv, n, v0, tol=LANCZOS_TOL)
+    except np.linalg.LinAlgError:
+        pair = None  # a failed float32 solve
+    if pair is None:
+        return None, None
+    lam, vec = pair
+    return (math.inf if lam >= 0 else 1.0 / -lam), vec
+
+
 def max_step(r: Array, d: Array, v0: Array | None = None) -> tuple[float, Array | None]:
     """Largest alpha with R^T R + alpha D >= 0: 1 / max(0, -lambda_min(R^{-T} D R^{-1})).
 
@@ -153,37 +196,19 @@ def max_step(r: Array, d: Array, v0: Array | None = None) -> tuple[float, Array 
     started from ``v0`` if given (the previous call's eigenvector: predictor and corrector
     directions are close); returns that vector. The Ritz value lies inside the spectrum, so the
     tolerance errs towards a longer step, which the caller's Cholesky check then shortens. The
-    Lanczos products run on float32 copies of R and D (half the memory traffic of these
-    bandwidth-bound triangular solves; their ~1e-7 relative error is far inside the 1e-4
-    tolerance, and the step is checked in float64). LAPACK reads R in Fortran order: a
-    C-ordered R is passed as the lower factor R^T (the same memory; no copy per solve).
+    Lanczos products run on float32 copies of R and D (:func:`lanczos_step`: half the memory
+    traffic of these bandwidth-bound triangular solves; their ~1e-7 relative error is far
+    inside the 1e-3 tolerance, and the step is checked in float64).
     """
     n = d.shape[0]
-    vec: Array | None = None
-    lam: float | None = None
     if n > _DENSE_MAX:
-        r32, d32 = r.astype(np.float32), d.astype(np.float32)  # astype keeps the order
-        # LAPACK wants Fortran order: R itself, or R^T (lower) if R is C-ordered
-        tri, lower, trans = (r32, 0, (0, 1)) if r32.flags.f_contiguous else (r32.T, 1, (1, 0))
-
-        def mv(v: Array) -> Array:
-            w, info1 = lapack.strtrs(tri, v.astype(np.float32), lower=lower, trans=trans[0])
-            out, info2 = lapack.strtrs(tri, d32 @ w, lower=lower, trans=trans[1])
-            if info1 or info2:
-                raise np.linalg.LinAlgError("strtrs failed")
-            return out.astype(np.float64)
-
-        try:
-            pair = smallest_eigenpair(mv, n, v0, tol=LANCZOS_TOL)
-        except np.linalg.LinAlgError:
-            pair = None  # a failed float32 solve: dense eigenvalue below
-        if pair is not None:
-            lam, vec = pair
-    if lam is None:
-        b = linalg.solve_triangular(r, d, trans="T", check_finite=False)
-        c = linalg.solve_triangular(r, b.T, trans="T", check_finite=False)
-        lam = float(linalg.eigvalsh((c + c.T) / 2, subset_by_index=[0, 0])[0])
-    return (math.inf if lam >= 0 else 1.0 / -lam), vec
+        step, vec = lanczos_step(r, d, v0)
+        if step is not None:
+            return step, vec
+    b = linalg.solve_triangular(r, d, trans="T", check_finite=False)
+    c = linalg.solve_triangular(r, b.T, trans="T", check_finite=False)
+    lam = float(linalg.eigvalsh((c + c.T) / 2, subset_by_index=[0, 0])[0])
+    return (math.inf if lam >= 0 else 1.0 / -lam), None
 
 
 class NumpyOps:
@@ -239,6 +264,9 @@ class NumpyOps:
 
     def cholesky_upper(self, a: Array) -> Array | None:
         return cholesky_upper(a)
+
+    def cholesky_upper_of_step(self, base: Array, d: Array, alpha: float) -> Array | None:
+        return cholesky_upper_of_step(base, d, alpha)
 
     def inverse_from_cholesky(self, r: Array) -> Array:
         return inverse_from_cholesky(r)
