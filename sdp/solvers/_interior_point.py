@@ -81,6 +81,7 @@ class IpmTuning:
     float32_above: float = 1e-4  # predictor products in float32 while <S,Z> > this |S| |Z|
     float32_step: bool = True  # the corrected direction's Z dS X too, under the same test
     float32_projections: bool = True  # the rank-2 projections' products too (same test)
+    float32_corrector: bool = True  # the corrector's sym(dZ_a dS_a X) in float32 always
     step_frac: float = 0.95  # fraction of the step to the boundary
     z0_scale: float = 100.0  # tr Z_0,00 = z0_scale (the dual constraint asks for 1)
     z0_identity: bool = True  # Z_0 = z0_scale I / r; False: z0_scale X_0 / tr X_0,00
@@ -538,7 +539,11 @@ def _predictor_corrector(
     if settings.sigma_fixed is not None:
         sigma = settings.sigma_fixed
     if settings.corrector:  # the second-order terms sym(dZ_a dS_a X) and dx_a dz_a
-        corr = ops.sym(ops.matmul(pred.dzm, pred.k_mat, low_precision=low), 0.5)
+        # float32 throughout with float32_corrector: any symmetric C keeps the corrected
+        # equations exact (its bands enter the right-hand side as computed), and this
+        # second-order term's rounding (~1e-7 of |dZ_a| |dS_a X|) only perturbs the target
+        low_corr = low or (settings.float32_corrector and isinstance(ops, NumpyOps))
+        corr = ops.sym(ops.matmul(pred.dzm, pred.k_mat, low_precision=low_corr), 0.5)
         corr_lin = np.where(sgn, pred.dy[1:] * pred.dz, 0.0)
         tr_c, v_c = constraint_values_banded(lmi, corr)
         rhs = base + sigma * mu * g - np.concatenate([[tr_c], grp.vec(v_c) + corr_lin / xs])

@@ -406,13 +406,13 @@ def test_lanczos_step_length_matches_the_dense_one() -> None:
 
 
 def test_float32_predictor_changes_nothing_but_speed() -> None:
-    """Early predictor products (and the corrected direction's, ``float32_step``) run in
-    float32; the certified answer equals the all-float64 run's (relative 1e-7) and the float32
-    phase really happened."""
+    """Early predictor products (and the corrected direction's, ``float32_step``, and the
+    projections') run in float32, the corrector's product always; the certified answer equals
+    the all-float64 run's (relative 1e-7) and the float32 phase really happened."""
     lmi = random_lmi([20, 30, 30, 30, 5], Activation("relu"), 17)
     events: list[dict[str, object]] = []
     rho_mixed, _ = solve_certified(lmi, eps=1e-9, progress=events.append)
-    f64 = StructuredSolver(tuning=IpmTuning(float32_above=math.inf))
+    f64 = StructuredSolver(tuning=IpmTuning(float32_above=math.inf, float32_corrector=False))
     rho_f64, _ = solve_certified(lmi, eps=1e-9, solver=f64)
     assert any(e.get("float32") == 1.0 for e in events)
     assert events[-1].get("float32") == 0.0
@@ -421,6 +421,10 @@ def test_float32_predictor_changes_nothing_but_speed() -> None:
     pred_only = StructuredSolver(tuning=IpmTuning(float32_step=False))
     rho_pred, _ = solve_certified(lmi, eps=1e-9, solver=pred_only)
     assert rho_mixed == pytest.approx(rho_pred, rel=1e-7)
+    # the corrector's product in float64 once the float32 phase is over
+    corr64 = StructuredSolver(tuning=IpmTuning(float32_corrector=False))
+    rho_corr64, _ = solve_certified(lmi, eps=1e-9, solver=corr64)
+    assert rho_mixed == pytest.approx(rho_corr64, rel=1e-7)
     # the rank-2 projections' products in float64 throughout
     proj64 = StructuredSolver(tuning=IpmTuning(float32_projections=False))
     rho_proj64, _ = solve_certified(lmi, eps=1e-9, solver=proj64)
