@@ -234,35 +234,88 @@ def _encode_inter(found: InterAlphas) -> Payload:
     return tuple(out)
 
 
-def _decode_inter(graph: Graph, payload: Payload) -> InterAlphas:
+@dataclass(frozen=True)
+class _RowsKind:
+    """One kind of intermediate-row payload: ``<rows>:<t>`` holds the row codes of target node
+    t, ``<values>:<t>:<k>`` the values (one 2-D array per act node k below t) its rows use.
+
+    Checks common to every kind (:func:`_decode_rows`): t and k index the graph, k > 0 is an
+    act node; row codes are finite integers in [0, ``codes`` * size of t); values are finite,
+    2-D, with one column per neuron of k and ``per_row`` rows per row code; no values without
+    the rows of their node. Per kind: ``empty_rows`` (may t have no rows), ``at_target`` (may
+    k equal t, else k < t), ``acts`` (activation names k may have; None: any)."""
+
+    rows: str
+    values: str
+    codes: int
+    per_row: int
+    empty_rows: bool
+    at_target: bool
+    acts: tuple[str, ...] | None
+
+
+_ALPHA_ROWS = _RowsKind("irows", "ialpha", 1, 2, empty_rows=True, at_target=True, acts=None)
+"""Intermediate alpha-CROWN rows (:data:`InterAlphas`): neuron indices r, (2 r, n) alphas."""
+_TANGENT_ROWS = _RowsKind("trows", "tsl", 2, 1, empty_rows=False, at_target=False, acts=OPTIMISABLE)
+"""Intermediate tangent rows (:data:`InterLines`): signed row codes o < 2 n_t, (q, n) slopes of
+sigmoid / tanh nodes (any finite slope gives a sound line: its intercept is recomputed)."""
+
+
+def _rows_ok(graph: Graph, kind: _RowsKind, t: int, r: np.ndarray) -> bool:
+    """Row codes r (float64, flat) of target node t: finite integers in [0, codes n_t)."""
+    if not (0 <= t < len(graph.nodes)) or not np.isfinite(r).all() or np.any(r != np.round(r)):
+        return False
+    if r.size == 0:
+        return kind.empty_rows
+    return bool(r.min() >= 0 and r.max() < kind.codes * graph.nodes[t].size)
+
+
+def _values_ok(graph: Graph, kind: _RowsKind, t: int, k: int, a: Array) -> bool:
+    """Values a (float64) of act node k for target t: k below t, its activation allowed,
+    2-D with one column per neuron of k, finite (their row count is checked with the rows)."""
+    top = t if kind.at_target else t - 1
+    if not (0 < k <= top and t < len(graph.nodes)) or graph.nodes[k].kind != "act":
+        return False
+    if kind.acts is not None and getattr(graph.nodes[k].op, "name", "") not in kind.acts:
+        return False
+    return a.ndim == 2 and a.shape[1] == graph.nodes[k].size and bool(np.isfinite(a).all())
+
+
+def _decode_rows(
+    graph: Graph, payload: Payload, kind: _RowsKind
+) -> dict[int, tuple[np.ndarray, dict[int, Array]]]:
+    """The ``kind`` entries of an untrusted payload, validated (see :class:`_RowsKind`); other
+    entries are left to the caller. Raises ValueError on any malformed entry."""
     rows: dict[int, np.ndarray] = {}
-    al: dict[int, dict[int, Array]] = {}
+    vals: dict[int, dict[int, Array]] = {}
     for key, arr in payload:
         parts = key.split(":")
-        if parts[0] == "irows" and len(parts) == 2:
+        if parts[0] == kind.rows and len(parts) == 2:
             t = int(parts[1])
             r = np.asarray(arr, dtype=np.float64).reshape(-1)
-            if not (0 <= t < len(graph.nodes)) or np.any(r != np.round(r)):
+            if not _rows_ok(graph, kind, t, r):
                 raise ValueError(f"bad payload entry {key!r}")
-            ri = r.astype(np.intp)
-            if ri.size and (ri.min() < 0 or ri.max() >= graph.nodes[t].size):
-                raise ValueError(f"bad payload entry {key!r}")
-            rows[t] = ri
-        elif parts[0] == "ialpha" and len(parts) == 3:
+            rows[t] = r.astype(np.intp)
+        elif parts[0] == kind.values and len(parts) == 3:
             t, k = int(parts[1]), int(parts[2])
-            if not (0 < k <= t < len(graph.nodes)) or graph.nodes[k].kind != "act":
-                raise ValueError(f"bad payload entry {key!r}")
             a = np.asarray(arr, dtype=np.float64)
-            if a.ndim != 2 or a.shape[1] != graph.nodes[k].size or not np.isfinite(a).all():
+            if not _values_ok(graph, kind, t, k, a):
                 raise ValueError(f"bad payload entry {key!r}")
-            al.setdefault(t, {})[k] = a
-    out: InterAlphas = {}
+            vals.setdefault(t, {})[k] = a
+    if any(t not in rows for t in vals):
+        raise ValueError(f"{kind.values} entries without their {kind.rows}")
+    out: dict[int, tuple[np.ndarray, dict[int, Array]]] = {}
     for t, r in rows.items():
-        per = al.get(t, {})
-        if any(v.shape[0] != 2 * r.size for v in per.values()):
-            raise ValueError(f"alphas of node {t} do not match its rows")
+        per = vals.get(t, {})
+        if any(a.shape[0] != kind.per_row * r.size for a in per.values()):
+            raise ValueError(f"{kind.values} of node {t} do not match its rows")
         out[t] = (r, per)
     return out
+
+
+def _decode_inter(graph: Graph, payload: Payload) -> InterAlphas:
+    """The intermediate alphas of a payload, validated (:data:`_ALPHA_ROWS`)."""
+    return _decode_rows(graph, payload, _ALPHA_ROWS)
 
 
 def _encode_inter_lines(found: InterLines) -> Payload:
@@ -275,39 +328,8 @@ def _encode_inter_lines(found: InterLines) -> Payload:
 
 
 def _decode_inter_lines(graph: Graph, payload: Payload) -> InterLines:
-    """The intermediate tangent slopes of a payload, validated (shapes, finite values, row
-    codes, act nodes that are sigmoid / tanh below their target); any finite slope gives a
-    sound line (its intercept is recomputed rigorously), so nothing else needs trusting."""
-    rows: dict[int, np.ndarray] = {}
-    sl: dict[int, dict[int, Array]] = {}
-    for key, arr in payload:
-        parts = key.split(":")
-        if parts[0] == "trows" and len(parts) == 2:
-            t = int(parts[1])
-            r = np.asarray(arr, dtype=np.float64).reshape(-1)
-            if not (0 <= t < len(graph.nodes)) or r.size == 0 or not np.isfinite(r).all():
-                raise ValueError(f"bad payload entry {key!r}")
-            if np.any(r != np.round(r)) or r.min() < 0 or r.max() >= 2 * graph.nodes[t].size:
-                raise ValueError(f"bad payload entry {key!r}")
-            rows[t] = r.astype(np.intp)
-        elif parts[0] == "tsl" and len(parts) == 3:
-            t, k = int(parts[1]), int(parts[2])
-            ok = 0 < k < t < len(graph.nodes) and graph.nodes[k].kind == "act"
-            if not ok or getattr(graph.nodes[k].op, "name", "") not in OPTIMISABLE:
-                raise ValueError(f"bad payload entry {key!r}")
-            a = np.asarray(arr, dtype=np.float64)
-            if a.ndim != 2 or a.shape[1] != graph.nodes[k].size or not np.isfinite(a).all():
-                raise ValueError(f"bad payload entry {key!r}")
-            sl.setdefault(t, {})[k] = a
-    if any(t not in rows for t in sl):
-        raise ValueError("tangent slopes without their rows")
-    out: InterLines = {}
-    for t, r in rows.items():
-        per = sl.get(t, {})
-        if any(a.shape[0] != r.size for a in per.values()):
-            raise ValueError(f"tangent slopes of node {t} do not match its rows")
-        out[t] = (r, per)
-    return out
+    """The intermediate tangent slopes of a payload, validated (:data:`_TANGENT_ROWS`)."""
+    return _decode_rows(graph, payload, _TANGENT_ROWS)
 
 
 def _alpha_compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBounds:
