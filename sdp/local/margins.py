@@ -234,31 +234,28 @@ def _encode_inter(found: InterAlphas) -> Payload:
     return tuple(out)
 
 
+_ValuesFn = Callable[[Graph, int, np.ndarray, dict[str, np.ndarray]], Array]
+
+
 @dataclass(frozen=True)
 class _RowsKind:
     """One kind of intermediate-row payload: ``<rows>:<t>`` holds the row codes of target node
-    t, ``<values>:<t>:<k>`` the values (one 2-D array per act node k below t) its rows use.
+    t and ``<tag>:<t>:<k>`` (tag in ``values``) what its rows use at act node k below t.
 
-    Checks common to every kind (:func:`_decode_rows`): t and k index the graph, k > 0 is an
-    act node; row codes are finite integers in [0, ``codes`` * size of t); values are finite,
-    2-D, with one column per neuron of k and ``per_row`` rows per row code; no values without
-    the rows of their node. Per kind: ``empty_rows`` (may t have no rows), ``at_target`` (may
-    k equal t, else k < t), ``acts`` (activation names k may have; None: any)."""
+    :func:`_decode_rows` checks for every kind: t and k index the graph, k > 0 is an act node;
+    row codes are finite integers in [0, ``codes`` * size of t); no values without the rows of
+    their node. Per kind: ``empty_rows`` (may t have no rows), ``at_target`` (may k equal t,
+    else k < t), ``acts`` (activation names k may have; None: any), and ``assemble(graph, k,
+    rows, entries)``, which validates the entries of one (t, k) by tag and returns the values
+    of k for those rows (ValueError if malformed)."""
 
     rows: str
-    values: str
+    values: tuple[str, ...]
     codes: int
-    per_row: int
     empty_rows: bool
     at_target: bool
     acts: tuple[str, ...] | None
-
-
-_ALPHA_ROWS = _RowsKind("irows", "ialpha", 1, 2, empty_rows=True, at_target=True, acts=None)
-"""Intermediate alpha-CROWN rows (:data:`InterAlphas`): neuron indices r, (2 r, n) alphas."""
-_TANGENT_ROWS = _RowsKind("trows", "tsl", 2, 1, empty_rows=False, at_target=False, acts=OPTIMISABLE)
-"""Intermediate tangent rows (:data:`InterLines`): signed row codes o < 2 n_t, (q, n) slopes of
-sigmoid / tanh nodes (any finite slope gives a sound line: its intercept is recomputed)."""
+    assemble: _ValuesFn
 
 
 def _rows_ok(graph: Graph, kind: _RowsKind, t: int, r: np.ndarray) -> bool:
@@ -270,15 +267,12 @@ def _rows_ok(graph: Graph, kind: _RowsKind, t: int, r: np.ndarray) -> bool:
     return bool(r.min() >= 0 and r.max() < kind.codes * graph.nodes[t].size)
 
 
-def _values_ok(graph: Graph, kind: _RowsKind, t: int, k: int, a: Array) -> bool:
-    """Values a (float64) of act node k for target t: k below t, its activation allowed,
-    2-D with one column per neuron of k, finite (their row count is checked with the rows)."""
+def _node_ok(graph: Graph, kind: _RowsKind, t: int, k: int) -> bool:
+    """Act node k may hold values for target t: below it, with an allowed activation."""
     top = t if kind.at_target else t - 1
     if not (0 < k <= top and t < len(graph.nodes)) or graph.nodes[k].kind != "act":
         return False
-    if kind.acts is not None and getattr(graph.nodes[k].op, "name", "") not in kind.acts:
-        return False
-    return a.ndim == 2 and a.shape[1] == graph.nodes[k].size and bool(np.isfinite(a).all())
+    return kind.acts is None or getattr(graph.nodes[k].op, "name", "") in kind.acts
 
 
 def _decode_rows(
@@ -287,7 +281,7 @@ def _decode_rows(
     """The ``kind`` entries of an untrusted payload, validated (see :class:`_RowsKind`); other
     entries are left to the caller. Raises ValueError on any malformed entry."""
     rows: dict[int, np.ndarray] = {}
-    vals: dict[int, dict[int, Array]] = {}
+    got: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     for key, arr in payload:
         parts = key.split(":")
         if parts[0] == kind.rows and len(parts) == 2:
@@ -296,21 +290,30 @@ def _decode_rows(
             if not _rows_ok(graph, kind, t, r):
                 raise ValueError(f"bad payload entry {key!r}")
             rows[t] = r.astype(np.intp)
-        elif parts[0] == kind.values and len(parts) == 3:
+        elif parts[0] in kind.values and len(parts) == 3:
             t, k = int(parts[1]), int(parts[2])
-            a = np.asarray(arr, dtype=np.float64)
-            if not _values_ok(graph, kind, t, k, a):
+            if not _node_ok(graph, kind, t, k):
                 raise ValueError(f"bad payload entry {key!r}")
-            vals.setdefault(t, {})[k] = a
-    if any(t not in rows for t in vals):
-        raise ValueError(f"{kind.values} entries without their {kind.rows}")
-    out: dict[int, tuple[np.ndarray, dict[int, Array]]] = {}
-    for t, r in rows.items():
-        per = vals.get(t, {})
-        if any(a.shape[0] != kind.per_row * r.size for a in per.values()):
-            raise ValueError(f"{kind.values} of node {t} do not match its rows")
-        out[t] = (r, per)
+            got.setdefault((t, k), {})[parts[0]] = np.asarray(arr)
+    if any(t not in rows for t, _ in got):
+        raise ValueError(f"{'/'.join(kind.values)} entries without their {kind.rows}")
+    out: dict[int, tuple[np.ndarray, dict[int, Array]]] = {t: (r, {}) for t, r in rows.items()}
+    for (t, k), entries in got.items():
+        out[t][1][k] = kind.assemble(graph, k, rows[t], entries)
     return out
+
+
+def _alpha_values(graph: Graph, k: int, rows: np.ndarray, got: dict[str, np.ndarray]) -> Array:
+    """``ialpha``: finite (2 r, n_k) alphas for r rows (lower rows, then upper rows)."""
+    a = np.asarray(got["ialpha"], dtype=np.float64)
+    if a.shape != (2 * rows.size, graph.nodes[k].size) or not np.isfinite(a).all():
+        raise ValueError(f"ialpha of node {k} has shape {a.shape} or non-finite values")
+    return a
+
+
+_ALPHA_ROWS = _RowsKind("irows", ("ialpha",), 1, True, True, None, _alpha_values)
+"""Intermediate alpha-CROWN rows (:data:`InterAlphas`): neuron indices r < n_t (may be none),
+alphas of any act node up to t."""
 
 
 def _decode_inter(graph: Graph, payload: Payload) -> InterAlphas:
@@ -325,6 +328,20 @@ def _encode_inter_lines(found: InterLines) -> Payload:
         out.append((f"trows:{t}", np.asarray(obj, dtype=np.float64)))
         out.extend((f"tsl:{t}:{k}", np.asarray(sl[k], dtype=np.float32)) for k in sorted(sl))
     return tuple(out)
+
+
+def _tangent_values(graph: Graph, k: int, rows: np.ndarray, got: dict[str, np.ndarray]) -> Array:
+    """``tsl``: finite (q, n_k) slopes for q row codes; any finite slope gives a sound line
+    (its intercept is recomputed rigorously), so nothing else needs trusting."""
+    a = np.asarray(got["tsl"], dtype=np.float64)
+    if a.shape != (rows.size, graph.nodes[k].size) or not np.isfinite(a).all():
+        raise ValueError(f"tsl of node {k} has shape {a.shape} or non-finite values")
+    return a
+
+
+_TANGENT_ROWS = _RowsKind("trows", ("tsl",), 2, False, False, OPTIMISABLE, _tangent_values)
+"""Intermediate tangent rows (:data:`InterLines`): signed row codes o < 2 n_t (at least one),
+slopes of sigmoid / tanh nodes strictly below t."""
 
 
 def _decode_inter_lines(graph: Graph, payload: Payload) -> InterLines:
