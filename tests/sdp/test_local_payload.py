@@ -30,9 +30,24 @@ def _alpha_payload(rows=(0, 3), t=3, k=2, alphas=None):
     return ((f"irows:{t}", np.asarray(rows, dtype=np.float64)), (f"ialpha:{t}:{k}", a))
 
 
-def _tangent_payload(rows=(0, 7), t=3, k=2, slopes=None):
+def _tangent_payload(rows=(0, 7), t=3, k=2, slopes=None, edit=None):
+    """Built by the real encoder (whatever its format), then ``edit(key, array)`` -> entries."""
     s = np.full((len(rows), 4), 0.2, dtype=np.float32) if slopes is None else slopes
-    return ((f"trows:{t}", np.asarray(rows, dtype=np.float64)), (f"tsl:{t}:{k}", s))
+    payload = _encode_inter_lines({t: (np.asarray(rows, dtype=np.float64), {k: s})})
+    if edit is None:
+        return payload
+    return tuple(e for key, arr in payload for e in edit(key, arr))
+
+
+def _on(tag, fn):
+    """An edit: entries whose key starts with ``tag`` become fn(array), or go if fn is None."""
+
+    def edit(key, arr):
+        if not key.startswith(tag):
+            return [(key, arr)]
+        return [] if fn is None else [(key, fn(arr))]
+
+    return edit
 
 
 def test_well_formed_entries_round_trip():
@@ -83,7 +98,7 @@ def test_malformed_alpha_entries_are_refused(case):
 
 TANGENT_BAD = {
     "target out of range": _tangent_payload(t=6),
-    "no rows": _tangent_payload(rows=(), slopes=np.zeros((0, 4))),
+    "no rows": _tangent_payload(rows=(), slopes=np.zeros((0, 4), dtype=np.float32)),
     "row not an integer": _tangent_payload(rows=(0, 1.5)),
     "row NaN": _tangent_payload(rows=(np.nan, 1)),
     "row inf": _tangent_payload(rows=(0, np.inf)),
@@ -92,11 +107,13 @@ TANGENT_BAD = {
     "slopes of an affine node": _tangent_payload(k=1),
     "slopes of the target itself": _tangent_payload(t=4, k=4, slopes=np.zeros((2, 5))),
     "slopes above the target": _tangent_payload(t=3, k=4, slopes=np.zeros((2, 5))),
-    "slopes NaN": _tangent_payload(slopes=np.full((2, 4), np.nan)),
-    "slopes 1-D": _tangent_payload(slopes=np.zeros(8)),
-    "slopes wrong columns": _tangent_payload(slopes=np.zeros((2, 5))),
-    "slopes wrong rows": _tangent_payload(slopes=np.zeros((3, 4))),
-    "slopes without rows": _tangent_payload()[1:],
+    "slopes wrong columns": _tangent_payload(slopes=np.zeros((2, 5), dtype=np.float32)),
+    "slopes wrong rows": _tangent_payload(slopes=np.zeros((3, 4), dtype=np.float32)),
+    "slopes NaN": _tangent_payload(edit=_on("tsl:", lambda a: np.full_like(a, np.nan))),
+    "slopes inf": _tangent_payload(edit=_on("tsl:", lambda a: np.full_like(a, np.inf))),
+    "slopes one short": _tangent_payload(edit=_on("tsl:", lambda a: a[:-1])),
+    "slopes 3-D": _tangent_payload(edit=_on("tsl:", lambda a: a[None])),
+    "slopes without rows": _tangent_payload(edit=_on("trows:", None)),
 }
 
 
