@@ -234,35 +234,91 @@ def _encode_inter(found: InterAlphas) -> Payload:
     return tuple(out)
 
 
-def _decode_inter(graph: Graph, payload: Payload) -> InterAlphas:
+_ValuesFn = Callable[[Graph, int, np.ndarray, dict[str, np.ndarray]], Array]
+
+
+@dataclass(frozen=True)
+class _RowsKind:
+    """One kind of intermediate-row payload: ``<rows>:<t>`` holds the row codes of target node
+    t and ``<tag>:<t>:<k>`` (tag in ``values``) what its rows use at act node k below t.
+
+    :func:`_decode_rows` checks for every kind: t and k index the graph, k > 0 is an act node;
+    row codes are finite integers in [0, ``codes`` * size of t); no values without the rows of
+    their node. Per kind: ``empty_rows`` (may t have no rows), ``at_target`` (may k equal t,
+    else k < t), ``acts`` (activation names k may have; None: any), and ``assemble(graph, k,
+    rows, entries)``, which validates the entries of one (t, k) by tag and returns the values
+    of k for those rows (ValueError if malformed)."""
+
+    rows: str
+    values: tuple[str, ...]
+    codes: int
+    empty_rows: bool
+    at_target: bool
+    acts: tuple[str, ...] | None
+    assemble: _ValuesFn
+
+
+def _rows_ok(graph: Graph, kind: _RowsKind, t: int, r: np.ndarray) -> bool:
+    """Row codes r (float64, flat) of target node t: finite integers in [0, codes n_t)."""
+    if not (0 <= t < len(graph.nodes)) or not np.isfinite(r).all() or np.any(r != np.round(r)):
+        return False
+    if r.size == 0:
+        return kind.empty_rows
+    return bool(r.min() >= 0 and r.max() < kind.codes * graph.nodes[t].size)
+
+
+def _node_ok(graph: Graph, kind: _RowsKind, t: int, k: int) -> bool:
+    """Act node k may hold values for target t: below it, with an allowed activation."""
+    top = t if kind.at_target else t - 1
+    if not (0 < k <= top and t < len(graph.nodes)) or graph.nodes[k].kind != "act":
+        return False
+    return kind.acts is None or getattr(graph.nodes[k].op, "name", "") in kind.acts
+
+
+def _decode_rows(
+    graph: Graph, payload: Payload, kind: _RowsKind
+) -> dict[int, tuple[np.ndarray, dict[int, Array]]]:
+    """The ``kind`` entries of an untrusted payload, validated (see :class:`_RowsKind`); other
+    entries are left to the caller. Raises ValueError on any malformed entry."""
     rows: dict[int, np.ndarray] = {}
-    al: dict[int, dict[int, Array]] = {}
+    got: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     for key, arr in payload:
         parts = key.split(":")
-        if parts[0] == "irows" and len(parts) == 2:
+        if parts[0] == kind.rows and len(parts) == 2:
             t = int(parts[1])
             r = np.asarray(arr, dtype=np.float64).reshape(-1)
-            if not (0 <= t < len(graph.nodes)) or np.any(r != np.round(r)):
+            if not _rows_ok(graph, kind, t, r):
                 raise ValueError(f"bad payload entry {key!r}")
-            ri = r.astype(np.intp)
-            if ri.size and (ri.min() < 0 or ri.max() >= graph.nodes[t].size):
-                raise ValueError(f"bad payload entry {key!r}")
-            rows[t] = ri
-        elif parts[0] == "ialpha" and len(parts) == 3:
+            rows[t] = r.astype(np.intp)
+        elif parts[0] in kind.values and len(parts) == 3:
             t, k = int(parts[1]), int(parts[2])
-            if not (0 < k <= t < len(graph.nodes)) or graph.nodes[k].kind != "act":
+            if not _node_ok(graph, kind, t, k):
                 raise ValueError(f"bad payload entry {key!r}")
-            a = np.asarray(arr, dtype=np.float64)
-            if a.ndim != 2 or a.shape[1] != graph.nodes[k].size or not np.isfinite(a).all():
-                raise ValueError(f"bad payload entry {key!r}")
-            al.setdefault(t, {})[k] = a
-    out: InterAlphas = {}
-    for t, r in rows.items():
-        per = al.get(t, {})
-        if any(v.shape[0] != 2 * r.size for v in per.values()):
-            raise ValueError(f"alphas of node {t} do not match its rows")
-        out[t] = (r, per)
+            got.setdefault((t, k), {})[parts[0]] = np.asarray(arr)
+    if any(t not in rows for t, _ in got):
+        raise ValueError(f"{'/'.join(kind.values)} entries without their {kind.rows}")
+    out: dict[int, tuple[np.ndarray, dict[int, Array]]] = {t: (r, {}) for t, r in rows.items()}
+    for (t, k), entries in got.items():
+        out[t][1][k] = kind.assemble(graph, k, rows[t], entries)
     return out
+
+
+def _alpha_values(graph: Graph, k: int, rows: np.ndarray, got: dict[str, np.ndarray]) -> Array:
+    """``ialpha``: finite (2 r, n_k) alphas for r rows (lower rows, then upper rows)."""
+    a = np.asarray(got["ialpha"], dtype=np.float64)
+    if a.shape != (2 * rows.size, graph.nodes[k].size) or not np.isfinite(a).all():
+        raise ValueError(f"ialpha of node {k} has shape {a.shape} or non-finite values")
+    return a
+
+
+_ALPHA_ROWS = _RowsKind("irows", ("ialpha",), 1, True, True, None, _alpha_values)
+"""Intermediate alpha-CROWN rows (:data:`InterAlphas`): neuron indices r < n_t (may be none),
+alphas of any act node up to t."""
+
+
+def _decode_inter(graph: Graph, payload: Payload) -> InterAlphas:
+    """The intermediate alphas of a payload, validated (:data:`_ALPHA_ROWS`)."""
+    return _decode_rows(graph, payload, _ALPHA_ROWS)
 
 
 def _encode_inter_lines(found: InterLines) -> Payload:
@@ -274,40 +330,23 @@ def _encode_inter_lines(found: InterLines) -> Payload:
     return tuple(out)
 
 
+def _tangent_values(graph: Graph, k: int, rows: np.ndarray, got: dict[str, np.ndarray]) -> Array:
+    """``tsl``: finite (q, n_k) slopes for q row codes; any finite slope gives a sound line
+    (its intercept is recomputed rigorously), so nothing else needs trusting."""
+    a = np.asarray(got["tsl"], dtype=np.float64)
+    if a.shape != (rows.size, graph.nodes[k].size) or not np.isfinite(a).all():
+        raise ValueError(f"tsl of node {k} has shape {a.shape} or non-finite values")
+    return a
+
+
+_TANGENT_ROWS = _RowsKind("trows", ("tsl",), 2, False, False, OPTIMISABLE, _tangent_values)
+"""Intermediate tangent rows (:data:`InterLines`): signed row codes o < 2 n_t (at least one),
+slopes of sigmoid / tanh nodes strictly below t."""
+
+
 def _decode_inter_lines(graph: Graph, payload: Payload) -> InterLines:
-    """The intermediate tangent slopes of a payload, validated (shapes, finite values, row
-    codes, act nodes that are sigmoid / tanh below their target); any finite slope gives a
-    sound line (its intercept is recomputed rigorously), so nothing else needs trusting."""
-    rows: dict[int, np.ndarray] = {}
-    sl: dict[int, dict[int, Array]] = {}
-    for key, arr in payload:
-        parts = key.split(":")
-        if parts[0] == "trows" and len(parts) == 2:
-            t = int(parts[1])
-            r = np.asarray(arr, dtype=np.float64).reshape(-1)
-            if not (0 <= t < len(graph.nodes)) or r.size == 0 or not np.isfinite(r).all():
-                raise ValueError(f"bad payload entry {key!r}")
-            if np.any(r != np.round(r)) or r.min() < 0 or r.max() >= 2 * graph.nodes[t].size:
-                raise ValueError(f"bad payload entry {key!r}")
-            rows[t] = r.astype(np.intp)
-        elif parts[0] == "tsl" and len(parts) == 3:
-            t, k = int(parts[1]), int(parts[2])
-            ok = 0 < k < t < len(graph.nodes) and graph.nodes[k].kind == "act"
-            if not ok or getattr(graph.nodes[k].op, "name", "") not in OPTIMISABLE:
-                raise ValueError(f"bad payload entry {key!r}")
-            a = np.asarray(arr, dtype=np.float64)
-            if a.ndim != 2 or a.shape[1] != graph.nodes[k].size or not np.isfinite(a).all():
-                raise ValueError(f"bad payload entry {key!r}")
-            sl.setdefault(t, {})[k] = a
-    if any(t not in rows for t in sl):
-        raise ValueError("tangent slopes without their rows")
-    out: InterLines = {}
-    for t, r in rows.items():
-        per = sl.get(t, {})
-        if any(a.shape[0] != r.size for a in per.values()):
-            raise ValueError(f"tangent slopes of node {t} do not match its rows")
-        out[t] = (r, per)
-    return out
+    """The intermediate tangent slopes of a payload, validated (:data:`_TANGENT_ROWS`)."""
+    return _decode_rows(graph, payload, _TANGENT_ROWS)
 
 
 def _alpha_compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBounds:
