@@ -377,7 +377,7 @@ def deriv2(phi: Activation, z: Array) -> Array:
 def tangent_ranges(phi: Activation, l: Array, u: Array) -> tuple[Array, Array, Array, Array]:
     """Ranges [a_lo, b_lo] and [a_up, b_up] of tangent points d whose tangent lines bound the
     S-shaped phi (sigmoid, tanh: convex on z <= 0, concave on z >= 0) from below / above on
-    [l, u] (Zhang et al., CROWN, NeurIPS 2018, §3.3; optimised as in Xu et al., ICLR 2021):
+    [l, u] (Zhang et al., CROWN, NeurIPS 2018, Sec. 3.3; optimised as in Xu et al., ICLR 2021):
 
     - lower: u <= 0: any d in [l, u] (convex); l < 0 < u: d in [l, d_l], d_l <= 0 the tangent
       point of the line through (u, phi(u)), when the tangent at l passes below it; else none;
