@@ -109,6 +109,27 @@ def test_block_step_length_equals_numpy(
     assert ops.max_step(fac, torch.as_tensor(s, device=device))[0] == math.inf  # D >= 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_step_length_by_lanczos(device: str) -> None:
+    """TorchOps(lanczos_above=...): Z's step length by torch Lanczos equals the exact one."""
+    rng = np.random.default_rng(7)
+    n = 320
+    a = rng.standard_normal((n, n))
+    z = a @ a.T / n + 0.1 * np.eye(n)
+    d = rng.standard_normal((n, n))
+    d = (d + d.T) / 2
+    r = cholesky_upper(z)
+    assert r is not None
+    c = np.linalg.solve(r.T, np.linalg.solve(r.T, d).T)  # R^{-T} D R^{-1}
+    exact = -1.0 / float(np.linalg.eigvalsh((c + c.T) / 2)[0])
+    ops = TorchOps(device, lanczos_above=300)
+    alpha, vec = ops.max_step(ops.asarray(r), ops.asarray(d))
+    assert vec is not None  # Lanczos, not the dense fallback
+    assert alpha == pytest.approx(exact, rel=1e-5)
+    assert ops.max_step(ops.asarray(r), ops.asarray(d), vec)[0] == pytest.approx(exact, rel=1e-5)
+    assert TorchOps(device).max_step(ops.asarray(r), ops.asarray(d))[1] is None  # dense
+
+
 def test_lanczos_finds_the_smallest_eigenvalue_or_gives_up() -> None:
     rng = np.random.default_rng(5)
     q, _ = np.linalg.qr(rng.standard_normal((400, 400)))
