@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"net": name, "backend": backend, "error": f"{type(e).__name__}: {e}"}
                     print(f"| {name} | {backend} | failed: {row['error']} |", flush=True)
                     rows.append(row)
+                    _dump(args.json, rows)
                     continue
                 if backend == "numpy" and ref is None:
                     ref = row["bound"]
@@ -138,9 +139,14 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 rows.append(row)
-    if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=1))
+                _dump(args.json, rows)
     return 0
+
+
+def _dump(path: Path | None, rows: list[dict[str, Any]]) -> None:
+    """Rewrite the JSON after every row: a run killed by its time limit keeps what it had."""
+    if path is not None:
+        path.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
