@@ -22,14 +22,16 @@
 # steps with torch on the CPU (a dry run of the script; LIMIT_SCALE=k multiplies the limits).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-FIX=vnncomp2021/benchmarks
-FILES=(mnistfc/mnist-net_256x2.onnx mnistfc/mnist-net_256x6.onnx eran/nets/mnist_relu_9_200.onnx
-    oval21/nets/cifar_base_kw.onnx cifar10_resnet/onnx/resnet_2b.onnx)
+V=vnncomp2021/benchmarks # the benches' networks, and those tests/models/test_runtime.py reads
+FILES=("$V/mnistfc/mnist-net_256x2.onnx" "$V/mnistfc/mnist-net_256x6.onnx"
+    "$V/eran/nets/mnist_relu_9_200.onnx" "$V/oval21/nets/cifar_base_kw.onnx"
+    "$V/cifar10_resnet/onnx/resnet_2b.onnx" "$V/eran/nets/ffnnSIGMOID__Point_6x200.onnx"
+    lipsdp/random_weights.mat)
 if [[ "${1:-}" == prepare ]]; then
     exclude=$(git rev-parse --git-path info/exclude)
     grep -qx '/.devfix/' "$exclude" 2>/dev/null || echo '/.devfix/' >>"$exclude"
     for f in "${FILES[@]}"; do
-        mkdir -p ".devfix/$FIX/$(dirname "$f")" && cp "../shared/fixtures/$FIX/$f" ".devfix/$FIX/$f"
+        mkdir -p ".devfix/$(dirname "$f")" && cp "../shared/fixtures/$f" ".devfix/$f"
     done
     exit 0
 fi
@@ -57,7 +59,7 @@ step() { # step NAME LIMIT_S CMD...: log to $OUT/NAME.log, status and seconds to
     "$PY" -c 'import torch, numpy, scipy; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available(), "numpy", numpy.__version__, "scipy", scipy.__version__)'
     nproc
 } 2>&1 | tee "$OUT/env.txt"
-for f in "${FILES[@]}"; do [[ -f "$LIPCERT_FIXTURES/$FIX/$f" ]] || echo "missing: $f" | tee -a "$OUT/env.txt"; done
+for f in "${FILES[@]}"; do [[ -f "$LIPCERT_FIXTURES/$f" ]] || echo "missing: $f" | tee -a "$OUT/env.txt"; done
 
 TESTS=(tests/models/test_lipsdp_device.py tests/models/test_lipsdp_blocks.py tests/models/test_runtime.py)
 if compgen -G ".whl/*.whl" >/dev/null; then # the service stack, for the worker's CUDA test
