@@ -70,9 +70,9 @@ fi
 BB=("$PY" bench/bench_backends.py --device "$DEVICE")
 KSEL=()
 [[ "$DEVICE" == cuda* ]] && KSEL=(-k "not cpu") # the CPU cases run in every session anyway
-step pytest 110 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs "${KSEL[@]}" "${TESTS[@]}"
-step mlp 60 "${ONE[@]}" "${BB[@]}" --nets mnistfc-256x2 --json "$OUT/mlp.json"
-step deep 90 "${ONE[@]}" "${BB[@]}" --backends torch-block torch-block-lz \
+step pytest 130 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs "${KSEL[@]}" "${TESTS[@]}"
+step mlp 50 "${ONE[@]}" "${BB[@]}" --nets mnistfc-256x2 --json "$OUT/mlp.json"
+step deep 80 "${ONE[@]}" "${BB[@]}" --backends torch-block torch-block-lz \
     --nets mnistfc-256x6 eran-mnist_relu_9_200 --json "$OUT/deep.json"
 step conv 200 "${BB[@]}" --backends torch-block-lz --nets oval21-cifar_base_kw \
     --timeout "${CONV_TIMEOUT:-120}" --json "$OUT/conv.json" # host parts on all cores
