@@ -4,7 +4,7 @@
         python bench/bench_backends.py --nets mnistfc-256x2 --device cpu --rounds 2
 
 Backends per round (the order alternates between rounds): ``numpy`` (LAPACK, block-tridiagonal
-S, ARPACK step lengths), ``torch-block`` (models.lipsdp_device.TorchOps on ``--device``: block
+S, Lanczos step lengths), ``torch-block`` (models.lipsdp_device.TorchOps on ``--device``: block
 S, torch Lanczos on block solves; Z's step length a dense eigenvalue), ``torch-block-lz`` (also
 Z's step length by torch Lanczos) and ``torch-dense`` (dense S as before issue 13). Every
 bound is certified on the host in float64 (sdp.certificate.certify_multipliers); the table

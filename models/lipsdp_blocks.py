@@ -30,7 +30,7 @@ solver's multipliers are certified on the host (sdp.certificate).
 
 Warning:
     Ritz values lie inside the spectrum, so an unconverged Lanczos value errs towards a longer
-    step, which the caller's Cholesky check then shortens (as the numpy backend's ARPACK).
+    step, which the caller's Cholesky check then shortens (as on the numpy backend).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ DENSE_MAX = 300
 LANCZOS_TOL = 1e-3
 """Relative residual |A v - theta v| <= tol |theta| of the Lanczos Ritz pair (as numpy's)."""
 LANCZOS_NCV = 24
-"""Krylov dimension per restart (ARPACK's ncv in the numpy backend)."""
+"""Krylov dimension per restart (the numpy backend's ncv)."""
 LANCZOS_RESTARTS = 15
 """Restarts before the dense eigenvalue is taken instead."""
 

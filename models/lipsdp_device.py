@@ -13,7 +13,7 @@ S is handled by its block-tridiagonal structure (:meth:`TorchOps.primal_ops`,
 block solves for the primal step length), as on the numpy backend. What changes with the
 backend: Z's step length comes from a dense eigenvalue of R^{-T} D R^{-1}
 (``torch.linalg.eigvalsh``) unless ``lanczos_above`` is set (then torch Lanczos on triangular
-solves above that many rows, as ARPACK's on numpy), and factorisations are cuSOLVER's.
+solves above that many rows, as on numpy), and factorisations are cuSOLVER's.
 Multipliers, the (N+1) x (N+1) Schur system and the final certificate check stay in numpy on
 the host.
 """
