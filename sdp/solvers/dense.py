@@ -10,6 +10,11 @@ implements the same protocol with torch, on any torch device (sdp itself never i
     >>> StructuredSolver(NumpyOps())  # the default  # doctest: +SKIP
     >>> StructuredSolver(TorchOps("cuda"))  # same iterations, matrices on the GPU  # doctest: +SKIP
 
+S = S(y) itself is block tridiagonal (design.md §3.2): a backend hands the interior-point
+method the algebra of S through :meth:`DenseOps.primal_ops` (block Cholesky, block inverse,
+step lengths by block solves; :class:`NumpyOps` returns
+:class:`sdp.solvers._block_tridiag.BlockTridiagOps`, ``TorchOps`` its torch counterpart).
+
 Matrices are passed around as the backend's own arrays; the IPM code only uses what numpy
 arrays and torch tensors share (``@``, ``+ - *``, slicing, ``.T``, ``.diagonal()``,
 ``.any()``, ``.all()``, ``.sum()``, in-place ``+=`` with another array or a scalar) and the
@@ -28,9 +33,23 @@ from scipy.linalg import lapack
 from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
 from sdp.ir import Array
+from sdp.solvers._block_tridiag import BlockTridiagOps
 
 Mat = Any
 """A backend matrix or vector (numpy array for :class:`NumpyOps`, torch tensor for TorchOps)."""
+
+
+class PrimalOps(Protocol):
+    """The algebra of the primal matrix S (a backend matrix whose block-tridiagonal part over
+    the given offsets is S): its factor (any object, None if S is not positive definite), the
+    dense S^{-1} from that factor, and the largest alpha with S + alpha D >= 0 with a start
+    vector for the next call. A dense backend is one (its factor is the dense Cholesky R)."""
+
+    def cholesky_upper(self, a: Mat) -> Any: ...
+
+    def inverse_from_cholesky(self, r: Any) -> Mat: ...
+
+    def max_step(self, r: Any, d: Mat, v0: Any = None) -> tuple[float, Any]: ...
 
 
 class DenseOps(Protocol):
@@ -102,6 +121,11 @@ class DenseOps(Protocol):
     def max_step(self, r: Mat, d: Mat, v0: Any = None) -> tuple[float, Any]:
         """Largest alpha with R^T R + alpha D >= 0, i.e. 1 / max(0, -lambda_min(R^{-T} D R^{-1}))
         (inf if D >= 0), and a start vector for the next call (or None)."""
+        ...
+
+    def primal_ops(self, offsets: tuple[int, ...]) -> PrimalOps:
+        """The algebra of S, block tridiagonal over ``offsets`` (``offsets[-1]`` = n): a
+        structure-exploiting :class:`PrimalOps`, or the backend itself (dense)."""
         ...
 
 
@@ -252,3 +276,6 @@ class NumpyOps:
 
     def max_step(self, r: Array, d: Array, v0: Any = None) -> tuple[float, Any]:
         return max_step(r, d, v0)
+
+    def primal_ops(self, offsets: tuple[int, ...]) -> BlockTridiagOps:
+        return BlockTridiagOps(offsets, dense_max=_DENSE_MAX)
