@@ -283,7 +283,7 @@ class ChordalDualOps:
         facs = [fac.clique_factor(k) for k in range(nb - 1)]
         segs = np.cumsum([0] + [b - a for a, b in cl])
         n = int(segs[-1])
-        r32 = [f.astype(np.float32) for f in facs]
+        r32 = [np.asfortranarray(f, dtype=np.float32) for f in facs]  # LAPACK order: no copies
         d32 = [d[a:b, a:b].astype(np.float32) for a, b in cl]
 
         def mv(v: Array) -> Array:

@@ -87,7 +87,7 @@ class IpmTuning:
     newton_start_depth: int = 4  # Z_0 from the barrier Newton step (dual feasible) up to it
     shift0: float = 0.0  # S_0 = S(y_0) + shift0 max|diag S(y_0)| I (an infeasible start)
     rho_factor: float = 1.1  # start at rho = rho_factor * rho(t0)
-    chordal_min_depth: int | None = None  # Z on the block-tridiagonal pattern from this depth
+    chordal_min_depth: int | None = 3  # Z on the block-tridiagonal pattern from this depth
 
 
 @dataclass(frozen=True)
