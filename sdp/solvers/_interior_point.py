@@ -38,6 +38,9 @@ A numerical failure mid-solve ends it with the best iterate.
 
 The n x n matrices live in the backend ``lmi.ops`` (:mod:`sdp.solvers.dense`: numpy/LAPACK,
 or torch on a GPU); the multipliers and the Schur system stay in numpy on the host.
+On the numpy backend, nets of depth >= ``IpmTuning.chordal_min_depth`` (3) keep Z on the
+block-tridiagonal pattern of S and use its max-determinant completion Zh in the products
+(:mod:`sdp.solvers._chordal`, the iterate's ``dual``); the steps are the same with Zh for Z.
 """
 
 from __future__ import annotations
@@ -194,7 +197,6 @@ def _direction(
     sig_mu: float,
     corr: tuple[Array, Array] | None,
     low_precision: bool = False,
-    keep_full: bool = False,
 ) -> _Direction:
     """HKM step for the Schur system h dy = rhs (``xw`` = W~^T X from :func:`rank2_blocks`):
 
@@ -210,11 +212,9 @@ def _direction(
     if cur.pi > 0:
         k_mat -= cur.pi * cur.xinv
     dzm_full = None
-    if keep_full and cur.dual.chordal:  # dense -sym(Zh dS X) - Zh: the corrector needs it
+    if cur.dual.chordal and corr is None and not sig_mu:  # the predictor's dense dZ_a, for C
         dzm_full = cur.dual.full_sym_product(cur.rz, k_mat, -0.5, low_precision)
         dzm_full -= cur.zfull
-        if sig_mu:
-            dzm_full += sig_mu * cur.xinv
         dzm = cur.dual.project(dzm_full.copy())
     else:
         dzm = cur.dual.sym_product(cur.zfull, k_mat, -0.5, low_precision)  # -sym(Z dS X)
@@ -532,9 +532,7 @@ def _predictor_corrector(
     size = ops.norm(cur.s_mat) * ops.norm(cur.zfull)
     low = gap > settings.float32_above * size
     low_step = low and settings.float32_step
-    pred = _direction(
-        lmi, grp, sgn, cur, sc.xb.wy, schur, base, 0.0, None, low, keep_full=settings.corrector
-    )
+    pred = _direction(lmi, grp, sgn, cur, sc.xb.wy, schur, base, 0.0, None, low_precision=low)
     a_p, a_d = _step_lengths(ops, primal_ops(lmi), sgn, cur, pred, 1.0, warm)
     gap_aff = (  # <S + a_p dS, Z + a_d dZ> without n x n temporaries
         gap
