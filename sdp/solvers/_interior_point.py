@@ -38,6 +38,9 @@ A numerical failure mid-solve ends it with the best iterate.
 
 The n x n matrices live in the backend ``lmi.ops`` (:mod:`sdp.solvers.dense`: numpy/LAPACK,
 or torch on a GPU); the multipliers and the Schur system stay in numpy on the host.
+On the numpy backend, nets of depth >= ``IpmTuning.chordal_min_depth`` (3) keep Z on the
+block-tridiagonal pattern of S and use its max-determinant completion Zh in the products
+(:mod:`sdp.solvers._chordal`, the iterate's ``dual``); the steps are the same with Zh for Z.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sdp.ir import Array
+from sdp.solvers._chordal import ChordalDualOps, DenseDualOps
 from sdp.solvers._ipm_steps import SchurSystem, cholesky_step, step_ratio
 from sdp.solvers._lmi_structure import (
     Rank2Blocks,
@@ -64,7 +68,7 @@ from sdp.solvers._lmi_structure import (
     sym_product_values,
 )
 from sdp.solvers.base import Progress
-from sdp.solvers.dense import DenseOps, Mat, PrimalOps
+from sdp.solvers.dense import DenseOps, Mat, NumpyOps, PrimalOps
 
 Mask = npt.NDArray[np.bool_]
 
@@ -85,6 +89,7 @@ class IpmTuning:
     newton_start_depth: int = 4  # Z_0 from the barrier Newton step (dual feasible) up to it
     shift0: float = 0.0  # S_0 = S(y_0) + shift0 max|diag S(y_0)| I (an infeasible start)
     rho_factor: float = 1.1  # start at rho = rho_factor * rho(t0)
+    chordal_min_depth: int | None = 3  # Z on the block-tridiagonal pattern from this depth
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,13 @@ class _Iterate:
     rz: Mat  # upper Cholesky factor of Z
     z: Array
     pi: float  # primal residual S(rho, x) - S = -pi I
+    dual: Any = None  # dual_ops(): Z dense, or on the pattern with its completion ``zhat``
+    zhat: Mat | None = None  # the max-det completion of zmat (chordal dual), else None
+
+    @property
+    def zfull(self) -> Mat:
+        """The dense dual matrix the products use: Z, or the completion of P(Z)."""
+        return self.zmat if self.zhat is None else self.zhat
 
 
 @dataclass
@@ -170,6 +182,7 @@ class _Direction:
     dzm: Mat
     dz: Array
     k_mat: Mat  # dS X
+    dzm_full: Mat | None = None  # a chordal dual's dense dZ (the predictor's, for the corrector)
 
 
 def _direction(
@@ -197,10 +210,16 @@ def _direction(
     k_mat = linear_part_times(lmi, cur.xinv, xw, dy[0], dt)  # F(dy) X
     if cur.pi > 0:
         k_mat -= cur.pi * cur.xinv
-    dzm = ops.sym(ops.matmul(cur.zmat, k_mat, low_precision), -0.5)  # -sym(Z dS X)
-    dzm -= cur.zmat
-    if sig_mu:
-        dzm += sig_mu * cur.xinv
+    dzm_full = None
+    if cur.dual.chordal and corr is None and not sig_mu:  # the predictor's dense dZ_a, for C
+        dzm_full = cur.dual.full_sym_product(cur.rz, k_mat, -0.5, low_precision)
+        dzm_full -= cur.zfull
+        dzm = cur.dual.project(dzm_full.copy())
+    else:
+        dzm = cur.dual.sym_product(cur.zfull, k_mat, -0.5, low_precision)  # -sym(Z dS X)
+        dzm -= cur.zmat
+        if sig_mu:
+            cur.dual.add_scaled(dzm, cur.xinv, sig_mu)
     ds = lmi.assemble(dy[0], dt, constant=False)
     if cur.pi > 0:
         ops.add_diag(ds, -cur.pi)
@@ -209,7 +228,7 @@ def _direction(
     if corr is not None:
         dzm -= corr[0]
         dz -= corr[1] / xs
-    return _Direction(dy, ds, dzm, dz, k_mat)
+    return _Direction(dy, ds, dzm, dz, k_mat, dzm_full)
 
 
 def primal_ops(lmi: StructuredLmi) -> PrimalOps:
@@ -235,7 +254,7 @@ def _step_lengths(
     ``sops`` is :func:`primal_ops`.
     """
     s_max, warm[0] = sops.max_step(cur.rs, d.ds, warm[0])
-    z_max, warm[1] = ops.max_step(cur.rz, d.dzm, warm[1])
+    z_max, warm[1] = cur.dual.max_step(cur.rz, d.dzm, warm[1])
     a_p = min(1.0, frac * s_max, frac * step_ratio(cur.x[sgn], d.dy[1:][sgn]))
     a_d = min(1.0, frac * z_max, frac * step_ratio(cur.z[sgn], d.dz[sgn]))
     return a_p, a_d
@@ -268,10 +287,12 @@ def _start(
     if rs is None:
         raise ValueError("could not build a positive definite starting S")
     xinv = sops.inverse_from_cholesky(rs)
+    dops = dual_ops(lmi, settings)
     if lmi.depth <= settings.newton_start_depth:
         dual = newton_dual_start(lmi, grp, sgn, x, xinv)
         if dual is not None:
-            return _Iterate(rho, x, s_mat, rs, xinv, dual.zmat, dual.rz, dual.z, pi)
+            it = _Iterate(rho, x, s_mat, rs, xinv, dual.zmat, dual.rz, dual.z, pi)
+            return _with_dual(dops, it)
     if settings.z0_identity:
         mu0 = settings.z0_scale / lmi.r
         zmat = mu0 * ops.eye(lmi.n)
@@ -282,7 +303,29 @@ def _start(
     if rz is None:
         raise ValueError("could not build a positive definite starting Z")
     z = np.where(sgn, mu0 / np.where(sgn, x, 1.0), 0.0)
-    return _Iterate(rho, x, s_mat, rs, xinv, zmat, rz, z, pi)
+    return _with_dual(dops, _Iterate(rho, x, s_mat, rs, xinv, zmat, rz, z, pi))
+
+
+def dual_ops(lmi: StructuredLmi, settings: IpmTuning) -> ChordalDualOps | DenseDualOps:
+    """The dual matrix's algebra: on the block-tridiagonal pattern (:mod:`sdp.solvers._chordal`)
+    on the numpy backend for nets of depth >= ``chordal_min_depth``, else the backend's dense Z."""
+    depth = settings.chordal_min_depth
+    if depth is not None and lmi.depth >= depth and isinstance(lmi.ops, NumpyOps):
+        return ChordalDualOps(lmi.ops, lmi.offsets)
+    return DenseDualOps(lmi.ops)
+
+
+def _with_dual(dops: ChordalDualOps | DenseDualOps, it: _Iterate) -> _Iterate:
+    """``it`` with its dual algebra; a chordal dual keeps P(Z) and its completion (P(Z) of a PD
+    Z always has a PD completion: Z itself)."""
+    it.dual = dops
+    if dops.chordal:
+        it.zmat = dops.project(it.zmat)
+        it.rz = dops.cholesky_upper(it.zmat)
+        if it.rz is None:
+            raise ValueError("could not complete the starting Z")
+        it.zhat = dops.completed(it.rz)
+    return it
 
 
 def _schur_matrix(
@@ -409,7 +452,7 @@ def _score(
     complementarity gap <S, Z> / tr Z_00; it is infinite until Z gives an estimate.
     """
     ops = lmi.ops
-    xb, zb = rank2_blocks(lmi, cur.xinv), rank2_blocks(lmi, cur.zmat)
+    xb, zb = rank2_blocks(lmi, cur.xinv), rank2_blocks(lmi, cur.zfull)
     tr_x00, cx = constraint_values(ops, xb)
     tr_z00, cz = constraint_values(ops, zb)
     az = grp.vec(cz)
@@ -461,7 +504,7 @@ def _schur_system(
     c[0] = 1.0
     base = -c
     if cur.pi > 0:  # the residual -pi I enters as -A(sym(Z (-pi I) X))
-        tr_zx, v_zx = sym_product_values(lmi, sc.zb, cur.zmat, sc.xb, cur.xinv)
+        tr_zx, v_zx = sym_product_values(lmi, sc.zb, cur.zfull, sc.xb, cur.xinv)
         base = base + cur.pi * np.concatenate([[tr_zx], grp.vec(v_zx)])
     return SchurSystem(h), g, xs, base
 
@@ -486,7 +529,7 @@ def _predictor_corrector(
     # float32 products are 2.7x faster; their error (~1e-7 ||Z|| ||dS X||, and dS ~ S in the
     # predictor) must stay far below the complementarity they steer: only while <S, Z> is
     # large relative to ||S|| ||Z||
-    size = ops.norm(cur.s_mat) * ops.norm(cur.zmat)
+    size = ops.norm(cur.s_mat) * ops.norm(cur.zfull)
     low = gap > settings.float32_above * size
     low_step = low and settings.float32_step
     pred = _direction(lmi, grp, sgn, cur, sc.xb.wy, schur, base, 0.0, None, low_precision=low)
@@ -504,7 +547,8 @@ def _predictor_corrector(
     if settings.sigma_fixed is not None:
         sigma = settings.sigma_fixed
     if settings.corrector:  # the second-order terms sym(dZ_a dS_a X) and dx_a dz_a
-        corr = ops.sym(ops.matmul(pred.dzm, pred.k_mat, low_precision=low), 0.5)
+        dz_a = pred.dzm if pred.dzm_full is None else pred.dzm_full
+        corr = cur.dual.corrector(dz_a, pred.k_mat, 0.5, low)
         corr_lin = np.where(sgn, pred.dy[1:] * pred.dz, 0.0)
         tr_c, v_c = constraint_values_banded(lmi, corr)
         rhs = base + sigma * mu * g - np.concatenate([[tr_c], grp.vec(v_c) + corr_lin / xs])
@@ -571,7 +615,7 @@ def solve_ipm(
             d, sigma, low = _predictor_corrector(lmi, grp, sgn, w, cur, sc, settings, warm)
             a_p, a_d = _step_lengths(lmi.ops, sops, sgn, cur, d, settings.step_frac, warm)
             a_p, rs_new = cholesky_step(sops, cur.s_mat, d.ds, a_p)
-            a_d, rz_new = cholesky_step(lmi.ops, cur.zmat, d.dzm, a_d)
+            a_d, rz_new = cholesky_step(cur.dual, cur.zmat, d.dzm, a_d)
             it += 1
             diag = {"a_p": a_p, "a_d": a_d, "sigma": sigma, "float32": float(low)}
             if lower is not None:
@@ -614,3 +658,4 @@ def _advance(
         cur.zmat += a_d * d.dzm
         cur.z = cur.z + a_d * d.dz
         cur.rz = rz_new
+        cur.zhat = cur.dual.completed(rz_new)
