@@ -28,6 +28,7 @@ import numpy as np
 from scipy import special
 
 from sdp.ir import Activation, Array
+from sdp.local import clock
 from sdp.local.graph import Node
 from sdp.local.propagate import (
     ActRule,
@@ -101,11 +102,15 @@ def optimise_alphas(
     iterations: int = 20,
     lr: float = 0.5,
     start: dict[int, Array] | None = None,
+    deadline: float | None = None,
 ) -> tuple[Array, dict[int, Array]]:
     """Best rigorous lower bounds (B, m) over projected-Adam iterates, and their alphas.
 
     ``start`` (act node -> (B, m, n)) seeds the alphas; CROWN's adaptive choice otherwise, so the
-    result is never below the CROWN bound with the same intermediate bounds.
+    result is never below the CROWN bound with the same intermediate bounds. ``deadline`` (a
+    :func:`sdp.local.clock.now` time): no step is begun that the last one's measured time says
+    would end past it (:func:`sdp.local.clock.fits`); the start is always evaluated, and every
+    evaluated iterate is rigorous, so a stopped search returns a sound bound (>= CROWN's).
     """
     g = st.graph
     b, m = c0.shape
@@ -129,14 +134,16 @@ def optimise_alphas(
     mom = {k: np.zeros_like(v) for k, v in alphas.items()}
     vel = {k: np.zeros_like(v) for k, v in alphas.items()}
     b1, b2, tiny = 0.9, 0.999, 1e-12
+    last = 0.0  # seconds of the last whole step (evaluation and update)
     for it in range(iterations + 1):
+        t_it = clock.now()
         res = backward(st, init, c0, alphas=alphas, record=True)
         better = res.lower > best
         if better.any():
             best = np.where(better, res.lower, best)
             for k in acts:
                 best_alpha[k] = np.where(better[:, :, None], alphas[k], best_alpha[k])
-        if it == iterations:
+        if it == iterations or not clock.fits(deadline, last or 2.0 * (clock.now() - t_it)):
             break
         assert res.lam_x is not None and res.lam_act is not None
         pre = _relaxed_forward(st, res.lam_x, res.lam_act, alphas, top)
@@ -150,6 +157,7 @@ def optimise_alphas(
             vh = vel[k] / (1 - b2 ** (it + 1))
             step = lr * mh / (np.sqrt(vh) + tiny)
             alphas[k] = np.clip(alphas[k] + step, rel.alpha_min, rel.alpha_max)
+        last = clock.now() - t_it
     return best, best_alpha
 
 
@@ -219,6 +227,7 @@ def optimise_tangents(
     iterations: int = 20,
     lr: float = 0.2,
     rigorous: bool = True,
+    deadline: float | None = None,
 ) -> tuple[Array, dict[int, tuple[Array, Array]], dict[int, RowLines]]:
     """Optimised tangent lines of sigmoid / tanh nodes (alpha-CROWN for general activations,
     Xu et al., ICLR 2021; lines of Zhang et al., NeurIPS 2018), per objective row.
@@ -236,6 +245,8 @@ def optimise_tangents(
     (lower, upper) per node, (B, m, n) each, and the lines; ``alphas`` (ReLU-like nodes)
     are held fixed. ``rigorous=False`` returns the best FLOAT bounds and their slopes only
     (no lines): a proposal for the caller to bound rigorously (:func:`tangent_rule`).
+    ``deadline``: the float search stops as in :func:`optimise_alphas` (CROWN's tangent points
+    are always evaluated); the rigorous pass of the best iterate always runs.
     """
     b, m = c0.shape
     top = max(init)
@@ -290,7 +301,9 @@ def optimise_tangents(
     mom = {k: (np.zeros_like(d_lo[k]), np.zeros_like(d_up[k])) for k in nodes}
     vel = {k: (np.zeros_like(d_lo[k]), np.zeros_like(d_up[k])) for k in nodes}
     b1, b2, tiny = 0.9, 0.999, 1e-12
+    last = 0.0
     for it in range(iterations + 1):
+        t_it = clock.now()
         lines = {k: float_lines(k) for k in nodes}
         res = backward(st, init, c0, alphas=alphas, record=True, lines=lines)
         better = res.lower > best
@@ -302,7 +315,7 @@ def optimise_tangents(
                     np.where(better[:, :, None], d_lo[k], bl),
                     np.where(better[:, :, None], d_up[k], bu),
                 )
-        if it == iterations:
+        if it == iterations or not clock.fits(deadline, last or 2.0 * (clock.now() - t_it)):
             break
         assert res.lam_x is not None and res.lam_act is not None
         pre = _relaxed_forward(st, res.lam_x, res.lam_act, alphas or {}, top, lines)
@@ -329,6 +342,7 @@ def optimise_tangents(
                 step = lr * width * mh / (np.sqrt(vh) + tiny)
                 new.append(np.clip(d + step, lo_[:, None, :], hi_[:, None, :]))
             d_lo[k], d_up[k] = new[0], new[1]
+        last = clock.now() - t_it
     rig: dict[int, RowLines] = {}
     for k in nodes:
         phi = st.graph.nodes[k].op
@@ -446,6 +460,10 @@ class IntermediateAlpha:
     ``given`` / ``given_lines`` (per input) replay stored alphas / slopes (one rigorous
     backward pass each, for verification) instead of optimising. Each row's bound only
     replaces the current one where it is tighter, so the result is never looser than CROWN.
+
+    ``deadline`` (a :func:`sdp.local.clock.now` time; optimising only): each optimisation
+    stops there (:func:`optimise_alphas`), and past it the remaining (node, input) pairs keep
+    their CROWN bounds and record nothing, which the replay reproduces (no record, no change).
     """
 
     iterations: int = 10
@@ -454,6 +472,7 @@ class IntermediateAlpha:
     tangent_iterations: int = 0
     given_lines: list[InterLines] | None = None
     found_lines: list[InterLines] = field(default_factory=list)
+    deadline: float | None = None
 
     def __call__(self, st: BallBounds, idx: int) -> None:
         if not self.found:
@@ -474,10 +493,12 @@ class IntermediateAlpha:
             lower = backward(sub, init, c0, alphas={k: a[None] for k, a in alph.items()}).lower
         else:
             rows = self._rows(st, idx, b)
-            if rows.size == 0:
+            if rows.size == 0 or not clock.fits(self.deadline):
                 return
             init, c0 = node_objective(sub, idx, rows)
-            lower, best = optimise_alphas(sub, init, c0, iterations=self.iterations)
+            lower, best = optimise_alphas(
+                sub, init, c0, iterations=self.iterations, deadline=self.deadline
+            )
             if not best:
                 return
             self.found[b][idx] = (rows, {k: a[0] for k, a in best.items()})
@@ -490,7 +511,7 @@ class IntermediateAlpha:
         if self.given_lines is not None and idx not in self.given_lines[b]:
             return
         if self.given_lines is None:
-            if self.tangent_iterations <= 0:
+            if self.tangent_iterations <= 0 or not clock.fits(self.deadline):
                 return
             rows = self._tangent_rows(st, idx, b)
             if rows.size == 0:
@@ -500,7 +521,12 @@ class IntermediateAlpha:
                 return
             cur = np.concatenate([st.lo[idx][b, rows], -st.hi[idx][b, rows]])
             got, slopes, _ = optimise_tangents(
-                sub, init, c0, iterations=self.tangent_iterations, rigorous=False
+                sub,
+                init,
+                c0,
+                iterations=self.tangent_iterations,
+                rigorous=False,
+                deadline=self.deadline,
             )
             # float proposals that beat the current (rigorous) bound; only they are bounded
             keep = np.flatnonzero(got[0] > cur + 1e-9 * (1.0 + np.abs(cur)))

@@ -16,6 +16,7 @@ import numpy as np
 from sdp._blas import one_thread
 from sdp.errors import UnsupportedMethod
 from sdp.ir import Array
+from sdp.local import clock
 from sdp.local.alpha import (
     InterAlphas,
     InterLines,
@@ -160,27 +161,37 @@ def alpha_crown(
     optimizer: SlopeOptimizer | None = None,
     net: object = None,
     iterations: int = ALPHA_ITERATIONS,
+    deadline: float | None = None,
 ) -> MarginBounds:
     """alpha-CROWN: intermediate bounds tightened by per-neuron alphas (input by input), then
-    the final margins optimised; the payload stores every alpha used (for ``recheck``)."""
+    the final margins optimised; the payload stores every alpha used (for ``recheck``).
+
+    ``deadline`` (a :func:`sdp.local.clock.now` time, from the caller's time budget): every
+    optimisation stops there (:func:`sdp.local.clock.fits`: no step begun that would end past
+    it), nodes reached after it keep CROWN's bounds, and the margins get their start (CROWN's
+    slopes) and the best iterate so far, bounded rigorously as always; what remains past the
+    deadline is CROWN's own cost (the intermediate and final passes). The optional
+    ``optimizer`` is not called past the deadline."""
     hook = IntermediateAlpha(
-        iterations=INTER_ITERATIONS, tangent_iterations=TANGENT_INTER_ITERATIONS
+        iterations=INTER_ITERATIONS,
+        tangent_iterations=TANGENT_INTER_ITERATIONS,
+        deadline=deadline,
     )
     st = compute_bounds(graph, x0, eps, node_hook=hook)
     c = objective_rows(pred, graph.output_size)
     c0 = np.zeros(c.shape[:2])
     init = {graph.output: c}
-    lower, alphas = optimise_alphas(st, init, c0, iterations=iterations)
+    lower, alphas = optimise_alphas(st, init, c0, iterations=iterations, deadline=deadline)
     rig: dict[int, RowLines] | None = None
     slopes: dict[int, tuple[Array, Array]] = {}
     if tangent_nodes(st, graph.output):
         # rigorous bounds of the chosen lines (optimised tangents where they beat CROWN's):
         # exactly what _alpha_recheck recomputes from the stored slopes
         lower, slopes, rig = optimise_tangents(
-            st, init, c0, alphas=alphas, base=lower, iterations=iterations
+            st, init, c0, alphas=alphas, base=lower, iterations=iterations, deadline=deadline
         )
     lower = np.maximum(lower, box_margins(st, c))
-    if optimizer is not None and net is not None:
+    if optimizer is not None and net is not None and clock.fits(deadline):
         acts = tuple(sorted(alphas))
         # copies: the optimiser may write into what it is given (e.g. torch.from_numpy shares
         # memory); st.x0 / st.eps / st.lo are what the re-check below is computed on
