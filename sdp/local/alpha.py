@@ -176,10 +176,24 @@ def _derivs012(phi: Activation, d: Array) -> tuple[Array, Array, Array]:
     return np.asarray(phi(d)), _deriv(phi, d), deriv2(phi, d)
 
 
-def _f32(a: Array) -> Array:
-    """Round to float32 and back (exact in float64; non-finite values stay non-finite)."""
+SLOPE_DTYPE = np.float16
+"""Precision of the intermediate tangent slopes a certificate stores (design.md §4.1.3). Any
+slope is sound (its intercept is bounded rigorously), and a sigmoid / tanh slope rounded to 11
+bits is the tangent at a point moved by about 2^-11 of its curvature scale: on ffnnSIGMOID
+6x200 the margins' bounds moved by under 1e-6 relative against float32 slopes."""
+
+
+def _rounded(a: Array) -> Array:
+    """Round to :data:`SLOPE_DTYPE` and back (exact in float64; overflow gives inf)."""
     with np.errstate(over="ignore"):
-        return np.asarray(a, dtype=np.float32).astype(np.float64)
+        return np.asarray(a, dtype=SLOPE_DTYPE).astype(np.float64)
+
+
+def _snap(s: Array, s_rel: Array) -> Array:
+    """Rounded slopes s (q, n) (:func:`_rounded`) with the entries equal to the rounding of
+    the relaxation's slope s_rel (1, n) set to s_rel itself (its line is then the
+    relaxation's own, intercept included: no intercept to bound, nothing to store)."""
+    return np.where(s == _rounded(s_rel), s_rel, s)
 
 
 def tangent_nodes(st: BallBounds, top: int) -> list[int]:
@@ -396,8 +410,11 @@ def tangent_rule(
     (:func:`sdp.local.relax.line_extremes`; the relaxation's own intercept where the slope is
     the relaxation's). Half the work of :func:`rigorous_lines`, which bounds both lines of
     every entry; sound for any finite slopes (the intercept makes any slope a valid line).
-    ``used`` (if given) receives the slopes actually used per node: passed back as both
-    (lower, upper), they reproduce the same pass exactly (the certificate stores only them)."""
+    A NaN slope means the relaxation's own line (slope and intercept) of the entry.
+    ``used`` (if given) receives the slopes actually used per node, NaN where the entry used
+    the relaxation's own line (lam = 0, or a slope equal to the relaxation's): passed back as
+    both (lower, upper), they reproduce the same pass exactly (the certificate stores only
+    the other entries)."""
 
     def rule(
         node: Node, rel: Relaxation, lam: Array, alpha: Array | None, st: BallBounds
@@ -411,6 +428,7 @@ def tangent_rule(
         pos = lam >= 0
         s_rel = np.where(pos, rel.lower_slope[:, None, :], rel.upper_slope[:, None, :])
         s = np.where(lam == 0, s_rel, np.where(pos, sl[0], sl[1]))
+        s = np.where(np.isnan(s), s_rel, s)
         t = np.where(pos, rel.lower_icpt[:, None, :], rel.upper_icpt[:, None, :])
         new = s != s_rel
         if new.any():
@@ -419,7 +437,7 @@ def tangent_rule(
             t_lo, t_up = line_extremes(phi, l, u, s[new], uniform=uniform)
             t[new] = np.where(pos[new], t_lo, t_up)
         if used is not None:
-            used[node.index] = s
+            used[node.index] = np.where(new, s, np.nan)
         return crown_act_step(rel, lam, None, st.zmax(p), RowLines(s, t, s, t))
 
     return rule
@@ -429,9 +447,10 @@ def tangent_rule(
 # get +-e_i objectives (first r rows: lower bounds of z_i, last r: of -z_i).
 InterAlphas = dict[int, tuple[np.ndarray, dict[int, Array]]]
 
-# Per input b: target node -> (objective rows o (q,), {act node: slopes (q, n) in float32});
+# Per input b: target node -> (objective rows o (q,), {act node: slopes (q, n), SLOPE_DTYPE});
 # o in [0, 2 n_t): o < n_t is +e_o (a lower bound of z_o), o >= n_t is -e_(o - n_t) (an upper
-# bound of z_(o - n_t)); each slope is that of the line the row uses (:func:`tangent_rule`).
+# bound of z_(o - n_t)); each slope is that of the line the row uses (:func:`tangent_rule`),
+# NaN where the row uses the relaxation's own line.
 InterLines = dict[int, tuple[np.ndarray, dict[int, Array]]]
 
 
@@ -534,16 +553,24 @@ class IntermediateAlpha:
                 return
             r = rows.size
             obj = np.where(keep < r, rows[keep % r], rows[keep % r] + n)
-            # float32 slopes (half the payload; any slope is sound): the pass below uses
-            # exactly the stored values, and records the one line each entry uses
-            sl2 = {k: (_f32(lo[0, keep]), _f32(up[0, keep])) for k, (lo, up) in slopes.items()}
+            # slopes rounded to SLOPE_DTYPE (any slope is sound), the relaxation's own where
+            # they round to its slope (CROWN's choice kept, or no valid tangent range): the
+            # pass below uses exactly these and records the one line each entry uses (NaN:
+            # the relaxation's own line, lam = 0 included)
+            sl2 = {
+                k: (
+                    _snap(_rounded(lo[0, keep]), sub.relax[k].lower_slope),
+                    _snap(_rounded(up[0, keep]), sub.relax[k].upper_slope),
+                )
+                for k, (lo, up) in slopes.items()
+            }
             init, c0 = signed_objective(sub, idx, obj)
             used: dict[int, Array] = {}
             rule = tangent_rule({k: (a[None], c[None]) for k, (a, c) in sl2.items()}, used=used)
             lower = backward(sub, init, c0, act_rule=rule).lower[0]
             self.found_lines[b][idx] = (
                 obj,
-                {k: used[k][0].astype(np.float32) for k in sl2 if k in used},
+                {k: used[k][0].astype(SLOPE_DTYPE) for k in sl2 if k in used},
             )
         else:
             obj, sl = self.given_lines[b][idx]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from sdp.errors import UnsupportedMethod
 from sdp.ir import Array
 from sdp.local import clock
 from sdp.local.alpha import (
+    SLOPE_DTYPE,
     InterAlphas,
     InterLines,
     IntermediateAlpha,
@@ -277,20 +279,32 @@ def _decode_inter(graph: Graph, payload: Payload) -> InterAlphas:
 
 
 def _encode_inter_lines(found: InterLines) -> Payload:
+    """Per target node t: ``trows:t`` (the row codes) and per sigmoid / tanh node k below it
+    ``tsm:t:k`` (np.packbits of the (q, n) mask of the entries with a slope of their own, row
+    major) and ``tsl:t:k`` (those slopes, :data:`sdp.local.alpha.SLOPE_DTYPE`, in mask
+    order); the other entries used the relaxation's own line, which the verifier re-derives
+    (design.md §4.1.3)."""
     out: list[tuple[str, Array]] = []
     for t in sorted(found):
         obj, sl = found[t]
         out.append((f"trows:{t}", np.asarray(obj, dtype=np.float64)))
-        out.extend((f"tsl:{t}:{k}", np.asarray(sl[k], dtype=np.float32)) for k in sorted(sl))
+        for k in sorted(sl):
+            a = np.asarray(sl[k], dtype=SLOPE_DTYPE)
+            own = ~np.isnan(a)
+            # payload arrays may be of any numeric dtype (the certificate's type says float64)
+            out.append((f"tsm:{t}:{k}", cast(Array, np.packbits(own.reshape(-1)))))
+            out.append((f"tsl:{t}:{k}", cast(Array, a[own])))
     return tuple(out)
 
 
 def _decode_inter_lines(graph: Graph, payload: Payload) -> InterLines:
-    """The intermediate tangent slopes of a payload, validated (shapes, finite values, row
-    codes, act nodes that are sigmoid / tanh below their target); any finite slope gives a
-    sound line (its intercept is recomputed rigorously), so nothing else needs trusting."""
+    """The intermediate tangent slopes of a payload (NaN: the relaxation's own line),
+    validated (shapes, masks and their counts, finite slopes, row codes, act nodes that are
+    sigmoid / tanh below their target); any finite slope gives a sound line (its intercept is
+    recomputed rigorously), so nothing else needs trusting."""
     rows: dict[int, np.ndarray] = {}
-    sl: dict[int, dict[int, Array]] = {}
+    masks: dict[tuple[int, int], np.ndarray] = {}
+    vals: dict[tuple[int, int], Array] = {}
     for key, arr in payload:
         parts = key.split(":")
         if parts[0] == "trows" and len(parts) == 2:
@@ -301,23 +315,37 @@ def _decode_inter_lines(graph: Graph, payload: Payload) -> InterLines:
             if np.any(r != np.round(r)) or r.min() < 0 or r.max() >= 2 * graph.nodes[t].size:
                 raise ValueError(f"bad payload entry {key!r}")
             rows[t] = r.astype(np.intp)
-        elif parts[0] == "tsl" and len(parts) == 3:
+        elif parts[0] in ("tsm", "tsl") and len(parts) == 3:
             t, k = int(parts[1]), int(parts[2])
             ok = 0 < k < t < len(graph.nodes) and graph.nodes[k].kind == "act"
             if not ok or getattr(graph.nodes[k].op, "name", "") not in OPTIMISABLE:
                 raise ValueError(f"bad payload entry {key!r}")
-            a = np.asarray(arr, dtype=np.float64)
-            if a.ndim != 2 or a.shape[1] != graph.nodes[k].size or not np.isfinite(a).all():
+            a = np.asarray(arr)
+            if a.ndim != 1:
                 raise ValueError(f"bad payload entry {key!r}")
-            sl.setdefault(t, {})[k] = a
-    if any(t not in rows for t in sl):
-        raise ValueError("tangent slopes without their rows")
-    out: InterLines = {}
-    for t, r in rows.items():
-        per = sl.get(t, {})
-        if any(a.shape[0] != r.size for a in per.values()):
-            raise ValueError(f"tangent slopes of node {t} do not match its rows")
-        out[t] = (r, per)
+            if parts[0] == "tsm":
+                if a.dtype != np.uint8:
+                    raise ValueError(f"bad payload entry {key!r}")
+                masks[(t, k)] = a
+            else:
+                v = a.astype(np.float64)
+                if not np.isfinite(v).all():
+                    raise ValueError(f"bad payload entry {key!r}")
+                vals[(t, k)] = v
+    if set(masks) != set(vals) or any(t not in rows for t, _ in masks):
+        raise ValueError("tangent slopes without their rows or masks")
+    out: InterLines = {t: (r, {}) for t, r in rows.items()}
+    for (t, k), packed in masks.items():
+        q, n = rows[t].size, graph.nodes[k].size
+        if packed.size != -(-q * n // 8):
+            raise ValueError(f"tangent mask of nodes {t}, {k} does not match its rows")
+        own = np.unpackbits(packed, count=q * n).astype(bool)
+        v = vals[(t, k)]
+        if int(own.sum()) != v.size:
+            raise ValueError(f"tangent slopes of nodes {t}, {k} do not match their mask")
+        a = np.full(q * n, np.nan)
+        a[own] = v
+        out[t][1][k] = a.reshape(q, n)
     return out
 
 
@@ -336,7 +364,7 @@ def _alpha_recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload
     tangents: dict[int, dict[str, Array]] = {}
     for key, arr in payload:
         kind, _, idx = key.partition(":")
-        if kind in ("irows", "ialpha", "trows", "tsl"):
+        if kind in ("irows", "ialpha", "trows", "tsm", "tsl"):
             continue
         node = int(idx)
         if kind in ("slo", "sup"):
