@@ -993,10 +993,12 @@ def _compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBou
     alpha-CROWN root of each other input, followed by its branch and bound with an equal share
     of what is left of the batch's budget (time an input leaves unused passes to the next), at
     most ``MAX_SHARE`` times ``BUDGET_S``.
-    The roots always run, and their optimisation counts against the input's share (it stops
-    at the share computed before the root; :func:`_root`): on a small net the root finishes
-    well inside it (never less than alpha-crown's root then), on a big one (oval21
-    cifar_deep_kw) it stops with its best rigorous bound so far instead of running for minutes."""
+    The roots run while the budget lasts, and their optimisation counts against the input's
+    share (it stops at the share computed before the root; :func:`_root`): on a small net the
+    root finishes well inside it (never less than alpha-crown's root then), on a big one
+    (oval21 cifar_deep_kw) it stops with its best rigorous bound so far instead of running for
+    minutes; an input whose share is nothing (CROWN alone spent the budget) keeps CROWN's
+    bound and its empty payload (a root would only repeat CROWN's passes)."""
     t0 = _now()
     ch = chain_of(graph)
     n = x0.shape[0]
@@ -1009,6 +1011,8 @@ def _compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBou
     for pos, b in enumerate(todo):
         sl = slice(int(b), int(b) + 1)
         share = min(max(end - _now(), 0.0) / (todo.size - pos), MAX_SHARE * BUDGET_S)
+        if share <= 0.0:  # the budget is spent (CROWN alone took it): CROWN's answer stands
+            continue
         st, low, alphas, hook, c = _root(graph, x0[sl], eps[sl], pred[sl], _now() + share)
         share = min(max(end - _now(), 0.0) / (todo.size - pos), MAX_SHARE * BUDGET_S)
         payloads[b], _ = _branch_input(

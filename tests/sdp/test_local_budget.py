@@ -110,3 +110,23 @@ def test_beta_crown_root_counts_against_the_deadline() -> None:
     assert np.array_equal(low, get_method("crown").compute(graph, x, eps, pred).lower)
     _, _, _, full, _ = beta_crown._root(graph, x, eps, pred)
     assert any(full.found[0].values()), "the root optimised nothing anyway: vacuous"
+
+
+def test_beta_crown_at_eps_with_its_budget_spent_is_crown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No budget left after CROWN (BUDGET_S = 0): no root, no search; CROWN's bounds and empty
+    payloads (which re-check as CROWN), so an input is certified iff CROWN certifies it."""
+    monkeypatch.setattr(beta_crown, "BUDGET_S", 0.0)
+    rng = np.random.default_rng(5)
+    net = _deep_conv(rng, "relu")
+    x = rng.normal(size=(4, net.input_size))
+    graph = build_graph(net)
+    pred = np.argmax(net.forward(x), axis=1)
+    eps = np.full(4, 0.3)
+    got = get_method("beta-crown").compute(graph, x, eps, pred)
+    crown = get_method("crown").compute(graph, x, eps, pred).lower
+    assert np.array_equal(got.lower, crown) and got.payloads == ((),) * 4
+    assert not np.all(crown > 0), "CROWN certifies everything: vacuous"
+    res = certify_local(net, x, epsilon=0.3, method="beta-crown")
+    assert res.certified is not None
+    for i in np.flatnonzero(res.certified):
+        assert verify_local(net, x[i], res.certificates[i])
