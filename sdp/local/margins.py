@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
 from sdp._blas import one_thread
 from sdp.errors import UnsupportedMethod
 from sdp.ir import Array
+from sdp.local import clock
 from sdp.local.alpha import (
+    SLOPE_DTYPE,
     InterAlphas,
     InterLines,
     IntermediateAlpha,
@@ -160,27 +163,37 @@ def alpha_crown(
     optimizer: SlopeOptimizer | None = None,
     net: object = None,
     iterations: int = ALPHA_ITERATIONS,
+    deadline: float | None = None,
 ) -> MarginBounds:
     """alpha-CROWN: intermediate bounds tightened by per-neuron alphas (input by input), then
-    the final margins optimised; the payload stores every alpha used (for ``recheck``)."""
+    the final margins optimised; the payload stores every alpha used (for ``recheck``).
+
+    ``deadline`` (a :func:`sdp.local.clock.now` time, from the caller's time budget): every
+    optimisation stops there (:func:`sdp.local.clock.fits`: no step begun that would end past
+    it), nodes reached after it keep CROWN's bounds, and the margins get their start (CROWN's
+    slopes) and the best iterate so far, bounded rigorously as always; what remains past the
+    deadline is CROWN's own cost (the intermediate and final passes). The optional
+    ``optimizer`` is not called past the deadline."""
     hook = IntermediateAlpha(
-        iterations=INTER_ITERATIONS, tangent_iterations=TANGENT_INTER_ITERATIONS
+        iterations=INTER_ITERATIONS,
+        tangent_iterations=TANGENT_INTER_ITERATIONS,
+        deadline=deadline,
     )
     st = compute_bounds(graph, x0, eps, node_hook=hook)
     c = objective_rows(pred, graph.output_size)
     c0 = np.zeros(c.shape[:2])
     init = {graph.output: c}
-    lower, alphas = optimise_alphas(st, init, c0, iterations=iterations)
+    lower, alphas = optimise_alphas(st, init, c0, iterations=iterations, deadline=deadline)
     rig: dict[int, RowLines] | None = None
     slopes: dict[int, tuple[Array, Array]] = {}
     if tangent_nodes(st, graph.output):
         # rigorous bounds of the chosen lines (optimised tangents where they beat CROWN's):
         # exactly what _alpha_recheck recomputes from the stored slopes
         lower, slopes, rig = optimise_tangents(
-            st, init, c0, alphas=alphas, base=lower, iterations=iterations
+            st, init, c0, alphas=alphas, base=lower, iterations=iterations, deadline=deadline
         )
     lower = np.maximum(lower, box_margins(st, c))
-    if optimizer is not None and net is not None:
+    if optimizer is not None and net is not None and clock.fits(deadline):
         acts = tuple(sorted(alphas))
         # copies: the optimiser may write into what it is given (e.g. torch.from_numpy shares
         # memory); st.x0 / st.eps / st.lo are what the re-check below is computed on
@@ -322,30 +335,56 @@ def _decode_inter(graph: Graph, payload: Payload) -> InterAlphas:
 
 
 def _encode_inter_lines(found: InterLines) -> Payload:
+    """Per target node t: ``trows:t`` (the row codes) and per sigmoid / tanh node k below it
+    ``tsm:t:k`` (np.packbits of the (q, n) mask of the entries with a slope of their own, row
+    major) and ``tsl:t:k`` (those slopes, :data:`sdp.local.alpha.SLOPE_DTYPE`, in mask
+    order); the other entries used the relaxation's own line, which the verifier re-derives
+    (design.md §4.1.3)."""
     out: list[tuple[str, Array]] = []
     for t in sorted(found):
         obj, sl = found[t]
         out.append((f"trows:{t}", np.asarray(obj, dtype=np.float64)))
-        out.extend((f"tsl:{t}:{k}", np.asarray(sl[k], dtype=np.float32)) for k in sorted(sl))
+        for k in sorted(sl):
+            a = np.asarray(sl[k], dtype=SLOPE_DTYPE)
+            own = ~np.isnan(a)
+            # payload arrays may be of any numeric dtype (the certificate's type says float64)
+            out.append((f"tsm:{t}:{k}", cast(Array, np.packbits(own.reshape(-1)))))
+            out.append((f"tsl:{t}:{k}", cast(Array, a[own])))
     return tuple(out)
 
 
 def _tangent_values(graph: Graph, k: int, rows: np.ndarray, got: dict[str, np.ndarray]) -> Array:
-    """``tsl``: finite (q, n_k) slopes for q row codes; any finite slope gives a sound line
-    (its intercept is recomputed rigorously), so nothing else needs trusting."""
-    a = np.asarray(got["tsl"], dtype=np.float64)
-    if a.shape != (rows.size, graph.nodes[k].size) or not np.isfinite(a).all():
-        raise ValueError(f"tsl of node {k} has shape {a.shape} or non-finite values")
-    return a
+    """``tsm`` (np.packbits of the (q, n_k) mask of entries with a slope of their own) and
+    ``tsl`` (those slopes, finite, in mask order) for q row codes; NaN marks the other
+    entries (the relaxation's own line, re-derived by the verifier). Any finite slope gives a
+    sound line (its intercept is recomputed rigorously), so nothing else needs trusting."""
+    if set(got) != {"tsm", "tsl"}:
+        raise ValueError(f"tangent slopes of node {k} without their mask")
+    packed, v = got["tsm"], got["tsl"]
+    if packed.ndim != 1 or packed.dtype != np.uint8 or v.ndim != 1:
+        raise ValueError(f"tangent mask or slopes of node {k} malformed")
+    v = v.astype(np.float64)
+    if not np.isfinite(v).all():
+        raise ValueError(f"tangent slopes of node {k} not finite")
+    q, n = rows.size, graph.nodes[k].size
+    if packed.size != -(-q * n // 8):
+        raise ValueError(f"tangent mask of node {k} does not match its rows")
+    own = np.unpackbits(packed, count=q * n).astype(bool)
+    if int(own.sum()) != v.size:
+        raise ValueError(f"tangent slopes of node {k} do not match their mask")
+    a = np.full(q * n, np.nan)
+    a[own] = v
+    return a.reshape(q, n)
 
 
-_TANGENT_ROWS = _RowsKind("trows", ("tsl",), 2, False, False, OPTIMISABLE, _tangent_values)
+_TANGENT_ROWS = _RowsKind("trows", ("tsm", "tsl"), 2, False, False, OPTIMISABLE, _tangent_values)
 """Intermediate tangent rows (:data:`InterLines`): signed row codes o < 2 n_t (at least one),
 slopes of sigmoid / tanh nodes strictly below t."""
 
 
 def _decode_inter_lines(graph: Graph, payload: Payload) -> InterLines:
-    """The intermediate tangent slopes of a payload, validated (:data:`_TANGENT_ROWS`)."""
+    """The intermediate tangent slopes of a payload (NaN: the relaxation's own line),
+    validated (:data:`_TANGENT_ROWS`)."""
     return _decode_rows(graph, payload, _TANGENT_ROWS)
 
 
@@ -364,7 +403,7 @@ def _alpha_recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload
     tangents: dict[int, dict[str, Array]] = {}
     for key, arr in payload:
         kind, _, idx = key.partition(":")
-        if kind in ("irows", "ialpha", "trows", "tsl"):
+        if kind in ("irows", "ialpha", "trows", "tsm", "tsl"):
             continue
         node = int(idx)
         if kind in ("slo", "sup"):

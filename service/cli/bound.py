@@ -150,7 +150,9 @@ def certify(
         "auto", help="With --mode local: ibp|crown|alpha-crown|sdp-crown|bab|beta-crown|auto."
     ),
     time_budget: float = typer.Option(
-        10.0, help="With --mode local: seconds per input for the radius search."
+        10.0,
+        help="With --mode local: seconds per input for the radius search, and at --epsilon "
+        "the deadline of alpha-crown's optimisation.",
     ),
     json_out: bool = typer.Option(False, "--json"),
     tsv: Path | None = typer.Option(None, help="Write idx/label/predict/radius/correct TSV."),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sdp.local import certify_local, verify_local
+from sdp.local.alpha import SLOPE_DTYPE
 from sdp.local.graph import build_graph
 from sdp.local.margins import (
     _decode_inter,
@@ -57,10 +58,12 @@ def test_well_formed_entries_round_trip():
     assert set(got) == {3}
     assert np.array_equal(got[3][0], found[3][0]) and got[3][0].dtype == np.intp
     assert np.array_equal(got[3][1][2], found[3][1][2])
-    lines = {3: (np.array([1, 9]), {2: rng.normal(size=(2, 4)).astype(np.float32)})}
+    slopes = rng.normal(size=(2, 4)).astype(SLOPE_DTYPE)
+    slopes[1, 2] = np.nan  # an entry on the relaxation's own line
+    lines = {3: (np.array([1, 9]), {2: slopes})}
     got_l = _decode_inter_lines(SIG, _encode_inter_lines(lines))
     assert np.array_equal(got_l[3][0], [1, 9])
-    assert np.array_equal(got_l[3][1][2], lines[3][1][2])
+    assert np.array_equal(got_l[3][1][2], slopes, equal_nan=True)
     # each decoder reads only its own entries
     both = _encode_inter(found) + _encode_inter_lines(lines)
     assert set(_decode_inter(SIG, both)) == set(_decode_inter_lines(SIG, both)) == {3}
