@@ -111,9 +111,13 @@ REFRESH = True
 """Recompute the intermediate bounds on each sub-domain (:func:`leaf_intervals`) in the float
 search, on nets with at least ``REFRESH_MIN_LAYERS`` splittable layers."""
 REFRESH_MIN_LAYERS = 3
-"""With 2 splittable layers only the last one's bounds can tighten, and on mnistfc-256x2 at eps
-0.5 (100 images, 1 CPU s per input) the per-child CROWN pass cost more than it gained: 36 %
-certified with it, 42 % without (the rigorous leaf check recomputes them either way)."""
+"""Splittable layers from which the intermediate bounds are recomputed on each sub-domain, in
+the float search and in the rigorous leaf check alike (:func:`leaf_intervals`; a function of
+the net, so ``verify_local`` re-derives the same). With 2 only the last layer can tighten, and
+on mnistfc-256x2 it cost more than it gained: at eps 0.5 (100 images, 1 CPU s per input) 36 %
+certified with the per-child CROWN pass in the search, 40 % without; the rigorous check of a
+5674-leaf tree took 8 CPU s with it (a per-leaf backward pass per unstable layer-2 row), after
+a 6 s search, and overran the radius search's probes by up to 7 s."""
 LAYER_BIAS = 10.0
 """With 3+ splittable layers and ``REFRESH``: FSB candidates from the earliest layers first
 (:func:`branch`). On mnistfc-256x6 (eps 0.3, test image 14) the worst open bound went from
@@ -644,8 +648,9 @@ def leaf_intervals(
     A function of the root bounds and the leaf's split signs only (so ``verify_local``
     re-derives it; nothing stored is trusted). Node by node, in order: the root interval
     (valid on D ⊂ B), intersected for a later affine node with its interval propagation from
-    the leaf's bounds so far, and, for the pre-activations of every layer after the leaf's
-    first split layer, with CROWN bounds (:func:`sdp.local.propagate.crown_node_bounds`, rows
+    the leaf's bounds so far, and (on nets with ``REFRESH_MIN_LAYERS`` splittable layers or
+    more), for the pre-activations of every layer after the leaf's first split layer, with
+    CROWN bounds (:func:`sdp.local.propagate.crown_node_bounds`, rows
     of the neurons still unstable on the leaf) computed through the leaf's relaxations, in
     which each split neuron's interval is clipped to its side and so its relaxation is exact
     (Xu et al., "Fast and Complete", ICLR 2021, sec. 3: intermediate bounds recomputed in
@@ -667,6 +672,7 @@ def leaf_intervals(
     has = np.stack([np.any(s != 0, axis=1) for s in sgn], axis=1)  # (L, n_act)
     first = np.where(has.any(axis=1), np.argmax(has, axis=1), len(ch.pre))
     empty = np.zeros(n_leaf, dtype=bool)
+    deep = sum(ch.split) >= REFRESH_MIN_LAYERS
     for node in g.nodes:
         idx = node.index
         rlo, rhi = root.lo[idx][rep], root.hi[idx][rep]
@@ -687,7 +693,7 @@ def leaf_intervals(
         k = kmap.get(idx)
         if k is None:
             continue
-        if ch.split[k] and node.kind == "affine" and node.parents[0] != 0:
+        if deep and ch.split[k] and node.kind == "affine" and node.parents[0] != 0:
             need = (st.lo[idx] < 0) & (st.hi[idx] > 0) & (first < k)[:, None] & ~empty[:, None]
             rows = np.flatnonzero(need.any(axis=0))
             if rows.size:
