@@ -17,7 +17,8 @@ and the right-hand side is bounded from below over B by one CROWN backward pass 
 objective has the extra multipliers -beta s on the pre-activation nodes. On D the split neuron
 is stable, so its relaxation is exact: its pre-activation interval is clipped to [max(l, 0), u]
 or [l, min(u, 0)] (every other interval of the root is valid on D ⊂ B), and the layers after
-the leaf's first split get their bounds recomputed on D (:func:`leaf_intervals`; Xu et al.,
+the leaf's first split get their bounds recomputed on D on nets with 3+ splittable layers
+(:func:`leaf_intervals`; Xu et al.,
 "Fast and Complete: Enabling Complete Neural Network Verification with Rapid and Massively
 Parallel Incomplete Verifiers", ICLR 2021, sec. 3). The bound is a concave
 function of beta and, for fixed signs of the multipliers, of the lower slopes alpha; both are
@@ -37,8 +38,8 @@ Verification", JMLR 2020), each scored by the cheap bound of its two children wi
 parent's alpha and beta, the best worst child wins; De Palma et al., "Improved Branch and Bound
 for Neural Network Verification via Lagrangian Decomposition", 2021), optimise alpha and beta of
 all children at once (one batched numpy pass per step over every domain) after recomputing
-their intermediate bounds (on 3+ splittable layers the earliest layers are split first, see
-``LAYER_BIAS``), keep the children whose float bound is positive as leaves, until every
+their intermediate bounds (3+ splittable layers only; there the earliest layers are split
+first, see ``LAYER_BIAS``), keep the children whose float bound is positive as leaves, until every
 domain is a leaf (certified), the budget is spent or a point x* of some domain is a real
 counterexample (not certifiable).
 
