@@ -189,7 +189,7 @@ def test_the_backend_chooses_the_primal_algebra() -> None:
     sol = StructuredSolver(ops).solve(LipSdpProblem(lmi), SolveOptions(eps=1e-8))
     assert sol.status == "optimal"
     assert {"cholesky_upper", "inverse_from_cholesky", "max_step"} <= set(ops.calls)
-    assert ops.calls.count("max_step") == 2 * sol.iterations  # predictor and corrector
+    assert ops.calls.count("max_step") >= sol.iterations  # at least one primal step each
 
 
 def _solve(ops: Any, lmi: Lmi, eps: float = 1e-9) -> tuple[float, int]:
