@@ -30,7 +30,10 @@ from sdp.bounds import compute_bound, empirical_lower_bound
 from sdp.bounds.residual import verify_dag_on
 from sdp.importers import load_model
 
-FIXTURES = Path("../shared/fixtures/vnncomp2021/benchmarks/cifar10_resnet/onnx")
+FIXTURES = (
+    Path(os.environ.get("LIPCERT_FIXTURES", "../shared/fixtures"))
+    / "vnncomp2021/benchmarks/cifar10_resnet/onnx"
+)
 
 
 def run_one(name: str, reverify: bool) -> dict[str, Any]:

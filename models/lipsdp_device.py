@@ -8,10 +8,14 @@ interior-point iterations (sdp never imports torch: the backend is handed in)::
     sol = structured_solver("cuda").solve(problem, options)   # matrices on the GPU
     certify_multipliers(lmi, sol.multipliers)                   # verified on the host, float64
 
-What changes with the backend: step lengths to the PSD boundary come from a dense
-eigenvalue of R^{-T} D R^{-1} (``torch.linalg.eigvalsh``) instead of ARPACK's Lanczos, and
-factorisations are cuSOLVER's. Multipliers, the (N+1) x (N+1) Schur system and the final
-certificate check stay in numpy on the host.
+S is handled by its block-tridiagonal structure (:meth:`TorchOps.primal_ops`,
+:mod:`models.lipsdp_blocks`: block Cholesky, backward block recurrence for S^{-1}, Lanczos on
+block solves for the primal step length), as on the numpy backend. What changes with the
+backend: Z's step length comes from a dense eigenvalue of R^{-T} D R^{-1}
+(``torch.linalg.eigvalsh``) unless ``lanczos_above`` is set (then torch Lanczos on triangular
+solves above that many rows, as on numpy), and factorisations are cuSOLVER's.
+Multipliers, the (N+1) x (N+1) Schur system and the final certificate check stay in numpy on
+the host.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.lipsdp_blocks import DENSE_MAX, TorchBlockTridiagOps, eigvalsh, lanczos_smallest
 from models.runtime import resolve_device
 from sdp.solvers import register_solver
-from sdp.solvers.dense import DenseOps
+from sdp.solvers.dense import DenseOps, PrimalOps
 from sdp.solvers.structured import StructuredSolver
 
 GPU_MIN_LMI = 256
@@ -33,11 +38,24 @@ measured on a GPU (kernel launches dominate tiny matrices)."""
 
 
 class TorchOps:
-    """Dense float64 algebra on one torch device (the :class:`DenseOps` protocol)."""
+    """Dense float64 algebra on one torch device (the :class:`DenseOps` protocol).
 
-    def __init__(self, device: str | torch.device = "cpu") -> None:
+    ``block_tridiag``: S by its block structure (:meth:`primal_ops`), else dense like Z.
+    ``lanczos_above``: step lengths of dense matrices (Z) by Lanczos above that many rows;
+    None (the default): a dense eigenvalue at every size.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        *,
+        block_tridiag: bool = True,
+        lanczos_above: int | None = None,
+    ) -> None:
         self.device = torch.device(device)
         self.name = f"torch-{self.device}"
+        self.block_tridiag = block_tridiag
+        self.lanczos_above = lanczos_above
 
     def asarray(self, a: Any) -> torch.Tensor:
         return torch.as_tensor(np.asarray(a, dtype=np.float64), device=self.device)
@@ -102,24 +120,35 @@ class TorchOps:
     def solve_upper_transposed(self, r: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve_triangular(r.mT, b, upper=False)
 
-    def _eigvalsh(self, a: torch.Tensor) -> torch.Tensor:
-        try:
-            return torch.linalg.eigvalsh(a)
-        except torch.linalg.LinAlgError as e:  # numerical only: out of memory propagates
-            raise np.linalg.LinAlgError(f"torch: {e}") from e
-
     def eigvalsh_min(self, a: torch.Tensor) -> float:
-        return float(self._eigvalsh(a)[0])
+        return float(eigvalsh(a)[0])
 
     def eigvalsh_max(self, a: torch.Tensor) -> float:
-        return float(self._eigvalsh(a)[-1])
+        return float(eigvalsh(a)[-1])
 
     def max_step(self, r: torch.Tensor, d: torch.Tensor, v0: Any = None) -> tuple[float, Any]:
-        """1 / max(0, -lambda_min(R^{-T} D R^{-1})) from a dense eigenvalue (no start vector)."""
+        """1 / max(0, -lambda_min(R^{-T} D R^{-1})): by Lanczos on two triangular solves per
+        product above ``lanczos_above`` rows (returning the eigenvector as the next start),
+        else (or if it does not converge) from a dense eigenvalue."""
+        n = d.shape[0]
+        if self.lanczos_above is not None and n > self.lanczos_above:
+
+            def mv(v: torch.Tensor) -> torch.Tensor:
+                w = torch.linalg.solve_triangular(r, v, upper=True)
+                return torch.linalg.solve_triangular(r.mT, d @ w, upper=False)
+
+            found = lanczos_smallest(mv, n, d, v0)
+            if found is not None:
+                return (math.inf if found[0] >= 0 else 1.0 / -found[0]), found[1]
         right = torch.linalg.solve_triangular(r, d, upper=True, left=False)  # D R^{-1}
         c = torch.linalg.solve_triangular(r.mT, right, upper=False)  # R^{-T} D R^{-1}
         lam = self.eigvalsh_min(self.sym(c, 0.5))
         return (math.inf if lam >= 0 else 1.0 / -lam), None
+
+    def primal_ops(self, offsets: tuple[int, ...]) -> PrimalOps:
+        """S's algebra: :class:`TorchBlockTridiagOps` (block Cholesky, block inverse, Lanczos
+        on block solves above ``DENSE_MAX`` rows), or this dense backend itself."""
+        return TorchBlockTridiagOps(offsets, DENSE_MAX) if self.block_tridiag else self
 
 
 def structured_solver(device: str = "auto", *, min_size: int = GPU_MIN_LMI) -> StructuredSolver:

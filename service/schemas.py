@@ -109,8 +109,9 @@ class CertifyRequest(BaseModel):
     time_budget_s: float | None = Field(
         default=None,
         gt=0,
-        description="Local mode: seconds per input for the radius search (at most "
-        "LIPCERT_LOCAL_TIME_BUDGET_S, the default).",
+        description="Local mode: seconds per input for the radius search, and at one epsilon "
+        "the deadline of alpha-crown's optimisation (at most LIPCERT_LOCAL_TIME_BUDGET_S, the "
+        "default).",
     )
 
 

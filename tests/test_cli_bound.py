@@ -12,6 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sdp.bounds.recheck import recheck_document
+from sdp.errors import CertificateError
+from sdp.importers import load_model_file
+from service.documents import StoredBound
+
 LIPCERT = Path(sys.executable).with_name("lipcert")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
@@ -43,13 +48,26 @@ def saved(random_mat: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[d
     return json.loads(proc.stdout), cert
 
 
-def test_bound_json(saved):
-    out, _ = saved
+def test_bound_json(saved, random_mat):
+    out, cert = saved
     assert out["verified"] is True
     assert out["method"] == "lipsdp-neuron"
     assert 36.482 - 5e-4 <= out["lipschitz_bound"] <= 36.482 * 1.001
     assert out["solve_time_s"] >= 0
     assert out["lower_bound"] <= out["lipschitz_bound"]
+    # the bound document the HTTP API serves (StoredBound.to_json): same keys in the same
+    # order, the full certificate, the network's hash; re-proven without a solver as a
+    # worker's answer is
+    assert list(StoredBound.from_json(out).to_json().items()) == list(out.items())
+    assert out["certificate"] == json.loads(cert.read_text())
+    net = load_model_file(random_mat)
+    assert out["network_hash"] == net.content_hash() == out["certificate"]["network_hash"]
+    assert out["request"]["method"] == "lipsdp-neuron" and out["request"]["pairwise"] is False
+    assert out["source"] == "cli" and out["job_id"] is None
+    recheck_document(net, out)
+    forged = {**out, "lipschitz_bound": out["lipschitz_bound"] * 0.99}
+    with pytest.raises(CertificateError):
+        recheck_document(net, forged)
 
 
 def test_verify_saved_certificate_and_detect_tampering(saved, random_mat, fixtures_dir, tmp_path):

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import special
 
 from sdp.ir import Activation, Array
+from sdp.local import clock
 from sdp.local.graph import Node
 from sdp.local.propagate import (
     ActRule,
@@ -101,11 +102,15 @@ def optimise_alphas(
     iterations: int = 20,
     lr: float = 0.5,
     start: dict[int, Array] | None = None,
+    deadline: float | None = None,
 ) -> tuple[Array, dict[int, Array]]:
     """Best rigorous lower bounds (B, m) over projected-Adam iterates, and their alphas.
 
     ``start`` (act node -> (B, m, n)) seeds the alphas; CROWN's adaptive choice otherwise, so the
-    result is never below the CROWN bound with the same intermediate bounds.
+    result is never below the CROWN bound with the same intermediate bounds. ``deadline`` (a
+    :func:`sdp.local.clock.now` time): no step is begun that the last one's measured time says
+    would end past it (:func:`sdp.local.clock.fits`); the start is always evaluated, and every
+    evaluated iterate is rigorous, so a stopped search returns a sound bound (>= CROWN's).
     """
     g = st.graph
     b, m = c0.shape
@@ -129,14 +134,16 @@ def optimise_alphas(
     mom = {k: np.zeros_like(v) for k, v in alphas.items()}
     vel = {k: np.zeros_like(v) for k, v in alphas.items()}
     b1, b2, tiny = 0.9, 0.999, 1e-12
+    last = 0.0  # seconds of the last whole step (evaluation and update)
     for it in range(iterations + 1):
+        t_it = clock.now()
         res = backward(st, init, c0, alphas=alphas, record=True)
         better = res.lower > best
         if better.any():
             best = np.where(better, res.lower, best)
             for k in acts:
                 best_alpha[k] = np.where(better[:, :, None], alphas[k], best_alpha[k])
-        if it == iterations:
+        if it == iterations or not clock.fits(deadline, last or 2.0 * (clock.now() - t_it)):
             break
         assert res.lam_x is not None and res.lam_act is not None
         pre = _relaxed_forward(st, res.lam_x, res.lam_act, alphas, top)
@@ -150,6 +157,7 @@ def optimise_alphas(
             vh = vel[k] / (1 - b2 ** (it + 1))
             step = lr * mh / (np.sqrt(vh) + tiny)
             alphas[k] = np.clip(alphas[k] + step, rel.alpha_min, rel.alpha_max)
+        last = clock.now() - t_it
     return best, best_alpha
 
 
@@ -168,10 +176,24 @@ def _derivs012(phi: Activation, d: Array) -> tuple[Array, Array, Array]:
     return np.asarray(phi(d)), _deriv(phi, d), deriv2(phi, d)
 
 
-def _f32(a: Array) -> Array:
-    """Round to float32 and back (exact in float64; non-finite values stay non-finite)."""
+SLOPE_DTYPE = np.float16
+"""Precision of the intermediate tangent slopes a certificate stores (design.md §4.1.3). Any
+slope is sound (its intercept is bounded rigorously), and a sigmoid / tanh slope rounded to 11
+bits is the tangent at a point moved by about 2^-11 of its curvature scale: on ffnnSIGMOID
+6x200 the margins' bounds moved by under 1e-6 relative against float32 slopes."""
+
+
+def _rounded(a: Array) -> Array:
+    """Round to :data:`SLOPE_DTYPE` and back (exact in float64; overflow gives inf)."""
     with np.errstate(over="ignore"):
-        return np.asarray(a, dtype=np.float32).astype(np.float64)
+        return np.asarray(a, dtype=SLOPE_DTYPE).astype(np.float64)
+
+
+def _snap(s: Array, s_rel: Array) -> Array:
+    """Rounded slopes s (q, n) (:func:`_rounded`) with the entries equal to the rounding of
+    the relaxation's slope s_rel (1, n) set to s_rel itself (its line is then the
+    relaxation's own, intercept included: no intercept to bound, nothing to store)."""
+    return np.where(s == _rounded(s_rel), s_rel, s)
 
 
 def tangent_nodes(st: BallBounds, top: int) -> list[int]:
@@ -219,6 +241,7 @@ def optimise_tangents(
     iterations: int = 20,
     lr: float = 0.2,
     rigorous: bool = True,
+    deadline: float | None = None,
 ) -> tuple[Array, dict[int, tuple[Array, Array]], dict[int, RowLines]]:
     """Optimised tangent lines of sigmoid / tanh nodes (alpha-CROWN for general activations,
     Xu et al., ICLR 2021; lines of Zhang et al., NeurIPS 2018), per objective row.
@@ -236,6 +259,8 @@ def optimise_tangents(
     (lower, upper) per node, (B, m, n) each, and the lines; ``alphas`` (ReLU-like nodes)
     are held fixed. ``rigorous=False`` returns the best FLOAT bounds and their slopes only
     (no lines): a proposal for the caller to bound rigorously (:func:`tangent_rule`).
+    ``deadline``: the float search stops as in :func:`optimise_alphas` (CROWN's tangent points
+    are always evaluated); the rigorous pass of the best iterate always runs.
     """
     b, m = c0.shape
     top = max(init)
@@ -290,7 +315,9 @@ def optimise_tangents(
     mom = {k: (np.zeros_like(d_lo[k]), np.zeros_like(d_up[k])) for k in nodes}
     vel = {k: (np.zeros_like(d_lo[k]), np.zeros_like(d_up[k])) for k in nodes}
     b1, b2, tiny = 0.9, 0.999, 1e-12
+    last = 0.0
     for it in range(iterations + 1):
+        t_it = clock.now()
         lines = {k: float_lines(k) for k in nodes}
         res = backward(st, init, c0, alphas=alphas, record=True, lines=lines)
         better = res.lower > best
@@ -302,7 +329,7 @@ def optimise_tangents(
                     np.where(better[:, :, None], d_lo[k], bl),
                     np.where(better[:, :, None], d_up[k], bu),
                 )
-        if it == iterations:
+        if it == iterations or not clock.fits(deadline, last or 2.0 * (clock.now() - t_it)):
             break
         assert res.lam_x is not None and res.lam_act is not None
         pre = _relaxed_forward(st, res.lam_x, res.lam_act, alphas or {}, top, lines)
@@ -329,6 +356,7 @@ def optimise_tangents(
                 step = lr * width * mh / (np.sqrt(vh) + tiny)
                 new.append(np.clip(d + step, lo_[:, None, :], hi_[:, None, :]))
             d_lo[k], d_up[k] = new[0], new[1]
+        last = clock.now() - t_it
     rig: dict[int, RowLines] = {}
     for k in nodes:
         phi = st.graph.nodes[k].op
@@ -382,8 +410,11 @@ def tangent_rule(
     (:func:`sdp.local.relax.line_extremes`; the relaxation's own intercept where the slope is
     the relaxation's). Half the work of :func:`rigorous_lines`, which bounds both lines of
     every entry; sound for any finite slopes (the intercept makes any slope a valid line).
-    ``used`` (if given) receives the slopes actually used per node: passed back as both
-    (lower, upper), they reproduce the same pass exactly (the certificate stores only them)."""
+    A NaN slope means the relaxation's own line (slope and intercept) of the entry.
+    ``used`` (if given) receives the slopes actually used per node, NaN where the entry used
+    the relaxation's own line (lam = 0, or a slope equal to the relaxation's): passed back as
+    both (lower, upper), they reproduce the same pass exactly (the certificate stores only
+    the other entries)."""
 
     def rule(
         node: Node, rel: Relaxation, lam: Array, alpha: Array | None, st: BallBounds
@@ -397,6 +428,7 @@ def tangent_rule(
         pos = lam >= 0
         s_rel = np.where(pos, rel.lower_slope[:, None, :], rel.upper_slope[:, None, :])
         s = np.where(lam == 0, s_rel, np.where(pos, sl[0], sl[1]))
+        s = np.where(np.isnan(s), s_rel, s)
         t = np.where(pos, rel.lower_icpt[:, None, :], rel.upper_icpt[:, None, :])
         new = s != s_rel
         if new.any():
@@ -405,7 +437,7 @@ def tangent_rule(
             t_lo, t_up = line_extremes(phi, l, u, s[new], uniform=uniform)
             t[new] = np.where(pos[new], t_lo, t_up)
         if used is not None:
-            used[node.index] = s
+            used[node.index] = np.where(new, s, np.nan)
         return crown_act_step(rel, lam, None, st.zmax(p), RowLines(s, t, s, t))
 
     return rule
@@ -415,9 +447,10 @@ def tangent_rule(
 # get +-e_i objectives (first r rows: lower bounds of z_i, last r: of -z_i).
 InterAlphas = dict[int, tuple[np.ndarray, dict[int, Array]]]
 
-# Per input b: target node -> (objective rows o (q,), {act node: slopes (q, n) in float32});
+# Per input b: target node -> (objective rows o (q,), {act node: slopes (q, n), SLOPE_DTYPE});
 # o in [0, 2 n_t): o < n_t is +e_o (a lower bound of z_o), o >= n_t is -e_(o - n_t) (an upper
-# bound of z_(o - n_t)); each slope is that of the line the row uses (:func:`tangent_rule`).
+# bound of z_(o - n_t)); each slope is that of the line the row uses (:func:`tangent_rule`),
+# NaN where the row uses the relaxation's own line.
 InterLines = dict[int, tuple[np.ndarray, dict[int, Array]]]
 
 
@@ -446,6 +479,10 @@ class IntermediateAlpha:
     ``given`` / ``given_lines`` (per input) replay stored alphas / slopes (one rigorous
     backward pass each, for verification) instead of optimising. Each row's bound only
     replaces the current one where it is tighter, so the result is never looser than CROWN.
+
+    ``deadline`` (a :func:`sdp.local.clock.now` time; optimising only): each optimisation
+    stops there (:func:`optimise_alphas`), and past it the remaining (node, input) pairs keep
+    their CROWN bounds and record nothing, which the replay reproduces (no record, no change).
     """
 
     iterations: int = 10
@@ -454,6 +491,7 @@ class IntermediateAlpha:
     tangent_iterations: int = 0
     given_lines: list[InterLines] | None = None
     found_lines: list[InterLines] = field(default_factory=list)
+    deadline: float | None = None
 
     def __call__(self, st: BallBounds, idx: int) -> None:
         if not self.found:
@@ -474,10 +512,12 @@ class IntermediateAlpha:
             lower = backward(sub, init, c0, alphas={k: a[None] for k, a in alph.items()}).lower
         else:
             rows = self._rows(st, idx, b)
-            if rows.size == 0:
+            if rows.size == 0 or not clock.fits(self.deadline):
                 return
             init, c0 = node_objective(sub, idx, rows)
-            lower, best = optimise_alphas(sub, init, c0, iterations=self.iterations)
+            lower, best = optimise_alphas(
+                sub, init, c0, iterations=self.iterations, deadline=self.deadline
+            )
             if not best:
                 return
             self.found[b][idx] = (rows, {k: a[0] for k, a in best.items()})
@@ -490,7 +530,7 @@ class IntermediateAlpha:
         if self.given_lines is not None and idx not in self.given_lines[b]:
             return
         if self.given_lines is None:
-            if self.tangent_iterations <= 0:
+            if self.tangent_iterations <= 0 or not clock.fits(self.deadline):
                 return
             rows = self._tangent_rows(st, idx, b)
             if rows.size == 0:
@@ -500,7 +540,12 @@ class IntermediateAlpha:
                 return
             cur = np.concatenate([st.lo[idx][b, rows], -st.hi[idx][b, rows]])
             got, slopes, _ = optimise_tangents(
-                sub, init, c0, iterations=self.tangent_iterations, rigorous=False
+                sub,
+                init,
+                c0,
+                iterations=self.tangent_iterations,
+                rigorous=False,
+                deadline=self.deadline,
             )
             # float proposals that beat the current (rigorous) bound; only they are bounded
             keep = np.flatnonzero(got[0] > cur + 1e-9 * (1.0 + np.abs(cur)))
@@ -508,16 +553,24 @@ class IntermediateAlpha:
                 return
             r = rows.size
             obj = np.where(keep < r, rows[keep % r], rows[keep % r] + n)
-            # float32 slopes (half the payload; any slope is sound): the pass below uses
-            # exactly the stored values, and records the one line each entry uses
-            sl2 = {k: (_f32(lo[0, keep]), _f32(up[0, keep])) for k, (lo, up) in slopes.items()}
+            # slopes rounded to SLOPE_DTYPE (any slope is sound), the relaxation's own where
+            # they round to its slope (CROWN's choice kept, or no valid tangent range): the
+            # pass below uses exactly these and records the one line each entry uses (NaN:
+            # the relaxation's own line, lam = 0 included)
+            sl2 = {
+                k: (
+                    _snap(_rounded(lo[0, keep]), sub.relax[k].lower_slope),
+                    _snap(_rounded(up[0, keep]), sub.relax[k].upper_slope),
+                )
+                for k, (lo, up) in slopes.items()
+            }
             init, c0 = signed_objective(sub, idx, obj)
             used: dict[int, Array] = {}
             rule = tangent_rule({k: (a[None], c[None]) for k, (a, c) in sl2.items()}, used=used)
             lower = backward(sub, init, c0, act_rule=rule).lower[0]
             self.found_lines[b][idx] = (
                 obj,
-                {k: used[k][0].astype(np.float32) for k in sl2 if k in used},
+                {k: used[k][0].astype(SLOPE_DTYPE) for k in sl2 if k in used},
             )
         else:
             obj, sl = self.given_lines[b][idx]

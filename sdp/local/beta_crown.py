@@ -17,7 +17,8 @@ and the right-hand side is bounded from below over B by one CROWN backward pass 
 objective has the extra multipliers -beta s on the pre-activation nodes. On D the split neuron
 is stable, so its relaxation is exact: its pre-activation interval is clipped to [max(l, 0), u]
 or [l, min(u, 0)] (every other interval of the root is valid on D ⊂ B), and the layers after
-the leaf's first split get their bounds recomputed on D (:func:`leaf_intervals`; Xu et al.,
+the leaf's first split get their bounds recomputed on D on nets with 3+ splittable layers
+(:func:`leaf_intervals`; Xu et al.,
 "Fast and Complete: Enabling Complete Neural Network Verification with Rapid and Massively
 Parallel Incomplete Verifiers", ICLR 2021, sec. 3). The bound is a concave
 function of beta and, for fixed signs of the multipliers, of the lower slopes alpha; both are
@@ -37,8 +38,8 @@ Verification", JMLR 2020), each scored by the cheap bound of its two children wi
 parent's alpha and beta, the best worst child wins; De Palma et al., "Improved Branch and Bound
 for Neural Network Verification via Lagrangian Decomposition", 2021), optimise alpha and beta of
 all children at once (one batched numpy pass per step over every domain) after recomputing
-their intermediate bounds (on 3+ splittable layers the earliest layers are split first, see
-``LAYER_BIAS``), keep the children whose float bound is positive as leaves, until every
+their intermediate bounds (3+ splittable layers only; there the earliest layers are split
+first, see ``LAYER_BIAS``), keep the children whose float bound is positive as leaves, until every
 domain is a leaf (certified), the budget is spent or a point x* of some domain is a real
 counterexample (not certifiable).
 
@@ -108,7 +109,16 @@ ITERATIONS = 6
 MAX_DOMAINS = 20000
 """Open domains plus leaves per row before giving up."""
 REFRESH = True
-"""Recompute the intermediate bounds on each sub-domain (:func:`leaf_intervals`)."""
+"""Recompute the intermediate bounds on each sub-domain (:func:`leaf_intervals`) in the float
+search, on nets with at least ``REFRESH_MIN_LAYERS`` splittable layers."""
+REFRESH_MIN_LAYERS = 3
+"""Splittable layers from which the intermediate bounds are recomputed on each sub-domain, in
+the float search and in the rigorous leaf check alike (:func:`leaf_intervals`; a function of
+the net, so ``verify_local`` re-derives the same). With 2 only the last layer can tighten, and
+on mnistfc-256x2 it cost more than it gained: at eps 0.5 (100 images, 1 CPU s per input) 36 %
+certified with the per-child CROWN pass in the search, 40 % without; the rigorous check of a
+5674-leaf tree took 8 CPU s with it (a per-leaf backward pass per unstable layer-2 row), after
+a 6 s search, and overran the radius search's probes by up to 7 s."""
 LAYER_BIAS = 10.0
 """With 3+ splittable layers and ``REFRESH``: FSB candidates from the earliest layers first
 (:func:`branch`). On mnistfc-256x6 (eps 0.3, test image 14) the worst open bound went from
@@ -379,11 +389,14 @@ def optimise(
     top: int | None = None,
     stop_at: float | None = THRESHOLD,
     lr: float = LR_ALPHA,
+    deadline: float | None = None,
 ) -> tuple[Domains, Array]:
     """Projected Adam on alpha (in [p, 1]) and beta (>= 0); the best iterate per domain.
 
-    Stops early once every bound is above ``stop_at``. Also returns the base node's values at
-    the minimising inputs x* of the last pass (candidate counterexamples)."""
+    Stops early once every bound is above ``stop_at``, or when the last step's measured time
+    says the next would end past ``deadline`` (:func:`sdp.local.clock.fits`; the start is
+    always evaluated). Also returns the base node's values at the minimising inputs x* of the
+    last pass (candidate counterexamples)."""
     alpha = [a.copy() for a in d.alpha]
     beta = [b.copy() for b in d.beta]
     best = np.full(d.size, -np.inf)
@@ -397,7 +410,9 @@ def optimise(
     xs = np.zeros(0)
     lines = lines_of(ch, d)
     split = [bool(np.any(sg != 0)) for sg in d.sgn]
+    last = 0.0  # seconds of the last whole step
     for it in range(iters + 1):
+        t_it = _now()
         cur = Domains(d.lo, d.hi, alpha, beta, d.sgn, d.bound, d.c, d.row)
         pas = float_bound(ch, x0, eps, cur, lines, top)
         better = pas.bound > best
@@ -407,6 +422,8 @@ def optimise(
             best_b[k][better] = beta[k][better]
         xs = _minimisers(ch, x0, eps, pas)
         if it == iters or (stop_at is not None and bool(np.all(best > stop_at))):
+            break
+        if not clock.fits(deadline, last or 2.0 * (_now() - t_it)):
             break
         pre = _relaxed_pre(ch, xs, pas, top)
         lr_a = lr * 0.98**it
@@ -425,6 +442,7 @@ def optimise(
             vb[k] = b2 * vb[k] + (1 - b2) * gb * gb
             sb = lr_b * (mb[k] / (1 - b1**t)) / (np.sqrt(vb[k] / (1 - b2**t)) + 1e-12)
             beta[k] = np.where(d.sgn[k] != 0, np.maximum(beta[k] + sb, 0.0), 0.0)
+        last = _now() - t_it
     out = Domains(d.lo, d.hi, best_a, best_b, d.sgn, best, d.c, d.row)
     return out, xs
 
@@ -532,12 +550,14 @@ def search(
     per_kid = 0.0  # seconds per child in the last round (deep nets: a round must fit)
     while open_.size:
         t_round = _now()
-        if t_round > deadline or open_.size + n_leaves > MAX_DOMAINS:
-            return None, "timeout"
         take = batch
         if deep:  # a first round of 4 measures the cost of a child
             guess = (deadline - t_round) / (2.0 * per_kid) if per_kid > 0 else 4
             take = int(max(1, min(batch, guess)))
+        # no round begun that the last round's time per child says would end past the deadline
+        est = 2.0 * per_kid * min(take, open_.size)
+        if not clock.fits(deadline, est) or open_.size + n_leaves > MAX_DOMAINS:
+            return None, "timeout"
         order = np.argsort(open_.bound)
         now, rest = open_.take(order[:take]), open_.take(order[take:])
         kids = branch(ch, x0, eps, now, bias)
@@ -639,8 +659,9 @@ def leaf_intervals(
     A function of the root bounds and the leaf's split signs only (so ``verify_local``
     re-derives it; nothing stored is trusted). Node by node, in order: the root interval
     (valid on D ⊂ B), intersected for a later affine node with its interval propagation from
-    the leaf's bounds so far, and, for the pre-activations of every layer after the leaf's
-    first split layer, with CROWN bounds (:func:`sdp.local.propagate.crown_node_bounds`, rows
+    the leaf's bounds so far, and (on nets with ``REFRESH_MIN_LAYERS`` splittable layers or
+    more), for the pre-activations of every layer after the leaf's first split layer, with
+    CROWN bounds (:func:`sdp.local.propagate.crown_node_bounds`, rows
     of the neurons still unstable on the leaf) computed through the leaf's relaxations, in
     which each split neuron's interval is clipped to its side and so its relaxation is exact
     (Xu et al., "Fast and Complete", ICLR 2021, sec. 3: intermediate bounds recomputed in
@@ -662,6 +683,7 @@ def leaf_intervals(
     has = np.stack([np.any(s != 0, axis=1) for s in sgn], axis=1)  # (L, n_act)
     first = np.where(has.any(axis=1), np.argmax(has, axis=1), len(ch.pre))
     empty = np.zeros(n_leaf, dtype=bool)
+    deep = sum(ch.split) >= REFRESH_MIN_LAYERS
     for node in g.nodes:
         idx = node.index
         rlo, rhi = root.lo[idx][rep], root.hi[idx][rep]
@@ -682,7 +704,7 @@ def leaf_intervals(
         k = kmap.get(idx)
         if k is None:
             continue
-        if ch.split[k] and node.kind == "affine" and node.parents[0] != 0:
+        if deep and ch.split[k] and node.kind == "affine" and node.parents[0] != 0:
             need = (st.lo[idx] < 0) & (st.hi[idx] > 0) & (first < k)[:, None] & ~empty[:, None]
             rows = np.flatnonzero(need.any(axis=0))
             if rows.size:
@@ -806,11 +828,14 @@ class FastIntermediateAlpha:
     :class:`sdp.local.alpha.IntermediateAlpha` (same ``found`` records, replayed by it in
     ``verify_local``): the alphas of the +-e_i rows of the unstable neurons are optimised by
     the float search's Adam (Gram form, no rigorous pass per step), then ONE rigorous
-    backward pass with the best alphas gives the bounds, used where tighter."""
+    backward pass with the best alphas gives the bounds, used where tighter. ``deadline``:
+    the Adam stops there (:func:`optimise`), and past it the remaining (node, input) pairs
+    keep their CROWN bounds and record nothing (the replay then does nothing either)."""
 
     ch: Chain
     iterations: int = ROOT_INTER_ITERATIONS
     found: list[InterAlphas] = field(default_factory=list)
+    deadline: float | None = None
 
     def __call__(self, st: BallBounds, idx: int) -> None:
         ch = self.ch
@@ -826,7 +851,7 @@ class FastIntermediateAlpha:
             lo_i, hi_i = st.lo[idx][b], st.hi[idx][b]
             rows = np.flatnonzero((lo_i < 0) & (hi_i > 0))
             r = rows.size
-            if r == 0:
+            if r == 0 or not clock.fits(self.deadline):
                 continue
             unit = np.zeros((2 * r, st.graph.nodes[idx].size))
             unit[np.arange(r), rows] = 1.0
@@ -853,6 +878,7 @@ class FastIntermediateAlpha:
                 top=idx,
                 stop_at=None,
                 lr=LR_ROOT,
+                deadline=self.deadline,
             )
             found = {ch.act[k]: best.alpha[k] for k in range(n_act)}
             init, c0 = node_objective(sub, idx, rows)
@@ -863,12 +889,14 @@ class FastIntermediateAlpha:
 
 
 def _root(
-    graph: Graph, x0: Array, eps: Array, pred: np.ndarray
+    graph: Graph, x0: Array, eps: Array, pred: np.ndarray, deadline: float | None = None
 ) -> tuple[BallBounds, Array, dict[int, Array], FastIntermediateAlpha, Array]:
     """alpha-CROWN at the root: intermediate bounds by :class:`FastIntermediateAlpha`, the
-    margins' slopes by the float search's Adam, then one rigorous pass (and IBP's margins)."""
+    margins' slopes by the float search's Adam, then one rigorous pass (and IBP's margins).
+    Every Adam stops at ``deadline`` (its best iterate so far; CROWN's where none ran): the
+    root counts against the caller's budget, and its bound is rigorous either way."""
     ch = chain_of(graph)
-    hook = FastIntermediateAlpha(ch)
+    hook = FastIntermediateAlpha(ch, deadline=deadline)
     st = compute_bounds(graph, x0, eps, node_hook=hook)
     k_out = graph.output_size
     c = objective_rows(pred, k_out)
@@ -887,7 +915,16 @@ def _root(
             c[b],
             np.arange(k_out),
         )
-        best, _ = optimise(ch, x0[b], float(eps[b]), d, ROOT_ITERATIONS, stop_at=None, lr=LR_ROOT)
+        best, _ = optimise(
+            ch,
+            x0[b],
+            float(eps[b]),
+            d,
+            ROOT_ITERATIONS,
+            stop_at=None,
+            lr=LR_ROOT,
+            deadline=deadline,
+        )
         for k, a in enumerate(ch.act):
             alphas[a][b] = best.alpha[k]
     lower = backward(st, {graph.output: c}, np.zeros(c.shape[:2]), alphas=alphas).lower
@@ -946,8 +983,9 @@ def _branch_input(
     st1 = single(st, b)
     roots = _root_domains(ch, st1, alphas, b, c[b], lower[b])
     inter = hook.found[b] if hook.found else None
+    fresh = REFRESH and sum(ch.split) >= REFRESH_MIN_LAYERS
     leaves, status = search(
-        ch, x0[b], float(eps[b]), roots, deadline, st1 if REFRESH else None, inter
+        ch, x0[b], float(eps[b]), roots, deadline, st1 if fresh else None, inter
     )
     extra: list[tuple[str, Array]] = []
     if leaves is not None:
@@ -968,7 +1006,12 @@ def _compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBou
     alpha-CROWN root of each other input, followed by its branch and bound with an equal share
     of what is left of the batch's budget (time an input leaves unused passes to the next), at
     most ``MAX_SHARE`` times ``BUDGET_S``.
-    The roots always run, so beta-crown never reports less than alpha-crown's root."""
+    The roots run while the budget lasts, and their optimisation counts against the input's
+    share (it stops at the share computed before the root; :func:`_root`): on a small net the
+    root finishes well inside it (never less than alpha-crown's root then), on a big one
+    (oval21 cifar_deep_kw) it stops with its best rigorous bound so far instead of running for
+    minutes; an input whose share is nothing (CROWN alone spent the budget) keeps CROWN's
+    bound and its empty payload (a root would only repeat CROWN's passes)."""
     t0 = _now()
     ch = chain_of(graph)
     n = x0.shape[0]
@@ -980,7 +1023,10 @@ def _compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBou
     end = t0 + BUDGET_S * n
     for pos, b in enumerate(todo):
         sl = slice(int(b), int(b) + 1)
-        st, low, alphas, hook, c = _root(graph, x0[sl], eps[sl], pred[sl])
+        share = min(max(end - _now(), 0.0) / (todo.size - pos), MAX_SHARE * BUDGET_S)
+        if share <= 0.0:  # the budget is spent (CROWN alone took it): CROWN's answer stands
+            continue
+        st, low, alphas, hook, c = _root(graph, x0[sl], eps[sl], pred[sl], _now() + share)
         share = min(max(end - _now(), 0.0) / (todo.size - pos), MAX_SHARE * BUDGET_S)
         payloads[b], _ = _branch_input(
             ch, st, low, alphas, hook, c, x0[sl], eps[sl], 0, _now() + share
@@ -1031,7 +1077,10 @@ def _search_radius(
         while deadline - _now() > max(0.1 * budget, root_s + over):
             left = deadline - _now()
             t = _now()
-            st, low, alphas, hook, c = _root(graph, x0[i : i + 1], np.array([eps]), pred[i : i + 1])
+            stop = min(deadline - over, t + max(1.0, 0.4 * left))
+            st, low, alphas, hook, c = _root(
+                graph, x0[i : i + 1], np.array([eps]), pred[i : i + 1], stop
+            )
             root_s = _now() - t
             stop = min(deadline - over, _now() + max(1.0, 0.4 * left))
             pay, _ = _branch_input(

@@ -30,7 +30,7 @@ from sdp.errors import UnsupportedMethod
 from sdp.ir import Array, Network
 from sdp.local import clock
 from sdp.local.graph import Graph, build_graph
-from sdp.local.margins import MarginMethod, auto_chain, get_method
+from sdp.local.margins import MarginMethod, alpha_crown, auto_chain, get_method
 from sdp.local.relax import _deriv
 from sdp.local.types import LocalCertificate, LocalResult, SlopeOptimizer
 from sdp.radius import certified_radius
@@ -133,11 +133,12 @@ def _evaluate(
     pred: np.ndarray,
     net: Network,
     optimizer: SlopeOptimizer | None,
+    deadline: float | None = None,
 ) -> tuple[np.ndarray, Array, tuple[tuple[tuple[str, Array], ...], ...]]:
-    if m.name == "alpha-crown" and optimizer is not None:
-        from sdp.local.margins import alpha_crown
-
-        res = alpha_crown(graph, x, eps, pred, optimizer=optimizer, net=net)
+    """One full rigorous evaluation of method ``m``; alpha-crown's optimisation stops at
+    ``deadline`` (the caller's budget, :func:`sdp.local.margins.alpha_crown`)."""
+    if m.name == "alpha-crown":
+        res = alpha_crown(graph, x, eps, pred, optimizer=optimizer, net=net, deadline=deadline)
     else:
         res = m.compute(graph, x, eps, pred)
     ok = np.all(res.lower > 0, axis=1)
@@ -192,7 +193,9 @@ def certify_local(
         method: ``ibp``, ``crown``, ``alpha-crown``, a registered method, or ``auto`` (crown,
             then alpha-crown, then registered methods on what is still uncertified).
         global_bound: a VERIFIED global l2 Lipschitz bound of the logits (radius floor).
-        time_budget_s: per input, for the radius search.
+        time_budget_s: seconds per input: the radius search's budget, and at one
+            ``epsilon`` the deadline of alpha-crown's optimisation (beta-crown at one eps
+            keeps its own ``BUDGET_S`` per input).
         optimizer: candidate alpha-CROWN slopes (re-verified here).
         batch_size: inputs propagated together.
 
@@ -205,7 +208,9 @@ def certify_local(
 
     Budget: a radius search returns within about ``time_budget_s`` seconds per input (wall
     clock), start-up included: the batches of the first k inputs end by start + k *
-    time_budget_s, and no probe starts that the last one's time says would end later.
+    time_budget_s, and no probe starts that the last one's time says would end later. At one
+    eps the same deadlines stop alpha-crown's optimisation (its answer is then its best
+    rigorous bound so far; CROWN's own passes still run past a deadline).
     """
     start = clock.now()
     x = _check_inputs(net, inputs)
@@ -240,12 +245,25 @@ def certify_local(
     certified = None if eps_arr is None else np.zeros(b, dtype=bool)
     for s in range(0, b, batch_size):
         idx = np.arange(s, min(b, s + batch_size))
+        deadline = start + time_budget_s * (s + idx.size)  # earlier batches' savings carry
         if eps_arr is None:
-            deadline = start + time_budget_s * (s + idx.size)  # earlier batches' savings carry
             _search(net, graph, x, pred, margin, idx, chain, states, deadline, optimizer)
         else:
             assert certified is not None
-            _at_eps(net, graph, x, pred, margin, idx, chain, states, eps_arr, certified, optimizer)
+            _at_eps(
+                net,
+                graph,
+                x,
+                pred,
+                margin,
+                idx,
+                chain,
+                states,
+                eps_arr,
+                certified,
+                optimizer,
+                deadline,
+            )
     certs = []
     for i, stt in enumerate(states):
         certs.append(
@@ -287,7 +305,11 @@ def _at_eps(
     eps: Array,
     certified: np.ndarray,
     optimizer: SlopeOptimizer | None,
+    deadline: float,
 ) -> None:
+    """Certify ``idx`` at ``eps`` with each method of ``chain`` in turn, on what is still
+    uncertified; alpha-crown's optimisation stops at ``deadline`` (its answer is then the
+    best rigorous bound found by then: uncertified, never an unverified certificate)."""
     # the global radius certifies the open ball: eps < lo
     todo = np.array([i for i in idx if not eps[i] < states[i].lo and margin[i] > 0], dtype=int)
     for i in idx:
@@ -295,7 +317,9 @@ def _at_eps(
     for m in chain:
         if todo.size == 0:
             break
-        ok, lower, payloads = _evaluate(m, graph, x[todo], eps[todo], pred[todo], net, optimizer)
+        ok, lower, payloads = _evaluate(
+            m, graph, x[todo], eps[todo], pred[todo], net, optimizer, deadline
+        )
         for j, i in enumerate(todo):
             if ok[j]:
                 certified[i] = True
@@ -348,15 +372,16 @@ def _search(
         f_lo = margin[live].astype(np.float64)
         f_hi = np.full(live.size, -np.inf)
         p0, f0 = np.zeros(live.size), margin[live].astype(np.float64)
-        probe = np.maximum(guess * 0.5, lo * 2) if mi == 0 else np.maximum(lo * 1.25, 1e-12)
-        probe = np.where(probe > 0, probe, 1e-3)
+        probe = _first_probe(guess, lo, mi == 0)
         for _ in range(_MAX_PROBES):
             act = np.flatnonzero(hi - lo > _RTOL * np.maximum(lo, 1e-12))
             t = clock.now()
             if act.size == 0 or t + last > deadline:
                 break
             ids = live[act]
-            ok, lower, payloads = _evaluate(m, graph, x[ids], probe[act], pred[ids], net, optimizer)
+            ok, lower, payloads = _evaluate(
+                m, graph, x[ids], probe[act], pred[ids], net, optimizer, deadline
+            )
             last = clock.now() - t
             fmin = np.min(np.where(np.isnan(lower), -np.inf, lower), axis=1)
             for j, a in enumerate(act):
@@ -372,6 +397,18 @@ def _search(
                     hi[a] = lo[a]  # nothing certifiable above 1e-9: stop
         if clock.now() + last > deadline:
             break
+
+
+def _first_probe(guess: Array, lo: Array, first: bool) -> Array:
+    """First radius a bisection method tries, per input: above what is certified already
+    (``lo``; twice it for the first method of the chain, 1.25 times it after another method),
+    or the linearisation distance ``guess`` halved where nothing is certified yet. (Starting
+    a later method at 1e-12 when beta-crown's own search certified nothing, its budget spent
+    on its CROWN start, cost ~20 probes of at most 4x growth: ``auto`` ended at radius 1e-12
+    where ``crown`` alone reached 0.5.) Only a guess: every probe is a full evaluation."""
+    start = np.maximum(guess * 0.5, lo * 2) if first else np.maximum(lo * 1.25, 1e-12)
+    probe = np.where(lo > 0, start, guess * 0.5)
+    return np.where(probe > 0, probe, 1e-3)
 
 
 def _next_probe(lo: float, f_lo: float, hi: float, f_hi: float, p0: float, f0: float) -> float:

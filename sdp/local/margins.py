@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
 from sdp._blas import one_thread
 from sdp.errors import UnsupportedMethod
 from sdp.ir import Array
+from sdp.local import clock
 from sdp.local.alpha import (
+    SLOPE_DTYPE,
     InterAlphas,
     InterLines,
     IntermediateAlpha,
@@ -160,27 +163,37 @@ def alpha_crown(
     optimizer: SlopeOptimizer | None = None,
     net: object = None,
     iterations: int = ALPHA_ITERATIONS,
+    deadline: float | None = None,
 ) -> MarginBounds:
     """alpha-CROWN: intermediate bounds tightened by per-neuron alphas (input by input), then
-    the final margins optimised; the payload stores every alpha used (for ``recheck``)."""
+    the final margins optimised; the payload stores every alpha used (for ``recheck``).
+
+    ``deadline`` (a :func:`sdp.local.clock.now` time, from the caller's time budget): every
+    optimisation stops there (:func:`sdp.local.clock.fits`: no step begun that would end past
+    it), nodes reached after it keep CROWN's bounds, and the margins get their start (CROWN's
+    slopes) and the best iterate so far, bounded rigorously as always; what remains past the
+    deadline is CROWN's own cost (the intermediate and final passes). The optional
+    ``optimizer`` is not called past the deadline."""
     hook = IntermediateAlpha(
-        iterations=INTER_ITERATIONS, tangent_iterations=TANGENT_INTER_ITERATIONS
+        iterations=INTER_ITERATIONS,
+        tangent_iterations=TANGENT_INTER_ITERATIONS,
+        deadline=deadline,
     )
     st = compute_bounds(graph, x0, eps, node_hook=hook)
     c = objective_rows(pred, graph.output_size)
     c0 = np.zeros(c.shape[:2])
     init = {graph.output: c}
-    lower, alphas = optimise_alphas(st, init, c0, iterations=iterations)
+    lower, alphas = optimise_alphas(st, init, c0, iterations=iterations, deadline=deadline)
     rig: dict[int, RowLines] | None = None
     slopes: dict[int, tuple[Array, Array]] = {}
     if tangent_nodes(st, graph.output):
         # rigorous bounds of the chosen lines (optimised tangents where they beat CROWN's):
         # exactly what _alpha_recheck recomputes from the stored slopes
         lower, slopes, rig = optimise_tangents(
-            st, init, c0, alphas=alphas, base=lower, iterations=iterations
+            st, init, c0, alphas=alphas, base=lower, iterations=iterations, deadline=deadline
         )
     lower = np.maximum(lower, box_margins(st, c))
-    if optimizer is not None and net is not None:
+    if optimizer is not None and net is not None and clock.fits(deadline):
         acts = tuple(sorted(alphas))
         # copies: the optimiser may write into what it is given (e.g. torch.from_numpy shares
         # memory); st.x0 / st.eps / st.lo are what the re-check below is computed on
@@ -234,80 +247,145 @@ def _encode_inter(found: InterAlphas) -> Payload:
     return tuple(out)
 
 
-def _decode_inter(graph: Graph, payload: Payload) -> InterAlphas:
+_ValuesFn = Callable[[Graph, int, np.ndarray, dict[str, np.ndarray]], Array]
+
+
+@dataclass(frozen=True)
+class _RowsKind:
+    """One kind of intermediate-row payload: ``<rows>:<t>`` holds the row codes of target node
+    t and ``<tag>:<t>:<k>`` (tag in ``values``) what its rows use at act node k below t.
+
+    :func:`_decode_rows` checks for every kind: t and k index the graph, k > 0 is an act node;
+    row codes are finite integers in [0, ``codes`` * size of t); no values without the rows of
+    their node. Per kind: ``empty_rows`` (may t have no rows), ``at_target`` (may k equal t,
+    else k < t), ``acts`` (activation names k may have; None: any), and ``assemble(graph, k,
+    rows, entries)``, which validates the entries of one (t, k) by tag and returns the values
+    of k for those rows (ValueError if malformed)."""
+
+    rows: str
+    values: tuple[str, ...]
+    codes: int
+    empty_rows: bool
+    at_target: bool
+    acts: tuple[str, ...] | None
+    assemble: _ValuesFn
+
+
+def _rows_ok(graph: Graph, kind: _RowsKind, t: int, r: np.ndarray) -> bool:
+    """Row codes r (float64, flat) of target node t: finite integers in [0, codes n_t)."""
+    if not (0 <= t < len(graph.nodes)) or not np.isfinite(r).all() or np.any(r != np.round(r)):
+        return False
+    if r.size == 0:
+        return kind.empty_rows
+    return bool(r.min() >= 0 and r.max() < kind.codes * graph.nodes[t].size)
+
+
+def _node_ok(graph: Graph, kind: _RowsKind, t: int, k: int) -> bool:
+    """Act node k may hold values for target t: below it, with an allowed activation."""
+    top = t if kind.at_target else t - 1
+    if not (0 < k <= top and t < len(graph.nodes)) or graph.nodes[k].kind != "act":
+        return False
+    return kind.acts is None or getattr(graph.nodes[k].op, "name", "") in kind.acts
+
+
+def _decode_rows(
+    graph: Graph, payload: Payload, kind: _RowsKind
+) -> dict[int, tuple[np.ndarray, dict[int, Array]]]:
+    """The ``kind`` entries of an untrusted payload, validated (see :class:`_RowsKind`); other
+    entries are left to the caller. Raises ValueError on any malformed entry."""
     rows: dict[int, np.ndarray] = {}
-    al: dict[int, dict[int, Array]] = {}
+    got: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     for key, arr in payload:
         parts = key.split(":")
-        if parts[0] == "irows" and len(parts) == 2:
+        if parts[0] == kind.rows and len(parts) == 2:
             t = int(parts[1])
             r = np.asarray(arr, dtype=np.float64).reshape(-1)
-            if not (0 <= t < len(graph.nodes)) or np.any(r != np.round(r)):
+            if not _rows_ok(graph, kind, t, r):
                 raise ValueError(f"bad payload entry {key!r}")
-            ri = r.astype(np.intp)
-            if ri.size and (ri.min() < 0 or ri.max() >= graph.nodes[t].size):
-                raise ValueError(f"bad payload entry {key!r}")
-            rows[t] = ri
-        elif parts[0] == "ialpha" and len(parts) == 3:
+            rows[t] = r.astype(np.intp)
+        elif parts[0] in kind.values and len(parts) == 3:
             t, k = int(parts[1]), int(parts[2])
-            if not (0 < k <= t < len(graph.nodes)) or graph.nodes[k].kind != "act":
+            if not _node_ok(graph, kind, t, k):
                 raise ValueError(f"bad payload entry {key!r}")
-            a = np.asarray(arr, dtype=np.float64)
-            if a.ndim != 2 or a.shape[1] != graph.nodes[k].size or not np.isfinite(a).all():
-                raise ValueError(f"bad payload entry {key!r}")
-            al.setdefault(t, {})[k] = a
-    out: InterAlphas = {}
-    for t, r in rows.items():
-        per = al.get(t, {})
-        if any(v.shape[0] != 2 * r.size for v in per.values()):
-            raise ValueError(f"alphas of node {t} do not match its rows")
-        out[t] = (r, per)
+            got.setdefault((t, k), {})[parts[0]] = np.asarray(arr)
+    if any(t not in rows for t, _ in got):
+        raise ValueError(f"{'/'.join(kind.values)} entries without their {kind.rows}")
+    out: dict[int, tuple[np.ndarray, dict[int, Array]]] = {t: (r, {}) for t, r in rows.items()}
+    for (t, k), entries in got.items():
+        out[t][1][k] = kind.assemble(graph, k, rows[t], entries)
     return out
 
 
+def _alpha_values(graph: Graph, k: int, rows: np.ndarray, got: dict[str, np.ndarray]) -> Array:
+    """``ialpha``: finite (2 r, n_k) alphas for r rows (lower rows, then upper rows)."""
+    a = np.asarray(got["ialpha"], dtype=np.float64)
+    if a.shape != (2 * rows.size, graph.nodes[k].size) or not np.isfinite(a).all():
+        raise ValueError(f"ialpha of node {k} has shape {a.shape} or non-finite values")
+    return a
+
+
+_ALPHA_ROWS = _RowsKind("irows", ("ialpha",), 1, True, True, None, _alpha_values)
+"""Intermediate alpha-CROWN rows (:data:`InterAlphas`): neuron indices r < n_t (may be none),
+alphas of any act node up to t."""
+
+
+def _decode_inter(graph: Graph, payload: Payload) -> InterAlphas:
+    """The intermediate alphas of a payload, validated (:data:`_ALPHA_ROWS`)."""
+    return _decode_rows(graph, payload, _ALPHA_ROWS)
+
+
 def _encode_inter_lines(found: InterLines) -> Payload:
+    """Per target node t: ``trows:t`` (the row codes) and per sigmoid / tanh node k below it
+    ``tsm:t:k`` (np.packbits of the (q, n) mask of the entries with a slope of their own, row
+    major) and ``tsl:t:k`` (those slopes, :data:`sdp.local.alpha.SLOPE_DTYPE`, in mask
+    order); the other entries used the relaxation's own line, which the verifier re-derives
+    (design.md §4.1.3)."""
     out: list[tuple[str, Array]] = []
     for t in sorted(found):
         obj, sl = found[t]
         out.append((f"trows:{t}", np.asarray(obj, dtype=np.float64)))
-        out.extend((f"tsl:{t}:{k}", np.asarray(sl[k], dtype=np.float32)) for k in sorted(sl))
+        for k in sorted(sl):
+            a = np.asarray(sl[k], dtype=SLOPE_DTYPE)
+            own = ~np.isnan(a)
+            # payload arrays may be of any numeric dtype (the certificate's type says float64)
+            out.append((f"tsm:{t}:{k}", cast(Array, np.packbits(own.reshape(-1)))))
+            out.append((f"tsl:{t}:{k}", cast(Array, a[own])))
     return tuple(out)
 
 
-def _decode_inter_lines(graph: Graph, payload: Payload) -> InterLines:
-    """The intermediate tangent slopes of a payload, validated (shapes, finite values, row
-    codes, act nodes that are sigmoid / tanh below their target); any finite slope gives a
+def _tangent_values(graph: Graph, k: int, rows: np.ndarray, got: dict[str, np.ndarray]) -> Array:
+    """``tsm`` (np.packbits of the (q, n_k) mask of entries with a slope of their own) and
+    ``tsl`` (those slopes, finite, in mask order) for q row codes; NaN marks the other
+    entries (the relaxation's own line, re-derived by the verifier). Any finite slope gives a
     sound line (its intercept is recomputed rigorously), so nothing else needs trusting."""
-    rows: dict[int, np.ndarray] = {}
-    sl: dict[int, dict[int, Array]] = {}
-    for key, arr in payload:
-        parts = key.split(":")
-        if parts[0] == "trows" and len(parts) == 2:
-            t = int(parts[1])
-            r = np.asarray(arr, dtype=np.float64).reshape(-1)
-            if not (0 <= t < len(graph.nodes)) or r.size == 0 or not np.isfinite(r).all():
-                raise ValueError(f"bad payload entry {key!r}")
-            if np.any(r != np.round(r)) or r.min() < 0 or r.max() >= 2 * graph.nodes[t].size:
-                raise ValueError(f"bad payload entry {key!r}")
-            rows[t] = r.astype(np.intp)
-        elif parts[0] == "tsl" and len(parts) == 3:
-            t, k = int(parts[1]), int(parts[2])
-            ok = 0 < k < t < len(graph.nodes) and graph.nodes[k].kind == "act"
-            if not ok or getattr(graph.nodes[k].op, "name", "") not in OPTIMISABLE:
-                raise ValueError(f"bad payload entry {key!r}")
-            a = np.asarray(arr, dtype=np.float64)
-            if a.ndim != 2 or a.shape[1] != graph.nodes[k].size or not np.isfinite(a).all():
-                raise ValueError(f"bad payload entry {key!r}")
-            sl.setdefault(t, {})[k] = a
-    if any(t not in rows for t in sl):
-        raise ValueError("tangent slopes without their rows")
-    out: InterLines = {}
-    for t, r in rows.items():
-        per = sl.get(t, {})
-        if any(a.shape[0] != r.size for a in per.values()):
-            raise ValueError(f"tangent slopes of node {t} do not match its rows")
-        out[t] = (r, per)
-    return out
+    if set(got) != {"tsm", "tsl"}:
+        raise ValueError(f"tangent slopes of node {k} without their mask")
+    packed, v = got["tsm"], got["tsl"]
+    if packed.ndim != 1 or packed.dtype != np.uint8 or v.ndim != 1:
+        raise ValueError(f"tangent mask or slopes of node {k} malformed")
+    v = v.astype(np.float64)
+    if not np.isfinite(v).all():
+        raise ValueError(f"tangent slopes of node {k} not finite")
+    q, n = rows.size, graph.nodes[k].size
+    if packed.size != -(-q * n // 8):
+        raise ValueError(f"tangent mask of node {k} does not match its rows")
+    own = np.unpackbits(packed, count=q * n).astype(bool)
+    if int(own.sum()) != v.size:
+        raise ValueError(f"tangent slopes of node {k} do not match their mask")
+    a = np.full(q * n, np.nan)
+    a[own] = v
+    return a.reshape(q, n)
+
+
+_TANGENT_ROWS = _RowsKind("trows", ("tsm", "tsl"), 2, False, False, OPTIMISABLE, _tangent_values)
+"""Intermediate tangent rows (:data:`InterLines`): signed row codes o < 2 n_t (at least one),
+slopes of sigmoid / tanh nodes strictly below t."""
+
+
+def _decode_inter_lines(graph: Graph, payload: Payload) -> InterLines:
+    """The intermediate tangent slopes of a payload (NaN: the relaxation's own line),
+    validated (:data:`_TANGENT_ROWS`)."""
+    return _decode_rows(graph, payload, _TANGENT_ROWS)
 
 
 def _alpha_compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBounds:
@@ -325,7 +403,7 @@ def _alpha_recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload
     tangents: dict[int, dict[str, Array]] = {}
     for key, arr in payload:
         kind, _, idx = key.partition(":")
-        if kind in ("irows", "ialpha", "trows", "tsl"):
+        if kind in ("irows", "ialpha", "trows", "tsm", "tsl"):
             continue
         node = int(idx)
         if kind in ("slo", "sup"):

@@ -301,6 +301,36 @@ def _bisect(f: Callable[[Array], Array], lo: Array, hi: Array, iters: int = 30) 
     return 0.5 * (lo + hi)
 
 
+def _tangent_points(
+    phi: Activation, l: Array, u: Array
+) -> tuple[Array, Array, np.ndarray, np.ndarray]:
+    """Tangent points (d_l, d_u, ok_l, ok_u) of the S-shaped phi (sigmoid, tanh) on [l, u]
+    straddling 0, in float (heuristic slopes only; intercepts are bounded rigorously).
+
+    d_l in [l, 0] is where the tangent passes through (u, phi(u)): a zero of
+    h_lo(d) = phi(u) - phi(d) - phi'(d) (u - d); d_u in [0, u] mirrored, through (l, phi(l)):
+    h_up(d) = phi(d) - phi(l) - phi'(d) (d - l); both found by bisection (Zhang et al., CROWN,
+    NeurIPS 2018, Sec. 3.3). ``ok_l`` (``ok_u``) is true where l < 0 < u and h_lo(l) >= 0
+    (h_up(u) >= 0): the tangent at l (at u) passes below (above) the far endpoint, so the
+    tangent at d_l (d_u) touches inside the interval. d_l, d_u are meaningless where not ok.
+    """
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+
+        def h_lo(d: Array) -> Array:
+            return np.asarray(phi(u) - phi(d) - _deriv(phi, d) * (u - d))
+
+        def h_up(d: Array) -> Array:
+            return np.asarray(phi(d) - phi(l) - _deriv(phi, d) * (d - l))
+
+        mixed = (l < 0) & (u > 0)
+        lm, um = np.where(mixed, l, -1.0), np.where(mixed, u, 1.0)
+        d_l = _bisect(h_lo, lm, np.zeros_like(lm))
+        d_u = _bisect(h_up, np.zeros_like(um), um)
+        ok_l = mixed & (h_lo(lm) >= 0)
+        ok_u = mixed & (h_up(um) >= 0)
+    return d_l, d_u, ok_l, ok_u
+
+
 def _slopes(phi: Activation, l: Array, u: Array) -> tuple[Array, Array]:
     """Heuristic slopes (lower, upper) in float: CROWN's tangent / chord choices.
 
@@ -314,21 +344,11 @@ def _slopes(phi: Activation, l: Array, u: Array) -> tuple[Array, Array]:
         name = phi.name
         if name in ("sigmoid", "tanh"):  # convex on z <= 0, concave on z >= 0
             tan_mid = _deriv(phi, mid)
-
             # lower: tangent at mid (convex part), chord (concave part), or in between the
-            # tangent at d <= 0 through (u, phi(u)) when it touches inside [l, 0]
-            def h_lo(d: Array) -> Array:
-                return np.asarray(phi(u) - phi(d) - _deriv(phi, d) * (u - d))
-
-            def h_up(d: Array) -> Array:
-                return np.asarray(phi(d) - phi(l) - _deriv(phi, d) * (d - l))
-
-            mixed = (l < 0) & (u > 0)
-            lm, um = np.where(mixed, l, -1.0), np.where(mixed, u, 1.0)
-            d_l = _bisect(h_lo, lm, np.zeros_like(lm))
-            d_u = _bisect(h_up, np.zeros_like(um), um)
-            lo_mixed = np.where(h_lo(lm) >= 0, _deriv(phi, d_l), chord)
-            up_mixed = np.where(h_up(um) >= 0, _deriv(phi, d_u), chord)
+            # tangent at d_l <= 0 through (u, phi(u)) when it touches inside [l, 0]
+            d_l, d_u, ok_l, ok_u = _tangent_points(phi, l, u)
+            lo_mixed = np.where(ok_l, _deriv(phi, d_l), chord)
+            up_mixed = np.where(ok_u, _deriv(phi, d_u), chord)
             s_lo = np.where(u <= 0, tan_mid, np.where(l >= 0, chord, lo_mixed))
             s_up = np.where(u <= 0, chord, np.where(l >= 0, tan_mid, up_mixed))
         elif name == "softplus" or (name == "elu" and phi.param <= 1.0):  # convex
@@ -357,7 +377,7 @@ def deriv2(phi: Activation, z: Array) -> Array:
 def tangent_ranges(phi: Activation, l: Array, u: Array) -> tuple[Array, Array, Array, Array]:
     """Ranges [a_lo, b_lo] and [a_up, b_up] of tangent points d whose tangent lines bound the
     S-shaped phi (sigmoid, tanh: convex on z <= 0, concave on z >= 0) from below / above on
-    [l, u] (Zhang et al., CROWN, NeurIPS 2018, §3.3; optimised as in Xu et al., ICLR 2021):
+    [l, u] (Zhang et al., CROWN, NeurIPS 2018, Sec. 3.3; optimised as in Xu et al., ICLR 2021):
 
     - lower: u <= 0: any d in [l, u] (convex); l < 0 < u: d in [l, d_l], d_l <= 0 the tangent
       point of the line through (u, phi(u)), when the tangent at l passes below it; else none;
@@ -366,20 +386,7 @@ def tangent_ranges(phi: Activation, l: Array, u: Array) -> tuple[Array, Array, A
     NaN where no tangent is valid (those lines stay fixed). Float estimates only: the
     intercepts of whatever slope phi'(d) is used are bounded rigorously (:func:`line_intercepts`).
     """
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-
-        def h_lo(d: Array) -> Array:
-            return np.asarray(phi(u) - phi(d) - _deriv(phi, d) * (u - d))
-
-        def h_up(d: Array) -> Array:
-            return np.asarray(phi(d) - phi(l) - _deriv(phi, d) * (d - l))
-
-        mixed = (l < 0) & (u > 0)
-        lm, um = np.where(mixed, l, -1.0), np.where(mixed, u, 1.0)
-        d_l = _bisect(h_lo, lm, np.zeros_like(lm))
-        d_u = _bisect(h_up, np.zeros_like(um), um)
-        ok_l = mixed & (h_lo(lm) >= 0)
-        ok_u = mixed & (h_up(um) >= 0)
+    d_l, d_u, ok_l, ok_u = _tangent_points(phi, l, u)
     nan = np.full(l.shape, np.nan)
     a_lo = np.where(u <= 0, l, np.where(ok_l, l, nan))
     b_lo = np.where(u <= 0, u, np.where(ok_l, np.minimum(d_l, 0.0), nan))

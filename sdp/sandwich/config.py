@@ -96,19 +96,9 @@ def conv_params_from_safetensors(
         p = c * s * s
         xy = _tensor(tensors, ts.get("XY"), (q + p, q, k, k), f"{what} XY")
         b = _tensor(tensors, ts["b"], (q,), f"{what} b") if "b" in ts else np.zeros(q)
-        d = _tensor(tensors, ts.get("d"), (q,), f"{what} d")
-        if np.max(np.abs(d)) > 300:
-            raise _reject(f"{what}: |d| > 300 overflows exp(d)", "non-finite")
-        alpha = None
-        if "alpha" in ts:
-            alpha = float(_tensor(tensors, ts["alpha"], (1,), f"{what} alpha")[0])
-        try:
-            act = Activation(
-                spec.get("activation", "relu"),
-                _float(spec.get("activation_param", 0.0), f"{what} param"),
-            )
-        except (ValueError, TypeError) as e:
-            raise _reject(f"{what}: {e}", "unsupported-activation") from e
+        d = _log_scales(tensors, ts, q, what)
+        alpha = _alpha(tensors, ts, what)
+        act = _activation(spec, what)
         layer = ConvSandwichLayer(xy, b, d, (c, n, n), int(s), alpha, act)
         convs.append(layer)
         cur = layer.out_shape
@@ -167,6 +157,35 @@ def _tensor(tensors: Mapping[str, Any], name: Any, shape: tuple[int, ...], what:
     if not np.all(np.isfinite(arr)):
         raise _reject(f"{what}: tensor {name!r} has non-finite values", "non-finite")
     return arr.reshape(shape)
+
+
+def _log_scales(tensors: Mapping[str, Any], ts: Mapping[str, Any], q: int, what: str) -> Array:
+    """The (q,) tensor ``d`` of a hidden layer, Psi = diag(exp(d)) in
+    h_out = sqrt(2) A^T Psi sigma(sqrt(2) Psi^{-1} B h_in + b) (:mod:`sdp.sandwich.dense`):
+    finite, and |d| <= 300 so that exp(+-d) stays finite."""
+    d = _tensor(tensors, ts.get("d"), (q,), f"{what} d")
+    if np.max(np.abs(d)) > 300:
+        raise _reject(f"{what}: |d| > 300 overflows exp(d)", "non-finite")
+    return d
+
+
+def _alpha(tensors: Mapping[str, Any], ts: Mapping[str, Any], what: str) -> float | None:
+    """The optional scalar tensor ``alpha`` of a layer (None: no rescaling)."""
+    if "alpha" not in ts:
+        return None
+    return float(_tensor(tensors, ts["alpha"], (1,), f"{what} alpha")[0])
+
+
+def _activation(spec: Mapping[str, Any], what: str) -> Activation:
+    """The activation of a hidden layer: ``activation`` (default relu) and its
+    ``activation_param`` (default 0), refused with ``unsupported-activation``."""
+    try:
+        return Activation(
+            spec.get("activation", "relu"),
+            _float(spec.get("activation_param", 0.0), f"{what} param"),
+        )
+    except (ValueError, TypeError) as e:
+        raise _reject(f"{what}: {e}", "unsupported-activation") from e
 
 
 def _int(v: Any, what: str) -> int:
@@ -236,21 +255,11 @@ def params_from_safetensors(
             raise _reject(f"{what}: tensors must be an object")
         xy = _tensor(tensors, ts.get("XY"), (q + p, q), f"{what} XY")
         b = _tensor(tensors, ts["b"], (q,), f"{what} b") if "b" in ts else np.zeros(q)
-        alpha = None
-        if "alpha" in ts:
-            alpha = float(_tensor(tensors, ts["alpha"], (1,), f"{what} alpha")[0])
+        alpha = _alpha(tensors, ts, what)
         d = act = None
         if not last:
-            d = _tensor(tensors, ts.get("d"), (q,), f"{what} d")
-            if np.max(np.abs(d)) > 300:
-                raise _reject(f"{what}: |d| > 300 overflows exp(d)", "non-finite")
-            try:
-                act = Activation(
-                    spec.get("activation", "relu"),
-                    _float(spec.get("activation_param", 0.0), f"{what} param"),
-                )
-            except (ValueError, TypeError) as e:
-                raise _reject(f"{what}: {e}", "unsupported-activation") from e
+            d = _log_scales(tensors, ts, q, what)
+            act = _activation(spec, what)
         layers.append(SandwichLayer(kind, xy, b, d, alpha, act))
         n = q
     return SandwichParams(gamma, tuple(layers), input_shape, claimed)

@@ -33,8 +33,7 @@ from scipy import linalg
 from scipy.linalg import lapack
 
 from sdp.ir import Array
-from sdp.solvers._lanczos import smallest_eigenpair
-from sdp.solvers.dense import LANCZOS_TOL, lanczos_step
+from sdp.solvers._lanczos import LANCZOS_TOL, lanczos_step, smallest_eigenpair
 
 
 @dataclass

@@ -25,8 +25,8 @@ sigma = (gap after the predictor step / gap)^3 and the corrector uses C = sym(dZ
 c = dx_a dz_a. M is built in O(N^2) from rank-2 projections of Z and X; one iteration costs
 three dense n x n products, Cholesky factors of S and Z and the inverse of S. The corrector
 cuts the iteration count about 3x (mnistfc-256x2: 17 instead of 54). Step lengths use the
-smallest eigenvalue of R^{-T} dS R^{-1} (Lanczos), then a Cholesky check. On the numpy
-backend S's factor, inverse and step length use its block-tridiagonal structure
+smallest eigenvalue of R^{-T} dS R^{-1} (Lanczos), then a Cholesky check. S's factor,
+inverse and step length use its block-tridiagonal structure as the backend provides it
 (:func:`primal_ops`, :mod:`sdp.solvers._block_tridiag`); Z is dense. While the
 complementarity <S, Z> is large relative to |S| |Z|, the predictor's two products run in
 float32 (2.7x faster here): they only set sigma and C, and any symmetric C keeps the
@@ -38,6 +38,9 @@ A numerical failure mid-solve ends it with the best iterate.
 
 The n x n matrices live in the backend ``lmi.ops`` (:mod:`sdp.solvers.dense`: numpy/LAPACK,
 or torch on a GPU); the multipliers and the Schur system stay in numpy on the host.
+On the numpy backend, nets of depth >= ``IpmTuning.chordal_min_depth`` (3) keep Z on the
+block-tridiagonal pattern of S and use its max-determinant completion Zh in the products
+(:mod:`sdp.solvers._chordal`, the iterate's ``dual``); the steps are the same with Zh for Z.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sdp.ir import Array
-from sdp.solvers._block_tridiag import BlockTridiagOps
+from sdp.solvers._chordal import ChordalDualOps, DenseDualOps
 from sdp.solvers._ipm_steps import SchurSystem, cholesky_step, step_ratio
 from sdp.solvers._lmi_structure import (
     Rank2Blocks,
@@ -65,7 +68,7 @@ from sdp.solvers._lmi_structure import (
     sym_product_values,
 )
 from sdp.solvers.base import Progress
-from sdp.solvers.dense import DenseOps, Mat, NumpyOps
+from sdp.solvers.dense import DenseOps, Mat, NumpyOps, PrimalOps
 
 Mask = npt.NDArray[np.bool_]
 
@@ -81,13 +84,14 @@ class IpmTuning:
     float32_above: float = 1e-4  # predictor products in float32 while <S,Z> > this |S| |Z|
     float32_step: bool = True  # the corrected direction's Z dS X too, under the same test
     float32_projections: bool = True  # the rank-2 projections' products too (same test)
-    float32_corrector: bool = True  # the corrector's sym(dZ_a dS_a X) in float32 always
+    float32_corrector: float | None = 1e-6  # corrector in float32 while <S,Z> > this |S| |Z|
     step_frac: float = 0.95  # fraction of the step to the boundary
     z0_scale: float = 100.0  # tr Z_0,00 = z0_scale (the dual constraint asks for 1)
     z0_identity: bool = True  # Z_0 = z0_scale I / r; False: z0_scale X_0 / tr X_0,00
     newton_start_depth: int = 4  # Z_0 from the barrier Newton step (dual feasible) up to it
     shift0: float = 0.0  # S_0 = S(y_0) + shift0 max|diag S(y_0)| I (an infeasible start)
     rho_factor: float = 1.1  # start at rho = rho_factor * rho(t0)
+    chordal_min_depth: int | None = 3  # Z on the block-tridiagonal pattern from this depth
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,14 @@ class _Iterate:
     rz: Mat  # upper Cholesky factor of Z
     z: Array
     pi: float  # primal residual S(rho, x) - S = -pi I
+    dual: Any = None  # dual_ops(): Z dense, or on the pattern with its completion ``zhat``
+    zhat: Mat | None = None  # the max-det completion of zmat (chordal dual), else None
     xb: Rank2Blocks | None = None  # rank2_blocks(X) if already known (the Newton start's)
+
+    @property
+    def zfull(self) -> Mat:
+        """The dense dual matrix the products use: Z, or the completion of P(Z)."""
+        return self.zmat if self.zhat is None else self.zhat
 
 
 @dataclass
@@ -174,6 +185,7 @@ class _Direction:
     dzm: Mat
     dz: Array
     k_mat: Mat  # dS X
+    dzm_full: Mat | None = None  # a chordal dual's dense dZ (the predictor's, for the corrector)
 
 
 def _direction(
@@ -205,10 +217,16 @@ def _direction(
     k_mat = linear_part_times(lmi, x_k, xw_k, dy[0], dt)  # F(dy) X
     if cur.pi > 0:
         k_mat -= cur.pi * cur.xinv
-    dzm = ops.sym(ops.matmul(cur.zmat, k_mat, low_precision), -0.5)  # -sym(Z dS X)
-    dzm -= cur.zmat
-    if sig_mu:
-        dzm += sig_mu * cur.xinv
+    dzm_full = None
+    if cur.dual.chordal and corr is None and not sig_mu:  # the predictor's dense dZ_a, for C
+        dzm_full = cur.dual.full_sym_product(cur.rz, k_mat, -0.5, low_precision)
+        dzm_full -= cur.zfull
+        dzm = cur.dual.project(dzm_full.copy())
+    else:
+        dzm = cur.dual.sym_product(cur.zfull, k_mat, -0.5, low_precision)  # -sym(Z dS X)
+        dzm -= cur.zmat
+        if sig_mu:
+            cur.dual.add_scaled(dzm, cur.xinv, sig_mu)
     ds = lmi.assemble(dy[0], dt, constant=False)
     if cur.pi > 0:
         ops.add_diag(ds, -cur.pi)
@@ -217,14 +235,15 @@ def _direction(
     if corr is not None:
         dzm -= corr[0]
         dz -= corr[1] / xs
-    return _Direction(dy, ds, dzm, dz, k_mat)
+    return _Direction(dy, ds, dzm, dz, k_mat, dzm_full)
 
 
-def primal_ops(lmi: StructuredLmi) -> Any:
-    """The algebra of S = S(y) + pi I: its factor, inverse and step lengths. On the numpy
-    backend by its block-tridiagonal structure (:class:`BlockTridiagOps`: block Cholesky,
-    block inverse, Lanczos on block solves), else the backend's dense operations."""
-    return BlockTridiagOps(lmi.offsets) if isinstance(lmi.ops, NumpyOps) else lmi.ops
+def primal_ops(lmi: StructuredLmi) -> PrimalOps:
+    """The algebra of S = S(y) + pi I: its factor, inverse and step lengths, as the backend
+    provides it (:meth:`DenseOps.primal_ops`): by its block-tridiagonal structure on numpy
+    (:class:`~sdp.solvers._block_tridiag.BlockTridiagOps`: block Cholesky, block inverse,
+    Lanczos on block solves) and on torch (``models.lipsdp_blocks``)."""
+    return lmi.ops.primal_ops(lmi.offsets)
 
 
 def _step_lengths(
@@ -242,7 +261,7 @@ def _step_lengths(
     ``sops`` is :func:`primal_ops`.
     """
     s_max, warm[0] = sops.max_step(cur.rs, d.ds, warm[0])
-    z_max, warm[1] = ops.max_step(cur.rz, d.dzm, warm[1])
+    z_max, warm[1] = cur.dual.max_step(cur.rz, d.dzm, warm[1])
     a_p = min(1.0, frac * s_max, frac * step_ratio(cur.x[sgn], d.dy[1:][sgn]))
     a_d = min(1.0, frac * z_max, frac * step_ratio(cur.z[sgn], d.dz[sgn]))
     return a_p, a_d
@@ -275,10 +294,12 @@ def _start(
     if rs is None:
         raise ValueError("could not build a positive definite starting S")
     xinv = sops.inverse_from_cholesky(rs)
+    dops = dual_ops(lmi, settings)
     if lmi.depth <= settings.newton_start_depth:
         dual = newton_dual_start(lmi, grp, sgn, x, xinv)
         if dual is not None:
-            return _Iterate(rho, x, s_mat, rs, xinv, dual.zmat, dual.rz, dual.z, pi, dual.xb)
+            it = _Iterate(rho, x, s_mat, rs, xinv, dual.zmat, dual.rz, dual.z, pi, xb=dual.xb)
+            return _with_dual(dops, it)
     if settings.z0_identity:
         mu0 = settings.z0_scale / lmi.r
         zmat = mu0 * ops.eye(lmi.n)
@@ -289,7 +310,29 @@ def _start(
     if rz is None:
         raise ValueError("could not build a positive definite starting Z")
     z = np.where(sgn, mu0 / np.where(sgn, x, 1.0), 0.0)
-    return _Iterate(rho, x, s_mat, rs, xinv, zmat, rz, z, pi)
+    return _with_dual(dops, _Iterate(rho, x, s_mat, rs, xinv, zmat, rz, z, pi))
+
+
+def dual_ops(lmi: StructuredLmi, settings: IpmTuning) -> ChordalDualOps | DenseDualOps:
+    """The dual matrix's algebra: on the block-tridiagonal pattern (:mod:`sdp.solvers._chordal`)
+    on the numpy backend for nets of depth >= ``chordal_min_depth``, else the backend's dense Z."""
+    depth = settings.chordal_min_depth
+    if depth is not None and lmi.depth >= depth and isinstance(lmi.ops, NumpyOps):
+        return ChordalDualOps(lmi.ops, lmi.offsets)
+    return DenseDualOps(lmi.ops)
+
+
+def _with_dual(dops: ChordalDualOps | DenseDualOps, it: _Iterate) -> _Iterate:
+    """``it`` with its dual algebra; a chordal dual keeps P(Z) and its completion (P(Z) of a PD
+    Z always has a PD completion: Z itself)."""
+    it.dual = dops
+    if dops.chordal:
+        it.zmat = dops.project(it.zmat)
+        it.rz = dops.cholesky_upper(it.zmat)
+        if it.rz is None:
+            raise ValueError("could not complete the starting Z")
+        it.zhat = dops.completed(it.rz)
+    return it
 
 
 def _schur_matrix(
@@ -391,6 +434,7 @@ class _Score:
     rel_gap: float
     lower: float | None
     low: bool
+    size: float  # |S| |Z| (Frobenius), the scale of the float32 tests
 
 
 @dataclass
@@ -428,10 +472,14 @@ def _score(
     """
     ops = lmi.ops
     gap = ops.vdot(cur.s_mat, cur.zmat) + float(cur.x[sgn] @ cur.z[sgn])
-    low = gap > settings.float32_above * ops.norm(cur.s_mat) * ops.norm(cur.zmat)
-    low_proj = low and settings.float32_projections and isinstance(ops, NumpyOps)
+    size = ops.norm(cur.s_mat) * ops.norm(cur.zfull)
+    low = gap > settings.float32_above * size
+    # float32 projections on the dense dual only (not measured with the chordal one)
+    low_proj = (
+        low and settings.float32_projections and isinstance(ops, NumpyOps) and not cur.dual.chordal
+    )
     xb = rank2_blocks(lmi, cur.xinv, low_precision=low_proj) if cur.xb is None else cur.xb
-    zb = rank2_blocks(lmi, cur.zmat, low_precision=low_proj)
+    zb = rank2_blocks(lmi, cur.zfull, low_precision=low_proj)
     if low_proj:
         tr_x00, cx = constraint_values_banded(lmi, cur.xinv)
         tr_z00, cz = constraint_values_banded(lmi, cur.zmat)
@@ -453,7 +501,7 @@ def _score(
         lower /= tr_z00
         scale = abs(best.rho) or 1.0  # rho = 0 (e.g. a zero layer): absolute gap
         rel_gap = max((best.rho - lower) / scale, gap / (tr_z00 * scale))
-    return _Score(xb, zb, tr_x00, cx, gap, mu, rel_gap, lower, low)
+    return _Score(xb, zb, tr_x00, cx, gap, mu, rel_gap, lower, low, size)
 
 
 def _stop_status(
@@ -486,7 +534,7 @@ def _schur_system(
     c[0] = 1.0
     base = -c
     if cur.pi > 0:  # the residual -pi I enters as -A(sym(Z (-pi I) X))
-        tr_zx, v_zx = sym_product_values(lmi, sc.zb, cur.zmat, sc.xb, cur.xinv)
+        tr_zx, v_zx = sym_product_values(lmi, sc.zb, cur.zfull, sc.xb, cur.xinv)
         base = base + cur.pi * np.concatenate([[tr_zx], grp.vec(v_zx)])
     return SchurSystem(h), g, xs, base
 
@@ -539,11 +587,19 @@ def _predictor_corrector(
     if settings.sigma_fixed is not None:
         sigma = settings.sigma_fixed
     if settings.corrector:  # the second-order terms sym(dZ_a dS_a X) and dx_a dz_a
-        # float32 throughout with float32_corrector: any symmetric C keeps the corrected
-        # equations exact (its bands enter the right-hand side as computed), and this
-        # second-order term's rounding (~1e-7 of |dZ_a| |dS_a X|) only perturbs the target
-        low_corr = low or (settings.float32_corrector and isinstance(ops, NumpyOps))
-        corr = ops.sym(ops.matmul(pred.dzm, pred.k_mat, low_precision=low_corr), 0.5)
+        # float32 with float32_corrector (dense dual) down to a gap of that times |S| |Z|: any
+        # symmetric C keeps the corrected equations exact (its bands enter the right-hand side
+        # as computed), so this second-order term's rounding (~1e-7 of |dZ_a| |dS_a X|) only
+        # moves the target; below that it would swamp the centring (eps 1e-9: 44 iterations
+        # instead of 14 on a 320-row net with float32 throughout)
+        dense32 = (
+            settings.float32_corrector is not None
+            and gap > settings.float32_corrector * sc.size
+            and isinstance(ops, NumpyOps)
+            and not cur.dual.chordal
+        )
+        dz_a = pred.dzm if pred.dzm_full is None else pred.dzm_full
+        corr = cur.dual.corrector(dz_a, pred.k_mat, 0.5, low or dense32)
         corr_lin = np.where(sgn, pred.dy[1:] * pred.dz, 0.0)
         tr_c, v_c = constraint_values_banded(lmi, corr)
         rhs = base + sigma * mu * g - np.concatenate([[tr_c], grp.vec(v_c) + corr_lin / xs])
@@ -610,7 +666,7 @@ def solve_ipm(
             d, sigma, low = _predictor_corrector(lmi, grp, sgn, w, cur, sc, settings, warm)
             a_p, a_d = _step_lengths(lmi.ops, sops, sgn, cur, d, settings.step_frac, warm)
             a_p, rs_new = cholesky_step(sops, cur.s_mat, d.ds, a_p)
-            a_d, rz_new = cholesky_step(lmi.ops, cur.zmat, d.dzm, a_d)
+            a_d, rz_new = cholesky_step(cur.dual, cur.zmat, d.dzm, a_d)
             it += 1
             diag = {"a_p": a_p, "a_d": a_d, "sigma": sigma, "float32": float(low)}
             if lower is not None:
@@ -654,3 +710,4 @@ def _advance(
         cur.zmat += a_d * d.dzm
         cur.z = cur.z + a_d * d.dz
         cur.rz = rz_new
+        cur.zhat = cur.dual.completed(rz_new)

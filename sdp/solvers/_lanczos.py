@@ -16,14 +16,18 @@ from theta errs long, never short; the callers check the step by a Cholesky fact
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from scipy.linalg import lapack
 
 from sdp.ir import Array
 
 _SEED = 20261207  # the start vector when none is given: fixed, so solves are reproducible
+LANCZOS_TOL = 1e-3  # step lengths: Ritz residual / |Ritz value| (ARPACK's nominal one before)
 
 
 def smallest_eigenpair(
@@ -74,3 +78,34 @@ def smallest_eigenpair(
             return theta, y / np.linalg.norm(y)
         basis[k + 1] = w / beta[k]
     return None
+
+
+def lanczos_step(
+    r: npt.NDArray[np.floating[Any]], d: Array, v0: Array | None = None
+) -> tuple[float | None, Array | None]:
+    """(1 / max(0, -lambda_min(R^{-T} D R^{-1})), Ritz vector) by float32 Lanczos products
+    (:func:`sdp.solvers.dense.max_step`), or (None, None) if Lanczos fails (the caller then
+    decides densely).
+
+    LAPACK reads R in Fortran order: a C-ordered R is passed as the lower factor R^T (the
+    same memory; no copy per solve). ``astype`` keeps the order and copies nothing when R is
+    float32 already."""
+    n = d.shape[0]
+    r32, d32 = r.astype(np.float32, copy=False), d.astype(np.float32)
+    tri, lower, trans = (r32, 0, (0, 1)) if r32.flags.f_contiguous else (r32.T, 1, (1, 0))
+
+    def mv(v: Array) -> Array:
+        w, info1 = lapack.strtrs(tri, v.astype(np.float32), lower=lower, trans=trans[0])
+        out, info2 = lapack.strtrs(tri, d32 @ w, lower=lower, trans=trans[1])
+        if info1 or info2:
+            raise np.linalg.LinAlgError("strtrs failed")
+        return out.astype(np.float64)
+
+    try:
+        pair = smallest_eigenpair(mv, n, v0, tol=LANCZOS_TOL)
+    except np.linalg.LinAlgError:
+        pair = None  # a failed float32 solve
+    if pair is None:
+        return None, None
+    lam, vec = pair
+    return (math.inf if lam >= 0 else 1.0 / -lam), vec

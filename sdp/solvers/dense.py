@@ -10,6 +10,11 @@ implements the same protocol with torch, on any torch device (sdp itself never i
     >>> StructuredSolver(NumpyOps())  # the default  # doctest: +SKIP
     >>> StructuredSolver(TorchOps("cuda"))  # same iterations, matrices on the GPU  # doctest: +SKIP
 
+S = S(y) itself is block tridiagonal (design.md §3.2): a backend hands the interior-point
+method the algebra of S through :meth:`DenseOps.primal_ops` (block Cholesky, block inverse,
+step lengths by block solves; :class:`NumpyOps` returns
+:class:`sdp.solvers._block_tridiag.BlockTridiagOps`, ``TorchOps`` its torch counterpart).
+
 Matrices are passed around as the backend's own arrays; the IPM code only uses what numpy
 arrays and torch tensors share (``@``, ``+ - *``, slicing, ``.T``, ``.diagonal()``,
 ``.any()``, ``.all()``, ``.sum()``, in-place ``+=`` with another array or a scalar) and the
@@ -23,15 +28,28 @@ import math
 from typing import Any, Protocol
 
 import numpy as np
-import numpy.typing as npt
 from scipy import linalg
 from scipy.linalg import lapack
 
 from sdp.ir import Array
-from sdp.solvers._lanczos import smallest_eigenpair
+from sdp.solvers._block_tridiag import BlockTridiagOps
+from sdp.solvers._lanczos import lanczos_step
 
 Mat = Any
 """A backend matrix or vector (numpy array for :class:`NumpyOps`, torch tensor for TorchOps)."""
+
+
+class PrimalOps(Protocol):
+    """The algebra of the primal matrix S (a backend matrix whose block-tridiagonal part over
+    the given offsets is S): its factor (any object, None if S is not positive definite), the
+    dense S^{-1} from that factor, and the largest alpha with S + alpha D >= 0 with a start
+    vector for the next call. A dense backend is one (its factor is the dense Cholesky R)."""
+
+    def cholesky_upper(self, a: Mat) -> Any: ...
+
+    def inverse_from_cholesky(self, r: Any) -> Mat: ...
+
+    def max_step(self, r: Any, d: Mat, v0: Any = None) -> tuple[float, Any]: ...
 
 
 class DenseOps(Protocol):
@@ -105,6 +123,11 @@ class DenseOps(Protocol):
         (inf if D >= 0), and a start vector for the next call (or None)."""
         ...
 
+    def primal_ops(self, offsets: tuple[int, ...]) -> PrimalOps:
+        """The algebra of S, block tridiagonal over ``offsets`` (``offsets[-1]`` = n): a
+        structure-exploiting :class:`PrimalOps`, or the backend itself (dense)."""
+        ...
+
 
 def cholesky_upper(s: Array) -> Array | None:
     """Upper Cholesky factor R (S = R^T R) via LAPACK, or None if S is not positive definite.
@@ -156,37 +179,6 @@ def sym_inplace(a: Array, scale: float) -> Array:
 
 
 _DENSE_MAX = 300  # max_step: dense eigenvalue below this size, Lanczos above
-LANCZOS_TOL = 1e-3  # max_step: Ritz residual / |Ritz value| (smallest_eigenpair)
-
-
-def lanczos_step(
-    r: npt.NDArray[np.floating[Any]], d: Array, v0: Array | None = None
-) -> tuple[float | None, Array | None]:
-    """(1 / max(0, -lambda_min(R^{-T} D R^{-1})), Ritz vector) by float32 Lanczos products
-    (:func:`max_step`), or (None, None) if Lanczos fails (the caller decides densely).
-
-    LAPACK reads R in Fortran order: a C-ordered R is passed as the lower factor R^T (the
-    same memory; no copy per solve). ``astype`` keeps the order and copies nothing when R is
-    float32 already."""
-    n = d.shape[0]
-    r32, d32 = r.astype(np.float32, copy=False), d.astype(np.float32)
-    tri, lower, trans = (r32, 0, (0, 1)) if r32.flags.f_contiguous else (r32.T, 1, (1, 0))
-
-    def mv(v: Array) -> Array:
-        w, info1 = lapack.strtrs(tri, v.astype(np.float32), lower=lower, trans=trans[0])
-        out, info2 = lapack.strtrs(tri, d32 @ w, lower=lower, trans=trans[1])
-        if info1 or info2:
-            raise np.linalg.LinAlgError("strtrs failed")
-        return out.astype(np.float64)
-
-    try:
-        pair = smallest_eigenpair(mv, n, v0, tol=LANCZOS_TOL)
-    except np.linalg.LinAlgError:
-        pair = None  # a failed float32 solve
-    if pair is None:
-        return None, None
-    lam, vec = pair
-    return (math.inf if lam >= 0 else 1.0 / -lam), vec
 
 
 def max_step(r: Array, d: Array, v0: Array | None = None) -> tuple[float, Array | None]:
@@ -196,9 +188,10 @@ def max_step(r: Array, d: Array, v0: Array | None = None) -> tuple[float, Array 
     started from ``v0`` if given (the previous call's eigenvector: predictor and corrector
     directions are close); returns that vector. The Ritz value lies inside the spectrum, so the
     tolerance errs towards a longer step, which the caller's Cholesky check then shortens. The
-    Lanczos products run on float32 copies of R and D (:func:`lanczos_step`: half the memory
-    traffic of these bandwidth-bound triangular solves; their ~1e-7 relative error is far
-    inside the 1e-3 tolerance, and the step is checked in float64).
+    Lanczos products run on float32 copies of R and D
+    (:func:`sdp.solvers._lanczos.lanczos_step`: half the memory traffic of these
+    bandwidth-bound triangular solves; their ~1e-7 relative error is far inside the 1e-3
+    tolerance, and the step is checked in float64).
     """
     n = d.shape[0]
     if n > _DENSE_MAX:
@@ -283,3 +276,6 @@ class NumpyOps:
 
     def max_step(self, r: Array, d: Array, v0: Any = None) -> tuple[float, Any]:
         return max_step(r, d, v0)
+
+    def primal_ops(self, offsets: tuple[int, ...]) -> BlockTridiagOps:
+        return BlockTridiagOps(offsets, dense_max=_DENSE_MAX)

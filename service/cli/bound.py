@@ -101,17 +101,24 @@ def bound(
         if result.certificate is None:
             fail(f"method {result.method} produced no LipSDP certificate to save")
         save_cert.write_text(result.certificate.to_json())
-    summary = result.summary()
-    summary["model"] = str(model)
-    summary["network_hash"] = net.content_hash()
+    request = {
+        "model": str(model),
+        "method": method,
+        "pairwise": pairwise,
+        "solver": solver,
+        "timeout_s": timeout,
+    }
+    # the document the HTTP API serves for a bound (GET /v1/jobs/{id} "result"), with the full
+    # certificate(s): re-checkable without a solver (sdp.bounds.recheck.recheck_document)
+    stored = StoredBound.from_result(result, net.content_hash(), request, source="cli")
     if json_out:
-        sys.stdout.write(json.dumps(strict_json(summary)) + "\n")
+        sys.stdout.write(json.dumps(stored.to_json()) + "\n")
         return
     table = Table(title=f"lipcert bound: {model.name}", show_header=False)
     for key in ("lipschitz_bound", "method", "verified", "solver", "lower_bound", "gap_ratio"):
-        table.add_row(key, str(summary.get(key)))
-    table.add_row("solve_time_s", f"{summary['solve_time_s']:.3f}")
-    for note in summary["notes"]:
+        table.add_row(key, str(getattr(stored, key)))
+    table.add_row("solve_time_s", f"{stored.solve_time_s:.3f}")
+    for note in stored.notes:
         table.add_row("note", note)
     if result.pairwise is not None:
         table.add_row("pairwise", np.array2string(np.asarray(result.pairwise), precision=4))
@@ -143,7 +150,9 @@ def certify(
         "auto", help="With --mode local: ibp|crown|alpha-crown|sdp-crown|bab|beta-crown|auto."
     ),
     time_budget: float = typer.Option(
-        10.0, help="With --mode local: seconds per input for the radius search."
+        10.0,
+        help="With --mode local: seconds per input for the radius search, and at --epsilon "
+        "the deadline of alpha-crown's optimisation.",
     ),
     json_out: bool = typer.Option(False, "--json"),
     tsv: Path | None = typer.Option(None, help="Write idx/label/predict/radius/correct TSV."),

@@ -185,9 +185,52 @@ def test_certificates_with_intermediate_tangents_replay_and_resist_forgery():
         lambda k, a: a * np.nan if k.startswith("tsl:") else a,
         lambda k, a: a[:-1] if k.startswith("tsl:") else a,
         lambda k, a: a + 1e6 if k.startswith("trows:") else a,
+        lambda k, a: a[:-1] if k.startswith("tsm:") else a,  # mask of the wrong size
+        lambda k, a: np.full_like(a, 255) if k.startswith("tsm:") else a,  # count != slopes
+        lambda k, a: a.astype(np.float64) if k.startswith("tsm:") else a,  # not packed bits
     ):
         broken = replace(cert, payload=tuple((k, bad(k, a)) for k, a in cert.payload))
         assert not verify_local(net, x[i], broken)
+    no_slopes = tuple((k, a) for k, a in cert.payload if not k.startswith("tsl:"))
+    assert not verify_local(net, x[i], replace(cert, payload=no_slopes))
+    # a moved mask bit (one stored slope now on another entry): only ever a sound line
+    moved = []
+    for k, a in cert.payload:
+        if k.startswith("tsm:"):
+            bits = np.unpackbits(a)
+            on, off = np.flatnonzero(bits), np.flatnonzero(bits == 0)
+            if on.size and off.size:
+                bits[on[0]], bits[off[0]] = 0, 1
+            a = np.packbits(bits)
+        moved.append((k, a))
+    if verify_local(net, x[i], replace(cert, payload=tuple(moved))):
+        d = rng.normal(size=(3000, 10))
+        d *= cert.epsilon / np.linalg.norm(d, axis=1, keepdims=True)
+        assert np.all(np.argmax(net.forward(x[i] + d), axis=1) == cert.prediction)
+
+
+def test_intermediate_tangent_payload_is_compact():
+    """Only the entries with a slope of their own are stored (float16), the others (the
+    relaxation's own line) as one bit: well under half the bytes of dense float32 slopes."""
+    rng = np.random.default_rng(8)
+    net = dense_net(rng, [10, 14, 14, 14, 4], "sigmoid", scale=3.0)
+    x = rng.normal(size=(4, 10))
+    res = certify_local(net, x, epsilon=0.3, method="alpha-crown")
+    graph = build_graph(net)
+    seen = False
+    for cert in res.certificates:
+        pay = dict(cert.payload)
+        for key, vals in pay.items():
+            if not key.startswith("tsl:"):
+                continue
+            seen = True
+            _, t, k = key.split(":")
+            q, n = pay[f"trows:{t}"].size, graph.nodes[int(k)].size
+            mask = pay[f"tsm:{t}:{k}"]
+            assert vals.dtype == np.float16 and mask.dtype == np.uint8
+            assert int(np.unpackbits(mask).sum()) == vals.size
+            assert vals.nbytes + mask.nbytes < 0.55 * 4 * q * n
+    assert seen, "no intermediate tangent slopes stored: vacuous"
 
 
 def test_intermediate_tangents_do_not_depend_on_the_batch():

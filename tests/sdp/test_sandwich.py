@@ -198,6 +198,14 @@ def _mutations():
     yield "layer type", lambda t, c: c["layers"][0].__setitem__("type", "sandwich_output")
     yield "huge d", lambda t, c: t.__setitem__("layers.0.d", np.full(7, 1e4))
     yield "string dtype", lambda t, c: t.__setitem__("layers.0.b", np.array(["a"] * 7))
+    yield "activation param", lambda t, c: c["layers"][0].__setitem__("activation_param", "x")
+    yield "alpha nan", lambda t, c: _set_alpha(t, c, np.array([np.nan]))
+    yield "alpha shape", lambda t, c: _set_alpha(t, c, np.ones(2))
+
+
+def _set_alpha(tensors, config, alpha):
+    tensors["layers.0.alpha"] = alpha
+    config["layers"][0]["tensors"]["alpha"] = "layers.0.alpha"
 
 
 @pytest.mark.parametrize(("what", "mutate"), list(_mutations()), ids=[m[0] for m in _mutations()])

@@ -412,7 +412,7 @@ def test_float32_predictor_changes_nothing_but_speed() -> None:
     lmi = random_lmi([20, 30, 30, 30, 5], Activation("relu"), 17)
     events: list[dict[str, object]] = []
     rho_mixed, _ = solve_certified(lmi, eps=1e-9, progress=events.append)
-    f64 = StructuredSolver(tuning=IpmTuning(float32_above=math.inf, float32_corrector=False))
+    f64 = StructuredSolver(tuning=IpmTuning(float32_above=math.inf, float32_corrector=None))
     rho_f64, _ = solve_certified(lmi, eps=1e-9, solver=f64)
     assert any(e.get("float32") == 1.0 for e in events)
     assert events[-1].get("float32") == 0.0
@@ -422,7 +422,7 @@ def test_float32_predictor_changes_nothing_but_speed() -> None:
     rho_pred, _ = solve_certified(lmi, eps=1e-9, solver=pred_only)
     assert rho_mixed == pytest.approx(rho_pred, rel=1e-7)
     # the corrector's product in float64 once the float32 phase is over
-    corr64 = StructuredSolver(tuning=IpmTuning(float32_corrector=False))
+    corr64 = StructuredSolver(tuning=IpmTuning(float32_corrector=None))
     rho_corr64, _ = solve_certified(lmi, eps=1e-9, solver=corr64)
     assert rho_mixed == pytest.approx(rho_corr64, rel=1e-7)
     # the rank-2 projections' products in float64 throughout

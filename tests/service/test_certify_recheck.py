@@ -19,10 +19,15 @@ from tests.sdp._local_nets import dense_net
 
 
 def _setup(
-    method: str, epsilon: float | None, rows: int = 8, chunk: int = 4
+    method: str,
+    epsilon: float | None,
+    rows: int = 8,
+    chunk: int = 4,
+    sizes: tuple[int, ...] = (4, 16, 16, 3),
+    act: str = "relu",
 ) -> tuple[Network, dict[str, np.ndarray], CertifyOptions]:
     rng = np.random.default_rng(3)
-    net = dense_net(rng, [4, 16, 16, 3])
+    net = dense_net(rng, list(sizes), act, scale=3.0 if act != "relu" else 1.0)
     lip = float(naive_bound(net)[0])
     x = rng.normal(size=(rows, 4))
     labels = np.argmax(net.forward(x), axis=1).astype(np.int64)
@@ -72,6 +77,23 @@ def test_honest_chunks_are_reproduced(method: str, epsilon: float | None) -> Non
     # something was certified beyond the floor by a local method (the check is not vacuous)
     methods = {m for p in parts for m in p["radius_method"].tolist()}
     assert method in methods, methods
+
+
+def test_sigmoid_tangent_certificates_survive_the_bundle() -> None:
+    """alpha-crown certificates of a sigmoid net carry packed intermediate tangent slopes
+    (uint8 masks, float16 slopes): through a worker's npz bundle they re-verify as sent."""
+    net, inputs, opts = _setup("alpha-crown", 0.3, sizes=(4, 12, 12, 12, 3), act="sigmoid")
+    parts = _worker_parts(net, inputs, opts)
+    bundle = npz({f"c{k}/{name}": arr for k, p in enumerate(parts) for name, arr in p.items()})
+    back = split_chunks(bundle, len(opts.chunks()))
+    kinds = {str(a.dtype) for p in back if p for k, a in p.items() if "/tsm:" in k or "/tsl:" in k}
+    assert kinds == {"uint8", "float16"}, kinds
+    checked, refused = recheck_batch(net, inputs, opts, back)
+    assert refused == 0
+    for got, sent in zip(checked, parts, strict=True):
+        for name in (*COLUMNS, "epsilon"):
+            assert got[name].tolist() == sent[name].tolist(), name
+    assert any(m == "alpha-crown" for p in parts for m in p["radius_method"].tolist())
 
 
 def test_inflated_radius_column_is_ignored() -> None:
