@@ -640,7 +640,6 @@ def solve_ipm(
     history: list[dict[str, float]] = []
     t_iter = 0.0
     diag: dict[str, float] = {"a_p": 0.0, "a_d": 0.0, "sigma": 0.0}
-    warm: list[Any] = [None, None]
     try:
         while True:
             now = time.perf_counter()
@@ -663,6 +662,8 @@ def solve_ipm(
             if stop:
                 status = stop
                 break
+            warm: list[Any] = [None, None]  # per iteration (kept across: 39 instead of 16
+            # iterations on 256x6 with the chordal dual's ARPACK search)
             d, sigma, low = _predictor_corrector(lmi, grp, sgn, w, cur, sc, settings, warm)
             a_p, a_d = _step_lengths(lmi.ops, sops, sgn, cur, d, settings.step_frac, warm)
             a_p, rs_new = cholesky_step(sops, cur.s_mat, d.ds, a_p)
