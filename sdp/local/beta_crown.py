@@ -652,7 +652,11 @@ def _alpha_rows(
 
 
 def leaf_intervals(
-    ch: Chain, root: BallBounds, sgn: list[Array], inter: InterAlphas | None = None
+    ch: Chain,
+    root: BallBounds,
+    sgn: list[Array],
+    inter: InterAlphas | None = None,
+    recompute: bool | None = None,
 ) -> tuple[BallBounds, np.ndarray]:
     """Rigorous bounds of every node on each leaf D (batch L), and which leaves are empty.
 
@@ -660,9 +664,10 @@ def leaf_intervals(
     re-derives it; nothing stored is trusted). Node by node, in order: the root interval
     (valid on D ⊂ B), intersected for a later affine node with its interval propagation from
     the leaf's bounds so far, and (on nets with ``REFRESH_MIN_LAYERS`` splittable layers or
-    more), for the pre-activations of every layer after the leaf's first split layer, with
-    CROWN bounds (:func:`sdp.local.propagate.crown_node_bounds`, rows
-    of the neurons still unstable on the leaf) computed through the leaf's relaxations, in
+    more, or whenever ``recompute`` is True), for the pre-activations of every layer after
+    the leaf's first split layer, with CROWN bounds
+    (:func:`sdp.local.propagate.crown_node_bounds`, rows of the neurons still unstable on
+    the leaf) computed through the leaf's relaxations, in
     which each split neuron's interval is clipped to its side and so its relaxation is exact
     (Xu et al., "Fast and Complete", ICLR 2021, sec. 3: intermediate bounds recomputed in
     each sub-domain); split neurons are then clipped, [max(l, 0), u] / [l, min(u, 0)]. Every
@@ -683,7 +688,7 @@ def leaf_intervals(
     has = np.stack([np.any(s != 0, axis=1) for s in sgn], axis=1)  # (L, n_act)
     first = np.where(has.any(axis=1), np.argmax(has, axis=1), len(ch.pre))
     empty = np.zeros(n_leaf, dtype=bool)
-    deep = sum(ch.split) >= REFRESH_MIN_LAYERS
+    deep = sum(ch.split) >= REFRESH_MIN_LAYERS if recompute is None else recompute
     for node in g.nodes:
         idx = node.index
         rlo, rhi = root.lo[idx][rep], root.hi[idx][rep]
@@ -732,13 +737,14 @@ def leaf_problem(
     alpha: list[Array],
     beta: list[Array],
     inter: InterAlphas | None = None,
+    recompute: bool | None = None,
 ) -> LeafProblem:
     """See :class:`LeafProblem`; ``root`` holds rigorous bounds of one input's ball (batch 1),
     ``c`` the objective row (K,) or one per leaf (L, K), ``sgn``/``alpha``/``beta`` (L, n_k) per
     act node (negative or non-finite beta count as 0). The leaf bounds are
     :func:`leaf_intervals` (intermediate bounds recomputed on each leaf)."""
     g = ch.graph
-    st, empty = leaf_intervals(ch, root, sgn, inter)
+    st, empty = leaf_intervals(ch, root, sgn, inter, recompute)
     n_leaf = empty.shape[0]
     c = np.broadcast_to(c, (n_leaf, g.output_size))
     init: dict[int, Array] = {g.output: c[:, None, :]}
@@ -760,6 +766,7 @@ def leaf_bounds(
     alpha: list[Array],
     beta: list[Array],
     inter: InterAlphas | None = None,
+    recompute: bool | None = None,
 ) -> Array:
     """Rigorous lower bounds (L,) of c^T f on each leaf (+inf for an empty leaf): one
     :func:`sdp.local.propagate.backward` pass of :func:`leaf_problem` (bound (*) above), in
@@ -779,10 +786,11 @@ def leaf_bounds(
                     [v[sl] for v in alpha],
                     [v[sl] for v in beta],
                     inter,
+                    recompute,
                 )
             )
         return np.concatenate(parts)
-    lp = leaf_problem(ch, root, c, sgn, alpha, beta, inter)
+    lp = leaf_problem(ch, root, c, sgn, alpha, beta, inter, recompute)
     low = backward(lp.bounds, lp.init, np.zeros((n_leaf, 1)), alphas=lp.alphas).lower[:, 0]
     return np.where(lp.empty, np.inf, low)
 
@@ -1169,6 +1177,12 @@ def _recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload) -> A
         if not covers(np.concatenate(sgn, axis=1).astype(np.int8)):
             raise ValueError("beta-crown leaves do not cover the ball")
         val = leaf_bounds(ch, st, c[j], [s.astype(np.int8) for s in sgn], alpha, beta, inter)
+        if np.min(val) <= 0 and sum(ch.split) < REFRESH_MIN_LAYERS:
+            # certificates made before the per-leaf recomputation was limited to deep nets
+            # (2026-12-07) relied on it: both bounds are rigorous, so their maximum is too
+            signs = [s.astype(np.int8) for s in sgn]
+            again = leaf_bounds(ch, st, c[j], signs, alpha, beta, inter, True)  # type: ignore[arg-type]
+            val = np.maximum(val, again)
         base[j] = max(base[j], float(np.min(val)))
     return base
 

@@ -314,9 +314,13 @@ def _at_eps(
     todo = np.array([i for i in idx if not eps[i] < states[i].lo and margin[i] > 0], dtype=int)
     for i in idx:
         certified[i] = eps[i] < states[i].lo
+    done: set[str] = set()
     for m in chain:
         if todo.size == 0:
             break
+        if m.name == "alpha-crown" and "crown" in done and not clock.fits(deadline):
+            continue  # begun past its deadline, alpha-crown is exactly CROWN: refused already
+        done.add(m.name)
         ok, lower, payloads = _evaluate(
             m, graph, x[todo], eps[todo], pred[todo], net, optimizer, deadline
         )

@@ -92,6 +92,7 @@ class IpmTuning:
     shift0: float = 0.0  # S_0 = S(y_0) + shift0 max|diag S(y_0)| I (an infeasible start)
     rho_factor: float = 1.1  # start at rho = rho_factor * rho(t0)
     chordal_min_depth: int | None = 3  # Z on the block-tridiagonal pattern from this depth
+    chordal_newton_start: bool = True  # with the chordal dual: the Newton start at any depth
 
 
 @dataclass(frozen=True)
@@ -271,9 +272,10 @@ def _start(
     lmi: StructuredLmi, grp: Grouping, sgn: Mask, t0: Array, rho: float, settings: IpmSettings
 ) -> _Iterate:
     """S0 = S(rho, t0) (+ pi I if that is not PD, or if settings.shift0 asks for it) and the
-    dual start: :func:`newton_dual_start` on nets of depth <= ``newton_start_depth``, else
-    (or if that fails) Z0 = z0_scale I / r (or z0_scale X0 / tr X0_00), z0 = mu0 / x0 where
-    x >= 0 is imposed.
+    dual start: :func:`newton_dual_start` on nets of depth <= ``newton_start_depth`` (at any
+    depth with the chordal dual and ``chordal_newton_start``: there the deep nets do not
+    stall, docs/benchmarks.md), else (or if that fails) Z0 = z0_scale I / r (or z0_scale X0 /
+    tr X0_00), z0 = mu0 / x0 where x >= 0 is imposed.
 
     Per layer, x0 is the layer's largest t0. Sign-constrained entries are floored at 1e-8
     times the largest |x0| (a zero would make z0 and the barrier terms infinite).
@@ -295,7 +297,7 @@ def _start(
         raise ValueError("could not build a positive definite starting S")
     xinv = sops.inverse_from_cholesky(rs)
     dops = dual_ops(lmi, settings)
-    if lmi.depth <= settings.newton_start_depth:
+    if lmi.depth <= settings.newton_start_depth or (dops.chordal and settings.chordal_newton_start):
         dual = newton_dual_start(lmi, grp, sgn, x, xinv)
         if dual is not None:
             it = _Iterate(rho, x, s_mat, rs, xinv, dual.zmat, dual.rz, dual.z, pi, xb=dual.xb)

@@ -158,3 +158,23 @@ def test_deeper_net_certificates_verify_and_beat_alpha_crown():
                 bad = type(cert)(**{**cert.__dict__, "payload": flipped})
                 assert not verify_local(net, x[i], bad)
     assert branched, "nothing branched: the test would be vacuous"
+
+
+def test_certificates_that_relied_on_per_leaf_bounds_still_verify(monkeypatch):
+    """Certificates made while every net recomputed intermediate bounds per leaf (before
+    REFRESH_MIN_LAYERS = 3) are still accepted: the verifier falls back to the recomputation
+    on a shallow net whose leaves do not check without it (both bounds are rigorous)."""
+    rng = np.random.default_rng(501)
+    sizes = [2, int(rng.integers(8, 16)), int(rng.integers(8, 16)), 3]
+    net = dense_net(rng, sizes, "relu", scale=float(10 ** rng.uniform(0.2, 0.8)))
+    x = rng.normal(size=(2, 2))
+    with monkeypatch.context() as m:
+        m.setattr(BC, "REFRESH_MIN_LAYERS", 2)  # the older search and leaf check
+        res = certify_local(net, x, method="beta-crown", time_budget_s=1.5)
+    cert = res.certificates[0]
+    assert cert.method == "beta-crown" and any(k.startswith("bc:") for k, _ in cert.payload)
+    orig = BC.leaf_bounds
+    with monkeypatch.context() as m:  # without the fallback this certificate is refused
+        m.setattr(BC, "leaf_bounds", lambda *a: orig(*a[:7]))  # recompute dropped
+        assert not verify_local(net, x[0], cert)
+    assert verify_local(net, x[0], cert)
