@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
+import numpy.typing as npt
 from scipy import linalg
 from scipy.linalg import lapack
-from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
 from sdp.ir import Array
+from sdp.solvers._lanczos import LANCZOS_TOL, lanczos_step, smallest_eigenpair
 
 
 @dataclass
@@ -84,6 +86,18 @@ class BlockCholesky:
     diag: list[Array]
     upper: list[Array]
     offsets: tuple[int, ...]
+
+    @cached_property
+    def dense32(self) -> npt.NDArray[np.float32]:
+        """R as a dense float32 upper triangle (C order; ``.T`` is R^T in Fortran order), for
+        float32 Lanczos products on a few large blocks (:meth:`BlockTridiagOps.max_step`)."""
+        o = self.offsets
+        r = np.zeros((o[-1], o[-1]), dtype=np.float32)
+        for k, d in enumerate(self.diag):
+            r[o[k] : o[k + 1], o[k] : o[k + 1]] = d
+        for k, u in enumerate(self.upper):
+            r[o[k] : o[k + 1], o[k + 1] : o[k + 2]] = u
+        return r
 
     def logdet(self) -> float:
         """log det S = 2 sum_k log diag R_kk."""
@@ -173,12 +187,22 @@ class BlockTridiagOps:
     product instead of O(n^2) (dense eigenvalue at or below ``dense_max`` rows).
     """
 
-    def __init__(self, offsets: tuple[int, ...], dense_max: int = 300) -> None:
+    def __init__(
+        self, offsets: tuple[int, ...], dense_max: int = 300, dense_lanczos_blocks: int = 4
+    ) -> None:
         self.offsets = offsets
         self.dense_max = dense_max
+        self.dense_lanczos_blocks = dense_lanczos_blocks
 
     def cholesky_upper(self, s: Array) -> BlockCholesky | None:
         return block_cholesky(BlockTridiag.from_dense(s, self.offsets))
+
+    def cholesky_upper_of_step(self, base: Array, d: Array, alpha: float) -> BlockCholesky | None:
+        """Block factor of base + alpha d from their bands alone (no dense n x n sum)."""
+        b, t = BlockTridiag.from_dense(base, self.offsets), BlockTridiag.from_dense(d, self.offsets)
+        for bk, tk in zip([*b.diag, *b.sub], [*t.diag, *t.sub], strict=True):
+            bk += alpha * tk
+        return block_cholesky(b)
 
     def inverse_from_cholesky(self, fac: BlockCholesky) -> Array:
         return fac.inverse()
@@ -188,26 +212,30 @@ class BlockTridiagOps:
     ) -> tuple[float, Array | None]:
         """1 / max(0, -lambda_min(R^{-T} D R^{-1})) (inf if D >= 0) and the eigenvector.
 
-        Ritz values lie inside the spectrum, so the loose tolerance errs towards a longer step,
-        which the caller's Cholesky check then shortens (as :func:`sdp.solvers.dense.max_step`).
+        Lanczos (:func:`sdp.solvers._lanczos.smallest_eigenpair`) to the same tolerance as
+        :func:`sdp.solvers.dense.max_step`; the Ritz value lies inside the spectrum, so it errs
+        towards a longer step, which the caller's Cholesky check then shortens. With at most
+        ``dense_lanczos_blocks`` blocks (mnistfc-256x2: 3) the products are those of
+        :func:`sdp.solvers.dense.max_step` on R as a dense float32 triangle (built once per
+        factor): three BLAS calls instead of about 17 small block calls per product (0.26
+        instead of 0.47 ms at n = 768, measured); more blocks keep the float64 block solves.
         """
         n = self.offsets[-1]
+        if n > self.dense_max and len(self.offsets) - 1 <= self.dense_lanczos_blocks:
+            step, vec = lanczos_step(fac.dense32, d, v0)
+            if step is not None:
+                return step, vec
         blocks = BlockTridiag.from_dense(d, self.offsets)
         lam: float | None = None
-        vec: Array | None = None
+        vec = None
         if n > self.dense_max:
 
             def mv(v: Array) -> Array:
-                return fac.solve_upper_transposed(blocks.matvec(fac.solve_upper(v.ravel())))
+                return fac.solve_upper_transposed(blocks.matvec(fac.solve_upper(v)))
 
-            op = LinearOperator((n, n), matvec=mv, dtype=np.float64)
-            try:
-                vals, vecs = eigsh(
-                    op, k=1, which="SA", tol=1e-3, ncv=min(n - 1, 24), v0=v0, maxiter=15
-                )
-                lam, vec = float(vals[0]), vecs[:, 0]
-            except (ArpackNoConvergence, ArpackError):
-                lam = None
+            pair = smallest_eigenpair(mv, n, v0, tol=LANCZOS_TOL)
+            if pair is not None:
+                lam, vec = pair
         if lam is None:  # small, or Lanczos did not converge: dense eigenvalue
             c = fac.solve_upper_transposed(blocks.matvec(fac.solve_upper(np.eye(n))))
             lam = float(linalg.eigvalsh((c + c.T) / 2, subset_by_index=[0, 0])[0])

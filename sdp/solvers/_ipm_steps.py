@@ -12,7 +12,9 @@ import numpy as np
 from scipy import linalg
 
 from sdp.ir import Array
-from sdp.solvers.dense import Mat
+from sdp.solvers._block_tridiag import BlockTridiagOps
+from sdp.solvers._chordal import DenseDualOps
+from sdp.solvers.dense import Mat, NumpyOps
 
 
 def step_ratio(v: Array, dv: Array) -> float:
@@ -56,9 +58,17 @@ class Factorizer(Protocol):
 
 
 def cholesky_step(ops: Factorizer, base: Mat, d: Mat, alpha: float) -> tuple[float, Any]:
-    """Shrink alpha until base + alpha d is positive definite; returns (alpha, its factor)."""
+    """Shrink alpha until base + alpha d is positive definite; returns (alpha, its factor).
+
+    The numpy backends (also behind :class:`~sdp.solvers._chordal.DenseDualOps`) factor the sum
+    without the generic temporaries (``cholesky_upper_of_step``: in place for dense, from the
+    bands for block-tridiagonal)."""
+    fac = ops.ops if isinstance(ops, DenseDualOps) else ops  # the dense dual's backend
     for _ in range(30):
-        r = ops.cholesky_upper(base + alpha * d)
+        if isinstance(fac, (NumpyOps, BlockTridiagOps)):
+            r = fac.cholesky_upper_of_step(base, d, alpha)
+        else:
+            r = ops.cholesky_upper(base + alpha * d)
         if r is not None:
             return alpha, r
         alpha *= 0.7

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy import linalg
@@ -50,12 +51,19 @@ def reduce_input(lmi: Lmi, *, rtol: float = INPUT_RTOL) -> Lmi:
     Multipliers and the SDP optimum are unchanged: M's input block only sees W_0 through
     W_0^T (.) W_0 = V S U^T (.) U S V^T, whose nonzero spectrum equals that of S U^T (.) U S.
     Keeps the singular values above ``rtol`` * s_max (``rtol`` 0: all of them, so r =
-    min(n_0, n_1)). Returns ``lmi`` itself when that leaves W_0 with as many columns.
+    min(n_0, n_1)). Returns ``lmi`` itself when that leaves W_0 with as many columns. A wide
+    W_0 (n_1 < n_0, e.g. 256 x 784) is first reduced by a QR factorisation of W_0^T, whose
+    n_1 x n_1 triangle R gives W_0 = R^T Q^T, so U and S come from the SVD of R^T (half the
+    time of the thin SVD of W_0; both backward stable).
     """
     w0 = lmi.weights[0]
     if w0.shape[1] <= 1:
         return lmi
-    u, s, _ = linalg.svd(w0, full_matrices=False, lapack_driver="gesdd")
+    if w0.shape[0] < w0.shape[1]:  # wide: W_0^T = Q R, so W_0 = R^T Q^T has R^T's U and S
+        fac = linalg.qr(w0.T, mode="r", check_finite=False)[0][: w0.shape[0]]
+        u, s, _ = linalg.svd(fac.T, full_matrices=False, lapack_driver="gesdd")
+    else:
+        u, s, _ = linalg.svd(w0, full_matrices=False, lapack_driver="gesdd")
     keep = s > rtol * (s[0] if s.size else 0.0) if rtol > 0 else np.ones(s.shape, dtype=bool)
     r = max(int(keep.sum()), 1)
     if r >= w0.shape[1]:
@@ -113,6 +121,11 @@ class StructuredLmi:
     def depth(self) -> int:
         return len(self.weights) - 1
 
+    @cached_property
+    def weights32(self) -> tuple[Array, ...]:
+        """float32 copies of the weights (numpy backend only: low-precision products)."""
+        return tuple(np.asarray(w, dtype=np.float32) for w in self.weights)
+
     @property
     def n(self) -> int:
         return self.offsets[-1]
@@ -163,23 +176,30 @@ def linear_part_times(lmi: StructuredLmi, y: Mat, wy: Mat, rho: float, t: Array)
     Row blocks only (contiguous): with s_j = -(a_j + b_j) t_j, block row z_{j+1} gets
     s_j o (W_j Y_j) + 2 t_j o Y_{j+1} and block row j gets W_j^T (s_j o Y_{j+1})
     (+ 2 W_j^T (a_j b_j t_j o W_j Y_j) where a_j b_j != 0), o scaling rows; W_j Y_j is a row
-    block of W~^T Y, already known, so one n_j x n_{j+1} x n product per layer.
+    block of W~^T Y, already known, so one n_j x n_{j+1} x n product per layer. A float32
+    numpy ``y`` (with float32 ``wy``) gives a float32 product (the interior point's
+    low-precision directions), with float32 copies of the weights.
     """
     ops = lmi.ops
+    low = isinstance(y, np.ndarray) and y.dtype == np.float32
+    weights = lmi.weights32 if low else lmi.weights
     out = ops.zeros_like(y)
     out[: lmi.r, :] = rho * y[: lmi.r, :]
-    td = ops.asarray(t)
+    if low:
+        td, a, b = (np.asarray(v, dtype=np.float32) for v in (t, lmi.a_host, lmi.b_host))
+    else:
+        td, a, b = ops.asarray(t), lmi.a, lmi.b
     for j in range(lmi.depth):
-        w, lay = lmi.weights[j], lmi.layer(j)
+        w, lay = weights[j], lmi.layer(j)
         lo, hi = lmi.block(j), lmi.block(j + 1)
         tj = td[lay]
-        sj = -((lmi.a[lay] + lmi.b[lay]) * tj)
+        sj = -((a[lay] + b[lay]) * tj)
         wyj = wy[lay, :]  # W_j Y[block j, :]
         out[hi, :] += sj[:, None] * wyj
         out[hi, :] += (2 * tj)[:, None] * y[hi, :]
         out[lo, :] += w.T @ (sj[:, None] * y[hi, :])
         if lmi.ab_layers[j]:
-            out[lo, :] += 2 * (w.T @ ((lmi.a[lay] * lmi.b[lay] * tj)[:, None] * wyj))
+            out[lo, :] += 2 * (w.T @ ((a[lay] * b[lay] * tj)[:, None] * wyj))
     return out
 
 
@@ -197,19 +217,33 @@ class Rank2Blocks:
     wy: Mat  # W~^T Y (N x n): gives U^T Y = Y[hidden, :] - diag(a) wy, V^T Y likewise
 
 
-def rank2_blocks(lmi: StructuredLmi, y: Mat) -> Rank2Blocks:
+def rank2_blocks(lmi: StructuredLmi, y: Mat, *, low_precision: bool = False) -> Rank2Blocks:
     """Projections of Y on u_i = e_i - a_i w_i and v_i = e_i - b_i w_i (module doc).
 
-    Built from row blocks (contiguous): W~^T Y by layers, then W~^T Y W~ from its column
-    blocks as a transposed BLAS operand."""
+    Built from row blocks (contiguous): W~^T Y by layers, then the upper block triangle of the
+    symmetric W~^T Y W~ (layer j against layers >= j) from column blocks of W~^T Y as a
+    transposed BLAS operand, mirrored below (sum_j n_j n_{j+1} (N - offset_j) instead of
+    n_j n_{j+1} N flops: 3/4 of them on two hidden layers, 7/12 on six). With
+    ``low_precision`` (numpy backend) the products W~^T Y and W~^T Y W~ run in float32 and
+    are returned in float64 (relative error ~1e-7); the N x N blocks are assembled in
+    float64 either way, and Y_00 is Y's own block.
+    """
     r, n, N, L = lmi.r, lmi.n, lmi.num_neurons, lmi.depth
     hid = slice(r, n)
-    wy = lmi.ops.empty((N, n))  # W~^T Y
+    low = low_precision and isinstance(y, np.ndarray)
+    ops = lmi.ops
+    weights = lmi.weights32 if low else lmi.weights
+    yg = y.astype(np.float32) if low else y
+    wy = np.empty((N, n), dtype=np.float32) if low else ops.empty((N, n))  # W~^T Y
     for j in range(L):
-        wy[lmi.layer(j), :] = lmi.weights[j] @ y[lmi.block(j), :]
-    p_ww = lmi.ops.empty((N, N))  # W~^T Y W~
+        wy[lmi.layer(j), :] = weights[j] @ yg[lmi.block(j), :]
+    p_ww = np.empty((N, N), dtype=np.float32) if low else ops.empty((N, N))  # W~^T Y W~
     for j in range(L):
-        p_ww[lmi.layer(j), :] = lmi.weights[j] @ wy[:, lmi.block(j)].T
+        rows, right = lmi.layer(j), slice(lmi.layer(j).stop, N)
+        p_ww[rows, rows.start :] = weights[j] @ wy[rows.start :, lmi.block(j)].T
+        p_ww[right, rows] = p_ww[rows, right].T
+    if low:
+        wy, p_ww = wy.astype(np.float64), p_ww.astype(np.float64)
     p_we = wy[:, hid]  # (k, i): w_k^T Y e_i
     p_ee = y[hid, hid]
     a, b = lmi.a, lmi.b
@@ -253,7 +287,8 @@ def constraint_values_banded(lmi: StructuredLmi, y: Mat) -> tuple[float, Array]:
     """(<Y, E_0>, <Y, A_i>) for symmetric Y from its block-tridiagonal part only.
 
     2 u_i^T Y v_i = 2 (Y_ii - (a_i + b_i) e_i^T Y w_i + a_i b_i w_i^T Y w_i), and e_i, w_i
-    live in blocks j+1 and j, so O(sum_j n_j^2 n_{j+1}) instead of a full projection.
+    live in blocks j+1 and j, so O(sum_j n_j^2 n_{j+1}) instead of a full projection, and
+    O(sum_j n_j n_{j+1}) on layers with a_i b_i = 0 (ReLU-like: no w_i^T Y w_i term).
     """
     ops = lmi.ops
     out = ops.empty((lmi.num_neurons,))
@@ -261,9 +296,10 @@ def constraint_values_banded(lmi: StructuredLmi, y: Mat) -> tuple[float, Array]:
         w, lay = lmi.weights[j], lmi.layer(j)
         lo, hi = lmi.block(j), lmi.block(j + 1)
         a, b = lmi.a[lay], lmi.b[lay]
-        ew = ops.rowdot(y[hi, lo], w)
-        wyw = ops.rowdot(w @ y[lo, lo], w)
-        out[lay] = 2.0 * (y[hi, hi].diagonal() - (a + b) * ew + a * b * wyw)
+        vals = y[hi, hi].diagonal() - (a + b) * ops.rowdot(y[hi, lo], w)
+        if lmi.ab_layers[j]:
+            vals += a * b * ops.rowdot(w @ y[lo, lo], w)
+        out[lay] = 2.0 * vals
     return float(y[: lmi.r, : lmi.r].diagonal().sum()), ops.to_numpy(out)
 
 

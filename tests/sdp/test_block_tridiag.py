@@ -15,7 +15,7 @@ from sdp.solvers._block_tridiag import (
     BlockTridiagOps,
     block_cholesky,
 )
-from sdp.solvers.dense import cholesky_upper, max_step
+from sdp.solvers.dense import NumpyOps, cholesky_upper, max_step
 
 
 def _random_spd(rng: np.random.Generator, sizes: list[int], shift: float) -> BlockTridiag:
@@ -77,10 +77,11 @@ def test_block_factor_refuses_indefinite(sizes: list[int], seed: int) -> None:
     assert cholesky_upper(m.to_dense()) is None
 
 
-@pytest.mark.parametrize("n_blocks,size", [(3, 4), (5, 80)])
+@pytest.mark.parametrize("n_blocks,size", [(3, 4), (5, 80), (3, 150)])
 def test_block_step_length_equals_dense(n_blocks: int, size: int) -> None:
     """Largest alpha with S + alpha D >= 0: block solves (dense eigenvalue when small,
-    Lanczos above dense_max rows) against the dense routine."""
+    Lanczos above dense_max rows; on few blocks with float32 products on the dense factor)
+    against the dense routine."""
     rng = np.random.default_rng(n_blocks)
     s = _random_spd(rng, [size] * n_blocks, 1.0)
     d = _random_spd(rng, [size] * n_blocks, -5.0)
@@ -92,3 +93,26 @@ def test_block_step_length_equals_dense(n_blocks: int, size: int) -> None:
     assert alpha == pytest.approx(ref, rel=1e-5)
     # nonnegative directions have no limit
     assert ops.max_step(fac, s.to_dense())[0] == math.inf
+
+
+@pytest.mark.parametrize("n_blocks,size", [(3, 5), (4, 30)])
+def test_factor_of_a_step_equals_the_factor_of_the_sum(n_blocks: int, size: int) -> None:
+    """cholesky_upper_of_step(base, d, alpha) (bands only; dense: in place) is the factor of
+    base + alpha d, and None where that is not positive definite."""
+    rng = np.random.default_rng(size)
+    s = _random_spd(rng, [size] * n_blocks, 1.0).to_dense()
+    d = _random_spd(rng, [size] * n_blocks, -5.0).to_dense()
+    ops = BlockTridiagOps(tuple(range(0, (n_blocks + 1) * size, size)))
+    alpha_max, _ = max_step(cholesky_upper(s), d)
+    for alpha in (0.5 * alpha_max, 0.99 * alpha_max):
+        ref = cholesky_upper(s + alpha * d)
+        fac = ops.cholesky_upper_of_step(s, d, alpha)
+        assert ref is not None and fac is not None
+        np.testing.assert_allclose(fac.dense32, ref, atol=1e-5 * np.abs(ref).max())
+        np.testing.assert_allclose(NumpyOps().cholesky_upper_of_step(s, d, alpha), ref)
+    assert ops.cholesky_upper_of_step(s, d, 1.5 * alpha_max) is None
+    assert NumpyOps().cholesky_upper_of_step(s, d, 1.5 * alpha_max) is None
+    s_copy, d_copy = s.copy(), d.copy()
+    ops.cholesky_upper_of_step(s, d, 0.5 * alpha_max)
+    NumpyOps().cholesky_upper_of_step(s, d, 0.5 * alpha_max)
+    assert np.array_equal(s, s_copy) and np.array_equal(d, d_copy)  # inputs untouched

@@ -327,6 +327,13 @@ def test_constraint_values_from_bands_and_products() -> None:
     tr_b, vals_b = constraint_values_banded(st, y)
     assert tr_b == pytest.approx(tr)
     np.testing.assert_allclose(vals_b, vals, atol=1e-12 * np.abs(vals).max())
+    # a layer with a = 0 (ReLU-like: no w^T Y w term in the bands)
+    relu1 = StructuredLmi.from_lmi(Lmi(lmi.weights, (lmi.alpha[0], np.zeros(4)), lmi.beta))
+    assert relu1.ab_layers == (True, False)
+    tr, vals = constraint_values(relu1.ops, rank2_blocks(relu1, y))
+    np.testing.assert_allclose(
+        constraint_values_banded(relu1, y)[1], vals, atol=1e-12 * np.abs(vals).max()
+    )
     tr_zx, vals_zx = constraint_values(st.ops, rank2_blocks(st, sym(z @ x)))
     tr_p, vals_p = sym_product_values(st, rank2_blocks(st, z), z, rank2_blocks(st, x), x)
     assert tr_p == pytest.approx(tr_zx)
@@ -399,13 +406,13 @@ def test_lanczos_step_length_matches_the_dense_one() -> None:
 
 
 def test_float32_predictor_changes_nothing_but_speed() -> None:
-    """Early predictor products (and the corrected direction's, ``float32_step``) run in
-    float32; the certified answer equals the all-float64 run's (relative 1e-7) and the float32
-    phase really happened."""
+    """Early predictor products (and the corrected direction's, ``float32_step``, and the
+    projections') run in float32, the corrector's product always; the certified answer equals
+    the all-float64 run's (relative 1e-7) and the float32 phase really happened."""
     lmi = random_lmi([20, 30, 30, 30, 5], Activation("relu"), 17)
     events: list[dict[str, object]] = []
     rho_mixed, _ = solve_certified(lmi, eps=1e-9, progress=events.append)
-    f64 = StructuredSolver(tuning=IpmTuning(float32_above=math.inf))
+    f64 = StructuredSolver(tuning=IpmTuning(float32_above=math.inf, float32_corrector=None))
     rho_f64, _ = solve_certified(lmi, eps=1e-9, solver=f64)
     assert any(e.get("float32") == 1.0 for e in events)
     assert events[-1].get("float32") == 0.0
@@ -414,6 +421,31 @@ def test_float32_predictor_changes_nothing_but_speed() -> None:
     pred_only = StructuredSolver(tuning=IpmTuning(float32_step=False))
     rho_pred, _ = solve_certified(lmi, eps=1e-9, solver=pred_only)
     assert rho_mixed == pytest.approx(rho_pred, rel=1e-7)
+    # the corrector's product in float64 once the float32 phase is over
+    corr64 = StructuredSolver(tuning=IpmTuning(float32_corrector=None))
+    rho_corr64, _ = solve_certified(lmi, eps=1e-9, solver=corr64)
+    assert rho_mixed == pytest.approx(rho_corr64, rel=1e-7)
+    # the rank-2 projections' products in float64 throughout
+    proj64 = StructuredSolver(tuning=IpmTuning(float32_projections=False))
+    rho_proj64, _ = solve_certified(lmi, eps=1e-9, solver=proj64)
+    assert rho_mixed == pytest.approx(rho_proj64, rel=1e-7)
+
+
+def test_float32_projections_equal_float64_ones_to_single_precision() -> None:
+    """rank2_blocks(low_precision=True) differs from the float64 blocks only by float32
+    rounding of W~^T Y and W~^T Y W~; Y_00 is Y's own float64 block."""
+    rng = np.random.default_rng(9)
+    lmi = random_lmi([12, 20, 16, 18, 4], Activation("leaky_relu", 0.1), 3)
+    st = StructuredLmi.from_lmi(lmi)
+    y = rng.standard_normal((st.n, st.n))
+    y += y.T
+    ref, low = rank2_blocks(st, y), rank2_blocks(st, y, low_precision=True)
+    for name in ("uu", "vv", "uv", "u0", "v0", "wy"):
+        a, b = getattr(ref, name), getattr(low, name)
+        assert b.dtype == np.float64
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), name
+        assert np.abs(a - b).max() > 0 or name in ("uu", "u0"), name  # really float32
+    assert np.array_equal(low.y00, y[: st.r, : st.r])
 
 
 @pytest.mark.parametrize("act", [ACTIVATIONS[0], ACTIVATIONS[1]], ids=str)
