@@ -377,9 +377,10 @@ def _tangent_values(graph: Graph, k: int, rows: np.ndarray, got: dict[str, np.nd
     return a.reshape(q, n)
 
 
-_TANGENT_ROWS = _RowsKind("trows", ("tsm", "tsl"), 2, False, False, OPTIMISABLE, _tangent_values)
+_TANGENT_ROWS = _RowsKind("trows", ("tsm", "tsl"), 2, False, True, OPTIMISABLE, _tangent_values)
 """Intermediate tangent rows (:data:`InterLines`): signed row codes o < 2 n_t (at least one),
-slopes of sigmoid / tanh nodes strictly below t."""
+slopes of sigmoid / tanh nodes up to t (t itself when t is an act node whose output a residual
+net bounds: its rows run through its own relaxation; any finite slope is sound)."""
 
 
 def _decode_inter_lines(graph: Graph, payload: Payload) -> InterLines:

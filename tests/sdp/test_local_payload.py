@@ -20,6 +20,7 @@ from sdp.local.margins import (
     _encode_inter_lines,
 )
 from tests.sdp._local_nets import dense_net
+from tests.sdp.test_local_attack import residual_net
 
 # nodes: 0 input (3), 1 affine (4), 2 act (4), 3 affine (5), 4 act (5), 5 affine (2)
 SIG = build_graph(dense_net(np.random.default_rng(0), [3, 4, 5, 2], "sigmoid"))
@@ -108,7 +109,6 @@ TANGENT_BAD = {
     "row negative": _tangent_payload(rows=(-1, 0)),
     "row code past 2 n": _tangent_payload(rows=(0, 10)),
     "slopes of an affine node": _tangent_payload(k=1),
-    "slopes of the target itself": _tangent_payload(t=4, k=4, slopes=np.zeros((2, 5))),
     "slopes above the target": _tangent_payload(t=3, k=4, slopes=np.zeros((2, 5))),
     "slopes wrong columns": _tangent_payload(slopes=np.zeros((2, 5), dtype=np.float32)),
     "slopes wrong rows": _tangent_payload(slopes=np.zeros((3, 4), dtype=np.float32)),
@@ -129,6 +129,10 @@ def test_malformed_tangent_entries_are_refused(case):
 def test_tangent_slopes_only_on_sigmoid_or_tanh_nodes():
     ok = _tangent_payload()
     assert _decode_inter_lines(SIG, ok)[3][1][2].shape == (2, 4)
+    # an act node as target (residual nets bound an activation's output before an add) runs
+    # its rows through its own relaxation: its slopes are allowed (any slope is sound)
+    own = _tangent_payload(t=4, k=4, rows=(0, 7), slopes=np.zeros((2, 5), dtype=np.float32))
+    assert _decode_inter_lines(SIG, own)[4][1][4].shape == (2, 5)
     with pytest.raises(ValueError):
         _decode_inter_lines(RELU, ok)
     # alphas of a ReLU node are fine (any act node)
@@ -152,3 +156,16 @@ def test_verify_local_refuses_tampered_intermediate_alphas():
     ):
         broken = tuple(e for k, a in cert.payload for e in bad(k, a))
         assert not verify_local(net, x[0], replace(cert, payload=broken))
+
+
+def test_residual_tanh_certificates_with_target_slopes_verify():
+    """A residual tanh net bounds an activation's output (node 7) through its own tangent
+    relaxation: alpha-crown records slopes there (tsm:7:7) and verify_local must accept them
+    (it refused them until 2026-12-07: certified inputs failed verification)."""
+    rng = np.random.default_rng(7)
+    net = residual_net(rng, "tanh")
+    x = rng.normal(size=(5, net.input_size))
+    res = certify_local(net, x, method="alpha-crown", epsilon=0.5)
+    own = [i for i, c in enumerate(res.certificates) if any(k == "tsm:7:7" for k, _ in c.payload)]
+    assert own and all(res.certified[i] for i in own)
+    assert all(verify_local(net, x[i], res.certificates[i]) for i in own)
