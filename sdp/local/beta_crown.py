@@ -130,6 +130,8 @@ THRESHOLD = 1e-7
 """A float bound above this makes a leaf (the rigorous bound is recomputed anyway)."""
 CROWN_PROBES = 10
 """CROWN bisection steps that start the radius search."""
+CROWN_SHARE = 0.25
+"""The radius search's CROWN start stops at this share of the batch's budget."""
 RADIUS_STEP = 1.25
 RADIUS_RTOL = 0.01
 _now = clock.now  # the budgets' clock (sdp.local.clock: wall, or CPU seconds in a benchmark)
@@ -1043,44 +1045,68 @@ def _compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBou
     return MarginBounds(lower, tuple(payloads))
 
 
+def _crown_start(
+    graph: Graph, x0: Array, pred: np.ndarray, lo: Array, stop: float
+) -> tuple[Array, Array, Array]:
+    """CROWN bisection of the whole batch (``CROWN_PROBES`` steps, doubling from ``2 lo`` or
+    0.1 until refused, then halving the bracket): the first step always (the floor of every
+    answer, as at one eps), no later one that the last one's time says would end after
+    ``stop``. Returns the largest radius CROWN certified per input (0: none),
+    its margin lower bounds there, and the smallest refused radius (inf: none)."""
+    b = x0.shape[0]
+    crown = get_method("crown")
+    c_lo, c_hi = np.zeros(b), np.full(b, np.inf)
+    c_low = np.full((b, graph.output_size), -np.inf)
+    probe = np.where(lo > 0, 2.0 * lo, 0.1)
+    step = 0.0  # seconds of the last CROWN step
+    for k in range(CROWN_PROBES):
+        if k and not clock.fits(stop, step):
+            break
+        t = _now()
+        low = np.asarray(crown.compute(graph, x0, probe, pred).lower)
+        step = _now() - t
+        ok = np.all(low > 0, axis=1)
+        c_lo = np.where(ok, probe, c_lo)
+        c_low[ok] = low[ok]
+        c_hi = np.where(ok, c_hi, probe)
+        probe = np.where(np.isinf(c_hi), 2.0 * probe, 0.5 * (c_lo + c_hi))
+    return c_lo, c_low, c_hi
+
+
 def _search_radius(
     graph: Graph, x0: Array, pred: np.ndarray, lo: Array, budget: float
 ) -> tuple[Array, Array, tuple[Payload, ...]]:
     """Largest radius certified by beta-crown per input, above ``lo`` (certified already).
 
-    A start from CROWN (batched bisection, cheap), then per input beta-crown probes: up by
+    A start from CROWN (batched bisection, :func:`_crown_start`, at most ``CROWN_SHARE`` of the
+    batch's ``budget * b`` seconds); CROWN's radius is reported as it is (an empty payload,
+    which the re-check replays as CROWN) unless beta-crown does better. Then per input
+    beta-crown probes from ``RADIUS_STEP`` times the best certified radius: up by
     ``RADIUS_STEP`` while certified, bisection once refused, each probe with at least 1 s or
-    40% of what is left of the input's ``budget`` seconds. Every reported radius is a full
-    rigorous evaluation (its certificate); a refused probe (timeout or counterexample) is only
-    an upper end of the bracket. Input i ends by start + (i + 1) ``budget`` (the CROWN start
-    included): a CROWN step or probe is not begun when the last one's time says it would end
-    later, and a probe's branch and bound stops early by the largest overrun seen."""
+    40% of what is left of the input's share. Every reported radius is a full rigorous
+    evaluation (its certificate); a refused probe (timeout or counterexample) is only an upper
+    end of the bracket. What the start leaves is shared equally: input i ends by
+    t1 + (i + 1) (end - t1) / b (t1: the start's end, end: start + b ``budget``; time an input
+    leaves unused passes on), and no probe begins that the last one's time says would end
+    later; a probe's branch and bound stops early by the largest overrun seen. (Before, the
+    start could run to the batch's end, so later inputs met their first probe past their own
+    deadline and reported 0, CROWN's radius included.)"""
     t0 = _now()
     ch = chain_of(graph)
     b = x0.shape[0]
-    crown = get_method("crown")
-    c_lo = np.zeros(b)
-    c_hi = np.full(b, np.inf)
-    probe = np.where(lo > 0, 2.0 * lo, 0.1)
-    step = 0.0  # seconds of the last CROWN step
-    for _ in range(CROWN_PROBES):
-        if _now() + step > t0 + budget * b:
-            break
-        t = _now()
-        ok = np.all(crown.compute(graph, x0, probe, pred).lower > 0, axis=1)
-        step = _now() - t
-        c_lo = np.where(ok, probe, c_lo)
-        c_hi = np.where(ok, c_hi, probe)
-        probe = np.where(np.isinf(c_hi), 2.0 * probe, 0.5 * (c_lo + c_hi))
-    radius = np.zeros(b)
-    lower = np.full((b, graph.output_size), -np.inf)
+    end = t0 + budget * b
+    c_lo, c_low, c_hi = _crown_start(graph, x0, pred, lo, t0 + CROWN_SHARE * budget * b)
+    radius = np.where(c_lo > lo, c_lo, 0.0)
+    lower = np.where((c_lo > lo)[:, None], c_low, -np.inf)
     payloads: list[Payload] = [() for _ in range(b)]
+    t1 = _now()
     root_s = over = 0.0  # the last probe's root pass; the largest overrun of a stop (round, leaves)
     for i in range(b):
-        deadline = t0 + budget * (i + 1)
-        r_lo, r_hi = 0.0, np.inf
-        eps = max(float(c_lo[i]), float(lo[i]))
-        if eps <= 0:
+        deadline = t1 + (end - t1) * (i + 1) / b
+        r_lo, r_hi = max(float(c_lo[i]), float(lo[i])), np.inf
+        if r_lo > 0:
+            eps = RADIUS_STEP * r_lo
+        else:
             eps = 0.5 * float(c_hi[i]) if np.isfinite(c_hi[i]) else 1e-3
         while deadline - _now() > max(0.1 * budget, root_s + over):
             left = deadline - _now()

@@ -130,3 +130,22 @@ def test_beta_crown_at_eps_with_its_budget_spent_is_crown(monkeypatch: pytest.Mo
     assert res.certified is not None
     for i in np.flatnonzero(res.certified):
         assert verify_local(net, x[i], res.certificates[i])
+
+
+def test_beta_crown_radius_search_reports_its_crown_start() -> None:
+    """A budget the CROWN start alone would overrun: every input keeps the radius CROWN
+    certified in the start (its first probe, 0.1, always runs), with an empty payload that the
+    re-check replays as CROWN. (Before, the start ran to the batch's end, the later inputs met
+    their deadlines before any probe and the start's radii were dropped: radius 0.)"""
+    net = dense_net(np.random.default_rng(0), [100, 64, 64, 64, 10], "relu", scale=2.0)
+    graph = build_graph(net)
+    x = np.random.default_rng(1).normal(size=(4, 100))
+    pred = np.argmax(net.forward(x), axis=1)
+    crown = get_method("crown")
+    assert (crown.compute(graph, x, np.full(4, 0.1), pred).lower > 0).all()
+    radius, lower, payloads = beta_crown._search_radius(graph, x, pred, np.zeros(4), 1e-4)
+    assert (radius >= 0.1).all(), radius
+    for i in range(4):
+        again = beta_crown._recheck(graph, x[i], float(radius[i]), int(pred[i]), payloads[i])
+        assert (again > 0).all()
+        assert (lower[i] > 0).all()
