@@ -1010,7 +1010,17 @@ def _branch_input(
 
 
 def _compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBounds:
-    """beta-crown at one eps per input. The batch has ``BUDGET_S`` seconds per input in all:
+    """beta-crown at one eps per input with its own budget (:func:`_compute_by`)."""
+    return _compute_by(graph, x0, eps, pred, None)
+
+
+def _compute_by(
+    graph: Graph, x0: Array, eps: Array, pred: np.ndarray, deadline: float | None
+) -> MarginBounds:
+    """beta-crown at one eps per input, ending by the caller's ``deadline`` (None: no caller
+    budget) and within ``BUDGET_S`` seconds per input, whichever comes first (the caller's
+    budget caps the method's, never extends it; ``certify_local``'s default budget is the
+    radius search's, ten times this). The batch has those seconds in all:
     CROWN first for every input (what it certifies is done: its payload is empty, which the
     re-check replays as CROWN); then, most promising first (CROWN's worst margin bound), the
     alpha-CROWN root of each other input, followed by its branch and bound with an equal share
@@ -1030,7 +1040,7 @@ def _compute(graph: Graph, x0: Array, eps: Array, pred: np.ndarray) -> MarginBou
     todo = np.flatnonzero(~np.all(lower > 0, axis=1))
     worst = np.nan_to_num(lower[todo].min(axis=1), nan=-np.inf)
     todo = todo[np.argsort(-worst, kind="stable")]
-    end = t0 + BUDGET_S * n
+    end = t0 + BUDGET_S * n if deadline is None else min(t0 + BUDGET_S * n, deadline)
     for pos, b in enumerate(todo):
         sl = slice(int(b), int(b) + 1)
         share = min(max(end - _now(), 0.0) / (todo.size - pos), MAX_SHARE * BUDGET_S)
@@ -1214,5 +1224,12 @@ def _recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload) -> A
 
 
 register_method(
-    MarginMethod("beta-crown", _compute, _recheck, applies=applies, search=_search_radius)
+    MarginMethod(
+        "beta-crown",
+        _compute,
+        _recheck,
+        applies=applies,
+        search=_search_radius,
+        budgeted=_compute_by,
+    )
 )

@@ -136,9 +136,12 @@ def _evaluate(
     deadline: float | None = None,
 ) -> tuple[np.ndarray, Array, tuple[tuple[tuple[str, Array], ...], ...]]:
     """One full rigorous evaluation of method ``m``; alpha-crown's optimisation stops at
-    ``deadline`` (the caller's budget, :func:`sdp.local.margins.alpha_crown`)."""
+    ``deadline`` (the caller's budget, :func:`sdp.local.margins.alpha_crown`), as does a
+    method with a ``budgeted`` form (beta-crown)."""
     if m.name == "alpha-crown":
         res = alpha_crown(graph, x, eps, pred, optimizer=optimizer, net=net, deadline=deadline)
+    elif m.budgeted is not None:
+        res = m.budgeted(graph, x, eps, pred, deadline)
     else:
         res = m.compute(graph, x, eps, pred)
     ok = np.all(res.lower > 0, axis=1)
@@ -209,7 +212,8 @@ def certify_local(
     Budget: a radius search returns within about ``time_budget_s`` seconds per input (wall
     clock), start-up included: the batches of the first k inputs end by start + k *
     time_budget_s, and no probe starts that the last one's time says would end later. At one
-    eps the same deadlines stop alpha-crown's optimisation (its answer is then its best
+    eps the same deadlines stop alpha-crown's optimisation and cap beta-crown's own
+    budget (``BUDGET_S`` per input; its answer is then its best
     rigorous bound so far; CROWN's own passes still run past a deadline).
     """
     start = clock.now()

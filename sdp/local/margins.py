@@ -47,6 +47,7 @@ RecheckFn = Callable[[Graph, Array, float, int, Payload], Array]
 SearchFn = Callable[
     [Graph, Array, np.ndarray, Array, float], tuple[Array, Array, tuple[Payload, ...]]
 ]
+BudgetedFn = Callable[[Graph, Array, Array, np.ndarray, float | None], MarginBounds]
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,9 @@ class MarginMethod:
     payload)`` -> (K,) rigorous lower bounds recomputed from the payload; ``applies(graph)``
     (None: always) says whether ``auto`` may run it (``compute`` raises NotApplicable else).
     ``search(graph, x0, pred, lo, budget_s)`` (optional) replaces the generic radius search:
-    per input a radius it certified (<= lo: nothing new), its (K,) bounds and payload."""
+    per input a radius it certified (<= lo: nothing new), its (K,) bounds and payload.
+    ``budgeted(graph, x0, eps, pred, deadline)`` (optional): ``compute`` that also ends by the
+    caller's ``deadline`` (a :func:`sdp.local.clock.now` time; None: its own budget only)."""
 
     name: str
     compute: MarginFn
@@ -63,6 +66,7 @@ class MarginMethod:
     in_auto: bool = True
     applies: Callable[[Graph], bool] | None = None
     search: SearchFn | None = None
+    budgeted: BudgetedFn | None = None
 
 
 _REGISTRY: dict[str, MarginMethod] = {}

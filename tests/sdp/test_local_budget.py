@@ -149,3 +149,20 @@ def test_beta_crown_radius_search_reports_its_crown_start() -> None:
         again = beta_crown._recheck(graph, x[i], float(radius[i]), int(pred[i]), payloads[i])
         assert (again > 0).all()
         assert (lower[i] > 0).all()
+
+
+def test_beta_crown_at_eps_keeps_to_the_callers_budget() -> None:
+    """At one eps the caller's ``time_budget_s`` caps beta-crown's own: with nothing left
+    after CROWN, no root and no branch and bound run, every answer is CROWN's (empty payload)."""
+    rng = np.random.default_rng(5)
+    net = _deep_conv(rng, "relu")
+    x = rng.normal(size=(4, net.input_size))
+    graph = build_graph(net)
+    pred = np.argmax(net.forward(x), axis=1)
+    crown = get_method("crown").compute(graph, x, np.full(4, 0.3), pred).lower
+    full = get_method("beta-crown").compute(graph, x, np.full(4, 0.3), pred)
+    assert any(full.payloads), "beta-crown's own budget adds nothing here: vacuous"
+    res = certify_local(net, x, epsilon=0.3, method="beta-crown", time_budget_s=1e-9)
+    assert res.certified is not None
+    assert np.array_equal(res.certified, np.all(crown > 0, axis=1))
+    assert all(c.payload == () for c in res.certificates)
