@@ -33,7 +33,7 @@ from sdp.solvers._lmi_structure import (
 from sdp.solvers.base import LipSdpProblem, SolveOptions, Solver
 from sdp.solvers.dense import cholesky_upper, inverse_from_cholesky, max_step
 from sdp.solvers.structured import SOLVER, StructuredSolver
-from tests.sdp._nets import random_lmi
+from tests.sdp._nets import random_lmi, spd_and_direction
 
 ACTIVATIONS = [
     Activation("relu"),
@@ -389,12 +389,7 @@ def test_lanczos_step_length_matches_the_dense_one() -> None:
     """Above the dense size limit the step to the PSD boundary comes from Lanczos (then a
     Cholesky check in the solver); it must agree with the dense eigenvalue."""
 
-    rng = np.random.default_rng(5)
-    n = 400
-    a = rng.standard_normal((n, n))
-    s = a @ a.T / n + np.eye(n)
-    d = rng.standard_normal((n, n))
-    d = (d + d.T) / 2
+    s, d = spd_and_direction(5, 400, shift=1.0)
     r = cholesky_upper(s)
     lam = np.linalg.eigvalsh(
         np.linalg.solve(np.linalg.cholesky(s), np.linalg.solve(np.linalg.cholesky(s), d).T)
@@ -402,7 +397,7 @@ def test_lanczos_step_length_matches_the_dense_one() -> None:
     alpha, vec = max_step(r, d)
     assert vec is not None and alpha == pytest.approx(-1.0 / lam, rel=1e-2)
     assert alpha == pytest.approx(max_step(r, d, vec)[0], rel=1e-2)  # warm start
-    assert max_step(r, d @ d + np.eye(n))[0] == math.inf  # a PSD direction never hits it
+    assert max_step(r, d @ d + np.eye(len(d)))[0] == math.inf  # a PSD direction never hits it
 
 
 def test_float32_predictor_changes_nothing_but_speed() -> None:
