@@ -48,12 +48,10 @@ from typing import Any
 import numpy as np
 from scipy import linalg
 from scipy.linalg import lapack
-from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
 from sdp.ir import Array
+from sdp.solvers._lanczos import LANCZOS_TOL, smallest_eigenpair
 from sdp.solvers.dense import DenseOps, Mat, sym_inplace
-
-_LANCZOS_RESTARTS = 15
 
 
 def _chol(a: Array) -> Array | None:
@@ -272,8 +270,9 @@ class ChordalDualOps:
     ) -> tuple[float, Array | None]:
         """Largest alpha with P(Z) + alpha P(dZ) completable: 1 / max(0, -lambda_min) over
         the cliques of R_C^{-T} dZ_C R_C^{-1}, by Lanczos on their block-diagonal operator
-        (float32 solves, as :func:`sdp.solvers.dense.max_step`; dense eigenvalues per clique
-        if it fails). Ritz values err towards a longer step, which the caller's check shortens.
+        (:func:`sdp.solvers._lanczos.smallest_eigenpair`, stopped once converged; float32
+        solves, as :func:`sdp.solvers.dense.max_step`; dense eigenvalues per clique if it
+        fails). Ritz values err towards a longer step, which the caller's check shortens.
         """
         o = self.offsets
         nb = len(o) - 1
@@ -301,20 +300,12 @@ class ChordalDualOps:
         lam: float | None = None
         vec: Array | None = None
         if n > 300:
-            op = LinearOperator((n, n), matvec=mv, dtype=np.float64)
             try:
-                vals, vecs = eigsh(
-                    op,
-                    k=1,
-                    which="SA",
-                    tol=1e-3,
-                    ncv=min(n - 1, 24),
-                    v0=v0,
-                    maxiter=_LANCZOS_RESTARTS,
-                )
-                lam, vec = float(vals[0]), vecs[:, 0]
-            except (ArpackNoConvergence, ArpackError, np.linalg.LinAlgError):
-                lam = None
+                pair = smallest_eigenpair(mv, n, v0, tol=LANCZOS_TOL)
+            except np.linalg.LinAlgError:
+                pair = None  # a failed float32 solve
+            if pair is not None:
+                lam, vec = pair
         if lam is None:
             lam = math.inf
             for c, (a, b) in enumerate(cl):
