@@ -99,17 +99,20 @@ def test_pattern_products_and_step_length() -> None:
     assert completion(z + 0.99 * alpha * d, OFFSETS) is not None
     assert completion(z + 1.01 * alpha * d, OFFSETS) is None
     assert ops.max_step(fac, ops.project(z.copy()))[0] == math.inf
-    big = tuple(int(v) for v in np.arange(0, 701, 100))  # 6 cliques of 200: Lanczos
+    big = tuple(int(v) for v in np.arange(0, 801, 160))  # 4 cliques of 320: Lanczos
     ops_big = ChordalDualOps(NumpyOps(), big)
-    zb = ops_big.project(_spd(rng, 700))
+    zb = ops_big.project(_spd(rng, 800))
     fb = completion(zb, big)
     assert fb is not None
-    db = rng.standard_normal((700, 700))
+    db = rng.standard_normal((800, 800))
     db = ops_big.project(db + db.T)
-    alpha, vec = ops_big.max_step(fb, db)
-    assert vec is not None
+    db[480:640, 480:640] -= 3.0 * np.eye(160)  # the smallest eigenvalue in cliques 2 and 3
+    alpha, vecs = ops_big.max_step(fb, db)
+    assert vecs is not None and all(v is not None for v in vecs)
     assert completion(zb + 0.99 * alpha * db, big) is not None
     assert completion(zb + 1.03 * alpha * db, big) is None
+    again, _ = ops_big.max_step(fb, db, vecs)  # warm: the cliques' vectors as start vectors
+    assert again == pytest.approx(alpha, rel=1e-3)
 
 
 def _dense_and_chordal(lmi: Lmi, variant: str, **kw: float) -> tuple[float, float, object]:
