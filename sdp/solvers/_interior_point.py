@@ -476,10 +476,7 @@ def _score(
     gap = ops.vdot(cur.s_mat, cur.zmat) + float(cur.x[sgn] @ cur.z[sgn])
     size = ops.norm(cur.s_mat) * ops.norm(cur.zfull)
     low = gap > settings.float32_above * size
-    # float32 projections on the dense dual only (not measured with the chordal one)
-    low_proj = (
-        low and settings.float32_projections and isinstance(ops, NumpyOps) and not cur.dual.chordal
-    )
+    low_proj = low and settings.float32_projections and isinstance(ops, NumpyOps)
     xb = rank2_blocks(lmi, cur.xinv, low_precision=low_proj) if cur.xb is None else cur.xb
     zb = rank2_blocks(lmi, cur.zfull, low_precision=low_proj)
     if low_proj:
@@ -589,7 +586,7 @@ def _predictor_corrector(
     if settings.sigma_fixed is not None:
         sigma = settings.sigma_fixed
     if settings.corrector:  # the second-order terms sym(dZ_a dS_a X) and dx_a dz_a
-        # float32 with float32_corrector (dense dual) down to a gap of that times |S| |Z|: any
+        # float32 with float32_corrector down to a gap of that times |S| |Z|: any
         # symmetric C keeps the corrected equations exact (its bands enter the right-hand side
         # as computed), so this second-order term's rounding (~1e-7 of |dZ_a| |dS_a X|) only
         # moves the target; below that it would swamp the centring (eps 1e-9: 44 iterations
@@ -598,7 +595,6 @@ def _predictor_corrector(
             settings.float32_corrector is not None
             and gap > settings.float32_corrector * sc.size
             and isinstance(ops, NumpyOps)
-            and not cur.dual.chordal
         )
         dz_a = pred.dzm if pred.dzm_full is None else pred.dzm_full
         corr = cur.dual.corrector(dz_a, pred.k_mat, 0.5, low or dense32)
