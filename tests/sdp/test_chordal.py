@@ -12,7 +12,14 @@ import pytest
 from sdp.certificate import Lmi, certify_multipliers, certify_rho, layerwise_multipliers
 from sdp.ir import Activation
 from sdp.solvers._chordal import ChordalDualOps, DenseDualOps, completion
-from sdp.solvers._interior_point import IpmSettings, IpmTuning, dual_ops, solve_ipm
+from sdp.solvers._interior_point import (
+    Grouping,
+    IpmSettings,
+    IpmTuning,
+    dual_ops,
+    newton_dual_start,
+    solve_ipm,
+)
 from sdp.solvers._lmi_structure import StructuredLmi
 from sdp.solvers.base import LipSdpProblem, SolveOptions
 from sdp.solvers.dense import NumpyOps
@@ -171,3 +178,27 @@ def test_dual_ops_selection() -> None:
     assert isinstance(dual_ops(st, IpmTuning(chordal_min_depth=None)), DenseDualOps)
     assert isinstance(dual_ops(st, IpmTuning(chordal_min_depth=3)), ChordalDualOps)
     assert isinstance(dual_ops(st, IpmTuning(chordal_min_depth=4)), DenseDualOps)
+
+
+def test_newton_start_on_the_pattern() -> None:
+    """With the chordal dual the Newton start forms only P(Z) = P(mu X - theta mu X dS X): the
+    dense start's Z (linear in theta) projected, taken further (theta keeps P(Z) completable,
+    which a PD Z implies)."""
+    lmi = random_lmi([6, 9, 8, 7, 3], Activation("relu"), 11)
+    st = StructuredLmi.from_lmi(lmi)
+    grp = Grouping(st, False)
+    sgn = grp.sign_needed(st) > 0
+    t0 = np.concatenate(layerwise_multipliers(lmi))
+    s = st.assemble(1.1 * certify_rho(lmi, layerwise_multipliers(lmi)), t0)
+    xinv = np.linalg.inv(s)
+    chordal = ChordalDualOps(NumpyOps(), st.offsets)
+    for frac in (0.9, 1e-3):
+        dense = newton_dual_start(st, grp, sgn, t0, xinv, frac=frac)
+        sparse = newton_dual_start(st, grp, sgn, t0, xinv, frac=frac, dual=chordal)
+        assert dense is not None and sparse is not None
+        assert sparse.mu == dense.mu and sparse.theta > dense.theta
+        assert completion(sparse.zmat, st.offsets) is not None
+        base = chordal.project(dense.mu * xinv)
+        step = chordal.project(dense.zmat.copy()) - base
+        want = base + (sparse.theta / dense.theta) * step
+        np.testing.assert_allclose(sparse.zmat, want, atol=1e-10 * np.abs(want).max())
