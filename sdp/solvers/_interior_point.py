@@ -298,7 +298,7 @@ def _start(
     xinv = sops.inverse_from_cholesky(rs)
     dops = dual_ops(lmi, settings)
     if lmi.depth <= settings.newton_start_depth or (dops.chordal and settings.chordal_newton_start):
-        dual = newton_dual_start(lmi, grp, sgn, x, xinv)
+        dual = newton_dual_start(lmi, grp, sgn, x, xinv, dual=dops)
         if dual is not None:
             it = _Iterate(rho, x, s_mat, rs, xinv, dual.zmat, dual.rz, dual.z, pi, xb=dual.xb)
             return _with_dual(dops, it)
@@ -366,7 +366,13 @@ class DualStart:
 
 
 def newton_dual_start(
-    lmi: StructuredLmi, grp: Grouping, sgn: Mask, x: Array, xinv: Mat, frac: float = 0.9
+    lmi: StructuredLmi,
+    grp: Grouping,
+    sgn: Mask,
+    x: Array,
+    xinv: Mat,
+    frac: float = 0.9,
+    dual: ChordalDualOps | DenseDualOps | None = None,
 ) -> DualStart | None:
     """The dual estimate of the barrier's Newton step at S = S(y) (X = S^{-1}) as a start.
 
@@ -388,7 +394,9 @@ def newton_dual_start(
     Measured (docs/benchmarks.md): mnistfc-256x2 14 iterations instead of 19, 256x4 17
     instead of 20; on deeper nets (256x6, ERAN 9x200) the dual steps stall, so the solver
     uses it up to a depth (:class:`IpmTuning` ``newton_start_depth``). None if mu <= 0 or no
-    PD Z is found.
+    PD Z is found. With a chordal ``dual`` (:mod:`sdp.solvers._chordal`) only P(Z) is formed
+    (P(X dS X) by block rows, 3 n_k / n of the dense product) and theta keeps P(Z) completable
+    (clique step lengths), which a PD Z implies: theta is at least the dense one.
     """
     ops = lmi.ops
     w = sgn.astype(np.float64)
@@ -406,14 +414,15 @@ def newton_dual_start(
     mu = hc[0] / hg[0]
     dy = hg - hc / mu
     k_mat = linear_part_times(lmi, xinv, xb.wy, dy[0], grp.expand(dy[1:]))  # dS X
-    corr = ops.sym(ops.matmul(xinv, k_mat), -0.5 * mu)  # -mu X dS X
-    base = mu * xinv
-    r_base = ops.cholesky_upper(base)
+    dops = DenseDualOps(ops) if dual is None else dual
+    corr = dops.sym_product(xinv, k_mat, -0.5 * mu, False)  # -mu X dS X (on the pattern)
+    base = dops.project(mu * xinv)
+    r_base = dops.cholesky_upper(base)
     if r_base is None:
         return None
-    z_max, _ = ops.max_step(r_base, corr)
+    z_max, _ = dops.max_step(r_base, corr)
     theta = min(1.0, frac * z_max, frac * step_ratio(x[sgn], -dy[1:][sgn]))
-    theta, rz = cholesky_step(ops, base, corr, theta)
+    theta, rz = cholesky_step(dops, base, corr, theta)
     if rz is None:
         return None
     base += theta * corr
@@ -476,10 +485,7 @@ def _score(
     gap = ops.vdot(cur.s_mat, cur.zmat) + float(cur.x[sgn] @ cur.z[sgn])
     size = ops.norm(cur.s_mat) * ops.norm(cur.zfull)
     low = gap > settings.float32_above * size
-    # float32 projections on the dense dual only (not measured with the chordal one)
-    low_proj = (
-        low and settings.float32_projections and isinstance(ops, NumpyOps) and not cur.dual.chordal
-    )
+    low_proj = low and settings.float32_projections and isinstance(ops, NumpyOps)
     xb = rank2_blocks(lmi, cur.xinv, low_precision=low_proj) if cur.xb is None else cur.xb
     zb = rank2_blocks(lmi, cur.zfull, low_precision=low_proj)
     if low_proj:
@@ -589,7 +595,7 @@ def _predictor_corrector(
     if settings.sigma_fixed is not None:
         sigma = settings.sigma_fixed
     if settings.corrector:  # the second-order terms sym(dZ_a dS_a X) and dx_a dz_a
-        # float32 with float32_corrector (dense dual) down to a gap of that times |S| |Z|: any
+        # float32 with float32_corrector down to a gap of that times |S| |Z|: any
         # symmetric C keeps the corrected equations exact (its bands enter the right-hand side
         # as computed), so this second-order term's rounding (~1e-7 of |dZ_a| |dS_a X|) only
         # moves the target; below that it would swamp the centring (eps 1e-9: 44 iterations
@@ -598,7 +604,6 @@ def _predictor_corrector(
             settings.float32_corrector is not None
             and gap > settings.float32_corrector * sc.size
             and isinstance(ops, NumpyOps)
-            and not cur.dual.chordal
         )
         dz_a = pred.dzm if pred.dzm_full is None else pred.dzm_full
         corr = cur.dual.corrector(dz_a, pred.k_mat, 0.5, low or dense32)
