@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,7 @@ class IpmTuning:
     rho_factor: float = 1.1  # start at rho = rho_factor * rho(t0)
     chordal_min_depth: int | None = 3  # Z on the block-tridiagonal pattern from this depth
     chordal_newton_start: bool = True  # with the chordal dual: the Newton start at any depth
+    predictor_finish: float | None = 0.8  # last step: the predictor alone if it reaches this x eps
 
 
 @dataclass(frozen=True)
@@ -551,6 +553,40 @@ def _low_x(lmi: StructuredLmi, xinv: Mat, xw: Mat) -> tuple[Mat, Mat] | None:
     return (x32, xw32) if np.isfinite(x32).all() and np.isfinite(xw32).all() else None
 
 
+def _gap_along(
+    ops: DenseOps, sgn: Mask, cur: _Iterate, d: _Direction, gap: float
+) -> Callable[[float, float], float]:
+    """<S + a_p dS, Z + a_d dZ> + (x + a_p dx)^T (z + a_d dz) as a function of (a_p, a_d),
+    from three inner products (no n x n temporaries)."""
+    s_dz, ds_z, ds_dz = (
+        ops.vdot(cur.s_mat, d.dzm),
+        ops.vdot(d.ds, cur.zmat),
+        ops.vdot(d.ds, d.dzm),
+    )
+    xz = float(cur.x[sgn] @ cur.z[sgn])
+
+    def at(a_p: float, a_d: float) -> float:
+        lin = float((cur.x + a_p * d.dy[1:])[sgn] @ (cur.z + a_d * d.dz)[sgn])
+        return gap - xz + a_d * s_dz + a_p * ds_z + a_p * a_d * ds_dz + lin
+
+    return at
+
+
+def _predictor_finishes(settings: IpmSettings, sc: _Score, gap: float, gap_next: float) -> bool:
+    """True when the predictor's own step (sigma = 0), at the fraction of the boundary the
+    iteration takes, is predicted to end the solve: its relative gap, scaled by the
+    complementarity it leaves, is at most ``predictor_finish`` times the target. Only for a
+    predictor computed in float64 (``sc.low`` False): then the corrector's two products and
+    step lengths are saved in the last iteration, which has no later iterate to keep centred
+    (Mehrotra's corrector only serves the centring of the iterates that follow). The next
+    score measures the gap as always; a short prediction only costs one more iteration.
+    """
+    if settings.predictor_finish is None or sc.low or not gap > 0:
+        return False
+    predicted = sc.rel_gap * max(gap_next, 0.0) / gap
+    return predicted <= settings.predictor_finish * settings.eps
+
+
 def _predictor_corrector(
     lmi: StructuredLmi,
     grp: Grouping,
@@ -576,18 +612,15 @@ def _predictor_corrector(
     low_x = _low_x(lmi, cur.xinv, sc.xb.wy) if low else None
     pred = _direction(lmi, grp, sgn, cur, sc.xb.wy, schur, base, 0.0, None, low, low_x)
     a_p, a_d = _step_lengths(ops, primal_ops(lmi), sgn, cur, pred, 1.0, warm)
-    gap_aff = (  # <S + a_p dS, Z + a_d dZ> without n x n temporaries
-        gap
-        - float(cur.x[sgn] @ cur.z[sgn])
-        + a_d * ops.vdot(cur.s_mat, pred.dzm)
-        + a_p * ops.vdot(pred.ds, cur.zmat)
-        + a_p * a_d * ops.vdot(pred.ds, pred.dzm)
-        + float((cur.x + a_p * pred.dy[1:])[sgn] @ (cur.z + a_d * pred.dz)[sgn])
-    )
+    gap_along = _gap_along(ops, sgn, cur, pred, gap)
+    gap_aff = gap_along(a_p, a_d)
     sigma = min(1.0, max(gap_aff / gap, 0.0) ** 3) if gap > 0 else 0.1
     sigma = max(sigma, settings.sigma_min)
     if settings.sigma_fixed is not None:
         sigma = settings.sigma_fixed
+    frac = settings.step_frac
+    if _predictor_finishes(settings, sc, gap, gap_along(frac * a_p, frac * a_d)):
+        return pred, 0.0, low
     if settings.corrector:  # the second-order terms sym(dZ_a dS_a X) and dx_a dz_a
         # float32 with float32_corrector (dense dual) down to a gap of that times |S| |Z|: any
         # symmetric C keeps the corrected equations exact (its bands enter the right-hand side

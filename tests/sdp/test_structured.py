@@ -431,6 +431,24 @@ def test_float32_predictor_changes_nothing_but_speed() -> None:
     assert rho_mixed == pytest.approx(rho_proj64, rel=1e-7)
 
 
+def test_last_step_by_the_predictor_alone() -> None:
+    """When the float64 predictor's own step is predicted to reach the gap target
+    (``predictor_finish``), the last iteration takes it without the corrector (sigma 0): the
+    solve ends optimal in as many iterations, at the certified bound of the full method up
+    to the target, and never on a float32 predictor."""
+    lmi = random_lmi([40, 60, 60, 10], Activation("relu"), 0)
+    events: list[dict[str, object]] = []
+    rho_fin, sol_fin = solve_certified(lmi, progress=events.append)
+    full = StructuredSolver(tuning=IpmTuning(predictor_finish=None))
+    rho_full, sol_full = solve_certified(lmi, solver=full)
+    assert events[-1]["sigma"] == 0.0 and events[-1]["float32"] == 0.0
+    assert all(e["sigma"] > 0 for e in events[1:-1])
+    assert sol_fin.status == sol_full.status == "optimal"
+    assert sol_fin.info["rel_gap"] <= StructuredSolver.default_eps
+    assert sol_fin.iterations == sol_full.iterations
+    assert rho_fin == pytest.approx(rho_full, rel=StructuredSolver.default_eps)
+
+
 def test_float32_projections_equal_float64_ones_to_single_precision() -> None:
     """rank2_blocks(low_precision=True) differs from the float64 blocks only by float32
     rounding of W~^T Y and W~^T Y W~; Y_00 is Y's own float64 block."""
