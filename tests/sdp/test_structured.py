@@ -226,6 +226,24 @@ def test_input_reduction_is_exact() -> None:
     assert reference_rho_blocks(lmi) == pytest.approx(reference_rho(lmi), rel=1e-6)
 
 
+def test_wide_input_reduction_by_qr_alone_unless_rank_deficient() -> None:
+    """A wide, well-conditioned W_0 is reduced to R^T of its QR factors (no SVD: lower
+    triangular, n_1 columns); the same optimum as the unreduced LMI. A rank-deficient one
+    still goes through the SVD, which drops the null directions."""
+    lmi = random_lmi([30, 6, 4, 2], Activation("relu"), 12)
+    red = reduce_input(lmi)
+    w0 = red.weights[0]
+    assert w0.shape == (6, 6) and np.array_equal(w0, np.tril(w0))
+    assert np.allclose(w0 @ w0.T, lmi.weights[0] @ lmi.weights[0].T, rtol=1e-12, atol=1e-12)
+    t = layerwise_multipliers(lmi)
+    assert certify_rho(red, t) == pytest.approx(certify_rho(lmi, t), rel=1e-9)
+    low_rank = lmi.weights[0].copy()
+    low_rank[-1] = low_rank[0] + low_rank[1]  # rank 5
+    deficient = Lmi((low_rank, *lmi.weights[1:]), lmi.alpha, lmi.beta)
+    assert reduce_input(deficient).input_size == 5
+    assert reduce_input(deficient, rtol=0.0).input_size == 6  # nothing dropped: R^T
+
+
 def test_no_hidden_layer_is_the_spectral_norm() -> None:
     w = np.random.default_rng(2).standard_normal((3, 5))
     sol = SOLVER.solve(LipSdpProblem(Lmi((w,), (), ())), SolveOptions())
