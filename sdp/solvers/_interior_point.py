@@ -94,6 +94,7 @@ class IpmTuning:
     rho_factor: float = 1.1  # start at rho = rho_factor * rho(t0)
     chordal_min_depth: int | None = 3  # Z on the block-tridiagonal pattern from this depth
     chordal_newton_start: bool = True  # with the chordal dual: the Newton start at any depth
+    float32_start: bool = True  # the Newton dual start's X dS X in float32
     predictor_finish: float | None = 0.8  # last step: the predictor alone if it reaches this x eps
 
 
@@ -300,7 +301,7 @@ def _start(
     xinv = sops.inverse_from_cholesky(rs)
     dops = dual_ops(lmi, settings)
     if lmi.depth <= settings.newton_start_depth or (dops.chordal and settings.chordal_newton_start):
-        dual = newton_dual_start(lmi, grp, sgn, x, xinv)
+        dual = newton_dual_start(lmi, grp, sgn, x, xinv, low_precision=settings.float32_start)
         if dual is not None:
             it = _Iterate(rho, x, s_mat, rs, xinv, dual.zmat, dual.rz, dual.z, pi, xb=dual.xb)
             return _with_dual(dops, it)
@@ -368,7 +369,13 @@ class DualStart:
 
 
 def newton_dual_start(
-    lmi: StructuredLmi, grp: Grouping, sgn: Mask, x: Array, xinv: Mat, frac: float = 0.9
+    lmi: StructuredLmi,
+    grp: Grouping,
+    sgn: Mask,
+    x: Array,
+    xinv: Mat,
+    frac: float = 0.9,
+    low_precision: bool = False,
 ) -> DualStart | None:
     """The dual estimate of the barrier's Newton step at S = S(y) (X = S^{-1}) as a start.
 
@@ -390,7 +397,10 @@ def newton_dual_start(
     Measured (docs/benchmarks.md): mnistfc-256x2 14 iterations instead of 19, 256x4 17
     instead of 20; on deeper nets (256x6, ERAN 9x200) the dual steps stall, so the solver
     uses it up to a depth (:class:`IpmTuning` ``newton_start_depth``). None if mu <= 0 or no
-    PD Z is found.
+    PD Z is found. ``low_precision`` (numpy backend) computes X dS X in float32: Z then
+    solves the dual equations only to ~1e-7 relative, which the first Newton step removes
+    like any dual residual (its right-hand side does not involve A(Z)); Z > 0 is checked in
+    float64 as always. The solver's start uses it (one float64 n^3 product less).
     """
     ops = lmi.ops
     w = sgn.astype(np.float64)
@@ -408,7 +418,7 @@ def newton_dual_start(
     mu = hc[0] / hg[0]
     dy = hg - hc / mu
     k_mat = linear_part_times(lmi, xinv, xb.wy, dy[0], grp.expand(dy[1:]))  # dS X
-    corr = ops.sym(ops.matmul(xinv, k_mat), -0.5 * mu)  # -mu X dS X
+    corr = ops.sym(ops.matmul(xinv, k_mat, low_precision), -0.5 * mu)  # -mu X dS X
     base = mu * xinv
     r_base = ops.cholesky_upper(base)
     if r_base is None:

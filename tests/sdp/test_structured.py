@@ -490,7 +490,8 @@ def test_newton_dual_start_solves_the_dual_equations(act: Activation, per_layer:
     """Z = mu X (S - theta dS) X, z = mu (1/x - theta dx/x^2) from the barrier's Newton step:
     positive definite, and its dual residual is exactly (1 - theta) (mu g - c) with
     g_k = <X, F_k> + w_k / x_k, checked against dense F_k (leaky ReLU: x >= 0 imposed on the
-    first layer); with theta = 1 that is dual feasibility, tr Z_00 = 1."""
+    first layer); with theta = 1 that is dual feasibility, tr Z_00 = 1. With X dS X in
+    float32 (the solver's start) the same to single precision."""
     lmi = random_lmi([5, 8, 7, 3], act, 21)
     st = StructuredLmi.from_lmi(lmi)
     grp = Grouping(st, per_layer)
@@ -502,8 +503,10 @@ def test_newton_dual_start_solves_the_dual_equations(act: Activation, per_layer:
     s = st.assemble(rho, grp.expand(x))
     xinv = np.linalg.inv(s)
     thetas = []
-    for frac in (0.9, 1e-3):  # 1e-3: a start that takes a small part of the correction
-        dual = newton_dual_start(st, grp, sgn, x, xinv, frac=frac)
+    # 1e-3: a start that takes a small part of the correction; low_precision: X dS X in
+    # float32, the dual equations then hold to single precision
+    for frac, low in ((0.9, False), (1e-3, False), (0.9, True)):
+        dual = newton_dual_start(st, grp, sgn, x, xinv, frac=frac, low_precision=low)
         assert dual is not None and 0 < dual.theta <= 1 and dual.mu > 0
         thetas.append(dual.theta)
         assert np.linalg.eigvalsh(dual.zmat)[0] > 0 and np.all(dual.z[sgn] > 0)
@@ -521,9 +524,12 @@ def test_newton_dual_start_solves_the_dual_equations(act: Activation, per_layer:
         g = np.array([np.vdot(fk, xinv) for fk in f]) + w / xs
         c = np.eye(m + 1)[0]
         np.testing.assert_allclose(
-            a_z - c, (1 - dual.theta) * (dual.mu * g - c), atol=1e-9 * np.abs(dual.mu * g).max()
+            a_z - c,
+            (1 - dual.theta) * (dual.mu * g - c),
+            atol=(1e-5 if low else 1e-9) * np.abs(dual.mu * g).max(),
         )
     assert thetas[1] < thetas[0]
+    assert thetas[2] == pytest.approx(thetas[0], rel=1e-4)
 
 
 def test_newton_start_is_where_it_pays() -> None:
