@@ -83,6 +83,7 @@ class IpmTuning:
     sigma_fixed: float | None = None
     corrector: bool = True  # Mehrotra's second-order correction
     float32_above: float = 1e-4  # predictor products in float32 while <S,Z> > this |S| |Z|
+    float32_predictor: float | None = 1e-5  # dense dual: the predictor's alone, down to this
     float32_step: bool = True  # the corrected direction's Z dS X too, under the same test
     float32_projections: bool = True  # the rank-2 projections' products too (same test)
     float32_corrector: float | None = 1e-6  # corrector in float32 while <S,Z> > this |S| |Z|
@@ -587,16 +588,18 @@ def _gap_along(
     return at
 
 
-def _predictor_finishes(settings: IpmSettings, sc: _Score, gap: float, gap_next: float) -> bool:
+def _predictor_finishes(
+    settings: IpmSettings, sc: _Score, low: bool, gap: float, gap_next: float
+) -> bool:
     """True when the predictor's own step (sigma = 0), at the fraction of the boundary the
     iteration takes, is predicted to end the solve: its relative gap, scaled by the
     complementarity it leaves, is at most ``predictor_finish`` times the target. Only for a
-    predictor computed in float64 (``sc.low`` False): then the corrector's two products and
+    predictor computed in float64 (``low`` False): then the corrector's two products and
     step lengths are saved in the last iteration, which has no later iterate to keep centred
     (Mehrotra's corrector only serves the centring of the iterates that follow). The next
     score measures the gap as always; a short prediction only costs one more iteration.
     """
-    if settings.predictor_finish is None or sc.low or not gap > 0:
+    if settings.predictor_finish is None or low or not gap > 0:
         return False
     predicted = sc.rel_gap * max(gap_next, 0.0) / gap
     return predicted <= settings.predictor_finish * settings.eps
@@ -621,9 +624,15 @@ def _predictor_corrector(
     # predictor (sigma = 0); its step lengths set sigma = (gap_aff / gap)^3 (Mehrotra)
     # float32 products are 2.7x faster; their error (~1e-7 ||Z|| ||dS X||, and dS ~ S in the
     # predictor) must stay far below the complementarity they steer: only while <S, Z> is
-    # large relative to ||S|| ||Z||
-    low = sc.low
-    low_step = low and settings.float32_step
+    # large relative to ||S|| ||Z||; on the dense dual the predictor's own products stay
+    # float32 further down (float32_predictor), the corrected direction's do not
+    low = sc.low or (
+        settings.float32_predictor is not None
+        and sc.gap > settings.float32_predictor * sc.size
+        and isinstance(ops, NumpyOps)
+        and not cur.dual.chordal
+    )
+    low_step = sc.low and settings.float32_step
     low_x = _low_x(lmi, cur.xinv, sc.xb.wy) if low else None
     pred = _direction(lmi, grp, sgn, cur, sc.xb.wy, schur, base, 0.0, None, low, low_x)
     a_p, a_d = _step_lengths(ops, primal_ops(lmi), sgn, cur, pred, 1.0, warm)
@@ -634,7 +643,7 @@ def _predictor_corrector(
     if settings.sigma_fixed is not None:
         sigma = settings.sigma_fixed
     frac = settings.step_frac
-    if _predictor_finishes(settings, sc, gap, gap_along(frac * a_p, frac * a_d)):
+    if _predictor_finishes(settings, sc, low, gap, gap_along(frac * a_p, frac * a_d)):
         return pred, 0.0, low
     if settings.corrector:  # the second-order terms sym(dZ_a dS_a X) and dx_a dz_a
         # float32 with float32_corrector (dense dual) down to a gap of that times |S| |Z|: any

@@ -467,6 +467,24 @@ def test_last_step_by_the_predictor_alone() -> None:
     assert rho_fin == pytest.approx(rho_full, rel=StructuredSolver.default_eps)
 
 
+def test_float32_predictor_below_the_float32_phase() -> None:
+    """On the dense dual the predictor's products stay float32 down to ``float32_predictor``
+    |S| |Z| (below the float32 phase of ``float32_above``, where the corrected direction is
+    float64 already): more float32 predictors, the same certified answer as with the
+    predictor in float64 from the float32 phase's end on, and a float64 one at the end."""
+    lmi = random_lmi([30, 40, 40, 5], Activation("relu"), 5)
+    events: list[dict[str, object]] = []
+    rho_low, sol_low = solve_certified(lmi, eps=1e-9, progress=events.append)
+    f64 = StructuredSolver(tuning=IpmTuning(float32_predictor=None))
+    events64: list[dict[str, object]] = []
+    rho_64, sol_64 = solve_certified(lmi, eps=1e-9, solver=f64, progress=events64.append)
+    assert sol_low.status == sol_64.status == "optimal"
+    assert rho_low == pytest.approx(rho_64, rel=1e-7)
+    count = sum(e.get("float32") == 1.0 for e in events)
+    assert count > sum(e.get("float32") == 1.0 for e in events64), (events, events64)
+    assert events[-1].get("float32") == 0.0
+
+
 def test_float32_projections_equal_float64_ones_to_single_precision() -> None:
     """rank2_blocks(low_precision=True) differs from the float64 blocks only by float32
     rounding of W~^T Y and W~^T Y W~; Y_00 is Y's own float64 block."""
