@@ -58,9 +58,11 @@ def _compute(
     device: str = "cpu",
 ) -> Any:
     from sdp.bounds import compute_bound
+    from service.malloc_tuning import keep_freed_memory
     from service.solver_device import use_solver_device
 
     use_solver_device(device)
+    keep_freed_memory()  # as in the job processes (service.malloc_tuning)
     return compute_bound(
         net,
         method,
