@@ -128,15 +128,20 @@ class Completion:
         return zh
 
 
-def completion(z: Array, offsets: tuple[int, ...]) -> Completion | None:
+def completion(z: Array, offsets: tuple[int, ...], *, own: bool = False) -> Completion | None:
     """The max-det completion factor of the block-tridiagonal part of ``z`` (module doc), or
-    None if some clique block is not positive definite (no PD completion exists)."""
+    None if some clique block is not positive definite (no PD completion exists).
+
+    The factor keeps P(z) with its lower blocks mirrored from the upper ones; ``own`` (z is
+    zero off the pattern and the caller's to give) mirrors them in z itself instead of
+    copying P(z) into a new n x n array."""
     o = offsets
     nb = len(o) - 1
-    pattern = np.zeros_like(z)
+    pattern = z if own else np.zeros_like(z)
     for k in range(nb):
         bk = slice(o[k], o[k + 2] if k + 1 < nb else o[k + 1])
-        pattern[o[k] : o[k + 1], bk] = z[o[k] : o[k + 1], bk]
+        if not own:
+            pattern[o[k] : o[k + 1], bk] = z[o[k] : o[k + 1], bk]
         if k + 1 < nb:
             pattern[o[k + 1] : o[k + 2], o[k] : o[k + 1]] = z[
                 o[k] : o[k + 1], o[k + 1] : o[k + 2]
@@ -197,6 +202,11 @@ class ChordalDualOps:
 
     def cholesky_upper(self, z: Array) -> Completion | None:
         return completion(z, self.offsets)
+
+    def cholesky_upper_of_step(self, base: Array, d: Array, alpha: float) -> Completion | None:
+        """The completion factor of P(base) + alpha P(d) (both zero off the pattern), built in
+        the one n x n sum it needs."""
+        return completion(base + alpha * d, self.offsets, own=True)
 
     def completed(self, fac: Completion) -> Array:
         return fac.dense()

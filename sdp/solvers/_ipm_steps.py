@@ -13,7 +13,7 @@ from scipy import linalg
 
 from sdp.ir import Array
 from sdp.solvers._block_tridiag import BlockTridiagOps
-from sdp.solvers._chordal import DenseDualOps
+from sdp.solvers._chordal import ChordalDualOps, DenseDualOps
 from sdp.solvers.dense import Mat, NumpyOps
 
 
@@ -60,12 +60,12 @@ class Factorizer(Protocol):
 def cholesky_step(ops: Factorizer, base: Mat, d: Mat, alpha: float) -> tuple[float, Any]:
     """Shrink alpha until base + alpha d is positive definite; returns (alpha, its factor).
 
-    The numpy backends (also behind :class:`~sdp.solvers._chordal.DenseDualOps`) factor the sum
-    without the generic temporaries (``cholesky_upper_of_step``: in place for dense, from the
-    bands for block-tridiagonal)."""
+    The numpy backends (also behind :class:`~sdp.solvers._chordal.DenseDualOps`) and the
+    chordal dual factor the sum without the generic temporaries (``cholesky_upper_of_step``: in
+    place for dense, from the bands for block-tridiagonal, one n x n sum for the completion)."""
     fac = ops.ops if isinstance(ops, DenseDualOps) else ops  # the dense dual's backend
     for _ in range(30):
-        if isinstance(fac, (NumpyOps, BlockTridiagOps)):
+        if isinstance(fac, (NumpyOps, BlockTridiagOps, ChordalDualOps)):
             r = fac.cholesky_upper_of_step(base, d, alpha)
         else:
             r = ops.cholesky_upper(base + alpha * d)

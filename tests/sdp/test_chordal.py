@@ -105,6 +105,10 @@ def test_pattern_products_and_step_length() -> None:
     alpha, _ = ops.max_step(fac, d)
     assert completion(z + 0.99 * alpha * d, OFFSETS) is not None
     assert completion(z + 1.01 * alpha * d, OFFSETS) is None
+    stepped = ops.cholesky_upper_of_step(z, d, 0.5 * alpha)  # in its own sum, the same factor
+    assert stepped is not None
+    np.testing.assert_array_equal(stepped.dense(), completion(z + 0.5 * alpha * d, OFFSETS).dense())
+    assert ops.cholesky_upper_of_step(z, d, 1.01 * alpha) is None
     assert ops.max_step(fac, ops.project(z.copy()))[0] == math.inf
     big = tuple(int(v) for v in np.arange(0, 801, 160))  # 4 cliques of 320: Lanczos
     ops_big = ChordalDualOps(NumpyOps(), big)
