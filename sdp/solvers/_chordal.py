@@ -219,12 +219,14 @@ class ChordalDualOps:
 
     def sym_product(self, zh: Array, k: Array, scale: float, low_precision: bool) -> Array:
         """scale P(Zh K + K^T Zh) for symmetric Zh: block row i of Zh times the pattern's
-        column blocks of K (about 3 n_k / n of the dense product), float32 if asked."""
+        column blocks of K (about 3 n_k / n of the dense product), float32 if asked (the
+        blocks into a float64 result: no n x n conversion)."""
         if low_precision:
             with np.errstate(over="ignore", invalid="ignore"):
-                out = self._sym_product(zh.astype(np.float32), k.astype(np.float32), scale)
+                k32: Any = k.astype(np.float32, copy=False)
+                out = self._sym_product(zh.astype(np.float32), k32, scale)
             if np.isfinite(out).all():
-                return out.astype(np.float64)
+                return out
         return self._sym_product(zh, k, scale)
 
     def full_sym_product(self, fac: Completion, k: Array, scale: float, low: bool) -> Array:
@@ -246,13 +248,13 @@ class ChordalDualOps:
         rows = []
         for i, (lo, hi) in enumerate(self._spans):
             rows.append(zh[o[i] : o[i + 1], :] @ k[:, o[lo] : o[hi + 1]])
-        return self._sym_rows(rows, scale, zh.dtype, nb)
+        return self._sym_rows(rows, scale, nb)
 
-    def _sym_rows(self, rows: list[Array], scale: float, dtype: Any, nb: int) -> Array:
-        """scale (Y + Y^T) on the pattern from the pattern rows of Y (``rows[i]`` = block row i
-        restricted to column blocks span(i))."""
+    def _sym_rows(self, rows: list[Array], scale: float, nb: int) -> Array:
+        """scale (Y + Y^T) on the pattern (float64) from the pattern rows of Y (``rows[i]`` =
+        block row i restricted to column blocks span(i), in their own precision)."""
         o = self.offsets
-        out = np.zeros((o[-1], o[-1]), dtype=dtype)
+        out = np.zeros((o[-1], o[-1]))
         for i in range(nb):
             bi = slice(o[i], o[i + 1])
             lo = self._spans[i][0]
