@@ -34,14 +34,25 @@ TRIM_THRESHOLD_BYTES = 128 << 20
 
 
 def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (mallopt numbers and malloc_trim are glibc's)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """The C library when it is glibc (mallopt numbers and malloc_trim are glibc's).
+
+    The process's own symbols (``dlopen(NULL)``: the C library it runs on) first, which takes
+    microseconds; ``ctypes.util.find_library`` runs ``ldconfig`` in a subprocess (about 50 ms
+    of every solver process's start, measured) and is only the fallback."""
+    libc = _with_glibc_symbols(None)
+    if libc is None:
+        name = ctypes.util.find_library("c")
+        libc = None if name is None else _with_glibc_symbols(name)
+    return libc
+
+
+def _with_glibc_symbols(name: str | None) -> ctypes.CDLL | None:
+    """``name`` loaded (None: the process itself) if it has glibc's malloc functions."""
     try:
         libc = ctypes.CDLL(name)
         libc.gnu_get_libc_version  # noqa: B018  (only glibc has it)
         libc.malloc_trim  # noqa: B018
+        libc.mallopt  # noqa: B018
     except (OSError, AttributeError):
         return None
     return libc
