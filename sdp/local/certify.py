@@ -156,7 +156,10 @@ def forward_margins(
     margin = f_y - max_{j != y} f_j - sqrt(2) E (E: the rounding bound of the computed logits,
     -inf where it is not finite); the floor is max(m - sqrt 2 E, 0) / (sqrt 2 L) for a VERIFIED
     ``global_bound`` L (:func:`sdp.radius.certified_radius`), else 0 (design.md §4.1). The
-    forward pass runs on the whole batch (another batch size may round differently).
+    forward pass runs on the whole batch (another batch size may round differently), and the
+    floor is also no more than the one a single-row pass gives (:func:`_single_row_floor`,
+    what :func:`verify_local` recomputes): both are rigorous, and a floor 1 ulp above the
+    single row's made ~30% of the global certificates of a 5-row batch fail to re-verify.
     """
     b = x.shape[0]
     logits = net.forward(x) if b else np.zeros((0, classes))
@@ -169,8 +172,21 @@ def forward_margins(
     margin_raw = top - others.max(axis=1) if b else np.zeros(0)
     margin = np.where(np.isfinite(err), margin_raw - math.sqrt(2.0) * err * (1 + 1e-12), -np.inf)
     grad = np.zeros(b) if rr is None else rr.radius
-    glob = grad if global_bound is not None else np.zeros(b)
+    glob = np.zeros(b)
+    if global_bound is not None:
+        glob = np.minimum(grad, _single_row_floor(net, x, global_bound))
     return pred, np.asarray(margin, dtype=np.float64), np.asarray(glob, dtype=np.float64)
+
+
+def _single_row_floor(net: Network, x: Array, global_bound: float) -> Array:
+    """(B,) global radius floor of each row from its own forward pass, as
+    :func:`verify_local` computes it (same shapes, so the same rounding)."""
+    err = logit_error_bound(net, 2.0**-53)
+    out = np.zeros(x.shape[0])
+    for i in range(x.shape[0]):
+        row = x[i : i + 1]
+        out[i] = certified_radius(net.forward(row), global_bound, logit_error=err(row)).radius[0]
+    return out
 
 
 def certify_local(
