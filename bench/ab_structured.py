@@ -13,6 +13,8 @@ the tree's ``sdp`` first on PYTHONPATH, so both solve the same LMI from the same
 run it records the wall and CPU seconds of the child process (CPU from ``wait4``: less
 sensitive than wall time to other jobs on a shared machine), the script's iterations,
 certified bound and peak RSS, and the load average. Order per round: old, new for each net.
+``--old-glibc-malloc`` runs the old tree under glibc's malloc thresholds (the script applies
+lipcert's solver-process ones by default, :mod:`service.malloc_tuning`).
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 
-def run_one(tree: Path, script: Path, net: str) -> dict[str, Any]:
+def run_one(tree: Path, script: Path, net: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(tree.resolve()))
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(
-            [sys.executable, str(script), "--nets", net, "--no-scs", "--json", out.name],
+            [sys.executable, str(script), "--nets", net, "--no-scs", "--json", out.name, *extra],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -67,7 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nets", nargs="+", required=True)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--old-glibc-malloc",
+        action="store_true",
+        help="run the OLD tree with glibc's malloc thresholds (bench_fast_lipsdp --glibc-malloc)",
+    )
     args = ap.parse_args(argv)
+    old_extra = ("--glibc-malloc",) if args.old_glibc_malloc else ()
     script = args.new / "bench" / "bench_fast_lipsdp.py"
     results: list[dict[str, Any]] = []
     print(
@@ -81,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for rnd in range(args.rounds):
         for net in args.nets:
-            for label, tree in (("old", args.old), ("new", args.new)):
-                rec = {"round": rnd, "net": net, "tree": label, **run_one(tree, script, net)}
+            for label, tree, extra in (("old", args.old, old_extra), ("new", args.new, ())):
+                rec = {"round": rnd, "net": net, "tree": label, **run_one(tree, script, net, extra)}
                 results.append(rec)
                 print(json.dumps(rec), flush=True)
     if args.json:

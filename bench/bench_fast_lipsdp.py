@@ -8,6 +8,8 @@ Usage (from the repository root, 2 BLAS threads as in docs/benchmarks.md):
 
 ``--device cuda`` runs the structured solver's matrices on the GPU (models.lipsdp_device, every
 LMI size); ``torch-cpu`` the torch backend on the CPU (to compare backends on one machine).
+The solves run under the malloc thresholds of lipcert's solver processes
+(:func:`service.malloc_tuning.keep_freed_memory`); ``--glibc-malloc`` keeps glibc's defaults.
 
 For each network: solve LipSDP-Neuron with the structured solver, certify its multipliers
 on the ORIGINAL (unreduced) LMI with ``certify_multipliers``, report the certified bound, the
@@ -38,6 +40,7 @@ from sdp.ir import Activation, Dense, Network
 from sdp.solvers._lmi_structure import reduce_input
 from sdp.solvers.base import LipSdpProblem, SolveOptions
 from sdp.solvers.structured import SOLVER, StructuredSolver
+from service.malloc_tuning import keep_freed_memory
 
 FIX = Path(
     os.environ.get("LIPCERT_FIXTURES", Path(__file__).resolve().parents[1] / "../shared/fixtures")
@@ -239,8 +242,15 @@ def main(argv: list[str] | None = None) -> int:
         "--force-scs", action="store_true", help="run SCS on every selected net (slow: minutes)"
     )
     ap.add_argument("--device", default="cpu", help="cpu (numpy) | cuda | torch-cpu")
+    ap.add_argument(
+        "--glibc-malloc",
+        action="store_true",
+        help="keep glibc's malloc thresholds (lipcert's solver processes set "
+        "service.malloc_tuning's, and so does this script by default)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
+    malloc_tuned = False if args.glibc_malloc else keep_freed_memory()
     env = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "loadavg_start": os.getloadavg(),
@@ -253,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "scipy": scipy.__version__,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "device": args.device,
+        "malloc_tuned": malloc_tuned,
     }
     if args.device != "cpu":
         import torch

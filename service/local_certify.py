@@ -27,6 +27,7 @@ from service.bodies.arrays import check_label_count
 from service.certification import Certified
 from service.documents import StoredBound
 from service.errors import InvalidInput
+from service.settings import LOCAL_TIME_BUDGET_S
 from service.solver_device import gpu_driver_present
 
 MODES = ("global", "local")
@@ -42,7 +43,7 @@ class LocalOptions:
 
     method: str = "auto"
     epsilon: float | np.ndarray | None = None
-    time_budget_s: float = 5.0
+    time_budget_s: float = LOCAL_TIME_BUDGET_S
 
 
 def check_epsilon(epsilon: Any, batch: int | None = None) -> float | np.ndarray | None:

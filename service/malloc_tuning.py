@@ -1,4 +1,4 @@
-"""Keep freed heap memory mapped in the server process (glibc only).
+"""Keep freed heap memory mapped in the server and solver processes (glibc only).
 
 A big certify body arrives as ~50-200 chunks of ~64-256 KiB that uvicorn copies a few times
 and the .npy reader keeps until its rows are cast (service.bodies.npy_stream). With glibc's defaults
@@ -10,6 +10,11 @@ threshold's own ceiling on 64-bit) and a trim threshold of 128 MiB (two bodies a
 64 MB cap) keeps that memory mapped for reuse; the cost is that the process keeps up to that
 much freed memory resident after a burst, until the body budget hands it back once the burst
 is over (:func:`release_freed_memory`, called by :mod:`service.bodies.budget`'s guard).
+
+The solver processes of jobs (:func:`service.jobs.tasks.child_main`) and ``lipcert bound`` /
+``certify`` set the same thresholds: the interior point allocates and frees n x n temporaries
+(4.7 MB at n = 768) every iteration, and with glibc's defaults mnistfc-256x2's structured solve
+faulted ~20 000 pages back in per solve, about 5-7 % of its CPU time (docs/benchmarks.md).
 
 Explicit ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` environment settings win (they
 are left alone), and on other C libraries this does nothing.

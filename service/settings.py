@@ -14,6 +14,12 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+LOCAL_TIME_BUDGET_S = 5.0
+"""Default seconds per input of a local certification (the radius search's budget, and at one
+eps the deadline of alpha-crown's optimisation) in every service interface: the HTTP API's
+``time_budget_s`` (the default of ``LIPCERT_LOCAL_TIME_BUDGET_S``, also its maximum there) and
+the CLI's ``--time-budget``. 5 s keeps a 64-input local POST /certify within about 5 minutes."""
+
 
 def default_data_dir() -> Path:
     """The platform's per-user data directory plus ``lipcert``.
@@ -107,7 +113,9 @@ class Settings(BaseSettings):
         "certification job route).",
     )
     local_time_budget_s: float = Field(
-        default=5.0, gt=0, description="Largest (and default) local radius-search time per input."
+        default=LOCAL_TIME_BUDGET_S,
+        gt=0,
+        description="Largest (and default) local radius-search time per input.",
     )
     certify_chunk_rows: int = Field(
         default=64, ge=1, description="Inputs per chunk of a certification job."

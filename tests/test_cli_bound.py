@@ -110,6 +110,9 @@ def test_certify_with_npy_inputs(fixtures_dir, tmp_path):
     out = json.loads(proc.stdout)
     lip = out["bound"]["lipschitz_bound"]
     assert out["bound"]["method"] == "naive" and out["bound"]["verified"] is True
+    # the typed bound document (GET /v1/models/{id}/bounds), not BoundResult.summary()
+    assert StoredBound.from_json(out["bound"]).summarised() == out["bound"]
+    assert out["bound"]["network_hash"] == load_model_file(model).content_hash()
     assert len(out["results"]) == 5
     for row in out["results"]:
         assert row["radius"] == pytest.approx(max(row["margin"], 0) / (math.sqrt(2) * lip))

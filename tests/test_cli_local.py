@@ -53,6 +53,7 @@ def test_radius_search_json_tsv_plot(files: dict[str, Path]) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["mode"] == "local" and out["bound"]["method"] == "naive"
+    assert out["bound"]["source"] == "cli" and out["bound"]["certificate"] is None  # naive
     assert len(out["results"]) == 5
     labels = [0, 1, 2, 0, 1]
     for row in out["results"]:

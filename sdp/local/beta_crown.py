@@ -58,8 +58,10 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 import numpy as np
+from numpy.typing import NDArray
 
 import sdp.local.sdp_crown_method  # noqa: F401  (registers sdp-crown first: auto order)
 from sdp._blas import one_thread
@@ -210,6 +212,11 @@ def applies(graph: Graph) -> bool:
 # ------------------------------------------------------------------ float bound (search only)
 
 
+Signs: TypeAlias = NDArray[np.int8]
+"""Split signs of one act node's neurons, (L, n) per leaf or domain: +1 for z >= 0, -1 for
+z <= 0, 0 not split."""
+
+
 @dataclass(eq=False)
 class Domains:
     """D sub-domains of one (input, margin row): per act k, (D, n_k) arrays."""
@@ -218,7 +225,7 @@ class Domains:
     hi: list[Array]
     alpha: list[Array]
     beta: list[Array]
-    sgn: list[Array]  # int8: +1 z >= 0, -1 z <= 0, 0 not split
+    sgn: list[Signs]
     bound: Array  # (D,)
     c: Array  # (D, K) the margin row of each domain
     row: np.ndarray  # (D,) its index j
@@ -243,7 +250,7 @@ class Domains:
     def cat(parts: list[Domains]) -> Domains:
         k = len(parts[0].lo)
 
-        def join(name: str) -> list[Array]:
+        def join(name: str) -> list[NDArray[Any]]:  # each field keeps its dtype
             return [np.concatenate([getattr(p, name)[j] for p in parts]) for j in range(k)]
 
         return Domains(
@@ -656,7 +663,7 @@ def _alpha_rows(
 def leaf_intervals(
     ch: Chain,
     root: BallBounds,
-    sgn: list[Array],
+    sgn: list[Signs],
     inter: InterAlphas | None = None,
     recompute: bool | None = None,
 ) -> tuple[BallBounds, np.ndarray]:
@@ -735,7 +742,7 @@ def leaf_problem(
     ch: Chain,
     root: BallBounds,
     c: Array,
-    sgn: list[Array],
+    sgn: list[Signs],
     alpha: list[Array],
     beta: list[Array],
     inter: InterAlphas | None = None,
@@ -752,7 +759,7 @@ def leaf_problem(
     init: dict[int, Array] = {g.output: c[:, None, :]}
     alphas: dict[int, Array] = {}
     for k, (p, a) in enumerate(zip(ch.pre, ch.act, strict=True)):
-        b = np.maximum(np.nan_to_num(beta[k], nan=0.0, posinf=0.0, neginf=0.0), 0.0)
+        b: Array = np.maximum(np.nan_to_num(beta[k], nan=0.0, posinf=0.0, neginf=0.0), 0.0)
         mult = -(b * sgn[k])
         if np.any(mult != 0):
             init[p] = mult[:, None, :]
@@ -764,7 +771,7 @@ def leaf_bounds(
     ch: Chain,
     root: BallBounds,
     c: Array,
-    sgn: list[Array],
+    sgn: list[Signs],
     alpha: list[Array],
     beta: list[Array],
     inter: InterAlphas | None = None,
@@ -797,7 +804,7 @@ def leaf_bounds(
     return np.where(lp.empty, np.inf, low)
 
 
-def covers(sgn: Array) -> bool:
+def covers(sgn: Signs) -> bool:
     """Whether leaves with these sign rows (L, N) cover every sign pattern (so the ball).
 
     A leaf with no split covers all; else pick the neuron split in most leaves (a tree's
@@ -1153,8 +1160,11 @@ def _encode_leaves(j: int, d: Domains) -> list[tuple[str, Array]]:
     return out
 
 
-def _decode_leaves(ch: Chain, payload: Payload, n_classes: int) -> dict[int, list[list[Array]]]:
-    """Row j -> [sgn, alpha, beta] lists of (L, n_k) arrays, with shape / value checks."""
+def _decode_leaves(
+    ch: Chain, payload: Payload, n_classes: int
+) -> dict[int, tuple[list[Signs], list[Array], list[Array]]]:
+    """Row j -> (sgn, alpha, beta) lists of (L, n_k) arrays, with shape / value checks; the
+    signs (stored as floats) checked to be -1, 0 or 1 and returned as :data:`Signs`."""
     data: dict[int, dict[str, dict[int, Array]]] = {}
     for key, arr in payload:
         parts = str(key).split(":")
@@ -1169,7 +1179,7 @@ def _decode_leaves(ch: Chain, payload: Payload, n_classes: int) -> dict[int, lis
         if not np.isfinite(a).all():
             raise ValueError(f"beta-crown payload {key!r} is not finite")
         data.setdefault(j, {}).setdefault(parts[2], {})[k] = a
-    out: dict[int, list[list[Array]]] = {}
+    out: dict[int, tuple[list[Signs], list[Array], list[Array]]] = {}
     for j, fields in data.items():
         got = []
         for name in ("sgn", "alpha", "beta"):
@@ -1177,7 +1187,7 @@ def _decode_leaves(ch: Chain, payload: Payload, n_classes: int) -> dict[int, lis
             if sorted(per) != list(range(len(ch.act))):
                 raise ValueError(f"beta-crown payload row {j} lacks {name} entries")
             got.append([per[k] for k in range(len(ch.act))])
-        sgn, _, beta = got
+        sgn, alpha, beta = got
         n_leaf = sgn[0].shape[0]
         if n_leaf == 0 or any(a.shape[0] != n_leaf for f in got for a in f):
             raise ValueError(f"beta-crown payload row {j}: leaf counts differ")
@@ -1185,7 +1195,7 @@ def _decode_leaves(ch: Chain, payload: Payload, n_classes: int) -> dict[int, lis
             raise ValueError("beta-crown split signs must be -1, 0 or 1")
         if any((b < 0).any() for b in beta):
             raise ValueError("beta-crown multipliers must be >= 0")
-        out[j] = got
+        out[j] = ([s.astype(np.int8) for s in sgn], alpha, beta)
     return out
 
 
@@ -1210,14 +1220,13 @@ def _recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload) -> A
     st = compute_bounds(graph, x, e, node_hook=hook)
     c = objective_rows(np.array([y]), graph.output_size)[0]
     for j, (sgn, alpha, beta) in trees.items():
-        if not covers(np.concatenate(sgn, axis=1).astype(np.int8)):
+        if not covers(np.concatenate(sgn, axis=1)):
             raise ValueError("beta-crown leaves do not cover the ball")
-        val = leaf_bounds(ch, st, c[j], [s.astype(np.int8) for s in sgn], alpha, beta, inter)
+        val = leaf_bounds(ch, st, c[j], sgn, alpha, beta, inter)
         if np.min(val) <= 0 and sum(ch.split) < REFRESH_MIN_LAYERS:
             # certificates made before the per-leaf recomputation was limited to deep nets
             # (2026-12-07) relied on it: both bounds are rigorous, so their maximum is too
-            signs = [s.astype(np.int8) for s in sgn]
-            again = leaf_bounds(ch, st, c[j], signs, alpha, beta, inter, True)  # type: ignore[arg-type]
+            again = leaf_bounds(ch, st, c[j], sgn, alpha, beta, inter, True)
             val = np.maximum(val, again)
         base[j] = max(base[j], float(np.min(val)))
     return base

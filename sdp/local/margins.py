@@ -343,7 +343,9 @@ def _encode_inter_lines(found: InterLines) -> Payload:
     ``tsm:t:k`` (np.packbits of the (q, n) mask of the entries with a slope of their own, row
     major) and ``tsl:t:k`` (those slopes, :data:`sdp.local.alpha.SLOPE_DTYPE`, in mask
     order); the other entries used the relaxation's own line, which the verifier re-derives
-    (design.md §4.1.3)."""
+    (design.md §4.1.3). A node none of whose entries has a slope of its own is left out (the
+    verifier's default for an absent node is that same line); certificates written before
+    2026-12-07 hold it as an all-zero mask and empty slopes, which still decode."""
     out: list[tuple[str, Array]] = []
     for t in sorted(found):
         obj, sl = found[t]
@@ -351,6 +353,8 @@ def _encode_inter_lines(found: InterLines) -> Payload:
         for k in sorted(sl):
             a = np.asarray(sl[k], dtype=SLOPE_DTYPE)
             own = ~np.isnan(a)
+            if not own.any():
+                continue
             # payload arrays may be of any numeric dtype (the certificate's type says float64)
             out.append((f"tsm:{t}:{k}", cast(Array, np.packbits(own.reshape(-1)))))
             out.append((f"tsl:{t}:{k}", cast(Array, a[own])))

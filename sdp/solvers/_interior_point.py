@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,7 @@ class IpmTuning:
     sigma_fixed: float | None = None
     corrector: bool = True  # Mehrotra's second-order correction
     float32_above: float = 1e-4  # predictor products in float32 while <S,Z> > this |S| |Z|
+    float32_predictor: float | None = 1e-5  # dense dual: the predictor's alone, down to this
     float32_step: bool = True  # the corrected direction's Z dS X too, under the same test
     float32_projections: bool = True  # the rank-2 projections' products too (same test)
     float32_corrector: float | None = 1e-6  # corrector in float32 while <S,Z> > this |S| |Z|
@@ -93,6 +95,8 @@ class IpmTuning:
     rho_factor: float = 1.1  # start at rho = rho_factor * rho(t0)
     chordal_min_depth: int | None = 3  # Z on the block-tridiagonal pattern from this depth
     chordal_newton_start: bool = True  # with the chordal dual: the Newton start at any depth
+    float32_start: bool = True  # the Newton dual start's X dS X in float32
+    predictor_finish: float | None = 0.8  # last step: the predictor alone if it reaches this x eps
 
 
 @dataclass(frozen=True)
@@ -298,7 +302,9 @@ def _start(
     xinv = sops.inverse_from_cholesky(rs)
     dops = dual_ops(lmi, settings)
     if lmi.depth <= settings.newton_start_depth or (dops.chordal and settings.chordal_newton_start):
-        dual = newton_dual_start(lmi, grp, sgn, x, xinv)
+        dual = newton_dual_start(
+            lmi, grp, sgn, x, xinv, dual=dops, low_precision=settings.float32_start
+        )
         if dual is not None:
             it = _Iterate(rho, x, s_mat, rs, xinv, dual.zmat, dual.rz, dual.z, pi, xb=dual.xb)
             return _with_dual(dops, it)
@@ -366,7 +372,14 @@ class DualStart:
 
 
 def newton_dual_start(
-    lmi: StructuredLmi, grp: Grouping, sgn: Mask, x: Array, xinv: Mat, frac: float = 0.9
+    lmi: StructuredLmi,
+    grp: Grouping,
+    sgn: Mask,
+    x: Array,
+    xinv: Mat,
+    frac: float = 0.9,
+    dual: ChordalDualOps | DenseDualOps | None = None,
+    low_precision: bool = False,
 ) -> DualStart | None:
     """The dual estimate of the barrier's Newton step at S = S(y) (X = S^{-1}) as a start.
 
@@ -388,7 +401,14 @@ def newton_dual_start(
     Measured (docs/benchmarks.md): mnistfc-256x2 14 iterations instead of 19, 256x4 17
     instead of 20; on deeper nets (256x6, ERAN 9x200) the dual steps stall, so the solver
     uses it up to a depth (:class:`IpmTuning` ``newton_start_depth``). None if mu <= 0 or no
-    PD Z is found.
+    PD Z is found. With a chordal ``dual`` (:mod:`sdp.solvers._chordal`) only P(Z) is formed
+    (P(X dS X) by block rows, 3 n_k / n of the dense product) and theta keeps P(Z) completable
+    (clique step lengths), which a PD Z implies: theta is at least the dense one.
+    ``low_precision`` (numpy backend, dense dual; not measured with the chordal one) computes
+    X dS X in float32: Z then solves the dual equations only to ~1e-7 relative, which the
+    first Newton step removes like any dual residual (its right-hand side does not involve
+    A(Z)); Z > 0 is checked in float64 as always. The solver's start uses it (one float64 n^3
+    product less).
     """
     ops = lmi.ops
     w = sgn.astype(np.float64)
@@ -406,14 +426,17 @@ def newton_dual_start(
     mu = hc[0] / hg[0]
     dy = hg - hc / mu
     k_mat = linear_part_times(lmi, xinv, xb.wy, dy[0], grp.expand(dy[1:]))  # dS X
-    corr = ops.sym(ops.matmul(xinv, k_mat), -0.5 * mu)  # -mu X dS X
-    base = mu * xinv
-    r_base = ops.cholesky_upper(base)
+    dops = DenseDualOps(ops) if dual is None else dual
+    corr = dops.sym_product(
+        xinv, k_mat, -0.5 * mu, low_precision and not dops.chordal
+    )  # -mu X dS X (on the pattern)
+    base = dops.project(mu * xinv)
+    r_base = dops.cholesky_upper(base)
     if r_base is None:
         return None
-    z_max, _ = ops.max_step(r_base, corr)
+    z_max, _ = dops.max_step(r_base, corr)
     theta = min(1.0, frac * z_max, frac * step_ratio(x[sgn], -dy[1:][sgn]))
-    theta, rz = cholesky_step(ops, base, corr, theta)
+    theta, rz = cholesky_step(dops, base, corr, theta)
     if rz is None:
         return None
     base += theta * corr
@@ -427,8 +450,6 @@ class _Score:
     complementarity gap and mu, the relative gap to the dual estimate, that estimate, and
     whether this iteration's products may run in float32 (``low``)."""
 
-    xb: Any
-    zb: Any
     tr_x00: float
     cx: Array
     gap: float
@@ -437,6 +458,9 @@ class _Score:
     lower: float | None
     low: bool
     size: float  # |S| |Z| (Frobenius), the scale of the float32 tests
+    low_proj: bool  # the projections' products in float32 (see _score)
+    xb: Any = None  # rank2_blocks of X and Z: by _project, once the solve goes on
+    zb: Any = None
 
 
 @dataclass
@@ -470,24 +494,18 @@ def _score(
     and Z (numpy backend): they only feed the Schur matrix, whose ~1e-7 relative error only
     perturbs the direction (the primal step stays exact and any dual residual it leaves is
     aimed at by the next Newton step, whose right-hand side does not involve A(Z)). The
-    constraint values <X, F_k>, <Z, F_k> come from the float64 bands then.
+    constraint values <X, F_k>, <Z, F_k> come from the float64 bands (O(sum_j n_j n_{j+1})
+    on ReLU-like layers); the projections themselves are left to :func:`_project`, which
+    only runs when the solve goes on (the last score of a solve needs none: two float64
+    projections, about 1 % of mnistfc-256x2's solve, saved).
     """
     ops = lmi.ops
     gap = ops.vdot(cur.s_mat, cur.zmat) + float(cur.x[sgn] @ cur.z[sgn])
     size = ops.norm(cur.s_mat) * ops.norm(cur.zfull)
     low = gap > settings.float32_above * size
-    # float32 projections on the dense dual only (not measured with the chordal one)
-    low_proj = (
-        low and settings.float32_projections and isinstance(ops, NumpyOps) and not cur.dual.chordal
-    )
-    xb = rank2_blocks(lmi, cur.xinv, low_precision=low_proj) if cur.xb is None else cur.xb
-    zb = rank2_blocks(lmi, cur.zfull, low_precision=low_proj)
-    if low_proj:
-        tr_x00, cx = constraint_values_banded(lmi, cur.xinv)
-        tr_z00, cz = constraint_values_banded(lmi, cur.zmat)
-    else:
-        tr_x00, cx = constraint_values(ops, xb)
-        tr_z00, cz = constraint_values(ops, zb)
+    low_proj = low and settings.float32_projections and isinstance(ops, NumpyOps)
+    tr_x00, cx = constraint_values_banded(lmi, cur.xinv)
+    tr_z00, cz = constraint_values_banded(lmi, cur.zmat)
     az = grp.vec(cz)
     if cur.pi > 0:
         rho_t = rho_for_multipliers(lmi, grp.expand(cur.x))
@@ -503,7 +521,14 @@ def _score(
         lower /= tr_z00
         scale = abs(best.rho) or 1.0  # rho = 0 (e.g. a zero layer): absolute gap
         rel_gap = max((best.rho - lower) / scale, gap / (tr_z00 * scale))
-    return _Score(xb, zb, tr_x00, cx, gap, mu, rel_gap, lower, low, size)
+    return _Score(tr_x00, cx, gap, mu, rel_gap, lower, low, size, low_proj)
+
+
+def _project(lmi: StructuredLmi, cur: _Iterate, sc: _Score) -> None:
+    """The rank-2 projections of X (the Newton start's if kept) and Z that the Schur system
+    needs, in float32 where ``sc.low_proj`` (:func:`_score`)."""
+    sc.xb = cur.xb if cur.xb is not None else rank2_blocks(lmi, cur.xinv, low_precision=sc.low_proj)
+    sc.zb = rank2_blocks(lmi, cur.zfull, low_precision=sc.low_proj)
 
 
 def _stop_status(
@@ -551,6 +576,42 @@ def _low_x(lmi: StructuredLmi, xinv: Mat, xw: Mat) -> tuple[Mat, Mat] | None:
     return (x32, xw32) if np.isfinite(x32).all() and np.isfinite(xw32).all() else None
 
 
+def _gap_along(
+    ops: DenseOps, sgn: Mask, cur: _Iterate, d: _Direction, gap: float
+) -> Callable[[float, float], float]:
+    """<S + a_p dS, Z + a_d dZ> + (x + a_p dx)^T (z + a_d dz) as a function of (a_p, a_d),
+    from three inner products (no n x n temporaries)."""
+    s_dz, ds_z, ds_dz = (
+        ops.vdot(cur.s_mat, d.dzm),
+        ops.vdot(d.ds, cur.zmat),
+        ops.vdot(d.ds, d.dzm),
+    )
+    xz = float(cur.x[sgn] @ cur.z[sgn])
+
+    def at(a_p: float, a_d: float) -> float:
+        lin = float((cur.x + a_p * d.dy[1:])[sgn] @ (cur.z + a_d * d.dz)[sgn])
+        return gap - xz + a_d * s_dz + a_p * ds_z + a_p * a_d * ds_dz + lin
+
+    return at
+
+
+def _predictor_finishes(
+    settings: IpmSettings, sc: _Score, low: bool, gap: float, gap_next: float
+) -> bool:
+    """True when the predictor's own step (sigma = 0), at the fraction of the boundary the
+    iteration takes, is predicted to end the solve: its relative gap, scaled by the
+    complementarity it leaves, is at most ``predictor_finish`` times the target. Only for a
+    predictor computed in float64 (``low`` False): then the corrector's two products and
+    step lengths are saved in the last iteration, which has no later iterate to keep centred
+    (Mehrotra's corrector only serves the centring of the iterates that follow). The next
+    score measures the gap as always; a short prediction only costs one more iteration.
+    """
+    if settings.predictor_finish is None or low or not gap > 0:
+        return False
+    predicted = sc.rel_gap * max(gap_next, 0.0) / gap
+    return predicted <= settings.predictor_finish * settings.eps
+
+
 def _predictor_corrector(
     lmi: StructuredLmi,
     grp: Grouping,
@@ -570,26 +631,29 @@ def _predictor_corrector(
     # predictor (sigma = 0); its step lengths set sigma = (gap_aff / gap)^3 (Mehrotra)
     # float32 products are 2.7x faster; their error (~1e-7 ||Z|| ||dS X||, and dS ~ S in the
     # predictor) must stay far below the complementarity they steer: only while <S, Z> is
-    # large relative to ||S|| ||Z||
-    low = sc.low
-    low_step = low and settings.float32_step
+    # large relative to ||S|| ||Z||; on the dense dual the predictor's own products stay
+    # float32 further down (float32_predictor), the corrected direction's do not
+    low = sc.low or (
+        settings.float32_predictor is not None
+        and sc.gap > settings.float32_predictor * sc.size
+        and isinstance(ops, NumpyOps)
+        and not cur.dual.chordal
+    )
+    low_step = sc.low and settings.float32_step
     low_x = _low_x(lmi, cur.xinv, sc.xb.wy) if low else None
     pred = _direction(lmi, grp, sgn, cur, sc.xb.wy, schur, base, 0.0, None, low, low_x)
     a_p, a_d = _step_lengths(ops, primal_ops(lmi), sgn, cur, pred, 1.0, warm)
-    gap_aff = (  # <S + a_p dS, Z + a_d dZ> without n x n temporaries
-        gap
-        - float(cur.x[sgn] @ cur.z[sgn])
-        + a_d * ops.vdot(cur.s_mat, pred.dzm)
-        + a_p * ops.vdot(pred.ds, cur.zmat)
-        + a_p * a_d * ops.vdot(pred.ds, pred.dzm)
-        + float((cur.x + a_p * pred.dy[1:])[sgn] @ (cur.z + a_d * pred.dz)[sgn])
-    )
+    gap_along = _gap_along(ops, sgn, cur, pred, gap)
+    gap_aff = gap_along(a_p, a_d)
     sigma = min(1.0, max(gap_aff / gap, 0.0) ** 3) if gap > 0 else 0.1
     sigma = max(sigma, settings.sigma_min)
     if settings.sigma_fixed is not None:
         sigma = settings.sigma_fixed
+    frac = settings.step_frac
+    if _predictor_finishes(settings, sc, low, gap, gap_along(frac * a_p, frac * a_d)):
+        return pred, 0.0, low
     if settings.corrector:  # the second-order terms sym(dZ_a dS_a X) and dx_a dz_a
-        # float32 with float32_corrector (dense dual) down to a gap of that times |S| |Z|: any
+        # float32 with float32_corrector down to a gap of that times |S| |Z|: any
         # symmetric C keeps the corrected equations exact (its bands enter the right-hand side
         # as computed), so this second-order term's rounding (~1e-7 of |dZ_a| |dS_a X|) only
         # moves the target; below that it would swamp the centring (eps 1e-9: 44 iterations
@@ -598,7 +662,6 @@ def _predictor_corrector(
             settings.float32_corrector is not None
             and gap > settings.float32_corrector * sc.size
             and isinstance(ops, NumpyOps)
-            and not cur.dual.chordal
         )
         dz_a = pred.dzm if pred.dzm_full is None else pred.dzm_full
         corr = cur.dual.corrector(dz_a, pred.k_mat, 0.5, low or dense32)
@@ -664,6 +727,7 @@ def solve_ipm(
             if stop:
                 status = stop
                 break
+            _project(lmi, cur, sc)
             warm: list[Any] = [None, None]  # per iteration (kept across: 39 instead of 20
             # iterations on 256x6 with the chordal dual's ARPACK search, measured)
             d, sigma, low = _predictor_corrector(lmi, grp, sgn, w, cur, sc, settings, warm)

@@ -35,6 +35,7 @@ from functools import cached_property
 
 import numpy as np
 from scipy import linalg
+from scipy.linalg import lapack
 
 from sdp.certificate import Lmi
 from sdp.ir import Array
@@ -53,14 +54,21 @@ def reduce_input(lmi: Lmi, *, rtol: float = INPUT_RTOL) -> Lmi:
     Keeps the singular values above ``rtol`` * s_max (``rtol`` 0: all of them, so r =
     min(n_0, n_1)). Returns ``lmi`` itself when that leaves W_0 with as many columns. A wide
     W_0 (n_1 < n_0, e.g. 256 x 784) is first reduced by a QR factorisation of W_0^T, whose
-    n_1 x n_1 triangle R gives W_0 = R^T Q^T, so U and S come from the SVD of R^T (half the
-    time of the thin SVD of W_0; both backward stable).
+    n_1 x n_1 triangle R gives W_0 = R^T Q^T with Q^T a co-isometry, so R^T (n_1 x n_1) is
+    already an exact reduction (the same argument with Q for V): it is returned as is when
+    nothing is to be dropped, i.e. ``rtol`` is 0 or R's reciprocal condition number
+    estimate (LAPACK trcon, O(n_1^2)) is above :data:`_KEEP_ALL_RCOND`, far above ``rtol``;
+    else U and S come from the SVD of R^T (both backward stable; the SVD cost 17 of the 26 ms
+    of mnistfc-256x2's reduction). R^T and U S differ by an orthogonal change of the input
+    coordinates, under which the SDP is invariant.
     """
     w0 = lmi.weights[0]
     if w0.shape[1] <= 1:
         return lmi
     if w0.shape[0] < w0.shape[1]:  # wide: W_0^T = Q R, so W_0 = R^T Q^T has R^T's U and S
         fac = linalg.qr(w0.T, mode="r", check_finite=False)[0][: w0.shape[0]]
+        if rtol <= 0 or _rcond_upper(fac) > _KEEP_ALL_RCOND:
+            return Lmi((np.ascontiguousarray(fac.T), *lmi.weights[1:]), lmi.alpha, lmi.beta)
         u, s, _ = linalg.svd(fac.T, full_matrices=False, lapack_driver="gesdd")
     else:
         u, s, _ = linalg.svd(w0, full_matrices=False, lapack_driver="gesdd")
@@ -69,6 +77,19 @@ def reduce_input(lmi: Lmi, *, rtol: float = INPUT_RTOL) -> Lmi:
     if r >= w0.shape[1]:
         return lmi
     return Lmi((u[:, :r] * s[:r], *lmi.weights[1:]), lmi.alpha, lmi.beta)
+
+
+_KEEP_ALL_RCOND = 1e-6
+"""R^T is kept unreduced (no SVD) above this reciprocal condition estimate: s_min / s_max is
+then at least about 1e-6 / n_1 (the 1-norm estimate is rarely 10x off), far above the 1e-13
+of :data:`INPUT_RTOL`. Were it wrong, W_0 would only keep a direction the SVD would drop:
+the reduced problem stays exact."""
+
+
+def _rcond_upper(r: Array) -> float:
+    """LAPACK's estimate of 1 / (|R|_1 |R^{-1}|_1) for an upper triangular R (0 if it fails)."""
+    rcond, info = lapack.dtrcon(r, norm="1", uplo="U")
+    return float(rcond) if info == 0 and np.isfinite(rcond) else 0.0
 
 
 @dataclass(frozen=True, eq=False)

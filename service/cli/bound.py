@@ -18,6 +18,7 @@ from rich.table import Table
 
 from service.cli._common import fail
 from service.documents import StoredBound, strict_json
+from service.settings import LOCAL_TIME_BUDGET_S
 
 _METHOD_HELP = (
     "auto, naive, lipsdp-layer, lipsdp-neuron, eclipse-fast, eclipse, eclipse-refined, sandwich"
@@ -57,9 +58,11 @@ def _compute(
     device: str = "cpu",
 ) -> Any:
     from sdp.bounds import compute_bound
+    from service.malloc_tuning import keep_freed_memory
     from service.solver_device import use_solver_device
 
     use_solver_device(device)
+    keep_freed_memory()  # as in the job processes (service.malloc_tuning)
     return compute_bound(
         net,
         method,
@@ -150,9 +153,9 @@ def certify(
         "auto", help="With --mode local: ibp|crown|alpha-crown|sdp-crown|bab|beta-crown|auto."
     ),
     time_budget: float = typer.Option(
-        10.0,
+        LOCAL_TIME_BUDGET_S,
         help="With --mode local: seconds per input for the radius search, and at --epsilon "
-        "the deadline of alpha-crown's optimisation.",
+        "the deadline of alpha-crown's optimisation (the HTTP API's default too).",
     ),
     json_out: bool = typer.Option(False, "--json"),
     tsv: Path | None = typer.Option(None, help="Write idx/label/predict/radius/correct TSV."),
@@ -192,19 +195,17 @@ def certify(
         fail(f"{np.asarray(y).size} labels for {x.size // net.input_size} inputs")
     if mode == "local":
         floor: StoredBound | None = None
-        bound_summary = None
         if method != "none":
             try:
                 gb = _compute(net, method, False, solver, None, quiet, lower_bound=False)
             except LipcertError as e:
                 fail(f"{e.code}: {e.detail}")
-            bound_summary = gb.summary()
-            floor = StoredBound.from_result(gb, net.content_hash())
+            floor = StoredBound.from_result(gb, net.content_hash(), source="cli")
         cert = local.run(net, x.reshape(-1, net.input_size), y, options, floor)
         local.report(
             cert,
             model=model,
-            bound_summary=bound_summary,
+            bound=floor,
             json_out=json_out,
             tsv=tsv,
             plot=plot,
@@ -245,7 +246,9 @@ def certify(
             row["correct"] = bool(radii.correct[i])
             row["certified"] = bool(radii.correct[i] and radii.best_radius[i] > 0)
         rows.append(row)
-    out: dict[str, Any] = {"bound": result.summary(), "results": rows}
+    # the bound as GET /v1/models/{id}/bounds shows it (certificate summarised)
+    used = StoredBound.from_result(result, net.content_hash(), source="cli")
+    out: dict[str, Any] = {"bound": used.summarised(), "results": rows}
     if radii.correct is not None:
         out["accuracy"] = float(np.mean(radii.correct))
         out["certified_accuracy"] = float(np.mean([r["certified"] for r in rows]))

@@ -122,12 +122,13 @@ def report(
     cert: Certified,
     *,
     model: Path,
-    bound_summary: dict[str, Any] | None,
+    bound: StoredBound | None,
     json_out: bool,
     tsv: Path | None,
     plot: Path | None,
 ) -> None:
-    """Write the TSV/plot and print the JSON object or a table."""
+    """Write the TSV/plot and print the JSON object or a table. The JSON's ``bound`` is the
+    global bound document as GET /v1/models/{id}/bounds shows it (null without one)."""
     if tsv is not None:
         write_tsv(tsv, cert)
     if plot is not None:
@@ -136,7 +137,8 @@ def report(
     for i, row in enumerate(rows):
         row["index"] = i
     if json_out:
-        out = {**cert.summary, "bound": bound_summary, "results": rows}
+        doc = None if bound is None else bound.summarised()
+        out = {**cert.summary, "bound": doc, "results": rows}
         if cert.summary.get("accuracy") is not None:
             out["clean_accuracy"] = cert.summary["accuracy"]
         sys.stdout.write(json.dumps(strict_json(out)) + "\n")

@@ -25,6 +25,7 @@ from typing import Any
 
 from service.documents import JobError, JsonValue, StoredBound, strict_json
 from service.jobs.base import JobSpec
+from service.malloc_tuning import keep_freed_memory
 from service.storage import ModelNotFound, Storage
 
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -126,6 +127,7 @@ def child_main(
     """Entry point of a solver process (spawned): limit threads, solve, report, exit."""
     for name in THREAD_ENV:
         os.environ[name] = str(threads)
+    keep_freed_memory()  # the solver's n x n temporaries reused, not page-faulted in again
     die_with_parent()
     job = JobSpec.from_dict(spec)
 

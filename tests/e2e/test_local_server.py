@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,14 +18,28 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.e2e.test_server import Server, _npy, _wait_job, server  # noqa: F401 (fixture)
+from tests.e2e.test_server import Server, _npy, _wait_job
 from tests.service.onnx_nets import assert_problem, mlp_onnx
 from tests.service.test_api_local import small_net
 
 pytestmark = pytest.mark.e2e
 
+BUDGET_S = 0.5
+"""The server's LIPCERT_LOCAL_TIME_BUDGET_S: OIP infer has no time_budget_s, and the default
+(5 s per input) made its local call here 30 s of wall clock."""
 
-def test_local_certification_over_http(server: Server, tmp_path: Path) -> None:  # noqa: F811
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    srv = Server(
+        tmp_path / "data", tmp_path / "server.log", {"LIPCERT_LOCAL_TIME_BUDGET_S": str(BUDGET_S)}
+    )
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_local_certification_over_http(server: Server, tmp_path: Path) -> None:
     onnx_bytes = mlp_onnx(small_net(2))
     c = httpx.Client(base_url=server.url, timeout=120)
     mid = c.post("/v1/models", files={"file": ("n.onnx", onnx_bytes)}).json()["id"]
@@ -35,10 +50,8 @@ def test_local_certification_over_http(server: Server, tmp_path: Path) -> None: 
     y = logits.argmax(1)
 
     # sync, JSON: predictions are onnxruntime's, radii never below the global ones
-    r = c.post(
-        f"/v1/models/{mid}/certify",
-        json={"inputs": x.tolist(), "labels": y.tolist(), "mode": "local", "time_budget_s": 1},
-    )
+    sync = {"inputs": x.tolist(), "labels": y.tolist(), "mode": "local", "time_budget_s": BUDGET_S}
+    r = c.post(f"/v1/models/{mid}/certify", json=sync)
     assert r.status_code == 200, r.text
     rows = r.json()["results"]
     assert [row["prediction"] for row in rows] == y.tolist()

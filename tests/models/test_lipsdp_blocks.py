@@ -28,7 +28,7 @@ from sdp.solvers._lmi_structure import StructuredLmi
 from sdp.solvers.base import LipSdpProblem, SolveOptions
 from sdp.solvers.dense import NumpyOps, PrimalOps, cholesky_upper, max_step
 from sdp.solvers.structured import StructuredSolver
-from tests.sdp._nets import random_lmi
+from tests.sdp._nets import random_lmi, spd_and_direction
 
 DEVICES = [
     "cpu",
@@ -112,12 +112,7 @@ def test_block_step_length_equals_numpy(
 @pytest.mark.parametrize("device", DEVICES)
 def test_dense_step_length_by_lanczos(device: str) -> None:
     """TorchOps(lanczos_above=...): Z's step length by torch Lanczos equals the exact one."""
-    rng = np.random.default_rng(7)
-    n = 320
-    a = rng.standard_normal((n, n))
-    z = a @ a.T / n + 0.1 * np.eye(n)
-    d = rng.standard_normal((n, n))
-    d = (d + d.T) / 2
+    z, d = spd_and_direction(7, 320)
     r = cholesky_upper(z)
     assert r is not None
     c = np.linalg.solve(r.T, np.linalg.solve(r.T, d).T)  # R^{-T} D R^{-1}

@@ -22,7 +22,7 @@ from sdp.solvers._lmi_structure import StructuredLmi
 from sdp.solvers.base import LipSdpProblem, SolveOptions
 from sdp.solvers.dense import NumpyOps
 from sdp.solvers.structured import StructuredSolver
-from tests.sdp._nets import dense_network, random_lmi
+from tests.sdp._nets import dense_network, random_lmi, spd_and_direction
 
 DEVICES = [
     "cpu",
@@ -41,12 +41,7 @@ def certified(solver: StructuredSolver, lmi: Lmi, variant: str = "neuron") -> tu
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_dense_ops_agree_with_numpy(device: str) -> None:
-    rng = np.random.default_rng(0)
-    n = 40
-    a = rng.standard_normal((n, n))
-    s = a @ a.T / n + 0.1 * np.eye(n)
-    d = rng.standard_normal((n, n))
-    d = (d + d.T) / 2
+    s, d = spd_and_direction(0, 40)
     cpu, dev = NumpyOps(), TorchOps(device)
     ts, td = dev.asarray(s), dev.asarray(d)
     r_np, r_t = cpu.cholesky_upper(s), dev.cholesky_upper(ts)
@@ -70,7 +65,8 @@ def test_dense_ops_agree_with_numpy(device: str) -> None:
     assert dev.vdot(ts, td) == pytest.approx(cpu.vdot(s, d), rel=1e-12)
     assert dev.norm(td) == pytest.approx(cpu.norm(d), rel=1e-12)
     np.testing.assert_allclose(dev.to_numpy(dev.rowdot(ts, td)), cpu.rowdot(s, d), rtol=1e-12)
-    np.testing.assert_allclose(dev.to_numpy(dev.sym(dev.asarray(a), 0.5)), (a + a.T) / 2)
+    sd = s @ d  # not symmetric
+    np.testing.assert_allclose(dev.to_numpy(dev.sym(dev.asarray(sd), 0.5)), (sd + sd.T) / 2)
     low = dev.to_numpy(dev.matmul(ts, td, low_precision=True))
     np.testing.assert_allclose(low, s @ d, rtol=1e-4, atol=1e-5 * np.abs(s @ d).max())
     big = dev.asarray(np.full((2, 2), 1e30))  # overflows float32: recomputed in float64

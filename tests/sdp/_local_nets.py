@@ -48,14 +48,19 @@ def dense_net(rng, sizes, name="relu", out_act=False, scale=1.0) -> Network:
     return Network((sizes[0],), tuple(ops))
 
 
-def conv_net(rng, name="relu") -> Network:
-    c1 = Conv2d(
+def conv_layer(rng, stride=(2, 2)) -> Conv2d:
+    """A random 3x3 convolution, 2 -> 3 channels on 5x5 inputs, padding 1."""
+    return Conv2d(
         rng.normal(size=(3, 2, 3, 3)) * 0.4,
         rng.normal(size=3) * 0.1,
         (2, 5, 5),
-        stride=(2, 2),
+        stride=stride,
         padding=(1, 1, 1, 1),
     )
+
+
+def conv_net(rng, name="relu") -> Network:
+    c1 = conv_layer(rng)
     n1 = c1.out_features
     return Network(
         (2, 5, 5), (c1, act(name), Dense(rng.normal(size=(4, n1)) * 0.3, rng.normal(size=4) * 0.1))

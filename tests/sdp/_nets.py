@@ -53,3 +53,13 @@ def random_lmi(sizes: list[int], act: Activation, seed: int) -> Lmi:
         tuple(np.full(w.shape[0], a) for w in ws[:-1]),
         tuple(np.full(w.shape[0], b) for w in ws[:-1]),
     )
+
+
+def spd_and_direction(seed: int, n: int, shift: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """A step-length problem of size ``n``: S = A A^T / n + shift I (positive definite) and a
+    symmetric direction D = (B + B^T) / 2, A and B standard normal."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, n))
+    s = a @ a.T / n + shift * np.eye(n)
+    b = rng.standard_normal((n, n))
+    return s, (b + b.T) / 2

@@ -12,7 +12,14 @@ import pytest
 from sdp.certificate import Lmi, certify_multipliers, certify_rho, layerwise_multipliers
 from sdp.ir import Activation
 from sdp.solvers._chordal import ChordalDualOps, DenseDualOps, completion
-from sdp.solvers._interior_point import IpmSettings, IpmTuning, dual_ops, solve_ipm
+from sdp.solvers._interior_point import (
+    Grouping,
+    IpmSettings,
+    IpmTuning,
+    dual_ops,
+    newton_dual_start,
+    solve_ipm,
+)
 from sdp.solvers._lmi_structure import StructuredLmi
 from sdp.solvers.base import LipSdpProblem, SolveOptions
 from sdp.solvers.dense import NumpyOps
@@ -99,17 +106,20 @@ def test_pattern_products_and_step_length() -> None:
     assert completion(z + 0.99 * alpha * d, OFFSETS) is not None
     assert completion(z + 1.01 * alpha * d, OFFSETS) is None
     assert ops.max_step(fac, ops.project(z.copy()))[0] == math.inf
-    big = tuple(int(v) for v in np.arange(0, 701, 100))  # 6 cliques of 200: Lanczos
+    big = tuple(int(v) for v in np.arange(0, 801, 160))  # 4 cliques of 320: Lanczos
     ops_big = ChordalDualOps(NumpyOps(), big)
-    zb = ops_big.project(_spd(rng, 700))
+    zb = ops_big.project(_spd(rng, 800))
     fb = completion(zb, big)
     assert fb is not None
-    db = rng.standard_normal((700, 700))
+    db = rng.standard_normal((800, 800))
     db = ops_big.project(db + db.T)
-    alpha, vec = ops_big.max_step(fb, db)
-    assert vec is not None
+    db[480:640, 480:640] -= 3.0 * np.eye(160)  # the smallest eigenvalue in cliques 2 and 3
+    alpha, vecs = ops_big.max_step(fb, db)
+    assert vecs is not None and all(v is not None for v in vecs)
     assert completion(zb + 0.99 * alpha * db, big) is not None
     assert completion(zb + 1.03 * alpha * db, big) is None
+    again, _ = ops_big.max_step(fb, db, vecs)  # warm: the cliques' vectors as start vectors
+    assert again == pytest.approx(alpha, rel=1e-3)
 
 
 def _dense_and_chordal(lmi: Lmi, variant: str, **kw: float) -> tuple[float, float, object]:
@@ -168,3 +178,27 @@ def test_dual_ops_selection() -> None:
     assert isinstance(dual_ops(st, IpmTuning(chordal_min_depth=None)), DenseDualOps)
     assert isinstance(dual_ops(st, IpmTuning(chordal_min_depth=3)), ChordalDualOps)
     assert isinstance(dual_ops(st, IpmTuning(chordal_min_depth=4)), DenseDualOps)
+
+
+def test_newton_start_on_the_pattern() -> None:
+    """With the chordal dual the Newton start forms only P(Z) = P(mu X - theta mu X dS X): the
+    dense start's Z (linear in theta) projected, taken further (theta keeps P(Z) completable,
+    which a PD Z implies)."""
+    lmi = random_lmi([6, 9, 8, 7, 3], Activation("relu"), 11)
+    st = StructuredLmi.from_lmi(lmi)
+    grp = Grouping(st, False)
+    sgn = grp.sign_needed(st) > 0
+    t0 = np.concatenate(layerwise_multipliers(lmi))
+    s = st.assemble(1.1 * certify_rho(lmi, layerwise_multipliers(lmi)), t0)
+    xinv = np.linalg.inv(s)
+    chordal = ChordalDualOps(NumpyOps(), st.offsets)
+    for frac in (0.9, 1e-3):
+        dense = newton_dual_start(st, grp, sgn, t0, xinv, frac=frac)
+        sparse = newton_dual_start(st, grp, sgn, t0, xinv, frac=frac, dual=chordal)
+        assert dense is not None and sparse is not None
+        assert sparse.mu == dense.mu and sparse.theta > dense.theta
+        assert completion(sparse.zmat, st.offsets) is not None
+        base = chordal.project(dense.mu * xinv)
+        step = chordal.project(dense.zmat.copy()) - base
+        want = base + (sparse.theta / dense.theta) * step
+        np.testing.assert_allclose(sparse.zmat, want, atol=1e-10 * np.abs(want).max())

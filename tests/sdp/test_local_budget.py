@@ -14,11 +14,11 @@ import time
 import numpy as np
 import pytest
 
-from sdp.ir import Conv2d, Dense, Network
+from sdp.ir import Dense, Network
 from sdp.local import beta_crown, certify_local, clock, verify_local
 from sdp.local.graph import build_graph
 from sdp.local.margins import alpha_crown, get_method
-from tests.sdp._local_nets import act, dense_net
+from tests.sdp._local_nets import act, conv_layer, dense_net
 from tests.sdp.test_local_attack import pgd_min_margin
 
 TOLERANCE_S = 0.5
@@ -39,13 +39,7 @@ def test_radius_search_keeps_to_the_budget(method: str) -> None:
 
 def _deep_conv(rng: np.random.Generator, name: str) -> Network:
     """conv -> act -> dense -> act -> dense -> act -> dense: intermediate layers to optimise."""
-    c1 = Conv2d(
-        rng.normal(size=(3, 2, 3, 3)) * 0.4,
-        rng.normal(size=3) * 0.1,
-        (2, 5, 5),
-        stride=(1, 1),
-        padding=(1, 1, 1, 1),
-    )
+    c1 = conv_layer(rng, stride=(1, 1))
     sizes = [c1.out_features, 12, 12, 4]
     ops: list = [c1]
     for i in range(3):

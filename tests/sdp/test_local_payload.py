@@ -18,6 +18,7 @@ from sdp.local.margins import (
     _decode_inter_lines,
     _encode_inter,
     _encode_inter_lines,
+    get_method,
 )
 from tests.sdp._local_nets import dense_net
 from tests.sdp.test_local_attack import residual_net
@@ -169,3 +170,43 @@ def test_residual_tanh_certificates_with_target_slopes_verify():
     own = [i for i, c in enumerate(res.certificates) if any(k == "tsm:7:7" for k, _ in c.payload)]
     assert own and all(res.certified[i] for i in own)
     assert all(verify_local(net, x[i], res.certificates[i]) for i in own)
+
+
+def test_nodes_without_own_slopes_are_not_stored_and_old_entries_still_decode():
+    """A node whose entries all use the relaxation's own line (all NaN) gets no tsm/tsl
+    entry; the all-zero mask and empty slopes that certificates held for it until 2026-12-07
+    still decode, to all NaN."""
+    rows = np.array([0.0, 7.0])
+    own = np.full((2, 4), np.nan, dtype=SLOPE_DTYPE)
+    assert [k for k, _ in _encode_inter_lines({3: (rows, {2: own})})] == ["trows:3"]
+    old = (
+        ("trows:3", rows),
+        ("tsm:3:2", np.packbits(np.zeros(8, dtype=bool))),
+        ("tsl:3:2", np.zeros(0, dtype=SLOPE_DTYPE)),
+    )
+    got = _decode_inter_lines(SIG, old)[3][1][2]
+    assert got.shape == (2, 4) and np.isnan(got).all()
+
+
+def test_an_old_all_own_line_entry_replays_as_its_absence():
+    """On a real certificate: one node's slopes replaced by the old all-zero mask + empty
+    slopes, or dropped as the encoder now does, give the same rechecked margins, bit for bit
+    (both mean the relaxation's own line on every entry)."""
+    rng = np.random.default_rng(8)
+    net = dense_net(rng, [10, 14, 14, 14, 4], "sigmoid", scale=3.0)
+    x = rng.normal(size=(1, 10))
+    cert = certify_local(net, x, epsilon=0.3, method="alpha-crown").certificates[0]
+    assert cert is not None
+    key = next((k for k, _ in cert.payload if k.startswith("tsm:")), None)
+    assert key is not None, "no tangent slopes stored: vacuous"
+    pair = key[len("tsm:") :]
+    mask = dict(cert.payload)[key]
+    rest = tuple((k, a) for k, a in cert.payload if k not in (key, f"tsl:{pair}"))
+    old = (*rest, (key, np.zeros_like(mask)), (f"tsl:{pair}", np.zeros(0, dtype=SLOPE_DTYPE)))
+    recheck = get_method("alpha-crown").recheck
+    graph = build_graph(net)
+    args = (graph, x[0], cert.epsilon, cert.prediction)
+    np.testing.assert_array_equal(recheck(*args, old), recheck(*args, rest))
+    assert verify_local(net, x[0], replace(cert, payload=old)) == verify_local(
+        net, x[0], replace(cert, payload=rest)
+    )

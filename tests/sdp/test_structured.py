@@ -33,7 +33,7 @@ from sdp.solvers._lmi_structure import (
 from sdp.solvers.base import LipSdpProblem, SolveOptions, Solver
 from sdp.solvers.dense import cholesky_upper, inverse_from_cholesky, max_step
 from sdp.solvers.structured import SOLVER, StructuredSolver
-from tests.sdp._nets import random_lmi
+from tests.sdp._nets import random_lmi, spd_and_direction
 
 ACTIVATIONS = [
     Activation("relu"),
@@ -226,6 +226,24 @@ def test_input_reduction_is_exact() -> None:
     assert reference_rho_blocks(lmi) == pytest.approx(reference_rho(lmi), rel=1e-6)
 
 
+def test_wide_input_reduction_by_qr_alone_unless_rank_deficient() -> None:
+    """A wide, well-conditioned W_0 is reduced to R^T of its QR factors (no SVD: lower
+    triangular, n_1 columns); the same optimum as the unreduced LMI. A rank-deficient one
+    still goes through the SVD, which drops the null directions."""
+    lmi = random_lmi([30, 6, 4, 2], Activation("relu"), 12)
+    red = reduce_input(lmi)
+    w0 = red.weights[0]
+    assert w0.shape == (6, 6) and np.array_equal(w0, np.tril(w0))
+    assert np.allclose(w0 @ w0.T, lmi.weights[0] @ lmi.weights[0].T, rtol=1e-12, atol=1e-12)
+    t = layerwise_multipliers(lmi)
+    assert certify_rho(red, t) == pytest.approx(certify_rho(lmi, t), rel=1e-9)
+    low_rank = lmi.weights[0].copy()
+    low_rank[-1] = low_rank[0] + low_rank[1]  # rank 5
+    deficient = Lmi((low_rank, *lmi.weights[1:]), lmi.alpha, lmi.beta)
+    assert reduce_input(deficient).input_size == 5
+    assert reduce_input(deficient, rtol=0.0).input_size == 6  # nothing dropped: R^T
+
+
 def test_no_hidden_layer_is_the_spectral_norm() -> None:
     w = np.random.default_rng(2).standard_normal((3, 5))
     sol = SOLVER.solve(LipSdpProblem(Lmi((w,), (), ())), SolveOptions())
@@ -389,12 +407,7 @@ def test_lanczos_step_length_matches_the_dense_one() -> None:
     """Above the dense size limit the step to the PSD boundary comes from Lanczos (then a
     Cholesky check in the solver); it must agree with the dense eigenvalue."""
 
-    rng = np.random.default_rng(5)
-    n = 400
-    a = rng.standard_normal((n, n))
-    s = a @ a.T / n + np.eye(n)
-    d = rng.standard_normal((n, n))
-    d = (d + d.T) / 2
+    s, d = spd_and_direction(5, 400, shift=1.0)
     r = cholesky_upper(s)
     lam = np.linalg.eigvalsh(
         np.linalg.solve(np.linalg.cholesky(s), np.linalg.solve(np.linalg.cholesky(s), d).T)
@@ -402,7 +415,7 @@ def test_lanczos_step_length_matches_the_dense_one() -> None:
     alpha, vec = max_step(r, d)
     assert vec is not None and alpha == pytest.approx(-1.0 / lam, rel=1e-2)
     assert alpha == pytest.approx(max_step(r, d, vec)[0], rel=1e-2)  # warm start
-    assert max_step(r, d @ d + np.eye(n))[0] == math.inf  # a PSD direction never hits it
+    assert max_step(r, d @ d + np.eye(len(d)))[0] == math.inf  # a PSD direction never hits it
 
 
 def test_float32_predictor_changes_nothing_but_speed() -> None:
@@ -431,6 +444,42 @@ def test_float32_predictor_changes_nothing_but_speed() -> None:
     assert rho_mixed == pytest.approx(rho_proj64, rel=1e-7)
 
 
+def test_last_step_by_the_predictor_alone() -> None:
+    """When the float64 predictor's own step is predicted to reach the gap target
+    (``predictor_finish``), the last iteration takes it without the corrector (sigma 0): the
+    solve ends optimal in as many iterations, at the certified bound of the full method up
+    to the target, and never on a float32 predictor."""
+    lmi = random_lmi([40, 60, 60, 10], Activation("relu"), 0)
+    events: list[dict[str, object]] = []
+    rho_fin, sol_fin = solve_certified(lmi, progress=events.append)
+    full = StructuredSolver(tuning=IpmTuning(predictor_finish=None))
+    rho_full, sol_full = solve_certified(lmi, solver=full)
+    assert events[-1]["sigma"] == 0.0 and events[-1]["float32"] == 0.0
+    assert all(e["sigma"] > 0 for e in events[1:-1])
+    assert sol_fin.status == sol_full.status == "optimal"
+    assert sol_fin.info["rel_gap"] <= StructuredSolver.default_eps
+    assert sol_fin.iterations == sol_full.iterations
+    assert rho_fin == pytest.approx(rho_full, rel=StructuredSolver.default_eps)
+
+
+def test_float32_predictor_below_the_float32_phase() -> None:
+    """On the dense dual the predictor's products stay float32 down to ``float32_predictor``
+    |S| |Z| (below the float32 phase of ``float32_above``, where the corrected direction is
+    float64 already): more float32 predictors, the same certified answer as with the
+    predictor in float64 from the float32 phase's end on, and a float64 one at the end."""
+    lmi = random_lmi([30, 40, 40, 5], Activation("relu"), 5)
+    events: list[dict[str, object]] = []
+    rho_low, sol_low = solve_certified(lmi, eps=1e-9, progress=events.append)
+    f64 = StructuredSolver(tuning=IpmTuning(float32_predictor=None))
+    events64: list[dict[str, object]] = []
+    rho_64, sol_64 = solve_certified(lmi, eps=1e-9, solver=f64, progress=events64.append)
+    assert sol_low.status == sol_64.status == "optimal"
+    assert rho_low == pytest.approx(rho_64, rel=1e-7)
+    count = sum(e.get("float32") == 1.0 for e in events)
+    assert count > sum(e.get("float32") == 1.0 for e in events64), (events, events64)
+    assert events[-1].get("float32") == 0.0
+
+
 def test_float32_projections_equal_float64_ones_to_single_precision() -> None:
     """rank2_blocks(low_precision=True) differs from the float64 blocks only by float32
     rounding of W~^T Y and W~^T Y W~; Y_00 is Y's own float64 block."""
@@ -454,7 +503,8 @@ def test_newton_dual_start_solves_the_dual_equations(act: Activation, per_layer:
     """Z = mu X (S - theta dS) X, z = mu (1/x - theta dx/x^2) from the barrier's Newton step:
     positive definite, and its dual residual is exactly (1 - theta) (mu g - c) with
     g_k = <X, F_k> + w_k / x_k, checked against dense F_k (leaky ReLU: x >= 0 imposed on the
-    first layer); with theta = 1 that is dual feasibility, tr Z_00 = 1."""
+    first layer); with theta = 1 that is dual feasibility, tr Z_00 = 1. With X dS X in
+    float32 (the solver's start) the same to single precision."""
     lmi = random_lmi([5, 8, 7, 3], act, 21)
     st = StructuredLmi.from_lmi(lmi)
     grp = Grouping(st, per_layer)
@@ -466,8 +516,10 @@ def test_newton_dual_start_solves_the_dual_equations(act: Activation, per_layer:
     s = st.assemble(rho, grp.expand(x))
     xinv = np.linalg.inv(s)
     thetas = []
-    for frac in (0.9, 1e-3):  # 1e-3: a start that takes a small part of the correction
-        dual = newton_dual_start(st, grp, sgn, x, xinv, frac=frac)
+    # 1e-3: a start that takes a small part of the correction; low_precision: X dS X in
+    # float32, the dual equations then hold to single precision
+    for frac, low in ((0.9, False), (1e-3, False), (0.9, True)):
+        dual = newton_dual_start(st, grp, sgn, x, xinv, frac=frac, low_precision=low)
         assert dual is not None and 0 < dual.theta <= 1 and dual.mu > 0
         thetas.append(dual.theta)
         assert np.linalg.eigvalsh(dual.zmat)[0] > 0 and np.all(dual.z[sgn] > 0)
@@ -485,9 +537,12 @@ def test_newton_dual_start_solves_the_dual_equations(act: Activation, per_layer:
         g = np.array([np.vdot(fk, xinv) for fk in f]) + w / xs
         c = np.eye(m + 1)[0]
         np.testing.assert_allclose(
-            a_z - c, (1 - dual.theta) * (dual.mu * g - c), atol=1e-9 * np.abs(dual.mu * g).max()
+            a_z - c,
+            (1 - dual.theta) * (dual.mu * g - c),
+            atol=(1e-5 if low else 1e-9) * np.abs(dual.mu * g).max(),
         )
     assert thetas[1] < thetas[0]
+    assert thetas[2] == pytest.approx(thetas[0], rel=1e-4)
 
 
 def test_newton_start_is_where_it_pays() -> None:
