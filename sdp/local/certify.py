@@ -222,7 +222,8 @@ def certify_local(
         :class:`LocalResult`; every certified (input, radius) holds in exact arithmetic.
 
     Raises:
-        ValueError: NaN/inf inputs, wrong shapes, epsilon < 0 or not finite, bad labels.
+        ValueError: NaN/inf inputs, wrong shapes, epsilon < 0 or not finite, bad labels,
+            batch_size not an integer >= 1.
         UnsupportedMethod: an unknown or unavailable method.
 
     Budget: a radius search returns within about ``time_budget_s`` seconds per input (wall
@@ -241,6 +242,12 @@ def certify_local(
         raise ValueError("global_bound must be a finite positive number")
     if not (math.isfinite(time_budget_s) and time_budget_s > 0):
         raise ValueError("time_budget_s must be a finite positive number")
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     lab = None
     if labels is not None:
         lab = np.asarray(labels).reshape(-1)

@@ -255,6 +255,9 @@ def test_at_eps_mode_and_methods():
         ({"labels": np.zeros(5, dtype=int)}, ValueError),
         ({"global_bound": -1.0}, ValueError),
         ({"method": "nope"}, UnsupportedMethod),
+        ({"batch_size": 0}, ValueError),  # crashed in range() before
+        ({"batch_size": -1}, ValueError),  # certified nothing, silently, before
+        ({"batch_size": 2.5}, ValueError),
     ],
 )
 def test_bad_input_is_refused(kwargs, exc):
