@@ -213,8 +213,8 @@ def certify_local(
             then alpha-crown, then registered methods on what is still uncertified).
         global_bound: a VERIFIED global l2 Lipschitz bound of the logits (radius floor).
         time_budget_s: seconds per input: the radius search's budget, and at one
-            ``epsilon`` the deadline of alpha-crown's optimisation (beta-crown at one eps
-            keeps its own ``BUDGET_S`` per input).
+            ``epsilon`` the deadline of alpha-crown's optimisation and of sdp-crown's inputs,
+            and a cap on beta-crown's own ``BUDGET_S`` per input (never an extension).
         optimizer: candidate alpha-CROWN slopes (re-verified here).
         batch_size: inputs propagated together.
 
@@ -229,9 +229,9 @@ def certify_local(
     Budget: a radius search returns within about ``time_budget_s`` seconds per input (wall
     clock), start-up included: the batches of the first k inputs end by start + k *
     time_budget_s, and no probe starts that the last one's time says would end later. At one
-    eps the same deadlines stop alpha-crown's optimisation and cap beta-crown's own
-    budget (``BUDGET_S`` per input; its answer is then its best
-    rigorous bound so far; CROWN's own passes still run past a deadline).
+    eps the same deadlines stop alpha-crown's optimisation, keep sdp-crown from beginning
+    another input, and cap beta-crown's own budget (``BUDGET_S`` per input); the answer is
+    then the best rigorous bound so far (CROWN's own passes still run past a deadline).
     """
     start = clock.now()
     x = _check_inputs(net, inputs)
