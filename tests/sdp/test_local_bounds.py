@@ -217,6 +217,19 @@ def test_radius_search_and_certificates_verify():
     assert not verify_local(net, x[(i + 1) % 6], cert)
 
 
+def test_global_certificates_of_a_batch_verify_alone():
+    """The global floor of a batch re-verifies from each row alone: verify_local's single-row
+    forward pass may round the last ulp differently from the batch's (before: 30% refused)."""
+    rng = np.random.default_rng(5)
+    net = dense_net(rng, [4, 10, 10, 3], "relu")
+    x = rng.normal(size=(40, 4))
+    res = certify_local(net, x, epsilon=0.0, method="crown", global_bound=10.0)
+    assert all(c.method == "global" for c in res.certificates if c.epsilon > 0)
+    assert sum(c.epsilon > 0 for c in res.certificates) > 30
+    for i, cert in enumerate(res.certificates):
+        assert verify_local(net, x[i], cert, lipschitz_bound=10.0), i
+
+
 def test_at_eps_mode_and_methods():
     rng = np.random.default_rng(4)
     net = dense_net(rng, [5, 10, 3], "tanh")
@@ -243,6 +256,9 @@ def test_at_eps_mode_and_methods():
         ({"labels": np.zeros(5, dtype=int)}, ValueError),
         ({"global_bound": -1.0}, ValueError),
         ({"method": "nope"}, UnsupportedMethod),
+        ({"batch_size": 0}, ValueError),  # crashed in range() before
+        ({"batch_size": -1}, ValueError),  # certified nothing, silently, before
+        ({"batch_size": 2.5}, ValueError),
     ],
 )
 def test_bad_input_is_refused(kwargs, exc):

@@ -160,3 +160,26 @@ def test_beta_crown_at_eps_keeps_to_the_callers_budget() -> None:
     assert res.certified is not None
     assert np.array_equal(res.certified, np.all(crown > 0, axis=1))
     assert all(c.payload == () for c in res.certificates)
+
+
+def test_sdp_crown_begins_no_input_past_the_callers_deadline() -> None:
+    """sdp-crown with the caller's deadline passed runs its first input only (the floor of a
+    step); the others keep CROWN's bounds with an empty payload, which re-checks at least as CROWN.
+    (Before, a radius search began sdp-crown on the whole batch with alpha-crown's last probe
+    time: 2.8 CPU s for a 0.36 s budget.)"""
+    rng = np.random.default_rng(2)
+    net = dense_net(rng, [4, 12, 12, 3], "relu")
+    x = rng.normal(size=(3, 4))
+    graph = build_graph(net)
+    pred = np.argmax(net.forward(x), axis=1)
+    eps = np.full(3, 0.2)
+    sdp = get_method("sdp-crown")
+    assert sdp.budgeted is not None
+    got = sdp.budgeted(graph, x, eps, pred, clock.now() - 1.0)
+    crown = get_method("crown").compute(graph, x, eps, pred).lower
+    assert got.payloads[0] and got.payloads[1:] == ((), ())
+    assert np.array_equal(got.lower[1:], crown[1:])
+    assert (got.lower[0] >= crown[0]).all()
+    for i in range(1, 3):
+        again = sdp.recheck(graph, x[i], 0.2, int(pred[i]), ())
+        assert (np.delete(again, pred[i]) >= np.delete(crown[i], pred[i])).all()
