@@ -446,8 +446,11 @@ def _needs_tightening(g: Graph, st: BallBounds, idx: int) -> np.ndarray:
     """(B, n): neurons of node idx worth re-bounding, per input (unstable for ReLU-like
     consumers; every neuron with a nonzero width otherwise).
 
-    Per input, not per batch: an input's bounds must not depend on the other inputs of its
-    batch, or a certificate found in a batch would not re-verify alone (verify_local).
+    Per input, not per batch: which neurons are re-bounded must not depend on the other
+    inputs of its batch, or a certificate found in a batch would not re-verify alone
+    (verify_local). The bounds' last bits still may: BLAS sums a batch's products in another
+    order than one row's (up to ~2e-15 absolute seen, review10), so a certificate whose worst
+    margin bound is within that of 0 can be refused alone (never accepted wrongly).
     """
     lo, hi = st.lo[idx], st.hi[idx]
     need = np.zeros(lo.shape, dtype=bool)
