@@ -88,11 +88,12 @@ class IpmTuning:
     float32_projections: bool = True  # the rank-2 projections' products too (same test)
     float32_corrector: float | None = 1e-6  # corrector in float32 while <S,Z> > this |S| |Z|
     step_frac: float = 0.95  # fraction of the step to the boundary
+    step_frac_adaptive: bool = True  # 0.9 + 0.09 min(last a_p, a_d) instead (SDPT3)
     z0_scale: float = 100.0  # tr Z_0,00 = z0_scale (the dual constraint asks for 1)
     z0_identity: bool = True  # Z_0 = z0_scale I / r; False: z0_scale X_0 / tr X_0,00
     newton_start_depth: int = 4  # Z_0 from the barrier Newton step (dual feasible) up to it
     shift0: float = 0.0  # S_0 = S(y_0) + shift0 max|diag S(y_0)| I (an infeasible start)
-    rho_factor: float = 1.1  # start at rho = rho_factor * rho(t0)
+    rho_factor: float = 1.05  # start at rho = rho_factor * rho(t0)
     chordal_min_depth: int | None = 3  # Z on the block-tridiagonal pattern from this depth
     chordal_newton_start: bool = True  # with the chordal dual: the Newton start at any depth
     float32_start: bool = True  # the Newton dual start's X dS X in float32
@@ -621,10 +622,12 @@ def _predictor_corrector(
     sc: _Score,
     settings: IpmSettings,
     warm: list[Any],
+    frac: float,
 ) -> tuple[_Direction, float, bool]:
     """(direction, sigma, float32 used): Mehrotra's predictor sets sigma, the corrector adds
     the second-order terms sym(dZ_a dS_a X) and dx_a dz_a. ``warm`` holds the Lanczos start
-    vectors of the step-length searches for this iteration."""
+    vectors of the step-length searches for this iteration; ``frac`` the fraction of the step
+    to the boundary that the iteration takes."""
     ops = lmi.ops
     schur, g, xs, base = _schur_system(lmi, grp, sgn, w, cur, sc)
     gap, mu = sc.gap, sc.mu
@@ -649,7 +652,6 @@ def _predictor_corrector(
     sigma = max(sigma, settings.sigma_min)
     if settings.sigma_fixed is not None:
         sigma = settings.sigma_fixed
-    frac = settings.step_frac
     if _predictor_finishes(settings, sc, low, gap, gap_along(frac * a_p, frac * a_d)):
         return pred, 0.0, low
     if settings.corrector:  # the second-order terms sym(dZ_a dS_a X) and dx_a dz_a
@@ -675,6 +677,16 @@ def _predictor_corrector(
         rhs = base + sigma * mu * g
         d = _direction(lmi, grp, sgn, cur, sc.xb.wy, schur, rhs, sigma * mu, None, low_step, low_x)
     return d, sigma, low
+
+
+def _step_fraction(settings: IpmTuning, last: dict[str, float], it: int) -> float:
+    """Fraction of the step to the boundary: ``step_frac``, or with ``step_frac_adaptive``
+    gamma = 0.9 + 0.09 min(a_p, a_d) of the last iteration (Toh, Todd & Tutuncu 1999, SDPT3):
+    after short steps the iterate stays further from the boundary, closer to the central path.
+    """
+    if not settings.step_frac_adaptive:
+        return settings.step_frac
+    return 0.9 + 0.09 * (min(last["a_p"], last["a_d"]) if it > 0 else 0.0)
 
 
 def solve_ipm(
@@ -730,8 +742,9 @@ def solve_ipm(
             _project(lmi, cur, sc)
             warm: list[Any] = [None, None]  # per iteration (kept across: 39 instead of 20
             # iterations on 256x6 with the chordal dual's ARPACK search, measured)
-            d, sigma, low = _predictor_corrector(lmi, grp, sgn, w, cur, sc, settings, warm)
-            a_p, a_d = _step_lengths(lmi.ops, sops, sgn, cur, d, settings.step_frac, warm)
+            frac = _step_fraction(settings, diag, it)
+            d, sigma, low = _predictor_corrector(lmi, grp, sgn, w, cur, sc, settings, warm, frac)
+            a_p, a_d = _step_lengths(lmi.ops, sops, sgn, cur, d, frac, warm)
             a_p, rs_new = cholesky_step(sops, cur.s_mat, d.ds, a_p)
             a_d, rz_new = cholesky_step(cur.dual, cur.zmat, d.dzm, a_d)
             it += 1
