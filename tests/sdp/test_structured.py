@@ -466,13 +466,16 @@ def test_last_step_by_the_predictor_alone() -> None:
 def test_step_fraction_follows_the_last_step_lengths() -> None:
     """SDPT3's gamma = 0.9 + 0.09 min(a_p, a_d) of the last iteration (0.9 first), the fixed
     ``step_frac`` without it; a deep random net reaches the same certified bound either way."""
-    adaptive, fixed = IpmTuning(), IpmTuning(step_frac_adaptive=False, step_frac=0.95)
+    adaptive = IpmTuning(step_frac_adaptive=True, rho_factor=1.05)
+    fixed = IpmTuning(step_frac_adaptive=False, step_frac=0.95)
     assert _step_fraction(adaptive, {"a_p": 0.0, "a_d": 0.0}, 0) == pytest.approx(0.9)
     assert _step_fraction(adaptive, {"a_p": 1.0, "a_d": 0.5}, 3) == pytest.approx(0.945)
     assert _step_fraction(adaptive, {"a_p": 1.0, "a_d": 1.0}, 3) == pytest.approx(0.99)
     assert _step_fraction(fixed, {"a_p": 0.2, "a_d": 0.2}, 3) == 0.95
     lmi = random_lmi([20, 30, 30, 30, 30, 5], Activation("relu"), 3)
-    rho_adaptive, sol_adaptive = solve_certified(lmi, eps=1e-9)
+    rho_adaptive, sol_adaptive = solve_certified(
+        lmi, eps=1e-9, solver=StructuredSolver(tuning=adaptive)
+    )
     rho_fixed, sol_fixed = solve_certified(lmi, eps=1e-9, solver=StructuredSolver(tuning=fixed))
     assert sol_adaptive.status == sol_fixed.status == "optimal"
     assert rho_adaptive == pytest.approx(rho_fixed, rel=1e-7)
