@@ -34,7 +34,7 @@ from sdp.local.margins import MarginMethod, alpha_crown, auto_chain, get_method
 from sdp.local.relax import _deriv
 from sdp.local.types import LocalCertificate, LocalResult, SlopeOptimizer
 from sdp.radius import certified_radius
-from sdp.rounding import logit_error_bound
+from sdp.rounding import LogitErrorBound, logit_error_bound
 
 _METHODS = ("ibp", "crown", "alpha-crown", "sdp-crown", "bab", "beta-crown", "auto")
 _RTOL = 1e-3
@@ -163,7 +163,8 @@ def forward_margins(
     """
     b = x.shape[0]
     logits = net.forward(x) if b else np.zeros((0, classes))
-    err = logit_error_bound(net, 2.0**-53)(x) if b else np.zeros(0)
+    err_of = logit_error_bound(net, 2.0**-53)
+    err = err_of(x) if b else np.zeros(0)
     rr = certified_radius(logits, global_bound or 1.0, logit_error=err) if b else None
     pred = np.argmax(logits, axis=1).astype(np.int64) if b else np.zeros(0, np.int64)
     top = logits[np.arange(b), pred]
@@ -174,14 +175,13 @@ def forward_margins(
     grad = np.zeros(b) if rr is None else rr.radius
     glob = np.zeros(b)
     if global_bound is not None:
-        glob = np.minimum(grad, _single_row_floor(net, x, global_bound))
+        glob = np.minimum(grad, _single_row_floor(net, x, global_bound, err_of))
     return pred, np.asarray(margin, dtype=np.float64), np.asarray(glob, dtype=np.float64)
 
 
-def _single_row_floor(net: Network, x: Array, global_bound: float) -> Array:
-    """(B,) global radius floor of each row from its own forward pass, as
-    :func:`verify_local` computes it (same shapes, so the same rounding)."""
-    err = logit_error_bound(net, 2.0**-53)
+def _single_row_floor(net: Network, x: Array, global_bound: float, err: LogitErrorBound) -> Array:
+    """(B,) global radius floor of each row from its own forward pass and logit error
+    bound ``err``, as :func:`verify_local` computes it (same shapes, so the same rounding)."""
     out = np.zeros(x.shape[0])
     for i in range(x.shape[0]):
         row = x[i : i + 1]
