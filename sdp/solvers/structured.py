@@ -28,6 +28,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from sdp._blas import numpy_pool_only
 from sdp.certificate import Lmi, certify_rho, layerwise_multipliers
 from sdp.errors import CertificateError, SolverError
 from sdp.ir import Array
@@ -140,6 +141,10 @@ class StructuredSolver:
         return True
 
     def solve(self, problem: LipSdpProblem, options: SolveOptions) -> Solution:
+        with numpy_pool_only():  # numpy's BLAS threads, no second spinning pool (sdp._blas)
+            return self._solve(problem, options)
+
+    def _solve(self, problem: LipSdpProblem, options: SolveOptions) -> Solution:
         start = time.perf_counter()
         if problem.variant not in self.variants:
             raise SolverError(f"structured solver has no variant {problem.variant!r}")

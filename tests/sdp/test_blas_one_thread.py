@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import types
@@ -10,7 +11,7 @@ import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from sdp import _blas
-from sdp._blas import one_thread
+from sdp._blas import numpy_pool_only, one_thread
 
 
 def _blas_threads() -> list[int]:
@@ -74,4 +75,60 @@ def test_one_thread_holds_while_another_thread_leaves():
             t.join(20)
         after = _blas_threads()
     assert b_seen.is_set() and seen == [[1] * len(before)]
+    assert after == before
+
+
+def _pools() -> dict[str, int]:
+    return {
+        lib["filepath"]: lib["num_threads"]
+        for lib in threadpool_info()
+        if lib["user_api"] == "blas"
+    }
+
+
+def _is_numpy_own(path: str) -> bool:
+    return os.path.realpath(path).startswith(_blas._numpy_pool_dirs())
+
+
+def test_numpy_pool_only_keeps_numpy_threads_and_gives_the_others_one():
+    import scipy.linalg  # noqa: F401  (its wheel's own OpenBLAS, where it has one)
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _pools()
+        own = {path: _is_numpy_own(path) for path in before}
+        assert any(own.values()), "numpy's own BLAS pool should be found"
+        with numpy_pool_only():
+            inside = _pools()
+            assert inside == {p: (2 if own[p] else 1) for p in before}
+            with one_thread():  # one_thread wins while it is open
+                assert _pools() == dict.fromkeys(before, 1)
+            assert _pools() == inside
+        assert _pools() == before
+        with one_thread(), numpy_pool_only():
+            assert _pools() == dict.fromkeys(before, 1)
+        assert _pools() == before
+
+
+def test_numpy_pool_only_holds_while_an_overlapping_one_thread_leaves():
+    """A one_thread context that opens inside a solve's numpy_pool_only and leaves first must
+    give back the solve's setting, not the counts from before the solve."""
+    entered, left = threading.Event(), threading.Event()
+    seen: list[dict[str, int]] = []
+
+    def derive() -> None:
+        with one_thread():
+            entered.set()
+        left.set()
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _pools()
+        with numpy_pool_only():
+            inside = _pools()
+            t = threading.Thread(target=derive)
+            t.start()
+            assert entered.wait(10) and left.wait(10)
+            t.join(10)
+            seen.append(_pools())
+        after = _pools()
+    assert seen == [inside]
     assert after == before
