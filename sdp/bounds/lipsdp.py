@@ -2,7 +2,7 @@
 
 Pipeline for one LMI (design.md §3.2-3.3)::
 
-    Lmi (original)  --SvdInputReduction.apply-->  reduced problem  --solver-->  T
+    Lmi (original)  --InputReduction.apply-->  reduced problem  --solver-->  T
     T  --invert (unchanged)-->  certify_multipliers(ORIGINAL Lmi, T)  -->  (rho, T) certificate
 
 A solver's rho is never reported: only :func:`sdp.certificate.certify_multipliers` turns T into
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from sdp.bounds.linear_fold import LinearFold
-from sdp.bounds.reduction import SvdInputReduction
+from sdp.bounds.reduction import InputReduction
 from sdp.bounds.result import BoundResult
 from sdp.certificate import (
     Certificate,
@@ -127,13 +127,13 @@ def _solve_and_certify(
         _emit(progress, {"phase": "reduce"})
         t0 = time.perf_counter()
         problem = LipSdpProblem(lmi, variant)
-        reduction = SvdInputReduction(rel_tol=INPUT_RTOL)  # the one reduction of the chain
+        reduction = InputReduction(rel_tol=INPUT_RTOL)  # the one reduction of the chain
         inverse: dict[str, Any] | None = None
         if reduction.accepts(problem):
             problem, inverse = reduction.apply(problem)
-            notes.append(
-                f"exact SVD input reduction {inverse['input_size']} -> {inverse['rank']} inputs"
-            )
+            note = reduction.note(inverse)
+            if note is not None:
+                notes.append(note)
         timings["reduce_s"] = time.perf_counter() - t0
         used = choose_solver(solver, problem.lmi.input_size + sum(problem.lmi.hidden_sizes))
         meta["solver"] = used

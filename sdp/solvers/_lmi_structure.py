@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal
 
 import numpy as np
 from scipy import linalg
@@ -47,36 +48,47 @@ INPUT_RTOL = 1e-13
 
 
 def reduce_input(lmi: Lmi, *, rtol: float = INPUT_RTOL) -> Lmi:
-    """Input reduction (design.md §3.2): W_0 = U S V^T -> U_r S_r (n_1 x r).
+    """The reduced LMI of :func:`reduce_input_by` (without naming the factorisation)."""
+    return reduce_input_by(lmi, rtol=rtol)[0]
+
+
+InputFactorisation = Literal["qr", "svd", "none"]
+"""How :func:`reduce_input_by` reduced W_0: R^T of a QR factorisation (nothing dropped), U_r S_r
+of an SVD (singular values at or below ``rtol`` * s_max dropped), or not at all."""
+
+
+def reduce_input_by(lmi: Lmi, *, rtol: float = INPUT_RTOL) -> tuple[Lmi, InputFactorisation]:
+    """Input reduction (design.md §3.2): W_0 = U S V^T -> U_r S_r (n_1 x r), and how.
 
     Multipliers and the SDP optimum are unchanged: M's input block only sees W_0 through
     W_0^T (.) W_0 = V S U^T (.) U S V^T, whose nonzero spectrum equals that of S U^T (.) U S.
     Keeps the singular values above ``rtol`` * s_max (``rtol`` 0: all of them, so r =
-    min(n_0, n_1)). Returns ``lmi`` itself when that leaves W_0 with as many columns. A wide
-    W_0 (n_1 < n_0, e.g. 256 x 784) is first reduced by a QR factorisation of W_0^T, whose
-    n_1 x n_1 triangle R gives W_0 = R^T Q^T with Q^T a co-isometry, so R^T (n_1 x n_1) is
-    already an exact reduction (the same argument with Q for V): it is returned as is when
-    nothing is to be dropped, i.e. ``rtol`` is 0 or R's reciprocal condition number
-    estimate (LAPACK trcon, O(n_1^2)) is above :data:`_KEEP_ALL_RCOND`, far above ``rtol``;
-    else U and S come from the SVD of R^T (both backward stable; the SVD cost 17 of the 26 ms
-    of mnistfc-256x2's reduction). R^T and U S differ by an orthogonal change of the input
-    coordinates, under which the SDP is invariant.
+    min(n_0, n_1)). Returns ``lmi`` itself ("none") when that leaves W_0 with as many columns.
+    A wide W_0 (n_1 < n_0, e.g. 256 x 784) is first reduced by a QR factorisation of W_0^T,
+    whose n_1 x n_1 triangle R gives W_0 = R^T Q^T with Q^T a co-isometry, so R^T (n_1 x n_1)
+    is already an exact reduction (the same argument with Q for V): it is returned as is
+    ("qr") when nothing is to be dropped, i.e. ``rtol`` is 0 or R's reciprocal condition
+    number estimate (LAPACK trcon, O(n_1^2)) is above :data:`_KEEP_ALL_RCOND`, far above
+    ``rtol``; else U and S come from the SVD of R^T ("svd"; both backward stable; the SVD cost
+    17 of the 26 ms of mnistfc-256x2's reduction). R^T and U S differ by an orthogonal change
+    of the input coordinates, under which the SDP is invariant.
     """
     w0 = lmi.weights[0]
     if w0.shape[1] <= 1:
-        return lmi
+        return lmi, "none"
     if w0.shape[0] < w0.shape[1]:  # wide: W_0^T = Q R, so W_0 = R^T Q^T has R^T's U and S
         fac = linalg.qr(w0.T, mode="r", check_finite=False)[0][: w0.shape[0]]
         if rtol <= 0 or _rcond_upper(fac) > _KEEP_ALL_RCOND:
-            return Lmi((np.ascontiguousarray(fac.T), *lmi.weights[1:]), lmi.alpha, lmi.beta)
+            reduced = Lmi((np.ascontiguousarray(fac.T), *lmi.weights[1:]), lmi.alpha, lmi.beta)
+            return reduced, "qr"
         u, s, _ = linalg.svd(fac.T, full_matrices=False, lapack_driver="gesdd")
     else:
         u, s, _ = linalg.svd(w0, full_matrices=False, lapack_driver="gesdd")
     keep = s > rtol * (s[0] if s.size else 0.0) if rtol > 0 else np.ones(s.shape, dtype=bool)
     r = max(int(keep.sum()), 1)
     if r >= w0.shape[1]:
-        return lmi
-    return Lmi((u[:, :r] * s[:r], *lmi.weights[1:]), lmi.alpha, lmi.beta)
+        return lmi, "none"
+    return Lmi((u[:, :r] * s[:r], *lmi.weights[1:]), lmi.alpha, lmi.beta), "svd"
 
 
 _KEEP_ALL_RCOND = 1e-6

@@ -68,19 +68,20 @@ def test_mnist_weights_published_value(fixtures_dir):
     net = mat_network(fixtures_dir / "lipsdp" / "mnist_weights.mat")
     res = compute_bound(net, "lipsdp-neuron", lower_bound=False)
     _check(res, net)
-    assert any("SVD input reduction 784 -> 50" in n for n in res.notes)
+    assert "exact QR input reduction 784 -> 50 inputs (W_0 = R^T Q^T, nothing dropped)" in res.notes
     assert res.value >= MNIST_NEURON - 5e-4 and _rel(res.value, MNIST_NEURON) < 1e-3
     naive, _ = naive_bound(net)
     assert naive == pytest.approx(31.50, abs=0.01)  # design.md §6 product of norms
 
 
-def test_cvxpy_scs_through_the_svd_input_reduction():
+def test_cvxpy_scs_through_the_input_reduction():
     """SCS solves the reduced problem and its multipliers certify the original LMI at the
     interior-point optimum (SCS_EPS accuracy). The published values through SCS are checked
     on random_weights above; on mnist_weights (784 -> 50) the same path cost 50 s of SCS."""
     net = random_network(np.random.default_rng(0), [30, 8, 8, 3], "relu")
     res = compute_bound(net, "lipsdp-neuron", solver="scs", lower_bound=False)
-    assert res.solver == "scs" and "exact SVD input reduction 30 -> 8 inputs" in res.notes
+    assert res.solver == "scs"
+    assert "exact QR input reduction 30 -> 8 inputs (W_0 = R^T Q^T, nothing dropped)" in res.notes
     _check(res, net)
     ref = compute_bound(net, "lipsdp-neuron", solver="structured", lower_bound=False).value
     assert ref * (1 - 1e-7) <= res.value and _rel(res.value, ref) < 1e-4

@@ -13,7 +13,7 @@ from sdp.bounds.lower import (
     jacobian_vector,
     vector_jacobian,
 )
-from sdp.bounds.reduction import SvdInputReduction
+from sdp.bounds.reduction import InputReduction
 from sdp.certificate import Lmi, certify_rho, layerwise_multipliers
 from sdp.errors import SolverError
 from sdp.ir import Activation, Conv2d, Dense, Network
@@ -31,20 +31,21 @@ def test_registry():
     assert e.value.code == "solver-unknown"
 
 
-def test_svd_reduction_keeps_rho_of_any_multipliers():
+def test_input_reduction_keeps_rho_of_any_multipliers():
     rng = np.random.default_rng(0)
     net = random_network(rng, [20, 5, 6, 3])
     lmi = Lmi.from_chain(net.chain())
-    red = SvdInputReduction()
+    red = InputReduction()
     prob = LipSdpProblem(lmi, "neuron")
     assert red.accepts(prob)
     small, inverse = red.apply(prob)
-    assert small.lmi.input_size == 5 and inverse == {"input_size": 20, "rank": 5}
+    assert small.lmi.input_size == 5
+    assert inverse == {"input_size": 20, "rank": 5, "factorisation": "qr"}
     t = layerwise_multipliers(lmi)
     assert certify_rho(small.lmi, t) == pytest.approx(certify_rho(lmi, t), rel=1e-9)
 
 
-def test_svd_reduction_rel_tol_is_what_its_docstring_says():
+def test_input_reduction_rel_tol_is_what_its_docstring_says():
     """rel_tol 0 (default) keeps every singular value, exact zeros included; rel_tol > 0
     drops those at or below rel_tol * s_max."""
     rng = np.random.default_rng(2)
@@ -52,10 +53,17 @@ def test_svd_reduction_rel_tol_is_what_its_docstring_says():
     w1 = rng.standard_normal((3, 5))
     lmi = Lmi((w0, w1), (np.zeros(5),), (np.ones(5),))
     prob = LipSdpProblem(lmi, "neuron")
-    kept, inverse = SvdInputReduction().apply(prob)
+    kept, inverse = InputReduction().apply(prob)
     assert inverse["rank"] == 5 and kept.lmi.input_size == 5
-    dropped, inverse = SvdInputReduction(rel_tol=1e-12).apply(prob)
+    assert InputReduction().note(inverse) == (
+        "exact QR input reduction 20 -> 5 inputs (W_0 = R^T Q^T, nothing dropped)"
+    )
+    red = InputReduction(rel_tol=1e-12)
+    dropped, inverse = red.apply(prob)
     assert inverse["rank"] == 2 and dropped.lmi.input_size == 2
+    assert red.note(inverse) == (
+        "SVD input reduction 20 -> 2 inputs (singular values <= 1e-12 s_max dropped)"
+    )
 
 
 def test_linear_fold_merges_and_lifts():

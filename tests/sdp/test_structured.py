@@ -28,6 +28,7 @@ from sdp.solvers._lmi_structure import (
     linear_part_times,
     rank2_blocks,
     reduce_input,
+    reduce_input_by,
     schur_matrix,
     sym_product_values,
 )
@@ -243,6 +244,7 @@ def test_wide_input_reduction_by_qr_alone_unless_rank_deficient() -> None:
     deficient = Lmi((low_rank, *lmi.weights[1:]), lmi.alpha, lmi.beta)
     assert reduce_input(deficient).input_size == 5
     assert reduce_input(deficient, rtol=0.0).input_size == 6  # nothing dropped: R^T
+    assert [reduce_input_by(x)[1] for x in (lmi, deficient)] == ["qr", "svd"]
 
 
 def test_no_hidden_layer_is_the_spectral_norm() -> None:
@@ -614,9 +616,9 @@ def test_solvers_own_their_defaults_and_honour_max_iters() -> None:
 
 
 def test_reduced_problems_are_not_reduced_twice() -> None:
-    """One reduction chain: SvdInputReduction marks its problem, and the structured solver
+    """One reduction chain: InputReduction marks its problem, and the structured solver
     then solves it as given (the same multipliers as reducing inside the solver)."""
-    from sdp.bounds.reduction import SvdInputReduction
+    from sdp.bounds.reduction import InputReduction
     from sdp.solvers._lmi_structure import INPUT_RTOL
 
     rng = np.random.default_rng(4)
@@ -624,7 +626,7 @@ def test_reduced_problems_are_not_reduced_twice() -> None:
     w0 = lmi.weights[0]
     w0 = w0[:, :5] @ rng.standard_normal((5, 40))  # rank 5 < 12 hidden < 40 inputs
     lmi = Lmi((w0, *lmi.weights[1:]), lmi.alpha, lmi.beta)
-    problem, inverse = SvdInputReduction(rel_tol=INPUT_RTOL).apply(LipSdpProblem(lmi))
+    problem, inverse = InputReduction(rel_tol=INPUT_RTOL).apply(LipSdpProblem(lmi))
     assert problem.input_reduced and inverse["rank"] == 5 == problem.lmi.input_size
     once = SOLVER.solve(problem, SolveOptions(eps=1e-9))
     inside = SOLVER.solve(LipSdpProblem(lmi), SolveOptions(eps=1e-9))
