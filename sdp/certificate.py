@@ -394,6 +394,32 @@ def layerwise_multipliers(lmi: Lmi, *, slack: float = 2.0) -> tuple[Array, ...]:
     return tuple(t)
 
 
+ZERO_LAYER_SCALE = 1e-200
+"""Factor on (rho, t_1..t_k) of :func:`zero_layer_multipliers`: far below any bound that matters,
+far above float64's smallest normal number so the rounding checks keep their relative margins."""
+
+
+def first_zero_layer(lmi: Lmi) -> int | None:
+    """Index k of the first all-zero weight matrix W_k (the network is then constant), or None."""
+    return next((k for k, w in enumerate(lmi.weights) if not np.any(w)), None)
+
+
+def zero_layer_multipliers(lmi: Lmi, k: int) -> tuple[Array, ...]:
+    """Multipliers certifying a near-zero rho when W_k = 0 (the network is constant).
+
+    W_k couples only (z_k, z_{k+1}) in M (z_0 = x), so with W_k = 0, M = blkdiag(M_up, M_low):
+    M_up over (x, z_1..z_k) receives no W_L^T W_L term (k <= L), so it is linear and homogeneous
+    in (rho, t_1..t_k); M_low over (z_{k+1}..z_L) does not contain rho. The layer-wise T
+    (:func:`layerwise_multipliers`) makes both NSD at its rho, so scaling t_1..t_k by
+    c = :data:`ZERO_LAYER_SCALE` keeps them NSD at c rho. The LMI's optimum is not attained
+    (rho -> 0 needs t_1..t_k -> 0), which is why an interior-point method is not run on it:
+    its iterates drift over hundreds of orders of magnitude until its Schur matrix loses its
+    positive diagonal to rounding. As always, :func:`certify_rho` proves the rho.
+    """
+    t = layerwise_multipliers(lmi)
+    return tuple(tj * ZERO_LAYER_SCALE if j < k else tj for j, tj in enumerate(t))
+
+
 @dataclass(frozen=True)
 class Repaired:
     """Outcome of :func:`certify_multipliers`: the verified rho, the T it holds for, and a note."""

@@ -32,8 +32,10 @@ from sdp.certificate import (
     Lmi,
     certify_multipliers,
     certify_rho,
+    first_zero_layer,
     layerwise_multipliers,
     verify_certificate,
+    zero_layer_multipliers,
 )
 from sdp.errors import LipcertError, NotApplicable, SolverError
 from sdp.ir import Array, Network
@@ -117,12 +119,12 @@ def _solve_and_certify(
         timings["verify_s"] = time.perf_counter() - t0
         notes.append("no hidden layer: the bound is the exact spectral norm of the affine map")
         mults: tuple[Array, ...] = ()
-    elif not np.any(lmi.weights[0]):
+    elif (zero := first_zero_layer(lmi)) is not None:
         t0 = time.perf_counter()
-        mults = layerwise_multipliers(lmi)
+        mults = zero_layer_multipliers(lmi, zero)
         rho = certify_rho(lmi, mults)
         timings["verify_s"] = time.perf_counter() - t0
-        notes.append("the first layer is zero: the network is constant, layer-wise certificate")
+        notes.append(f"weight matrix {zero} is zero: the network is constant, scaled certificate")
     else:
         _emit(progress, {"phase": "reduce"})
         t0 = time.perf_counter()
