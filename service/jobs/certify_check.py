@@ -151,9 +151,6 @@ def recheck_chunk(
     refused = 0
     for i in range(b):
         c = certs[i] if i < len(certs) else None
-        if c is not None and c.method == "global" and c.epsilon <= glob[i]:
-            continue  # no more than the API's own floor (verify_local's single-row forward
-            # may round the last ulp differently from this chunk's: not a refusal)
         ok = (
             c is not None
             and c.prediction == pred[i]

@@ -96,6 +96,26 @@ def test_sigmoid_tangent_certificates_survive_the_bundle() -> None:
     assert any(m == "alpha-crown" for p in parts for m in p["radius_method"].tolist())
 
 
+def test_global_certificates_of_a_batch_re_check_and_a_forged_one_is_refused() -> None:
+    """Global certificates are re-proved like the others (no skip: since sdp.local's floor is
+    the min of the batch's and each row's own pass, verify_local accepts a batch's global
+    certificates); one for another input is refused, its row keeps the API's own floor."""
+    net, inputs, opts = _setup("ibp", None, rows=12, chunk=12, sizes=(4, 32, 32, 32, 3))
+    parts = _worker_parts(net, inputs, opts)
+    methods = parts[0][CERT + "method"].tolist()
+    glob = [i for i, m in enumerate(methods) if m == "global"]
+    assert len(glob) >= 6, methods
+    checked, refused = recheck_batch(net, inputs, opts, list(parts))
+    assert refused == 0
+    assert checked[0]["radius"].tolist() == parts[0]["radius"].tolist()
+    i = glob[0]
+    ih = parts[0][CERT + "input_hash"]
+    ih[i] = ih[(i + 1) % len(ih)]  # another input's certificate, epsilon within the floor
+    checked, refused = recheck_batch(net, inputs, opts, list(parts))
+    assert refused == 1
+    assert checked[0]["radius"][i] == checked[0]["global_radius"][i] > 0
+
+
 def test_inflated_radius_column_is_ignored() -> None:
     net, inputs, opts = _setup("crown", None)
     parts = _worker_parts(net, inputs, opts)
