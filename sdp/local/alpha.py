@@ -183,17 +183,34 @@ bits is the tangent at a point moved by about 2^-11 of its curvature scale: on f
 6x200 the margins' bounds moved by under 1e-6 relative against float32 slopes."""
 
 
-def _rounded(a: Array) -> Array:
-    """Round to :data:`SLOPE_DTYPE` and back (exact in float64; overflow gives inf)."""
+MARGIN_SLOPE_DTYPE = np.float32
+"""Precision of the final-margin tangent slopes (``slo`` / ``sup``) a certificate stores: half
+of float64's bytes (ERAN's ffnnSIGMOID 6x200, 10 rows x 1200 neurons x 2: 96 instead of 192
+kB per input; its alpha-CROWN margins moved by under 1e-9 relative, docs/benchmarks.md).
+Sound for the same reason as :data:`SLOPE_DTYPE` (the re-check bounds each stored slope's
+intercept itself); the certifying pass rounds first (:func:`round_margin_slopes`), so the
+stored slopes are exactly those its bound holds for."""
+
+
+def _rounded(a: Array, dtype: type[np.floating] = SLOPE_DTYPE) -> Array:
+    """Round to ``dtype`` and back (exact in float64; overflow gives inf)."""
     with np.errstate(over="ignore"):
-        return np.asarray(a, dtype=SLOPE_DTYPE).astype(np.float64)
+        return np.asarray(a, dtype=dtype).astype(np.float64)
 
 
-def _snap(s: Array, s_rel: Array) -> Array:
+def _snap(s: Array, s_rel: Array, dtype: type[np.floating] = SLOPE_DTYPE) -> Array:
     """Rounded slopes s (q, n) (:func:`_rounded`) with the entries equal to the rounding of
     the relaxation's slope s_rel (1, n) set to s_rel itself (its line is then the
     relaxation's own, intercept included: no intercept to bound, nothing to store)."""
-    return np.where(s == _rounded(s_rel), s_rel, s)
+    return np.where(s == _rounded(s_rel, dtype), s_rel, s)
+
+
+def round_margin_slopes(s: Array, s_rel: Array) -> Array:
+    """Final-margin slopes (..., n) as stored (:data:`MARGIN_SLOPE_DTYPE`) and read back: the
+    rounding of s, where that equals the rounding of the relaxation's slope s_rel (..., 1 or
+    B, n) s_rel itself. The certifying pass and the re-check both apply it, each with its own
+    relaxation (a stored slope is read back to the very float64 value that was certified)."""
+    return _snap(_rounded(s, MARGIN_SLOPE_DTYPE), s_rel, MARGIN_SLOPE_DTYPE)
 
 
 def tangent_nodes(st: BallBounds, top: int) -> list[int]:
@@ -256,7 +273,8 @@ def optimise_tangents(
     (:func:`rigorous_lines`) and one rigorous :func:`backward`; rows whose rigorous bound is
     not above ``base`` (B, m) (e.g. the CROWN bound with the same ``alphas``) keep the
     relaxation's lines. Returns the rigorous bounds (B, m) of the chosen lines, their slopes
-    (lower, upper) per node, (B, m, n) each, and the lines; ``alphas`` (ReLU-like nodes)
+    (lower, upper) per node, (B, m, n) each (as a certificate stores them:
+    :func:`round_margin_slopes`), and the lines; ``alphas`` (ReLU-like nodes)
     are held fixed. ``rigorous=False`` returns the best FLOAT bounds and their slopes only
     (no lines): a proposal for the caller to bound rigorously (:func:`tangent_rule`).
     ``deadline``: the float search stops as in :func:`optimise_alphas` (CROWN's tangent points
@@ -367,7 +385,11 @@ def optimise_tangents(
         s_lo = np.where(ok_lo[:, None, :], _deriv(phi, bl), rel.lower_slope[:, None, :])
         s_up = np.where(ok_up[:, None, :], _deriv(phi, bu), rel.upper_slope[:, None, :])
         slopes[k] = (np.asarray(s_lo), np.asarray(s_up))
-        if rigorous:
+        if rigorous:  # the slopes a certificate stores, exactly
+            slopes[k] = (
+                round_margin_slopes(s_lo, rel.lower_slope[:, None, :]),
+                round_margin_slopes(s_up, rel.upper_slope[:, None, :]),
+            )
             rig[k] = rigorous_lines(st, k, *slopes[k])
     if not rigorous:
         return best, slopes, rig

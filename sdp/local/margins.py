@@ -19,6 +19,7 @@ from sdp.errors import UnsupportedMethod
 from sdp.ir import Array
 from sdp.local import clock
 from sdp.local.alpha import (
+    MARGIN_SLOPE_DTYPE,
     SLOPE_DTYPE,
     InterAlphas,
     InterLines,
@@ -26,6 +27,7 @@ from sdp.local.alpha import (
     optimise_alphas,
     optimise_tangents,
     rigorous_lines,
+    round_margin_slopes,
     tangent_nodes,
 )
 from sdp.local.graph import Graph
@@ -231,7 +233,7 @@ def alpha_crown(
     payloads = tuple(
         tuple((f"alpha:{k}", alphas[k][i]) for k in sorted(alphas))
         + tuple(
-            (f"{tag}:{k}", slopes[k][j][i])
+            (f"{tag}:{k}", slopes[k][j][i].astype(MARGIN_SLOPE_DTYPE))  # exact: rounded
             for k in sorted(slopes)
             for j, tag in enumerate(("slo", "sup"))
         )
@@ -421,7 +423,9 @@ def _alpha_recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload
             shape = (c.shape[1], graph.nodes[node].size) if ok_node else None
             if a.shape != shape or not np.isfinite(a).all():
                 raise ValueError(f"bad tangent payload entry {key!r}")
-            tangents.setdefault(node, {})[kind] = a[None]
+            rel = st.relax[node]
+            s_rel = rel.lower_slope if kind == "slo" else rel.upper_slope
+            tangents.setdefault(node, {})[kind] = round_margin_slopes(a[None], s_rel[:, None, :])
             continue
         if kind != "alpha" or node not in st.relax:
             raise ValueError(f"unknown alpha-crown payload entry {key!r}")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from sdp.ir import Activation
 from sdp.local import certify_local, verify_local
-from sdp.local.alpha import optimise_tangents
+from sdp.local.alpha import MARGIN_SLOPE_DTYPE, optimise_tangents, round_margin_slopes
 from sdp.local.graph import build_graph
 from sdp.local.margins import alpha_crown, get_method, objective_rows
 from sdp.local.propagate import backward, compute_bounds
@@ -154,6 +154,16 @@ def test_any_slopes_give_sound_bounds():
                 assert np.all(m[:, j] >= min(got[b, j], lower[b, j]) - 1e-9)
 
 
+def test_margin_slopes_round_to_storage_and_keep_the_relaxations_own():
+    """round_margin_slopes: float32 values, except where that equals the rounding of the
+    relaxation's slope, which stands for the relaxation's own (float64) slope."""
+    s_rel = np.array([[0.1, 0.2]])
+    got = round_margin_slopes(np.array([[[0.1, 0.2000001], [0.1 + 1e-12, 0.3]]]), s_rel)
+    assert got[0, 0, 0] == got[0, 1, 0] == 0.1  # 0.1 is not a float32: snapped, not rounded
+    assert got[0, 0, 1] == float(np.float32(0.2000001)) != 0.2000001
+    assert got[0, 1, 1] == float(np.float32(0.3)) and got.dtype == np.float64
+
+
 @pytest.mark.parametrize("name", ["sigmoid", "tanh"])
 def test_pgd_inside_alpha_radius_and_certificates_replay(name):
     rng = np.random.default_rng(21)
@@ -162,6 +172,8 @@ def test_pgd_inside_alpha_radius_and_certificates_replay(name):
     res = check_no_attack(net, x, method="alpha-crown")
     tangent = [c for c in res.certificates if any(k.startswith("slo:") for k, _ in c.payload)]
     assert tangent, "no certificate used optimised tangents: vacuous"
+    stored = {a.dtype for c in tangent for k, a in c.payload if k.startswith(("slo:", "sup:"))}
+    assert stored == {np.dtype(MARGIN_SLOPE_DTYPE)}  # and they replay below, rounded as sent
     for i, cert in enumerate(res.certificates):
         if cert.method == "alpha-crown":
             assert verify_local(net, x[i], cert)
