@@ -18,7 +18,10 @@ LOCAL_TIME_BUDGET_S = 5.0
 """Default seconds per input of a local certification (the radius search's budget, and at one
 eps the deadline of alpha-crown's optimisation) in every service interface: the HTTP API's
 ``time_budget_s`` (the default of ``LIPCERT_LOCAL_TIME_BUDGET_S``, also its maximum there) and
-the CLI's ``--time-budget``. 5 s keeps a 64-input local POST /certify within about 5 minutes."""
+the CLI's ``--time-budget``. 5 s keeps a 64-input local POST /certify within about 5 minutes.
+Lower than ``certify_local``'s own default for library callers
+(:data:`sdp.local.certify.TIME_BUDGET_S`, 10 s) on purpose: this one is bounded by the
+service's request limits, which a library caller does not have."""
 
 
 def default_data_dir() -> Path:

@@ -39,6 +39,12 @@ from sdp.rounding import LogitErrorBound, logit_error_bound
 _METHODS = ("ibp", "crown", "alpha-crown", "sdp-crown", "bab", "beta-crown", "auto")
 _RTOL = 1e-3
 _MAX_PROBES = 40
+TIME_BUDGET_S = 10.0
+""":func:`certify_local`'s default seconds per input, for library callers (no response
+deadline around the call). Interfaces with one pass their own: the service's HTTP API and CLI
+use ``service.settings.LOCAL_TIME_BUDGET_S`` = 5 s, which is also the server's maximum per
+input (a 64-input local POST /certify within about 5 minutes). Not one shared value: the
+service's comes from its request limits, which a library caller does not have."""
 
 
 def input_hash(x0: Array) -> str:
@@ -197,7 +203,7 @@ def certify_local(
     epsilon: float | Array | None = None,
     method: str = "auto",
     global_bound: float | None = None,
-    time_budget_s: float = 10.0,
+    time_budget_s: float = TIME_BUDGET_S,
     optimizer: SlopeOptimizer | None = None,
     batch_size: int = 32,
 ) -> LocalResult:
@@ -212,9 +218,10 @@ def certify_local(
         method: ``ibp``, ``crown``, ``alpha-crown``, a registered method, or ``auto`` (crown,
             then alpha-crown, then registered methods on what is still uncertified).
         global_bound: a VERIFIED global l2 Lipschitz bound of the logits (radius floor).
-        time_budget_s: seconds per input: the radius search's budget, and at one
-            ``epsilon`` the deadline of alpha-crown's optimisation and of sdp-crown's inputs,
-            and a cap on beta-crown's own ``BUDGET_S`` per input (never an extension).
+        time_budget_s: seconds per input (default :data:`TIME_BUDGET_S`): the radius
+            search's budget, and at one ``epsilon`` the deadline of alpha-crown's
+            optimisation and of sdp-crown's inputs, and a cap on beta-crown's own
+            ``BUDGET_S`` per input (never an extension).
         optimizer: candidate alpha-CROWN slopes (re-verified here).
         batch_size: inputs propagated together.
 
