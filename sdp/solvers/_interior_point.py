@@ -87,15 +87,15 @@ class IpmTuning:
     float32_step: bool = True  # the corrected direction's Z dS X too, under the same test
     float32_projections: bool = True  # the rank-2 projections' products too (same test)
     float32_corrector: float | None = 1e-6  # corrector in float32 while <S,Z> > this |S| |Z|
-    step_frac: float = 0.95  # fraction of the step to the boundary
-    step_frac_adaptive: bool = False  # 0.9 + 0.09 min(last a_p, a_d) instead (SDPT3; off:
-    # 256x6 16 -> 15 and ERAN 21 -> 20 iterations with rho_factor 1.05, but a 3-layer tanh net
-    # 13 -> 14 on numpy and 13 -> 16 on torch: the paths of the two backends part)
+    step_frac: float = 0.95  # fraction of the step to the boundary (without the adaptive one)
+    step_frac_adaptive: bool = True  # 0.9 + 0.09 min(last a_p, a_d) instead (SDPT3): with
+    # rho_factor 1.05, 256x6 16 -> 15 and ERAN 21 -> 20 iterations, and 256x6 no longer swings
+    # 15-31 with rho_factor (docs/benchmarks.md)
     z0_scale: float = 100.0  # tr Z_0,00 = z0_scale (the dual constraint asks for 1)
     z0_identity: bool = True  # Z_0 = z0_scale I / r; False: z0_scale X_0 / tr X_0,00
     newton_start_depth: int = 4  # Z_0 from the barrier Newton step (dual feasible) up to it
     shift0: float = 0.0  # S_0 = S(y_0) + shift0 max|diag S(y_0)| I (an infeasible start)
-    rho_factor: float = 1.1  # start at rho = rho_factor * rho(t0) (1.05 with step_frac_adaptive)
+    rho_factor: float = 1.05  # start at rho = rho_factor * rho(t0) (1.1 with the fixed fraction)
     chordal_min_depth: int | None = 3  # Z on the block-tridiagonal pattern from this depth
     chordal_newton_start: bool = True  # with the chordal dual: the Newton start at any depth
     float32_start: bool = True  # the Newton dual start's X dS X in float32
@@ -682,9 +682,10 @@ def _predictor_corrector(
 
 
 def _step_fraction(settings: IpmTuning, last: dict[str, float], it: int) -> float:
-    """Fraction of the step to the boundary: ``step_frac``, or with ``step_frac_adaptive``
-    gamma = 0.9 + 0.09 min(a_p, a_d) of the last iteration (Toh, Todd & Tutuncu 1999, SDPT3):
-    after short steps the iterate stays further from the boundary, closer to the central path.
+    """Fraction of the step to the boundary: with ``step_frac_adaptive`` (the default)
+    gamma = 0.9 + 0.09 min(a_p, a_d) of the last iteration (0.9 at the first; Toh, Todd &
+    Tutuncu 1999, SDPT3): after short steps the iterate stays further from the boundary, closer
+    to the central path; else the fixed ``step_frac``.
     """
     if not settings.step_frac_adaptive:
         return settings.step_frac
