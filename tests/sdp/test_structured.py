@@ -17,6 +17,7 @@ from sdp.solvers._interior_point import (
     Grouping,
     IpmSettings,
     IpmTuning,
+    _stalled_at_floor,
     _step_fraction,
     newton_dual_start,
     solve_ipm,
@@ -481,6 +482,26 @@ def test_step_fraction_follows_the_last_step_lengths() -> None:
     rho_fixed, sol_fixed = solve_certified(lmi, eps=1e-9, solver=StructuredSolver(tuning=fixed))
     assert sol_adaptive.status == sol_fixed.status == "optimal"
     assert rho_adaptive == pytest.approx(rho_fixed, rel=1e-7)
+
+
+def test_a_gap_that_stops_falling_at_the_float_floor_ends_the_solve() -> None:
+    """Below ``floor_gap`` a gap that has not halved in ``floor_window`` iterations stops the
+    solve as inaccurate (with the best iterate); above it, or still falling, it goes on. On a
+    6-layer leaky net at a target of 1e-11 the numpy backend's dual steps collapse near a gap
+    of 3e-10: 36 iterations instead of 134 (optimal, ``floor_gap=None``), the certified bound
+    of a solve to 1e-9."""
+    tuning = IpmTuning()
+    assert _stalled_at_floor([1e-3] * 5 + [5e-9] * 6 + [4e-9] * 5, tuning)
+    assert not _stalled_at_floor([1e-3] * 5 + [5e-9] * 6 + [2e-9] * 5, tuning)  # halved
+    assert not _stalled_at_floor([1e-3] * 5 + [5e-8] * 11, tuning)  # above the floor
+    assert not _stalled_at_floor([5e-9] * 10, tuning)  # not yet a whole window
+    lmi = random_lmi([5, 9, 9, 9, 9, 9, 2], Activation("leaky_relu", 0.1), 1)
+    rho_stop, sol_stop = solve_certified(lmi, eps=1e-11)
+    rho_ref, sol_ref = solve_certified(lmi, eps=1e-9)
+    assert sol_stop.status == "inaccurate" and sol_stop.iterations <= 40
+    assert sol_stop.info["rel_gap"] < 1e-9
+    assert sol_ref.status == "optimal"
+    assert rho_stop == pytest.approx(rho_ref, rel=1e-9)
 
 
 def test_float32_predictor_below_the_float32_phase() -> None:
