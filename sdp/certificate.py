@@ -297,13 +297,15 @@ def mapped_output(output_map: Array, weight: Array) -> Array:
     count = nonzero.sum(axis=1)
     unit_pair = (count == 2) & np.all(~nonzero | (np.abs(p) == 1.0), axis=1)
     for r in np.flatnonzero((count > 1) & ~unit_pair):
-        terms = [(Fraction(float(p[r, k])), w[k]) for k in np.flatnonzero(nonzero[r])]
-        for c in range(w.shape[1]):
+        ks = np.flatnonzero(nonzero[r])
+        terms = [(Fraction(float(p[r, k])), w[k]) for k in ks]
+        finite = np.isfinite(w[ks]).all(axis=0)  # else BLAS's inf / NaN stands (refused later)
+        for c in np.flatnonzero(finite):
             exact = sum((coef * Fraction(float(row[c])) for coef, row in terms), Fraction(0))
             try:
                 out[r, c] = float(exact)
             except OverflowError:  # beyond float64: as BLAS's own overflow would
-                out[r, c] = math.copysign(math.inf, exact)
+                out[r, c] = math.inf if exact > 0 else -math.inf
     return out
 
 
