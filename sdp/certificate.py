@@ -289,6 +289,10 @@ def mapped_output(output_map: Array, weight: Array) -> Array:
     BLAS's value is already the correctly rounded one; any other row is summed exactly
     (:class:`fractions.Fraction`: every float is a rational) and rounded once (CPython's
     integer division rounds correctly). The exact path costs a few microseconds per term.
+    Not a proof for every P: the entries' own rounding (u relative) is not accounted for, and
+    two entries rounded onto +-the same value can cancel along a direction z_L takes (review,
+    session 11: the same holds for the composite of consecutive affine layers,
+    ``sdp.ir._compose``); it removes the cancellation within one entry.
     """
     p = np.asarray(output_map, np.float64)
     w = np.asarray(weight, np.float64)
