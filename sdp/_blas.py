@@ -36,6 +36,7 @@ counts the first one found.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -125,22 +126,31 @@ def _apply_locked() -> None:
         lib.set_num_threads(original if keep else 1)
 
 
+def _add_depth(kind: str, step: int) -> None:
+    """Count a context of ``kind`` ("one" or "numpy") opening (+1) or closing (-1)."""
+    global _one_depth, _numpy_depth
+    if kind == "one":
+        _one_depth += step
+    else:
+        _numpy_depth += step
+
+
 @contextmanager
 def _counted(kind: str) -> Iterator[None]:
-    global _one_depth, _numpy_depth
     with _lock:
         # every entrant applies the counts (libraries scanned since the first are covered too)
-        if kind == "one":
-            _one_depth += 1
-        else:
-            _numpy_depth += 1
-        _apply_locked()
+        _add_depth(kind, 1)
+        try:
+            _apply_locked()
+        except BaseException:
+            # a context that failed to open is not open: it must not hold the counts forever
+            _add_depth(kind, -1)
+            with contextlib.suppress(Exception):
+                _apply_locked()  # best effort: the counts of the contexts still open
+            raise
     try:
         yield
     finally:
         with _lock:
-            if kind == "one":
-                _one_depth -= 1
-            else:
-                _numpy_depth -= 1
+            _add_depth(kind, -1)
             _apply_locked()

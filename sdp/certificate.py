@@ -45,6 +45,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -104,7 +105,7 @@ class Lmi:
         """LMI data of a chain; ``output_map`` P (rows) bounds x -> P f(x) instead of f."""
         ws = chain.weights()
         if output_map is not None:
-            ws[-1] = np.asarray(output_map, np.float64) @ ws[-1]
+            ws[-1] = mapped_output(output_map, ws[-1])
         sl = chain.slopes()
         al = [np.full(w.shape[0], s[0]) for w, s in zip(ws[:-1], sl, strict=True)]
         be = [np.full(w.shape[0], s[1]) for w, s in zip(ws[:-1], sl, strict=True)]
@@ -275,6 +276,41 @@ def _final_block_ok(f: _Factorisation, rho: float) -> bool:
     except (linalg.LinAlgError, ValueError):  # ValueError: a non-finite entry
         return False
     return True
+
+
+def mapped_output(output_map: Array, weight: Array) -> Array:
+    """P W with every entry correctly rounded: the last weight of the LMI of x -> P f(x).
+
+    BLAS rounds each partial sum of P @ W, so with three or more terms a row can cancel to
+    anything, 0 included, where the exact P W is not (1 + 2^-60 - 1 -> 0); the LMI would then
+    prove a bound of another function (a zero last layer: "Lip(P f) <= 1e-105" for a P f of
+    Lipschitz constant 100). A row of P with at most one nonzero entry, or with two entries
+    +-1 (the pairwise e_y - e_j), makes one rounding per entry in any summation order, so
+    BLAS's value is already the correctly rounded one; any other row is summed exactly
+    (:class:`fractions.Fraction`: every float is a rational) and rounded once (CPython's
+    integer division rounds correctly). The exact path costs a few microseconds per term.
+    Not a proof for every P: the entries' own rounding (u relative) is not accounted for, and
+    two entries rounded onto +-the same value can cancel along a direction z_L takes (review,
+    session 11: the same holds for the composite of consecutive affine layers,
+    ``sdp.ir._compose``); it removes the cancellation within one entry.
+    """
+    p = np.asarray(output_map, np.float64)
+    w = np.asarray(weight, np.float64)
+    out = p @ w
+    nonzero = p != 0
+    count = nonzero.sum(axis=1)
+    unit_pair = (count == 2) & np.all(~nonzero | (np.abs(p) == 1.0), axis=1)
+    for r in np.flatnonzero((count > 1) & ~unit_pair):
+        ks = np.flatnonzero(nonzero[r])
+        terms = [(Fraction(float(p[r, k])), w[k]) for k in ks]
+        finite = np.isfinite(w[ks]).all(axis=0)  # else BLAS's inf / NaN stands (refused later)
+        for c in np.flatnonzero(finite):
+            exact = sum((coef * Fraction(float(row[c])) for coef, row in terms), Fraction(0))
+            try:
+                out[r, c] = float(exact)
+            except OverflowError:  # beyond float64: as BLAS's own overflow would
+                out[r, c] = math.inf if exact > 0 else -math.inf
+    return out
 
 
 def output_map_fits(output_map: Array | None, output_size: int) -> bool:

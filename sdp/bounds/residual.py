@@ -79,7 +79,7 @@ from scipy.sparse import linalg as sparse_linalg
 
 from sdp.bounds.golden import golden_section
 from sdp.bounds.result import BoundResult
-from sdp.certificate import REL_MARGIN, Certificate, output_map_fits
+from sdp.certificate import REL_MARGIN, Certificate, mapped_output, output_map_fits
 from sdp.errors import CertificateError, LipcertError, NotApplicable
 from sdp.ir import Activation, Array, Conv2d, Dense, Network, Op, Residual
 
@@ -167,7 +167,7 @@ class DagLmi:
         for j, m in sorted(value.items()):
             mat = _dense(m, _node_size(nodes, net.input_size, j))
             if output_map is not None:
-                mat = np.asarray(output_map, np.float64) @ mat
+                mat = mapped_output(output_map, mat)
             out.append((j, mat))
         return cls(net.input_size, tuple(nodes), tuple(out))
 

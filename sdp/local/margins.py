@@ -421,11 +421,14 @@ def _alpha_recheck(graph: Graph, x0: Array, eps: float, y: int, payload: Payload
             ok_node = node in st.relax and node in tangent_nodes(st, graph.output)
             a = np.asarray(arr, dtype=np.float64)
             shape = (c.shape[1], graph.nodes[node].size) if ok_node else None
-            if a.shape != shape or not np.isfinite(a).all():
+            if a.shape != shape:
                 raise ValueError(f"bad tangent payload entry {key!r}")
             rel = st.relax[node]
             s_rel = rel.lower_slope if kind == "slo" else rel.upper_slope
-            tangents.setdefault(node, {})[kind] = round_margin_slopes(a[None], s_rel[:, None, :])
+            s = round_margin_slopes(a[None], s_rel[:, None, :])
+            if not np.isfinite(s).all():  # NaN, inf, or a finite float64 past float32's range
+                raise ValueError(f"bad tangent payload entry {key!r}")
+            tangents.setdefault(node, {})[kind] = s
             continue
         if kind != "alpha" or node not in st.relax:
             raise ValueError(f"unknown alpha-crown payload entry {key!r}")

@@ -132,3 +132,27 @@ def test_numpy_pool_only_holds_while_an_overlapping_one_thread_leaves():
         after = _pools()
     assert seen == [inside]
     assert after == before
+
+
+def test_a_context_that_fails_to_open_is_not_counted(monkeypatch):
+    """An error while a context sets the counts (here: finding numpy's pool) propagates and
+    leaves no open context behind: before, the count stayed raised, so every BLAS pool of the
+    process kept one thread and the saved counts were never given back."""
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _pools()
+
+        def broken() -> tuple[str, ...]:
+            raise OSError("no numpy package folder")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(_blas, "_numpy_pool_dirs", broken)
+            for context in (numpy_pool_only, one_thread):
+                try:
+                    with context():
+                        raise AssertionError("the context should not have opened")
+                except OSError:
+                    pass
+        assert (_blas._one_depth, _blas._numpy_depth) == (0, 0)
+        with one_thread():
+            assert set(_pools().values()) == {1}
+        assert _pools() == before and not _blas._saved

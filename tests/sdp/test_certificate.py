@@ -71,6 +71,39 @@ def test_pairwise_output_map_certificate_bounds_the_difference():
     assert np.max(np.abs(g[:, 0]) / np.linalg.norm(d, axis=1)) <= np.sqrt(cert.rho)
 
 
+def test_an_output_map_is_applied_without_cancellation() -> None:
+    """P W_L with three terms per entry: BLAS sums 1e20 + 1e20 2^-60 - 1e20 to 0, a zero last
+    layer, and the scaled certificate of that LMI claimed Lip(P f) <= 1e-105 for a P f whose
+    slope along e_1 is about 100 here; verify_on accepted it. The map is now applied with every
+    entry correctly rounded (mapped_output), so the forged certificate is refused, and a
+    pairwise row e_y - e_j is BLAS's product as before."""
+    from fractions import Fraction
+
+    from sdp.bounds.residual import DagLmi
+    from sdp.certificate import first_zero_layer, mapped_output, zero_layer_multipliers
+
+    rng = np.random.default_rng(0)
+    w0 = 10.0 * rng.standard_normal((4, 2))
+    w_last = 1e20 * np.array([[1.0] * 4, [2.0**-60] * 4, [1.0] * 4])
+    net = Network((2,), (Dense(w0, np.zeros(4)), Activation("relu"), Dense(w_last, np.zeros(3))))
+    p = np.array([[1.0, 1.0, -1.0]])
+    exact = float(Fraction(1e20) + Fraction(1e20 * 2.0**-60) - Fraction(1e20))
+    lmi = Lmi.from_chain(net.chain(), output_map=p)
+    assert lmi.weights[-1].tolist() == [[exact] * 4] and first_zero_layer(lmi) is None
+    assert DagLmi.from_network(net, output_map=p).output[-1][1].tolist() == [[exact] * 4]
+    blas = Lmi((w0, p @ w_last), lmi.alpha, lmi.beta)  # what the LMI was built from before
+    assert first_zero_layer(blas) == 1
+    t = zero_layer_multipliers(blas, 1)
+    forged = Certificate(certify_rho(blas, t), t, p)
+    assert forged.lipschitz_bound < 1e-100 and not verify_on(net, forged)
+    # exactly, P f(x) = exact * sum(relu(W_0 x)) (a float forward pass cancels it to 0 too)
+    x, d = rng.standard_normal(2), np.array([1e-3, 0.0])
+    z0, z1 = np.maximum(w0 @ x, 0.0), np.maximum(w0 @ (x + d), 0.0)
+    assert exact * abs(z1.sum() - z0.sum()) / 1e-3 > 1.0  # a lower bound of Lip(P f)
+    pair = np.array([[0.0, 1.0, -1.0], [-3.0, 0.0, 0.0]])  # one rounding per entry: BLAS's
+    assert np.array_equal(mapped_output(pair, w_last), pair @ w_last)
+
+
 def test_verify_on_applies_the_certificates_output_map() -> None:
     """verify_on builds the LMI of the network with the certificate's own output map: a
     pairwise certificate verifies on the network, and the same (rho, T) without its map (what

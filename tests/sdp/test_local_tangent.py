@@ -13,7 +13,12 @@ from hypothesis import strategies as st
 
 from sdp.ir import Activation
 from sdp.local import certify_local, verify_local
-from sdp.local.alpha import MARGIN_SLOPE_DTYPE, optimise_tangents, round_margin_slopes
+from sdp.local.alpha import (
+    MARGIN_SLOPE_DTYPE,
+    optimise_tangents,
+    round_margin_slopes,
+    tangent_nodes,
+)
 from sdp.local.graph import build_graph
 from sdp.local.margins import alpha_crown, get_method, objective_rows
 from sdp.local.propagate import backward, compute_bounds
@@ -162,6 +167,29 @@ def test_margin_slopes_round_to_storage_and_keep_the_relaxations_own():
     assert got[0, 0, 0] == got[0, 1, 0] == 0.1  # 0.1 is not a float32: snapped, not rounded
     assert got[0, 0, 1] == float(np.float32(0.2000001)) != 0.2000001
     assert got[0, 1, 1] == float(np.float32(0.3)) and got.dtype == np.float64
+
+
+@pytest.mark.parametrize("value", [1e39, -3.5e38, np.nan, np.inf])
+def test_recheck_refuses_slopes_float32_cannot_hold(value: float) -> None:
+    """A finite float64 slope past float32's range rounds to inf when read back: refused as a
+    malformed payload (before, it passed the finiteness check and its inf slope only made NaN
+    margins inside the re-check, refused by NaN comparing false). A float32 slope replays."""
+    rng = np.random.default_rng(3)
+    net = dense_net(rng, [3, 5, 3], "sigmoid")
+    graph = build_graph(net)
+    x = rng.normal(size=3)
+    y = int(np.argmax(net.forward(x[None])[0]))
+    nodes = tangent_nodes(compute_bounds(graph, x[None], np.array([0.1])), graph.output)
+    assert nodes
+    shapes = {k: (graph.output_size, graph.nodes[k].size) for k in nodes}
+    recheck = get_method("alpha-crown").recheck
+
+    def payload(v: float) -> tuple[tuple[str, np.ndarray], ...]:
+        return tuple((f"{t}:{k}", np.full(shapes[k], v)) for k in nodes for t in ("slo", "sup"))
+
+    assert np.isfinite(np.delete(recheck(graph, x, 0.1, y, payload(0.2)), y)).all()
+    with pytest.raises(ValueError, match="bad tangent payload entry"):
+        recheck(graph, x, 0.1, y, payload(value))
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "tanh"])
