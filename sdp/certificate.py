@@ -76,12 +76,20 @@ class Lmi:
     weights: tuple[Array, ...]
     alpha: tuple[Array, ...]
     beta: tuple[Array, ...]
+    weight_errors: tuple[float, ...] = ()
+    """Per weight, a bound of ||W_k - W_k*||_2 for the exact W_k* of the function (a chain's
+    composite layers, an output map's rounding: :meth:`from_chain`); () = all exact. The check
+    proves the LMI for every W_k* within them (:func:`weight_error_shift`)."""
 
     def __post_init__(self) -> None:
         ws = tuple(np.asarray(w, dtype=np.float64) for w in self.weights)
         L = len(ws) - 1
         if L < 0 or len(self.alpha) != L or len(self.beta) != L:
             raise ValueError("need L+1 weights and L slope vectors")
+        errs = tuple(float(e) for e in self.weight_errors)
+        if errs and (len(errs) != L + 1 or any(not e >= 0 for e in errs)):
+            raise ValueError("need one weight error bound >= 0 per weight")
+        object.__setattr__(self, "weight_errors", errs if any(errs) else ())
         for i in range(L):
             if ws[i + 1].shape[1] != ws[i].shape[0]:
                 raise ValueError(f"W_{i + 1} {ws[i + 1].shape} does not follow W_{i} {ws[i].shape}")
@@ -104,12 +112,15 @@ class Lmi:
     def from_chain(cls, chain: Chain, output_map: Array | None = None) -> Lmi:
         """LMI data of a chain; ``output_map`` P (rows) bounds x -> P f(x) instead of f."""
         ws = chain.weights()
+        errs = list(chain.errors())
         if output_map is not None:
-            ws[-1] = mapped_output(output_map, ws[-1])
+            p = np.asarray(output_map, np.float64)
+            ws[-1] = mapped_output(p, ws[-1])
+            errs[-1] = output_map_error(p, ws[-1], errs[-1])
         sl = chain.slopes()
         al = [np.full(w.shape[0], s[0]) for w, s in zip(ws[:-1], sl, strict=True)]
         be = [np.full(w.shape[0], s[1]) for w, s in zip(ws[:-1], sl, strict=True)]
-        return cls(tuple(ws), tuple(al), tuple(be))
+        return cls(tuple(ws), tuple(al), tuple(be), tuple(errs))
 
     @property
     def depth(self) -> int:
@@ -204,6 +215,13 @@ def _factorise_hidden(lmi: Lmi, t: Sequence[Array]) -> _Factorisation:
     if any(np.any(~np.isfinite(ti)) or np.any(ti < 0) for ti in t):
         raise CertificateError("multipliers must be finite and >= 0", code="certificate-invalid")
     n_hidden = sum(lmi.hidden_sizes)
+    # the weight errors' shifts (1e-6 more: the rounding of subtracting them)
+    werr = weight_error_shifts(lmi, t)
+    if not all(math.isfinite(d) for d in (*werr.hidden, werr.input)):
+        raise CertificateError(
+            "the network's composite weights are not known accurately enough to certify",
+            code="certificate-infeasible",
+        )
     ab = [a * b for a, b in zip(al, be, strict=True)]
     apb = [a + b for a, b in zip(al, be, strict=True)]
 
@@ -226,7 +244,9 @@ def _factorise_hidden(lmi: Lmi, t: Sequence[Array]) -> _Factorisation:
         aw = np.abs(w_next)
         form = (aw.T @ (np.abs(d_next) * (aw @ scale))) / scale
         form *= 2 * _gamma(w_next.shape[0] + 2) * (1.0 if j + 1 == L else 2.0)
-        shifts.append(rel * np.abs(diag_g) + form + np.finfo(np.float64).tiny)
+        shifts.append(
+            rel * np.abs(diag_g) + form + werr.hidden[j] * (1 + 1e-6) + np.finfo(np.float64).tiny
+        )
 
     s_inv_coupling: Array | None = None  # R_{j+1}^{-T} G_{j+1,j}, from the block below
     for j in reversed(range(L)):
@@ -253,13 +273,13 @@ def _factorise_hidden(lmi: Lmi, t: Sequence[Array]) -> _Factorisation:
         w = W[0]
         q = w.T @ w  # no hidden layer: M = -rho I + W^T W
         q_err = _gamma(w.shape[0] + 2) * float(np.max(_absrow(w, np.ones(w.shape[0])), initial=0.0))
-        return _Factorisation(q=q, q_err=2 * q_err)
+        return _Factorisation(q=q, q_err=2 * q_err + werr.input * (1 + 1e-6))
     assert s_inv_coupling is not None
     q = s_inv_coupling.T @ s_inv_coupling
     if np.any(ab[0] * t[0]):  # else the own term is exactly zero (its product skipped)
         q -= 2 * (W[0].T * (ab[0] * t[0])) @ W[0]
     q_err = _gamma(W[0].shape[0] + 2) * float(np.max(_absrow(W[0], ab[0] * t[0]), initial=0.0)) * 2
-    return _Factorisation(q=q, q_err=q_err)
+    return _Factorisation(q=q, q_err=q_err + werr.input * (1 + 1e-6))
 
 
 def _input_shift(f: _Factorisation, rho: float) -> float:
@@ -311,6 +331,75 @@ def mapped_output(output_map: Array, weight: Array) -> Array:
             except OverflowError:  # beyond float64: as BLAS's own overflow would
                 out[r, c] = math.inf if exact > 0 else -math.inf
     return out
+
+
+def output_map_error(output_map: Array, mapped: Array, weight_error: float = 0.0) -> float:
+    """Bound of ||fl(P W) - P W*||_2 for ``mapped`` = :func:`mapped_output` (P, W) and
+    ||W - W*||_2 <= ``weight_error``: every entry of fl(P W) is correctly rounded, so
+    |fl(P W) - P W| <= u |fl(P W)| entrywise, plus ||P||_F ||W - W*||_2; the factor 1.001 covers
+    the float norms' own rounding. 0 where no entry was rounded (P selects or negates rows)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        exact = not weight_error and bool(
+            np.all((np.abs(output_map) == 1.0) | (output_map == 0.0))
+            and np.all(np.count_nonzero(output_map, axis=1) <= 1)
+        )
+        if exact:
+            return 0.0
+        bound = _U * float(np.linalg.norm(mapped))
+        if weight_error:
+            bound += float(np.linalg.norm(output_map)) * weight_error
+        bound *= 1.001
+    return bound if math.isfinite(bound) else math.inf
+
+
+@dataclass(frozen=True)
+class WeightErrorShifts:
+    """Diagonal shifts covering the weight errors: ``hidden[j]`` for hidden layer j's block,
+    ``input`` for the input block (all 0.0 for exact weights)."""
+
+    hidden: tuple[float, ...]
+    input: float
+
+
+def weight_error_shifts(lmi: Lmi, t: Sequence[Array]) -> WeightErrorShifts:
+    """Per-block delta with M(rho, T; W*) - M(rho, T; W) <= diag(delta_b I) for every W* within
+    ``lmi.weight_errors`` (e_k >= ||W_k* - W_k||_2).
+
+    M is block tridiagonal in (x, z_1..z_L). W_k enters the coupling block C_k = diag((a+b)
+    t_k) W_k between hidden layer k and the block before it (hidden k-1, or the input), and
+    the quadratic term 2 W_k^T diag(a b t_k) W_k in that block before; W_L enters -W_L^T W_L
+    in the last hidden block. With E_k = W_k* - W_k: ||Delta C_k|| <= c_k = max|(a+b) t_k| e_k,
+    ||Delta quad_k|| <= q_k = 2 max|a b t_k| (2 ||W_k||_F e_k + e_k^2), ||Delta last|| <=
+    2 ||W_L||_F e_L + e_L^2; a symmetric pair [[0, C^T], [C, 0]] is <= ||C|| (I + I), so
+    delta(hidden k) = c_k + c_{k+1} + q_{k+1} (the last: c_{L-1} + the W_L term) and
+    delta(input) = c_0 + q_0. Checking -M(W) - diag(delta) > 0 proves -M(W*) > 0. The factor
+    1.001 covers the float evaluation of these few positive terms; inf if they overflow.
+    """
+    L = lmi.depth
+    errs = lmi.weight_errors
+    if not errs:
+        return WeightErrorShifts((0.0,) * L, 0.0)
+    c = [0.0] * (L + 1)  # coupling term of W_k (k < L)
+    q = [0.0] * (L + 1)  # quadratic term of W_k (k < L), the W_L term at L
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k, e in enumerate(errs):
+            if not e:
+                continue
+            w_norm = float(np.linalg.norm(lmi.weights[k])) * 1.001
+            if k == L:
+                q[k] = 2 * w_norm * e + e * e
+                continue
+            tk = np.asarray(t[k], np.float64)
+            a, b = lmi.alpha[k], lmi.beta[k]
+            c[k] = float(np.max(np.abs((a + b) * tk), initial=0.0)) * e
+            q[k] = 2 * float(np.max(np.abs(a * b * tk), initial=0.0)) * (2 * w_norm * e + e * e)
+        hidden = tuple(_finite_or_inf((c[k] + c[k + 1] + q[k + 1]) * 1.001) for k in range(L))
+        first = _finite_or_inf((c[0] + q[0]) * 1.001) if L else _finite_or_inf(q[0] * 1.001)
+    return WeightErrorShifts(hidden, first)
+
+
+def _finite_or_inf(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
 
 
 def output_map_fits(output_map: Array | None, output_size: int) -> bool:
@@ -409,6 +498,7 @@ def layerwise_multipliers(lmi: Lmi, *, slack: float = 2.0) -> tuple[Array, ...]:
     W, al, be = lmi.weights, lmi.alpha, lmi.beta
     L = lmi.depth
     t: list[Array] = [np.zeros(0)] * L
+    errs = lmi.weight_errors or (0.0,) * (L + 1)
     s_inv_coupling: Array | None = None
     for j in reversed(range(L)):
         blk = (
@@ -420,6 +510,16 @@ def layerwise_multipliers(lmi: Lmi, *, slack: float = 2.0) -> tuple[Array, ...]:
             blk = blk - s_inv_coupling.T @ s_inv_coupling
         n = blk.shape[0]
         need = float(linalg.eigvalsh(-blk, subset_by_index=[n - 1, n - 1])[0]) if n else 0.0
+        # weight errors (weight_error_shifts): the part of block j's shift known now, and its
+        # own coupling term kappa t_j: 2 t_j - kappa t_j must exceed need + known
+        known = _block_shift_known(lmi, t, j) if lmi.weight_errors else 0.0
+        kappa = float(np.max(np.abs(al[j] + be[j]), initial=0.0)) * errs[j] * 1.01
+        if kappa >= 1.0:
+            raise CertificateError(
+                "the network's composite weights are not known accurately enough to certify",
+                code="certificate-infeasible",
+            )
+        need = (max(need, 0.0) + known) * 2 / (2 - kappa) if known or kappa else need
         scale = max(need, 0.0) * slack / 2
         scale = max(scale, 1e-12 * max(1.0, float(np.abs(blk).max(initial=0.0))))
         t[j] = np.full(W[j].shape[0], scale)
@@ -430,14 +530,29 @@ def layerwise_multipliers(lmi: Lmi, *, slack: float = 2.0) -> tuple[Array, ...]:
     return tuple(t)
 
 
+def _block_shift_known(lmi: Lmi, t: Sequence[Array], j: int) -> float:
+    """Hidden block j's weight-error shift without its own coupling term (which scales with
+    t_j, not chosen yet): c_{j+1} + q_{j+1} of :func:`weight_error_shifts`, times 1.01."""
+    L = lmi.depth
+    probe = [np.zeros(n) for n in lmi.hidden_sizes]
+    for k in range(j + 1, L):
+        probe[k] = np.asarray(t[k], np.float64)
+    return weight_error_shifts(lmi, probe).hidden[j] * 1.01
+
+
 ZERO_LAYER_SCALE = 1e-200
 """Factor on (rho, t_1..t_k) of :func:`zero_layer_multipliers`: far below any bound that matters,
 far above float64's smallest normal number so the rounding checks keep their relative margins."""
 
 
 def first_zero_layer(lmi: Lmi) -> int | None:
-    """Index k of the first all-zero weight matrix W_k (the network is then constant), or None."""
-    return next((k for k, w in enumerate(lmi.weights) if not np.any(w)), None)
+    """Index k of the first all-zero weight matrix W_k known exactly (no weight error bound:
+    the network is then constant), or None."""
+    errs = lmi.weight_errors or (0.0,) * len(lmi.weights)
+    return next(
+        (k for k, (w, e) in enumerate(zip(lmi.weights, errs, strict=True)) if not (np.any(w) or e)),
+        None,
+    )
 
 
 def zero_layer_multipliers(lmi: Lmi, k: int) -> tuple[Array, ...]:

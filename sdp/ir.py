@@ -295,10 +295,20 @@ class Chain:
 
     affines: tuple[Affine, ...]
     activations: tuple[Activation, ...]
+    weight_errors: tuple[float, ...] = ()
+    """Per affine layer, an upper bound of ||W_k - W_k*||_2, W_k* the exact product of the
+    network's consecutive affine layers that W_k stands for (:func:`composition_error`); ()
+    or 0.0 where W_k is a layer of the network as it is."""
 
     def __post_init__(self) -> None:
         if len(self.affines) != len(self.activations) + 1:
             raise ValueError("a chain has one more affine layer than activations")
+        if self.weight_errors and len(self.weight_errors) != len(self.affines):
+            raise ValueError("one weight error bound per affine layer")
+
+    def errors(self) -> tuple[float, ...]:
+        """:attr:`weight_errors`, one per affine layer (0.0 where none is given)."""
+        return self.weight_errors or (0.0,) * len(self.affines)
 
     def weights(self) -> list[Array]:
         """Dense float64 matrices W_0..W_L (convolutions unrolled)."""
@@ -459,24 +469,32 @@ class Network:
         if not self.is_chain:
             raise NotApplicable("residual network: not a chain; use the compositional bound")
         affines: list[Affine] = []
+        errors: list[float] = []
         acts: list[Activation] = []
         pending: Affine | None = None
+        error = 0.0  # bound of ||pending - exact product||_2 (composition_error)
         n = self.input_size
         for op in self.ops:
             if isinstance(op, Activation):
                 if pending is None:
                     pending = Dense(np.eye(n), np.zeros(n))
                 affines.append(pending)
+                errors.append(error)
                 acts.append(op)
-                pending = None
+                pending, error = None, 0.0
             else:
                 assert isinstance(op, Dense | Conv2d)
-                pending = op if pending is None else _compose(pending, op)
+                if pending is None:
+                    pending = op
+                else:
+                    error = composition_error(op.matrix(), pending.matrix(), error)
+                    pending = _compose(pending, op)
             n = _out_size(op, n)
         if pending is None:
             pending = Dense(np.eye(n), np.zeros(n))
         affines.append(pending)
-        return Chain(tuple(affines), tuple(acts))
+        errors.append(error)
+        return Chain(tuple(affines), tuple(acts), tuple(errors) if any(errors) else ())
 
     def content_hash(self) -> str:
         """sha256 over the structure and the float64 bytes of every array (stable across runs).
@@ -490,6 +508,31 @@ class Network:
             _hash_ops(h, self.ops)
             self._hash.append(h.hexdigest())
         return self._hash[0]
+
+
+_UNIT_ROUNDOFF = 2.0**-53
+
+
+def composition_error(second: Array, first: Array, first_error: float = 0.0) -> float:
+    """Upper bound of ||fl(A B) - A B*||_2 for A = ``second``, B = ``first`` (float64) and B*
+    the exact matrix B stands for, ||B - B*||_2 <= ``first_error``.
+
+    Each entry of fl(A B) is an inner product of length k computed in floating point, in any
+    order (BLAS blocking, FMA): |fl(A B) - A B| <= gamma_k |A| |B| entrywise, gamma_k =
+    k u / (1 - k u) (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., §3.5),
+    and ||A (B - B*)||_2 <= ||A||_F ||B - B*||_2. The Frobenius norms are computed in float64;
+    the factor 1.001 covers their own rounding (relative k u and (m n) u, below 1e-4 for any
+    matrix that fits in memory). Without this bound the chain's composite weight is taken as
+    exact, and a product that cancels in float64 (1e20 (1 + 2^-60) - 1e20 -> 0) makes LipSDP
+    certify a bound of another function (review, session 11).
+    """
+    k = second.shape[1]
+    gamma = k * _UNIT_ROUNDOFF / (1.0 - k * _UNIT_ROUNDOFF)
+    with np.errstate(over="ignore", invalid="ignore"):
+        rounding = gamma * float(np.linalg.norm(np.abs(second) @ np.abs(first)))
+        carried = float(np.linalg.norm(second)) * first_error if first_error else 0.0
+        bound = (rounding + carried) * 1.001
+    return bound if math.isfinite(bound) else math.inf
 
 
 def _compose(first: Affine, second: Affine) -> Affine:

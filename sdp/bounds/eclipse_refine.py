@@ -538,7 +538,7 @@ def eclipse_refined_bound(net: Network, *, timeout_s: float | None = None) -> Bo
     sc = SparseChain.from_chain(chain)
     # the dense LMI that verify_on rebuilds (Lmi.from_chain): the sparse matrices are the
     # unrolled ones entry for entry (tested), and densifying them is much cheaper
-    lmi = Lmi(tuple(w.toarray() for w in sc.weights), sc.alpha, sc.beta)
+    lmi = Lmi(tuple(w.toarray() for w in sc.weights), sc.alpha, sc.beta, chain.weight_errors)
     if lmi.depth == 0:
         rho = certify_rho(lmi, ())
         return _result(net, rho, (), {"total_s": time.perf_counter() - t0}, [], 0.0)

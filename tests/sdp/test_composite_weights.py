@@ -1,0 +1,128 @@
+"""Consecutive affine layers are composed in float64 (``Network.chain``): the chain carries a
+bound of each composite's rounding and the LMI check proves the bound for every exact weight
+within it (review, session 11: a product that cancels to 0 made LipSDP certify 1.9e-106 for a
+network of Lipschitz constant >= 306)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sdp.bounds.compute import compute_bound
+from sdp.certificate import Lmi, certify_rho, layerwise_multipliers, verify_on
+from sdp.errors import CertificateError
+from sdp.ir import Activation, Dense, Network, composition_error
+
+
+def _exact_product(a: np.ndarray, b: np.ndarray) -> list[list[Fraction]]:
+    return [
+        [
+            sum(
+                (Fraction(float(a[i, k])) * Fraction(float(b[k, j])) for k in range(a.shape[1])),
+                Fraction(0),
+            )
+            for j in range(b.shape[1])
+        ]
+        for i in range(a.shape[0])
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.integers(1, 6),
+    st.integers(1, 4),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([1.0, 1e20, 1e-30]),
+)
+def test_composition_error_bounds_the_exact_rounding(
+    m: int, k: int, n: int, seed: int, scale: float
+):
+    """||fl(A B) - A B||_F (exact, in rationals) <= composition_error(A, B), also where the
+    float product cancels (entries 1 and 2^-60 of one scale)."""
+    rng = np.random.default_rng(seed)
+    a = rng.choice([-1.0, 1.0, 2.0**-60, 0.5], size=(m, k)) * scale
+    b = rng.choice([-1.0, 1.0, 3.0, 2.0**-60], size=(k, n))
+    fl = a @ b
+    exact = _exact_product(a, b)
+    err2 = sum((Fraction(float(fl[i, j])) - exact[i][j]) ** 2 for i in range(m) for j in range(n))
+    bound = composition_error(a, b)
+    assert err2 <= Fraction(bound) ** 2
+
+
+def _cancelling_net() -> Network:
+    w_a = np.array([[1.0], [2.0], [0.5], [1.5]])
+    w_1 = 1e20 * np.array([[1.0] * 4, [2.0**-60] * 4, [1.0] * 4])  # no activation after it
+    w_2 = np.array([[-1.0, -1.0, 1.0], [0.0, 0.0, 0.0]])
+    return Network(
+        (1,),
+        (
+            Dense(w_a, np.zeros(4)),
+            Activation("relu"),
+            Dense(w_1, np.zeros(3)),
+            Dense(w_2, np.array([1.0, 0.0])),
+        ),
+    )
+
+
+def test_a_cancelling_composite_is_not_taken_as_exact():
+    """The float composite of W_2 W_1 is 0 (the network looks constant); the exact function's
+    f(1) - f(0) is 433.68 (in rationals), so every certified bound must be at least that."""
+    net = _cancelling_net()
+    chain = net.chain()
+    assert not np.any(chain.weights()[-1])  # the float product cancelled
+    assert chain.errors()[-1] > 0
+    exact_gap = 433.68  # |f(1) - f(0)| of the real-arithmetic function, by Fraction
+    for method in ("lipsdp-neuron", "lipsdp-layer"):
+        res = compute_bound(net, method, lower_bound=False)
+        assert res.verified and res.value >= exact_gap
+        assert not any("constant" in n for n in res.notes)
+    lmi = Lmi.from_chain(chain)
+    t = [np.full(n, 1e-200) for n in lmi.hidden_sizes]  # the zero-layer certificate before
+    try:
+        rho = certify_rho(lmi, t)
+    except CertificateError:
+        return
+    assert rho >= exact_gap**2
+
+
+def test_exact_chains_carry_no_error_and_certify_as_before():
+    """A chain without consecutive affine layers has no error bounds: nothing changes."""
+    rng = np.random.default_rng(0)
+    net = Network(
+        (5,),
+        (
+            Dense(rng.normal(size=(7, 5)), np.zeros(7)),
+            Activation("relu"),
+            Dense(rng.normal(size=(3, 7)), np.zeros(3)),
+        ),
+    )
+    chain = net.chain()
+    assert chain.weight_errors == () and Lmi.from_chain(chain).weight_errors == ()
+
+
+def test_a_composite_chain_certifies_and_verifies_with_its_error():
+    """An ordinary net with two affine layers in a row: the bound holds (above the exact
+    chain's own bound, by a rounding-sized amount) and verify_on re-proves the certificate."""
+    rng = np.random.default_rng(4)
+    w0, w1, w2 = rng.normal(size=(8, 6)), rng.normal(size=(5, 8)), rng.normal(size=(3, 5))
+    composed = Network(
+        (6,),
+        (
+            Dense(w0, np.zeros(8)),
+            Activation("tanh"),
+            Dense(w1, np.zeros(5)),
+            Dense(w2, np.zeros(3)),
+        ),
+    )
+    lmi = Lmi.from_chain(composed.chain())
+    assert lmi.weight_errors and lmi.weight_errors[-1] > 0
+    rho = certify_rho(lmi, layerwise_multipliers(lmi))
+    exact_rho = certify_rho(Lmi((w0, w2 @ w1), lmi.alpha, lmi.beta), layerwise_multipliers(lmi))
+    assert rho >= exact_rho and rho == pytest.approx(exact_rho, rel=1e-9)
+    res = compute_bound(composed, "lipsdp-neuron", lower_bound=False)
+    assert res.verified and res.certificate is not None and verify_on(composed, res.certificate)
