@@ -79,9 +79,15 @@ from scipy.sparse import linalg as sparse_linalg
 
 from sdp.bounds.golden import golden_section
 from sdp.bounds.result import BoundResult
-from sdp.certificate import REL_MARGIN, Certificate, mapped_output, output_map_fits
+from sdp.certificate import (
+    REL_MARGIN,
+    Certificate,
+    mapped_output,
+    output_map_error,
+    output_map_fits,
+)
 from sdp.errors import CertificateError, LipcertError, NotApplicable
-from sdp.ir import Activation, Array, Conv2d, Dense, Network, Op, Residual
+from sdp.ir import Activation, Array, Conv2d, Dense, Network, Op, Residual, composition_error
 
 METHOD = "lipsdp-dag"
 NODE_WIDTH_CAP = 8_192
@@ -122,10 +128,20 @@ class DagNode:
     sources: tuple[tuple[int, Array], ...]
     alpha: Array
     beta: Array
+    source_errors: tuple[float, ...] = ()
+    """Per source, a bound of ||A_j - A_j*||_2 for the exact matrix A_j* of the network that
+    the float A_j stands for (a product or sum formed by :func:`_walk`); () = all exact."""
+
+    def __post_init__(self) -> None:
+        _check_errors(self.source_errors, len(self.sources))
 
     @property
     def size(self) -> int:
         return int(self.alpha.shape[0])
+
+    def errors(self) -> tuple[float, ...]:
+        """:attr:`source_errors`, one per source (0.0 where none is given)."""
+        return self.source_errors or (0.0,) * len(self.sources)
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,6 +151,21 @@ class DagLmi:
     input_size: int
     nodes: tuple[DagNode, ...]
     output: tuple[tuple[int, Array], ...]
+    output_errors: tuple[float, ...] = ()
+    """Per output source, a bound of ||O_j - O_j*||_2 (products, sums, an output map's
+    rounding); () = all exact."""
+
+    def __post_init__(self) -> None:
+        _check_errors(self.output_errors, len(self.output))
+
+    def output_error_list(self) -> tuple[float, ...]:
+        """:attr:`output_errors`, one per output source (0.0 where none is given)."""
+        return self.output_errors or (0.0,) * len(self.output)
+
+    @property
+    def has_weight_errors(self) -> bool:
+        """True iff some coupling or output matrix carries an error bound."""
+        return bool(self.output_errors) or any(n.source_errors for n in self.nodes)
 
     def size(self, k: int) -> int:
         """Dimension of node k (0 = the input)."""
@@ -162,18 +193,28 @@ class DagLmi:
     def from_network(cls, net: Network, output_map: Array | None = None) -> DagLmi:
         """Walk the IR (residual blocks included) into nodes; ``output_map`` P bounds P f."""
         nodes: list[DagNode] = []
-        value = _walk(net.ops, {0: None}, net.input_size, nodes)
-        out = []
-        for j, m in sorted(value.items()):
+        value = _walk(net.ops, {0: (None, 0.0)}, net.input_size, nodes)
+        out, errs = [], []
+        for j, (m, e) in sorted(value.items()):
             mat = _dense(m, _node_size(nodes, net.input_size, j))
             if output_map is not None:
-                mat = mapped_output(output_map, mat)
+                p = np.asarray(output_map, np.float64)
+                mat = mapped_output(p, mat)
+                e = output_map_error(p, mat, e)
             out.append((j, mat))
-        return cls(net.input_size, tuple(nodes), tuple(out))
+            errs.append(e)
+        return cls(net.input_size, tuple(nodes), tuple(out), tuple(errs) if any(errs) else ())
 
 
-_Value = dict[int, Array | None]
-"""A linear function of node outputs: node -> matrix (None = identity)."""
+def _check_errors(errors: tuple[float, ...], n: int) -> None:
+    """ValueError unless ``errors`` is () or n bounds >= 0 (NaN is not one)."""
+    if errors and (len(errors) != n or any(not e >= 0 for e in errors)):
+        raise ValueError("need one error bound >= 0 per source")
+
+
+_Value = dict[int, tuple[Array | None, float]]
+"""A linear function of node outputs: node -> (matrix (None = identity), a bound of the float
+matrix's distance ||M - M*||_2 to the exact one it stands for)."""
 
 
 def _node_size(nodes: list[DagNode], n0: int, j: int) -> int:
@@ -212,30 +253,61 @@ def conv_matrix(conv: Conv2d) -> Array:
 
 
 def _walk(ops: tuple[Op, ...], value: _Value, n0: int, nodes: list[DagNode]) -> _Value:
+    """The linear maps from node outputs to the value after ``ops``, appending the activation
+    layers met to ``nodes``. Products of consecutive affine maps and the sums of a residual
+    block's paths are rounded: each carries a bound of its error (:func:`_product`,
+    :func:`_sum`), so that the check proves the LMI of the exact maps (design.md §3.6)."""
     for op in ops:
         if isinstance(op, Dense | Conv2d):
             w = op.weight if isinstance(op, Dense) else conv_matrix(op)
-            value = {j: w if m is None else w @ m for j, m in value.items()}
+            value = {j: _product(w, m, e) for j, (m, e) in value.items()}
         elif isinstance(op, Activation):
             a, b = op.slope_bounds
-            srcs = tuple((j, _dense(m, _node_size(nodes, n0, j))) for j, m in sorted(value.items()))
+            srcs = tuple(
+                (j, _dense(m, _node_size(nodes, n0, j))) for j, (m, _) in sorted(value.items())
+            )
+            errs = tuple(e for _, (_, e) in sorted(value.items()))
             n = srcs[0][1].shape[0]
-            nodes.append(DagNode(srcs, np.full(n, float(a)), np.full(n, float(b))))
-            value = {len(nodes): None}
+            nodes.append(
+                DagNode(srcs, np.full(n, float(a)), np.full(n, float(b)), errs if any(errs) else ())
+            )
+            value = {len(nodes): (None, 0.0)}
         else:
             assert isinstance(op, Residual)
             body = _walk(op.body, value, n0, nodes)
             short = _walk(op.shortcut, value, n0, nodes) if op.shortcut else value
             merged: _Value = {}
             for part in (body, short):
-                for j, m in part.items():
+                for j, path in part.items():
                     if j not in merged:
-                        merged[j] = m
+                        merged[j] = path
                     else:
-                        n = _node_size(nodes, n0, j)
-                        merged[j] = _dense(merged[j], n) + _dense(m, n)
+                        merged[j] = _sum(merged[j], path, _node_size(nodes, n0, j))
             value = merged
     return value
+
+
+def _product(w: Array, m: Array | None, error: float) -> tuple[Array, float]:
+    """(fl(W M), a bound of ||fl(W M) - W M*||_2) for ||M - M*||_2 <= ``error``
+    (:func:`sdp.ir.composition_error`); W itself where M is the identity (exact)."""
+    if m is None:
+        return w, error
+    return w @ m, composition_error(w, m, error)
+
+
+def _sum(
+    first: tuple[Array | None, float], second: tuple[Array | None, float], n: int
+) -> tuple[Array, float]:
+    """The two paths of a residual block into one node, (fl(A + B), a bound of its distance
+    to A* + B*): each entry is correctly rounded, |fl(a + b) - (a + b)| <= u |fl(a + b)|
+    (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., (2.5)), so the
+    rounding is at most u ||fl(A + B)||_F, plus the two paths' own errors; the factor 1.001
+    covers the float norm's rounding; inf if it overflows."""
+    (a, ea), (b, eb) = first, second
+    total = _dense(a, n) + _dense(b, n)
+    with np.errstate(over="ignore", invalid="ignore"):
+        bound = (_U * float(np.linalg.norm(total)) + ea + eb) * 1.001
+    return total, bound if math.isfinite(bound) else math.inf
 
 
 def check_dag_size(net: Network) -> None:
@@ -497,6 +569,13 @@ class _Reduced:
 def _factorise(lmi: DagLmi, t: Sequence[Array]) -> _Reduced:
     """Backward block Cholesky of the hidden part of G(T) with rigorous per-neuron shifts."""
     t = _check_multipliers(lmi, t)
+    # the weight errors' shifts (1e-6 more: the rounding of subtracting them)
+    werr = dag_weight_error_shifts(lmi, t)
+    if not all(math.isfinite(d) for d in werr.values()):
+        raise CertificateError(
+            "the network's composite weights are not known accurately enough to certify",
+            code="certificate-infeasible",
+        )
     blocks, rows = _build(lmi, t, with_output=True)
     n_total = lmi.dimension
     rel = 2 * _gamma(n_total + 1) * (n_total + 1)
@@ -504,12 +583,65 @@ def _factorise(lmi: DagLmi, t: Sequence[Array]) -> _Reduced:
     for k in range(1, len(lmi.nodes) + 1):
         diag = np.abs(np.diag(blocks[(k, k)]))
         # + 2u |G_ii|: the rounding of adding 2 t_k to own or output terms on the diagonal
-        shifts[k] = (rel + 2 * _U) * diag + rows[k] + _TINY
+        shifts[k] = (rel + 2 * _U) * diag + rows[k] + werr[k] * (1 + 1e-6) + _TINY
     _eliminate(blocks, range(len(lmi.nodes), 0, -1), shifts)
     g00 = blocks.get((0, 0), np.zeros((lmi.input_size, lmi.input_size)))
     # rows[0] is in the scaling s_0 = 1 (any positive s is valid): the input block's
     # formation error has spectral norm <= max_i rows[0]_i, applied as one scalar shift
-    return _Reduced(q=-g00, q_err=float(np.max(rows[0], initial=0.0)), n_total=n_total)
+    q_err = float(np.max(rows[0], initial=0.0)) + werr[0] * (1 + 1e-6)
+    return _Reduced(q=-g00, q_err=q_err, n_total=n_total)
+
+
+def dag_weight_error_shifts(lmi: DagLmi, t: Sequence[Array]) -> dict[int, float]:
+    """Per node k (0 = the input), delta_k with G(T; A*, O*) - G(T; A, O) >= -diag(delta_k I)
+    for every exact coupling A_kj* and output O_j* within the LMI's error bounds (e_kj >=
+    ||A_kj* - A_kj||_2, f_j >= ||O_j* - O_j||_2); all 0.0 for an exact DAG.
+
+    The DAG analogue of :func:`sdp.certificate.weight_error_shifts` (design.md §3.3, §3.6).
+    A_kj enters the coupling block G_kj = -diag((a+b) t_k) A_kj: a symmetric pair [[0, C^T],
+    [C, 0]] is >= -||C|| (I + I) (its eigenvalues are +-sigma(C)), so c = max|(a+b) t_k| e_kj
+    goes to nodes k and j. A_k = [A_kj]_j (the sources side by side) enters the own term
+    A_k^T diag(2 a b t_k) A_k: with E_k = A_k* - A_k, ||E_k||_2 <= sqrt(sum_j e_kj^2) = e_k and
+    ||A_k||_2 <= ||A_k||_F, the change A*^T D A* - A^T D A = E^T D A + A^T D E + E^T D E has
+    norm <= 2 max|a b t_k| (2 ||A_k||_F e_k + e_k^2), a symmetric matrix on the sources' blocks,
+    so >= -that times I on each source. Likewise -O^T O changes by at most 2 ||O||_F f + f^2
+    (f = sqrt(sum_j f_j^2)) on each output source. Weyl: the sum of these lower bounds bounds
+    the sum. The factor 1.001 covers the float evaluation of these positive terms; inf where
+    they overflow.
+    """
+    delta = dict.fromkeys(range(len(lmi.nodes) + 1), 0.0)
+    if not lmi.has_weight_errors:
+        return delta
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k, (node, tk) in enumerate(zip(lmi.nodes, t, strict=True), start=1):
+            if not node.source_errors:
+                continue
+            tk = np.asarray(tk, np.float64)
+            c_max = float(np.max(np.abs((node.alpha + node.beta) * tk), initial=0.0))
+            for (j, _), e in zip(node.sources, node.errors(), strict=True):
+                delta[k] += c_max * e
+                delta[j] += c_max * e
+            d_max = float(np.max(np.abs(node.alpha * node.beta * tk), initial=0.0))
+            if d_max:
+                own = 2 * d_max * _quadratic_change(node.sources, node.errors())
+                for j, _ in node.sources:
+                    delta[j] += own
+        if lmi.output_errors:
+            out = _quadratic_change(lmi.output, lmi.output_error_list())
+            for j, _ in lmi.output:
+                delta[j] += out
+        return {k: d * 1.001 if math.isfinite(d * 1.001) else math.inf for k, d in delta.items()}
+
+
+def _quadratic_change(parts: Sequence[tuple[int, Array]], errors: Sequence[float]) -> float:
+    """Bound of ||A*^T A* - A^T A||_2 for A = [A_j]_j side by side and ||A_j* - A_j||_2 <=
+    ``errors``: 2 ||A||_F e + e^2 with e = sqrt(sum_j e_j^2) >= ||A* - A||_2 (Cauchy-Schwarz
+    over the column blocks). 0.0 when all errors are 0."""
+    e = math.sqrt(sum(x * x for x in errors))
+    if not e:
+        return 0.0
+    a_norm = math.sqrt(sum(float(np.linalg.norm(a)) ** 2 for _, a in parts)) * 1.001
+    return 2 * a_norm * e + e * e
 
 
 def _input_shift(f: _Reduced, rho: float) -> float:
@@ -717,6 +849,20 @@ def dag_bound(net: Network, *, time_limit_s: float | None = None) -> BoundResult
     )
 
 
+def _error_scale(lmi: DagLmi, t_prime: Sequence[Array]) -> float:
+    """The smallest scale k with k t'_j >= 4 delta_j on every node j, delta the part of the
+    weight-error shifts (:func:`dag_weight_error_shifts`) that does not grow with T (the
+    output's); 0.0 for an exact output. The forward recursion leaves each node a margin of
+    about t_j (module docstring), which larger errors would use up: an estimate, certified
+    like every other candidate."""
+    if not lmi.output_errors:
+        return 0.0
+    fixed = dag_weight_error_shifts(lmi, [np.zeros(n) for n in lmi.hidden_sizes])
+    need = [4 * fixed[k] / float(np.min(t, initial=math.inf)) for k, t in enumerate(t_prime, 1)]
+    k = max(need, default=0.0)
+    return k if math.isfinite(k) else 0.0
+
+
 def _certified_stage(
     lmi: DagLmi, stage: str, t0: float, time_limit_s: float | None
 ) -> tuple[float, tuple[Array, ...], float, int] | None:
@@ -729,6 +875,9 @@ def _certified_stage(
     else:
         cands = [k_star * (1 + 1e-3 * 10**i) for i in range(CERTIFY_TRIES - 1)]
     cands.append(k_star)
+    k_err = _error_scale(lmi, t_prime)
+    if k_err > min(cands):  # the output's error shifts would eat the nodes' margins
+        cands = [k_err * 4.0**i for i in range(CERTIFY_TRIES)]
     tries = 0
     for k in cands:
         _check_time(t0, time_limit_s, "certification")

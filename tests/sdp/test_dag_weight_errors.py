@@ -1,0 +1,186 @@
+"""lipsdp-dag multiplies consecutive affine maps and sums a residual block's paths in float64
+(``DagLmi.from_network``): the DAG carries a bound of each such matrix's rounding and the
+check proves the LMI for every exact matrix within it (the chain's fix of session 11,
+sdp.ir.composition_error, carried over to the DAG; design.md §3.6)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sdp.bounds.compute import compute_bound
+from sdp.bounds.residual import (
+    DagLmi,
+    certify_dag,
+    dag_bound,
+    dag_weight_error_shifts,
+    verify_dag,
+    verify_dag_on,
+)
+from sdp.ir import Activation, Dense, Network, Residual
+
+_Q = list[list[Fraction]]
+
+
+def _q(a: np.ndarray) -> _Q:
+    return [[Fraction(float(x)) for x in row] for row in a]
+
+
+def _q_mul(a: _Q, b: _Q) -> _Q:
+    return [
+        [sum((x * y for x, y in zip(r, c, strict=True)), Fraction(0)) for c in zip(*b, strict=True)]
+        for r in a
+    ]
+
+
+def _q_add(a: _Q, b: _Q) -> _Q:
+    return [[x + y for x, y in zip(r, s, strict=True)] for r, s in zip(a, b, strict=True)]
+
+
+def _frobenius_gap_squared(fl: np.ndarray, exact: _Q) -> Fraction:
+    return sum(
+        (
+            (Fraction(float(x)) - y) ** 2
+            for r, s in zip(fl, exact, strict=True)
+            for x, y in zip(r, s, strict=True)
+        ),
+        Fraction(0),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 4), st.integers(1, 4), st.integers(0, 2**32 - 1), st.sampled_from([1.0, 1e20])
+)
+def test_the_walk_bounds_products_and_sums_exactly(n: int, m: int, seed: int, scale: float):
+    """y = W3 (W2 W1 x + S x): the output's float matrix fl(W3 fl(fl(W2 W1) + S)) is within its
+    error bound of the exact W3 (W2 W1 + S) (rationals; ||.||_2 <= ||.||_F), also where the
+    float product cancels (entries 1 and 2^-60 of one scale)."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.choice([-1.0, 1.0, 2.0**-60, 0.5], size=(m, n)) * scale
+    w2 = rng.choice([-1.0, 1.0, 3.0, 2.0**-60], size=(n, m))
+    s = rng.choice([-1.0, 0.1, 2.0**-60], size=(n, n)) * scale
+    w3 = rng.choice([1.0, -0.3, 1e-8], size=(2, n))
+    z = np.zeros
+    net = Network(
+        (n,), (Residual((Dense(w1, z(m)), Dense(w2, z(n))), (Dense(s, z(n)),)), Dense(w3, z(2)))
+    )
+    lmi = DagLmi.from_network(net)
+    [(j, fl)] = lmi.output
+    exact = _q_mul(_q(w3), _q_add(_q_mul(_q(w2), _q(w1)), _q(s)))
+    gap2 = _frobenius_gap_squared(fl, exact)
+    bound = lmi.output_error_list()[0]
+    assert j == 0 and gap2 <= Fraction(bound) ** 2
+    assert bound > 0  # two products and a sum: never taken as exact
+
+
+def _cancelling_residual() -> Network:
+    """z = relu(w_a x); y = w_o (W_2 W_1 z + z): fl(W_2 W_1) = 0 in float64, while the exact
+    product's first row is -1e20 2^-60 (1, 1, 1, 1)."""
+    w_a = np.array([[1.0], [2.0], [0.5], [1.5]])
+    w_1 = 1e20 * np.array([[1.0] * 4, [2.0**-60] * 4, [1.0] * 4])
+    w_2 = np.array([[-1.0, -1.0, 1.0]] + [[0.0] * 3] * 3)
+    w_o = np.array([[1.0, 0.0, 0.0, 0.0]])
+    z = np.zeros
+    return Network(
+        (1,),
+        (
+            Dense(w_a, z(4)),
+            Activation("relu"),
+            Residual((Dense(w_1, z(3)), Dense(w_2, z(4)))),
+            Dense(w_o, z(1)),
+        ),
+    )
+
+
+def _exact_value(net: Network, x: Fraction) -> Fraction:
+    """f(x) of :func:`_cancelling_residual` in rationals (its biases are zero)."""
+    dense_a, _, block, dense_o = net.ops
+    assert isinstance(dense_a, Dense) and isinstance(block, Residual)
+    assert isinstance(dense_o, Dense)
+    w_1, w_2 = (op.weight for op in block.body if isinstance(op, Dense))
+    zq = [[max(r[0] * x, Fraction(0))] for r in _q(dense_a.weight)]
+    body = _q_mul(_q(w_2), _q_mul(_q(w_1), zq))
+    return _q_mul(_q(dense_o.weight), _q_add(body, zq))[0][0]
+
+
+def test_a_cancelling_residual_body_is_not_taken_as_exact():
+    """Before: the DAG took fl(W_2 W_1) = 0 as exact and certified 1.618 for a function with
+    |f(1) - f(0)| = 432.68 (rationals). Now the bound is at least that, verify_dag_on re-proves
+    it, and the old certificate fails against the errors."""
+    net = _cancelling_residual()
+    body = net.ops[2]
+    assert isinstance(body, Residual)
+    w_1, w_2 = (op.weight for op in body.body if isinstance(op, Dense))
+    assert not np.any(w_2 @ w_1)  # the float product cancelled
+    exact_gap = abs(_exact_value(net, Fraction(1)) - _exact_value(net, Fraction(0)))
+    assert exact_gap > 432
+    res = compute_bound(net, "lipsdp-dag", lower_bound=False)
+    assert res.verified and res.certificate is not None
+    assert Fraction(res.value) >= exact_gap
+    assert verify_dag_on(net, res.certificate)
+    lmi = DagLmi.from_network(net)
+    assert lmi.has_weight_errors
+    as_exact = replace(lmi, output_errors=())  # what the check saw before
+    t_old = tuple(np.full(n, 1.0) for n in lmi.hidden_sizes)
+    rho_old = certify_dag(as_exact, t_old)
+    assert rho_old < 10
+    cert_old = replace(res.certificate, rho=rho_old, multipliers=t_old)
+    assert not verify_dag(lmi, cert_old) and not verify_dag_on(net, cert_old)
+
+
+def test_exact_dags_carry_no_errors():
+    """No product or sum formed (every activation reads layers as they are): no bounds, zero
+    shifts, so the check is the one before, bit for bit."""
+    rng = np.random.default_rng(3)
+    w0, w1, w2, s, wo = (rng.standard_normal(sh) for sh in ((6, 4), (5, 6), (5, 5), (5, 6), (3, 5)))
+    relu, z = Activation("relu"), np.zeros
+    net = Network(
+        (4,),
+        (
+            Dense(w0, z(6)),
+            relu,
+            Residual((Dense(w1, z(5)), relu, Dense(w2, z(5))), (Dense(s, z(5)),)),
+            relu,
+            Dense(wo, z(3)),
+        ),
+    )
+    lmi = DagLmi.from_network(net)
+    assert not lmi.has_weight_errors
+    shifts = dag_weight_error_shifts(lmi, [np.ones(n) for n in lmi.hidden_sizes])
+    assert set(shifts.values()) == {0.0}
+
+
+def test_an_ordinary_net_with_products_certifies_as_its_float_lmi():
+    """y = W3 (x + W2 tanh(W1 x)): the output's W3 W2 and W3 (I) carry rounding-sized bounds;
+    the certified rho stays within 1e-9 of the float LMI's and verify_dag_on re-proves it."""
+    rng = np.random.default_rng(12)
+    w1, w2, w3 = (rng.standard_normal(sh) for sh in ((8, 4), (4, 8), (3, 4)))
+    block = Residual((Dense(w1, np.zeros(8)), Activation("tanh"), Dense(w2, np.zeros(4))))
+    net = Network((4,), (block, Dense(w3, np.zeros(3))))
+    lmi = DagLmi.from_network(net)
+    assert lmi.has_weight_errors and max(lmi.output_error_list()) < 1e-12
+    res = dag_bound(net)
+    as_exact = replace(lmi, output_errors=())
+    rho_float = certify_dag(as_exact, res.certificate.multipliers)
+    assert res.certificate.rho >= rho_float * (1 - 1e-12)
+    assert res.certificate.rho == pytest.approx(rho_float, rel=1e-9)
+    assert verify_dag_on(net, res.certificate)
+    # an output map (a margin row) through the rounded output: still re-proved
+    row = np.array([[1.0, -0.7, 0.0]])
+    mapped = replace(res.certificate, output_map=row)
+    assert verify_dag_on(net, mapped)
+    assert DagLmi.from_network(net, output_map=row).output_error_list()[0] > 0
+
+
+def test_error_bounds_are_validated():
+    lmi = DagLmi.from_network(_cancelling_residual())
+    with pytest.raises(ValueError):
+        replace(lmi, output_errors=(float("nan"),))
+    with pytest.raises(ValueError):
+        replace(lmi.nodes[0], source_errors=(1.0, 2.0))
