@@ -822,7 +822,12 @@ def dag_bound(net: Network, *, time_limit_s: float | None = None) -> BoundResult
             best = cand
     t1 = time.perf_counter()
     if best is None:
-        raise LipcertError("lipsdp-dag multipliers did not certify", code="dag-unverified")
+        why = (
+            " (its composite weights carry rounding bounds, perhaps too large to certify)"
+            if lmi.has_weight_errors
+            else ""
+        )
+        raise LipcertError(f"lipsdp-dag multipliers did not certify{why}", code="dag-unverified")
     if small:
         best = _block_descent(lmi, best[:2], t0, time_limit_s) + best[2:]
     rho, mults, k_star, tries = best

@@ -22,6 +22,7 @@ from sdp.bounds.residual import (
     verify_dag,
     verify_dag_on,
 )
+from sdp.errors import LipcertError
 from sdp.ir import Activation, Dense, Network, Residual
 
 _Q = list[list[Fraction]]
@@ -98,15 +99,33 @@ def _cancelling_residual() -> Network:
     )
 
 
-def _exact_value(net: Network, x: Fraction) -> Fraction:
-    """f(x) of :func:`_cancelling_residual` in rationals (its biases are zero)."""
-    dense_a, _, block, dense_o = net.ops
-    assert isinstance(dense_a, Dense) and isinstance(block, Residual)
-    assert isinstance(dense_o, Dense)
-    w_1, w_2 = (op.weight for op in block.body if isinstance(op, Dense))
-    zq = [[max(r[0] * x, Fraction(0))] for r in _q(dense_a.weight)]
-    body = _q_mul(_q(w_2), _q_mul(_q(w_1), zq))
-    return _q_mul(_q(dense_o.weight), _q_add(body, zq))[0][0]
+def _exact(ops: tuple, v: _Q) -> _Q:
+    """The network's value at the column v in rationals (Dense, ReLU, Residual only)."""
+    for op in ops:
+        if isinstance(op, Dense):
+            v = _q_add(_q_mul(_q(op.weight), v), _q(op.bias[:, None]))
+        elif isinstance(op, Activation):
+            assert op.name == "relu"
+            v = [[max(x, Fraction(0)) for x in row] for row in v]
+        else:
+            assert isinstance(op, Residual)
+            v = _q_add(_exact(op.body, v), _exact(op.shortcut, v) if op.shortcut else v)
+    return v
+
+
+def _exact_gap(net: Network, x: float, x2: float) -> Fraction:
+    """|f(x) - f(x2)| of a one-input, one-output network, in rationals."""
+    return abs(_exact(net.ops, [[Fraction(x)]])[0][0] - _exact(net.ops, [[Fraction(x2)]])[0][0])
+
+
+def _cancelling_at_the_input(scale: float) -> Network:
+    """y = relu(fl(w_2 w_1) x + x) with fl(w_2 w_1) = 0, exact -scale 2^-60: the node reads the
+    input through a rounded product and sum (shifts on the node and on the input block)."""
+    w_1 = scale * np.array([[1.0], [2.0**-60], [1.0]])
+    w_2 = np.array([[-1.0, -1.0, 1.0]])
+    z = np.zeros
+    block = Residual((Dense(w_1, z(3)), Dense(w_2, z(1))))
+    return Network((1,), (block, Activation("relu"), Dense(np.ones((1, 1)), z(1))))
 
 
 def test_a_cancelling_residual_body_is_not_taken_as_exact():
@@ -118,7 +137,7 @@ def test_a_cancelling_residual_body_is_not_taken_as_exact():
     assert isinstance(body, Residual)
     w_1, w_2 = (op.weight for op in body.body if isinstance(op, Dense))
     assert not np.any(w_2 @ w_1)  # the float product cancelled
-    exact_gap = abs(_exact_value(net, Fraction(1)) - _exact_value(net, Fraction(0)))
+    exact_gap = _exact_gap(net, 1.0, 0.0)
     assert exact_gap > 432
     res = compute_bound(net, "lipsdp-dag", lower_bound=False)
     assert res.verified and res.certificate is not None
@@ -132,6 +151,41 @@ def test_a_cancelling_residual_body_is_not_taken_as_exact():
     assert rho_old < 10
     cert_old = replace(res.certificate, rho=rho_old, multipliers=t_old)
     assert not verify_dag(lmi, cert_old) and not verify_dag_on(net, cert_old)
+
+
+def test_a_cancelling_product_read_from_the_input():
+    """At scale 1e20 the float LMI sees relu(x) (Lip 1) while the exact function rises by 85.7
+    from x = 0 to x = -1; the coupling's error (~7e4) exceeds what any multiplier can absorb
+    (as for a chain), so lipsdp-dag refuses. At 1e13 (error ~7e-3) it certifies, and the input
+    block's shift shows: rho >= the float LMI's rho at the same T plus delta_0."""
+    net = _cancelling_at_the_input(1e20)
+    assert _exact_gap(net, -1.0, 0.0) > 85
+    with pytest.raises(LipcertError, match="rounding bounds"):
+        compute_bound(net, "lipsdp-dag", lower_bound=False)
+    net = _cancelling_at_the_input(1e13)
+    res = compute_bound(net, "lipsdp-dag", lower_bound=False)
+    assert res.verified and res.certificate is not None
+    assert Fraction(res.value) >= _exact_gap(net, -1.0, 0.0)
+    assert verify_dag_on(net, res.certificate)
+    lmi = DagLmi.from_network(net)
+    t = res.certificate.multipliers
+    delta = dag_weight_error_shifts(lmi, t)
+    assert 1e-3 < delta[0] == delta[1] < 1e-1
+    as_exact = replace(lmi, nodes=tuple(replace(n, source_errors=()) for n in lmi.nodes))
+    assert res.certificate.rho >= certify_dag(as_exact, t) + delta[0]
+
+
+def test_a_rounded_sum_carries_its_rounding():
+    """y = (W + I) x with 1 + 2^-60 on W + I's diagonal: fl rounds it to 1; the bound covers
+    the exact difference (rationals) and is not 0."""
+    w = np.array([[2.0**-60, 3.0], [0.25, 2.0**-60]])
+    net = Network((2,), (Residual((Dense(w, np.zeros(2)),)),))
+    lmi = DagLmi.from_network(net)
+    [(j, fl)] = lmi.output
+    exact = _q_add(_q(w), _q(np.eye(2)))
+    gap2 = _frobenius_gap_squared(fl, exact)
+    assert j == 0 and gap2 > 0
+    assert gap2 <= Fraction(lmi.output_error_list()[0]) ** 2
 
 
 def test_exact_dags_carry_no_errors():
