@@ -156,8 +156,8 @@ def test_a_cancelling_residual_body_is_not_taken_as_exact():
 def test_a_cancelling_product_read_from_the_input():
     """At scale 1e20 the float LMI sees relu(x) (Lip 1) while the exact function rises by 85.7
     from x = 0 to x = -1; the coupling's error (~7e4) exceeds what any multiplier can absorb
-    (as for a chain), so lipsdp-dag refuses. At 1e13 (error ~7e-3) it certifies, and the input
-    block's shift shows: rho >= the float LMI's rho at the same T plus delta_0."""
+    (as for a chain), so lipsdp-dag refuses. At 1e13 (error ~7e-3) it certifies, and covers the
+    exact coupling at the edge of the bound (which needs the input block's shift)."""
     net = _cancelling_at_the_input(1e20)
     assert _exact_gap(net, -1.0, 0.0) > 85
     with pytest.raises(LipcertError, match="rounding bounds"):
@@ -167,12 +167,14 @@ def test_a_cancelling_product_read_from_the_input():
     assert res.verified and res.certificate is not None
     assert Fraction(res.value) >= _exact_gap(net, -1.0, 0.0)
     assert verify_dag_on(net, res.certificate)
+    # the certificate covers the worst exact coupling within the bound, 1 + e (and 1 - e)
     lmi = DagLmi.from_network(net)
-    t = res.certificate.multipliers
-    delta = dag_weight_error_shifts(lmi, t)
-    assert 1e-3 < delta[0] == delta[1] < 1e-1
-    as_exact = replace(lmi, nodes=tuple(replace(n, source_errors=()) for n in lmi.nodes))
-    assert res.certificate.rho >= certify_dag(as_exact, t) + delta[0]
+    [node] = lmi.nodes
+    [(j, a)], [e] = node.sources, node.source_errors
+    assert j == 0 and a.tolist() == [[1.0]] and 1e-3 < e < 1e-1
+    for a_star in (a + e, a - e):
+        edge = replace(lmi, nodes=(replace(node, sources=((0, a_star),), source_errors=()),))
+        assert res.certificate.rho >= certify_dag(edge, res.certificate.multipliers)
 
 
 def test_a_rounded_sum_carries_its_rounding():
