@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from sdp.bounds.compute import compute_bound
 from sdp.bounds.residual import (
     DagLmi,
+    DagNode,
     certify_dag,
     dag_bound,
     dag_weight_error_shifts,
@@ -118,14 +119,14 @@ def _exact_gap(net: Network, x: float, x2: float) -> Fraction:
     return abs(_exact(net.ops, [[Fraction(x)]])[0][0] - _exact(net.ops, [[Fraction(x2)]])[0][0])
 
 
-def _cancelling_at_the_input(scale: float) -> Network:
-    """y = relu(fl(w_2 w_1) x + x) with fl(w_2 w_1) = 0, exact -scale 2^-60: the node reads the
+def _cancelling_at_the_input(scale: float, act: Activation = Activation("relu")) -> Network:
+    """y = act(fl(w_2 w_1) x + x) with fl(w_2 w_1) = 0, exact -scale 2^-60: the node reads the
     input through a rounded product and sum (shifts on the node and on the input block)."""
     w_1 = scale * np.array([[1.0], [2.0**-60], [1.0]])
     w_2 = np.array([[-1.0, -1.0, 1.0]])
     z = np.zeros
     block = Residual((Dense(w_1, z(3)), Dense(w_2, z(1))))
-    return Network((1,), (block, Activation("relu"), Dense(np.ones((1, 1)), z(1))))
+    return Network((1,), (block, act, Dense(np.ones((1, 1)), z(1))))
 
 
 def test_a_cancelling_residual_body_is_not_taken_as_exact():
@@ -156,8 +157,8 @@ def test_a_cancelling_residual_body_is_not_taken_as_exact():
 def test_a_cancelling_product_read_from_the_input():
     """At scale 1e20 the float LMI sees relu(x) (Lip 1) while the exact function rises by 85.7
     from x = 0 to x = -1; the coupling's error (~7e4) exceeds what any multiplier can absorb
-    (as for a chain), so lipsdp-dag refuses. At 1e13 (error ~7e-3) it certifies, and covers the
-    exact coupling at the edge of the bound (which needs the input block's shift)."""
+    (as for a chain), so lipsdp-dag refuses. At 1e13 (error ~7e-3) it certifies a bound above
+    the exact function's difference."""
     net = _cancelling_at_the_input(1e20)
     assert _exact_gap(net, -1.0, 0.0) > 85
     with pytest.raises(LipcertError, match="rounding bounds"):
@@ -167,14 +168,44 @@ def test_a_cancelling_product_read_from_the_input():
     assert res.verified and res.certificate is not None
     assert Fraction(res.value) >= _exact_gap(net, -1.0, 0.0)
     assert verify_dag_on(net, res.certificate)
-    # the certificate covers the worst exact coupling within the bound, 1 + e (and 1 - e)
+
+
+@pytest.mark.parametrize("act", [Activation("relu"), Activation("leaky_relu", 0.5)])
+def test_the_certificate_covers_the_worst_exact_coupling(act: Activation):
+    """At 1e13 the certificate holds for the exact coupling at either edge of the bound, 1 + e
+    and 1 - e (this needs the shifts on both nodes of the coupling, and for leaky ReLU, a b > 0,
+    the own term's on the input)."""
+    net = _cancelling_at_the_input(1e13, act)
+    cert = dag_bound(net).certificate
+    assert verify_dag_on(net, cert)
     lmi = DagLmi.from_network(net)
     [node] = lmi.nodes
     [(j, a)], [e] = node.sources, node.source_errors
     assert j == 0 and a.tolist() == [[1.0]] and 1e-3 < e < 1e-1
     for a_star in (a + e, a - e):
         edge = replace(lmi, nodes=(replace(node, sources=((0, a_star),), source_errors=()),))
-        assert res.certificate.rho >= certify_dag(edge, res.certificate.multipliers)
+        assert cert.rho >= certify_dag(edge, cert.multipliers)
+
+
+@pytest.mark.parametrize("sign_a", [1.0, -1.0])
+@pytest.mark.parametrize("sign_o", [1.0, -1.0])
+def test_the_shifts_cover_the_exact_matrices_at_the_edge(sign_a: float, sign_o: float):
+    """y = o phi(a x), one neuron, slopes [0.5, 1] (a b > 0: own term), a = 100 +- e, o = 1 +- f.
+    G = -M without rho, by hand: G_00 = 2 a b t A^2, G_10 = -(a+b) t A, G_11 = 2 t - O^2. The
+    change G(A*, O*) - G(A, O) plus diag(delta) must be PSD: the own term's change (-4 a b t A e,
+    on the input) dominates, so each of the coupling, own and output shifts is needed."""
+    lo, hi, t, e, f = 0.5, 1.0, 1.0, 1e-3, 1e-3
+    node = DagNode(((0, np.array([[100.0]])),), np.array([lo]), np.array([hi]), (e,))
+    lmi = DagLmi(1, (node,), ((1, np.array([[1.0]])),), (f,))
+    delta = dag_weight_error_shifts(lmi, [np.array([t])])
+
+    def g(a: float, o: float) -> np.ndarray:
+        return np.array(
+            [[2 * lo * hi * t * a * a, -(lo + hi) * t * a], [-(lo + hi) * t * a, 2 * t - o * o]]
+        )
+
+    change = g(100.0 + sign_a * e, 1.0 + sign_o * f) - g(100.0, 1.0)
+    assert np.linalg.eigvalsh(change + np.diag([delta[0], delta[1]]))[0] >= 0
 
 
 def test_a_rounded_sum_carries_its_rounding():
