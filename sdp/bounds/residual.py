@@ -64,6 +64,10 @@ eliminated node's neighbours) with the per-neuron Jacobi-scaled shift of design.
 block (products: gamma_m |A|^T |D| |B|; couplings: 4u |entry|), and finally factorises
 (rho - c) I - Q on the input block. If everything factorises, -M(rho, T) - cI > 0 in float64
 with the rounding accounted for. Nothing an optimiser or the estimate returned is trusted.
+Products of consecutive affine maps, the sums of a block's paths and an output map are formed
+in float64: each carries a bound of its distance to the exact matrix (:func:`_walk`), and the
+check subtracts per-node shifts covering every exact matrix within them
+(:func:`dag_weight_error_shifts`; design.md §3.3, §3.6).
 """
 
 from __future__ import annotations
