@@ -5,6 +5,7 @@ sdp.ir.composition_error, carried over to the DAG; design.md §3.6)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from fractions import Fraction
 
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sdp.bounds.compute import compute_bound
+from sdp.bounds.recheck import recheck_document
 from sdp.bounds.residual import (
     DagLmi,
     DagNode,
@@ -23,7 +25,7 @@ from sdp.bounds.residual import (
     verify_dag,
     verify_dag_on,
 )
-from sdp.errors import LipcertError
+from sdp.errors import CertificateError, LipcertError
 from sdp.ir import Activation, Dense, Network, Residual
 
 _Q = list[list[Fraction]]
@@ -131,8 +133,8 @@ def _cancelling_at_the_input(scale: float, act: Activation = Activation("relu"))
 
 def test_a_cancelling_residual_body_is_not_taken_as_exact():
     """Before: the DAG took fl(W_2 W_1) = 0 as exact and certified 1.618 for a function with
-    |f(1) - f(0)| = 432.68 (rationals). Now the bound is at least that, verify_dag_on re-proves
-    it, and the old certificate fails against the errors."""
+    |f(1) - f(0)| = 432.68 (rationals). Now the bound is at least that, verify_dag_on and the
+    document re-check re-prove it, and the old certificate fails against the errors."""
     net = _cancelling_residual()
     body = net.ops[2]
     assert isinstance(body, Residual)
@@ -152,6 +154,19 @@ def test_a_cancelling_residual_body_is_not_taken_as_exact():
     assert rho_old < 10
     cert_old = replace(res.certificate, rho=rho_old, multipliers=t_old)
     assert not verify_dag(lmi, cert_old) and not verify_dag_on(net, cert_old)
+    # the re-check of a worker's document (design.md §1.5) goes through the same check
+    for cert, ok in ((res.certificate, True), (cert_old, False)):
+        doc = {
+            "lipschitz_bound": cert.lipschitz_bound,
+            "method": "lipsdp-dag",
+            "verified": True,
+            "certificate": json.loads(cert.to_json()),
+        }
+        if ok:
+            recheck_document(net, doc)
+        else:
+            with pytest.raises(CertificateError):
+                recheck_document(net, doc)
 
 
 def test_a_cancelling_product_read_from_the_input():
