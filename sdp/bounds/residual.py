@@ -885,8 +885,8 @@ def _certified_stage(
         cands = [k_star * (1 + 1e-3 * 10**i) for i in range(CERTIFY_TRIES - 1)]
     cands.append(k_star)
     k_err = _error_scale(lmi, t_prime)
-    if k_err > min(cands):  # the output's error shifts would eat the nodes' margins
-        cands = [k_err * 4.0**i for i in range(CERTIFY_TRIES)]
+    if k_err > min(cands):  # the output's error shifts would eat the nodes' margins there
+        cands = [k for k in cands if k > k_err] + [k_err * 4.0**i for i in range(CERTIFY_TRIES)]
     tries = 0
     for k in cands:
         _check_time(t0, time_limit_s, "certification")
