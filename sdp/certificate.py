@@ -53,7 +53,7 @@ from scipy import linalg
 from scipy.sparse import linalg as sparse_linalg
 
 from sdp.errors import CertificateError, NotApplicable
-from sdp.ir import Array, Chain, Network
+from sdp.ir import Array, Chain, Network, frobenius_norm
 
 _U = np.finfo(np.float64).eps / 2
 REL_MARGIN = 1e-9
@@ -345,10 +345,12 @@ def output_map_error(output_map: Array, mapped: Array, weight_error: float = 0.0
         )
         if exact:
             return 0.0
-        bound = _U * float(np.linalg.norm(mapped))
+        # subnormal entries are rounded by up to 2^-1075 absolute, not u relative
+        underflow = math.ceil(math.sqrt(np.size(mapped))) * 2.0**-1074
+        bound = _U * frobenius_norm(mapped)
         if weight_error:
-            bound += float(np.linalg.norm(output_map)) * weight_error
-        bound *= 1.001
+            bound += frobenius_norm(output_map) * weight_error
+        bound = bound * 1.001 + underflow + 4 * 2.0**-1074
     return bound if math.isfinite(bound) else math.inf
 
 
@@ -385,7 +387,7 @@ def weight_error_shifts(lmi: Lmi, t: Sequence[Array]) -> WeightErrorShifts:
         for k, e in enumerate(errs):
             if not e:
                 continue
-            w_norm = float(np.linalg.norm(lmi.weights[k])) * 1.001
+            w_norm = frobenius_norm(lmi.weights[k]) * 1.001
             if k == L:
                 q[k] = 2 * w_norm * e + e * e
                 continue

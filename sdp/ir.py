@@ -511,6 +511,19 @@ class Network:
 
 
 _UNIT_ROUNDOFF = 2.0**-53
+_SUBNORMAL = 2.0**-1074
+"""The smallest positive float64: the spacing of the subnormal range."""
+
+
+def frobenius_norm(x: Array) -> float:
+    """||x||_F, to a relative 1e-12 or so, without the over/underflow of summing squares
+    (``np.linalg.norm`` squares the entries: 0.0 for entries below 1e-162, inf above 1e154):
+    scaled by max|x|, an entry of the scaled matrix is 1, so the dropped squares are below
+    1e-308 relative. inf where the norm itself overflows."""
+    m = float(np.max(np.abs(x), initial=0.0))
+    if not m or not math.isfinite(m):
+        return m
+    return m * float(np.linalg.norm(np.asarray(x) / m))
 
 
 def composition_error(second: Array, first: Array, first_error: float = 0.0) -> float:
@@ -520,18 +533,27 @@ def composition_error(second: Array, first: Array, first_error: float = 0.0) -> 
     Each entry of fl(A B) is an inner product of length k computed in floating point, in any
     order (BLAS blocking, FMA): |fl(A B) - A B| <= gamma_k |A| |B| entrywise, gamma_k =
     k u / (1 - k u) (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., §3.5),
-    and ||A (B - B*)||_2 <= ||A||_F ||B - B*||_2. The Frobenius norms are computed in float64;
-    the factor 1.001 covers their own rounding (relative k u and (m n) u, below 1e-4 for any
+    and ||A (B - B*)||_2 <= ||A||_F ||B - B*||_2. With gradual underflow every product adds
+    at most eta = 2^-1075 absolute (Higham (2.8); sums that underflow are exact), so each entry
+    gains k eta (and the bound's own float evaluation a few more): (2 k sqrt(m n) + 4)
+    2^-1074 in all. The Frobenius norms are computed scaled (:func:`frobenius_norm`); the
+    factor 1.001 covers their rounding (relative k u and (m n) u, below 1e-4 for any
     matrix that fits in memory). Without this bound the chain's composite weight is taken as
     exact, and a product that cancels in float64 (1e20 (1 + 2^-60) - 1e20 -> 0) makes LipSDP
-    certify a bound of another function (review, session 11).
+    certify a bound of another function (review, session 11); without the underflow term the
+    same happens at 1e-170 (review, session 11, second wave). A zero factor's product is exact.
     """
-    k = second.shape[1]
+    m, k = second.shape
+    n = first.shape[1]
+    rounded = bool(np.any(second) and np.any(first))  # else fl(A B) = A B = 0 exactly
     gamma = k * _UNIT_ROUNDOFF / (1.0 - k * _UNIT_ROUNDOFF)
     with np.errstate(over="ignore", invalid="ignore"):
-        rounding = gamma * float(np.linalg.norm(np.abs(second) @ np.abs(first)))
-        carried = float(np.linalg.norm(second)) * first_error if first_error else 0.0
-        bound = (rounding + carried) * 1.001
+        rounding = gamma * frobenius_norm(np.abs(second) @ np.abs(first)) if rounded else 0.0
+        carried = frobenius_norm(second) * first_error if first_error else 0.0
+        underflow = (2 * k * math.ceil(math.sqrt(m * n)) + 4) * _SUBNORMAL if rounded else 0.0
+        bound = (rounding + carried) * 1.001 + underflow
+        if carried and not rounding:  # A (B - B*) alone: its float product may underflow
+            bound += 4 * _SUBNORMAL
     return bound if math.isfinite(bound) else math.inf
 
 

@@ -126,3 +126,34 @@ def test_a_composite_chain_certifies_and_verifies_with_its_error():
     assert rho >= exact_rho and rho == pytest.approx(exact_rho, rel=1e-9)
     res = compute_bound(composed, "lipsdp-neuron", lower_bound=False)
     assert res.verified and res.certificate is not None and verify_on(composed, res.certificate)
+
+
+def test_composition_error_survives_underflow():
+    """At 1e-170 the squares of np.linalg.norm underflow (the bound was 0.0 for a product that
+    cancels to 0 but is exactly 1e-170 2^-60), and a product of 1e-200s underflows to 0."""
+    a = 1e-170 * np.array([[1.0, 2.0**-60, -1.0]])
+    b = np.ones((3, 1))
+    assert not np.any(a @ b)
+    assert Fraction(composition_error(a, b)) >= Fraction(1e-170) * Fraction(2.0**-60)
+    assert composition_error(np.array([[1e-200]]), np.array([[1e-200]])) > 0
+    assert composition_error(np.zeros((2, 3)), np.ones((3, 2))) == 0.0  # exact: 0 A = 0
+
+
+def test_a_tiny_cancelling_composite_is_not_taken_as_constant():
+    """The first composite cancels at 1e-170 (exactly 1e-170 2^-60 x), the later layers scale
+    by 1e120: Lip f >= 8.67e-69 by exact rationals; certified 1.5e-154 ('constant') before."""
+    w_1 = 1e-170 * np.array([[1.0], [2.0**-60], [1.0]])
+    net = Network(
+        (1,),
+        (
+            Dense(w_1, np.zeros(3)),
+            Dense(np.array([[-1.0, 1.0, 1.0]]), np.zeros(1)),
+            Activation("relu"),
+            Dense(np.array([[1e60]]), np.zeros(1)),
+            Activation("relu"),
+            Dense(np.array([[1e60]]), np.zeros(1)),
+        ),
+    )
+    exact_gap = Fraction(1e60) * Fraction(1e60) * Fraction(1e-170) * Fraction(2.0**-60)
+    res = compute_bound(net, "lipsdp-layer", lower_bound=False)
+    assert res.verified and Fraction(res.value) >= exact_gap
