@@ -32,7 +32,7 @@ from sdp.bounds.plan import check_bound_request
 from sdp.bounds.residual import check_dag_size, dag_bound
 from sdp.bounds.result import BoundResult
 from sdp.bounds.sandwich import sandwich_bound
-from sdp.errors import LipcertError, NotApplicable
+from sdp.errors import CertificateError, LipcertError, NotApplicable
 from sdp.ir import Conv2d, Network
 from sdp.solvers.base import Progress, Variant
 
@@ -107,7 +107,10 @@ def _auto(net: Network, **kw: Any) -> BoundResult:
             f"auto: solver time limit {AUTO_TIMEOUT_S:g} s (auto's default; set timeout_s "
             "to change it)"
         )
-    res = lipsdp_bound(net, "neuron", **kw)
+    try:
+        res = lipsdp_bound(net, "neuron", **kw)
+    except CertificateError as e:  # e.g. composite weights known too loosely (design.md §3.3)
+        return _noted(best, *notes, f"auto: LipSDP not used ({e.detail}); {best.method} used")
     if res.verified and res.value <= best.value:
         return _noted(res, *notes)
     return _noted(
@@ -126,7 +129,7 @@ def _auto_conv(
         if not refine_fits(net, limit):
             raise NotApplicable(f"its certificate check would not fit in {limit:.3g} s")
         res = eclipse_refined_bound(net, timeout_s=limit)
-    except NotApplicable as e:
+    except LipcertError as e:  # too large, or its multipliers did not certify
         return _auto_deep(net, best, *notes, f"auto: eclipse-refined skipped ({e.detail})")
     if res.verified and res.value <= best.value:
         return _noted(res, *notes, f"auto: eclipse-refined used (time limit {limit:.3g} s)")
@@ -142,7 +145,7 @@ def _auto_deep(net: Network, best: BoundResult, *notes: str) -> BoundResult:
     try:
         check_eclipse_size(net, width_cap=AUTO_ECLIPSE_WIDTH)
         res = eclipse_fast_bound(net)
-    except NotApplicable as e:
+    except LipcertError as e:  # too large, or its multipliers did not certify
         return _noted(
             best,
             *notes,

@@ -157,3 +157,24 @@ def test_a_tiny_cancelling_composite_is_not_taken_as_constant():
     exact_gap = Fraction(1e60) * Fraction(1e60) * Fraction(1e-170) * Fraction(2.0**-60)
     res = compute_bound(net, "lipsdp-layer", lower_bound=False)
     assert res.verified and Fraction(res.value) >= exact_gap
+
+
+def test_auto_falls_back_when_the_composite_is_too_loose_for_lipsdp():
+    """A first-layer composite whose error bound (~1e4) no multiplier can cover: LipSDP
+    refuses (certificate-infeasible) and auto reports the naive bound instead of failing."""
+    w_1 = 1e20 * np.array([[1.0] * 4, [2.0**-60] * 4, [1.0] * 4])
+    net = Network(
+        (4,),
+        (
+            Dense(w_1, np.zeros(3)),
+            Dense(np.array([[-1.0, -1.0, 1.0], [0.0, 0.0, 0.0]]), np.zeros(2)),
+            Activation("relu"),
+            Dense(np.eye(2), np.zeros(2)),
+        ),
+    )
+    with pytest.raises(CertificateError):
+        compute_bound(net, "lipsdp-neuron", lower_bound=False)
+    res = compute_bound(net, "auto", lower_bound=False)
+    # exact |f(-1) - f(0)| / ||1||: 4e20 2^-60 / 2 = 173.5 (the float composite is 0)
+    assert res.verified and res.method == "naive" and res.value >= 173.5
+    assert any("LipSDP not used" in n for n in res.notes)
