@@ -489,6 +489,19 @@ def verify_on(net: Network, cert: Certificate) -> bool:
 
 
 def layerwise_multipliers(lmi: Lmi, *, slack: float = 2.0) -> tuple[Array, ...]:
+    """:func:`_layerwise_multipliers`; CertificateError (certificate-infeasible), not a bare
+    ValueError, where a block overflows float64 (weights around 1e100: W^T W squared)."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _layerwise_multipliers(lmi, slack=slack)
+    except ValueError as e:  # scipy's check_finite on an overflowed block
+        raise CertificateError(
+            "the layer-wise certificate overflows float64 on this network's scales",
+            code="certificate-infeasible",
+        ) from e
+
+
+def _layerwise_multipliers(lmi: Lmi, *, slack: float = 2.0) -> tuple[Array, ...]:
     """A feasible T built backwards, one scalar per layer (always exists; no solver).
 
     With S_L = 2 t_{L-1} I - W_L^T W_L and S_j = 2 t_{j-1} I + 2 W_j^T D_ab W_j - Y^T Y

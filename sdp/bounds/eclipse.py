@@ -231,6 +231,8 @@ def _best_scaling(
             best = (rho, mults)
         return rho
 
+    if not (0 < k_star < math.inf):  # a zero (e.g. cancelled composite) or overflowed scale
+        return None
     logs = [math.log(k_star * f) for f in SCALE_GRID]
     values = [evaluate(x) for x in logs]
     i = int(np.argmin(values))
@@ -256,7 +258,10 @@ def eclipse_bound(net: Network, stage: str = "fast") -> BoundResult:
         check_eclipse_size(net, width_cap=SDP_WIDTH_CAP, hidden_cap=SDP_HIDDEN_CAP)
     t0 = time.perf_counter()
     lmi = Lmi.from_chain(net.chain())
-    k_star, t_prime = eclipse_multipliers(lmi, stage)
+    try:
+        k_star, t_prime = eclipse_multipliers(lmi, stage)
+    except ValueError as e:  # scipy's check_finite: a block overflowed (weights ~1e100)
+        raise LipcertError(f"{method}: float64 overflow on this network's scales") from e
     t1 = time.perf_counter()
     best = _best_scaling(lmi, k_star, t_prime)
     if best is None:

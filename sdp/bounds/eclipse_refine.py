@@ -443,7 +443,8 @@ def refine(
             continue
         s_new = s + step * d
         sy, yy = s_new - s, g_new - g
-        if sy @ yy > CURVATURE_TOL * np.linalg.norm(sy) * np.linalg.norm(yy):
+        # yy @ yy: the two-loop divides by it (0 when the gradient change underflows)
+        if sy @ yy > CURVATURE_TOL * np.linalg.norm(sy) * np.linalg.norm(yy) and yy @ yy > 0:
             mem.append((sy, yy))
             del mem[:-MEMORY]
         s, f, g, cur = s_new, f_new, g_new, new

@@ -178,3 +178,30 @@ def test_auto_falls_back_when_the_composite_is_too_loose_for_lipsdp():
     # exact |f(-1) - f(0)| / ||1||: 4e20 2^-60 / 2 = 173.5 (the float composite is 0)
     assert res.verified and res.method == "naive" and res.value >= 173.5
     assert any("LipSDP not used" in n for n in res.notes)
+
+
+def test_cancelled_and_overflowing_scales_are_refused_not_crashed():
+    """A composite that cancels to 0 made eclipse take log(0) (ValueError); weights of 1e100
+    overflowed the layer-wise certificate and eclipse's blocks (ValueError from scipy). Each
+    is a LipcertError now, and auto reports a verified bound (the exact |f(1) - f(0)| of the
+    1e100 net is 8.7e11)."""
+    tail = _cancelling_net()
+    with pytest.raises(LipcertError):
+        compute_bound(tail, "eclipse-fast", lower_bound=False)
+    w_1 = 1e-170 * np.array([[1.0], [2.0**-60], [1.0]])
+    big = Network(
+        (1,),
+        (
+            Dense(w_1, np.zeros(3)),
+            Dense(np.array([[-1.0, 1.0, 1.0]]), np.zeros(1)),
+            Activation("relu"),
+            Dense(np.array([[1e100]]), np.zeros(1)),
+            Activation("relu"),
+            Dense(np.array([[1e100]]), np.zeros(1)),
+        ),
+    )
+    for method in ("lipsdp-neuron", "eclipse-fast"):
+        with pytest.raises(LipcertError):
+            compute_bound(big, method, lower_bound=False)
+    res = compute_bound(big, "auto", lower_bound=False)
+    assert res.verified and res.value >= 8.7e11
