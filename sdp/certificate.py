@@ -115,8 +115,9 @@ class Lmi:
         errs = list(chain.errors())
         if output_map is not None:
             p = np.asarray(output_map, np.float64)
-            ws[-1] = mapped_output(p, ws[-1])
-            errs[-1] = output_map_error(p, ws[-1], errs[-1])
+            last = ws[-1]
+            ws[-1] = mapped_output(p, last)
+            errs[-1] = output_map_error(p, ws[-1], errs[-1], weight=last)
         sl = chain.slopes()
         al = [np.full(w.shape[0], s[0]) for w, s in zip(ws[:-1], sl, strict=True)]
         be = [np.full(w.shape[0], s[1]) for w, s in zip(ws[:-1], sl, strict=True)]
@@ -309,10 +310,9 @@ def mapped_output(output_map: Array, weight: Array) -> Array:
     BLAS's value is already the correctly rounded one; any other row is summed exactly
     (:class:`fractions.Fraction`: every float is a rational) and rounded once (CPython's
     integer division rounds correctly). The exact path costs a few microseconds per term.
-    Not a proof for every P: the entries' own rounding (u relative) is not accounted for, and
-    two entries rounded onto +-the same value can cancel along a direction z_L takes (review,
-    session 11: the same holds for the composite of consecutive affine layers,
-    ``sdp.ir._compose``); it removes the cancellation within one entry.
+    The entries' own rounding (u |fl(P W)|) is left: :func:`output_map_error` bounds it, and
+    the LMI check covers every exact P W within that bound (``Lmi.weight_errors``, design.md
+    §3.3). This function removes the cancellation within one entry, which keeps the bound small.
     """
     p = np.asarray(output_map, np.float64)
     w = np.asarray(weight, np.float64)
@@ -333,11 +333,16 @@ def mapped_output(output_map: Array, weight: Array) -> Array:
     return out
 
 
-def output_map_error(output_map: Array, mapped: Array, weight_error: float = 0.0) -> float:
+def output_map_error(
+    output_map: Array, mapped: Array, weight_error: float = 0.0, *, weight: Array | None = None
+) -> float:
     """Bound of ||fl(P W) - P W*||_2 for ``mapped`` = :func:`mapped_output` (P, W) and
     ||W - W*||_2 <= ``weight_error``: every entry of fl(P W) is correctly rounded, so
     |fl(P W) - P W| <= u |fl(P W)| entrywise, plus ||P||_F ||W - W*||_2; the factor 1.001 covers
-    the float norms' own rounding. 0 where no entry was rounded (P selects or negates rows)."""
+    the float norms' own rounding. 0 where no entry was rounded (P selects or negates rows).
+    Entries below the smallest normal number are rounded by up to 2^-1075 absolute instead,
+    except in the columns where ``weight`` (W, when given) is zero: there P W = 0 exactly, so
+    a zero last layer stays exactly zero (the network is then constant)."""
     with np.errstate(over="ignore", invalid="ignore"):
         exact = not weight_error and bool(
             np.all((np.abs(output_map) == 1.0) | (output_map == 0.0))
@@ -345,12 +350,17 @@ def output_map_error(output_map: Array, mapped: Array, weight_error: float = 0.0
         )
         if exact:
             return 0.0
-        # subnormal entries are rounded by up to 2^-1075 absolute, not u relative
-        underflow = math.ceil(math.sqrt(np.size(mapped))) * 2.0**-1074
+        small = np.abs(np.asarray(mapped)) < np.finfo(np.float64).tiny
+        if weight is not None:
+            small &= np.any(np.asarray(weight) != 0, axis=0)[None, :]
+        n_small = int(np.count_nonzero(small))
+        underflow = (math.ceil(math.sqrt(n_small)) + 4) * 2.0**-1074 if n_small else 0.0
         bound = _U * frobenius_norm(mapped)
         if weight_error:
             bound += frobenius_norm(output_map) * weight_error
-        bound = bound * 1.001 + underflow + 4 * 2.0**-1074
+        bound = bound * 1.001 + underflow
+        if bound and not underflow:  # the float evaluation's own rounding in the subnormals
+            bound += 4 * 2.0**-1074
     return bound if math.isfinite(bound) else math.inf
 
 

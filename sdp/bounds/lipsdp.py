@@ -303,7 +303,7 @@ def pairwise_bounds(
             (*chain_lmi.weights[:-1], last),
             chain_lmi.alpha,
             chain_lmi.beta,
-            (*errs[:-1], output_map_error(row, last, errs[-1])),
+            (*errs[:-1], output_map_error(row, last, errs[-1], weight=chain_lmi.weights[-1])),
         )
         out = certify_lmi(
             lmi,

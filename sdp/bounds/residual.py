@@ -203,8 +203,8 @@ class DagLmi:
             mat = _dense(m, _node_size(nodes, net.input_size, j))
             if output_map is not None:
                 p = np.asarray(output_map, np.float64)
-                mat = mapped_output(p, mat)
-                e = output_map_error(p, mat, e)
+                unmapped, mat = mat, mapped_output(p, mat)
+                e = output_map_error(p, mat, e, weight=unmapped)
             out.append((j, mat))
             errs.append(e)
         return cls(net.input_size, tuple(nodes), tuple(out), tuple(errs) if any(errs) else ())

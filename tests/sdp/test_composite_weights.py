@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from sdp.bounds.compute import compute_bound
 from sdp.certificate import Lmi, certify_rho, layerwise_multipliers, verify_on
-from sdp.errors import CertificateError
+from sdp.errors import CertificateError, LipcertError
 from sdp.ir import Activation, Dense, Network, composition_error
 
 
