@@ -91,7 +91,17 @@ from sdp.certificate import (
     output_map_fits,
 )
 from sdp.errors import CertificateError, LipcertError, NotApplicable
-from sdp.ir import Activation, Array, Conv2d, Dense, Network, Op, Residual, composition_error
+from sdp.ir import (
+    Activation,
+    Array,
+    Conv2d,
+    Dense,
+    Network,
+    Op,
+    Residual,
+    composition_error,
+    frobenius_norm,
+)
 
 METHOD = "lipsdp-dag"
 NODE_WIDTH_CAP = 8_192
@@ -310,7 +320,7 @@ def _sum(
     (a, ea), (b, eb) = first, second
     total = _dense(a, n) + _dense(b, n)
     with np.errstate(over="ignore", invalid="ignore"):
-        bound = (_U * float(np.linalg.norm(total)) + ea + eb) * 1.001
+        bound = (_U * frobenius_norm(total) + ea + eb) * 1.001
     return total, bound if math.isfinite(bound) else math.inf
 
 
@@ -641,11 +651,11 @@ def _quadratic_change(parts: Sequence[tuple[int, Array]], errors: Sequence[float
     """Bound of ||A*^T A* - A^T A||_2 for A = [A_j]_j side by side and ||A_j* - A_j||_2 <=
     ``errors``: 2 ||A||_F e + e^2 with e = sqrt(sum_j e_j^2) >= ||A* - A||_2 (Cauchy-Schwarz
     over the column blocks). 0.0 when all errors are 0."""
-    e = math.sqrt(sum(x * x for x in errors))
+    e = frobenius_norm(np.asarray(errors, dtype=np.float64)) * 1.001
     if not e:
         return 0.0
-    a_norm = math.sqrt(sum(float(np.linalg.norm(a)) ** 2 for _, a in parts)) * 1.001
-    return 2 * a_norm * e + e * e
+    a_norm = frobenius_norm(np.array([frobenius_norm(a) for _, a in parts])) * 1.001
+    return 2 * a_norm * e + e * e + 4 * 2.0**-1074  # (the products may underflow)
 
 
 def _input_shift(f: _Reduced, rho: float) -> float:
