@@ -697,6 +697,8 @@ def certify_dag(lmi: DagLmi, t: Sequence[Array], *, rel_margin: float = REL_MARG
         CertificateError: the hidden part of the LMI is not negative definite with the margins.
     """
     f = _factorise(lmi, t)
+    if not np.all(np.isfinite(f.q)):
+        raise CertificateError("the reduced LMI overflows float64", code="certificate-infeasible")
     rho = max(_lam_max_sym(f.q), 0.0)
     for _ in range(8):
         rho = (rho + _input_shift(f, rho)) * (1 + rel_margin) + _TINY
@@ -886,10 +888,16 @@ def _certified_stage(
     lmi: DagLmi, stage: str, t0: float, time_limit_s: float | None
 ) -> tuple[float, tuple[Array, ...], float, int] | None:
     """(certified rho, T, k*, tries) for the forward recursion with ``stage``, or None."""
-    k_star, t_prime = dag_multipliers(lmi, stage)
+    try:
+        k_star, t_prime = dag_multipliers(lmi, stage)
+    except (linalg.LinAlgError, ValueError):  # scales beyond float64 (overflow, subnormals)
+        return None
     _check_time(t0, time_limit_s, "after the multipliers")
     if lmi.dimension <= SEARCH_DIM_CAP:
-        k_best = _scale_search(lmi, t_prime, k_star)
+        try:
+            k_best = _scale_search(lmi, t_prime, k_star)
+        except (linalg.LinAlgError, ValueError):  # an estimate only: keep k*
+            k_best = k_star
         cands = [k_best * (1 + 1e-3 * 10**i) for i in range(CERTIFY_TRIES - 1)]
     else:
         cands = [k_star * (1 + 1e-3 * 10**i) for i in range(CERTIFY_TRIES - 1)]

@@ -286,3 +286,41 @@ def test_error_bounds_are_validated():
         replace(lmi, output_errors=(float("nan"),))
     with pytest.raises(ValueError):
         replace(lmi.nodes[0], source_errors=(1.0, 2.0))
+
+
+def _dense(w: list[list[float]]) -> Dense:
+    return Dense(np.array(w), np.zeros(len(w)))
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        # a constant of 1e160: the recursion's gains (1e320) overflow float64
+        (
+            _dense([[1e80]]),
+            Activation("relu"),
+            Residual((_dense([[1.0]]), Activation("relu"), _dense([[1.0]])), ()),
+            Activation("relu"),
+            _dense([[1e80]]),
+        ),
+        # a product in the subnormals (1e-340): a pivot of the recursion is not positive
+        (
+            _dense([[1.0]]),
+            Activation("relu"),
+            Residual((_dense([[1e-170], [1e-170]]), _dense([[1e-170, -0.999e-170]])), ()),
+            Activation("relu"),
+            _dense([[1e100]]),
+            Activation("relu"),
+            _dense([[1e100]]),
+        ),
+    ],
+    ids=["overflow", "subnormal"],
+)
+def test_scales_beyond_float64_refuse_and_auto_falls_back(ops: tuple) -> None:
+    """Scales float64 cannot carry are refused (LipcertError), not a bare ValueError or
+    LinAlgError from scipy, so auto falls back to a verified compositional bound."""
+    net = Network((1,), ops)
+    with pytest.raises(LipcertError):
+        dag_bound(net)
+    res = compute_bound(net, "auto", lower_bound=False)
+    assert res.verified and res.method != "lipsdp-dag"
