@@ -632,9 +632,9 @@ def dag_weight_error_shifts(lmi: DagLmi, t: Sequence[Array]) -> dict[int, float]
                 continue
             tk = np.asarray(tk, np.float64)
             c_max = float(np.max(np.abs((node.alpha + node.beta) * tk), initial=0.0))
-            for (j, _), e in zip(node.sources, node.errors(), strict=True):
-                delta[k] += c_max * e
-                delta[j] += c_max * e
+            for j, own_part, source_part in _coupling_split(node, tk, c_max):
+                delta[k] += own_part
+                delta[j] += source_part
             d_max = float(np.max(np.abs(node.alpha * node.beta * tk), initial=0.0))
             if d_max:
                 own = 2 * d_max * _quadratic_change(node.sources, node.errors())
@@ -645,6 +645,26 @@ def dag_weight_error_shifts(lmi: DagLmi, t: Sequence[Array]) -> dict[int, float]
             for j, _ in lmi.output:
                 delta[j] += out
         return {k: d * 1.001 if math.isfinite(d * 1.001) else math.inf for k, d in delta.items()}
+
+
+def _coupling_split(node: DagNode, tk: Array, c_max: float) -> list[tuple[int, float, float]]:
+    """Per source j of ``node`` (k), (j, part on node k, part on node j) of the coupling error
+    c_j = c_max e_kj: [[0, C^T], [C, 0]] >= -(s ||C|| I_k (+) ||C|| / s I_j) for every s > 0
+    (2 |y^T C x| <= ||C|| (s |y|^2 + |x|^2 / s), AM-GM). The even split s = 1 is kept unless the
+    node's parts would reach its smallest diagonal entry 2 min t_k (its pivot, which the
+    elimination only lowers, would then certainly fail); then node k takes b = min t_k /
+    (2 |src|) per source and node j the rest, c_j^2 / b (s = b / c_j): a wide node after a
+    narrow one, or a coupling error larger than the node's multiplier, can still certify."""
+    errors = node.errors()
+    parts = [c_max * e for e in errors]
+    pivot = 2 * float(np.min(tk, initial=math.inf)) if tk.size else 0.0
+    b = pivot / (4 * len(parts)) if math.isfinite(pivot) else 0.0
+    if not (sum(parts) >= pivot and b > 0):
+        return [(j, c, c) for (j, _), c in zip(node.sources, parts, strict=True)]
+    return [
+        (j, min(c, b), c if c <= b else c * (c / b))
+        for (j, _), c in zip(node.sources, parts, strict=True)
+    ]
 
 
 def _quadratic_change(parts: Sequence[tuple[int, Array]], errors: Sequence[float]) -> float:
