@@ -512,22 +512,35 @@ def _build(lmi: DagLmi, t: Sequence[Array], with_output: bool) -> tuple[_Blocks,
 def _rounding_rows(
     lmi: DagLmi, blocks: _Blocks, err: list[tuple[int, int, Array, Array, Array]]
 ) -> dict[int, Array]:
-    """Per-neuron shift for the rounding of forming G, in Jacobi scaling s = sqrt|G_ii|:
-    e_i = (F s)_i / s_i with F >= |G_float - G_exact| entrywise (diag(e) - F is PSD)."""
-    scale = {0: np.ones(lmi.input_size)}  # the input block is shifted by one scalar
+    """Per-neuron shift for the rounding of forming G: for each block pair (i, j) and any
+    positive s, e_i = (F s_j)_i / (s_i)_i with F >= |G_float - G_exact| entrywise makes the
+    pair's diag(e) - F PSD (scaled diagonal dominance), and the pairs' sum bounds the whole.
+    Between two nodes, s = 1 / sqrt|G_ii| (Jacobi scaling: each node's part is relative to
+    its own diagonal, e_i / G_ii = F / sqrt(G_ii G_jj)); within a block and towards the input
+    (one scalar shift, its diagonal rho unknown here), s = sqrt|G_ii| (s = 1 on the input)."""
+    root = {0: np.ones(lmi.input_size)}  # the input block is shifted by one scalar
     for k in range(1, len(lmi.nodes) + 1):
-        scale[k] = np.sqrt(np.abs(np.diag(blocks[(k, k)]))) + _TINY
-    rows = {k: np.zeros(lmi.size(k)) for k in scale}
-    for i, j, li, d, rj in err:
-        g = 2 * _gamma(li.shape[0] + 2)
-        rows[i] += g * (li.T @ (d * (rj @ scale[j]))) / scale[i]
-        if i != j:
-            rows[j] += g * (rj.T @ (d * (li @ scale[i]))) / scale[j]
-    for (i, j), blk in blocks.items():
-        if i != j and i >= 0 and j >= 0:  # coupling entries: products of two or three floats
-            ab = np.abs(blk)
-            rows[i] += 4 * _U * (ab @ scale[j]) / scale[i]
-            rows[j] += 4 * _U * (ab.T @ scale[i]) / scale[j]
+        root[k] = np.sqrt(np.abs(np.diag(blocks[(k, k)]))) + _TINY
+    rows = {k: np.zeros(lmi.size(k)) for k in root}
+
+    def pair(i: int, j: int) -> tuple[Array, Array]:
+        if i != j and i > 0 and j > 0:
+            return 1.0 / root[i], 1.0 / root[j]
+        return root[i], root[j]
+
+    with np.errstate(over="ignore", invalid="ignore"):  # inf refuses (the pivot fails)
+        for i, j, li, d, rj in err:
+            g = 2 * _gamma(li.shape[0] + 2)
+            s_i, s_j = pair(i, j)
+            rows[i] += g * (li.T @ (d * (rj @ s_j))) / s_i
+            if i != j:
+                rows[j] += g * (rj.T @ (d * (li @ s_i))) / s_j
+        for (i, j), blk in blocks.items():
+            if i != j and i >= 0 and j >= 0:  # coupling entries: products of two or three floats
+                ab = np.abs(blk)
+                s_i, s_j = pair(i, j)
+                rows[i] += 4 * _U * (ab @ s_j) / s_i
+                rows[j] += 4 * _U * (ab.T @ s_i) / s_j
     return rows
 
 

@@ -323,3 +323,18 @@ def test_scales_beyond_float64_refuse_and_auto_falls_back(ops: tuple) -> None:
         dag_bound(net)
     res = compute_bound(net, "auto", lower_bound=False)
     assert res.verified and res.method != "lipsdp-dag"
+
+
+def test_nodes_of_different_scales_share_the_rounding_by_their_diagonals():
+    """W = [[1e20, 1], [1, 1e20]]: the nodes' multipliers differ by 1e80, and the rounding of
+    forming the coupling -diag(t_2) fl(W W) (~u |t_2 W W|) was charged to the small node
+    multiplied by sqrt(G_11 / G_22) = 1e40, so lipsdp-dag refused. In Jacobi scaling each node's
+    part is relative to its own diagonal; the bound is above the exact difference quotient."""
+    w = _dense([[1e20, 1.0], [1.0, 1e20]])
+    relu = Activation("relu")
+    body = Residual((w, w), ())
+    net = Network((2,), (w, relu, body, relu, _dense([[1.0, 1.0]])))
+    res = dag_bound(net)
+    assert verify_dag_on(net, res.certificate)
+    gaps = [_exact(net.ops, [[Fraction(a)], [Fraction(b)]])[0][0] for a, b in ((0, 0), (1, 0))]
+    assert Fraction(res.value) >= abs(gaps[1] - gaps[0]) > 10**59
