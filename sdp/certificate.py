@@ -79,7 +79,7 @@ class Lmi:
     weight_errors: tuple[float, ...] = ()
     """Per weight, a bound of ||W_k - W_k*||_2 for the exact W_k* of the function (a chain's
     composite layers, an output map's rounding: :meth:`from_chain`); () = all exact. The check
-    proves the LMI for every W_k* within them (:func:`weight_error_shift`)."""
+    proves the LMI for every W_k* within them (:func:`weight_error_shifts`)."""
 
     def __post_init__(self) -> None:
         ws = tuple(np.asarray(w, dtype=np.float64) for w in self.weights)
@@ -112,16 +112,24 @@ class Lmi:
     def from_chain(cls, chain: Chain, output_map: Array | None = None) -> Lmi:
         """LMI data of a chain; ``output_map`` P (rows) bounds x -> P f(x) instead of f."""
         ws = chain.weights()
-        errs = list(chain.errors())
-        if output_map is not None:
-            p = np.asarray(output_map, np.float64)
-            last = ws[-1]
-            ws[-1] = mapped_output(p, last)
-            errs[-1] = output_map_error(p, ws[-1], errs[-1], weight=last)
         sl = chain.slopes()
         al = [np.full(w.shape[0], s[0]) for w, s in zip(ws[:-1], sl, strict=True)]
         be = [np.full(w.shape[0], s[1]) for w, s in zip(ws[:-1], sl, strict=True)]
-        return cls(tuple(ws), tuple(al), tuple(be), tuple(errs))
+        lmi = cls(tuple(ws), tuple(al), tuple(be), chain.errors())
+        return lmi if output_map is None else lmi.with_output_map(output_map)
+
+    def with_output_map(self, output_map: Array) -> Lmi:
+        """The LMI of x -> P f(x): last weight fl(P W_L) (:func:`mapped_output`), its error
+        bound grown by the map's rounding (:func:`output_map_error`)."""
+        p = np.asarray(output_map, np.float64)
+        errs = self.errors()
+        last = mapped_output(p, self.weights[-1])
+        error = output_map_error(p, last, errs[-1], weight=self.weights[-1])
+        return Lmi((*self.weights[:-1], last), self.alpha, self.beta, (*errs[:-1], error))
+
+    def errors(self) -> tuple[float, ...]:
+        """:attr:`weight_errors`, one per weight (0.0 where none is given)."""
+        return self.weight_errors or (0.0,) * len(self.weights)
 
     @property
     def depth(self) -> int:
@@ -523,7 +531,7 @@ def _layerwise_multipliers(lmi: Lmi, *, slack: float = 2.0) -> tuple[Array, ...]
     W, al, be = lmi.weights, lmi.alpha, lmi.beta
     L = lmi.depth
     t: list[Array] = [np.zeros(0)] * L
-    errs = lmi.weight_errors or (0.0,) * (L + 1)
+    errs = lmi.errors()
     s_inv_coupling: Array | None = None
     for j in reversed(range(L)):
         blk = (
@@ -573,9 +581,12 @@ far above float64's smallest normal number so the rounding checks keep their rel
 def first_zero_layer(lmi: Lmi) -> int | None:
     """Index k of the first all-zero weight matrix W_k known exactly (no weight error bound:
     the network is then constant), or None."""
-    errs = lmi.weight_errors or (0.0,) * len(lmi.weights)
     return next(
-        (k for k, (w, e) in enumerate(zip(lmi.weights, errs, strict=True)) if not (np.any(w) or e)),
+        (
+            k
+            for k, (w, e) in enumerate(zip(lmi.weights, lmi.errors(), strict=True))
+            if not (np.any(w) or e)
+        ),
         None,
     )
 

@@ -484,11 +484,7 @@ class Network:
                 pending, error = None, 0.0
             else:
                 assert isinstance(op, Dense | Conv2d)
-                if pending is None:
-                    pending = op
-                else:
-                    error = composition_error(op.matrix(), pending.matrix(), error)
-                    pending = _compose(pending, op)
+                pending, error = (op, 0.0) if pending is None else _compose(pending, op, error)
             n = _out_size(op, n)
         if pending is None:
             pending = Dense(np.eye(n), np.zeros(n))
@@ -557,11 +553,13 @@ def composition_error(second: Array, first: Array, first_error: float = 0.0) -> 
     return bound if math.isfinite(bound) else math.inf
 
 
-def _compose(first: Affine, second: Affine) -> Affine:
-    """second(first(z)) as one dense layer."""
-    w = second.matrix() @ first.matrix()
+def _compose(first: Affine, second: Affine, first_error: float) -> tuple[Dense, float]:
+    """second(first(z)) as one dense layer, and the bound of its weight's distance to the
+    exact product (:func:`composition_error`; ``first_error`` is first's own)."""
+    w_first, w_second = first.matrix(), second.matrix()  # unrolled once (convolutions)
     b = second.apply(first.apply(np.zeros((1, first.in_features))))
-    return Dense(w, b.ravel())
+    error = composition_error(w_second, w_first, first_error)
+    return Dense(w_second @ w_first, b.ravel()), error
 
 
 def _out_size(op: Op, n: int) -> int:

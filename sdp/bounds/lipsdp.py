@@ -34,8 +34,6 @@ from sdp.certificate import (
     certify_rho,
     first_zero_layer,
     layerwise_multipliers,
-    mapped_output,
-    output_map_error,
     verify_certificate,
     zero_layer_multipliers,
 )
@@ -297,16 +295,8 @@ def pairwise_bounds(
             timeout_s = max(deadline - time.monotonic(), 0.0) / (len(pairs) - n_done)
         row = np.zeros((1, k))
         row[0, y], row[0, j] = 1.0, -1.0
-        last = mapped_output(row, chain_lmi.weights[-1])
-        errs = chain_lmi.weight_errors or (0.0,) * len(chain_lmi.weights)
-        lmi = Lmi(
-            (*chain_lmi.weights[:-1], last),
-            chain_lmi.alpha,
-            chain_lmi.beta,
-            (*errs[:-1], output_map_error(row, last, errs[-1], weight=chain_lmi.weights[-1])),
-        )
         out = certify_lmi(
-            lmi,
+            chain_lmi.with_output_map(row),
             variant,
             solver=solver,
             timeout_s=timeout_s,

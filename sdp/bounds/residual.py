@@ -209,10 +209,10 @@ class DagLmi:
         nodes: list[DagNode] = []
         value = _walk(net.ops, {0: (None, 0.0)}, net.input_size, nodes)
         out, errs = [], []
+        p = None if output_map is None else np.asarray(output_map, np.float64)
         for j, (m, e) in sorted(value.items()):
             mat = _dense(m, _node_size(nodes, net.input_size, j))
-            if output_map is not None:
-                p = np.asarray(output_map, np.float64)
+            if p is not None:
                 unmapped, mat = mat, mapped_output(p, mat)
                 e = output_map_error(p, mat, e, weight=unmapped)
             out.append((j, mat))
