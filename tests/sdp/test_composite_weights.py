@@ -139,21 +139,27 @@ def test_composition_error_survives_underflow():
     assert composition_error(np.zeros((2, 3)), np.ones((3, 2))) == 0.0  # exact: 0 A = 0
 
 
-def test_a_tiny_cancelling_composite_is_not_taken_as_constant():
-    """The first composite cancels at 1e-170 (exactly 1e-170 2^-60 x), the later layers scale
-    by 1e120: Lip f >= 8.67e-69 by exact rationals; certified 1.5e-154 ('constant') before."""
+def _tiny_composite_net(gain: float) -> Network:
+    """x -> gain relu(gain relu(c x)): the first composite cancels to 0 in float64 at 1e-170
+    (exactly c = 1e-170 2^-60), the two later layers scale by ``gain`` each."""
     w_1 = 1e-170 * np.array([[1.0], [2.0**-60], [1.0]])
-    net = Network(
+    return Network(
         (1,),
         (
             Dense(w_1, np.zeros(3)),
             Dense(np.array([[-1.0, 1.0, 1.0]]), np.zeros(1)),
             Activation("relu"),
-            Dense(np.array([[1e60]]), np.zeros(1)),
+            Dense(np.array([[gain]]), np.zeros(1)),
             Activation("relu"),
-            Dense(np.array([[1e60]]), np.zeros(1)),
+            Dense(np.array([[gain]]), np.zeros(1)),
         ),
     )
+
+
+def test_a_tiny_cancelling_composite_is_not_taken_as_constant():
+    """The first composite cancels at 1e-170 (exactly 1e-170 2^-60 x), the later layers scale
+    by 1e120: Lip f >= 8.67e-69 by exact rationals; certified 1.5e-154 ('constant') before."""
+    net = _tiny_composite_net(1e60)
     exact_gap = Fraction(1e60) * Fraction(1e60) * Fraction(1e-170) * Fraction(2.0**-60)
     res = compute_bound(net, "lipsdp-layer", lower_bound=False)
     assert res.verified and Fraction(res.value) >= exact_gap
@@ -188,18 +194,7 @@ def test_cancelled_and_overflowing_scales_are_refused_not_crashed():
     tail = _cancelling_net()
     with pytest.raises(LipcertError):
         compute_bound(tail, "eclipse-fast", lower_bound=False)
-    w_1 = 1e-170 * np.array([[1.0], [2.0**-60], [1.0]])
-    big = Network(
-        (1,),
-        (
-            Dense(w_1, np.zeros(3)),
-            Dense(np.array([[-1.0, 1.0, 1.0]]), np.zeros(1)),
-            Activation("relu"),
-            Dense(np.array([[1e100]]), np.zeros(1)),
-            Activation("relu"),
-            Dense(np.array([[1e100]]), np.zeros(1)),
-        ),
-    )
+    big = _tiny_composite_net(1e100)
     for method in ("lipsdp-neuron", "eclipse-fast"):
         with pytest.raises(LipcertError):
             compute_bound(big, method, lower_bound=False)
