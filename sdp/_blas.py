@@ -97,6 +97,12 @@ def _numpy_pool_dirs() -> tuple[str, ...]:
     return (package + os.sep, package + ".libs" + os.sep)
 
 
+@functools.cache
+def _real_path(path: str) -> str:
+    """``os.path.realpath`` once per loaded library (a few syscalls on every context else)."""
+    return os.path.realpath(path)
+
+
 def _take_control(controller: ThreadpoolController) -> None:
     """Let the calling thread set the libraries' counts (threadpoolctl's OpenBLAS controller
     ignores any thread but the one that first set a count)."""
@@ -118,7 +124,7 @@ def _apply_locked() -> None:
         _saved.clear()
         return
     numpy_dirs = _numpy_pool_dirs()
-    own = [os.path.realpath(lib.filepath).startswith(numpy_dirs) for lib in pools]
+    own = [_real_path(lib.filepath).startswith(numpy_dirs) for lib in pools]
     for lib, numpy_own in zip(pools, own, strict=True):
         # a pool first seen while a context is open has its original count now
         original = _saved.setdefault(lib.filepath, lib.num_threads)
